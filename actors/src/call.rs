@@ -1,0 +1,527 @@
+//! The call state machine: one inbound caller leg, one or more outbound legs.
+//!
+//! Sans-IO in the str0m/quinn-proto manner: `handle_*` feed events in (time as an
+//! argument), [`CallCore::poll_action`] drains what the driver must do, and
+//! [`CallCore::poll_timeout`] says when to call [`CallCore::handle_timeout`] next. The
+//! driver ([`crate::CallActor`]) owns all I/O: SIP, device sessions, the relay, the CDR.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use crate::router::Route;
+
+/// An outbound leg of a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LegId {
+    /// An IM device, by session id.
+    Device(u64),
+    /// The PSTN line through the trunk.
+    Trunk,
+}
+
+/// How a call ended, as recorded in the CDR.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// Answered, then hung up by either side.
+    Answered,
+    /// The caller cancelled while it rang.
+    Cancelled,
+    /// Nobody answered within the ring timeout.
+    NoAnswer,
+    /// The callee declined.
+    Rejected,
+    /// Nowhere to ring, or every leg failed.
+    Unavailable,
+    /// Signalling failed (e.g. the caller never acknowledged the answer).
+    Failed,
+}
+
+impl Disposition {
+    /// The CDR/metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Disposition::Answered => "ANSWERED",
+            Disposition::Cancelled => "CANCELLED",
+            Disposition::NoAnswer => "NO_ANSWER",
+            Disposition::Rejected => "REJECTED",
+            Disposition::Unavailable => "UNAVAILABLE",
+            Disposition::Failed => "FAILED",
+        }
+    }
+}
+
+/// Why a ringing leg stopped ringing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LegFailure {
+    /// The callee declined on that device / the trunk answered 486, 603.
+    Declined(u16),
+    /// The device disconnected, or the trunk failed (timeout, 4xx/5xx other than busy).
+    Failed(u16),
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Offer the call to a device.
+    OfferDevice(u64),
+    /// Send an INVITE to the trunk.
+    StartTrunk,
+    /// Send 180 Ringing to the caller.
+    CallerRinging,
+    /// This leg answered: set up media, answer the caller (200 OK), tell the leg.
+    Connect(LegId),
+    /// Send a final error response to the caller.
+    RejectCaller(u16),
+    /// Send BYE to the caller.
+    ByeCaller,
+    /// Stop a ringing leg (device: withdraw the offer; trunk: CANCEL).
+    Withdraw(LegId, &'static str),
+    /// End an answered leg (device: call ended; trunk: BYE).
+    Hangup(LegId, &'static str),
+    /// The call is over: release media, write the CDR, stop.
+    Finish {
+        /// CDR disposition.
+        disposition: Disposition,
+        /// SIP cause code sent to or received from the caller.
+        cause: u16,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Routing,
+    Ringing,
+    Answered(LegId),
+    Ended,
+}
+
+/// The state of one call.
+#[derive(Debug)]
+pub struct CallCore {
+    state: State,
+    ringing: Vec<LegId>,
+    ring_timeout: Duration,
+    deadline: Option<Instant>,
+    trunk_fallback: bool,
+    tried_trunk: bool,
+    told_ringing: bool,
+    declined: Option<u16>,
+    route: &'static str,
+    actions: VecDeque<Action>,
+}
+
+impl CallCore {
+    /// A call that will give up ringing after `ring_timeout`.
+    pub fn new(ring_timeout: Duration) -> Self {
+        Self {
+            state: State::Routing,
+            ringing: Vec::new(),
+            ring_timeout,
+            deadline: None,
+            trunk_fallback: false,
+            tried_trunk: false,
+            told_ringing: false,
+            declined: None,
+            route: "none",
+            actions: VecDeque::new(),
+        }
+    }
+
+    /// The route label of the legs started last (`im`, `pstn`, `none`).
+    pub fn route(&self) -> &'static str {
+        self.route
+    }
+
+    /// The leg that answered, once answered.
+    pub fn answered_leg(&self) -> Option<LegId> {
+        match self.state {
+            State::Answered(l) => Some(l),
+            _ => None,
+        }
+    }
+
+    /// Whether the call has finished.
+    pub fn is_ended(&self) -> bool {
+        self.state == State::Ended
+    }
+
+    /// The router decided. `trunk_fallback` says whether the PSTN line may be tried if every
+    /// device leg disappears.
+    pub fn handle_route(&mut self, now: Instant, route: Route, trunk_fallback: bool) {
+        if self.state != State::Routing {
+            return;
+        }
+        self.trunk_fallback = trunk_fallback;
+        self.deadline = Some(now + self.ring_timeout);
+        self.start(route);
+    }
+
+    fn start(&mut self, route: Route) {
+        self.route = route.label();
+        match route {
+            Route::Devices(sessions) if !sessions.is_empty() => {
+                self.state = State::Ringing;
+                for s in sessions {
+                    self.ringing.push(LegId::Device(s));
+                    self.actions.push_back(Action::OfferDevice(s));
+                }
+            }
+            Route::Trunk => {
+                self.state = State::Ringing;
+                self.tried_trunk = true;
+                self.ringing.push(LegId::Trunk);
+                self.actions.push_back(Action::StartTrunk);
+            }
+            Route::Devices(_) | Route::Unavailable => {
+                self.finish_failed(480, Disposition::Unavailable)
+            }
+        }
+    }
+
+    /// A leg is ringing (device got the offer; trunk sent 180/183).
+    pub fn handle_leg_ringing(&mut self, leg: LegId) {
+        if self.state == State::Ringing && self.ringing.contains(&leg) && !self.told_ringing {
+            self.told_ringing = true;
+            self.actions.push_back(Action::CallerRinging);
+        }
+    }
+
+    /// A leg answered.
+    pub fn handle_leg_answered(&mut self, leg: LegId) {
+        if self.state != State::Ringing || !self.ringing.contains(&leg) {
+            // Answered too late (cancelled, or another leg won): end that leg.
+            if self.answered_leg() != Some(leg) {
+                self.actions
+                    .push_back(Action::Hangup(leg, "answered_elsewhere"));
+            }
+            return;
+        }
+        for other in self.ringing.drain(..).filter(|l| *l != leg) {
+            self.actions
+                .push_back(Action::Withdraw(other, "answered_elsewhere"));
+        }
+        self.state = State::Answered(leg);
+        self.deadline = None;
+        self.actions.push_back(Action::Connect(leg));
+    }
+
+    /// A ringing leg stopped ringing without answering.
+    pub fn handle_leg_failed(&mut self, leg: LegId, why: LegFailure) {
+        if let State::Answered(a) = self.state {
+            if a == leg {
+                self.handle_leg_hangup(leg);
+            }
+            return;
+        }
+        if self.state != State::Ringing {
+            return;
+        }
+        let before = self.ringing.len();
+        self.ringing.retain(|l| *l != leg);
+        if self.ringing.len() == before {
+            return;
+        }
+        if let LegFailure::Declined(code) = why {
+            self.declined = Some(code);
+        }
+        if !self.ringing.is_empty() {
+            return;
+        }
+        match (self.declined, why) {
+            (Some(code), _) => self.finish_failed(code, Disposition::Rejected),
+            (None, LegFailure::Failed(_)) if !self.tried_trunk && self.trunk_fallback => {
+                self.start(Route::Trunk);
+            }
+            (None, LegFailure::Failed(code)) => {
+                let code = if leg == LegId::Trunk && code >= 400 {
+                    code
+                } else {
+                    480
+                };
+                self.finish_failed(code, Disposition::Unavailable);
+            }
+            (None, LegFailure::Declined(_)) => unreachable_declined(),
+        }
+    }
+
+    /// The caller sent CANCEL while the call rang.
+    pub fn handle_caller_cancel(&mut self) {
+        if self.state == State::Ringing || self.state == State::Routing {
+            self.withdraw_all("cancelled");
+            self.actions.push_back(Action::RejectCaller(487));
+            self.finish(Disposition::Cancelled, 487);
+        }
+    }
+
+    /// The caller hung up (BYE), or never acknowledged our answer.
+    pub fn handle_caller_gone(&mut self, disposition: Disposition, cause: u16) {
+        match self.state {
+            State::Answered(leg) => {
+                self.actions.push_back(Action::Hangup(leg, "remote_hangup"));
+                self.finish(disposition, cause);
+            }
+            State::Ringing | State::Routing => {
+                self.withdraw_all("cancelled");
+                self.finish(Disposition::Cancelled, cause);
+            }
+            State::Ended => {}
+        }
+    }
+
+    /// An answered leg hung up (device hang-up or disconnect, BYE from the trunk).
+    pub fn handle_leg_hangup(&mut self, leg: LegId) {
+        match self.state {
+            State::Answered(a) if a == leg => {
+                self.actions.push_back(Action::ByeCaller);
+                self.finish(Disposition::Answered, 200);
+            }
+            State::Ringing => self.handle_leg_failed(leg, LegFailure::Failed(480)),
+            _ => {}
+        }
+    }
+
+    /// The answered leg's media could not be set up: end that leg and fail the call.
+    pub fn handle_connect_failed(&mut self, code: u16) {
+        if let State::Answered(leg) = self.state {
+            self.actions
+                .push_back(Action::Hangup(leg, "media_unavailable"));
+            self.actions.push_back(Action::RejectCaller(code));
+            self.finish(Disposition::Failed, code);
+        }
+    }
+
+    /// When [`Self::handle_timeout`] must next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// Time passed.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some(d) = self.deadline
+            && now >= d
+            && self.state == State::Ringing
+        {
+            self.withdraw_all("timeout");
+            self.actions.push_back(Action::RejectCaller(480));
+            self.finish(Disposition::NoAnswer, 480);
+        }
+    }
+
+    /// Next thing to do.
+    #[must_use]
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    fn withdraw_all(&mut self, reason: &'static str) {
+        for leg in self.ringing.drain(..) {
+            self.actions.push_back(Action::Withdraw(leg, reason));
+        }
+    }
+
+    fn finish_failed(&mut self, code: u16, d: Disposition) {
+        self.actions.push_back(Action::RejectCaller(code));
+        self.finish(d, code);
+    }
+
+    fn finish(&mut self, disposition: Disposition, cause: u16) {
+        self.state = State::Ended;
+        self.deadline = None;
+        self.actions
+            .push_back(Action::Finish { disposition, cause });
+    }
+}
+
+// `declined` is set just before the match whenever `why` is `Declined`, so that arm is dead;
+// it exists only to keep the match exhaustive without a wildcard hiding future variants.
+fn unreachable_declined() {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Action::*;
+
+    fn drain(c: &mut CallCore) -> Vec<Action> {
+        std::iter::from_fn(|| c.poll_action()).collect()
+    }
+
+    fn start(route: Route, fallback: bool) -> (CallCore, Instant) {
+        let t0 = Instant::now();
+        let mut c = CallCore::new(Duration::from_secs(30));
+        c.handle_route(t0, route, fallback);
+        (c, t0)
+    }
+
+    #[test]
+    fn device_answers() {
+        let (mut c, _) = start(Route::Devices(vec![1, 2]), true);
+        assert_eq!(drain(&mut c), vec![OfferDevice(1), OfferDevice(2)]);
+        c.handle_leg_ringing(LegId::Device(1));
+        c.handle_leg_ringing(LegId::Device(2));
+        assert_eq!(drain(&mut c), vec![CallerRinging], "180 once");
+        c.handle_leg_answered(LegId::Device(2));
+        assert_eq!(
+            drain(&mut c),
+            vec![
+                Withdraw(LegId::Device(1), "answered_elsewhere"),
+                Connect(LegId::Device(2))
+            ]
+        );
+        // A second answer from the loser is ended.
+        c.handle_leg_answered(LegId::Device(1));
+        assert_eq!(
+            drain(&mut c),
+            vec![Hangup(LegId::Device(1), "answered_elsewhere")]
+        );
+        c.handle_caller_gone(Disposition::Answered, 200);
+        assert_eq!(
+            drain(&mut c),
+            vec![
+                Hangup(LegId::Device(2), "remote_hangup"),
+                Finish {
+                    disposition: Disposition::Answered,
+                    cause: 200
+                }
+            ]
+        );
+        assert!(c.is_ended());
+    }
+
+    #[test]
+    fn device_hangs_up_first() {
+        let (mut c, _) = start(Route::Devices(vec![7]), true);
+        c.handle_leg_answered(LegId::Device(7));
+        drain(&mut c);
+        c.handle_leg_hangup(LegId::Device(7));
+        assert_eq!(
+            drain(&mut c),
+            vec![
+                ByeCaller,
+                Finish {
+                    disposition: Disposition::Answered,
+                    cause: 200
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn cancel_while_ringing() {
+        let (mut c, _) = start(Route::Devices(vec![1]), true);
+        drain(&mut c);
+        c.handle_caller_cancel();
+        assert_eq!(
+            drain(&mut c),
+            vec![
+                Withdraw(LegId::Device(1), "cancelled"),
+                RejectCaller(487),
+                Finish {
+                    disposition: Disposition::Cancelled,
+                    cause: 487
+                }
+            ]
+        );
+        // Late answer after cancel gets hung up, no second finish.
+        c.handle_leg_answered(LegId::Device(1));
+        assert_eq!(
+            drain(&mut c),
+            vec![Hangup(LegId::Device(1), "answered_elsewhere")]
+        );
+    }
+
+    #[test]
+    fn device_vanishes_then_trunk_fallback() {
+        let (mut c, _) = start(Route::Devices(vec![1]), true);
+        drain(&mut c);
+        c.handle_leg_failed(LegId::Device(1), LegFailure::Failed(480));
+        assert_eq!(drain(&mut c), vec![StartTrunk]);
+        assert_eq!(c.route(), "pstn");
+        c.handle_leg_failed(LegId::Trunk, LegFailure::Failed(503));
+        assert_eq!(
+            drain(&mut c),
+            vec![
+                RejectCaller(503),
+                Finish {
+                    disposition: Disposition::Unavailable,
+                    cause: 503
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn decline_on_last_device_rejects() {
+        let (mut c, _) = start(Route::Devices(vec![1, 2]), true);
+        drain(&mut c);
+        c.handle_leg_failed(LegId::Device(1), LegFailure::Declined(603));
+        assert_eq!(drain(&mut c), vec![]);
+        c.handle_leg_failed(LegId::Device(2), LegFailure::Failed(480));
+        assert_eq!(
+            drain(&mut c),
+            vec![
+                RejectCaller(603),
+                Finish {
+                    disposition: Disposition::Rejected,
+                    cause: 603
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn no_route() {
+        let (mut c, _) = start(Route::Unavailable, false);
+        assert_eq!(
+            drain(&mut c),
+            vec![
+                RejectCaller(480),
+                Finish {
+                    disposition: Disposition::Unavailable,
+                    cause: 480
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn ring_timeout_on_virtual_clock() {
+        let (mut c, t0) = start(Route::Trunk, false);
+        assert_eq!(drain(&mut c), vec![StartTrunk]);
+        c.handle_timeout(t0 + Duration::from_secs(29));
+        assert_eq!(drain(&mut c), vec![]);
+        assert_eq!(c.poll_timeout(), Some(t0 + Duration::from_secs(30)));
+        c.handle_timeout(t0 + Duration::from_secs(30));
+        assert_eq!(
+            drain(&mut c),
+            vec![
+                Withdraw(LegId::Trunk, "timeout"),
+                RejectCaller(480),
+                Finish {
+                    disposition: Disposition::NoAnswer,
+                    cause: 480
+                }
+            ]
+        );
+        assert_eq!(c.poll_timeout(), None);
+    }
+
+    #[test]
+    fn trunk_answers_then_hangs_up() {
+        let (mut c, _) = start(Route::Trunk, false);
+        drain(&mut c);
+        c.handle_leg_ringing(LegId::Trunk);
+        c.handle_leg_answered(LegId::Trunk);
+        assert_eq!(drain(&mut c), vec![CallerRinging, Connect(LegId::Trunk)]);
+        c.handle_leg_hangup(LegId::Trunk);
+        assert_eq!(
+            drain(&mut c),
+            vec![
+                ByeCaller,
+                Finish {
+                    disposition: Disposition::Answered,
+                    cause: 200
+                }
+            ]
+        );
+    }
+}

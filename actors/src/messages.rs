@@ -1,0 +1,229 @@
+//! Messages between actors and their drivers, and the small traits through which actors
+//! reach the data plane and storage without depending on sockets or databases.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::SystemTime;
+
+use actix::prelude::*;
+use parley_codecs::sdp::MediaDescription;
+
+/// Id of a device session (one QUIC connection after login).
+pub type SessionId = u64;
+
+/// From a call actor to a device session.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub enum ToDevice {
+    /// Ring the device.
+    Offer {
+        /// Parley call id.
+        call_id: String,
+        /// Caller's number or URI.
+        from: String,
+        /// Caller's display name.
+        from_name: Option<String>,
+        /// Dialled number.
+        to: String,
+        /// Where the device's answer/reject/hang-up go.
+        call: Recipient<FromDevice>,
+    },
+    /// The device's answer was accepted; media runs on `flow_id`.
+    Connected {
+        /// Parley call id.
+        call_id: String,
+        /// RoQ flow id.
+        flow_id: u64,
+        /// RTP payload type.
+        payload_type: u8,
+    },
+    /// The offer is withdrawn or the call is over.
+    Ended {
+        /// Parley call id.
+        call_id: String,
+        /// Why (see `docs/protocol.md`).
+        reason: &'static str,
+    },
+}
+
+/// What a device did about a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceLegEvent {
+    /// The offer reached the device: it is ringing.
+    Delivered,
+    /// The user answered.
+    Answer,
+    /// The user declined.
+    Reject,
+    /// The user hung up.
+    Hangup,
+    /// The device disconnected.
+    Gone,
+}
+
+/// From a device session to a call actor.
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct FromDevice {
+    /// Which device.
+    pub session: SessionId,
+    /// What happened.
+    pub event: DeviceLegEvent,
+}
+
+/// Handle of a call in the SIP driver.
+pub type CallHandle = u64;
+
+/// From a call actor to the SIP driver.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct SipCommand {
+    /// The call.
+    pub call: CallHandle,
+    /// What to do.
+    pub cmd: SipLegCmd,
+}
+
+/// A SIP action on one of the call's dialogs.
+#[derive(Debug, Clone)]
+pub enum SipLegCmd {
+    /// 180 Ringing to the caller.
+    CallerRinging,
+    /// 200 OK with this SDP answer to the caller.
+    CallerAnswer {
+        /// SDP body.
+        sdp: String,
+    },
+    /// Final error response to the caller's INVITE.
+    CallerReject(u16),
+    /// BYE to the caller.
+    CallerBye,
+    /// INVITE toward the trunk.
+    TrunkInvite {
+        /// Number to call.
+        to: String,
+        /// Caller number/URI to present.
+        from: String,
+        /// Caller display name.
+        from_name: Option<String>,
+        /// SDP offer.
+        sdp: String,
+    },
+    /// CANCEL the trunk INVITE.
+    TrunkCancel,
+    /// BYE to the trunk.
+    TrunkBye,
+    /// The call is over; forget its dialogs once their transactions end.
+    Done,
+}
+
+/// From the SIP driver to a call actor.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub enum SipEvent {
+    /// The caller cancelled.
+    CallerCancel,
+    /// The caller hung up.
+    CallerBye,
+    /// The caller never acknowledged our 200 OK.
+    CallerAckTimeout,
+    /// The trunk leg rings (180/183).
+    TrunkRinging,
+    /// The trunk leg answered with this SDP.
+    TrunkAnswered(MediaDescription),
+    /// The trunk leg failed with this status (408 for a timeout).
+    TrunkFailed(u16),
+    /// The trunk hung up.
+    TrunkBye,
+}
+
+/// Packet counters of one bridged media stream, bumped by the relay once per batch.
+#[derive(Debug, Default)]
+pub struct FlowStats {
+    /// Packets from the caller side relayed toward the callee side.
+    pub caller_to_callee: AtomicU64,
+    /// Packets from the callee side relayed toward the caller side.
+    pub callee_to_caller: AtomicU64,
+}
+
+/// Errors from the data plane.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MediaError {
+    /// Every relay port is in use.
+    #[error("relay port range exhausted")]
+    PortsExhausted,
+    /// The relay worker is gone.
+    #[error("relay unavailable")]
+    Unavailable,
+}
+
+/// The media relay as the control plane sees it. Implemented by the switch's relay.
+pub trait MediaPlane: Send + Sync + 'static {
+    /// The address the relay's sockets listen on (goes into SDP).
+    fn local_ip(&self) -> IpAddr;
+    /// Reserves a relay port.
+    fn allocate_port(&self) -> Result<u16, MediaError>;
+    /// A fresh RoQ flow id.
+    fn next_flow_id(&self) -> u64;
+    /// Bridges two relay ports: what arrives on `caller.0` goes to `callee.1` from
+    /// `callee.0`, and back.
+    fn bridge_udp(
+        &self,
+        caller: (u16, SocketAddr),
+        callee: (u16, SocketAddr),
+        stats: Arc<FlowStats>,
+    ) -> Result<(), MediaError>;
+    /// Bridges a relay port with a RoQ flow on a device session.
+    fn bridge_roq(
+        &self,
+        caller: (u16, SocketAddr),
+        session: SessionId,
+        flow_id: u64,
+        stats: Arc<FlowStats>,
+    ) -> Result<(), MediaError>;
+    /// Removes every flow on these ports and this RoQ flow, and frees the ports.
+    fn release(&self, ports: &[u16], roq: Option<(SessionId, u64)>);
+}
+
+/// A finished call, as written to the CDR store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CdrRecord {
+    /// Parley call id.
+    pub call_id: String,
+    /// The gateway's SIP Call-ID.
+    pub sip_call_id: String,
+    /// Tenant of the called user.
+    pub tenant: String,
+    /// Called user.
+    pub user: String,
+    /// Caller's E.164 number, or SIP URI when not a telephone number.
+    pub caller: String,
+    /// Caller's display name.
+    pub caller_name: Option<String>,
+    /// Dialled number (E.164).
+    pub called: String,
+    /// `im`, `pstn` or `none`.
+    pub route: String,
+    /// INVITE received.
+    pub start: SystemTime,
+    /// Answered, if it was.
+    pub answer: Option<SystemTime>,
+    /// Ended.
+    pub end: SystemTime,
+    /// `ANSWERED`, `CANCELLED`, ...
+    pub disposition: String,
+    /// SIP cause.
+    pub cause: u16,
+    /// RTP/RTCP packets caller → callee.
+    pub packets_in: u64,
+    /// RTP/RTCP packets callee → caller.
+    pub packets_out: u64,
+}
+
+/// Where finished calls go. Must not lose a record.
+pub trait CdrSink: Send + Sync + 'static {
+    /// Hands over one record.
+    fn submit(&self, cdr: CdrRecord);
+}

@@ -1,0 +1,67 @@
+//! Control-plane metrics: names, units and descriptions in one place.
+//!
+//! Label values come from fixed sets (dispositions, routes, statuses), never from user or
+//! call ids, so cardinality stays bounded.
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+
+/// Calls in progress (ringing or answered).
+pub const CALLS_ACTIVE: &str = "parley_calls_active";
+/// Finished calls, by `disposition` and `route`.
+pub const CALLS_TOTAL: &str = "parley_calls_total";
+/// Time from INVITE to the caller being answered.
+pub const CALL_SETUP_SECONDS: &str = "parley_call_setup_seconds";
+/// Time from INVITE to the first ringing leg (post-dial delay).
+pub const CALL_RINGING_SECONDS: &str = "parley_call_ringing_seconds";
+/// Connected IM device sessions.
+pub const PRESENCE_SESSIONS_ACTIVE: &str = "parley_presence_sessions_active";
+/// Presence updates received from devices, by `status`.
+pub const PRESENCE_UPDATES_TOTAL: &str = "parley_presence_updates_total";
+/// Control messages to devices dropped because the device's queue was full.
+pub const DEVICE_QUEUE_DROPS_TOTAL: &str = "parley_device_queue_drops_total";
+/// Routing decisions, by `route`.
+pub const ROUTE_DECISIONS_TOTAL: &str = "parley_route_decisions_total";
+
+/// Registers descriptions with the installed recorder.
+pub fn describe() {
+    describe_gauge!(
+        CALLS_ACTIVE,
+        Unit::Count,
+        "Calls in progress (ringing or answered)"
+    );
+    describe_counter!(
+        CALLS_TOTAL,
+        Unit::Count,
+        "Finished calls by disposition and route"
+    );
+    describe_histogram!(
+        CALL_SETUP_SECONDS,
+        Unit::Seconds,
+        "INVITE received to 200 OK sent to the caller"
+    );
+    describe_histogram!(
+        CALL_RINGING_SECONDS,
+        Unit::Seconds,
+        "INVITE received to 180 Ringing sent to the caller"
+    );
+    describe_gauge!(
+        PRESENCE_SESSIONS_ACTIVE,
+        Unit::Count,
+        "Logged-in IM device sessions"
+    );
+    describe_counter!(
+        PRESENCE_UPDATES_TOTAL,
+        Unit::Count,
+        "Presence updates received from devices, by status"
+    );
+    describe_counter!(
+        DEVICE_QUEUE_DROPS_TOTAL,
+        Unit::Count,
+        "Control messages dropped because a device's send queue was full"
+    );
+    describe_counter!(
+        ROUTE_DECISIONS_TOTAL,
+        Unit::Count,
+        "Routing decisions by route"
+    );
+}

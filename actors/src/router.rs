@@ -1,0 +1,165 @@
+//! The routing policy: where a call for a user should ring.
+//!
+//! A pure function of the user's presence snapshot, preferences and trunk state, so that
+//! every rule is a table row in a unit test (`docs/routing.md` has the table).
+
+use parley_codecs::control::Status;
+
+/// One connected device as presence sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceState {
+    /// Session id of the device's connection.
+    pub session: u64,
+    /// Device name chosen by the client.
+    pub device: String,
+    /// Reported status.
+    pub status: Status,
+    /// Milliseconds since the last input on the device, as last reported.
+    pub idle_ms: u64,
+}
+
+/// The user's routing preferences (grows into rules in the routing issue).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Preferences {
+    /// Ring the PSTN line through the trunk when no IM device can take the call.
+    pub pstn_fallback: bool,
+}
+
+impl Default for Preferences {
+    fn default() -> Self {
+        Self {
+            pstn_fallback: true,
+        }
+    }
+}
+
+/// Where to ring.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// Ring these device sessions in parallel, most recently active first.
+    Devices(Vec<u64>),
+    /// Ring the user's PSTN line through the trunk.
+    Trunk,
+    /// Nowhere to ring (SIP 480).
+    Unavailable,
+}
+
+impl Route {
+    /// Label for metrics and CDRs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Route::Devices(_) => "im",
+            Route::Trunk => "pstn",
+            Route::Unavailable => "none",
+        }
+    }
+}
+
+/// Decides the route: available IM devices first; if none, the PSTN line when the trunk is
+/// up and the user allows it; otherwise nowhere.
+pub fn route(devices: &[DeviceState], prefs: &Preferences, trunk_up: bool) -> Route {
+    let mut ready: Vec<&DeviceState> = devices
+        .iter()
+        .filter(|d| d.status == Status::Available)
+        .collect();
+    if !ready.is_empty() {
+        ready.sort_by_key(|d| (d.idle_ms, d.session));
+        return Route::Devices(ready.into_iter().map(|d| d.session).collect());
+    }
+    fallback(prefs, trunk_up)
+}
+
+/// The route once IM devices are out of the picture (none available, or all gone while
+/// ringing).
+pub fn fallback(prefs: &Preferences, trunk_up: bool) -> Route {
+    if prefs.pstn_fallback && trunk_up {
+        Route::Trunk
+    } else {
+        Route::Unavailable
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dev(session: u64, status: Status, idle_ms: u64) -> DeviceState {
+        DeviceState {
+            session,
+            device: format!("d{session}"),
+            status,
+            idle_ms,
+        }
+    }
+
+    #[test]
+    fn table() {
+        use Status::*;
+        let on = Preferences::default();
+        let off = Preferences {
+            pstn_fallback: false,
+        };
+        let rows: Vec<(&str, Vec<DeviceState>, &Preferences, bool, Route)> = vec![
+            (
+                "one available device rings",
+                vec![dev(1, Available, 0)],
+                &on,
+                true,
+                Route::Devices(vec![1]),
+            ),
+            (
+                "available devices, most recently used first",
+                vec![dev(1, Available, 9000), dev(2, Available, 10)],
+                &on,
+                true,
+                Route::Devices(vec![2, 1]),
+            ),
+            (
+                "away and busy devices are skipped",
+                vec![dev(1, Away, 0), dev(2, Busy, 0), dev(3, Available, 50)],
+                &on,
+                true,
+                Route::Devices(vec![3]),
+            ),
+            ("no device: PSTN line", vec![], &on, true, Route::Trunk),
+            (
+                "only away devices: PSTN line",
+                vec![dev(1, Away, 0)],
+                &on,
+                true,
+                Route::Trunk,
+            ),
+            (
+                "invisible (offline status) counts as not there",
+                vec![dev(1, Offline, 0)],
+                &on,
+                true,
+                Route::Trunk,
+            ),
+            (
+                "no device and trunk down: unavailable",
+                vec![],
+                &on,
+                false,
+                Route::Unavailable,
+            ),
+            (
+                "no device and PSTN fallback disabled",
+                vec![],
+                &off,
+                true,
+                Route::Unavailable,
+            ),
+            (
+                "device available even when trunk is down",
+                vec![dev(4, Available, 0)],
+                &on,
+                false,
+                Route::Devices(vec![4]),
+            ),
+        ];
+        for (name, devices, prefs, trunk_up, want) in rows {
+            assert_eq!(route(&devices, prefs, trunk_up), want, "{name}");
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! Control messages of the Parley IM protocol (`docs/protocol.md`).
+//!
+//! One JSON object per frame; a frame is a 4-byte big-endian length followed by that many
+//! bytes of UTF-8 JSON. Every object has a `"type"` field naming the message.
+
+use bytes::{BufMut, BytesMut};
+use serde::{Deserialize, Serialize};
+
+use crate::CodecError;
+
+/// Largest control frame either side accepts.
+pub const MAX_FRAME: usize = 64 * 1024;
+
+/// Presence status of a device, as the device reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Signed in and reachable.
+    #[default]
+    Available,
+    /// Signed in, user away from the device.
+    Away,
+    /// Signed in, user busy.
+    Busy,
+    /// Appears offline (the connection may still be up).
+    Offline,
+}
+
+/// Messages from an IM device to Parley.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ClientMsg {
+    /// Must be the first message on a connection.
+    Login {
+        /// Enterprise / tenant name.
+        tenant: String,
+        /// User name within the tenant.
+        user: String,
+        /// Password (sent over the TLS 1.3 QUIC connection, verified against a hash).
+        password: String,
+        /// A name for this device, unique per user (e.g. `desktop`).
+        device: String,
+    },
+    /// Presence of this device.
+    Presence {
+        /// New status.
+        status: Status,
+        /// Milliseconds since the last user input on the device.
+        #[serde(default)]
+        idle_ms: u64,
+        /// Free text note.
+        #[serde(default)]
+        note: Option<String>,
+    },
+    /// Answer an incoming call offered to this device.
+    Answer {
+        /// The call id from `incoming_call`.
+        call_id: String,
+    },
+    /// Decline an incoming call.
+    Reject {
+        /// The call id from `incoming_call`.
+        call_id: String,
+    },
+    /// Hang up an answered call.
+    Hangup {
+        /// The call id.
+        call_id: String,
+    },
+    /// Liveness probe; answered with `pong`.
+    Ping {
+        /// Echoed back.
+        #[serde(default)]
+        id: u64,
+    },
+}
+
+/// One address book entry as the device sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddressBookEntry {
+    /// E.164 number, or a SIP URI when the party had no telephone number.
+    pub address: String,
+    /// Display name where known.
+    pub name: Option<String>,
+    /// Calls seen with this party.
+    pub call_count: u64,
+    /// Last call, RFC 3339.
+    pub last_seen: String,
+}
+
+/// Messages from Parley to an IM device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMsg {
+    /// Login accepted.
+    LoginOk {
+        /// The user's E.164 number.
+        number: String,
+        /// Id of this device session.
+        session: u64,
+    },
+    /// A request failed; `fatal` errors close the connection.
+    Error {
+        /// Machine-readable code (`auth_failed`, `not_logged_in`, `bad_message`, `unknown_call`).
+        code: String,
+        /// Human-readable explanation.
+        message: String,
+        /// Whether the connection is closed after this.
+        fatal: bool,
+    },
+    /// A call is ringing this device.
+    IncomingCall {
+        /// Parley's id for the call.
+        call_id: String,
+        /// Caller's number (E.164) or SIP URI.
+        from: String,
+        /// Caller's display name, if any.
+        from_name: Option<String>,
+        /// The number that was dialled.
+        to: String,
+    },
+    /// The call is connected; media flows on the given RoQ flow id.
+    CallConnected {
+        /// The call id.
+        call_id: String,
+        /// RoQ flow id for the audio stream, both directions.
+        flow_id: u64,
+        /// RTP payload type in use (0 PCMU, 8 PCMA).
+        payload_type: u8,
+    },
+    /// The call ended (or the offer to this device was withdrawn).
+    CallEnded {
+        /// The call id.
+        call_id: String,
+        /// Why (`remote_hangup`, `answered_elsewhere`, `cancelled`, `local_hangup`, `timeout`).
+        reason: String,
+    },
+    /// The whole address book of the user.
+    AddressBook {
+        /// Entries, most recent first.
+        entries: Vec<AddressBookEntry>,
+    },
+    /// Reply to `ping`.
+    Pong {
+        /// The ping's id.
+        id: u64,
+    },
+}
+
+/// Appends one framed message.
+pub fn encode<T: Serialize>(msg: &T, out: &mut BytesMut) {
+    // Serialising these plain data enums cannot fail (no maps with non-string keys).
+    let json = serde_json::to_vec(msg).unwrap_or_default();
+    out.reserve(4 + json.len());
+    out.put_u32(json.len() as u32);
+    out.put_slice(&json);
+}
+
+/// Reads the frame length from a 4-byte header, enforcing [`MAX_FRAME`].
+pub fn frame_len(header: [u8; 4]) -> Result<usize, CodecError> {
+    let len = u32::from_be_bytes(header) as usize;
+    if len > MAX_FRAME {
+        return Err(CodecError::FrameTooLarge(len));
+    }
+    Ok(len)
+}
+
+/// Decodes one message body (without the length header).
+pub fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, CodecError> {
+    serde_json::from_slice(body).map_err(|e| CodecError::Control(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_form_is_documented_json() {
+        let m: ClientMsg = decode(
+            br#"{"type":"login","tenant":"demo","user":"alice","password":"demo","device":"desk"}"#,
+        )
+        .unwrap();
+        assert!(matches!(m, ClientMsg::Login { ref user, .. } if user == "alice"));
+        let p: ClientMsg = decode(br#"{"type":"presence","status":"away"}"#).unwrap();
+        assert_eq!(
+            p,
+            ClientMsg::Presence {
+                status: Status::Away,
+                idle_ms: 0,
+                note: None
+            }
+        );
+        let s = serde_json::to_string(&ServerMsg::CallConnected {
+            call_id: "c1".into(),
+            flow_id: 4,
+            payload_type: 0,
+        })
+        .unwrap();
+        assert_eq!(
+            s,
+            r#"{"type":"call_connected","call_id":"c1","flow_id":4,"payload_type":0}"#
+        );
+    }
+
+    #[test]
+    fn framing_roundtrip_and_limits() {
+        let mut buf = BytesMut::new();
+        encode(&ClientMsg::Ping { id: 9 }, &mut buf);
+        let len = frame_len(buf[..4].try_into().unwrap()).unwrap();
+        assert_eq!(len, buf.len() - 4);
+        assert_eq!(
+            decode::<ClientMsg>(&buf[4..]).unwrap(),
+            ClientMsg::Ping { id: 9 }
+        );
+        assert!(frame_len((MAX_FRAME as u32 + 1).to_be_bytes()).is_err());
+        assert!(decode::<ClientMsg>(b"{\"type\":\"nope\"}").is_err());
+        assert!(decode::<ClientMsg>(b"\xff\xfe").is_err());
+    }
+}
