@@ -1,0 +1,331 @@
+//! Node configuration: one TOML file with nested sections and defaults for every key.
+//!
+//! `parley run` with no `--config` uses [`Config::demo`]: loopback only, SQLite in
+//! `./parley-data`, tenant `demo` with three users and a `pstn` trunk. Every key is
+//! documented in `parley.example.toml`. Errors name the key and the line (the `toml`
+//! crate's span-carrying errors, with `deny_unknown_fields` so a typo is an error, not a
+//! silently ignored setting).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where SQLite, the QUIC certificate and the admin token live.
+    pub data_dir: PathBuf,
+    /// Demo mode: seeds the demo tenant, generates and prints an admin token.
+    pub demo: bool,
+    /// SIP transport.
+    pub sip: SipConfig,
+    /// QUIC endpoint for IM devices.
+    pub quic: QuicConfig,
+    /// HTTP admin API and metrics.
+    pub http: HttpConfig,
+    /// Media relay.
+    pub relay: RelayConfig,
+    /// Call handling.
+    pub calls: CallsConfig,
+    /// SIP trunks toward the PSTN.
+    pub trunks: Vec<TrunkConfig>,
+    /// Users of the built-in user store.
+    pub users: Vec<UserConfig>,
+}
+
+/// `[sip]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SipConfig {
+    /// UDP listen address.
+    pub listen: SocketAddr,
+    /// Default region for numbers without a `+` (ISO 3166 code, e.g. `US`).
+    pub default_region: String,
+}
+
+/// `[quic]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuicConfig {
+    /// UDP listen address for QUIC.
+    pub listen: SocketAddr,
+    /// Seconds a new connection has to log in.
+    pub login_timeout_secs: u64,
+}
+
+/// `[http]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// TCP listen address.
+    pub listen: SocketAddr,
+    /// Bearer token for `/api/v1`. Required unless `demo = true` (then generated).
+    pub admin_token: Option<String>,
+}
+
+/// `[relay]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayConfig {
+    /// Address relay sockets bind to and advertise in SDP.
+    pub ip: IpAddr,
+    /// First port of the relay range (inclusive).
+    pub port_min: u16,
+    /// Last port of the relay range (inclusive).
+    pub port_max: u16,
+}
+
+/// `[calls]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CallsConfig {
+    /// Seconds a call may ring before it is answered 480.
+    pub ring_timeout_secs: u64,
+}
+
+/// `[[trunks]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrunkConfig {
+    /// Name (used in logs, metrics and CDRs).
+    pub name: String,
+    /// SIP address of the trunk (UDP).
+    pub address: SocketAddr,
+}
+
+/// `[[users]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    /// Tenant.
+    pub tenant: String,
+    /// User name.
+    pub user: String,
+    /// Telephone number (normalised to E.164).
+    pub number: String,
+    /// Password (hashed with Argon2id before it is stored).
+    pub password: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("parley-data"),
+            demo: false,
+            sip: SipConfig::default(),
+            quic: QuicConfig::default(),
+            http: HttpConfig::default(),
+            relay: RelayConfig::default(),
+            calls: CallsConfig::default(),
+            trunks: Vec::new(),
+            users: Vec::new(),
+        }
+    }
+}
+
+impl Default for SipConfig {
+    fn default() -> Self {
+        Self {
+            listen: ([127, 0, 0, 1], 5060).into(),
+            default_region: "US".into(),
+        }
+    }
+}
+
+impl Default for QuicConfig {
+    fn default() -> Self {
+        Self {
+            listen: ([127, 0, 0, 1], 4433).into(),
+            login_timeout_secs: 10,
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: ([127, 0, 0, 1], 8080).into(),
+            admin_token: None,
+        }
+    }
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            ip: [127, 0, 0, 1].into(),
+            port_min: 20000,
+            port_max: 29999,
+        }
+    }
+}
+
+impl Default for CallsConfig {
+    fn default() -> Self {
+        Self {
+            ring_timeout_secs: 60,
+        }
+    }
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// TOML syntax or a bad key/value; the message names the key and line.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong and where.
+        message: String,
+    },
+    /// A value is well-formed but unusable.
+    #[error("{path}: key `{key}`: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl Config {
+    /// The embedded demo configuration.
+    pub fn demo() -> Self {
+        let users = [
+            ("alice", "+15550100001"),
+            ("bob", "+15550100002"),
+            ("carol", "+15550100003"),
+        ]
+        .into_iter()
+        .map(|(u, n)| UserConfig {
+            tenant: "demo".into(),
+            user: u.into(),
+            number: n.into(),
+            password: "demo".into(),
+        })
+        .collect();
+        Self {
+            demo: true,
+            trunks: vec![TrunkConfig {
+                name: "pstn".into(),
+                address: ([127, 0, 0, 1], 5080).into(),
+            }],
+            users,
+            ..Self::default()
+        }
+    }
+
+    /// Reads and validates a TOML file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates TOML text (`path` is only used in messages).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            let message = match line {
+                Some(l) => format!("line {l}: {}", e.message()),
+                None => e.message().to_string(),
+            };
+            ConfigError::Parse {
+                path: path.into(),
+                message,
+            }
+        })?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: &str| ConfigError::Invalid {
+            path: path.into(),
+            key: key.into(),
+            message: message.into(),
+        };
+        if self.relay.port_min > self.relay.port_max {
+            return Err(bad(
+                "relay.port_min",
+                "must not be greater than relay.port_max",
+            ));
+        }
+        if self.relay.port_min == 0 {
+            return Err(bad("relay.port_min", "must be a real port (1-65535)"));
+        }
+        if !self.demo && self.http.admin_token.as_deref().is_none_or(str::is_empty) {
+            return Err(bad("http.admin_token", "required unless demo = true"));
+        }
+        if self.calls.ring_timeout_secs == 0 {
+            return Err(bad("calls.ring_timeout_secs", "must be at least 1"));
+        }
+        for (i, u) in self.users.iter().enumerate() {
+            if crate::numbers::to_e164(&u.number, &self.sip.default_region).is_none() {
+                return Err(bad(
+                    &format!("users[{i}].number"),
+                    "not a valid telephone number",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Ring timeout as a duration.
+    pub fn ring_timeout(&self) -> Duration {
+        Duration::from_secs(self.calls.ring_timeout_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_key_and_line() {
+        let p = Path::new("t.toml");
+        let e = Config::parse("demo = true\n[sip]\nlisten = \"nope\"\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 3"), "{e}");
+        let e = Config::parse("demo = true\n[relay]\nport_mni = 3\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("port_mni") && e.contains("line 3"), "{e}");
+        let e = Config::parse("[http]\nlisten = \"127.0.0.1:1\"\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("http.admin_token"), "{e}");
+        let e = Config::parse("demo = true\n[relay]\nport_min = 10\nport_max = 5\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("relay.port_min"), "{e}");
+    }
+
+    #[test]
+    fn example_file_parses() {
+        let text = include_str!("../../parley.example.toml");
+        let cfg = Config::parse(text, Path::new("parley.example.toml")).unwrap();
+        assert_eq!(cfg.users.len(), 3);
+        assert_eq!(cfg.trunks[0].name, "pstn");
+    }
+}

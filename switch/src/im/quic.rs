@@ -1,0 +1,265 @@
+//! The QUIC endpoint for IM devices.
+//!
+//! Per connection: accept the control stream, require `login` within the login timeout,
+//! verify the password, then start a `PresenceSession` actor and run three loops — control
+//! frames in, control frames out (from the session's bounded queue), RoQ datagrams in
+//! (straight to the relay, never through an actor).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use actix::Actor;
+use bytes::BytesMut;
+use parley_actors::registry::Registry;
+use parley_actors::session::{Disconnected, FromClient, PresenceSession};
+use parley_codecs::control::{self, ClientMsg, ServerMsg};
+use parley_codecs::roq;
+use quinn::{RecvStream, SendStream};
+use tokio::sync::mpsc;
+
+use crate::metrics as m;
+use crate::relay::Relay;
+use crate::store::Store;
+
+/// ALPN of the Parley IM protocol.
+pub const ALPN: &[u8] = b"parley/1";
+
+/// Shared state of the endpoint.
+pub struct ImContext {
+    /// Users.
+    pub store: Store,
+    /// Live user actors.
+    pub registry: Arc<Registry>,
+    /// The relay.
+    pub relay: Arc<Relay>,
+    /// Seconds to log in.
+    pub login_timeout: Duration,
+    /// Session id source.
+    pub next_session: AtomicU64,
+}
+
+/// Builds the server config.
+pub fn server_config(
+    cert: rustls::pki_types::CertificateDer<'static>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+) -> anyhow::Result<quinn::ServerConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_idle_timeout(Some(Duration::from_secs(30).try_into()?));
+    transport.max_concurrent_uni_streams(0u32.into());
+    transport.max_concurrent_bidi_streams(1u32.into());
+    cfg.transport_config(Arc::new(transport));
+    Ok(cfg)
+}
+
+/// Accepts connections until the endpoint closes. Must run on the actix arbiter
+/// (`actix_rt::spawn`): sessions are actors.
+pub async fn serve(endpoint: quinn::Endpoint, ctx: Arc<ImContext>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let ctx = ctx.clone();
+        actix_rt::spawn(async move {
+            match incoming.await {
+                Ok(conn) => handle_connection(conn, ctx).await,
+                Err(e) => tracing::debug!(error = %e, "QUIC handshake failed"),
+            }
+        });
+    }
+}
+
+async fn read_frame(recv: &mut RecvStream) -> Result<Option<Vec<u8>>, String> {
+    let mut header = [0u8; 4];
+    match recv.read_exact(&mut header).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    }
+    let len = control::frame_len(header).map_err(|e| e.to_string())?;
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(Some(body))
+}
+
+async fn write_msg(send: &mut SendStream, msg: &ServerMsg) -> Result<(), quinn::WriteError> {
+    let mut buf = BytesMut::new();
+    control::encode(msg, &mut buf);
+    send.write_all(&buf).await
+}
+
+async fn fatal(conn: &quinn::Connection, send: &mut SendStream, code: &str, message: String) {
+    metrics::counter!(m::IM_PROTOCOL_ERRORS_TOTAL, "kind" => "fatal").increment(1);
+    let _ = write_msg(
+        send,
+        &ServerMsg::Error {
+            code: code.into(),
+            message,
+            fatal: true,
+        },
+    )
+    .await;
+    let _ = send.finish();
+    // Give the peer a moment to read the error before the close frame overtakes it.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    conn.close(1u32.into(), code.as_bytes());
+}
+
+async fn handle_connection(conn: quinn::Connection, ctx: Arc<ImContext>) {
+    let remote = conn.remote_address();
+    let accepted = tokio::time::timeout(ctx.login_timeout, conn.accept_bi()).await;
+    let Ok(Ok((mut send, mut recv))) = accepted else {
+        conn.close(2u32.into(), b"no control stream");
+        return;
+    };
+    let login = tokio::time::timeout(ctx.login_timeout, read_frame(&mut recv)).await;
+    let body = match login {
+        Ok(Ok(Some(b))) => b,
+        Ok(Err(e)) => return fatal(&conn, &mut send, "bad_message", e).await,
+        Ok(Ok(None)) | Err(_) => {
+            return fatal(
+                &conn,
+                &mut send,
+                "not_logged_in",
+                "login required within the login timeout".into(),
+            )
+            .await;
+        }
+    };
+    let (tenant, user, password, device) = match control::decode::<ClientMsg>(&body) {
+        Ok(ClientMsg::Login {
+            tenant,
+            user,
+            password,
+            device,
+        }) => (tenant, user, password, device),
+        Ok(_) => {
+            return fatal(
+                &conn,
+                &mut send,
+                "not_logged_in",
+                "the first message must be login".into(),
+            )
+            .await;
+        }
+        Err(e) => return fatal(&conn, &mut send, "bad_message", e.to_string()).await,
+    };
+    let row = match ctx.store.verify(&tenant, &user, &password).await {
+        Ok(Some(row)) => row,
+        Ok(None) => {
+            // Tenant label only for tenants we know, to keep the label set bounded.
+            let label = if ctx.registry.by_name(&tenant, &user).is_some() {
+                tenant.clone()
+            } else {
+                "unknown".into()
+            };
+            metrics::counter!(m::AUTH_RESULTS_TOTAL, "tenant" => label, "result" => "denied")
+                .increment(1);
+            tracing::info!(%remote, %tenant, %user, "IM login denied");
+            return fatal(
+                &conn,
+                &mut send,
+                "auth_failed",
+                "bad tenant, user or password".into(),
+            )
+            .await;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "user store failed during login");
+            return fatal(
+                &conn,
+                &mut send,
+                "auth_failed",
+                "user store unavailable".into(),
+            )
+            .await;
+        }
+    };
+    let Some(user_ref) = ctx.registry.by_name(&row.tenant, &row.user) else {
+        return fatal(
+            &conn,
+            &mut send,
+            "auth_failed",
+            "user is not active on this node".into(),
+        )
+        .await;
+    };
+    metrics::counter!(m::AUTH_RESULTS_TOTAL, "tenant" => row.tenant.clone(), "result" => "ok")
+        .increment(1);
+    let session_id = ctx.next_session.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(%remote, tenant = %row.tenant, user = %row.user, %device, session = session_id, "IM device logged in");
+
+    let (tx, mut rx) = mpsc::channel::<ServerMsg>(256);
+    let _ = tx.try_send(ServerMsg::LoginOk {
+        number: row.number.clone(),
+        session: session_id,
+    });
+    match ctx.store.address_book(&row.tenant, &row.user).await {
+        Ok(entries) => {
+            let _ = tx.try_send(ServerMsg::AddressBook { entries });
+        }
+        Err(e) => tracing::error!(error = %e, "address book read failed"),
+    }
+    ctx.relay.register_session(session_id, conn.clone());
+    let session =
+        PresenceSession::new(session_id, device, user_ref.addr.clone(), tx.clone()).start();
+
+    let writer = tokio::spawn(async move {
+        while let Some(msg) = rx.recv().await {
+            if write_msg(&mut send, &msg).await.is_err() {
+                break;
+            }
+        }
+    });
+    let dconn = conn.clone();
+    let relay = ctx.relay.clone();
+    let datagrams = tokio::spawn(async move {
+        while let Ok(d) = dconn.read_datagram().await {
+            match roq::decode(&d) {
+                Ok((flow, pkt)) => {
+                    let offset = d.len() - pkt.len();
+                    relay.roq_in(session_id, flow, d.slice(offset..));
+                }
+                Err(_) => metrics::counter!(m::IM_PROTOCOL_ERRORS_TOTAL, "kind" => "datagram")
+                    .increment(1),
+            }
+        }
+    });
+
+    loop {
+        match read_frame(&mut recv).await {
+            Ok(Some(body)) => match control::decode::<ClientMsg>(&body) {
+                Ok(msg) => session.do_send(FromClient(msg)),
+                Err(e) => {
+                    metrics::counter!(m::IM_PROTOCOL_ERRORS_TOTAL, "kind" => "control")
+                        .increment(1);
+                    let _ = tx.try_send(ServerMsg::Error {
+                        code: "bad_message".into(),
+                        message: e.to_string(),
+                        fatal: true,
+                    });
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    break;
+                }
+            },
+            Ok(None) => break,
+            Err(e) => {
+                tracing::debug!(session = session_id, error = %e, "control stream ended");
+                break;
+            }
+        }
+    }
+    session.do_send(Disconnected);
+    ctx.relay.unregister_session(session_id);
+    conn.close(0u32.into(), b"bye");
+    writer.abort();
+    datagrams.abort();
+    tracing::info!(session = session_id, "IM device disconnected");
+}

@@ -1,0 +1,114 @@
+//! Node metrics: names, units and descriptions, and the Prometheus exporter.
+//!
+//! Names follow Prometheus conventions: `parley_` prefix, base units, `_total` counters,
+//! `_seconds` histograms. Labels take values from fixed sets only.
+
+use metrics::{Unit, describe_counter, describe_gauge};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// SIP requests received, by `method`.
+pub const SIP_REQUESTS_TOTAL: &str = "parley_sip_requests_total";
+/// SIP responses sent or received, by `code` and `direction` (`sent`/`received`).
+pub const SIP_RESPONSES_TOTAL: &str = "parley_sip_responses_total";
+/// SIP datagrams that could not be parsed, by `reason`.
+pub const SIP_PARSE_ERRORS_TOTAL: &str = "parley_sip_parse_errors_total";
+/// SIP retransmissions sent by our transactions.
+pub const SIP_RETRANSMISSIONS_TOTAL: &str = "parley_sip_retransmissions_total";
+/// INVITEs refused with 503 while draining or overloaded.
+pub const SIP_REJECTED_OVERLOAD_TOTAL: &str = "parley_sip_overload_rejections_total";
+/// Packets relayed, by `path` (`udp_udp`, `udp_roq`, `roq_udp`).
+pub const RELAY_PACKETS_TOTAL: &str = "parley_relay_packets_total";
+/// Bytes relayed (RTP/RTCP packet bytes), by `path`.
+pub const RELAY_BYTES_TOTAL: &str = "parley_relay_bytes_total";
+/// Packets dropped by the relay, by `reason` (`no_flow`, `wrong_source`, `malformed`, `send_error`).
+pub const RELAY_DROPS_TOTAL: &str = "parley_relay_drops_total";
+/// Relay ports in use.
+pub const RELAY_PORTS_ACTIVE: &str = "parley_relay_ports_active";
+/// CDRs written, by `result` (`ok`, `error`).
+pub const CDR_WRITES_TOTAL: &str = "parley_cdr_writes_total";
+/// Address book entries added or updated.
+pub const ADDRESS_BOOK_UPDATES_TOTAL: &str = "parley_address_book_updates_total";
+/// IM logins, by `tenant` and `result`.
+pub const AUTH_RESULTS_TOTAL: &str = "parley_auth_results_total";
+/// Malformed IM control messages or datagrams, by `kind`.
+pub const IM_PROTOCOL_ERRORS_TOTAL: &str = "parley_im_protocol_errors_total";
+
+/// Installs the global recorder and returns the handle that renders `/metrics`.
+pub fn install() -> anyhow::Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Suffix("_seconds".into()),
+            &[
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                60.0,
+            ],
+        )?
+        .install_recorder()?;
+    describe();
+    parley_actors::metrics::describe();
+    Ok(handle)
+}
+
+fn describe() {
+    describe_counter!(
+        SIP_REQUESTS_TOTAL,
+        Unit::Count,
+        "SIP requests received, by method"
+    );
+    describe_counter!(
+        SIP_RESPONSES_TOTAL,
+        Unit::Count,
+        "SIP responses by status code and direction"
+    );
+    describe_counter!(
+        SIP_PARSE_ERRORS_TOTAL,
+        Unit::Count,
+        "SIP datagrams rejected as malformed, by reason"
+    );
+    describe_counter!(
+        SIP_RETRANSMISSIONS_TOTAL,
+        Unit::Count,
+        "SIP messages retransmitted by Parley's transactions"
+    );
+    describe_counter!(
+        SIP_REJECTED_OVERLOAD_TOTAL,
+        Unit::Count,
+        "INVITEs answered 503 while draining"
+    );
+    describe_counter!(
+        RELAY_PACKETS_TOTAL,
+        Unit::Count,
+        "RTP/RTCP packets relayed, by path"
+    );
+    describe_counter!(
+        RELAY_BYTES_TOTAL,
+        Unit::Bytes,
+        "RTP/RTCP bytes relayed, by path"
+    );
+    describe_counter!(
+        RELAY_DROPS_TOTAL,
+        Unit::Count,
+        "Packets dropped by the relay, by reason"
+    );
+    describe_gauge!(
+        RELAY_PORTS_ACTIVE,
+        Unit::Count,
+        "Relay UDP ports allocated to calls"
+    );
+    describe_counter!(CDR_WRITES_TOTAL, Unit::Count, "CDR rows written, by result");
+    describe_counter!(
+        ADDRESS_BOOK_UPDATES_TOTAL,
+        Unit::Count,
+        "Address book entries added or updated"
+    );
+    describe_counter!(
+        AUTH_RESULTS_TOTAL,
+        Unit::Count,
+        "IM device logins by tenant and result"
+    );
+    describe_counter!(
+        IM_PROTOCOL_ERRORS_TOTAL,
+        Unit::Count,
+        "Malformed IM control frames or datagrams, by kind"
+    );
+}

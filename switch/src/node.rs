@@ -1,0 +1,190 @@
+//! Starting and stopping a node.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use actix::Actor;
+use parley_actors::registry::{Registry, UserRef};
+use parley_actors::trunk::TrunkActor;
+use parley_actors::user::UserActor;
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::im::{cert, quic};
+use crate::relay::{Relay, RelaySettings};
+use crate::sip::core::{CoreConfig, SipCore};
+use crate::sip::driver::{Drain, DriverDeps, SipDriver};
+use crate::store::{Store, cdr_writer};
+use crate::{http, metrics as m, numbers};
+
+/// Where a running node listens; written to `<data-dir>/node.json` once it is ready.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeInfo {
+    /// SIP UDP address.
+    pub sip: SocketAddr,
+    /// QUIC address.
+    pub quic: SocketAddr,
+    /// HTTP address.
+    pub http: SocketAddr,
+    /// Process id.
+    pub pid: u32,
+}
+
+/// Runs a node until SIGINT/SIGTERM, then drains. Call inside an actix `System`.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir)?;
+    let prometheus = m::install()?;
+    let store = Store::open(&cfg.data_dir).await?;
+    for u in &cfg.users {
+        let number = numbers::to_e164(&u.number, &cfg.sip.default_region)
+            .unwrap_or_else(|| u.number.clone());
+        store
+            .ensure_user(&u.tenant, &u.user, &number, &u.password)
+            .await?;
+    }
+    let registry = Arc::new(Registry::default());
+    for u in store.users().await? {
+        registry.insert(UserRef {
+            tenant: u.tenant,
+            user: u.user,
+            number: u.number,
+            addr: UserActor::new().start(),
+        });
+    }
+
+    let relay = Relay::start(RelaySettings {
+        ip: cfg.relay.ip,
+        port_min: cfg.relay.port_min,
+        port_max: cfg.relay.port_max,
+    })?;
+    let (cdr_queue, cdr_task) = cdr_writer::start(store.clone(), registry.clone());
+
+    let trunk_cfg = cfg.trunks.first().cloned();
+    let trunk = trunk_cfg
+        .as_ref()
+        .map(|t| TrunkActor::new(t.name.clone(), t.address).start());
+
+    let sip_socket = Arc::new(
+        tokio::net::UdpSocket::bind(cfg.sip.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("sip.listen {}: {e}", cfg.sip.listen))?,
+    );
+    let sip_addr = sip_socket.local_addr()?;
+    let core = SipCore::new(
+        CoreConfig {
+            local: sip_addr,
+            trunk: trunk_cfg.map(|t| t.address),
+            region: cfg.sip.default_region.clone(),
+            timers: Default::default(),
+        },
+        registry.clone(),
+    );
+    let sip = SipDriver::new(
+        sip_socket,
+        core,
+        DriverDeps {
+            registry: registry.clone(),
+            media: relay.clone(),
+            cdr: Arc::new(cdr_queue),
+            trunk,
+            ring_timeout: cfg.ring_timeout(),
+        },
+    )
+    .start();
+
+    let (cert, key) = cert::load_or_generate(&cfg.data_dir)?;
+    let endpoint = quinn::Endpoint::server(quic::server_config(cert, key)?, cfg.quic.listen)
+        .map_err(|e| anyhow::anyhow!("quic.listen {}: {e}", cfg.quic.listen))?;
+    let quic_addr = endpoint.local_addr()?;
+    let im = Arc::new(quic::ImContext {
+        store: store.clone(),
+        registry: registry.clone(),
+        relay: relay.clone(),
+        login_timeout: Duration::from_secs(cfg.quic.login_timeout_secs),
+        next_session: AtomicU64::new(1),
+    });
+    actix_rt::spawn(quic::serve(endpoint.clone(), im));
+
+    let admin_token = match (&cfg.http.admin_token, cfg.demo) {
+        (Some(t), _) if !t.is_empty() => t.clone(),
+        _ => {
+            let t = crate::sip_token(32);
+            cert::write_private(&cfg.data_dir.join("admin-token"), t.as_bytes())?;
+            println!(
+                "admin token (demo mode): {t}  (also in {})",
+                cfg.data_dir.join("admin-token").display()
+            );
+            t
+        }
+    };
+    let listener = tokio::net::TcpListener::bind(cfg.http.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("http.listen {}: {e}", cfg.http.listen))?;
+    let http_addr = listener.local_addr()?;
+    let app = http::router(Arc::new(http::HttpState {
+        prometheus,
+        store: store.clone(),
+        admin_token,
+    }));
+    actix_rt::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    });
+
+    let info = NodeInfo {
+        sip: sip_addr,
+        quic: quic_addr,
+        http: http_addr,
+        pid: std::process::id(),
+    };
+    std::fs::write(
+        cfg.data_dir.join("node.json"),
+        serde_json::to_vec_pretty(&info)?,
+    )?;
+    println!(
+        "parley ready: sip=udp:{sip_addr} quic={quic_addr} http=http://{http_addr} data={}",
+        cfg.data_dir.display()
+    );
+    tracing::info!(sip = %sip_addr, quic = %quic_addr, http = %http_addr, "parley ready");
+
+    shutdown_signal().await;
+    tracing::info!("shutdown requested: draining (no new calls; up to 30 s for calls in progress)");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let live = sip.send(Drain).await.unwrap_or(0);
+        if live == 0 || tokio::time::Instant::now() >= deadline {
+            if live > 0 {
+                tracing::warn!(live, "drain deadline reached; exiting with calls up");
+            }
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    endpoint.close(0u32.into(), b"shutdown");
+    // Let call actors hand their CDRs over, then let the writer finish.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(sip);
+    relay.stop();
+    let _ = tokio::time::timeout(Duration::from_secs(5), cdr_task).await;
+    let _ = std::fs::remove_file(cfg.data_dir.join("node.json"));
+    tracing::info!("parley stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}

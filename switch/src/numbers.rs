@@ -1,0 +1,57 @@
+//! Telephone numbers: E.164 normalisation through `phonenumber` (a port of Google's
+//! libphonenumber, with its metadata), so that "+1 555 0100 001", "15550100001" and
+//! "tel:+15550100001" all become "+15550100001".
+
+/// Normalises a dialled or presented number to E.164, or `None` if it is not one.
+///
+/// `region` applies to numbers written without a leading `+`.
+pub fn to_e164(raw: &str, region: &str) -> Option<String> {
+    let s = raw.trim().trim_start_matches("tel:");
+    if s.is_empty()
+        || !s.chars().any(|c| c.is_ascii_digit())
+        || s.chars().any(|c| c.is_ascii_alphabetic())
+    {
+        return None;
+    }
+    let region: Option<phonenumber::country::Id> = region.parse().ok();
+    // A bare string of 11+ digits is often an international number without its `+`.
+    let candidates = if !s.starts_with('+') && s.len() > 10 {
+        vec![format!("+{s}"), s.to_owned()]
+    } else {
+        vec![s.to_owned()]
+    };
+    for c in candidates {
+        if let Ok(n) = phonenumber::parse(region, &c) {
+            return Some(n.format().mode(phonenumber::Mode::E164).to_string());
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalises() {
+        assert_eq!(
+            to_e164("+15550100001", "US").as_deref(),
+            Some("+15550100001")
+        );
+        assert_eq!(
+            to_e164("15550100001", "US").as_deref(),
+            Some("+15550100001")
+        );
+        assert_eq!(
+            to_e164("tel:+1 555 0100 002", "US").as_deref(),
+            Some("+15550100002")
+        );
+        assert_eq!(
+            to_e164("+44 20 7946 0958", "US").as_deref(),
+            Some("+442079460958")
+        );
+        assert_eq!(to_e164("sipp", "US"), None);
+        assert_eq!(to_e164("", "US"), None);
+        assert_eq!(to_e164("service", "US"), None);
+    }
+}

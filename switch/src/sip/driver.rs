@@ -1,0 +1,165 @@
+//! The SIP driver actor: owns the UDP socket and the clock, feeds [`SipCore`], performs its
+//! outputs (send, start call actors, deliver events).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use actix::prelude::*;
+use bytes::Bytes;
+use parley_actors::messages::{CallHandle, CdrSink, MediaPlane, SipCommand};
+use parley_actors::registry::Registry;
+use parley_actors::trunk::TrunkActor;
+use parley_actors::{CallActor, CallSetup};
+use tokio::net::UdpSocket;
+
+use super::core::{Output, SipCore};
+
+/// What the driver needs besides the core.
+pub struct DriverDeps {
+    /// Live users.
+    pub registry: Arc<Registry>,
+    /// The relay.
+    pub media: Arc<dyn MediaPlane>,
+    /// The CDR writer.
+    pub cdr: Arc<dyn CdrSink>,
+    /// The PSTN trunk actor.
+    pub trunk: Option<Addr<TrunkActor>>,
+    /// Ring timeout.
+    pub ring_timeout: Duration,
+}
+
+/// The actor.
+pub struct SipDriver {
+    socket: Arc<UdpSocket>,
+    core: SipCore,
+    deps: DriverDeps,
+    calls: HashMap<CallHandle, Addr<CallActor>>,
+    timer: Option<(Instant, SpawnHandle)>,
+}
+
+impl SipDriver {
+    /// A driver for a bound socket.
+    pub fn new(socket: Arc<UdpSocket>, core: SipCore, deps: DriverDeps) -> Self {
+        Self {
+            socket,
+            core,
+            deps,
+            calls: HashMap::new(),
+            timer: None,
+        }
+    }
+
+    fn flush(&mut self, ctx: &mut Context<Self>) {
+        while let Some(out) = self.core.poll_output() {
+            match out {
+                Output::Transmit { dest, data } => {
+                    if let Err(e) = self.socket.try_send_to(&data, dest) {
+                        tracing::warn!(%dest, error = %e, "SIP send failed");
+                    }
+                }
+                Output::Event(h, ev) => {
+                    if let Some(a) = self.calls.get(&h) {
+                        a.do_send(ev);
+                    }
+                }
+                Output::NewCall(nc) => {
+                    let setup = CallSetup {
+                        handle: nc.handle,
+                        call_id: format!("c-{}", nc.handle),
+                        sip_call_id: nc.sip_call_id,
+                        user: nc.user,
+                        caller: nc.caller,
+                        caller_name: nc.caller_name,
+                        called: nc.called,
+                        offer: nc.offer,
+                        trunk: self.deps.trunk.clone(),
+                        sip: ctx.address().recipient(),
+                        media: self.deps.media.clone(),
+                        cdr: self.deps.cdr.clone(),
+                        ring_timeout: self.deps.ring_timeout,
+                        started: Instant::now(),
+                        started_wall: SystemTime::now(),
+                    };
+                    self.calls.insert(nc.handle, CallActor::new(setup).start());
+                }
+            }
+        }
+        self.arm_timer(ctx);
+    }
+
+    fn arm_timer(&mut self, ctx: &mut Context<Self>) {
+        let Some(next) = self.core.poll_timeout() else {
+            return;
+        };
+        if let Some((at, h)) = self.timer {
+            if at <= next {
+                return;
+            }
+            ctx.cancel_future(h);
+        }
+        let after = next.saturating_duration_since(Instant::now());
+        let h = ctx.run_later(after, |act, ctx| {
+            act.timer = None;
+            act.core.handle_timeout(Instant::now());
+            act.flush(ctx);
+        });
+        self.timer = Some((next, h));
+    }
+}
+
+impl Actor for SipDriver {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let socket = self.socket.clone();
+        let stream = futures_util::stream::unfold(socket, |s| async move {
+            let mut buf = vec![0u8; 65_535];
+            loop {
+                match s.recv_from(&mut buf).await {
+                    Ok((n, src)) => {
+                        buf.truncate(n);
+                        return Some((Datagram(Bytes::from(buf), src), s));
+                    }
+                    // ICMP port unreachable surfaces as an error on Linux; keep serving.
+                    Err(e) => tracing::debug!(error = %e, "SIP recv error"),
+                }
+            }
+        });
+        ctx.add_stream(stream);
+    }
+}
+
+struct Datagram(Bytes, SocketAddr);
+
+impl StreamHandler<Datagram> for SipDriver {
+    fn handle(&mut self, d: Datagram, ctx: &mut Context<Self>) {
+        self.core.handle_datagram(Instant::now(), d.1, d.0);
+        self.flush(ctx);
+    }
+}
+
+impl Handler<SipCommand> for SipDriver {
+    type Result = ();
+    fn handle(&mut self, c: SipCommand, ctx: &mut Context<Self>) {
+        if matches!(c.cmd, parley_actors::messages::SipLegCmd::Done) {
+            self.calls.remove(&c.call);
+        }
+        self.core.handle_command(Instant::now(), c.call, c.cmd);
+        self.flush(ctx);
+    }
+}
+
+/// Stop accepting calls; replies with the number of calls still up.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct Drain;
+
+impl Handler<Drain> for SipDriver {
+    type Result = usize;
+    fn handle(&mut self, _: Drain, _: &mut Context<Self>) -> usize {
+        self.core.set_draining(true);
+        self.calls.len()
+    }
+}

@@ -1,0 +1,350 @@
+//! Storage: users, CDRs and address books.
+//!
+//! SQLite through `sqlx` is the embedded default; `sqlx` was chosen because the same code
+//! and queries target PostgreSQL for larger deployments (the `Any` driver or a second
+//! implementation behind [`Store`]'s methods), it is async (no blocking the actor thread),
+//! and it is the best-maintained SQL toolkit in Rust. Passwords are stored as Argon2id
+//! PHC strings (the `argon2` crate, RustCrypto), never in clear.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use parley_actors::messages::CdrRecord;
+use parley_codecs::control::AddressBookEntry;
+use serde::Serialize;
+use sqlx::Row;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+
+pub mod cdr_writer;
+
+/// Storage errors.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The database failed.
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    /// Hashing failed.
+    #[error("password hashing: {0}")]
+    Hash(String),
+}
+
+/// A user of the built-in store.
+#[derive(Debug, Clone, Serialize)]
+pub struct UserRow {
+    /// Tenant.
+    pub tenant: String,
+    /// User name.
+    pub user: String,
+    /// E.164 number.
+    pub number: String,
+}
+
+/// A CDR as the admin API returns it.
+#[derive(Debug, Clone, Serialize)]
+pub struct CdrRow {
+    /// Parley call id.
+    pub call_id: String,
+    /// Gateway Call-ID.
+    pub sip_call_id: String,
+    /// Tenant.
+    pub tenant: String,
+    /// Called user.
+    pub user: String,
+    /// Caller number or URI.
+    pub caller: String,
+    /// Caller display name.
+    pub caller_name: Option<String>,
+    /// Dialled number.
+    pub called: String,
+    /// `im`, `pstn`, `none`.
+    pub route: String,
+    /// RFC 3339.
+    pub start_time: String,
+    /// RFC 3339, if answered.
+    pub answer_time: Option<String>,
+    /// RFC 3339.
+    pub end_time: String,
+    /// Seconds from answer to end (0 if unanswered).
+    pub duration_secs: f64,
+    /// Disposition.
+    pub disposition: String,
+    /// SIP cause.
+    pub sip_cause: i64,
+    /// Packets caller → callee.
+    pub packets_in: i64,
+    /// Packets callee → caller.
+    pub packets_out: i64,
+}
+
+/// The node's database.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Store {
+    /// Opens (creating if needed) `parley.db` in `dir`.
+    pub async fn open(dir: &Path) -> Result<Self, StoreError> {
+        let opts = SqliteConnectOptions::from_str("sqlite:")?
+            .filename(dir.join("parley.db"))
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .busy_timeout(std::time::Duration::from_secs(5));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(opts)
+            .await?;
+        for stmt in SCHEMA {
+            // Fixed schema strings compiled into the binary, not user input.
+            sqlx::raw_sql(sqlx::AssertSqlSafe(*stmt))
+                .execute(&pool)
+                .await?;
+        }
+        Ok(Self { pool })
+    }
+
+    /// Adds a user if absent (the password is hashed only then).
+    pub async fn ensure_user(
+        &self,
+        tenant: &str,
+        user: &str,
+        number: &str,
+        password: &str,
+    ) -> Result<(), StoreError> {
+        let exists = sqlx::query("SELECT 1 FROM users WHERE tenant = ? AND user = ?")
+            .bind(tenant)
+            .bind(user)
+            .fetch_optional(&self.pool)
+            .await?
+            .is_some();
+        if exists {
+            sqlx::query("UPDATE users SET number = ? WHERE tenant = ? AND user = ?")
+                .bind(number)
+                .bind(tenant)
+                .bind(user)
+                .execute(&self.pool)
+                .await?;
+            return Ok(());
+        }
+        let pw = password.to_owned();
+        let hash = tokio::task::spawn_blocking(move || {
+            let mut raw = [0u8; 16];
+            rand::Rng::fill(&mut rand::rng(), &mut raw);
+            let salt =
+                SaltString::encode_b64(&raw).map_err(|e| argon2::password_hash::Error::from(e))?;
+            argon2::Argon2::default()
+                .hash_password(pw.as_bytes(), &salt)
+                .map(|h| h.to_string())
+        })
+        .await
+        .map_err(|e| StoreError::Hash(e.to_string()))?
+        .map_err(|e| StoreError::Hash(e.to_string()))?;
+        sqlx::query("INSERT INTO users (tenant, user, number, password_hash) VALUES (?, ?, ?, ?)")
+            .bind(tenant)
+            .bind(user)
+            .bind(number)
+            .bind(hash)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// All users.
+    pub async fn users(&self) -> Result<Vec<UserRow>, StoreError> {
+        let rows = sqlx::query("SELECT tenant, user, number FROM users ORDER BY tenant, user")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| UserRow {
+                tenant: r.get("tenant"),
+                user: r.get("user"),
+                number: r.get("number"),
+            })
+            .collect())
+    }
+
+    /// Checks a password; `Ok(None)` for an unknown user or a wrong password.
+    pub async fn verify(
+        &self,
+        tenant: &str,
+        user: &str,
+        password: &str,
+    ) -> Result<Option<UserRow>, StoreError> {
+        let Some(row) = sqlx::query(
+            "SELECT tenant, user, number, password_hash FROM users WHERE tenant = ? AND user = ?",
+        )
+        .bind(tenant)
+        .bind(user)
+        .fetch_optional(&self.pool)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let hash: String = row.get("password_hash");
+        let pw = password.to_owned();
+        let ok = tokio::task::spawn_blocking(move || {
+            PasswordHash::new(&hash).is_ok_and(|h| {
+                argon2::Argon2::default()
+                    .verify_password(pw.as_bytes(), &h)
+                    .is_ok()
+            })
+        })
+        .await
+        .unwrap_or(false);
+        Ok(ok.then(|| UserRow {
+            tenant: row.get("tenant"),
+            user: row.get("user"),
+            number: row.get("number"),
+        }))
+    }
+
+    /// Writes one CDR.
+    pub async fn insert_cdr(&self, c: &CdrRecord) -> Result<(), StoreError> {
+        let duration = match c.answer {
+            Some(a) => c
+                .end
+                .duration_since(a)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0),
+            None => 0.0,
+        };
+        sqlx::query(
+            "INSERT INTO cdrs (call_id, sip_call_id, tenant, user, caller, caller_name, called, route, start_ms, answer_ms, end_ms, \
+             start_time, answer_time, end_time, duration_secs, disposition, sip_cause, packets_in, packets_out) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&c.call_id)
+        .bind(&c.sip_call_id)
+        .bind(&c.tenant)
+        .bind(&c.user)
+        .bind(&c.caller)
+        .bind(&c.caller_name)
+        .bind(&c.called)
+        .bind(&c.route)
+        .bind(unix_ms(c.start))
+        .bind(c.answer.map(unix_ms))
+        .bind(unix_ms(c.end))
+        .bind(rfc3339(c.start))
+        .bind(c.answer.map(rfc3339))
+        .bind(rfc3339(c.end))
+        .bind(duration)
+        .bind(&c.disposition)
+        .bind(i64::from(c.cause))
+        .bind(c.packets_in as i64)
+        .bind(c.packets_out as i64)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// CDRs, newest first, optionally for one tenant/user.
+    pub async fn cdrs(
+        &self,
+        tenant: Option<&str>,
+        user: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<CdrRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT * FROM cdrs WHERE (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR user = ?2) ORDER BY end_ms DESC, rowid DESC LIMIT ?3",
+        )
+        .bind(tenant)
+        .bind(user)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| CdrRow {
+                call_id: r.get("call_id"),
+                sip_call_id: r.get("sip_call_id"),
+                tenant: r.get("tenant"),
+                user: r.get("user"),
+                caller: r.get("caller"),
+                caller_name: r.get("caller_name"),
+                called: r.get("called"),
+                route: r.get("route"),
+                start_time: r.get("start_time"),
+                answer_time: r.get("answer_time"),
+                end_time: r.get("end_time"),
+                duration_secs: r.get("duration_secs"),
+                disposition: r.get("disposition"),
+                sip_cause: r.get("sip_cause"),
+                packets_in: r.get("packets_in"),
+                packets_out: r.get("packets_out"),
+            })
+            .collect())
+    }
+
+    /// Adds a party to a user's address book, or bumps its call count.
+    pub async fn add_contact(
+        &self,
+        tenant: &str,
+        user: &str,
+        address: &str,
+        name: Option<&str>,
+        when: SystemTime,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO address_book (tenant, user, address, name, call_count, last_seen_ms) VALUES (?, ?, ?, ?, 1, ?) \
+             ON CONFLICT (tenant, user, address) DO UPDATE SET call_count = call_count + 1, \
+             name = COALESCE(excluded.name, address_book.name), last_seen_ms = MAX(last_seen_ms, excluded.last_seen_ms)",
+        )
+        .bind(tenant)
+        .bind(user)
+        .bind(address)
+        .bind(name)
+        .bind(unix_ms(when))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// A user's address book, most recent first.
+    pub async fn address_book(
+        &self,
+        tenant: &str,
+        user: &str,
+    ) -> Result<Vec<AddressBookEntry>, StoreError> {
+        let rows = sqlx::query("SELECT address, name, call_count, last_seen_ms FROM address_book WHERE tenant = ? AND user = ? ORDER BY last_seen_ms DESC, address")
+            .bind(tenant)
+            .bind(user)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let ms: i64 = r.get("last_seen_ms");
+                let count: i64 = r.get("call_count");
+                AddressBookEntry {
+                    address: r.get("address"),
+                    name: r.get("name"),
+                    call_count: count.max(0) as u64,
+                    last_seen: rfc3339(
+                        UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64),
+                    ),
+                }
+            })
+            .collect())
+    }
+}
+
+const SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS users (tenant TEXT NOT NULL, user TEXT NOT NULL, number TEXT NOT NULL, password_hash TEXT NOT NULL, PRIMARY KEY (tenant, user))",
+    "CREATE TABLE IF NOT EXISTS cdrs (call_id TEXT NOT NULL, sip_call_id TEXT NOT NULL, tenant TEXT NOT NULL, user TEXT NOT NULL, caller TEXT NOT NULL, caller_name TEXT, called TEXT NOT NULL, route TEXT NOT NULL, start_ms INTEGER NOT NULL, answer_ms INTEGER, end_ms INTEGER NOT NULL, start_time TEXT NOT NULL, answer_time TEXT, end_time TEXT NOT NULL, duration_secs REAL NOT NULL, disposition TEXT NOT NULL, sip_cause INTEGER NOT NULL, packets_in INTEGER NOT NULL, packets_out INTEGER NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS cdrs_user ON cdrs (tenant, user, end_ms)",
+    "CREATE TABLE IF NOT EXISTS address_book (tenant TEXT NOT NULL, user TEXT NOT NULL, address TEXT NOT NULL, name TEXT, call_count INTEGER NOT NULL, last_seen_ms INTEGER NOT NULL, PRIMARY KEY (tenant, user, address))",
+];
