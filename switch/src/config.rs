@@ -44,6 +44,9 @@ pub struct SipConfig {
     pub listen: SocketAddr,
     /// Default region for numbers without a `+` (ISO 3166 code, e.g. `US`).
     pub default_region: String,
+    /// SIP timer T1 in milliseconds (RFC 3261 round-trip estimate; 64*T1 is the
+    /// transaction timeout). Lower it only on networks known to be fast.
+    pub t1_ms: u64,
 }
 
 /// `[quic]`
@@ -244,7 +247,7 @@ impl Config {
         let cfg: Config = toml::from_str(text).map_err(|e| {
             let line = e
                 .span()
-                .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+                .map(|s| text.get(..s.start).unwrap_or(text).matches('\n').count() + 1);
             let message = match line {
                 Some(l) => format!("line {l}: {}", e.message()),
                 None => e.message().to_string(),
@@ -275,6 +278,9 @@ impl Config {
         }
         if !self.demo && self.http.admin_token.as_deref().is_none_or(str::is_empty) {
             return Err(bad("http.admin_token", "required unless demo = true"));
+        }
+        if !(10..=5000).contains(&self.sip.t1_ms) {
+            return Err(bad("sip.t1_ms", "must be between 10 and 5000"));
         }
         if self.calls.ring_timeout_secs == 0 {
             return Err(bad("calls.ring_timeout_secs", "must be at least 1"));

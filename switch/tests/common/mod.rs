@@ -1,0 +1,436 @@
+//! Test harness: a real `parley` process on loopback with its own ports and data
+//! directory, SIPp processes as gateways and trunks, `parley-load` devices.
+//!
+//! Peers are required: a missing `sipp` fails the test loudly (CI installs it).
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use parley_load::device::{Device, DeviceConfig, MediaMode};
+
+/// A free UDP port on loopback (bound then released).
+pub fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A base port with `n` consecutive free UDP ports after it (for SIPp media ports).
+pub fn free_port_block(n: u16) -> u16 {
+    for _ in 0..200 {
+        let base = 30000 + (rand_u16() % 300) * 100;
+        if (0..n).all(|i| UdpSocket::bind(("127.0.0.1", base + i)).is_ok()) {
+            return base;
+        }
+    }
+    panic!("no free port block");
+}
+
+fn rand_u16() -> u16 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    ((t ^ std::process::id().wrapping_mul(2654435761)) >> 7) as u16
+}
+
+/// A running node.
+pub struct Node {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub sip: SocketAddr,
+    pub quic: SocketAddr,
+    pub http: SocketAddr,
+    pub trunk: SocketAddr,
+    pub token: String,
+}
+
+impl Node {
+    /// Starts a node with the demo users; `trunk` is where it sends PSTN calls.
+    pub fn start() -> Node {
+        Self::start_with("")
+    }
+
+    /// Starts a node with extra keys in its `[sip]` section.
+    pub fn start_with(sip_extra: &str) -> Node {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let trunk_port = free_udp_port();
+        let relay = free_port_block(100);
+        let token = "test-token-0123456789".to_owned();
+        let cfg = format!(
+            r#"
+data_dir = "{data}"
+[sip]
+listen = "127.0.0.1:0"
+{sip_extra}
+[quic]
+listen = "127.0.0.1:0"
+[http]
+listen = "127.0.0.1:0"
+admin_token = "{token}"
+[relay]
+port_min = {relay}
+port_max = {relay_max}
+[[trunks]]
+name = "pstn"
+address = "127.0.0.1:{trunk_port}"
+[[users]]
+tenant = "demo"
+user = "alice"
+number = "+15550100001"
+password = "demo"
+[[users]]
+tenant = "demo"
+user = "bob"
+number = "+15550100002"
+password = "demo"
+"#,
+            data = dir.path().join("data").display(),
+            relay_max = relay + 99,
+        );
+        let cfg_path = dir.path().join("parley.toml");
+        std::fs::write(&cfg_path, cfg).unwrap();
+        let log = std::fs::File::create(dir.path().join("node.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_parley"))
+            .args(["run", "--config"])
+            .arg(&cfg_path)
+            .env("PARLEY_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn parley");
+        let info = dir.path().join("data").join("node.json");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut child = child;
+        let json = loop {
+            if let Ok(s) = std::fs::read_to_string(&info)
+                && let Ok(v) = serde_json::from_str::<serde_json::Value>(&s)
+            {
+                break v;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "parley exited early ({status}):\n{}",
+                    std::fs::read_to_string(dir.path().join("node.log")).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < deadline, "node did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let addr = |k: &str| json[k].as_str().unwrap().parse().unwrap();
+        Node {
+            sip: addr("sip"),
+            quic: addr("quic"),
+            http: addr("http"),
+            trunk: ([127, 0, 0, 1], trunk_port).into(),
+            child,
+            dir,
+            token,
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("node.log")).unwrap_or_default()
+    }
+
+    /// GET a path; returns (status, body).
+    pub fn get(&self, path: &str, auth: bool) -> (u16, String) {
+        let mut s = TcpStream::connect(self.http).expect("connect http");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let auth = if auth {
+            format!("Authorization: Bearer {}\r\n", self.token)
+        } else {
+            String::new()
+        };
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        let status = resp
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (status, dechunk(&body))
+    }
+
+    pub fn cdrs(&self) -> Vec<serde_json::Value> {
+        let (st, body) = self.get("/api/v1/cdrs", true);
+        assert_eq!(st, 200, "{body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
+    }
+
+    /// Waits until `n` CDRs exist (CDRs are written asynchronously after the call ends).
+    pub fn wait_cdrs(&self, n: usize) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let c = self.cdrs();
+            if c.len() >= n || Instant::now() > deadline {
+                return c;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn address_book(&self, user: &str) -> Vec<serde_json::Value> {
+        let (st, body) = self.get(&format!("/api/v1/users/{user}/address-book"), true);
+        assert_eq!(st, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// Sum of a metric's samples whose line starts with `prefix` (name plus optional labels).
+    pub fn metric(&self, prefix: &str) -> f64 {
+        let (_, body) = self.get("/metrics", false);
+        body.lines()
+            .filter(|l| !l.starts_with('#') && l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    pub fn cert(&self) -> Vec<u8> {
+        std::fs::read(self.data_dir().join("quic-cert.der")).unwrap()
+    }
+
+    pub fn device_config(&self, user: &str, device: &str) -> DeviceConfig {
+        DeviceConfig {
+            target: self.quic,
+            cert_der: self.cert(),
+            tenant: "demo".into(),
+            user: user.into(),
+            password: "demo".into(),
+            device: device.into(),
+            answer_after: Some(Duration::from_millis(50)),
+            reject: false,
+            hangup_after: None,
+            media: MediaMode::Echo,
+        }
+    }
+
+    pub async fn device(&self, cfg: DeviceConfig) -> Device {
+        Device::connect(cfg)
+            .await
+            .unwrap_or_else(|e| panic!("device login failed: {e}\n{}", self.log()))
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "node did not stop");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn dechunk(body: &str) -> String {
+    // axum answers with chunked encoding when it does not know the length in advance.
+    let mut out = String::new();
+    let mut rest = body;
+    loop {
+        let Some((size, tail)) = rest.split_once("\r\n") else {
+            return body.to_owned();
+        };
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            return body.to_owned();
+        };
+        if n == 0 {
+            return out;
+        }
+        if tail.len() < n {
+            return body.to_owned();
+        }
+        out.push_str(&tail[..n]);
+        rest = tail[n..].trim_start_matches("\r\n");
+    }
+}
+
+/// The `sipp` binary; panics (fails the test) if it is not installed.
+pub fn sipp_bin() -> &'static str {
+    let ok = Command::new("sipp")
+        .arg("-v")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    assert!(
+        ok,
+        "sipp is required for this test (Debian package sip-tester; .ci/run installs it)"
+    );
+    "sipp"
+}
+
+/// A scenario from tests/sipp with @RTPFILE@ replaced; returns its path in `dir`.
+pub fn scenario(dir: &Path, name: &str) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/sipp")
+        .join(name);
+    let ulaw = dir.join("tone.ulaw");
+    if !ulaw.exists() {
+        std::fs::write(
+            &ulaw,
+            parley_codecs::g711::tone(parley_codecs::g711::PT_PCMU, 440.0, 4.0),
+        )
+        .unwrap();
+    }
+    let text = std::fs::read_to_string(src)
+        .unwrap()
+        .replace("@RTPFILE@", ulaw.to_str().unwrap());
+    let out = dir.join(name);
+    std::fs::write(&out, text).unwrap();
+    out
+}
+
+/// Result of one SIPp run.
+pub struct SippRun {
+    pub code: i32,
+    pub successful: u64,
+    pub failed: u64,
+    pub output: String,
+}
+
+/// Runs a SIPp UAC to completion (bounded by `-timeout`).
+pub async fn sipp_uac(
+    node: &Node,
+    scenario_args: &[&str],
+    number: &str,
+    calls: u32,
+    rate: u32,
+    extra: &[&str],
+) -> SippRun {
+    let dir = node.dir.path().to_path_buf();
+    let port = free_udp_port().to_string();
+    let media = free_port_block(40).to_string();
+    let stat = dir.join(format!("uac-{port}.csv"));
+    let mut cmd = tokio::process::Command::new(sipp_bin());
+    cmd.args(scenario_args)
+        .arg(node.sip.to_string())
+        .args([
+            "-s",
+            number,
+            "-i",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-mp",
+            &media,
+            "-nostdin",
+            "-timeout",
+            "60s",
+        ])
+        .args([
+            "-m",
+            &calls.to_string(),
+            "-r",
+            &rate.to_string(),
+            "-trace_stat",
+            "-stf",
+        ])
+        .arg(&stat)
+        .args(["-fd", "1"])
+        .args(extra)
+        .current_dir(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let out = cmd.output().await.expect("run sipp");
+    let output = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (successful, failed) = stat_counts(&stat);
+    SippRun {
+        code: out.status.code().unwrap_or(-1),
+        successful,
+        failed,
+        output,
+    }
+}
+
+fn stat_counts(csv: &Path) -> (u64, u64) {
+    let text = std::fs::read_to_string(csv).unwrap_or_default();
+    let mut lines = text.lines();
+    let Some(header) = lines.next() else {
+        return (0, 0);
+    };
+    let Some(last) = lines.last() else {
+        return (0, 0);
+    };
+    let cols: Vec<&str> = header.split(';').collect();
+    let vals: Vec<&str> = last.split(';').collect();
+    let get = |name: &str| {
+        cols.iter()
+            .position(|c| *c == name)
+            .and_then(|i| vals.get(i))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (get("SuccessfulCall(C)"), get("FailedCall(C)"))
+}
+
+/// A SIPp UAS acting as the PSTN trunk, echoing media.
+pub struct SippUas(Child);
+
+impl SippUas {
+    pub fn start(node: &Node, scenario_args: &[&str]) -> SippUas {
+        let media = free_port_block(4).to_string();
+        let child = Command::new(sipp_bin())
+            .args(scenario_args)
+            .args([
+                "-i",
+                "127.0.0.1",
+                "-p",
+                &node.trunk.port().to_string(),
+                "-mp",
+                &media,
+                "-rtp_echo",
+                "-nostdin",
+                "-timeout",
+                "90s",
+            ])
+            .current_dir(node.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn sipp uas");
+        std::thread::sleep(Duration::from_millis(300));
+        SippUas(child)
+    }
+}
+
+impl Drop for SippUas {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
