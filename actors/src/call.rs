@@ -232,14 +232,9 @@ impl CallCore {
             (None, LegFailure::Failed(_)) if !self.tried_trunk && self.trunk_fallback => {
                 self.start(Route::Trunk);
             }
-            (None, LegFailure::Failed(code)) => {
-                let code = if leg == LegId::Trunk && code >= 400 {
-                    code
-                } else {
-                    480
-                };
-                self.finish_failed(code, Disposition::Unavailable);
-            }
+            // Whatever made the last leg fail (trunk timeout, 5xx, device gone), the
+            // caller learns only that the user cannot be reached now.
+            (None, LegFailure::Failed(_)) => self.finish_failed(480, Disposition::Unavailable),
             (None, LegFailure::Declined(_)) => unreachable_declined(),
         }
     }
@@ -440,10 +435,10 @@ mod tests {
         assert_eq!(
             drain(&mut c),
             vec![
-                RejectCaller(503),
+                RejectCaller(480),
                 Finish {
                     disposition: Disposition::Unavailable,
-                    cause: 503
+                    cause: 480
                 }
             ]
         );

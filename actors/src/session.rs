@@ -51,7 +51,7 @@ impl PresenceSession {
         }
     }
 
-    fn to_call(&mut self, call_id: &str, event: DeviceLegEvent, keep: bool) {
+    fn forward_to_call(&mut self, call_id: &str, event: DeviceLegEvent, keep: bool) {
         let rec = if keep {
             self.calls.get(call_id).cloned()
         } else {
@@ -130,9 +130,15 @@ impl Handler<FromClient> for PresenceSession {
                     idle_ms,
                 });
             }
-            ClientMsg::Answer { call_id } => self.to_call(&call_id, DeviceLegEvent::Answer, true),
-            ClientMsg::Reject { call_id } => self.to_call(&call_id, DeviceLegEvent::Reject, false),
-            ClientMsg::Hangup { call_id } => self.to_call(&call_id, DeviceLegEvent::Hangup, false),
+            ClientMsg::Answer { call_id } => {
+                self.forward_to_call(&call_id, DeviceLegEvent::Answer, true)
+            }
+            ClientMsg::Reject { call_id } => {
+                self.forward_to_call(&call_id, DeviceLegEvent::Reject, false)
+            }
+            ClientMsg::Hangup { call_id } => {
+                self.forward_to_call(&call_id, DeviceLegEvent::Hangup, false)
+            }
             ClientMsg::Ping { id } => self.send(ServerMsg::Pong { id }),
             ClientMsg::Login { .. } => self.send(ServerMsg::Error {
                 code: "already_logged_in".into(),

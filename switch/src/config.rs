@@ -134,6 +134,7 @@ impl Default for SipConfig {
         Self {
             listen: ([127, 0, 0, 1], 5060).into(),
             default_region: "US".into(),
+            t1_ms: 500,
         }
     }
 }

@@ -77,7 +77,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             local: sip_addr,
             trunk: trunk_cfg.map(|t| t.address),
             region: cfg.sip.default_region.clone(),
-            timers: Default::default(),
+            timers: sipx_sip::Timers {
+                t1: Duration::from_millis(cfg.sip.t1_ms),
+                ..Default::default()
+            },
         },
         registry.clone(),
     );

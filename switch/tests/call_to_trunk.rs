@@ -63,4 +63,9 @@ async fn offline_user_and_dead_trunk_gets_480_and_a_cdr() {
     assert_eq!(cdrs[0]["disposition"], "UNAVAILABLE", "{}", cdrs[0]);
     assert_eq!(cdrs[0]["route"], "pstn");
     assert_eq!(cdrs[0]["user"], "bob");
+    assert_eq!(cdrs[0]["sip_cause"], 480);
+    assert_eq!(
+        node.metric("parley_sip_responses_total{code=\"480\",direction=\"sent\"}"),
+        1.0
+    );
 }

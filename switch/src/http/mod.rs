@@ -41,7 +41,7 @@ async fn metrics(State(s): State<Arc<HttpState>>) -> Response {
         .into_response()
 }
 
-fn authorised(s: &HttpState, headers: &HeaderMap) -> Result<(), Response> {
+fn authorised(s: &HttpState, headers: &HeaderMap) -> Result<(), Box<Response>> {
     let given = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
@@ -57,7 +57,7 @@ fn authorised(s: &HttpState, headers: &HeaderMap) -> Result<(), Response> {
     if ok {
         Ok(())
     } else {
-        Err((StatusCode::UNAUTHORIZED, Json(serde_json::json!({"error": "unauthorized", "message": "Authorization: Bearer <admin token> required"}))).into_response())
+        Err(Box::new((StatusCode::UNAUTHORIZED, Json(serde_json::json!({"error": "unauthorized", "message": "Authorization: Bearer <admin token> required"}))).into_response()))
     }
 }
 
@@ -83,7 +83,7 @@ async fn cdrs(
     Query(q): Query<CdrQuery>,
 ) -> Response {
     if let Err(r) = authorised(&s, &headers) {
-        return r;
+        return *r;
     }
     let limit = q.limit.unwrap_or(1000).clamp(1, 100_000);
     match s
@@ -108,7 +108,7 @@ async fn address_book(
     Query(q): Query<TenantQuery>,
 ) -> Response {
     if let Err(r) = authorised(&s, &headers) {
-        return r;
+        return *r;
     }
     let tenant = q.tenant.unwrap_or_else(|| "demo".into());
     match s.store.address_book(&tenant, &user).await {

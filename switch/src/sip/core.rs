@@ -225,13 +225,12 @@ impl SipCore {
 
     fn set_timer(&mut self, at: Instant, kind: TimerKind) {
         self.timer_seq += 1;
-        if let TimerKind::Txn(k, t) = &kind {
-            if let Some(old) = self
+        if let TimerKind::Txn(k, t) = &kind
+            && let Some(old) = self
                 .timer_index
                 .insert((k.clone(), *t), (at, self.timer_seq))
-            {
-                self.timers.remove(&old);
-            }
+        {
+            self.timers.remove(&old);
         }
         self.timers.insert((at, self.timer_seq), kind);
     }

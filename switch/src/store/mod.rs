@@ -143,8 +143,7 @@ impl Store {
         let hash = tokio::task::spawn_blocking(move || {
             let mut raw = [0u8; 16];
             rand::Rng::fill(&mut rand::rng(), &mut raw);
-            let salt =
-                SaltString::encode_b64(&raw).map_err(|e| argon2::password_hash::Error::from(e))?;
+            let salt = SaltString::encode_b64(&raw)?;
             argon2::Argon2::default()
                 .hash_password(pw.as_bytes(), &salt)
                 .map(|h| h.to_string())
