@@ -15,3 +15,6 @@
 pub mod core;
 pub mod driver;
 mod msg;
+
+#[cfg(test)]
+mod core_tests;

@@ -1,0 +1,400 @@
+//! The B2BUA core on a virtual clock: no socket, no sleeping. Time is an `Instant` the test
+//! moves forward; outputs are drained and inspected as SIP text.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::Actor;
+use bytes::Bytes;
+use parley_actors::messages::{SipEvent, SipLegCmd};
+use parley_actors::registry::{Registry, UserRef};
+use parley_actors::user::UserActor;
+use sipx_sip::Timers;
+
+use super::core::{CoreConfig, Output, SipCore};
+
+const GW: &str = "127.0.0.1:5070";
+const TRUNK: &str = "127.0.0.1:5080";
+
+fn core() -> SipCore {
+    let registry = Arc::new(Registry::default());
+    registry.insert(UserRef {
+        tenant: "demo".into(),
+        user: "alice".into(),
+        number: "+15550100001".into(),
+        addr: UserActor::new().start(),
+    });
+    SipCore::new(
+        CoreConfig {
+            local: "127.0.0.1:5060".parse().unwrap(),
+            trunk: Some(TRUNK.parse().unwrap()),
+            region: "US".into(),
+            timers: Timers::default(),
+        },
+        registry,
+    )
+}
+
+fn invite(call_id: &str, to: &str) -> Bytes {
+    let sdp = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 6000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n";
+    Bytes::from(format!(
+        "INVITE sip:{to}@127.0.0.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP {GW};branch=z9hG4bK-{call_id}\r\nFrom: \"Gw\" <sip:+15557770001@127.0.0.1>;tag=gw1\r\nTo: <sip:{to}@127.0.0.1>\r\nCall-ID: {call_id}\r\nCSeq: 1 INVITE\r\nContact: <sip:gw@{GW}>\r\nMax-Forwards: 70\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{sdp}",
+        sdp.len()
+    ))
+}
+
+fn in_dialog(method: &str, call_id: &str, branch: &str, to_tag: Option<&str>, cseq: u32) -> Bytes {
+    let tag = to_tag.map(|t| format!(";tag={t}")).unwrap_or_default();
+    Bytes::from(format!(
+        "{method} sip:+15550100001@127.0.0.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP {GW};branch={branch}\r\nFrom: \"Gw\" <sip:+15557770001@127.0.0.1>;tag=gw1\r\nTo: <sip:+15550100001@127.0.0.1>{tag}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+    ))
+}
+
+/// Drains outputs: (first lines of transmitted messages with destinations, events, new calls).
+fn drain(c: &mut SipCore) -> (Vec<(SocketAddr, String)>, Vec<SipEvent>, usize) {
+    let (mut tx, mut ev, mut new) = (Vec::new(), Vec::new(), 0);
+    while let Some(o) = c.poll_output() {
+        match o {
+            Output::Transmit { dest, data } => {
+                tx.push((dest, String::from_utf8_lossy(&data).into_owned()))
+            }
+            Output::Event(_, e) => ev.push(e),
+            Output::NewCall(_) => new += 1,
+        }
+    }
+    (tx, ev, new)
+}
+
+fn first_lines(tx: &[(SocketAddr, String)]) -> Vec<&str> {
+    tx.iter()
+        .map(|(_, m)| m.lines().next().unwrap_or(""))
+        .collect()
+}
+
+fn to_tag_of(msg: &str) -> String {
+    let to = msg.lines().find(|l| l.starts_with("To:")).unwrap();
+    to.split("tag=").nth(1).unwrap().trim().to_owned()
+}
+
+fn with_system(f: impl FnOnce()) {
+    actix::System::new().block_on(async move { f() });
+}
+
+#[test]
+fn invite_gets_100_and_one_call_even_when_retransmitted() {
+    with_system(|| {
+        let (mut c, t0, gw) = (core(), Instant::now(), GW.parse().unwrap());
+        c.handle_datagram(t0, gw, invite("a1", "+15550100001"));
+        let (tx, _, new) = drain(&mut c);
+        assert_eq!(first_lines(&tx), vec!["SIP/2.0 100 Trying"]);
+        assert_eq!(tx[0].0, gw);
+        assert_eq!(new, 1);
+        c.handle_datagram(
+            t0 + Duration::from_millis(500),
+            gw,
+            invite("a1", "+15550100001"),
+        );
+        let (tx, _, new) = drain(&mut c);
+        assert_eq!(
+            first_lines(&tx),
+            vec!["SIP/2.0 100 Trying"],
+            "retransmission answered from the transaction"
+        );
+        assert_eq!(new, 0, "no second call");
+    });
+}
+
+#[test]
+fn answer_is_retransmitted_with_backoff_until_ack() {
+    with_system(|| {
+        let (mut c, t0, gw) = (core(), Instant::now(), GW.parse().unwrap());
+        c.handle_datagram(t0, gw, invite("a2", "15550100001"));
+        drain(&mut c);
+        c.handle_command(t0, 1, SipLegCmd::CallerRinging);
+        c.handle_command(
+            t0,
+            1,
+            SipLegCmd::CallerAnswer {
+                sdp: "v=0\r\n".into(),
+            },
+        );
+        let (tx, _, _) = drain(&mut c);
+        assert_eq!(
+            first_lines(&tx),
+            vec!["SIP/2.0 180 Ringing", "SIP/2.0 200 OK"]
+        );
+        let tag = to_tag_of(&tx[1].1);
+        assert_eq!(tag, to_tag_of(&tx[0].1), "one To tag for the dialog");
+        assert!(tx[1].1.contains("Content-Type: application/sdp"));
+        // T1 = 500 ms, doubling: retransmits at +0.5 s, +1.5 s, +3.5 s ...
+        let mut retx = Vec::new();
+        for ms in (100..=4000).step_by(100) {
+            c.handle_timeout(t0 + Duration::from_millis(ms));
+            let (tx, _, _) = drain(&mut c);
+            if tx.iter().any(|(_, m)| m.starts_with("SIP/2.0 200")) {
+                retx.push(ms);
+            }
+        }
+        assert_eq!(retx, vec![500, 1500, 3500]);
+        c.handle_datagram(
+            t0 + Duration::from_millis(4000),
+            gw,
+            in_dialog("ACK", "a2", "z9hG4bK-ack", Some(&tag), 1),
+        );
+        for s in 5..40 {
+            c.handle_timeout(t0 + Duration::from_secs(s));
+            let (tx, ev, _) = drain(&mut c);
+            assert!(
+                tx.is_empty() && ev.is_empty(),
+                "nothing after the ACK: {tx:?} {ev:?}"
+            );
+        }
+    });
+}
+
+#[test]
+fn missing_ack_times_out_after_64_t1() {
+    with_system(|| {
+        let (mut c, t0, gw) = (core(), Instant::now(), GW.parse().unwrap());
+        c.handle_datagram(t0, gw, invite("a3", "+15550100001"));
+        c.handle_command(
+            t0,
+            1,
+            SipLegCmd::CallerAnswer {
+                sdp: "v=0\r\n".into(),
+            },
+        );
+        drain(&mut c);
+        c.handle_timeout(t0 + Duration::from_millis(31_900));
+        assert!(drain(&mut c).1.is_empty());
+        c.handle_timeout(t0 + Duration::from_secs(33));
+        assert!(matches!(
+            drain(&mut c).1.as_slice(),
+            [SipEvent::CallerAckTimeout]
+        ));
+    });
+}
+
+#[test]
+fn cancel_gets_200_then_487_which_is_retransmitted_until_ack() {
+    with_system(|| {
+        let (mut c, t0, gw) = (core(), Instant::now(), GW.parse().unwrap());
+        c.handle_datagram(t0, gw, invite("a4", "+15550100001"));
+        drain(&mut c);
+        c.handle_datagram(t0, gw, in_dialog("CANCEL", "a4", "z9hG4bK-a4", None, 1));
+        let (tx, ev, _) = drain(&mut c);
+        assert_eq!(first_lines(&tx), vec!["SIP/2.0 200 OK"]);
+        assert!(tx[0].1.contains("CSeq: 1 CANCEL"));
+        assert!(matches!(ev.as_slice(), [SipEvent::CallerCancel]));
+        c.handle_command(t0, 1, SipLegCmd::CallerReject(487));
+        let (tx, _, _) = drain(&mut c);
+        assert_eq!(first_lines(&tx), vec!["SIP/2.0 487 Request Terminated"]);
+        c.handle_timeout(t0 + Duration::from_millis(600));
+        assert_eq!(
+            first_lines(&drain(&mut c).0),
+            vec!["SIP/2.0 487 Request Terminated"],
+            "Timer G"
+        );
+        let tag = to_tag_of(&tx[0].1);
+        c.handle_datagram(
+            t0 + Duration::from_millis(700),
+            gw,
+            in_dialog("ACK", "a4", "z9hG4bK-a4", Some(&tag), 1),
+        );
+        c.handle_timeout(t0 + Duration::from_secs(5));
+        assert!(drain(&mut c).0.is_empty(), "ACK stopped Timer G");
+    });
+}
+
+#[test]
+fn bye_from_gateway_is_answered_and_reported() {
+    with_system(|| {
+        let (mut c, t0, gw) = (core(), Instant::now(), GW.parse().unwrap());
+        c.handle_datagram(t0, gw, invite("a5", "+15550100001"));
+        c.handle_command(
+            t0,
+            1,
+            SipLegCmd::CallerAnswer {
+                sdp: "v=0\r\n".into(),
+            },
+        );
+        let (tx, _, _) = drain(&mut c);
+        let tag = to_tag_of(&tx[1].1);
+        c.handle_datagram(
+            t0,
+            gw,
+            in_dialog("ACK", "a5", "z9hG4bK-ack5", Some(&tag), 1),
+        );
+        c.handle_datagram(
+            t0,
+            gw,
+            in_dialog("BYE", "a5", "z9hG4bK-bye5", Some(&tag), 2),
+        );
+        let (tx, ev, _) = drain(&mut c);
+        assert_eq!(first_lines(&tx), vec!["SIP/2.0 200 OK"]);
+        assert!(matches!(ev.as_slice(), [SipEvent::CallerBye]));
+        // A BYE for a dialog we never had.
+        c.handle_datagram(
+            t0,
+            gw,
+            in_dialog("BYE", "nope", "z9hG4bK-bye6", Some("x"), 2),
+        );
+        assert_eq!(
+            first_lines(&drain(&mut c).0),
+            vec!["SIP/2.0 481 Call/Transaction Does Not Exist"]
+        );
+    });
+}
+
+#[test]
+fn we_send_bye_to_the_gateway_with_swapped_tags() {
+    with_system(|| {
+        let (mut c, t0, gw) = (core(), Instant::now(), GW.parse().unwrap());
+        c.handle_datagram(t0, gw, invite("a6", "+15550100001"));
+        c.handle_command(
+            t0,
+            1,
+            SipLegCmd::CallerAnswer {
+                sdp: "v=0\r\n".into(),
+            },
+        );
+        let (tx, _, _) = drain(&mut c);
+        let tag = to_tag_of(&tx[1].1);
+        c.handle_datagram(
+            t0,
+            gw,
+            in_dialog("ACK", "a6", "z9hG4bK-ack6", Some(&tag), 1),
+        );
+        c.handle_command(t0, 1, SipLegCmd::CallerBye);
+        let (tx, _, _) = drain(&mut c);
+        assert_eq!(tx.len(), 1);
+        let bye = &tx[0].1;
+        assert!(
+            bye.starts_with("BYE sip:gw@127.0.0.1:5070 SIP/2.0"),
+            "{bye}"
+        );
+        assert!(
+            bye.contains(&format!("From: <sip:+15550100001@127.0.0.1>;tag={tag}")),
+            "{bye}"
+        );
+        assert!(
+            bye.contains("To: \"Gw\" <sip:+15557770001@127.0.0.1>;tag=gw1"),
+            "{bye}"
+        );
+        assert!(bye.contains("CSeq: 2 BYE"), "{bye}");
+        // Timer E retransmits the BYE over UDP.
+        c.handle_timeout(t0 + Duration::from_millis(500));
+        assert_eq!(
+            first_lines(&drain(&mut c).0),
+            vec!["BYE sip:gw@127.0.0.1:5070 SIP/2.0"]
+        );
+    });
+}
+
+#[test]
+fn trunk_leg_invite_retransmits_rings_answers_and_acks() {
+    with_system(|| {
+        let (mut c, t0, gw) = (core(), Instant::now(), GW.parse().unwrap());
+        let trunk: SocketAddr = TRUNK.parse().unwrap();
+        c.handle_datagram(t0, gw, invite("a7", "+15550100001"));
+        drain(&mut c);
+        c.handle_command(
+            t0,
+            1,
+            SipLegCmd::TrunkInvite {
+                to: "+15550100001".into(),
+                from: "+15557770001".into(),
+                from_name: Some("Gw".into()),
+                sdp: "v=0\r\n".into(),
+            },
+        );
+        let (tx, _, _) = drain(&mut c);
+        assert_eq!(tx[0].0, trunk);
+        let inv = tx[0].1.clone();
+        assert!(
+            inv.starts_with("INVITE sip:+15550100001@127.0.0.1:5080 SIP/2.0"),
+            "{inv}"
+        );
+        c.handle_timeout(t0 + Duration::from_millis(500));
+        assert_eq!(
+            first_lines(&drain(&mut c).0),
+            vec!["INVITE sip:+15550100001@127.0.0.1:5080 SIP/2.0"],
+            "Timer A"
+        );
+        let header = |name: &str| {
+            inv.lines()
+                .find(|l| l.starts_with(name))
+                .unwrap()
+                .to_owned()
+        };
+        let resp = |code: &str, body: &str| {
+            Bytes::from(format!(
+                "SIP/2.0 {code}\r\n{}\r\n{}\r\n{};tag=uas1\r\n{}\r\nCSeq: 1 INVITE\r\nContact: <sip:uas@{TRUNK}>\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{body}",
+                header("Via:"),
+                header("From:"),
+                header("To:"),
+                header("Call-ID:"),
+                body.len()
+            ))
+        };
+        c.handle_datagram(
+            t0 + Duration::from_millis(600),
+            trunk,
+            resp("180 Ringing", ""),
+        );
+        assert!(matches!(
+            drain(&mut c).1.as_slice(),
+            [SipEvent::TrunkRinging]
+        ));
+        let sdp = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 7000 RTP/AVP 0\r\n";
+        c.handle_datagram(t0 + Duration::from_millis(700), trunk, resp("200 OK", sdp));
+        let (tx, ev, _) = drain(&mut c);
+        assert_eq!(first_lines(&tx), vec!["ACK sip:uas@127.0.0.1:5080 SIP/2.0"]);
+        assert!(matches!(ev.as_slice(), [SipEvent::TrunkAnswered(m)] if m.port == 7000));
+        // The 200 retransmitted (our ACK lost): ACK again, no second answer event.
+        c.handle_datagram(t0 + Duration::from_millis(1200), trunk, resp("200 OK", sdp));
+        let (tx, ev, _) = drain(&mut c);
+        assert_eq!(first_lines(&tx), vec!["ACK sip:uas@127.0.0.1:5080 SIP/2.0"]);
+        assert!(ev.is_empty());
+    });
+}
+
+#[test]
+fn bad_requests_get_400_404_488_and_options_200() {
+    with_system(|| {
+        let (mut c, t0, gw) = (core(), Instant::now(), GW.parse().unwrap());
+        let bad = String::from_utf8(in_dialog("INVITE", "b1", "z9hG4bK-b1", None, 1).to_vec())
+            .unwrap()
+            .replace("CSeq: 1 INVITE", "CSeq: x INVITE");
+        c.handle_datagram(t0, gw, Bytes::from(bad));
+        assert_eq!(
+            first_lines(&drain(&mut c).0),
+            vec!["SIP/2.0 400 Bad Request"]
+        );
+        c.handle_datagram(t0, gw, invite("b2", "+15559999999"));
+        assert_eq!(
+            first_lines(&drain(&mut c).0),
+            vec!["SIP/2.0 100 Trying", "SIP/2.0 404 Not Found"]
+        );
+        c.handle_datagram(t0, gw, in_dialog("INVITE", "b3", "z9hG4bK-b3", None, 1));
+        assert_eq!(
+            first_lines(&drain(&mut c).0),
+            vec!["SIP/2.0 100 Trying", "SIP/2.0 488 Not Acceptable Here"]
+        );
+        c.handle_datagram(t0, gw, in_dialog("OPTIONS", "b4", "z9hG4bK-b4", None, 1));
+        assert_eq!(first_lines(&drain(&mut c).0), vec!["SIP/2.0 200 OK"]);
+        c.handle_datagram(t0, gw, Bytes::from_static(b"\x00\x01garbage"));
+        c.handle_datagram(t0, gw, Bytes::from_static(b"\r\n\r\n"));
+        assert!(
+            drain(&mut c).0.is_empty(),
+            "garbage and keep-alives get no answer"
+        );
+        c.set_draining(true);
+        c.handle_datagram(t0, gw, invite("b5", "+15550100001"));
+        let (tx, _, new) = drain(&mut c);
+        assert_eq!(first_lines(&tx), vec!["SIP/2.0 503 Service Unavailable"]);
+        assert!(tx[0].1.contains("Retry-After: 30"));
+        assert_eq!(new, 0);
+    });
+}
