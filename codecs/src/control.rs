@@ -132,7 +132,7 @@ pub enum ServerMsg {
     CallEnded {
         /// The call id.
         call_id: String,
-        /// Why (`remote_hangup`, `answered_elsewhere`, `cancelled`, `local_hangup`, `timeout`).
+        /// Why (`remote_hangup`, `answered_elsewhere`, `cancelled`, `timeout`, `media_unavailable`).
         reason: String,
     },
     /// The whole address book of the user.
