@@ -46,7 +46,31 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         .install_recorder()?;
     describe();
     parley_actors::metrics::describe();
+    register_zeroes();
     Ok(handle)
+}
+
+/// Registers every series whose labels come from a fixed set, at zero, so that dashboards
+/// and `absent()` alerts see them before the first event.
+fn register_zeroes() {
+    use metrics::{counter, gauge};
+    use parley_actors::metrics as a;
+    for r in ["unparseable", "bad_header", "bad_sdp"] {
+        counter!(SIP_PARSE_ERRORS_TOTAL, "reason" => r).increment(0);
+    }
+    for k in ["fatal", "control", "datagram"] {
+        counter!(IM_PROTOCOL_ERRORS_TOTAL, "kind" => k).increment(0);
+    }
+    for r in ["ok", "error"] {
+        counter!(CDR_WRITES_TOTAL, "result" => r).increment(0);
+    }
+    counter!(SIP_RETRANSMISSIONS_TOTAL).increment(0);
+    counter!(SIP_REJECTED_OVERLOAD_TOTAL).increment(0);
+    counter!(ADDRESS_BOOK_UPDATES_TOTAL).increment(0);
+    counter!(a::DEVICE_QUEUE_DROPS_TOTAL).increment(0);
+    gauge!(RELAY_PORTS_ACTIVE).set(0.0);
+    gauge!(a::CALLS_ACTIVE).set(0.0);
+    gauge!(a::PRESENCE_SESSIONS_ACTIVE).set(0.0);
 }
 
 fn describe() {

@@ -83,7 +83,11 @@ async fn sipp_calls_reach_the_logged_in_device_with_media() {
     assert!(node.address_book("bob").is_empty());
 
     // Every metric the Grafana dashboard queries is one this node really exports.
-    let dashboard = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../grafana/dashboards/parley-node.json")).unwrap();
+    let dashboard = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../grafana/dashboards/parley-node.json"
+    ))
+    .unwrap();
     let (_, exported) = node.get("/metrics", false);
     let mut used: Vec<&str> = dashboard
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
@@ -93,8 +97,13 @@ async fn sipp_calls_reach_the_logged_in_device_with_media() {
     used.dedup();
     assert!(used.len() >= 10, "{used:?}");
     for name in used {
-        let found = exported.lines().any(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']));
-        assert!(found, "dashboard uses {name}, which the node does not export");
+        let found = exported
+            .lines()
+            .any(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']));
+        assert!(
+            found,
+            "dashboard uses {name}, which the node does not export"
+        );
     }
     assert!(node.stop().success());
 }

@@ -64,7 +64,7 @@ pub(crate) enum Command {
 /// Handle to the relay, shared by the control plane.
 pub struct Relay {
     settings: RelaySettings,
-    free: Mutex<VecDeque<u16>>,
+    free: Arc<Mutex<VecDeque<u16>>>,
     tx: Mutex<mpsc::Sender<Command>>,
     waker: Arc<mio::Waker>,
     next_flow: AtomicU64,
@@ -84,14 +84,17 @@ impl Relay {
     /// Starts the worker thread.
     pub fn start(settings: RelaySettings) -> std::io::Result<Arc<Self>> {
         let (tx, rx) = mpsc::channel();
-        let (worker, waker) = worker::Worker::new(rx)?;
+        let free: Arc<Mutex<VecDeque<u16>>> = Arc::new(Mutex::new(
+            (settings.port_min..=settings.port_max).collect(),
+        ));
+        let (worker, waker) = worker::Worker::new(rx, free.clone())?;
         let thread = std::thread::Builder::new()
             .name("parley-relay".into())
             .spawn(move || worker.run())?;
-        let free = (settings.port_min..=settings.port_max).collect();
+
         Ok(Arc::new(Self {
             settings,
-            free: Mutex::new(free),
+            free,
             tx: Mutex::new(tx),
             waker,
             next_flow: AtomicU64::new(1),
@@ -204,15 +207,15 @@ impl MediaPlane for Relay {
         if ports.is_empty() && roq.is_none() {
             return;
         }
+        // The worker returns the ports to the pool once their sockets are closed, so a port
+        // is never handed out while the old socket still holds it.
+        metrics::gauge!(m::RELAY_PORTS_ACTIVE).decrement(ports.len() as f64);
         let _ = self.send(Command::Release {
             ports: ports.to_vec(),
             roq,
         });
-        if let Ok(mut free) = self.free.lock() {
-            for p in ports {
-                metrics::gauge!(m::RELAY_PORTS_ACTIVE).decrement(1.0);
-                free.push_back(*p);
-            }
-        }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,11 +1,12 @@
 //! The relay worker loop.
 
 use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::io::ErrorKind;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -76,6 +77,7 @@ struct Tally {
 pub(super) struct Worker {
     poll: Poll,
     rx: mpsc::Receiver<Command>,
+    free: Arc<Mutex<VecDeque<u16>>>,
     ports: HashMap<u16, Port>,
     roq: HashMap<(SessionId, u64), u16>,
     buf: Vec<u8>,
@@ -85,7 +87,10 @@ pub(super) struct Worker {
 }
 
 impl Worker {
-    pub(super) fn new(rx: mpsc::Receiver<Command>) -> std::io::Result<(Self, Arc<Waker>)> {
+    pub(super) fn new(
+        rx: mpsc::Receiver<Command>,
+        free: Arc<Mutex<VecDeque<u16>>>,
+    ) -> std::io::Result<(Self, Arc<Waker>)> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let path = |p: &'static str| {
@@ -107,6 +112,7 @@ impl Worker {
         let worker = Self {
             poll,
             rx,
+            free,
             ports: HashMap::new(),
             roq: HashMap::new(),
             buf: vec![0; MAX_PACKET],
@@ -185,10 +191,14 @@ impl Worker {
                     self.roq.insert((session, flow), udp.0);
                 }
                 Command::Release { ports, roq } => {
-                    for p in ports {
-                        if let Some(mut port) = self.ports.remove(&p) {
+                    for p in &ports {
+                        if let Some(mut port) = self.ports.remove(p) {
                             let _ = self.poll.registry().deregister(&mut port.socket);
                         }
+                    }
+                    // Sockets are closed (dropped) now: the ports may be bound again.
+                    if let Ok(mut free) = self.free.lock() {
+                        free.extend(ports);
                     }
                     if let Some(k) = roq {
                         self.roq.remove(&k);

@@ -114,13 +114,18 @@ impl Actor for SipDriver {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         let socket = self.socket.clone();
-        let stream = futures_util::stream::unfold(socket, |s| async move {
-            let mut buf = vec![0u8; 65_535];
+        // One receive buffer reused for many datagrams: each message is split off as a
+        // `Bytes` view and the buffer is refilled in 256 KiB chunks.
+        let state = (socket, bytes::BytesMut::with_capacity(256 * 1024));
+        let stream = futures_util::stream::unfold(state, |(s, mut buf)| async move {
             loop {
-                match s.recv_from(&mut buf).await {
-                    Ok((n, src)) => {
-                        buf.truncate(n);
-                        return Some((Datagram(Bytes::from(buf), src), s));
+                if buf.capacity() < 65_535 {
+                    buf.reserve(256 * 1024);
+                }
+                match s.recv_buf_from(&mut buf).await {
+                    Ok((_, src)) => {
+                        let data = buf.split().freeze();
+                        return Some((Datagram(data, src), (s, buf)));
                     }
                     // ICMP port unreachable surfaces as an error on Linux; keep serving.
                     Err(e) => tracing::debug!(error = %e, "SIP recv error"),

@@ -1,0 +1,172 @@
+//! The relay over real loopback sockets: forwarding, latching, spoofed and malformed input,
+//! release.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use parley_actors::messages::{FlowStats, MediaPlane};
+
+use super::{Relay, RelaySettings};
+
+fn rtp(seq: u16) -> Vec<u8> {
+    let mut h = [0u8; 12];
+    parley_codecs::rtp::write_header(&mut h, 0, false, seq, u32::from(seq) * 160, 0x1234);
+    let mut p = h.to_vec();
+    p.extend_from_slice(&[0xff; 160]);
+    p
+}
+
+fn sock() -> UdpSocket {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    s
+}
+
+fn recv(s: &UdpSocket) -> Option<(Vec<u8>, SocketAddr)> {
+    let mut buf = [0u8; 2048];
+    s.recv_from(&mut buf)
+        .ok()
+        .map(|(n, a)| (buf[..n].to_vec(), a))
+}
+
+fn relay() -> Arc<Relay> {
+    // Let the OS pick: bind-and-release a port, use the 50 above it (skipped if taken).
+    let base = UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .saturating_sub(60)
+        .max(1024);
+    Relay::start(RelaySettings {
+        ip: [127, 0, 0, 1].into(),
+        port_min: base,
+        port_max: base + 50,
+    })
+    .unwrap()
+}
+
+#[test]
+fn udp_bridge_forwards_both_ways_latches_and_drops_spoofed_and_malformed() {
+    let relay = relay();
+    let (pa, pb) = (
+        relay.allocate_port().unwrap(),
+        relay.allocate_port().unwrap(),
+    );
+    assert_ne!(pa, pb);
+    let (caller, callee, spoof) = (sock(), sock(), sock());
+    let stats = Arc::new(FlowStats::default());
+    relay
+        .bridge_udp(
+            (pa, caller.local_addr().unwrap()),
+            (pb, callee.local_addr().unwrap()),
+            stats.clone(),
+        )
+        .unwrap();
+    let a: SocketAddr = ([127, 0, 0, 1], pa).into();
+    let b: SocketAddr = ([127, 0, 0, 1], pb).into();
+
+    caller.send_to(&rtp(1), a).unwrap();
+    let (pkt, from) = recv(&callee).expect("forwarded to the callee");
+    assert_eq!(
+        (pkt, from),
+        (rtp(1), b),
+        "arrives unchanged, from the callee-side relay port"
+    );
+    callee.send_to(&rtp(2), b).unwrap();
+    assert_eq!(recv(&caller).expect("forwarded back"), (rtp(2), a));
+
+    // Another source on the latched port: dropped, never reaches the callee.
+    spoof.send_to(&rtp(99), a).unwrap();
+    // Not RTP at all from the right source: dropped too.
+    caller.send_to(b"hello", a).unwrap();
+    caller.send_to(&rtp(3), a).unwrap();
+    assert_eq!(
+        recv(&callee).map(|r| r.0),
+        Some(rtp(3)),
+        "only the genuine packet got through"
+    );
+    assert_eq!(stats.caller_to_callee.load(Ordering::Relaxed), 2);
+    assert_eq!(stats.callee_to_caller.load(Ordering::Relaxed), 1);
+
+    relay.release(&[pa, pb], None);
+    std::thread::sleep(Duration::from_millis(100));
+    caller.send_to(&rtp(4), a).unwrap();
+    assert!(recv(&callee).is_none(), "nothing flows after release");
+    relay.stop();
+}
+
+#[test]
+fn unbridged_port_forwards_nothing_and_many_legs_may_share_one_remote() {
+    let relay = relay();
+    let lonely = relay.allocate_port().unwrap();
+    let (gw, echo) = (sock(), sock());
+    gw.send_to(&rtp(1), ("127.0.0.1", lonely)).unwrap();
+    assert!(recv(&echo).is_none());
+    // Two calls whose callee side is the same address (SIPp -rtp_echo uses one socket).
+    let stats = Arc::new(FlowStats::default());
+    let (g1, g2) = (sock(), sock());
+    let ports: Vec<u16> = (0..4).map(|_| relay.allocate_port().unwrap()).collect();
+    relay
+        .bridge_udp(
+            (ports[0], g1.local_addr().unwrap()),
+            (ports[1], echo.local_addr().unwrap()),
+            stats.clone(),
+        )
+        .unwrap();
+    relay
+        .bridge_udp(
+            (ports[2], g2.local_addr().unwrap()),
+            (ports[3], echo.local_addr().unwrap()),
+            stats.clone(),
+        )
+        .unwrap();
+    g1.send_to(&rtp(10), ("127.0.0.1", ports[0])).unwrap();
+    let (_, from1) = recv(&echo).unwrap();
+    g2.send_to(&rtp(20), ("127.0.0.1", ports[2])).unwrap();
+    let (_, from2) = recv(&echo).unwrap();
+    assert_eq!((from1.port(), from2.port()), (ports[1], ports[3]));
+    // The echo answers each relay port; each call's caller gets only its own packets.
+    echo.send_to(&rtp(11), from1).unwrap();
+    echo.send_to(&rtp(21), from2).unwrap();
+    assert_eq!(recv(&g1).unwrap().0, rtp(11));
+    assert_eq!(recv(&g2).unwrap().0, rtp(21));
+    relay.stop();
+}
+
+#[test]
+fn port_range_exhaustion_is_an_error_not_a_crash() {
+    let base = UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .saturating_sub(10)
+        .max(1024);
+    let relay = Relay::start(RelaySettings {
+        ip: [127, 0, 0, 1].into(),
+        port_min: base,
+        port_max: base + 1,
+    })
+    .unwrap();
+    let mut got = Vec::new();
+    while let Ok(p) = relay.allocate_port() {
+        got.push(p);
+        assert!(got.len() <= 2);
+    }
+    assert!(matches!(
+        relay.allocate_port(),
+        Err(parley_actors::messages::MediaError::PortsExhausted)
+    ));
+    relay.release(&got, None);
+    // The worker hands released ports back once their sockets are closed.
+    let reused = (0..50).any(|_| {
+        std::thread::sleep(Duration::from_millis(20));
+        relay.allocate_port().is_ok()
+    });
+    assert!(reused, "released ports are reusable");
+    relay.stop();
+}
