@@ -264,12 +264,9 @@ impl SipCore {
                 TxOut::Terminated(_) => {
                     self.dests.remove(key);
                     self.purposes.remove(key);
-                    let stale: Vec<_> = self
-                        .timer_index
-                        .keys()
-                        .filter(|(k, _)| k == key)
-                        .cloned()
-                        .collect();
+                    // Drop this transaction's timers: a bounded set of lookups, never a
+                    // scan of every transaction's timers.
+                    let stale = Timer::ALL.map(|t| (key.clone(), t));
                     for s in stale {
                         if let Some(at) = self.timer_index.remove(&s) {
                             self.timers.remove(&at);
