@@ -27,42 +27,58 @@ impl CdrSink for CdrQueue {
     }
 }
 
+/// Most CDRs written in one transaction.
+const BATCH: usize = 256;
+
 /// Starts the writer task; returns the queue and the task (which ends when every sender is gone).
 pub fn start(store: Store, registry: Arc<Registry>) -> (CdrQueue, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::unbounded_channel::<CdrRecord>();
     let task = tokio::spawn(async move {
-        while let Some(cdr) = rx.recv().await {
-            write_one(&store, &registry, &cdr).await;
+        let mut batch = Vec::with_capacity(BATCH);
+        // Whatever has queued up while the last batch was written goes into the next one:
+        // one row per transaction at low load, hundreds under a storm.
+        while rx.recv_many(&mut batch, BATCH).await > 0 {
+            write_batch(&store, &registry, &batch).await;
+            batch.clear();
         }
     });
     (CdrQueue(tx), task)
 }
 
-async fn write_one(store: &Store, registry: &Registry, cdr: &CdrRecord) {
-    match store.insert_cdr(cdr).await {
-        Ok(()) => metrics::counter!(m::CDR_WRITES_TOTAL, "result" => "ok").increment(1),
+async fn write_batch(store: &Store, registry: &Registry, batch: &[CdrRecord]) {
+    let written = match store.record_calls(batch).await {
+        Ok(()) => batch.len(),
         Err(e) => {
-            metrics::counter!(m::CDR_WRITES_TOTAL, "result" => "error").increment(1);
-            tracing::error!(call = %cdr.call_id, error = %e, "CDR write failed");
+            // One bad row must not take the batch with it: write the rest one by one.
+            tracing::warn!(error = %e, rows = batch.len(), "CDR batch failed; retrying row by row");
+            let mut ok = 0;
+            for cdr in batch {
+                match store.record_calls(std::slice::from_ref(cdr)).await {
+                    Ok(()) => ok += 1,
+                    Err(e) => {
+                        metrics::counter!(m::CDR_WRITES_TOTAL, "result" => "error").increment(1);
+                        tracing::error!(call = %cdr.call_id, sip_call_id = %cdr.sip_call_id, error = %e, "CDR write failed: {cdr:?}");
+                    }
+                }
+            }
+            ok
         }
-    }
-    if let Err(e) = store
-        .add_contact(
-            &cdr.tenant,
-            &cdr.user,
-            &cdr.caller,
-            cdr.caller_name.as_deref(),
-            cdr.end,
-        )
-        .await
-    {
-        tracing::error!(call = %cdr.call_id, error = %e, "address book update failed");
-        return;
-    }
-    metrics::counter!(m::ADDRESS_BOOK_UPDATES_TOTAL).increment(1);
-    if let Some(user) = registry.by_name(&cdr.tenant, &cdr.user) {
-        match store.address_book(&cdr.tenant, &cdr.user).await {
-            Ok(book) => user.addr.do_send(AddressBookChanged(book)),
+    };
+    metrics::counter!(m::CDR_WRITES_TOTAL, "result" => "ok").increment(written as u64);
+    metrics::counter!(m::ADDRESS_BOOK_UPDATES_TOTAL).increment(written as u64);
+    // Push each changed book once per batch.
+    let mut users: Vec<(&str, &str)> = batch
+        .iter()
+        .map(|c| (c.tenant.as_str(), c.user.as_str()))
+        .collect();
+    users.sort_unstable();
+    users.dedup();
+    for (tenant, user) in users {
+        let Some(u) = registry.by_name(tenant, user) else {
+            continue;
+        };
+        match store.address_book(tenant, user).await {
+            Ok(book) => u.addr.do_send(AddressBookChanged(book)),
             Err(e) => tracing::error!(error = %e, "address book read failed"),
         }
     }

@@ -211,42 +211,24 @@ impl Store {
         }))
     }
 
-    /// Writes one CDR.
-    pub async fn insert_cdr(&self, c: &CdrRecord) -> Result<(), StoreError> {
-        let duration = match c.answer {
-            Some(a) => c
-                .end
-                .duration_since(a)
-                .map(|d| d.as_secs_f64())
-                .unwrap_or(0.0),
-            None => 0.0,
-        };
-        sqlx::query(
-            "INSERT INTO cdrs (call_id, sip_call_id, tenant, user, caller, caller_name, called, route, start_ms, answer_ms, end_ms, \
-             start_time, answer_time, end_time, duration_secs, disposition, sip_cause, packets_in, packets_out) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&c.call_id)
-        .bind(&c.sip_call_id)
-        .bind(&c.tenant)
-        .bind(&c.user)
-        .bind(&c.caller)
-        .bind(&c.caller_name)
-        .bind(&c.called)
-        .bind(&c.route)
-        .bind(unix_ms(c.start))
-        .bind(c.answer.map(unix_ms))
-        .bind(unix_ms(c.end))
-        .bind(rfc3339(c.start))
-        .bind(c.answer.map(rfc3339))
-        .bind(rfc3339(c.end))
-        .bind(duration)
-        .bind(&c.disposition)
-        .bind(i64::from(c.cause))
-        .bind(c.packets_in as i64)
-        .bind(c.packets_out as i64)
-        .execute(&self.pool)
-        .await?;
+    /// Writes finished calls in one transaction: each CDR, and each caller into the called
+    /// user's address book. One commit per batch keeps SQLite's fsyncs and the driver's
+    /// thread hand-offs off the per-call path.
+    pub async fn record_calls(&self, cdrs: &[CdrRecord]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        for c in cdrs {
+            insert_cdr(&mut *tx, c).await?;
+            add_contact(
+                &mut *tx,
+                &c.tenant,
+                &c.user,
+                &c.caller,
+                c.caller_name.as_deref(),
+                c.end,
+            )
+            .await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 
@@ -297,19 +279,7 @@ impl Store {
         name: Option<&str>,
         when: SystemTime,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO address_book (tenant, user, address, name, call_count, last_seen_ms) VALUES (?, ?, ?, ?, 1, ?) \
-             ON CONFLICT (tenant, user, address) DO UPDATE SET call_count = call_count + 1, \
-             name = COALESCE(excluded.name, address_book.name), last_seen_ms = MAX(last_seen_ms, excluded.last_seen_ms)",
-        )
-        .bind(tenant)
-        .bind(user)
-        .bind(address)
-        .bind(name)
-        .bind(unix_ms(when))
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        add_contact(&self.pool, tenant, user, address, name, when).await
     }
 
     /// A user's address book, most recent first.
@@ -339,6 +309,70 @@ impl Store {
             })
             .collect())
     }
+}
+
+async fn insert_cdr<'e>(
+    ex: impl sqlx::SqliteExecutor<'e>,
+    c: &CdrRecord,
+) -> Result<(), StoreError> {
+    let duration = match c.answer {
+        Some(a) => c
+            .end
+            .duration_since(a)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0),
+        None => 0.0,
+    };
+    sqlx::query(
+        "INSERT INTO cdrs (call_id, sip_call_id, tenant, user, caller, caller_name, called, route, start_ms, answer_ms, end_ms, \
+         start_time, answer_time, end_time, duration_secs, disposition, sip_cause, packets_in, packets_out) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&c.call_id)
+    .bind(&c.sip_call_id)
+    .bind(&c.tenant)
+    .bind(&c.user)
+    .bind(&c.caller)
+    .bind(&c.caller_name)
+    .bind(&c.called)
+    .bind(&c.route)
+    .bind(unix_ms(c.start))
+    .bind(c.answer.map(unix_ms))
+    .bind(unix_ms(c.end))
+    .bind(rfc3339(c.start))
+    .bind(c.answer.map(rfc3339))
+    .bind(rfc3339(c.end))
+    .bind(duration)
+    .bind(&c.disposition)
+    .bind(i64::from(c.cause))
+    .bind(c.packets_in as i64)
+    .bind(c.packets_out as i64)
+    .execute(ex)
+    .await?;
+    Ok(())
+}
+
+async fn add_contact<'e>(
+    ex: impl sqlx::SqliteExecutor<'e>,
+    tenant: &str,
+    user: &str,
+    address: &str,
+    name: Option<&str>,
+    when: SystemTime,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO address_book (tenant, user, address, name, call_count, last_seen_ms) VALUES (?, ?, ?, ?, 1, ?) \
+         ON CONFLICT (tenant, user, address) DO UPDATE SET call_count = call_count + 1, \
+         name = COALESCE(excluded.name, address_book.name), last_seen_ms = MAX(last_seen_ms, excluded.last_seen_ms)",
+    )
+    .bind(tenant)
+    .bind(user)
+    .bind(address)
+    .bind(name)
+    .bind(unix_ms(when))
+    .execute(ex)
+    .await?;
+    Ok(())
 }
 
 const SCHEMA: &[&str] = &[
