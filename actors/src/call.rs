@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 
 use crate::router::Route;
 
+/// Most re-routes one call may go through.
+pub const MAX_REROUTES: u32 = 8;
+
 /// An outbound leg of a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LegId {
@@ -106,6 +109,9 @@ pub struct CallCore {
     tried_trunk: bool,
     told_ringing: bool,
     declined: Option<u16>,
+    /// Legs that declined or vanished: never offered again by a re-route.
+    spent: Vec<LegId>,
+    reroutes: u32,
     route: &'static str,
     actions: VecDeque<Action>,
 }
@@ -122,6 +128,8 @@ impl CallCore {
             tried_trunk: false,
             told_ringing: false,
             declined: None,
+            spent: Vec::new(),
+            reroutes: 0,
             route: "none",
             actions: VecDeque::new(),
         }
@@ -224,6 +232,7 @@ impl CallCore {
         if let LegFailure::Declined(code) = why {
             self.declined = Some(code);
         }
+        self.spent.push(leg);
         if !self.ringing.is_empty() {
             return;
         }
@@ -237,6 +246,65 @@ impl CallCore {
             (None, LegFailure::Failed(_)) => self.finish_failed(480, Disposition::Unavailable),
             (None, LegFailure::Declined(_)) => unreachable_declined(),
         }
+    }
+
+    /// Presence changed while the call rings: ring `route` instead of what rings now.
+    ///
+    /// Legs no longer wanted are withdrawn (`rerouted`), new ones are offered; legs that
+    /// stay keep ringing untouched, and the caller hears ringback throughout (no new
+    /// provisional response). A leg that declined or vanished is not offered again, and the
+    /// trunk is tried at most once per call. Returns whether anything changed; after
+    /// [`MAX_REROUTES`] changes the call stays where it rings.
+    pub fn handle_reroute(&mut self, route: Route) -> bool {
+        if self.state != State::Ringing || self.reroutes >= MAX_REROUTES {
+            return false;
+        }
+        let label = route.label();
+        let mut wanted: Vec<LegId> = match route {
+            Route::Devices(s) => s.into_iter().map(LegId::Device).collect(),
+            Route::Trunk => vec![LegId::Trunk],
+            Route::Unavailable => Vec::new(),
+        };
+        wanted.retain(|l| {
+            !self.spent.contains(l)
+                && (*l != LegId::Trunk || !self.tried_trunk || self.ringing.contains(l))
+        });
+        let unchanged =
+            wanted.len() == self.ringing.len() && wanted.iter().all(|l| self.ringing.contains(l));
+        if unchanged || (wanted.is_empty() && label != "none") {
+            // Nothing new to ring (only spent legs): keep what rings rather than drop the call.
+            return false;
+        }
+        self.reroutes += 1;
+        self.route = label;
+        let old = std::mem::take(&mut self.ringing);
+        for leg in old.iter().filter(|l| !wanted.contains(l)) {
+            self.actions.push_back(Action::Withdraw(*leg, "rerouted"));
+        }
+        for leg in wanted.iter().filter(|l| !old.contains(l)) {
+            match leg {
+                LegId::Device(s) => self.actions.push_back(Action::OfferDevice(*s)),
+                LegId::Trunk => {
+                    self.tried_trunk = true;
+                    self.actions.push_back(Action::StartTrunk);
+                }
+            }
+        }
+        self.ringing = wanted;
+        if self.ringing.is_empty() {
+            self.finish_failed(480, Disposition::Unavailable);
+        }
+        true
+    }
+
+    /// Re-routes so far.
+    pub fn reroutes(&self) -> u32 {
+        self.reroutes
+    }
+
+    /// Whether the call is still ringing (re-routing applies).
+    pub fn is_ringing(&self) -> bool {
+        self.state == State::Ringing
     }
 
     /// The caller sent CANCEL while the call rang.
@@ -518,5 +586,83 @@ mod tests {
                 }
             ]
         );
+    }
+
+    #[test]
+    fn reroute_moves_the_offer_and_keeps_ringback() {
+        let (mut c, _) = start(Route::Devices(vec![1]), true);
+        drain(&mut c);
+        c.handle_leg_ringing(LegId::Device(1));
+        assert_eq!(drain(&mut c), vec![CallerRinging]);
+        // Device 1 went away, device 2 became available.
+        assert!(c.handle_reroute(Route::Devices(vec![2])));
+        assert_eq!(
+            drain(&mut c),
+            vec![Withdraw(LegId::Device(1), "rerouted"), OfferDevice(2)]
+        );
+        c.handle_leg_ringing(LegId::Device(2));
+        assert_eq!(drain(&mut c), vec![], "no second 180");
+        // The same presence again: nothing to do.
+        assert!(!c.handle_reroute(Route::Devices(vec![2])));
+        c.handle_leg_answered(LegId::Device(2));
+        assert_eq!(drain(&mut c), vec![Connect(LegId::Device(2))]);
+        assert_eq!(c.reroutes(), 1);
+        assert!(
+            !c.handle_reroute(Route::Devices(vec![1])),
+            "answered calls stay put"
+        );
+    }
+
+    #[test]
+    fn reroute_adds_a_device_and_cancels_the_trunk() {
+        let (mut c, _) = start(Route::Trunk, true);
+        assert_eq!(drain(&mut c), vec![StartTrunk]);
+        assert!(c.handle_reroute(Route::Devices(vec![5])));
+        assert_eq!(
+            drain(&mut c),
+            vec![Withdraw(LegId::Trunk, "rerouted"), OfferDevice(5)]
+        );
+        assert_eq!(c.route(), "im");
+        // The trunk is not tried a second time; with nothing else to ring the call keeps
+        // ringing the device.
+        assert!(!c.handle_reroute(Route::Trunk));
+        assert_eq!(drain(&mut c), vec![]);
+    }
+
+    #[test]
+    fn reroute_to_nowhere_fails_the_call_and_declined_devices_are_not_reoffered() {
+        let (mut c, _) = start(Route::Devices(vec![1, 2]), false);
+        drain(&mut c);
+        c.handle_leg_failed(LegId::Device(1), LegFailure::Declined(603));
+        assert!(
+            !c.handle_reroute(Route::Devices(vec![1, 2])),
+            "1 declined: still just 2"
+        );
+        assert!(c.handle_reroute(Route::Unavailable));
+        assert_eq!(
+            drain(&mut c),
+            vec![
+                Withdraw(LegId::Device(2), "rerouted"),
+                RejectCaller(480),
+                Finish {
+                    disposition: Disposition::Unavailable,
+                    cause: 480
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn reroutes_are_bounded() {
+        let (mut c, _) = start(Route::Devices(vec![0]), false);
+        drain(&mut c);
+        let mut changes = 0;
+        for i in 1..100u64 {
+            if c.handle_reroute(Route::Devices(vec![i])) {
+                changes += 1;
+            }
+        }
+        assert_eq!(changes, MAX_REROUTES);
+        assert!(c.is_ringing());
     }
 }

@@ -17,8 +17,9 @@ use crate::metrics as m;
 use crate::registry::UserRef;
 use crate::router::{self, Preferences};
 use crate::session::PresenceSession;
+use crate::trunk::{CallOutcome, ProbeOutcome};
 use crate::trunk::{GetTrunkState, TrunkActor};
-use crate::user::Snapshot;
+use crate::user::{PresenceChanged, Snapshot, Watch};
 
 /// Everything a call actor needs to know at birth.
 pub struct CallSetup {
@@ -66,6 +67,8 @@ pub struct CallActor {
     stats: Arc<FlowStats>,
     answered_at: Option<SystemTime>,
     timer: Option<SpawnHandle>,
+    /// When the presence change that triggered the last re-route happened.
+    reroute_at: Option<Instant>,
 }
 
 impl CallActor {
@@ -83,6 +86,7 @@ impl CallActor {
             stats: Arc::default(),
             answered_at: None,
             timer: None,
+            reroute_at: None,
         }
     }
 
@@ -237,6 +241,50 @@ impl CallActor {
         Ok(())
     }
 
+    /// The callee's devices and the trunk state, fetched from their actors.
+    fn lookup(
+        &self,
+    ) -> impl std::future::Future<Output = (Vec<(router::DeviceState, Addr<PresenceSession>)>, bool)>
+    + use<> {
+        let user = self.s.user.addr.clone();
+        let trunk = self.s.trunk.clone();
+        async move {
+            let devices = user.send(Snapshot).await.unwrap_or_default();
+            let trunk_up = match trunk {
+                Some(t) => t.send(GetTrunkState).await.map(|s| s.up).unwrap_or(false),
+                None => false,
+            };
+            (devices, trunk_up)
+        }
+    }
+
+    /// Remembers the devices' session actors and runs the router.
+    fn decide(
+        &mut self,
+        devices: Vec<(router::DeviceState, Addr<PresenceSession>)>,
+        trunk_up: bool,
+    ) -> (Vec<router::DeviceState>, router::Route) {
+        let states: Vec<_> = devices.iter().map(|(d, _)| d.clone()).collect();
+        for (d, a) in devices {
+            self.devices.entry(d.session).or_insert(a);
+        }
+        let route = router::route(&states, &Preferences::default(), trunk_up);
+        (states, route)
+    }
+
+    fn trunk_outcome(&self, outcome: ProbeOutcome) {
+        if let Some(t) = &self.s.trunk {
+            t.do_send(CallOutcome(outcome));
+        }
+    }
+
+    fn leg_ringing(&mut self, leg: LegId) {
+        if let Some(at) = self.reroute_at.take() {
+            metrics::histogram!(m::REROUTE_SECONDS).record(at.elapsed().as_secs_f64());
+        }
+        self.core.handle_leg_ringing(leg);
+    }
+
     fn finish(&mut self, disposition: Disposition, cause: u16, ctx: &mut Context<Self>) {
         let ports: Vec<u16> = self
             .caller_port
@@ -275,33 +323,19 @@ impl Actor for CallActor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         metrics::gauge!(m::CALLS_ACTIVE).increment(1.0);
-        let user = self.s.user.addr.clone();
-        let trunk = self.s.trunk.clone();
-        let lookup = async move {
-            let devices = user.send(Snapshot).await.unwrap_or_default();
-            let trunk_up = match trunk {
-                Some(t) => t.send(GetTrunkState).await.map(|s| s.up).unwrap_or(false),
-                None => false,
-            };
-            (devices, trunk_up)
-        };
-        ctx.wait(
-            lookup
-                .into_actor(self)
-                .map(|(devices, trunk_up), act, ctx| {
-                    let states: Vec<_> = devices.iter().map(|(d, _)| d.clone()).collect();
-                    act.devices = devices.into_iter().map(|(d, a)| (d.session, a)).collect();
-                    let prefs = Preferences::default();
-                    let route = router::route(&states, &prefs, trunk_up);
-                    metrics::counter!(m::ROUTE_DECISIONS_TOTAL, "route" => route.label())
-                        .increment(1);
-                    tracing::debug!(call = %act.s.call_id, ?route, "routed");
-                    let fallback =
-                        matches!(router::fallback(&prefs, trunk_up), router::Route::Trunk);
-                    act.core.handle_route(Instant::now(), route, fallback);
-                    act.drive(ctx);
-                }),
-        );
+        ctx.wait(self.lookup().into_actor(self).map(|(devices, trunk_up), act, ctx| {
+            let (states, route) = act.decide(devices, trunk_up);
+            metrics::counter!(m::ROUTE_DECISIONS_TOTAL, "route" => route.label()).increment(1);
+            tracing::debug!(call = %act.s.call_id, ?route, devices = states.len(), "routed");
+            let prefs = Preferences::default();
+            let fallback = matches!(router::fallback(&prefs, trunk_up), router::Route::Trunk);
+            act.core.handle_route(Instant::now(), route, fallback);
+            act.drive(ctx);
+            if act.core.is_ringing() {
+                // While it rings, every presence change of the callee re-evaluates the route.
+                act.s.user.addr.do_send(Watch(ctx.address().recipient::<PresenceChanged>().downgrade()));
+            }
+        }));
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
@@ -315,7 +349,7 @@ impl Handler<FromDevice> for CallActor {
         let leg = LegId::Device(msg.session);
         let answered = self.core.answered_leg() == Some(leg);
         match msg.event {
-            DeviceLegEvent::Delivered => self.core.handle_leg_ringing(leg),
+            DeviceLegEvent::Delivered => self.leg_ringing(leg),
             DeviceLegEvent::Answer => self.core.handle_leg_answered(leg),
             DeviceLegEvent::Reject => self.core.handle_leg_failed(leg, LegFailure::Declined(603)),
             DeviceLegEvent::Hangup | DeviceLegEvent::Gone if answered => {
@@ -335,12 +369,18 @@ impl Handler<SipEvent> for CallActor {
             SipEvent::CallerCancel => self.core.handle_caller_cancel(),
             SipEvent::CallerBye => self.core.handle_caller_gone(Disposition::Answered, 200),
             SipEvent::CallerAckTimeout => self.core.handle_caller_gone(Disposition::Failed, 408),
-            SipEvent::TrunkRinging => self.core.handle_leg_ringing(LegId::Trunk),
+            SipEvent::TrunkRinging => self.leg_ringing(LegId::Trunk),
             SipEvent::TrunkAnswered(md) => {
+                self.trunk_outcome(ProbeOutcome::Answered(200));
                 self.trunk_media = Some(md);
                 self.core.handle_leg_answered(LegId::Trunk);
             }
             SipEvent::TrunkFailed(code) => {
+                match code {
+                    408 => self.trunk_outcome(ProbeOutcome::Timeout),
+                    503 => self.trunk_outcome(ProbeOutcome::Answered(503)),
+                    _ => {}
+                }
                 let why = if matches!(code, 486 | 600 | 603) {
                     LegFailure::Declined(code)
                 } else {
@@ -351,5 +391,24 @@ impl Handler<SipEvent> for CallActor {
             SipEvent::TrunkBye => self.core.handle_leg_hangup(LegId::Trunk),
         }
         self.drive(ctx);
+    }
+}
+
+impl Handler<PresenceChanged> for CallActor {
+    type Result = ();
+    fn handle(&mut self, msg: PresenceChanged, ctx: &mut Context<Self>) {
+        if !self.core.is_ringing() {
+            return;
+        }
+        ctx.wait(self.lookup().into_actor(self).map(move |(devices, trunk_up), act, ctx| {
+            let (_, route) = act.decide(devices, trunk_up);
+            let label = route.label();
+            if act.core.handle_reroute(route) {
+                metrics::counter!(m::REROUTES_TOTAL).increment(1);
+                act.reroute_at = Some(msg.at);
+                tracing::info!(call = %act.s.call_id, route = label, reroutes = act.core.reroutes(), "re-routed while ringing");
+            }
+            act.drive(ctx);
+        }));
     }
 }

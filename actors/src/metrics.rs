@@ -19,6 +19,14 @@ pub const PRESENCE_SESSIONS_ACTIVE: &str = "parley_presence_sessions_active";
 pub const PRESENCE_UPDATES_TOTAL: &str = "parley_presence_updates_total";
 /// Control messages to devices dropped because the device's queue was full.
 pub const DEVICE_QUEUE_DROPS_TOTAL: &str = "parley_device_queue_drops_total";
+/// Trunk health (1 up, 0 down), by `trunk`.
+pub const TRUNK_UP: &str = "parley_trunk_up";
+/// Trunk health observations, by `trunk`, `source` (`options`, `call`) and `result`.
+pub const TRUNK_PROBES_TOTAL: &str = "parley_trunk_probes_total";
+/// Re-routes of ringing calls after a presence change.
+pub const REROUTES_TOTAL: &str = "parley_reroutes_total";
+/// Time from a presence change to the re-routed leg ringing.
+pub const REROUTE_SECONDS: &str = "parley_reroute_seconds";
 /// Routing decisions, by `route`.
 pub const ROUTE_DECISIONS_TOTAL: &str = "parley_route_decisions_total";
 
@@ -63,5 +71,25 @@ pub fn describe() {
         ROUTE_DECISIONS_TOTAL,
         Unit::Count,
         "Routing decisions by route"
+    );
+    describe_gauge!(
+        TRUNK_UP,
+        Unit::Count,
+        "Trunk health: 1 up, 0 down (calls go over the packet network)"
+    );
+    describe_counter!(
+        TRUNK_PROBES_TOTAL,
+        Unit::Count,
+        "Trunk health observations by source (OPTIONS probe or call) and result"
+    );
+    describe_counter!(
+        REROUTES_TOTAL,
+        Unit::Count,
+        "Ringing calls re-routed after a presence change"
+    );
+    describe_histogram!(
+        REROUTE_SECONDS,
+        Unit::Seconds,
+        "Presence change to the re-routed leg ringing"
     );
 }

@@ -55,18 +55,33 @@ impl Route {
     }
 }
 
-/// Decides the route: available IM devices first; if none, the PSTN line when the trunk is
-/// up and the user allows it; otherwise nowhere.
+/// Decides the route.
+///
+/// 1. Ring every `available` device, most recently active first.
+/// 2. Otherwise ring the PSTN line, when the trunk is up and the user allows it.
+/// 3. Otherwise (the voice network is down, or the user does not want the PSTN line) go
+///    over the packet network: ring the devices that are signed in but `away` or `busy`.
+/// 4. Otherwise nowhere (480). `do_not_disturb` and `offline` devices are never rung.
 pub fn route(devices: &[DeviceState], prefs: &Preferences, trunk_up: bool) -> Route {
-    let mut ready: Vec<&DeviceState> = devices
-        .iter()
-        .filter(|d| d.status == Status::Available)
-        .collect();
+    let ready = ranked(devices, |s| s == Status::Available);
     if !ready.is_empty() {
-        ready.sort_by_key(|d| (d.idle_ms, d.session));
-        return Route::Devices(ready.into_iter().map(|d| d.session).collect());
+        return Route::Devices(ready);
     }
-    fallback(prefs, trunk_up)
+    if fallback(prefs, trunk_up) == Route::Trunk {
+        return Route::Trunk;
+    }
+    let reachable = ranked(devices, |s| matches!(s, Status::Away | Status::Busy));
+    if reachable.is_empty() {
+        Route::Unavailable
+    } else {
+        Route::Devices(reachable)
+    }
+}
+
+fn ranked(devices: &[DeviceState], pick: impl Fn(Status) -> bool) -> Vec<u64> {
+    let mut ds: Vec<&DeviceState> = devices.iter().filter(|d| pick(d.status)).collect();
+    ds.sort_by_key(|d| (d.idle_ms, d.session));
+    ds.into_iter().map(|d| d.session).collect()
 }
 
 /// The route once IM devices are out of the picture (none available, or all gone while
@@ -149,6 +164,39 @@ mod tests {
                 &off,
                 true,
                 Route::Unavailable,
+            ),
+            (
+                "voice network down: away and busy devices ring over the packet network",
+                vec![
+                    dev(1, Away, 500),
+                    dev(2, Busy, 20),
+                    dev(3, DoNotDisturb, 0),
+                    dev(4, Offline, 0),
+                ],
+                &on,
+                false,
+                Route::Devices(vec![2, 1]),
+            ),
+            (
+                "voice network up: away devices do not ring, the PSTN line does",
+                vec![dev(1, Away, 0), dev(2, Busy, 0)],
+                &on,
+                true,
+                Route::Trunk,
+            ),
+            (
+                "do not disturb is never rung, even with the voice network down",
+                vec![dev(1, DoNotDisturb, 0)],
+                &on,
+                false,
+                Route::Unavailable,
+            ),
+            (
+                "PSTN fallback disabled: away devices ring rather than nothing",
+                vec![dev(1, Away, 0)],
+                &off,
+                true,
+                Route::Devices(vec![1]),
             ),
             (
                 "device available even when trunk is down",

@@ -121,6 +121,7 @@ impl Handler<FromClient> for PresenceSession {
                     parley_codecs::control::Status::Available => "available",
                     parley_codecs::control::Status::Away => "away",
                     parley_codecs::control::Status::Busy => "busy",
+                    parley_codecs::control::Status::DoNotDisturb => "do_not_disturb",
                     parley_codecs::control::Status::Offline => "offline",
                 };
                 metrics::counter!(m::PRESENCE_UPDATES_TOTAL, "status" => label).increment(1);

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use actix::WeakRecipient;
 use actix::prelude::*;
 use parley_codecs::control::{AddressBookEntry, ServerMsg, Status};
 
@@ -13,6 +14,7 @@ use crate::session::{PresenceSession, Push};
 #[derive(Debug)]
 pub struct UserActor {
     devices: BTreeMap<SessionId, (DeviceState, Addr<PresenceSession>)>,
+    watchers: Vec<WeakRecipient<PresenceChanged>>,
 }
 
 impl UserActor {
@@ -20,6 +22,7 @@ impl UserActor {
     pub fn new() -> Self {
         Self {
             devices: BTreeMap::new(),
+            watchers: Vec::new(),
         }
     }
 }
@@ -32,6 +35,41 @@ impl Default for UserActor {
 
 impl Actor for UserActor {
     type Context = Context<Self>;
+}
+
+impl UserActor {
+    /// Tells every live watcher (ringing calls) that presence changed; drops dead ones.
+    fn changed(&mut self) {
+        let at = std::time::Instant::now();
+        self.watchers.retain(|w| match w.upgrade() {
+            Some(r) => {
+                r.do_send(PresenceChanged { at });
+                true
+            }
+            None => false,
+        });
+    }
+}
+
+/// The user's presence changed (a device came, went, or changed status).
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct PresenceChanged {
+    /// When the change reached the user actor.
+    pub at: std::time::Instant,
+}
+
+/// Watch this user's presence until the watcher goes away (calls watch while they ring).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Watch(pub WeakRecipient<PresenceChanged>);
+
+impl Handler<Watch> for UserActor {
+    type Result = ();
+    fn handle(&mut self, m: Watch, _: &mut Context<Self>) {
+        self.watchers.retain(|w| w.upgrade().is_some());
+        self.watchers.push(m.0);
+    }
 }
 
 /// A device session logged in as this user.
@@ -83,13 +121,16 @@ impl Handler<Attach> for UserActor {
             idle_ms: 0,
         };
         self.devices.insert(m.session, (state, m.addr));
+        self.changed();
     }
 }
 
 impl Handler<Detach> for UserActor {
     type Result = ();
     fn handle(&mut self, m: Detach, _: &mut Context<Self>) {
-        self.devices.remove(&m.0);
+        if self.devices.remove(&m.0).is_some() {
+            self.changed();
+        }
     }
 }
 
@@ -97,8 +138,13 @@ impl Handler<PresenceUpdate> for UserActor {
     type Result = ();
     fn handle(&mut self, m: PresenceUpdate, _: &mut Context<Self>) {
         if let Some((state, _)) = self.devices.get_mut(&m.session) {
+            let moved = state.status != m.status;
             state.status = m.status;
             state.idle_ms = m.idle_ms;
+            // Idle time alone only reorders devices; a status change can change the route.
+            if moved {
+                self.changed();
+            }
         }
     }
 }

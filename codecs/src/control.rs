@@ -20,8 +20,10 @@ pub enum Status {
     Available,
     /// Signed in, user away from the device.
     Away,
-    /// Signed in, user busy.
+    /// Signed in, user busy (may still be rung when nothing else can take the call).
     Busy,
+    /// Do not disturb: never rung.
+    DoNotDisturb,
     /// Appears offline (the connection may still be up).
     Offline,
 }
@@ -132,7 +134,7 @@ pub enum ServerMsg {
     CallEnded {
         /// The call id.
         call_id: String,
-        /// Why (`remote_hangup`, `answered_elsewhere`, `cancelled`, `timeout`, `media_unavailable`).
+        /// Why (`remote_hangup`, `answered_elsewhere`, `cancelled`, `timeout`, `media_unavailable`, `rerouted`).
         reason: String,
     },
     /// The whole address book of the user.

@@ -97,6 +97,43 @@ pub struct TrunkConfig {
     pub name: String,
     /// SIP address of the trunk (UDP).
     pub address: SocketAddr,
+    /// Milliseconds between SIP OPTIONS health probes (0 disables probing).
+    #[serde(default = "default_probe_interval_ms")]
+    pub probe_interval_ms: u64,
+    /// A probe unanswered after this many milliseconds counts as failed.
+    #[serde(default = "default_probe_timeout_ms")]
+    pub probe_timeout_ms: u64,
+    /// Consecutive failed probes (or calls refused with 503 / unanswered) that mark the
+    /// trunk down; calls then go over the packet network.
+    #[serde(default = "default_probe_threshold")]
+    pub down_after: u32,
+    /// Consecutive successful probes that mark it up again.
+    #[serde(default = "default_probe_threshold")]
+    pub up_after: u32,
+}
+
+fn default_probe_interval_ms() -> u64 {
+    10_000
+}
+
+fn default_probe_timeout_ms() -> u64 {
+    2_000
+}
+
+fn default_probe_threshold() -> u32 {
+    2
+}
+
+impl TrunkConfig {
+    /// The trunk's health-check policy.
+    pub fn health_policy(&self) -> parley_actors::trunk::HealthPolicy {
+        parley_actors::trunk::HealthPolicy {
+            interval: Duration::from_millis(self.probe_interval_ms),
+            timeout: Duration::from_millis(self.probe_timeout_ms),
+            down_after: self.down_after,
+            up_after: self.up_after,
+        }
+    }
 }
 
 /// `[[users]]`
@@ -228,6 +265,10 @@ impl Config {
             trunks: vec![TrunkConfig {
                 name: "pstn".into(),
                 address: ([127, 0, 0, 1], 5080).into(),
+                probe_interval_ms: default_probe_interval_ms(),
+                probe_timeout_ms: default_probe_timeout_ms(),
+                down_after: default_probe_threshold(),
+                up_after: default_probe_threshold(),
             }],
             users,
             ..Self::default()
@@ -279,6 +320,20 @@ impl Config {
         }
         if !self.demo && self.http.admin_token.as_deref().is_none_or(str::is_empty) {
             return Err(bad("http.admin_token", "required unless demo = true"));
+        }
+        for (i, t) in self.trunks.iter().enumerate() {
+            if t.probe_interval_ms > 0 && t.probe_timeout_ms == 0 {
+                return Err(bad(
+                    &format!("trunks[{i}].probe_timeout_ms"),
+                    "must be at least 1 when probing",
+                ));
+            }
+            if t.down_after == 0 || t.up_after == 0 {
+                return Err(bad(
+                    &format!("trunks[{i}].down_after"),
+                    "down_after and up_after must be at least 1",
+                ));
+            }
         }
         if !(10..=5000).contains(&self.sip.t1_ms) {
             return Err(bad("sip.t1_ms", "must be between 10 and 5000"));

@@ -68,6 +68,15 @@ fn register_zeroes() {
     counter!(SIP_REJECTED_OVERLOAD_TOTAL).increment(0);
     counter!(ADDRESS_BOOK_UPDATES_TOTAL).increment(0);
     counter!(a::DEVICE_QUEUE_DROPS_TOTAL).increment(0);
+    counter!(a::REROUTES_TOTAL).increment(0);
+    // Registering the histogram makes it render (empty) before the first re-route.
+    for h in [
+        a::REROUTE_SECONDS,
+        a::CALL_SETUP_SECONDS,
+        a::CALL_RINGING_SECONDS,
+    ] {
+        let _ = metrics::histogram!(h);
+    }
     gauge!(RELAY_PORTS_ACTIVE).set(0.0);
     gauge!(a::CALLS_ACTIVE).set(0.0);
     gauge!(a::PRESENCE_SESSIONS_ACTIVE).set(0.0);

@@ -61,10 +61,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     })?;
     let (cdr_queue, cdr_task) = cdr_writer::start(store.clone(), registry.clone());
 
+    // The trunk actor probes through the SIP driver and the driver's calls read the trunk's
+    // state: create the trunk's context first so each can hold the other's address.
     let trunk_cfg = cfg.trunks.first().cloned();
-    let trunk = trunk_cfg
+    let trunk_ctx = trunk_cfg
         .as_ref()
-        .map(|t| TrunkActor::new(t.name.clone(), t.address).start());
+        .map(|_| actix::Context::<TrunkActor>::new());
+    let trunk = trunk_ctx.as_ref().map(actix::AsyncContext::address);
 
     let sip_socket = Arc::new(
         tokio::net::UdpSocket::bind(cfg.sip.listen)
@@ -75,7 +78,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let core = SipCore::new(
         CoreConfig {
             local: sip_addr,
-            trunk: trunk_cfg.map(|t| t.address),
+            trunk: trunk_cfg.as_ref().map(|t| t.address),
             region: cfg.sip.default_region.clone(),
             timers: sipx_sip::Timers {
                 t1: Duration::from_millis(cfg.sip.t1_ms),
@@ -96,6 +99,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         },
     )
     .start();
+    if let (Some(ctx), Some(t)) = (trunk_ctx, trunk_cfg.as_ref()) {
+        ctx.run(TrunkActor::new(
+            t.name.clone(),
+            t.address,
+            t.health_policy(),
+            Some(sip.clone().recipient()),
+        ));
+    }
 
     let (cert, key) = cert::load_or_generate(&cfg.data_dir)?;
     let endpoint = quinn::Endpoint::server(quic::server_config(cert, key)?, cfg.quic.listen)

@@ -39,6 +39,13 @@ pub enum Output {
     Event(CallHandle, SipEvent),
     /// A new inbound call was accepted (100 Trying already sent): start its actor.
     NewCall(Box<NewCall>),
+    /// An OPTIONS probe ended: the final status, or `None` when nothing answered.
+    ProbeResult {
+        /// The id [`SipCore::send_probe`] returned.
+        id: u64,
+        /// Final status code, if any.
+        code: Option<u16>,
+    },
 }
 
 /// A new inbound call.
@@ -91,6 +98,8 @@ enum Purpose {
     TrunkInvite,
     TrunkCancel,
     Bye,
+    /// An OPTIONS health probe, by probe id.
+    Probe(u64),
 }
 
 /// Our UAS side of the caller's dialog.
@@ -142,6 +151,7 @@ pub struct SipCore {
     calls: HashMap<CallHandle, Call>,
     by_call_id: HashMap<String, (CallHandle, Side)>,
     next_handle: CallHandle,
+    next_probe: u64,
     draining: bool,
     out: VecDeque<Output>,
 }
@@ -182,6 +192,7 @@ impl SipCore {
             calls: HashMap::new(),
             by_call_id: HashMap::new(),
             next_handle: 1,
+            next_probe: 0,
             draining: false,
             out: VecDeque::new(),
         }
@@ -388,12 +399,16 @@ impl SipCore {
             },
             TuEvent::Ack(req) => self.on_ack(&req),
             TuEvent::Response(resp) => self.on_response(now, key, &resp),
-            TuEvent::Timeout | TuEvent::TransportError => {
-                if let Some((h, Purpose::TrunkInvite)) = self.purposes.get(key).copied() {
+            TuEvent::Timeout | TuEvent::TransportError => match self.purposes.get(key).copied() {
+                Some((h, Purpose::TrunkInvite)) if !self.trunk_leg_abandoned(h) => {
                     self.out
                         .push_back(Output::Event(h, SipEvent::TrunkFailed(408)));
                 }
-            }
+                Some((_, Purpose::Probe(id))) => {
+                    self.out.push_back(Output::ProbeResult { id, code: None })
+                }
+                _ => {}
+            },
             _ => {}
         }
     }
@@ -580,10 +595,19 @@ impl SipCore {
         let Some((h, purpose)) = self.purposes.get(key).copied() else {
             return;
         };
+        let code = resp.status.code();
+        if let Purpose::Probe(id) = purpose {
+            if code >= 200 {
+                self.out.push_back(Output::ProbeResult {
+                    id,
+                    code: Some(code),
+                });
+            }
+            return;
+        }
         if purpose != Purpose::TrunkInvite {
             return;
         }
-        let code = resp.status.code();
         let Some(call) = self.calls.get_mut(&h) else {
             return;
         };
@@ -629,12 +653,52 @@ impl SipCore {
                 }
             }
             _ => {
-                if !done {
+                // A 487 to our own CANCEL (re-route, caller cancel) is not a trunk failure.
+                if !done && !leg.cancelled {
                     self.out
                         .push_back(Output::Event(h, SipEvent::TrunkFailed(code)));
                 }
             }
         }
+    }
+
+    fn trunk_leg_abandoned(&self, h: CallHandle) -> bool {
+        self.calls
+            .get(&h)
+            .is_none_or(|c| c.done || c.trunk.as_ref().is_none_or(|t| t.cancelled))
+    }
+
+    /// Sends an OPTIONS probe to `dest` (a trunk health check); the outcome comes out as
+    /// [`Output::ProbeResult`] with the returned id.
+    pub fn send_probe(&mut self, now: Instant, dest: SocketAddr) -> u64 {
+        self.next_probe += 1;
+        let id = self.next_probe;
+        let via = self.via();
+        let contact = self.contact();
+        let from = format!("<sip:parley@{}>;tag={}", self.cfg.local, msg::token(10));
+        let to = format!("<sip:{dest}>");
+        let cid = format!("{}@parley", msg::token(20));
+        let req = Uri::parse(Bytes::from(format!("sip:{dest}")))
+            .ok()
+            .and_then(|uri| {
+                build_request(
+                    Method::Options,
+                    uri,
+                    &via,
+                    &from,
+                    &to,
+                    &cid,
+                    1,
+                    &contact,
+                    &[],
+                    None,
+                )
+            });
+        match req {
+            Some(req) => self.send_request(now, 0, req, dest, Purpose::Probe(id)),
+            None => self.out.push_back(Output::ProbeResult { id, code: None }),
+        }
+        id
     }
 
     fn on_stray_response(&mut self, resp: &Response) {

@@ -51,9 +51,22 @@ fn in_dialog(method: &str, call_id: &str, branch: &str, to_tag: Option<&str>, cs
     ))
 }
 
-/// Drains outputs: (first lines of transmitted messages with destinations, events, new calls).
+/// Drains outputs: (transmitted messages with destinations, events, new calls).
 fn drain(c: &mut SipCore) -> (Vec<(SocketAddr, String)>, Vec<SipEvent>, usize) {
-    let (mut tx, mut ev, mut new) = (Vec::new(), Vec::new(), 0);
+    let (tx, ev, new, probes) = drain_all(c);
+    assert!(probes.is_empty(), "unexpected probe results {probes:?}");
+    (tx, ev, new)
+}
+
+type Drained = (
+    Vec<(SocketAddr, String)>,
+    Vec<SipEvent>,
+    usize,
+    Vec<(u64, Option<u16>)>,
+);
+
+fn drain_all(c: &mut SipCore) -> Drained {
+    let (mut tx, mut ev, mut new, mut probes) = (Vec::new(), Vec::new(), 0, Vec::new());
     while let Some(o) = c.poll_output() {
         match o {
             Output::Transmit { dest, data } => {
@@ -61,9 +74,10 @@ fn drain(c: &mut SipCore) -> (Vec<(SocketAddr, String)>, Vec<SipEvent>, usize) {
             }
             Output::Event(_, e) => ev.push(e),
             Output::NewCall(_) => new += 1,
+            Output::ProbeResult { id, code } => probes.push((id, code)),
         }
     }
-    (tx, ev, new)
+    (tx, ev, new, probes)
 }
 
 fn first_lines(tx: &[(SocketAddr, String)]) -> Vec<&str> {
@@ -396,5 +410,47 @@ fn bad_requests_get_400_404_488_and_options_200() {
         assert_eq!(first_lines(&tx), vec!["SIP/2.0 503 Service Unavailable"]);
         assert!(tx[0].1.contains("Retry-After: 30"));
         assert_eq!(new, 0);
+    });
+}
+
+#[test]
+fn options_probes_report_answers_and_timeouts() {
+    with_system(|| {
+        let (mut c, t0) = (core(), Instant::now());
+        let trunk: SocketAddr = TRUNK.parse().unwrap();
+        let id = c.send_probe(t0, trunk);
+        let (tx, _, _, probes) = drain_all(&mut c);
+        assert!(probes.is_empty());
+        assert_eq!(tx[0].0, trunk);
+        let opt = tx[0].1.clone();
+        assert!(
+            opt.starts_with("OPTIONS sip:127.0.0.1:5080 SIP/2.0"),
+            "{opt}"
+        );
+        let header = |name: &str| {
+            opt.lines()
+                .find(|l| l.starts_with(name))
+                .unwrap()
+                .to_owned()
+        };
+        let ok = format!(
+            "SIP/2.0 200 OK\r\n{}\r\n{}\r\n{};tag=t\r\n{}\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n",
+            header("Via:"),
+            header("From:"),
+            header("To:"),
+            header("Call-ID:")
+        );
+        c.handle_datagram(t0, trunk, Bytes::from(ok));
+        assert_eq!(drain_all(&mut c).3, vec![(id, Some(200))]);
+
+        // Nobody answers: Timer E retransmits, Timer F (64*T1) gives up.
+        let id2 = c.send_probe(t0, trunk);
+        drain_all(&mut c);
+        c.handle_timeout(t0 + Duration::from_millis(500));
+        let (tx, _, _, probes) = drain_all(&mut c);
+        assert_eq!(first_lines(&tx), vec!["OPTIONS sip:127.0.0.1:5080 SIP/2.0"]);
+        assert!(probes.is_empty());
+        c.handle_timeout(t0 + Duration::from_secs(33));
+        assert_eq!(drain_all(&mut c).3, vec![(id2, None)]);
     });
 }

@@ -10,7 +10,7 @@ use actix::prelude::*;
 use bytes::Bytes;
 use parley_actors::messages::{CallHandle, CdrSink, MediaPlane, SipCommand};
 use parley_actors::registry::Registry;
-use parley_actors::trunk::TrunkActor;
+use parley_actors::trunk::{ProbeOutcome, ProbeResult, SendProbe, TrunkActor};
 use parley_actors::{CallActor, CallSetup};
 use tokio::net::UdpSocket;
 
@@ -36,6 +36,7 @@ pub struct SipDriver {
     core: SipCore,
     deps: DriverDeps,
     calls: HashMap<CallHandle, Addr<CallActor>>,
+    probes: HashMap<u64, (u64, Recipient<ProbeResult>)>,
     timer: Option<(Instant, SpawnHandle)>,
 }
 
@@ -47,6 +48,7 @@ impl SipDriver {
             core,
             deps,
             calls: HashMap::new(),
+            probes: HashMap::new(),
             timer: None,
         }
     }
@@ -62,6 +64,12 @@ impl SipDriver {
                 Output::Event(h, ev) => {
                     if let Some(a) = self.calls.get(&h) {
                         a.do_send(ev);
+                    }
+                }
+                Output::ProbeResult { id, code } => {
+                    if let Some((seq, reply)) = self.probes.remove(&id) {
+                        let outcome = code.map_or(ProbeOutcome::Timeout, ProbeOutcome::Answered);
+                        reply.do_send(ProbeResult { seq, outcome });
                     }
                 }
                 Output::NewCall(nc) => {
@@ -166,5 +174,14 @@ impl Handler<Drain> for SipDriver {
     fn handle(&mut self, _: Drain, _: &mut Context<Self>) -> usize {
         self.core.set_draining(true);
         self.calls.len()
+    }
+}
+
+impl Handler<SendProbe> for SipDriver {
+    type Result = ();
+    fn handle(&mut self, p: SendProbe, ctx: &mut Context<Self>) {
+        let id = self.core.send_probe(Instant::now(), p.dest);
+        self.probes.insert(id, (p.seq, p.reply));
+        self.flush(ctx);
     }
 }

@@ -60,6 +60,11 @@ impl Node {
 
     /// Starts a node with extra keys in its `[sip]` section.
     pub fn start_with(sip_extra: &str) -> Node {
+        Self::start_configured(sip_extra, "")
+    }
+
+    /// Starts a node with extra keys in its `[sip]` and `[[trunks]]` sections.
+    pub fn start_configured(sip_extra: &str, trunk_extra: &str) -> Node {
         let dir = tempfile::tempdir().expect("tempdir");
         let trunk_port = free_udp_port();
         let relay = free_port_block(100);
@@ -81,6 +86,7 @@ port_max = {relay_max}
 [[trunks]]
 name = "pstn"
 address = "127.0.0.1:{trunk_port}"
+{trunk_extra}
 [[users]]
 tenant = "demo"
 user = "alice"
@@ -398,7 +404,7 @@ fn stat_counts(csv: &Path) -> (u64, u64) {
     (get("SuccessfulCall(C)"), get("FailedCall(C)"))
 }
 
-/// A SIPp UAS acting as the PSTN trunk, echoing media.
+/// A SIPp UAS acting as the PSTN trunk, echoing media and answering OPTIONS (`-aa`).
 pub struct SippUas(Child);
 
 impl SippUas {
@@ -414,6 +420,7 @@ impl SippUas {
                 "-mp",
                 &media,
                 "-rtp_echo",
+                "-aa",
                 "-nostdin",
                 "-timeout",
                 "90s",
@@ -432,5 +439,17 @@ impl Drop for SippUas {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// Polls a metric until `pred` holds (bounded); returns the last value.
+pub fn wait_metric(node: &Node, prefix: &str, pred: impl Fn(f64) -> bool) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = node.metric(prefix);
+        if pred(v) || Instant::now() > deadline {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
