@@ -23,6 +23,10 @@ pub const DEVICE_QUEUE_DROPS_TOTAL: &str = "parley_device_queue_drops_total";
 pub const TRUNK_UP: &str = "parley_trunk_up";
 /// Trunk health observations, by `trunk`, `source` (`options`, `call`) and `result`.
 pub const TRUNK_PROBES_TOTAL: &str = "parley_trunk_probes_total";
+/// Presence updates pushed to subscribed devices.
+pub const PRESENCE_FANOUT_TOTAL: &str = "parley_presence_fanout_total";
+/// Chat messages accepted, by `result` (`delivered`, `offline`, `unknown_user`, `rejected`).
+pub const CHAT_MESSAGES_TOTAL: &str = "parley_chat_messages_total";
 /// Re-routes of ringing calls after a presence change.
 pub const REROUTES_TOTAL: &str = "parley_reroutes_total";
 /// Time from a presence change to the re-routed leg ringing.
@@ -92,4 +96,10 @@ pub fn describe() {
         Unit::Seconds,
         "Presence change to the re-routed leg ringing"
     );
+    describe_counter!(
+        PRESENCE_FANOUT_TOTAL,
+        Unit::Count,
+        "Presence updates pushed to subscribed devices"
+    );
+    describe_counter!(CHAT_MESSAGES_TOTAL, Unit::Count, "Chat messages by result");
 }

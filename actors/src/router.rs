@@ -16,6 +16,8 @@ pub struct DeviceState {
     pub status: Status,
     /// Milliseconds since the last input on the device, as last reported.
     pub idle_ms: u64,
+    /// Free-text note, as last reported.
+    pub note: Option<String>,
 }
 
 /// The user's routing preferences (grows into rules in the routing issue).
@@ -104,6 +106,7 @@ mod tests {
             device: format!("d{session}"),
             status,
             idle_ms,
+            note: None,
         }
     }
 

@@ -5,7 +5,9 @@
 //! bounded `out` queue. The actor keeps the calls offered to the device so that its
 //! answers reach the right call actor, and tells them when the device goes away.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use actix::prelude::*;
 use parley_codecs::control::{ClientMsg, ServerMsg};
@@ -13,15 +15,34 @@ use tokio::sync::mpsc;
 
 use crate::messages::{DeviceLegEvent, FromDevice, SessionId, ToDevice};
 use crate::metrics as m;
-use crate::user::{Attach, Detach, PresenceUpdate, UserActor};
+use crate::registry::Registry;
+use crate::user::{Attach, Deliver, Detach, PresenceUpdate, Subscribe, Unsubscribe, UserActor};
+
+/// Server chat message ids, unique per node.
+static CHAT_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// Who a session belongs to and where it can find other users (same tenant only).
+#[derive(Clone, Debug)]
+pub struct SessionOwner {
+    /// Tenant.
+    pub tenant: String,
+    /// User name.
+    pub user: String,
+    /// The user's actor.
+    pub addr: Addr<UserActor>,
+    /// Every live user (lookups are restricted to `tenant`).
+    pub registry: Arc<Registry>,
+}
 
 /// A device session.
 pub struct PresenceSession {
     id: SessionId,
     device: String,
+    owner: SessionOwner,
     user: Addr<UserActor>,
     out: mpsc::Sender<ServerMsg>,
     calls: HashMap<String, Recipient<FromDevice>>,
+    watching: HashSet<String>,
 }
 
 impl PresenceSession {
@@ -29,16 +50,96 @@ impl PresenceSession {
     pub fn new(
         id: SessionId,
         device: String,
-        user: Addr<UserActor>,
+        owner: SessionOwner,
         out: mpsc::Sender<ServerMsg>,
     ) -> Self {
         Self {
             id,
             device,
-            user,
+            user: owner.addr.clone(),
+            owner,
             out,
             calls: HashMap::new(),
+            watching: HashSet::new(),
         }
+    }
+
+    fn error(&self, code: &str, message: String) {
+        self.send(ServerMsg::Error {
+            code: code.into(),
+            message,
+            fatal: false,
+        });
+    }
+
+    fn subscribe(&mut self, users: Vec<String>, ctx: &mut Context<Self>) {
+        for u in users {
+            match self.owner.registry.by_name(&self.owner.tenant, &u) {
+                Some(r) => {
+                    r.addr.do_send(Subscribe {
+                        session: self.id,
+                        addr: ctx.address().downgrade(),
+                    });
+                    self.watching.insert(u);
+                }
+                None => self.error("unknown_user", format!("no user {u} in your tenant")),
+            }
+        }
+    }
+
+    fn unsubscribe(&mut self, users: Vec<String>) {
+        for u in users {
+            if self.watching.remove(&u)
+                && let Some(r) = self.owner.registry.by_name(&self.owner.tenant, &u)
+            {
+                r.addr.do_send(Unsubscribe(self.id));
+            }
+        }
+    }
+
+    fn chat(&mut self, to: String, text: String, client_id: u64, ctx: &mut Context<Self>) {
+        if text.is_empty() || text.len() > parley_codecs::control::MAX_CHAT_BYTES {
+            metrics::counter!(m::CHAT_MESSAGES_TOTAL, "result" => "rejected").increment(1);
+            return self.error(
+                "bad_message",
+                format!(
+                    "chat text must be 1 to {} bytes",
+                    parley_codecs::control::MAX_CHAT_BYTES
+                ),
+            );
+        }
+        let Some(r) = self.owner.registry.by_name(&self.owner.tenant, &to) else {
+            metrics::counter!(m::CHAT_MESSAGES_TOTAL, "result" => "unknown_user").increment(1);
+            return self.error("unknown_user", format!("no user {to} in your tenant"));
+        };
+        let sent_at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let deliver = Deliver {
+            from: self.owner.user.clone(),
+            text,
+            id: CHAT_IDS.fetch_add(1, Ordering::Relaxed),
+            sent_at_ms,
+        };
+        ctx.spawn(
+            r.addr
+                .send(deliver)
+                .into_actor(self)
+                .map(move |res, act, _| {
+                    let delivered = res.unwrap_or(0);
+                    let result = if delivered > 0 {
+                        "delivered"
+                    } else {
+                        "offline"
+                    };
+                    metrics::counter!(m::CHAT_MESSAGES_TOTAL, "result" => result).increment(1);
+                    act.send(ServerMsg::ChatAck {
+                        id: client_id,
+                        delivered,
+                    });
+                }),
+        );
     }
 
     fn send(&self, msg: ServerMsg) {
@@ -86,6 +187,8 @@ impl Actor for PresenceSession {
     fn stopped(&mut self, _: &mut Context<Self>) {
         metrics::gauge!(m::PRESENCE_SESSIONS_ACTIVE).decrement(1.0);
         self.user.do_send(Detach(self.id));
+        let watching: Vec<String> = self.watching.iter().cloned().collect();
+        self.unsubscribe(watching);
         for (_, call) in self.calls.drain() {
             call.do_send(FromDevice {
                 session: self.id,
@@ -112,10 +215,15 @@ pub struct Push(pub ServerMsg);
 
 impl Handler<FromClient> for PresenceSession {
     type Result = ();
-    fn handle(&mut self, msg: FromClient, _: &mut Context<Self>) {
+    fn handle(&mut self, msg: FromClient, ctx: &mut Context<Self>) {
         match msg.0 {
+            ClientMsg::Subscribe { users } => self.subscribe(users, ctx),
+            ClientMsg::Unsubscribe { users } => self.unsubscribe(users),
+            ClientMsg::Chat { to, text, id } => self.chat(to, text, id, ctx),
             ClientMsg::Presence {
-                status, idle_ms, ..
+                status,
+                idle_ms,
+                note,
             } => {
                 let label = match status {
                     parley_codecs::control::Status::Available => "available",
@@ -129,6 +237,7 @@ impl Handler<FromClient> for PresenceSession {
                     session: self.id,
                     status,
                     idle_ms,
+                    note,
                 });
             }
             ClientMsg::Answer { call_id } => {

@@ -75,7 +75,31 @@ pub enum ClientMsg {
         #[serde(default)]
         id: u64,
     },
+    /// Watch these users' presence (users of the same tenant); answered with one
+    /// `presence_update` per user now and one per change later.
+    Subscribe {
+        /// User names.
+        users: Vec<String>,
+    },
+    /// Stop watching these users.
+    Unsubscribe {
+        /// User names.
+        users: Vec<String>,
+    },
+    /// Send a chat message to every online device of a user of the same tenant.
+    Chat {
+        /// Recipient user name.
+        to: String,
+        /// The message, at most [`MAX_CHAT_BYTES`] bytes of UTF-8.
+        text: String,
+        /// The client's id for this message, echoed in `chat_ack`.
+        #[serde(default)]
+        id: u64,
+    },
 }
+
+/// Longest chat message accepted.
+pub const MAX_CHAT_BYTES: usize = 16 * 1024;
 
 /// One address book entry as the device sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,6 +170,35 @@ pub enum ServerMsg {
     Pong {
         /// The ping's id.
         id: u64,
+    },
+    /// A watched user's presence (aggregated over their devices).
+    PresenceUpdate {
+        /// User name.
+        user: String,
+        /// The best status of any of their devices (`offline` when none is connected).
+        status: Status,
+        /// The note of that device, if any.
+        note: Option<String>,
+        /// Connected devices.
+        devices: u32,
+    },
+    /// A chat message from another user.
+    Chat {
+        /// Sender user name.
+        from: String,
+        /// The message.
+        text: String,
+        /// Server-assigned message id.
+        id: u64,
+        /// When the node accepted it, milliseconds since the Unix epoch.
+        sent_at_ms: u64,
+    },
+    /// The node accepted a `chat` and handed it to this many devices of the recipient.
+    ChatAck {
+        /// The client's id from `chat`.
+        id: u64,
+        /// Devices it was delivered to (0: the recipient is offline; not stored).
+        delivered: u32,
     },
 }
 

@@ -46,11 +46,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     let registry = Arc::new(Registry::default());
     for u in store.users().await? {
+        let addr = UserActor::new(u.user.clone()).start();
         registry.insert(UserRef {
             tenant: u.tenant,
             user: u.user,
             number: u.number,
-            addr: UserActor::new().start(),
+            addr,
         });
     }
 

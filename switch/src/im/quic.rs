@@ -12,7 +12,7 @@ use std::time::Duration;
 use actix::Actor;
 use bytes::BytesMut;
 use parley_actors::registry::Registry;
-use parley_actors::session::{Disconnected, FromClient, PresenceSession};
+use parley_actors::session::{Disconnected, FromClient, PresenceSession, SessionOwner};
 use parley_codecs::control::{self, ClientMsg, ServerMsg};
 use parley_codecs::roq;
 use quinn::{RecvStream, SendStream};
@@ -208,8 +208,13 @@ async fn handle_connection(conn: quinn::Connection, ctx: Arc<ImContext>) {
         Err(e) => tracing::error!(error = %e, "address book read failed"),
     }
     ctx.relay.register_session(session_id, conn.clone());
-    let session =
-        PresenceSession::new(session_id, device, user_ref.addr.clone(), tx.clone()).start();
+    let owner = SessionOwner {
+        tenant: row.tenant.clone(),
+        user: row.user.clone(),
+        addr: user_ref.addr.clone(),
+        registry: ctx.registry.clone(),
+    };
+    let session = PresenceSession::new(session_id, device, owner, tx.clone()).start();
 
     let writer = tokio::spawn(async move {
         while let Some(msg) = rx.recv().await {

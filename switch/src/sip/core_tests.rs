@@ -23,7 +23,7 @@ fn core() -> SipCore {
         tenant: "demo".into(),
         user: "alice".into(),
         number: "+15550100001".into(),
-        addr: UserActor::new().start(),
+        addr: UserActor::new("alice").start(),
     });
     SipCore::new(
         CoreConfig {

@@ -1,0 +1,182 @@
+//! Presence subscriptions with fan-out on change, and chat delivered to every online
+//! device of the recipient with a delivery acknowledgement.
+
+mod common;
+
+use std::time::Duration;
+
+use common::Node;
+use parley_codecs::control::{ClientMsg, ServerMsg, Status};
+use parley_load::device::Device;
+
+const T: Duration = Duration::from_secs(5);
+
+async fn presence_of(dev: &mut Device, user: &str) -> (Status, Option<String>, u32) {
+    let m = dev
+        .wait_for(
+            T,
+            |m| matches!(m, ServerMsg::PresenceUpdate { user: u, .. } if u == user),
+        )
+        .await;
+    match m {
+        Some(ServerMsg::PresenceUpdate {
+            status,
+            note,
+            devices,
+            ..
+        }) => (status, note, devices),
+        other => panic!("no presence update for {user}: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_see_aggregate_presence_and_chat_reaches_every_device() {
+    let node = Node::start();
+    let mut desk = node.device(node.device_config("alice", "desk")).await;
+    let mut mobile = node.device(node.device_config("alice", "mobile")).await;
+    let mut bob = node.device(node.device_config("bob", "phone")).await;
+
+    bob.send(ClientMsg::Subscribe {
+        users: vec!["alice".into()],
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        presence_of(&mut bob, "alice").await,
+        (Status::Available, None, 2)
+    );
+    bob.send(ClientMsg::Subscribe {
+        users: vec!["mallory".into()],
+    })
+    .await
+    .unwrap();
+    let err = bob
+        .wait_for(T, |m| matches!(m, ServerMsg::Error { .. }))
+        .await;
+    assert!(
+        matches!(err, Some(ServerMsg::Error { ref code, fatal: false, .. }) if code == "unknown_user"),
+        "{err:?}"
+    );
+
+    // One device away: alice is still available (best device wins), so no update is sent;
+    // the mobile going busy changes her aggregate.
+    desk.send(ClientMsg::Presence {
+        status: Status::Away,
+        idle_ms: 0,
+        note: Some("lunch".into()),
+    })
+    .await
+    .unwrap();
+    mobile
+        .send(ClientMsg::Presence {
+            status: Status::Busy,
+            idle_ms: 0,
+            note: Some("meeting".into()),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        presence_of(&mut bob, "alice").await,
+        (Status::Busy, Some("meeting".into()), 2)
+    );
+
+    // Chat from bob reaches both of alice's devices; bob learns it was delivered twice.
+    bob.send(ClientMsg::Chat {
+        to: "alice".into(),
+        text: "lunch at 1?".into(),
+        id: 7,
+    })
+    .await
+    .unwrap();
+    for dev in [&mut desk, &mut mobile] {
+        let got = dev
+            .wait_for(T, |m| matches!(m, ServerMsg::Chat { .. }))
+            .await;
+        assert!(
+            matches!(got, Some(ServerMsg::Chat { ref from, ref text, .. }) if from == "bob" && text == "lunch at 1?"),
+            "{got:?}"
+        );
+    }
+    let ack = bob
+        .wait_for(T, |m| matches!(m, ServerMsg::ChatAck { .. }))
+        .await;
+    assert_eq!(
+        ack,
+        Some(ServerMsg::ChatAck {
+            id: 7,
+            delivered: 2
+        })
+    );
+    // A chat to nobody, and an empty one, are refused without closing the connection.
+    bob.send(ClientMsg::Chat {
+        to: "mallory".into(),
+        text: "hi".into(),
+        id: 8,
+    })
+    .await
+    .unwrap();
+    let err = bob
+        .wait_for(T, |m| matches!(m, ServerMsg::Error { .. }))
+        .await;
+    assert!(
+        matches!(err, Some(ServerMsg::Error { ref code, .. }) if code == "unknown_user"),
+        "{err:?}"
+    );
+
+    // The mobile disconnects: alice is now away with one device.
+    mobile.close();
+    assert_eq!(
+        presence_of(&mut bob, "alice").await,
+        (Status::Away, Some("lunch".into()), 1)
+    );
+    // Alice answers bob; bob's single device gets it.
+    desk.send(ClientMsg::Chat {
+        to: "bob".into(),
+        text: "yes".into(),
+        id: 1,
+    })
+    .await
+    .unwrap();
+    let got = bob
+        .wait_for(T, |m| matches!(m, ServerMsg::Chat { .. }))
+        .await;
+    assert!(
+        matches!(got, Some(ServerMsg::Chat { ref from, .. }) if from == "alice"),
+        "{got:?}"
+    );
+    assert_eq!(
+        desk.wait_for(T, |m| matches!(m, ServerMsg::ChatAck { .. }))
+            .await,
+        Some(ServerMsg::ChatAck {
+            id: 1,
+            delivered: 1
+        })
+    );
+
+    // After unsubscribing, bob hears no more about alice.
+    bob.send(ClientMsg::Unsubscribe {
+        users: vec!["alice".into()],
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    desk.send(ClientMsg::Presence {
+        status: Status::Available,
+        idle_ms: 0,
+        note: None,
+    })
+    .await
+    .unwrap();
+    let late = bob
+        .wait_for(Duration::from_millis(800), |m| {
+            matches!(m, ServerMsg::PresenceUpdate { .. })
+        })
+        .await;
+    assert!(late.is_none(), "{late:?}");
+    // Two aggregate changes (busy, then away after the disconnect) to one subscriber.
+    assert_eq!(node.metric("parley_presence_fanout_total"), 2.0);
+    assert_eq!(
+        node.metric("parley_chat_messages_total{result=\"delivered\"}"),
+        2.0
+    );
+}
