@@ -1,5 +1,11 @@
 //! Load generator and endpoint simulator for Parley.
 //!
+//! [`storm`] places SIP calls as a PSTN gateway toward any SIP target (a Parley node, a
+//! SIPp `uas`, another switch) at a set rate, and reports answer ratio, setup-time and
+//! post-dial-delay percentiles and failures by reason ([`report::Report`]). Its SIP side is
+//! the sans-IO [`sip_uac::Uac`]; what to dial and when is in [`plan`]. See
+//! `docs/loadtest.md`.
+//!
 //! [`device::Device`] is a simulated IM device speaking the Parley protocol over QUIC: it
 //! logs in, answers or rejects offered calls, and echoes or generates G.711 media as RTP
 //! over QUIC datagrams, counting everything in [`device::DeviceStats`]. The `parley-load`
@@ -35,6 +41,11 @@
 //! ```
 
 pub mod device;
+pub mod media;
+pub mod plan;
+pub mod report;
+pub mod sip_uac;
+pub mod storm;
 
 use std::time::Duration;
 

@@ -1,7 +1,9 @@
-//! `parley-load`: runs simulated Parley IM devices from the command line.
+//! `parley-load`: runs simulated Parley IM devices and SIP call storms from the command
+//! line.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -9,6 +11,9 @@ use clap::{Parser, Subcommand};
 use parley_codecs::control::ServerMsg;
 use parley_load::device::{Device, DeviceConfig, MediaMode, StatsSnapshot};
 use parley_load::parse_duration;
+use parley_load::plan::{Hold, Numbers};
+use parley_load::report::Thresholds;
+use parley_load::storm::{self, StormConfig};
 use serde::Serialize;
 
 /// Load generator and endpoint simulator for the Parley switch.
@@ -26,6 +31,70 @@ enum Command {
     /// Prints one line per call event and periodic statistics, then a JSON summary on exit
     /// (Ctrl-C, SIGTERM or the end of --duration).
     Device(DeviceArgs),
+    /// Place SIP calls as a PSTN gateway (UAC over UDP) at a set rate and report the
+    /// answer ratio, setup-time and post-dial-delay percentiles and failures by reason.
+    ///
+    /// Prints one progress line a second to stderr and a table at the end (and JSON with
+    /// --json). Exits 2 when --max-fail-ratio or --max-setup-p99 is exceeded. Ctrl-C stops
+    /// new calls and hangs up the answered ones; a second Ctrl-C aborts.
+    Storm(StormArgs),
+}
+
+/// Options of the `storm` subcommand.
+#[derive(Debug, clap::Args)]
+struct StormArgs {
+    /// The SIP (UDP) address to send INVITEs to.
+    #[arg(long)]
+    target: SocketAddr,
+    /// Numbers to call: one number, a range FIRST-LAST (cycled through), or @FILE with one
+    /// number a line.
+    #[arg(long, value_parser = Numbers::parse)]
+    to: Numbers,
+    /// The calling number.
+    #[arg(long, default_value = "+15557770001")]
+    from: String,
+    /// Calls per second (after the ramp).
+    #[arg(long, default_value_t = 10.0)]
+    rate: f64,
+    /// Start a linear ramp at this rate (with --ramp-time).
+    #[arg(long, requires = "ramp_time")]
+    ramp_from: Option<f64>,
+    /// Length of the ramp from --ramp-from to --rate (e.g. `30s`).
+    #[arg(long, value_parser = parse_duration, requires = "ramp_from")]
+    ramp_time: Option<Duration>,
+    /// Stop after this many calls.
+    #[arg(long)]
+    calls: Option<u64>,
+    /// Stop starting calls after this long (e.g. `60s`, `10m`).
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// Calls in progress at most; calls due meanwhile wait, then catch up.
+    #[arg(long)]
+    max_concurrent: Option<usize>,
+    /// Hold time of answered calls before our BYE: DUR, uniform:A-B or exp:MEAN.
+    #[arg(long, default_value = "0")]
+    hold: Hold,
+    /// A call with no final response this long after its INVITE fails as `timeout`.
+    #[arg(long, value_parser = parse_duration, default_value = "32s")]
+    answer_timeout: Duration,
+    /// Send 20 ms PCMU at 50 packets/s on answered calls and measure what is echoed back.
+    #[arg(long)]
+    media: bool,
+    /// Write the report as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Exit 2 when failed/attempts is above this (e.g. `0.01`).
+    #[arg(long)]
+    max_fail_ratio: Option<f64>,
+    /// Exit 2 when the 99th percentile of the setup time is above this (e.g. `200ms`).
+    #[arg(long, value_parser = parse_duration)]
+    max_setup_p99: Option<Duration>,
+    /// Address to bind the SIP socket to.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    local: SocketAddr,
+    /// No progress lines.
+    #[arg(long, short)]
+    quiet: bool,
 }
 
 /// Options of the `device` subcommand.
@@ -83,7 +152,7 @@ struct Summary<'a> {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<ExitCode> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -92,8 +161,65 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Device(args) => run_device(args).await,
+        Command::Device(args) => run_device(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Storm(args) => run_storm(args).await,
     }
+}
+
+async fn run_storm(args: StormArgs) -> anyhow::Result<ExitCode> {
+    let mut cfg = StormConfig::new(args.target, args.to);
+    cfg.local = args.local;
+    cfg.from = args.from;
+    cfg.rate = args.rate;
+    cfg.ramp = args.ramp_from.zip(args.ramp_time);
+    cfg.calls = args.calls;
+    cfg.duration = args.duration;
+    cfg.max_concurrent = args.max_concurrent;
+    cfg.hold = args.hold;
+    cfg.answer_timeout = args.answer_timeout;
+    cfg.media = args.media;
+    cfg.progress = !args.quiet;
+    if cfg.calls.is_none() && cfg.duration.is_none() {
+        eprintln!("no --calls or --duration: running until Ctrl-C");
+    }
+    let thresholds = Thresholds {
+        max_fail_ratio: args.max_fail_ratio,
+        max_setup_p99: args.max_setup_p99,
+    };
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let signals = tokio::spawn(async move {
+        let sig = shutdown_signal().await;
+        eprintln!("{sig}: no new calls, hanging up; again to abort");
+        let _ = stop_tx.send(());
+        let sig = shutdown_signal().await;
+        eprintln!("{sig}: aborted");
+        std::process::exit(130);
+    });
+    let report = storm::run_until(cfg, async {
+        if stop_rx.await.is_err() {
+            // The signal task is gone without a signal: never stop on that.
+            std::future::pending::<()>().await;
+        }
+    })
+    .await;
+    signals.abort();
+    let report = report?;
+
+    println!("{report}");
+    if let Some(path) = &args.json {
+        std::fs::write(path, report.to_json()?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let violations = report.check(&thresholds);
+    for v in &violations {
+        eprintln!("FAIL: {v}");
+    }
+    Ok(if violations.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
 }
 
 async fn run_device(args: DeviceArgs) -> anyhow::Result<()> {
@@ -207,6 +333,8 @@ fn print_event(msg: &ServerMsg) {
             if *fatal { " (fatal)" } else { "" }
         ),
         ServerMsg::LoginOk { .. } | ServerMsg::Pong { .. } => {}
+        // Messages the device does not act on (presence of watched users, chat, …).
+        other => println!("{other:?}"),
     }
 }
 

@@ -1,0 +1,183 @@
+//! `parley-load storm` as a library against real peers on loopback: a Parley node with an
+//! auto-answering device, a SIPp `uas` on its own, and a number nobody has. Every count in
+//! the storm's report is checked against what the peer saw.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{Node, free_port_block, free_udp_port, sipp_bin};
+use parley_load::plan::Numbers;
+use parley_load::report::{Report, Thresholds};
+use parley_load::storm::{self, StormConfig};
+
+/// A storm toward `target`: `calls` calls at `rate` cps, held 0–200 ms.
+fn config(target: SocketAddr, to: &str, calls: u64, rate: f64) -> StormConfig {
+    let mut cfg = StormConfig::new(target, Numbers::parse(to).unwrap());
+    cfg.rate = rate;
+    cfg.calls = Some(calls);
+    cfg.hold = "uniform:0ms-200ms".parse().unwrap();
+    // Bounds a lost call; no test here expects one.
+    cfg.answer_timeout = Duration::from_secs(10);
+    cfg.progress = true;
+    cfg
+}
+
+/// Runs a storm, bounded: a hung generator fails the test instead of hanging it.
+async fn storm(cfg: StormConfig) -> Report {
+    tokio::time::timeout(Duration::from_secs(120), storm::run(cfg))
+        .await
+        .expect("the storm did not finish within 120 s")
+        .expect("the storm could not start")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storm_to_a_logged_in_device_is_all_answered_with_one_cdr_per_call() {
+    let node = Node::start();
+    let device = node.device(node.device_config("alice", "desk")).await;
+    let calls = 200;
+    let report = storm(config(node.sip, "+15550100001", calls, 100.0)).await;
+    println!("{report}");
+
+    assert_eq!(report.attempts, calls, "{report}\n{}", node.log());
+    assert_eq!(report.answered, calls, "{report}\n{}", node.log());
+    assert_eq!(report.completed, calls, "{report}");
+    assert_eq!((report.failed, report.remote_bye), (0, 0), "{report}");
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    assert_eq!((report.bad_messages, report.send_errors), (0, 0));
+    assert_eq!(report.setup.count, calls);
+    // Parley rings the caller (180) before the device answers.
+    assert_eq!(report.post_dial_delay.count, calls);
+    assert!((report.asr - 1.0).abs() < f64::EPSILON);
+
+    let cdrs = node.wait_cdrs(calls as usize);
+    let answered = cdrs
+        .iter()
+        .filter(|c| c["disposition"] == "ANSWERED")
+        .count();
+    assert_eq!(cdrs.len(), calls as usize, "{cdrs:#?}");
+    assert_eq!(answered as u64, report.answered);
+    for c in &cdrs {
+        assert_eq!(c["route"], "im", "{c}");
+        assert_eq!(c["caller"], "+15557770001", "{c}");
+        assert_eq!(c["called"], "+15550100001", "{c}");
+    }
+    assert_eq!(device.stats().snapshot().calls_connected, calls);
+    assert_eq!(
+        node.metric("parley_calls_total{disposition=\"ANSWERED\",route=\"im\"}"),
+        calls as f64
+    );
+    assert_eq!(node.metric("parley_calls_active"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storm_media_is_relayed_to_the_device_and_echoed_back() {
+    let node = Node::start();
+    let device = node.device(node.device_config("alice", "desk")).await;
+    let calls = 20;
+    let mut cfg = config(node.sip, "+15550100001", calls, 20.0);
+    cfg.hold = "1s".parse().unwrap();
+    cfg.media = true;
+    let report = storm(cfg).await;
+    println!("{report}");
+
+    assert_eq!(
+        (report.answered, report.failed),
+        (calls, 0),
+        "{report}\n{}",
+        node.log()
+    );
+    let media = report.media.expect("a media report");
+    assert_eq!(media.streams, calls);
+    // Every stream sent (50 packets a second while the call was up), the device echoed,
+    // and the echoes came back through the relay. Only packets in flight when a call
+    // ended may be missing, so most of them came back.
+    assert!(media.sent >= calls, "{media:?}");
+    let echoed = device.stats().snapshot().rtp_sent;
+    assert!(media.received <= echoed, "{media:?} vs {echoed} echoed");
+    assert!(echoed <= media.sent, "{media:?} vs {echoed} echoed");
+    assert!(
+        2 * media.received >= media.sent,
+        "{media:?}: most packets lost"
+    );
+    assert_eq!(media.foreign, 0, "{media:?}");
+    assert_eq!(media.round_trip.count, media.received);
+}
+
+/// A SIPp process killed when the test ends.
+struct Sipp(Child);
+
+impl Drop for Sipp {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storm_to_a_plain_sipp_uas_is_all_answered() {
+    let port = free_udp_port();
+    let media = free_port_block(4);
+    let dir = tempfile::tempdir().unwrap();
+    let _uas = Sipp(
+        Command::new(sipp_bin())
+            .args(["-sn", "uas", "-i", "127.0.0.1", "-p"])
+            .arg(port.to_string())
+            .args(["-mp", &media.to_string(), "-nostdin", "-timeout", "60s"])
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn sipp uas"),
+    );
+    // SIPp needs a moment to bind; an INVITE sent before is retransmitted anyway.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let calls = 200;
+    let target: SocketAddr = ([127, 0, 0, 1], port).into();
+    let report = storm(config(target, "+15550100001-+15550100050", calls, 100.0)).await;
+    println!("{report}");
+    assert_eq!(report.attempts, calls, "{report}");
+    assert_eq!(report.answered, calls, "{report}");
+    assert_eq!(report.completed, calls, "{report}");
+    assert_eq!(report.failed, 0, "{report}");
+    // SIPp's uas sends 180 before 200.
+    assert_eq!(report.post_dial_delay.count, calls);
+    assert!(
+        report
+            .check(&Thresholds {
+                max_fail_ratio: Some(0.0),
+                max_setup_p99: None,
+            })
+            .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storm_to_an_unknown_number_fails_every_call_with_404() {
+    let node = Node::start();
+    let calls = 20;
+    let report = storm(config(node.sip, "+15559999999", calls, 50.0)).await;
+    println!("{report}");
+
+    assert_eq!(report.attempts, calls, "{report}");
+    assert_eq!((report.answered, report.completed), (0, 0), "{report}");
+    assert_eq!(report.failed, calls, "{report}");
+    assert_eq!(
+        report.failures,
+        [("404".to_string(), calls)].into_iter().collect()
+    );
+    assert_eq!(report.setup.count, 0);
+    assert_eq!(report.asr, 0.0);
+    let violations = report.check(&Thresholds {
+        max_fail_ratio: Some(0.01),
+        max_setup_p99: Some(Duration::from_secs(1)),
+    });
+    assert_eq!(violations.len(), 1, "{violations:?}");
+    assert!(violations[0].starts_with("fail ratio"), "{violations:?}");
+    // The node kept nothing: no call, no CDR (a 404 is answered before a call exists).
+    assert_eq!(node.metric("parley_calls_active"), 0.0);
+    assert!(node.cdrs().is_empty());
+}
