@@ -9,6 +9,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use crate::router::Route;
+use crate::rules::{Plan, Step};
 
 /// Most re-routes one call may go through.
 pub const MAX_REROUTES: u32 = 8;
@@ -67,8 +68,9 @@ pub enum LegFailure {
 pub enum Action {
     /// Offer the call to a device.
     OfferDevice(u64),
-    /// Send an INVITE to the trunk.
-    StartTrunk,
+    /// Send an INVITE to the trunk: to the user's own PSTN line (`None`) or to a number the
+    /// user forwards to.
+    StartTrunk(Option<String>),
     /// Send 180 Ringing to the caller.
     CallerRinging,
     /// This leg answered: set up media, answer the caller (200 OK), tell the leg.
@@ -113,6 +115,11 @@ pub struct CallCore {
     spent: Vec<LegId>,
     reroutes: u32,
     route: &'static str,
+    /// Steps of the plan not started yet.
+    steps: VecDeque<Step>,
+    step_deadline: Option<Instant>,
+    /// Where the trunk leg calls (a forwarding number), if not the user's own line.
+    trunk_target: Option<String>,
     actions: VecDeque<Action>,
 }
 
@@ -131,6 +138,9 @@ impl CallCore {
             spent: Vec::new(),
             reroutes: 0,
             route: "none",
+            steps: VecDeque::new(),
+            step_deadline: None,
+            trunk_target: None,
             actions: VecDeque::new(),
         }
     }
@@ -156,34 +166,88 @@ impl CallCore {
     /// The router decided. `trunk_fallback` says whether the PSTN line may be tried if every
     /// device leg disappears.
     pub fn handle_route(&mut self, now: Instant, route: Route, trunk_fallback: bool) {
+        let plan = match route {
+            Route::Devices(s) => Plan::Ring(vec![Step {
+                legs: s.into_iter().map(LegId::Device).collect(),
+                timeout: None,
+            }]),
+            Route::Trunk => Plan::Ring(vec![Step {
+                legs: vec![LegId::Trunk],
+                timeout: None,
+            }]),
+            Route::Unavailable => Plan::Unavailable,
+        };
+        self.handle_plan(now, plan, trunk_fallback);
+    }
+
+    /// The user's rules (or the default policy) produced a plan.
+    pub fn handle_plan(&mut self, now: Instant, plan: Plan, trunk_fallback: bool) {
         if self.state != State::Routing {
             return;
         }
         self.trunk_fallback = trunk_fallback;
         self.deadline = Some(now + self.ring_timeout);
-        self.start(route);
-    }
-
-    fn start(&mut self, route: Route) {
-        self.route = route.label();
-        match route {
-            Route::Devices(sessions) if !sessions.is_empty() => {
+        match plan {
+            Plan::Ring(steps) => {
                 self.state = State::Ringing;
-                for s in sessions {
-                    self.ringing.push(LegId::Device(s));
-                    self.actions.push_back(Action::OfferDevice(s));
-                }
+                self.steps = steps.into();
+                self.next_step(now);
             }
-            Route::Trunk => {
+            Plan::Forward(number) => {
                 self.state = State::Ringing;
+                self.route = "forward";
+                self.trunk_target = Some(number);
                 self.tried_trunk = true;
                 self.ringing.push(LegId::Trunk);
-                self.actions.push_back(Action::StartTrunk);
+                self.actions
+                    .push_back(Action::StartTrunk(self.trunk_target.clone()));
             }
-            Route::Devices(_) | Route::Unavailable => {
-                self.finish_failed(480, Disposition::Unavailable)
-            }
+            Plan::Reject(code) => self.finish_failed(code, Disposition::Rejected),
+            Plan::Unavailable => self.finish_failed(480, Disposition::Unavailable),
         }
+    }
+
+    /// Starts the next step that still has a leg to ring; false when none is left.
+    fn next_step(&mut self, now: Instant) -> bool {
+        while let Some(step) = self.steps.pop_front() {
+            let legs: Vec<LegId> = step
+                .legs
+                .into_iter()
+                .filter(|l| {
+                    !self.spent.contains(l)
+                        && !self.ringing.contains(l)
+                        && (*l != LegId::Trunk || !self.tried_trunk)
+                })
+                .collect();
+            if legs.is_empty() {
+                continue;
+            }
+            self.step_deadline = step.timeout.map(|t| now + t);
+            self.route = if legs.iter().any(|l| matches!(l, LegId::Device(_))) {
+                "im"
+            } else {
+                "pstn"
+            };
+            for leg in legs {
+                self.ringing.push(leg);
+                match leg {
+                    LegId::Device(s) => self.actions.push_back(Action::OfferDevice(s)),
+                    LegId::Trunk => {
+                        self.tried_trunk = true;
+                        self.actions.push_back(Action::StartTrunk(None));
+                    }
+                }
+            }
+            return true;
+        }
+        self.step_deadline = None;
+        false
+    }
+
+    /// Whether the call follows a plan of several steps (re-routing on presence changes
+    /// applies only to single-step plans).
+    pub fn has_more_steps(&self) -> bool {
+        !self.steps.is_empty()
     }
 
     /// A leg is ringing (device got the offer; trunk sent 180/183).
@@ -214,10 +278,10 @@ impl CallCore {
     }
 
     /// A ringing leg stopped ringing without answering.
-    pub fn handle_leg_failed(&mut self, leg: LegId, why: LegFailure) {
+    pub fn handle_leg_failed(&mut self, now: Instant, leg: LegId, why: LegFailure) {
         if let State::Answered(a) = self.state {
             if a == leg {
-                self.handle_leg_hangup(leg);
+                self.handle_leg_hangup(now, leg);
             }
             return;
         }
@@ -236,10 +300,18 @@ impl CallCore {
         if !self.ringing.is_empty() {
             return;
         }
+        // The step is exhausted: the plan's next step, if any, rings now.
+        if self.declined.is_none() && self.next_step(now) {
+            return;
+        }
         match (self.declined, why) {
             (Some(code), _) => self.finish_failed(code, Disposition::Rejected),
             (None, LegFailure::Failed(_)) if !self.tried_trunk && self.trunk_fallback => {
-                self.start(Route::Trunk);
+                self.steps.push_back(Step {
+                    legs: vec![LegId::Trunk],
+                    timeout: None,
+                });
+                self.next_step(now);
             }
             // Whatever made the last leg fail (trunk timeout, 5xx, device gone), the
             // caller learns only that the user cannot be reached now.
@@ -255,16 +327,19 @@ impl CallCore {
     /// provisional response). A leg that declined or vanished is not offered again, and the
     /// trunk is tried at most once per call. Returns whether anything changed; after
     /// [`MAX_REROUTES`] changes the call stays where it rings.
-    pub fn handle_reroute(&mut self, route: Route) -> bool {
+    pub fn handle_reroute(&mut self, legs: Vec<LegId>) -> bool {
         if self.state != State::Ringing || self.reroutes >= MAX_REROUTES {
             return false;
         }
-        let label = route.label();
-        let mut wanted: Vec<LegId> = match route {
-            Route::Devices(s) => s.into_iter().map(LegId::Device).collect(),
-            Route::Trunk => vec![LegId::Trunk],
-            Route::Unavailable => Vec::new(),
+        let label = if legs.iter().any(|l| matches!(l, LegId::Device(_))) {
+            "im"
+        } else if legs.is_empty() {
+            "none"
+        } else {
+            "pstn"
         };
+        let mut wanted = legs;
+
         wanted.retain(|l| {
             !self.spent.contains(l)
                 && (*l != LegId::Trunk || !self.tried_trunk || self.ringing.contains(l))
@@ -286,7 +361,7 @@ impl CallCore {
                 LegId::Device(s) => self.actions.push_back(Action::OfferDevice(*s)),
                 LegId::Trunk => {
                     self.tried_trunk = true;
-                    self.actions.push_back(Action::StartTrunk);
+                    self.actions.push_back(Action::StartTrunk(None));
                 }
             }
         }
@@ -332,13 +407,13 @@ impl CallCore {
     }
 
     /// An answered leg hung up (device hang-up or disconnect, BYE from the trunk).
-    pub fn handle_leg_hangup(&mut self, leg: LegId) {
+    pub fn handle_leg_hangup(&mut self, now: Instant, leg: LegId) {
         match self.state {
             State::Answered(a) if a == leg => {
                 self.actions.push_back(Action::ByeCaller);
                 self.finish(Disposition::Answered, 200);
             }
-            State::Ringing => self.handle_leg_failed(leg, LegFailure::Failed(480)),
+            State::Ringing => self.handle_leg_failed(now, leg, LegFailure::Failed(480)),
             _ => {}
         }
     }
@@ -355,11 +430,32 @@ impl CallCore {
 
     /// When [`Self::handle_timeout`] must next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.deadline
+        match (self.deadline, self.step_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Time passed.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some(d) = self.step_deadline
+            && now >= d
+            && self.state == State::Ringing
+        {
+            // Nobody answered in this step: on to the next one (the current legs stop).
+            self.step_deadline = None;
+            if !self.steps.is_empty() {
+                self.withdraw_all("rerouted");
+                if !self.next_step(now) {
+                    self.finish_failed(480, Disposition::NoAnswer);
+                }
+            } else {
+                // The last step had its own timeout: the plan is exhausted.
+                self.withdraw_all("timeout");
+                self.finish_failed(480, Disposition::NoAnswer);
+            }
+            return;
+        }
         if let Some(d) = self.deadline
             && now >= d
             && self.state == State::Ringing
@@ -390,6 +486,7 @@ impl CallCore {
     fn finish(&mut self, disposition: Disposition, cause: u16) {
         self.state = State::Ended;
         self.deadline = None;
+        self.step_deadline = None;
         self.actions
             .push_back(Action::Finish { disposition, cause });
     }
@@ -403,6 +500,10 @@ fn unreachable_declined() {}
 mod tests {
     use super::*;
     use Action::*;
+
+    fn devs(s: &[u64]) -> Vec<LegId> {
+        s.iter().map(|s| LegId::Device(*s)).collect()
+    }
 
     fn drain(c: &mut CallCore) -> Vec<Action> {
         std::iter::from_fn(|| c.poll_action()).collect()
@@ -455,7 +556,7 @@ mod tests {
         let (mut c, _) = start(Route::Devices(vec![7]), true);
         c.handle_leg_answered(LegId::Device(7));
         drain(&mut c);
-        c.handle_leg_hangup(LegId::Device(7));
+        c.handle_leg_hangup(Instant::now(), LegId::Device(7));
         assert_eq!(
             drain(&mut c),
             vec![
@@ -496,10 +597,10 @@ mod tests {
     fn device_vanishes_then_trunk_fallback() {
         let (mut c, _) = start(Route::Devices(vec![1]), true);
         drain(&mut c);
-        c.handle_leg_failed(LegId::Device(1), LegFailure::Failed(480));
-        assert_eq!(drain(&mut c), vec![StartTrunk]);
+        c.handle_leg_failed(Instant::now(), LegId::Device(1), LegFailure::Failed(480));
+        assert_eq!(drain(&mut c), vec![StartTrunk(None)]);
         assert_eq!(c.route(), "pstn");
-        c.handle_leg_failed(LegId::Trunk, LegFailure::Failed(503));
+        c.handle_leg_failed(Instant::now(), LegId::Trunk, LegFailure::Failed(503));
         assert_eq!(
             drain(&mut c),
             vec![
@@ -516,9 +617,9 @@ mod tests {
     fn decline_on_last_device_rejects() {
         let (mut c, _) = start(Route::Devices(vec![1, 2]), true);
         drain(&mut c);
-        c.handle_leg_failed(LegId::Device(1), LegFailure::Declined(603));
+        c.handle_leg_failed(Instant::now(), LegId::Device(1), LegFailure::Declined(603));
         assert_eq!(drain(&mut c), vec![]);
-        c.handle_leg_failed(LegId::Device(2), LegFailure::Failed(480));
+        c.handle_leg_failed(Instant::now(), LegId::Device(2), LegFailure::Failed(480));
         assert_eq!(
             drain(&mut c),
             vec![
@@ -549,7 +650,7 @@ mod tests {
     #[test]
     fn ring_timeout_on_virtual_clock() {
         let (mut c, t0) = start(Route::Trunk, false);
-        assert_eq!(drain(&mut c), vec![StartTrunk]);
+        assert_eq!(drain(&mut c), vec![StartTrunk(None)]);
         c.handle_timeout(t0 + Duration::from_secs(29));
         assert_eq!(drain(&mut c), vec![]);
         assert_eq!(c.poll_timeout(), Some(t0 + Duration::from_secs(30)));
@@ -575,7 +676,7 @@ mod tests {
         c.handle_leg_ringing(LegId::Trunk);
         c.handle_leg_answered(LegId::Trunk);
         assert_eq!(drain(&mut c), vec![CallerRinging, Connect(LegId::Trunk)]);
-        c.handle_leg_hangup(LegId::Trunk);
+        c.handle_leg_hangup(Instant::now(), LegId::Trunk);
         assert_eq!(
             drain(&mut c),
             vec![
@@ -595,7 +696,7 @@ mod tests {
         c.handle_leg_ringing(LegId::Device(1));
         assert_eq!(drain(&mut c), vec![CallerRinging]);
         // Device 1 went away, device 2 became available.
-        assert!(c.handle_reroute(Route::Devices(vec![2])));
+        assert!(c.handle_reroute(devs(&[2])));
         assert_eq!(
             drain(&mut c),
             vec![Withdraw(LegId::Device(1), "rerouted"), OfferDevice(2)]
@@ -603,21 +704,18 @@ mod tests {
         c.handle_leg_ringing(LegId::Device(2));
         assert_eq!(drain(&mut c), vec![], "no second 180");
         // The same presence again: nothing to do.
-        assert!(!c.handle_reroute(Route::Devices(vec![2])));
+        assert!(!c.handle_reroute(devs(&[2])));
         c.handle_leg_answered(LegId::Device(2));
         assert_eq!(drain(&mut c), vec![Connect(LegId::Device(2))]);
         assert_eq!(c.reroutes(), 1);
-        assert!(
-            !c.handle_reroute(Route::Devices(vec![1])),
-            "answered calls stay put"
-        );
+        assert!(!c.handle_reroute(devs(&[1])), "answered calls stay put");
     }
 
     #[test]
     fn reroute_adds_a_device_and_cancels_the_trunk() {
         let (mut c, _) = start(Route::Trunk, true);
-        assert_eq!(drain(&mut c), vec![StartTrunk]);
-        assert!(c.handle_reroute(Route::Devices(vec![5])));
+        assert_eq!(drain(&mut c), vec![StartTrunk(None)]);
+        assert!(c.handle_reroute(devs(&[5])));
         assert_eq!(
             drain(&mut c),
             vec![Withdraw(LegId::Trunk, "rerouted"), OfferDevice(5)]
@@ -625,7 +723,7 @@ mod tests {
         assert_eq!(c.route(), "im");
         // The trunk is not tried a second time; with nothing else to ring the call keeps
         // ringing the device.
-        assert!(!c.handle_reroute(Route::Trunk));
+        assert!(!c.handle_reroute(vec![LegId::Trunk]));
         assert_eq!(drain(&mut c), vec![]);
     }
 
@@ -633,12 +731,9 @@ mod tests {
     fn reroute_to_nowhere_fails_the_call_and_declined_devices_are_not_reoffered() {
         let (mut c, _) = start(Route::Devices(vec![1, 2]), false);
         drain(&mut c);
-        c.handle_leg_failed(LegId::Device(1), LegFailure::Declined(603));
-        assert!(
-            !c.handle_reroute(Route::Devices(vec![1, 2])),
-            "1 declined: still just 2"
-        );
-        assert!(c.handle_reroute(Route::Unavailable));
+        c.handle_leg_failed(Instant::now(), LegId::Device(1), LegFailure::Declined(603));
+        assert!(!c.handle_reroute(devs(&[1, 2])), "1 declined: still just 2");
+        assert!(c.handle_reroute(vec![]));
         assert_eq!(
             drain(&mut c),
             vec![
@@ -658,11 +753,141 @@ mod tests {
         drain(&mut c);
         let mut changes = 0;
         for i in 1..100u64 {
-            if c.handle_reroute(Route::Devices(vec![i])) {
+            if c.handle_reroute(devs(&[i])) {
                 changes += 1;
             }
         }
         assert_eq!(changes, MAX_REROUTES);
         assert!(c.is_ringing());
+    }
+
+    fn plan_steps(steps: &[(&[LegId], Option<u64>)]) -> Plan {
+        Plan::Ring(
+            steps
+                .iter()
+                .map(|(l, t)| Step {
+                    legs: l.to_vec(),
+                    timeout: t.map(Duration::from_secs),
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn sequential_steps_advance_on_their_timeout() {
+        let t0 = Instant::now();
+        let mut c = CallCore::new(Duration::from_secs(60));
+        c.handle_plan(
+            t0,
+            plan_steps(&[
+                (&[LegId::Device(1)], Some(10)),
+                (&[LegId::Device(2), LegId::Trunk], None),
+            ]),
+            true,
+        );
+        assert_eq!(drain(&mut c), vec![OfferDevice(1)]);
+        assert_eq!(c.poll_timeout(), Some(t0 + Duration::from_secs(10)));
+        c.handle_leg_ringing(LegId::Device(1));
+        drain(&mut c);
+        c.handle_timeout(t0 + Duration::from_secs(10));
+        assert_eq!(
+            drain(&mut c),
+            vec![
+                Withdraw(LegId::Device(1), "rerouted"),
+                OfferDevice(2),
+                StartTrunk(None)
+            ]
+        );
+        assert_eq!(
+            c.poll_timeout(),
+            Some(t0 + Duration::from_secs(60)),
+            "the last step rings until the ring timeout"
+        );
+        c.handle_leg_answered(LegId::Trunk);
+        assert_eq!(
+            drain(&mut c),
+            vec![
+                Withdraw(LegId::Device(2), "answered_elsewhere"),
+                Connect(LegId::Trunk)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_vanished_step_moves_on_at_once_but_a_decline_ends_the_call() {
+        let t0 = Instant::now();
+        let plan = || plan_steps(&[(&[LegId::Device(1)], Some(10)), (&[LegId::Device(2)], None)]);
+        let mut c = CallCore::new(Duration::from_secs(60));
+        c.handle_plan(t0, plan(), false);
+        drain(&mut c);
+        c.handle_leg_failed(t0, LegId::Device(1), LegFailure::Failed(480));
+        assert_eq!(drain(&mut c), vec![OfferDevice(2)]);
+        let mut c = CallCore::new(Duration::from_secs(60));
+        c.handle_plan(t0, plan(), false);
+        drain(&mut c);
+        c.handle_leg_failed(t0, LegId::Device(1), LegFailure::Declined(603));
+        assert_eq!(
+            drain(&mut c),
+            vec![
+                RejectCaller(603),
+                Finish {
+                    disposition: Disposition::Rejected,
+                    cause: 603
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn last_step_with_a_timeout_ends_as_no_answer() {
+        let t0 = Instant::now();
+        let mut c = CallCore::new(Duration::from_secs(60));
+        c.handle_plan(
+            t0,
+            plan_steps(&[
+                (&[LegId::Device(1)], Some(5)),
+                (&[LegId::Device(2)], Some(5)),
+            ]),
+            false,
+        );
+        drain(&mut c);
+        c.handle_timeout(t0 + Duration::from_secs(5));
+        assert_eq!(
+            drain(&mut c),
+            vec![Withdraw(LegId::Device(1), "rerouted"), OfferDevice(2)]
+        );
+        c.handle_timeout(t0 + Duration::from_secs(10));
+        assert_eq!(
+            drain(&mut c),
+            vec![
+                Withdraw(LegId::Device(2), "timeout"),
+                RejectCaller(480),
+                Finish {
+                    disposition: Disposition::NoAnswer,
+                    cause: 480
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn forward_and_reject_plans() {
+        let t0 = Instant::now();
+        let mut c = CallCore::new(Duration::from_secs(60));
+        c.handle_plan(t0, Plan::Forward("+15550199999".into()), false);
+        assert_eq!(drain(&mut c), vec![StartTrunk(Some("+15550199999".into()))]);
+        assert_eq!(c.route(), "forward");
+        let mut c = CallCore::new(Duration::from_secs(60));
+        c.handle_plan(t0, Plan::Reject(486), true);
+        assert_eq!(
+            drain(&mut c),
+            vec![
+                RejectCaller(486),
+                Finish {
+                    disposition: Disposition::Rejected,
+                    cause: 486
+                }
+            ]
+        );
     }
 }

@@ -15,11 +15,11 @@ use crate::messages::{
 };
 use crate::metrics as m;
 use crate::registry::UserRef;
-use crate::router::{self, Preferences};
+use crate::rules::{self, CallContext, Media, Plan};
 use crate::session::PresenceSession;
 use crate::trunk::{CallOutcome, ProbeOutcome};
 use crate::trunk::{GetTrunkState, TrunkActor};
-use crate::user::{PresenceChanged, Snapshot, Watch};
+use crate::user::{Answered, Lookup, PresenceChanged, UserView, Watch};
 
 /// Everything a call actor needs to know at birth.
 pub struct CallSetup {
@@ -69,6 +69,14 @@ pub struct CallActor {
     timer: Option<SpawnHandle>,
     /// When the presence change that triggered the last re-route happened.
     reroute_at: Option<Instant>,
+    /// Device names by session (for the answer history).
+    device_names: HashMap<u64, String>,
+    /// Sessions in predicted order at routing time (to measure prediction quality).
+    predicted: Vec<u64>,
+    /// Whether a rule (not the default policy) routed this call.
+    by_rule: bool,
+    pstn_fallback: bool,
+    answered_by: Option<String>,
 }
 
 impl CallActor {
@@ -87,6 +95,11 @@ impl CallActor {
             answered_at: None,
             timer: None,
             reroute_at: None,
+            device_names: HashMap::new(),
+            predicted: Vec::new(),
+            by_rule: false,
+            pstn_fallback: true,
+            answered_by: None,
         }
     }
 
@@ -126,11 +139,14 @@ impl CallActor {
                         call: ctx.address().recipient(),
                     });
                 } else {
-                    self.core
-                        .handle_leg_failed(LegId::Device(session), LegFailure::Failed(480));
+                    self.core.handle_leg_failed(
+                        Instant::now(),
+                        LegId::Device(session),
+                        LegFailure::Failed(480),
+                    );
                 }
             }
-            Action::StartTrunk => match self.s.media.allocate_port() {
+            Action::StartTrunk(target) => match self.s.media.allocate_port() {
                 Ok(port) => {
                     self.trunk_port = Some(port);
                     let mut pts = self.s.offer.g711_formats();
@@ -145,7 +161,7 @@ impl CallActor {
                         self.s.handle,
                     );
                     self.sip(SipLegCmd::TrunkInvite {
-                        to: self.s.called.clone(),
+                        to: target.unwrap_or_else(|| self.s.called.clone()),
                         from: self.s.caller.clone(),
                         from_name: self.s.caller_name.clone(),
                         sdp: body,
@@ -153,8 +169,11 @@ impl CallActor {
                 }
                 Err(e) => {
                     tracing::warn!(call = %self.s.call_id, error = %e, "no relay port for the trunk leg");
-                    self.core
-                        .handle_leg_failed(LegId::Trunk, LegFailure::Failed(503));
+                    self.core.handle_leg_failed(
+                        Instant::now(),
+                        LegId::Trunk,
+                        LegFailure::Failed(503),
+                    );
                 }
             },
             Action::CallerRinging => {
@@ -189,6 +208,7 @@ impl CallActor {
     }
 
     fn connect(&mut self, leg: LegId) -> Result<(), crate::messages::MediaError> {
+        self.learn_answer(leg);
         let port = self.s.media.allocate_port()?;
         self.caller_port = Some(port);
         let caller = (
@@ -241,35 +261,71 @@ impl CallActor {
         Ok(())
     }
 
-    /// The callee's devices and the trunk state, fetched from their actors.
-    fn lookup(
-        &self,
-    ) -> impl std::future::Future<Output = (Vec<(router::DeviceState, Addr<PresenceSession>)>, bool)>
-    + use<> {
+    /// The callee's devices, preferences and history, and the trunk state.
+    fn lookup(&self) -> impl std::future::Future<Output = (UserView, bool)> + use<> {
         let user = self.s.user.addr.clone();
         let trunk = self.s.trunk.clone();
+        let caller = self.s.caller.clone();
         async move {
-            let devices = user.send(Snapshot).await.unwrap_or_default();
+            let view = user.send(Lookup { caller }).await.unwrap_or_default();
             let trunk_up = match trunk {
                 Some(t) => t.send(GetTrunkState).await.map(|s| s.up).unwrap_or(false),
                 None => false,
             };
-            (devices, trunk_up)
+            (view, trunk_up)
         }
     }
 
-    /// Remembers the devices' session actors and runs the router.
-    fn decide(
-        &mut self,
-        devices: Vec<(router::DeviceState, Addr<PresenceSession>)>,
-        trunk_up: bool,
-    ) -> (Vec<router::DeviceState>, router::Route) {
-        let states: Vec<_> = devices.iter().map(|(d, _)| d.clone()).collect();
-        for (d, a) in devices {
+    /// Remembers the devices' session actors and evaluates the user's rules.
+    fn decide(&mut self, view: UserView, trunk_up: bool) -> (Plan, Option<String>) {
+        let states: Vec<_> = view.devices.iter().map(|(d, _)| d.clone()).collect();
+        for (d, a) in view.devices {
+            self.device_names.insert(d.session, d.device.clone());
             self.devices.entry(d.session).or_insert(a);
         }
-        let route = router::route(&states, &Preferences::default(), trunk_up);
-        (states, route)
+        self.predicted = rules::predict(&states, &view.history)
+            .iter()
+            .map(|d| d.session)
+            .collect();
+        let now_unix = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let ctx = CallContext {
+            devices: &states,
+            history: &view.history,
+            caller: &self.s.caller,
+            caller_known: view.caller_known,
+            media: Media::Audio,
+            voice_network_up: trunk_up,
+            now_unix,
+        };
+        self.pstn_fallback = view.prefs.pstn_fallback;
+        rules::plan(&view.prefs, &ctx)
+    }
+
+    /// Records who answered: the CDR, the user's answer history, and how the prediction did.
+    fn learn_answer(&mut self, leg: LegId) {
+        let LegId::Device(session) = leg else {
+            self.answered_by = Some("pstn".into());
+            return;
+        };
+        let Some(name) = self.device_names.get(&session).cloned() else {
+            return;
+        };
+        let rank = match self.predicted.iter().position(|s| *s == session) {
+            Some(0) => "1",
+            Some(1) => "2",
+            Some(_) => "3+",
+            None => "unranked",
+        };
+        metrics::counter!(m::ANSWERED_RANK_TOTAL, "rank" => rank).increment(1);
+        tracing::info!(call = %self.s.call_id, device = %name, rank, "answered");
+        self.s.user.addr.do_send(Answered {
+            device: name.clone(),
+            at: SystemTime::now(),
+        });
+        self.answered_by = Some(name);
     }
 
     fn trunk_outcome(&self, outcome: ProbeOutcome) {
@@ -311,6 +367,7 @@ impl CallActor {
             cause,
             packets_in: self.stats.caller_to_callee.load(Ordering::Relaxed),
             packets_out: self.stats.callee_to_caller.load(Ordering::Relaxed),
+            answered_by: self.answered_by.clone(),
         });
         tracing::info!(call = %self.s.call_id, sip_call_id = %self.s.sip_call_id, disposition = disposition.as_str(), cause, route, "call finished");
         self.sip(SipLegCmd::Done);
@@ -323,13 +380,23 @@ impl Actor for CallActor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         metrics::gauge!(m::CALLS_ACTIVE).increment(1.0);
-        ctx.wait(self.lookup().into_actor(self).map(|(devices, trunk_up), act, ctx| {
-            let (states, route) = act.decide(devices, trunk_up);
-            metrics::counter!(m::ROUTE_DECISIONS_TOTAL, "route" => route.label()).increment(1);
-            tracing::debug!(call = %act.s.call_id, ?route, devices = states.len(), "routed");
-            let prefs = Preferences::default();
-            let fallback = matches!(router::fallback(&prefs, trunk_up), router::Route::Trunk);
-            act.core.handle_route(Instant::now(), route, fallback);
+        ctx.wait(self.lookup().into_actor(self).map(|(view, trunk_up), act, ctx| {
+            let (plan, rule) = act.decide(view, trunk_up);
+            let label = match &plan {
+                Plan::Ring(_) => "ring",
+                Plan::Forward(_) => "forward",
+                Plan::Reject(_) => "reject",
+                Plan::Unavailable => "none",
+            };
+            metrics::counter!(m::ROUTE_DECISIONS_TOTAL, "route" => label, "by" => if rule.is_some() { "rule" } else { "default" }).increment(1);
+            if let Some(r) = &rule {
+                tracing::info!(call = %act.s.call_id, rule = %r, ?plan, "routed by rule");
+            } else {
+                tracing::debug!(call = %act.s.call_id, ?plan, "routed by default policy");
+            }
+            act.by_rule = rule.is_some();
+            let fallback = act.pstn_fallback && trunk_up;
+            act.core.handle_plan(Instant::now(), plan, fallback);
             act.drive(ctx);
             if act.core.is_ringing() {
                 // While it rings, every presence change of the callee re-evaluates the route.
@@ -351,12 +418,21 @@ impl Handler<FromDevice> for CallActor {
         match msg.event {
             DeviceLegEvent::Delivered => self.leg_ringing(leg),
             DeviceLegEvent::Answer => self.core.handle_leg_answered(leg),
-            DeviceLegEvent::Reject => self.core.handle_leg_failed(leg, LegFailure::Declined(603)),
-            DeviceLegEvent::Hangup | DeviceLegEvent::Gone if answered => {
-                self.core.handle_leg_hangup(leg)
+            DeviceLegEvent::Reject => {
+                self.core
+                    .handle_leg_failed(Instant::now(), leg, LegFailure::Declined(603))
             }
-            DeviceLegEvent::Hangup => self.core.handle_leg_failed(leg, LegFailure::Declined(603)),
-            DeviceLegEvent::Gone => self.core.handle_leg_failed(leg, LegFailure::Failed(480)),
+            DeviceLegEvent::Hangup | DeviceLegEvent::Gone if answered => {
+                self.core.handle_leg_hangup(Instant::now(), leg)
+            }
+            DeviceLegEvent::Hangup => {
+                self.core
+                    .handle_leg_failed(Instant::now(), leg, LegFailure::Declined(603))
+            }
+            DeviceLegEvent::Gone => {
+                self.core
+                    .handle_leg_failed(Instant::now(), leg, LegFailure::Failed(480))
+            }
         }
         self.drive(ctx);
     }
@@ -386,9 +462,10 @@ impl Handler<SipEvent> for CallActor {
                 } else {
                     LegFailure::Failed(code)
                 };
-                self.core.handle_leg_failed(LegId::Trunk, why);
+                self.core
+                    .handle_leg_failed(Instant::now(), LegId::Trunk, why);
             }
-            SipEvent::TrunkBye => self.core.handle_leg_hangup(LegId::Trunk),
+            SipEvent::TrunkBye => self.core.handle_leg_hangup(Instant::now(), LegId::Trunk),
         }
         self.drive(ctx);
     }
@@ -400,10 +477,19 @@ impl Handler<PresenceChanged> for CallActor {
         if !self.core.is_ringing() {
             return;
         }
-        ctx.wait(self.lookup().into_actor(self).map(move |(devices, trunk_up), act, ctx| {
-            let (_, route) = act.decide(devices, trunk_up);
-            let label = route.label();
-            if act.core.handle_reroute(route) {
+        if self.core.has_more_steps() {
+            return; // a sequential plan follows its own steps
+        }
+        ctx.wait(self.lookup().into_actor(self).map(move |(view, trunk_up), act, ctx| {
+            let (plan, _) = act.decide(view, trunk_up);
+            let legs = match plan {
+                Plan::Ring(steps) if steps.len() == 1 => steps.into_iter().flat_map(|s| s.legs).collect(),
+                Plan::Unavailable => Vec::new(),
+                // Several steps, forwarding, rejection: not a re-route; keep ringing.
+                _ => return act.drive(ctx),
+            };
+            let label = if legs.iter().any(|l| matches!(l, LegId::Device(_))) { "im" } else if legs.is_empty() { "none" } else { "pstn" };
+            if act.core.handle_reroute(legs) {
                 metrics::counter!(m::REROUTES_TOTAL).increment(1);
                 act.reroute_at = Some(msg.at);
                 tracing::info!(call = %act.s.call_id, route = label, reroutes = act.core.reroutes(), "re-routed while ringing");

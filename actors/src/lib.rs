@@ -26,6 +26,7 @@ pub mod messages;
 pub mod metrics;
 pub mod registry;
 pub mod router;
+pub mod rules;
 pub mod session;
 pub mod trunk;
 pub mod user;

@@ -220,6 +220,8 @@ pub struct CdrRecord {
     pub packets_in: u64,
     /// RTP/RTCP packets callee → caller.
     pub packets_out: u64,
+    /// Who answered: the device name, or `pstn`.
+    pub answered_by: Option<String>,
 }
 
 /// Where finished calls go. Must not lose a record.

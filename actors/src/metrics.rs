@@ -31,7 +31,9 @@ pub const CHAT_MESSAGES_TOTAL: &str = "parley_chat_messages_total";
 pub const REROUTES_TOTAL: &str = "parley_reroutes_total";
 /// Time from a presence change to the re-routed leg ringing.
 pub const REROUTE_SECONDS: &str = "parley_reroute_seconds";
-/// Routing decisions, by `route`.
+/// Answered device calls by the answering device's predicted rank (`1`, `2`, `3+`, `unranked`).
+pub const ANSWERED_RANK_TOTAL: &str = "parley_answered_rank_total";
+/// Routing decisions, by `route` (`ring`, `forward`, `reject`, `none`) and `by` (`rule`, `default`).
 pub const ROUTE_DECISIONS_TOTAL: &str = "parley_route_decisions_total";
 
 /// Registers descriptions with the installed recorder.
@@ -102,4 +104,9 @@ pub fn describe() {
         "Presence updates pushed to subscribed devices"
     );
     describe_counter!(CHAT_MESSAGES_TOTAL, Unit::Count, "Chat messages by result");
+    describe_counter!(
+        ANSWERED_RANK_TOTAL,
+        Unit::Count,
+        "Answered device calls by the predicted rank of the answering device"
+    );
 }

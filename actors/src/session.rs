@@ -16,7 +16,11 @@ use tokio::sync::mpsc;
 use crate::messages::{DeviceLegEvent, FromDevice, SessionId, ToDevice};
 use crate::metrics as m;
 use crate::registry::Registry;
-use crate::user::{Attach, Deliver, Detach, PresenceUpdate, Subscribe, Unsubscribe, UserActor};
+use crate::rules::{Preferences, RulesError};
+use crate::user::{
+    Attach, Deliver, Detach, GetPreferences, PresenceUpdate, SetPreferences, Subscribe,
+    Unsubscribe, UserActor,
+};
 
 /// Server chat message ids, unique per node.
 static CHAT_IDS: AtomicU64 = AtomicU64::new(1);
@@ -94,6 +98,41 @@ impl PresenceSession {
             {
                 r.addr.do_send(Unsubscribe(self.id));
             }
+        }
+    }
+
+    fn get_preferences(&mut self, ctx: &mut Context<Self>) {
+        ctx.spawn(
+            self.user
+                .send(GetPreferences)
+                .into_actor(self)
+                .map(|res, act, _| match res {
+                    Ok(p) => act.send(ServerMsg::Preferences {
+                        preferences: serde_json::to_value(p.as_ref()).unwrap_or_default(),
+                    }),
+                    Err(_) => act.error("unavailable", "user actor unavailable".into()),
+                }),
+        );
+    }
+
+    fn set_preferences(&mut self, value: serde_json::Value, ctx: &mut Context<Self>) {
+        let prefs = serde_json::from_value::<Preferences>(value)
+            .map_err(|e| RulesError::Syntax(e.to_string()))
+            .and_then(|p| p.validate().map(|()| p));
+        match prefs {
+            Ok(p) => {
+                tracing::info!(session = self.id, user = %self.owner.user, rules = p.rules.len(), "preferences changed by the user");
+                let reply = ServerMsg::Preferences {
+                    preferences: serde_json::to_value(&p).unwrap_or_default(),
+                };
+                ctx.spawn(self.user.send(SetPreferences(p)).into_actor(self).map(
+                    move |res, act, _| match res {
+                        Ok(()) => act.send(reply),
+                        Err(_) => act.error("unavailable", "user actor unavailable".into()),
+                    },
+                ));
+            }
+            Err(e) => self.error("bad_preferences", e.to_string()),
         }
     }
 
@@ -220,6 +259,8 @@ impl Handler<FromClient> for PresenceSession {
             ClientMsg::Subscribe { users } => self.subscribe(users, ctx),
             ClientMsg::Unsubscribe { users } => self.unsubscribe(users),
             ClientMsg::Chat { to, text, id } => self.chat(to, text, id, ctx),
+            ClientMsg::GetPreferences => self.get_preferences(ctx),
+            ClientMsg::SetPreferences { preferences } => self.set_preferences(preferences, ctx),
             ClientMsg::Presence {
                 status,
                 idle_ms,

@@ -1,8 +1,9 @@
 //! The user actor: the live presence of one user across their devices, the users watching
 //! it, and chat delivery to the user's devices.
 
-use std::collections::BTreeMap;
-use std::time::Instant;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use actix::prelude::*;
 use actix::{WeakAddr, WeakRecipient};
@@ -11,6 +12,16 @@ use parley_codecs::control::{AddressBookEntry, ServerMsg, Status};
 use crate::messages::SessionId;
 use crate::metrics as m;
 use crate::router::DeviceState;
+use crate::rules::Preferences;
+
+/// Answer history halves in weight every week: recent habits count more.
+pub const HISTORY_HALF_LIFE: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Where changed preferences are persisted (implemented by the switch's store).
+pub trait PreferencesSink: Send + Sync + 'static {
+    /// Saves a user's preferences (asynchronously; failures are logged by the sink).
+    fn save(&self, user: &str, prefs: &Preferences);
+}
 use crate::session::{PresenceSession, Push};
 
 /// One user.
@@ -24,6 +35,18 @@ pub struct UserActor {
     subscribers: Vec<(SessionId, WeakAddr<PresenceSession>)>,
     /// The aggregate last published to subscribers.
     published: Option<Aggregate>,
+    prefs: Arc<Preferences>,
+    prefs_sink: Option<Arc<dyn PreferencesSink>>,
+    /// Decaying count of answered calls per device name, and when it was last updated.
+    history: HashMap<String, (f64, SystemTime)>,
+    /// Addresses in the user's address book.
+    known: HashSet<String>,
+}
+
+impl std::fmt::Debug for dyn PreferencesSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PreferencesSink")
+    }
 }
 
 /// A user's presence as others see it.
@@ -74,7 +97,32 @@ impl UserActor {
             watchers: Vec::new(),
             subscribers: Vec::new(),
             published: None,
+            prefs: Arc::default(),
+            prefs_sink: None,
+            history: HashMap::new(),
+            known: HashSet::new(),
         }
+    }
+
+    /// Persists preference changes through `sink`.
+    pub fn with_preferences(mut self, prefs: Preferences, sink: Arc<dyn PreferencesSink>) -> Self {
+        self.prefs = Arc::new(prefs);
+        self.prefs_sink = Some(sink);
+        self
+    }
+
+    fn record_answer(&mut self, device: String, at: SystemTime) {
+        let (score, last) = self.history.get(&device).copied().unwrap_or((0.0, at));
+        self.history
+            .insert(device, (decay(score, last, at) + 1.0, at.max(last)));
+    }
+
+    fn history_now(&self) -> HashMap<String, f64> {
+        let now = SystemTime::now();
+        self.history
+            .iter()
+            .map(|(d, (score, at))| (d.clone(), decay(*score, *at, now)))
+            .collect()
     }
 
     fn current(&self) -> Aggregate {
@@ -122,6 +170,103 @@ impl UserActor {
 
 impl Actor for UserActor {
     type Context = Context<Self>;
+}
+
+/// `score` as of `at`, seen from `now`: halves every [`HISTORY_HALF_LIFE`].
+fn decay(score: f64, at: SystemTime, now: SystemTime) -> f64 {
+    let age = now.duration_since(at).unwrap_or_default().as_secs_f64();
+    score * 0.5f64.powf(age / HISTORY_HALF_LIFE.as_secs_f64())
+}
+
+/// What a call needs to know about its callee.
+#[derive(Debug, Clone, Default)]
+pub struct UserView {
+    /// Connected devices and their session actors.
+    pub devices: Vec<(DeviceState, Addr<PresenceSession>)>,
+    /// Routing preferences.
+    pub prefs: Arc<Preferences>,
+    /// Answer-history score per device name, now.
+    pub history: HashMap<String, f64>,
+    /// Whether the caller is in the user's address book.
+    pub caller_known: bool,
+}
+
+/// Ask for the user's devices, preferences and history, as a call for `caller` sees them.
+#[derive(Message)]
+#[rtype(result = "UserView")]
+pub struct Lookup {
+    /// The caller's address (E.164 or URI).
+    pub caller: String,
+}
+
+impl Handler<Lookup> for UserActor {
+    type Result = MessageResult<Lookup>;
+    fn handle(&mut self, m: Lookup, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(UserView {
+            devices: self.devices.values().cloned().collect(),
+            prefs: self.prefs.clone(),
+            history: self.history_now(),
+            caller_known: self.known.contains(&m.caller),
+        })
+    }
+}
+
+/// A device of this user answered a call (prediction learns from it).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Answered {
+    /// Device name.
+    pub device: String,
+    /// When.
+    pub at: SystemTime,
+}
+
+impl Handler<Answered> for UserActor {
+    type Result = ();
+    fn handle(&mut self, m: Answered, _: &mut Context<Self>) {
+        self.record_answer(m.device, m.at);
+    }
+}
+
+/// Past answers, oldest first (from the CDR store at start-up).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SeedHistory(pub Vec<(String, SystemTime)>);
+
+impl Handler<SeedHistory> for UserActor {
+    type Result = ();
+    fn handle(&mut self, m: SeedHistory, _: &mut Context<Self>) {
+        for (device, at) in m.0 {
+            self.record_answer(device, at);
+        }
+    }
+}
+
+/// Replace the user's preferences (already validated); persisted through the sink.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetPreferences(pub Preferences);
+
+impl Handler<SetPreferences> for UserActor {
+    type Result = ();
+    fn handle(&mut self, m: SetPreferences, _: &mut Context<Self>) {
+        if let Some(sink) = &self.prefs_sink {
+            sink.save(&self.name, &m.0);
+        }
+        self.prefs = Arc::new(m.0);
+    }
+}
+
+/// Read the user's preferences.
+#[derive(Message)]
+#[rtype(result = "Arc<Preferences>")]
+pub struct GetPreferences;
+
+impl Handler<GetPreferences> for UserActor {
+    type Result = MessageResult<GetPreferences>;
+    fn handle(&mut self, _: GetPreferences, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.prefs.clone())
+    }
 }
 
 /// The user's presence changed (a device came, went, or changed status).
@@ -196,11 +341,6 @@ pub struct PresenceUpdate {
     /// Note.
     pub note: Option<String>,
 }
-
-/// Ask for the user's devices and their presence.
-#[derive(Message)]
-#[rtype(result = "Vec<(DeviceState, Addr<PresenceSession>)>")]
-pub struct Snapshot;
 
 /// The user's address book changed; push it to every device.
 #[derive(Message)]
@@ -291,16 +431,10 @@ impl Handler<PresenceUpdate> for UserActor {
     }
 }
 
-impl Handler<Snapshot> for UserActor {
-    type Result = MessageResult<Snapshot>;
-    fn handle(&mut self, _: Snapshot, _: &mut Context<Self>) -> Self::Result {
-        MessageResult(self.devices.values().cloned().collect())
-    }
-}
-
 impl Handler<AddressBookChanged> for UserActor {
     type Result = ();
     fn handle(&mut self, m: AddressBookChanged, _: &mut Context<Self>) {
+        self.known = m.0.iter().map(|e| e.address.clone()).collect();
         for (_, addr) in self.devices.values() {
             addr.do_send(Push(ServerMsg::AddressBook {
                 entries: m.0.clone(),
@@ -312,6 +446,18 @@ impl Handler<AddressBookChanged> for UserActor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn history_decays_with_a_one_week_half_life() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        assert!((decay(4.0, t0, t0 + HISTORY_HALF_LIFE) - 2.0).abs() < 1e-9);
+        assert!((decay(4.0, t0, t0 + HISTORY_HALF_LIFE * 2) - 1.0).abs() < 1e-9);
+        let mut u = UserActor::new("alice");
+        u.record_answer("desk".into(), t0);
+        u.record_answer("desk".into(), t0 + HISTORY_HALF_LIFE);
+        let (score, _) = u.history["desk"];
+        assert!((score - 1.5).abs() < 1e-9, "{score}");
+    }
 
     fn d(session: u64, status: Status, note: Option<&str>) -> DeviceState {
         DeviceState {

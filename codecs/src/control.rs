@@ -86,6 +86,14 @@ pub enum ClientMsg {
         /// User names.
         users: Vec<String>,
     },
+    /// Read this user's routing preferences; answered with `preferences`.
+    GetPreferences,
+    /// Replace this user's routing preferences (`docs/routing.md`); answered with
+    /// `preferences`, or a non-fatal `bad_preferences` error naming the faulty rule.
+    SetPreferences {
+        /// The preferences object.
+        preferences: serde_json::Value,
+    },
     /// Send a chat message to every online device of a user of the same tenant.
     Chat {
         /// Recipient user name.
@@ -170,6 +178,11 @@ pub enum ServerMsg {
     Pong {
         /// The ping's id.
         id: u64,
+    },
+    /// The user's routing preferences (reply to `get_preferences` / `set_preferences`).
+    Preferences {
+        /// The preferences object.
+        preferences: serde_json::Value,
     },
     /// A watched user's presence (aggregated over their devices).
     PresenceUpdate {

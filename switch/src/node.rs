@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use actix::Actor;
 use parley_actors::registry::{Registry, UserRef};
+use parley_actors::rules::Preferences;
 use parley_actors::trunk::TrunkActor;
-use parley_actors::user::UserActor;
+use parley_actors::user::{AddressBookChanged, PreferencesSink, SeedHistory, UserActor};
 use serde::Serialize;
 
 use crate::config::Config;
@@ -46,7 +47,26 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     let registry = Arc::new(Registry::default());
     for u in store.users().await? {
-        let addr = UserActor::new(u.user.clone()).start();
+        let prefs = match store.preferences(&u.tenant, &u.user).await? {
+            Some(json) => Preferences::from_json(&json).unwrap_or_else(|e| {
+                tracing::error!(tenant = %u.tenant, user = %u.user, error = %e, "stored preferences unusable; using defaults");
+                Preferences::default()
+            }),
+            None => Preferences::default(),
+        };
+        let sink = Arc::new(StorePreferences {
+            store: store.clone(),
+            tenant: u.tenant.clone(),
+        });
+        let addr = UserActor::new(u.user.clone())
+            .with_preferences(prefs, sink)
+            .start();
+        addr.do_send(SeedHistory(
+            store.answer_history(&u.tenant, &u.user, 500).await?,
+        ));
+        addr.do_send(AddressBookChanged(
+            store.address_book(&u.tenant, &u.user).await?,
+        ));
         registry.insert(UserRef {
             tenant: u.tenant,
             user: u.user,
@@ -142,6 +162,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         prometheus,
         store: store.clone(),
         admin_token,
+        registry: registry.clone(),
     }));
     actix_rt::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -201,5 +222,26 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term => {}
+    }
+}
+
+/// Persists preferences changed through the IM protocol or the admin API.
+struct StorePreferences {
+    store: Store,
+    tenant: String,
+}
+
+impl PreferencesSink for StorePreferences {
+    fn save(&self, user: &str, prefs: &Preferences) {
+        let (store, tenant, user) = (self.store.clone(), self.tenant.clone(), user.to_owned());
+        let json = match serde_json::to_string(prefs) {
+            Ok(j) => j,
+            Err(e) => return tracing::error!(error = %e, "preferences not serialisable"),
+        };
+        tokio::spawn(async move {
+            if let Err(e) = store.save_preferences(&tenant, &user, &json).await {
+                tracing::error!(%tenant, %user, error = %e, "saving preferences failed");
+            }
+        });
     }
 }

@@ -11,6 +11,10 @@ use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
 
+use parley_actors::registry::{Registry, UserRef};
+use parley_actors::rules::Preferences;
+use parley_actors::user::{GetPreferences, SetPreferences};
+
 use crate::store::Store;
 
 /// Shared state.
@@ -21,6 +25,8 @@ pub struct HttpState {
     pub store: Store,
     /// Required bearer token for `/api/v1`.
     pub admin_token: String,
+    /// Live users (preferences are read and changed through their actors).
+    pub registry: Arc<Registry>,
 }
 
 /// The router.
@@ -30,6 +36,10 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/api/v1/cdrs", get(cdrs))
         .route("/api/v1/users/{user}/address-book", get(address_book))
+        .route(
+            "/api/v1/users/{user}/preferences",
+            get(get_preferences).put(put_preferences),
+        )
         .with_state(state)
 }
 
@@ -114,5 +124,75 @@ async fn address_book(
     match s.store.address_book(&tenant, &user).await {
         Ok(rows) => Json(rows).into_response(),
         Err(e) => db_error(e),
+    }
+}
+
+fn user_or_404(s: &HttpState, tenant: &str, user: &str) -> Result<UserRef, Box<Response>> {
+    s.registry.by_name(tenant, user).ok_or_else(|| {
+        Box::new((StatusCode::NOT_FOUND, Json(serde_json::json!({"error": "unknown_user", "message": format!("no user {user} in tenant {tenant}")}))).into_response())
+    })
+}
+
+async fn get_preferences(
+    State(s): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    Path(user): Path<String>,
+    Query(q): Query<TenantQuery>,
+) -> Response {
+    if let Err(r) = authorised(&s, &headers) {
+        return *r;
+    }
+    let tenant = q.tenant.unwrap_or_else(|| "demo".into());
+    let u = match user_or_404(&s, &tenant, &user) {
+        Ok(u) => u,
+        Err(r) => return *r,
+    };
+    match u.addr.send(GetPreferences).await {
+        Ok(p) => Json(p.as_ref().clone()).into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"error": "unavailable", "message": e.to_string()})),
+        )
+            .into_response(),
+    }
+}
+
+async fn put_preferences(
+    State(s): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    Path(user): Path<String>,
+    Query(q): Query<TenantQuery>,
+    body: String,
+) -> Response {
+    if let Err(r) = authorised(&s, &headers) {
+        return *r;
+    }
+    let tenant = q.tenant.unwrap_or_else(|| "demo".into());
+    let u = match user_or_404(&s, &tenant, &user) {
+        Ok(u) => u,
+        Err(r) => return *r,
+    };
+    let prefs = match Preferences::from_json(&body) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::info!(%tenant, %user, error = %e, "preferences refused");
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(serde_json::json!({"error": "bad_preferences", "message": e.to_string()})),
+            )
+                .into_response();
+        }
+    };
+    let reply = Json(prefs.clone()).into_response();
+    match u.addr.send(SetPreferences(prefs)).await {
+        Ok(()) => {
+            tracing::info!(%tenant, %user, "preferences changed through the admin API");
+            reply
+        }
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"error": "unavailable", "message": e.to_string()})),
+        )
+            .into_response(),
     }
 }

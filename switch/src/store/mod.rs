@@ -77,6 +77,8 @@ pub struct CdrRow {
     pub packets_in: i64,
     /// Packets callee → caller.
     pub packets_out: i64,
+    /// Who answered: the device name, or `pstn`.
+    pub answered_by: Option<String>,
 }
 
 /// The node's database.
@@ -112,6 +114,22 @@ impl Store {
             sqlx::raw_sql(sqlx::AssertSqlSafe(*stmt))
                 .execute(&pool)
                 .await?;
+        }
+        for (table, column, ty) in ADDED_COLUMNS {
+            let present = sqlx::query("SELECT 1 FROM pragma_table_info(?) WHERE name = ?")
+                .bind(table)
+                .bind(column)
+                .fetch_optional(&pool)
+                .await?
+                .is_some();
+            if !present {
+                tracing::info!(table, column, "adding column to an existing database");
+                let stmt = format!("ALTER TABLE {table} ADD COLUMN {column} {ty}");
+                // Names come from the constant above, not from input.
+                sqlx::raw_sql(sqlx::AssertSqlSafe(stmt))
+                    .execute(&pool)
+                    .await?;
+            }
         }
         Ok(Self { pool })
     }
@@ -266,6 +284,7 @@ impl Store {
                 sip_cause: r.get("sip_cause"),
                 packets_in: r.get("packets_in"),
                 packets_out: r.get("packets_out"),
+                answered_by: r.get("answered_by"),
             })
             .collect())
     }
@@ -280,6 +299,68 @@ impl Store {
         when: SystemTime,
     ) -> Result<(), StoreError> {
         add_contact(&self.pool, tenant, user, address, name, when).await
+    }
+
+    /// A user's stored routing preferences (JSON), if any.
+    pub async fn preferences(
+        &self,
+        tenant: &str,
+        user: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query("SELECT json FROM preferences WHERE tenant = ? AND user = ?")
+            .bind(tenant)
+            .bind(user)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.get("json")))
+    }
+
+    /// Stores a user's routing preferences (JSON, already validated).
+    pub async fn save_preferences(
+        &self,
+        tenant: &str,
+        user: &str,
+        json: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO preferences (tenant, user, json, updated_ms) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (tenant, user) DO UPDATE SET json = excluded.json, updated_ms = excluded.updated_ms",
+        )
+        .bind(tenant)
+        .bind(user)
+        .bind(json)
+        .bind(unix_ms(SystemTime::now()))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Which device answered the user's recent calls, oldest first (at most `limit`).
+    pub async fn answer_history(
+        &self,
+        tenant: &str,
+        user: &str,
+        limit: i64,
+    ) -> Result<Vec<(String, SystemTime)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT answered_by, end_ms FROM (SELECT answered_by, end_ms FROM cdrs WHERE tenant = ? AND user = ? \
+             AND answered_by IS NOT NULL AND answered_by != 'pstn' ORDER BY end_ms DESC LIMIT ?) ORDER BY end_ms",
+        )
+        .bind(tenant)
+        .bind(user)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let ms: i64 = r.get("end_ms");
+                (
+                    r.get("answered_by"),
+                    UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64),
+                )
+            })
+            .collect())
     }
 
     /// A user's address book, most recent first.
@@ -325,8 +406,8 @@ async fn insert_cdr<'e>(
     };
     sqlx::query(
         "INSERT INTO cdrs (call_id, sip_call_id, tenant, user, caller, caller_name, called, route, start_ms, answer_ms, end_ms, \
-         start_time, answer_time, end_time, duration_secs, disposition, sip_cause, packets_in, packets_out) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         start_time, answer_time, end_time, duration_secs, disposition, sip_cause, packets_in, packets_out, answered_by) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(&c.call_id)
     .bind(&c.sip_call_id)
@@ -347,6 +428,7 @@ async fn insert_cdr<'e>(
     .bind(i64::from(c.cause))
     .bind(c.packets_in as i64)
     .bind(c.packets_out as i64)
+    .bind(&c.answered_by)
     .execute(ex)
     .await?;
     Ok(())
@@ -377,7 +459,12 @@ async fn add_contact<'e>(
 
 const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS users (tenant TEXT NOT NULL, user TEXT NOT NULL, number TEXT NOT NULL, password_hash TEXT NOT NULL, PRIMARY KEY (tenant, user))",
-    "CREATE TABLE IF NOT EXISTS cdrs (call_id TEXT NOT NULL, sip_call_id TEXT NOT NULL, tenant TEXT NOT NULL, user TEXT NOT NULL, caller TEXT NOT NULL, caller_name TEXT, called TEXT NOT NULL, route TEXT NOT NULL, start_ms INTEGER NOT NULL, answer_ms INTEGER, end_ms INTEGER NOT NULL, start_time TEXT NOT NULL, answer_time TEXT, end_time TEXT NOT NULL, duration_secs REAL NOT NULL, disposition TEXT NOT NULL, sip_cause INTEGER NOT NULL, packets_in INTEGER NOT NULL, packets_out INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS cdrs (call_id TEXT NOT NULL, sip_call_id TEXT NOT NULL, tenant TEXT NOT NULL, user TEXT NOT NULL, caller TEXT NOT NULL, caller_name TEXT, called TEXT NOT NULL, route TEXT NOT NULL, start_ms INTEGER NOT NULL, answer_ms INTEGER, end_ms INTEGER NOT NULL, start_time TEXT NOT NULL, answer_time TEXT, end_time TEXT NOT NULL, duration_secs REAL NOT NULL, disposition TEXT NOT NULL, sip_cause INTEGER NOT NULL, packets_in INTEGER NOT NULL, packets_out INTEGER NOT NULL, answered_by TEXT)",
     "CREATE INDEX IF NOT EXISTS cdrs_user ON cdrs (tenant, user, end_ms)",
     "CREATE TABLE IF NOT EXISTS address_book (tenant TEXT NOT NULL, user TEXT NOT NULL, address TEXT NOT NULL, name TEXT, call_count INTEGER NOT NULL, last_seen_ms INTEGER NOT NULL, PRIMARY KEY (tenant, user, address))",
+    "CREATE TABLE IF NOT EXISTS preferences (tenant TEXT NOT NULL, user TEXT NOT NULL, json TEXT NOT NULL, updated_ms INTEGER NOT NULL, PRIMARY KEY (tenant, user))",
 ];
+
+/// Columns added after a table was first created: (table, column, type). Added at start-up
+/// when missing, so databases from older versions keep working.
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[("cdrs", "answered_by", "TEXT")];

@@ -178,6 +178,31 @@ password = "demo"
         (status, dechunk(&body))
     }
 
+    /// PUT a JSON body with the admin token; returns (status, body).
+    pub fn put(&self, path: &str, body: &str) -> (u16, String) {
+        let mut s = TcpStream::connect(self.http).expect("connect http");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "PUT {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            self.token,
+            body.len()
+        )
+        .unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        let status = resp
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (status, dechunk(&body))
+    }
+
     pub fn cdrs(&self) -> Vec<serde_json::Value> {
         let (st, body) = self.get("/api/v1/cdrs", true);
         assert_eq!(st, 200, "{body}");
