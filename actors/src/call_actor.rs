@@ -10,8 +10,8 @@ use parley_codecs::sdp::{self, MediaDescription};
 
 use crate::call::{Action, CallCore, Disposition, LegFailure, LegId};
 use crate::messages::{
-    CallHandle, CdrRecord, CdrSink, DeviceLegEvent, FlowStats, FromDevice, MediaPlane, SipCommand,
-    SipEvent, SipLegCmd, ToDevice,
+    CallHandle, CdrRecord, CdrSink, DeviceLegEvent, FlowStats, FromDevice, MediaPlane, SessionId,
+    SipCommand, SipEvent, SipLegCmd, ToDevice,
 };
 use crate::metrics as m;
 use crate::registry::UserRef;
@@ -53,6 +53,41 @@ pub struct CallSetup {
     pub started: Instant,
     /// The same instant on the wall clock, for the CDR.
     pub started_wall: SystemTime,
+    /// For a call dialled from an IM device: that device (the caller leg is then the
+    /// device, not a SIP dialog).
+    pub caller_device: Option<(SessionId, Addr<PresenceSession>)>,
+}
+
+/// What every call needs from the node, shared by the SIP driver and device sessions.
+pub struct CallEnv {
+    /// The SIP driver.
+    pub sip: Recipient<SipCommand>,
+    /// The relay.
+    pub media: Arc<dyn MediaPlane>,
+    /// The CDR writer.
+    pub cdr: Arc<dyn CdrSink>,
+    /// The trunk toward users' PSTN lines, if any.
+    pub trunk: Option<Addr<TrunkActor>>,
+    /// Ring timeout.
+    pub ring_timeout: Duration,
+}
+
+impl std::fmt::Debug for CallEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallEnv")
+            .field("ring_timeout", &self.ring_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why the caller's device hears that its call ended, by SIP-style cause.
+fn ended_reason(code: u16) -> &'static str {
+    match code {
+        486 | 600 | 603 => "rejected",
+        487 => "cancelled",
+        408 | 480 => "unavailable",
+        _ => "failed",
+    }
 }
 
 /// One call.
@@ -63,7 +98,7 @@ pub struct CallActor {
     trunk_port: Option<u16>,
     trunk_media: Option<MediaDescription>,
     caller_port: Option<u16>,
-    roq: Option<(u64, u64)>,
+    roq: Vec<(u64, u64)>,
     stats: Arc<FlowStats>,
     answered_at: Option<SystemTime>,
     timer: Option<SpawnHandle>,
@@ -90,7 +125,7 @@ impl CallActor {
             trunk_port: None,
             trunk_media: None,
             caller_port: None,
-            roq: None,
+            roq: Vec::new(),
             stats: Arc::default(),
             answered_at: None,
             timer: None,
@@ -100,6 +135,17 @@ impl CallActor {
             by_rule: false,
             pstn_fallback: true,
             answered_by: None,
+        }
+    }
+
+    /// Tells the dialling device (IM-originated calls) something.
+    fn to_caller_device(&self, msg: ToDevice) -> bool {
+        match &self.s.caller_device {
+            Some((_, addr)) => {
+                addr.do_send(msg);
+                true
+            }
+            None => false,
         }
     }
 
@@ -179,7 +225,11 @@ impl CallActor {
             Action::CallerRinging => {
                 metrics::histogram!(m::CALL_RINGING_SECONDS)
                     .record(self.s.started.elapsed().as_secs_f64());
-                self.sip(SipLegCmd::CallerRinging);
+                if !self.to_caller_device(ToDevice::Ringing {
+                    call_id: self.s.call_id.clone(),
+                }) {
+                    self.sip(SipLegCmd::CallerRinging);
+                }
             }
             Action::Connect(leg) => {
                 if let Err(e) = self.connect(leg) {
@@ -187,8 +237,23 @@ impl CallActor {
                     self.core.handle_connect_failed(503);
                 }
             }
-            Action::RejectCaller(code) => self.sip(SipLegCmd::CallerReject(code)),
-            Action::ByeCaller => self.sip(SipLegCmd::CallerBye),
+            Action::RejectCaller(code) => {
+                let ended = ToDevice::Ended {
+                    call_id: self.s.call_id.clone(),
+                    reason: ended_reason(code),
+                };
+                if !self.to_caller_device(ended) {
+                    self.sip(SipLegCmd::CallerReject(code));
+                }
+            }
+            Action::ByeCaller => {
+                if !self.to_caller_device(ToDevice::Ended {
+                    call_id: self.s.call_id.clone(),
+                    reason: "remote_hangup",
+                }) {
+                    self.sip(SipLegCmd::CallerBye);
+                }
+            }
             Action::Withdraw(leg, reason) | Action::Hangup(leg, reason) => match leg {
                 LegId::Device(s) => {
                     if let Some(dev) = self.devices.get(&s) {
@@ -209,6 +274,34 @@ impl CallActor {
 
     fn connect(&mut self, leg: LegId) -> Result<(), crate::messages::MediaError> {
         self.learn_answer(leg);
+        if let Some((caller_session, caller_addr)) = self.s.caller_device.clone() {
+            // Device to device: RoQ on both sides, PCMU (every Parley client sends G.711).
+            let LegId::Device(session) = leg else {
+                return Err(crate::messages::MediaError::Unavailable);
+            };
+            let (a, b) = (self.s.media.next_flow_id(), self.s.media.next_flow_id());
+            self.s
+                .media
+                .bridge_roq_roq((caller_session, a), (session, b), self.stats.clone())?;
+            self.roq.extend([(caller_session, a), (session, b)]);
+            let pt = parley_codecs::g711::PT_PCMU;
+            if let Some(dev) = self.devices.get(&session) {
+                dev.do_send(ToDevice::Connected {
+                    call_id: self.s.call_id.clone(),
+                    flow_id: b,
+                    payload_type: pt,
+                });
+            }
+            caller_addr.do_send(ToDevice::Connected {
+                call_id: self.s.call_id.clone(),
+                flow_id: a,
+                payload_type: pt,
+            });
+            self.answered_at = Some(SystemTime::now());
+            metrics::histogram!(m::CALL_SETUP_SECONDS)
+                .record(self.s.started.elapsed().as_secs_f64());
+            return Ok(());
+        }
         let port = self.s.media.allocate_port()?;
         self.caller_port = Some(port);
         let caller = (
@@ -226,7 +319,7 @@ impl CallActor {
                 self.s
                     .media
                     .bridge_roq(caller, session, flow, self.stats.clone())?;
-                self.roq = Some((session, flow));
+                self.roq.push((session, flow));
                 if let Some(dev) = self.devices.get(&session) {
                     dev.do_send(ToDevice::Connected {
                         call_id: self.s.call_id.clone(),
@@ -300,8 +393,12 @@ impl CallActor {
             voice_network_up: trunk_up,
             now_unix,
         };
-        self.pstn_fallback = view.prefs.pstn_fallback;
-        rules::plan(&view.prefs, &ctx)
+        self.pstn_fallback = view.prefs.pstn_fallback && self.s.caller_device.is_none();
+        let (plan, rule) = rules::plan(&view.prefs, &ctx);
+        if self.s.caller_device.is_some() {
+            return (device_only(plan), rule);
+        }
+        (plan, rule)
     }
 
     /// Records who answered: the CDR, the user's answer history, and how the prediction did.
@@ -347,7 +444,7 @@ impl CallActor {
             .into_iter()
             .chain(self.trunk_port)
             .collect();
-        self.s.media.release(&ports, self.roq.take());
+        self.s.media.release(&ports, &std::mem::take(&mut self.roq));
         let route = self.core.route();
         metrics::counter!(m::CALLS_TOTAL, "disposition" => disposition.as_str(), "route" => route)
             .increment(1);
@@ -370,7 +467,9 @@ impl CallActor {
             answered_by: self.answered_by.clone(),
         });
         tracing::info!(call = %self.s.call_id, sip_call_id = %self.s.sip_call_id, disposition = disposition.as_str(), cause, route, "call finished");
-        self.sip(SipLegCmd::Done);
+        if self.s.caller_device.is_none() {
+            self.sip(SipLegCmd::Done);
+        }
         ctx.stop();
     }
 }
@@ -413,6 +512,23 @@ impl Actor for CallActor {
 impl Handler<FromDevice> for CallActor {
     type Result = ();
     fn handle(&mut self, msg: FromDevice, ctx: &mut Context<Self>) {
+        if self
+            .s
+            .caller_device
+            .as_ref()
+            .is_some_and(|(s, _)| *s == msg.session)
+        {
+            // The dialling device hung up (or went away).
+            if matches!(msg.event, DeviceLegEvent::Hangup | DeviceLegEvent::Gone) {
+                if self.core.answered_leg().is_some() {
+                    self.core.handle_caller_gone(Disposition::Answered, 200);
+                } else {
+                    self.core.handle_caller_cancel();
+                }
+                self.drive(ctx);
+            }
+            return;
+        }
         let leg = LegId::Device(msg.session);
         let answered = self.core.answered_leg() == Some(leg);
         match msg.event {
@@ -496,5 +612,29 @@ impl Handler<PresenceChanged> for CallActor {
             }
             act.drive(ctx);
         }));
+    }
+}
+
+/// IM-originated calls reach the callee's devices only for now: trunk legs are dropped from
+/// the plan (a plan left with nothing becomes 480).
+fn device_only(plan: Plan) -> Plan {
+    match plan {
+        Plan::Ring(steps) => {
+            let steps: Vec<_> = steps
+                .into_iter()
+                .map(|mut s| {
+                    s.legs.retain(|l| matches!(l, LegId::Device(_)));
+                    s
+                })
+                .filter(|s| !s.legs.is_empty())
+                .collect();
+            if steps.is_empty() {
+                Plan::Unavailable
+            } else {
+                Plan::Ring(steps)
+            }
+        }
+        Plan::Forward(_) => Plan::Unavailable,
+        other => other,
     }
 }

@@ -31,4 +31,4 @@ pub mod session;
 pub mod trunk;
 pub mod user;
 
-pub use call_actor::{CallActor, CallSetup};
+pub use call_actor::{CallActor, CallEnv, CallSetup};

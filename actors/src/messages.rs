@@ -29,6 +29,11 @@ pub enum ToDevice {
         /// Where the device's answer/reject/hang-up go.
         call: Recipient<FromDevice>,
     },
+    /// The call this device dialled is ringing at the callee.
+    Ringing {
+        /// Parley call id.
+        call_id: String,
+    },
     /// The device's answer was accepted; media runs on `flow_id`.
     Connected {
         /// Parley call id.
@@ -72,8 +77,16 @@ pub struct FromDevice {
     pub event: DeviceLegEvent,
 }
 
-/// Handle of a call in the SIP driver.
+/// Handle of a call (in the SIP driver and in call ids `c-N`).
 pub type CallHandle = u64;
+
+static CALL_HANDLES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// A new call handle, unique in this process (SIP- and IM-originated calls share them, so
+/// call ids never collide).
+pub fn next_call_handle() -> CallHandle {
+    CALL_HANDLES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
 
 /// From a call actor to the SIP driver.
 #[derive(Message, Debug, Clone)]
@@ -183,8 +196,16 @@ pub trait MediaPlane: Send + Sync + 'static {
         flow_id: u64,
         stats: Arc<FlowStats>,
     ) -> Result<(), MediaError>;
-    /// Removes every flow on these ports and this RoQ flow, and frees the ports.
-    fn release(&self, ports: &[u16], roq: Option<(SessionId, u64)>);
+    /// Bridges two RoQ flows (device to device): what the caller's device sends on its flow
+    /// goes to the callee's device on the callee's flow, and back.
+    fn bridge_roq_roq(
+        &self,
+        caller: (SessionId, u64),
+        callee: (SessionId, u64),
+        stats: Arc<FlowStats>,
+    ) -> Result<(), MediaError>;
+    /// Removes every flow on these ports and these RoQ flows, and frees the ports.
+    fn release(&self, ports: &[u16], roq: &[(SessionId, u64)]);
 }
 
 /// A finished call, as written to the CDR store.

@@ -13,6 +13,7 @@ use actix::prelude::*;
 use parley_codecs::control::{ClientMsg, ServerMsg};
 use tokio::sync::mpsc;
 
+use crate::messages::next_call_handle;
 use crate::messages::{DeviceLegEvent, FromDevice, SessionId, ToDevice};
 use crate::metrics as m;
 use crate::registry::Registry;
@@ -21,6 +22,7 @@ use crate::user::{
     Attach, Deliver, Detach, GetPreferences, PresenceUpdate, SetPreferences, Subscribe,
     Unsubscribe, UserActor,
 };
+use crate::{CallActor, CallEnv, CallSetup};
 
 /// Server chat message ids, unique per node.
 static CHAT_IDS: AtomicU64 = AtomicU64::new(1);
@@ -36,6 +38,10 @@ pub struct SessionOwner {
     pub addr: Addr<UserActor>,
     /// Every live user (lookups are restricted to `tenant`).
     pub registry: Arc<Registry>,
+    /// The user's own E.164 number (presented as the caller of calls this device dials).
+    pub number: String,
+    /// What calls dialled from this device need; `None` disables dialling.
+    pub calls: Option<Arc<CallEnv>>,
 }
 
 /// A device session.
@@ -99,6 +105,61 @@ impl PresenceSession {
                 r.addr.do_send(Unsubscribe(self.id));
             }
         }
+    }
+
+    fn dial(&mut self, to: String, ctx: &mut Context<Self>) {
+        let Some(env) = self.owner.calls.clone() else {
+            return self.error("unavailable", "dialling is not enabled on this node".into());
+        };
+        // A user of the tenant by name, or any Parley user by number (numbers are public).
+        let callee = self
+            .owner
+            .registry
+            .by_name(&self.owner.tenant, &to)
+            .or_else(|| self.owner.registry.by_number(&to));
+        let Some(callee) = callee else {
+            return self.error("unknown_destination", format!("{to} is not a Parley user (calls to the PSTN from devices are not supported yet)"));
+        };
+        if callee.tenant == self.owner.tenant && callee.user == self.owner.user {
+            return self.error(
+                "unknown_destination",
+                "a device cannot call its own user".into(),
+            );
+        }
+        let handle = next_call_handle();
+        let call_id = format!("c-{handle}");
+        let offer = parley_codecs::sdp::MediaDescription {
+            kind: parley_codecs::sdp::MediaKind::Audio,
+            addr: std::net::Ipv4Addr::UNSPECIFIED.into(),
+            port: 0,
+            formats: vec![parley_codecs::sdp::Format {
+                pt: parley_codecs::g711::PT_PCMU,
+                name: "PCMU".into(),
+                clock: 8000,
+            }],
+        };
+        let setup = CallSetup {
+            handle,
+            call_id: call_id.clone(),
+            sip_call_id: call_id.clone(),
+            called: callee.number.clone(),
+            user: callee,
+            caller: self.owner.number.clone(),
+            caller_name: Some(self.owner.user.clone()),
+            offer,
+            trunk: env.trunk.clone(),
+            sip: env.sip.clone(),
+            media: env.media.clone(),
+            cdr: env.cdr.clone(),
+            ring_timeout: env.ring_timeout,
+            started: std::time::Instant::now(),
+            started_wall: std::time::SystemTime::now(),
+            caller_device: Some((self.id, ctx.address())),
+        };
+        tracing::info!(session = self.id, user = %self.owner.user, %to, call = %call_id, "device dials");
+        let call = CallActor::new(setup).start();
+        self.calls.insert(call_id.clone(), call.recipient());
+        self.send(ServerMsg::Dialing { call_id, to });
     }
 
     fn get_preferences(&mut self, ctx: &mut Context<Self>) {
@@ -260,6 +321,7 @@ impl Handler<FromClient> for PresenceSession {
             ClientMsg::Unsubscribe { users } => self.unsubscribe(users),
             ClientMsg::Chat { to, text, id } => self.chat(to, text, id, ctx),
             ClientMsg::GetPreferences => self.get_preferences(ctx),
+            ClientMsg::Dial { to } => self.dial(to, ctx),
             ClientMsg::SetPreferences { preferences } => self.set_preferences(preferences, ctx),
             ClientMsg::Presence {
                 status,
@@ -323,6 +385,7 @@ impl Handler<ToDevice> for PresenceSession {
                     event: DeviceLegEvent::Delivered,
                 });
             }
+            ToDevice::Ringing { call_id } => self.send(ServerMsg::CallRinging { call_id }),
             ToDevice::Connected {
                 call_id,
                 flow_id,

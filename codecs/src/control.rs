@@ -86,6 +86,13 @@ pub enum ClientMsg {
         /// User names.
         users: Vec<String>,
     },
+    /// Call another user (by user name in the same tenant, or by a Parley user's E.164
+    /// number); answered with `dialing`, then `call_ringing`, `call_connected` and
+    /// `call_ended` as the call progresses. `hangup` with the call id cancels or ends it.
+    Dial {
+        /// User name or E.164 number.
+        to: String,
+    },
     /// Read this user's routing preferences; answered with `preferences`.
     GetPreferences,
     /// Replace this user's routing preferences (`docs/routing.md`); answered with
@@ -178,6 +185,18 @@ pub enum ServerMsg {
     Pong {
         /// The ping's id.
         id: u64,
+    },
+    /// The call this device dialled exists; its id is for `hangup` and the events below.
+    Dialing {
+        /// Parley's id for the call.
+        call_id: String,
+        /// As dialled.
+        to: String,
+    },
+    /// The call this device dialled rings at the callee.
+    CallRinging {
+        /// The call id.
+        call_id: String,
     },
     /// The user's routing preferences (reply to `get_preferences` / `set_preferences`).
     Preferences {

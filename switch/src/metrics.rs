@@ -16,7 +16,7 @@ pub const SIP_PARSE_ERRORS_TOTAL: &str = "parley_sip_parse_errors_total";
 pub const SIP_RETRANSMISSIONS_TOTAL: &str = "parley_sip_retransmissions_total";
 /// INVITEs refused with 503 while draining or overloaded.
 pub const SIP_REJECTED_OVERLOAD_TOTAL: &str = "parley_sip_overload_rejections_total";
-/// Packets relayed, by `path` (`udp_udp`, `udp_roq`, `roq_udp`).
+/// Packets relayed, by `path` (`udp_udp`, `udp_roq`, `roq_udp`, `roq_roq`).
 pub const RELAY_PACKETS_TOTAL: &str = "parley_relay_packets_total";
 /// Bytes relayed (RTP/RTCP packet bytes), by `path`.
 pub const RELAY_BYTES_TOTAL: &str = "parley_relay_bytes_total";

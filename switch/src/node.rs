@@ -81,6 +81,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         port_max: cfg.relay.port_max,
     })?;
     let (cdr_queue, cdr_task) = cdr_writer::start(store.clone(), registry.clone());
+    let cdr_sink: Arc<dyn parley_actors::messages::CdrSink> = Arc::new(cdr_queue);
 
     // The trunk actor probes through the SIP driver and the driver's calls read the trunk's
     // state: create the trunk's context first so each can hold the other's address.
@@ -114,8 +115,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         DriverDeps {
             registry: registry.clone(),
             media: relay.clone(),
-            cdr: Arc::new(cdr_queue),
-            trunk,
+            cdr: cdr_sink.clone(),
+            trunk: trunk.clone(),
             ring_timeout: cfg.ring_timeout(),
         },
     )
@@ -139,6 +140,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         relay: relay.clone(),
         login_timeout: Duration::from_secs(cfg.quic.login_timeout_secs),
         next_session: AtomicU64::new(1),
+        calls: Some(Arc::new(parley_actors::CallEnv {
+            sip: sip.clone().recipient(),
+            media: relay.clone(),
+            cdr: cdr_sink.clone(),
+            trunk: trunk.clone(),
+            ring_timeout: cfg.ring_timeout(),
+        })),
     });
     actix_rt::spawn(quic::serve(endpoint.clone(), im));
 

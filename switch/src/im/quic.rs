@@ -37,6 +37,8 @@ pub struct ImContext {
     pub login_timeout: Duration,
     /// Session id source.
     pub next_session: AtomicU64,
+    /// What calls dialled from devices need.
+    pub calls: Option<Arc<parley_actors::CallEnv>>,
 }
 
 /// Builds the server config.
@@ -213,6 +215,8 @@ async fn handle_connection(conn: quinn::Connection, ctx: Arc<ImContext>) {
         user: row.user.clone(),
         addr: user_ref.addr.clone(),
         registry: ctx.registry.clone(),
+        number: row.number.clone(),
+        calls: ctx.calls.clone(),
     };
     let session = PresenceSession::new(session_id, device, owner, tx.clone()).start();
 

@@ -49,9 +49,14 @@ pub(crate) enum Command {
         conn: quinn::Connection,
         stats: Arc<FlowStats>,
     },
+    BridgeRoqRoq {
+        a: (SessionId, u64, quinn::Connection),
+        b: (SessionId, u64, quinn::Connection),
+        stats: Arc<FlowStats>,
+    },
     Release {
         ports: Vec<u16>,
-        roq: Option<(SessionId, u64)>,
+        roq: Vec<(SessionId, u64)>,
     },
     RoqIn {
         session: SessionId,
@@ -203,8 +208,28 @@ impl MediaPlane for Relay {
         })
     }
 
-    fn release(&self, ports: &[u16], roq: Option<(SessionId, u64)>) {
-        if ports.is_empty() && roq.is_none() {
+    fn bridge_roq_roq(
+        &self,
+        caller: (SessionId, u64),
+        callee: (SessionId, u64),
+        stats: Arc<FlowStats>,
+    ) -> Result<(), MediaError> {
+        let conn = |s: SessionId| {
+            self.conns
+                .get(&s)
+                .map(|c| c.clone())
+                .ok_or(MediaError::Unavailable)
+        };
+        let (a, b) = (conn(caller.0)?, conn(callee.0)?);
+        self.send(Command::BridgeRoqRoq {
+            a: (caller.0, caller.1, a),
+            b: (callee.0, callee.1, b),
+            stats,
+        })
+    }
+
+    fn release(&self, ports: &[u16], roq: &[(SessionId, u64)]) {
+        if ports.is_empty() && roq.is_empty() {
             return;
         }
         // The worker returns the ports to the pool once their sockets are closed, so a port
@@ -212,7 +237,7 @@ impl MediaPlane for Relay {
         metrics::gauge!(m::RELAY_PORTS_ACTIVE).decrement(ports.len() as f64);
         let _ = self.send(Command::Release {
             ports: ports.to_vec(),
-            roq,
+            roq: roq.to_vec(),
         });
     }
 }

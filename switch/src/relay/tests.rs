@@ -92,7 +92,7 @@ fn udp_bridge_forwards_both_ways_latches_and_drops_spoofed_and_malformed() {
     assert_eq!(stats.caller_to_callee.load(Ordering::Relaxed), 2);
     assert_eq!(stats.callee_to_caller.load(Ordering::Relaxed), 1);
 
-    relay.release(&[pa, pb], None);
+    relay.release(&[pa, pb], &[]);
     std::thread::sleep(Duration::from_millis(100));
     caller.send_to(&rtp(4), a).unwrap();
     assert!(recv(&callee).is_none(), "nothing flows after release");
@@ -161,7 +161,7 @@ fn port_range_exhaustion_is_an_error_not_a_crash() {
         relay.allocate_port(),
         Err(parley_actors::messages::MediaError::PortsExhausted)
     ));
-    relay.release(&got, None);
+    relay.release(&got, &[]);
     // The worker hands released ports back once their sockets are closed.
     let reused = (0..50).any(|_| {
         std::thread::sleep(Duration::from_millis(20));

@@ -35,6 +35,19 @@ enum Target {
     Roq { conn: quinn::Connection, flow: u64 },
 }
 
+/// Where a RoQ datagram from a device flow goes.
+enum RoqRoute {
+    /// Out of a relay port, to its peer.
+    Udp(u16),
+    /// To another device's flow.
+    Roq {
+        conn: quinn::Connection,
+        flow: u64,
+        stats: Arc<FlowStats>,
+        caller_side: bool,
+    },
+}
+
 struct Port {
     socket: UdpSocket,
     /// Where signalling says the peer receives.
@@ -57,6 +70,7 @@ struct Counters {
     udp_udp: (Counter, Counter),
     udp_roq: (Counter, Counter),
     roq_udp: (Counter, Counter),
+    roq_roq: (Counter, Counter),
     no_flow: Counter,
     wrong_source: Counter,
     malformed: Counter,
@@ -68,6 +82,7 @@ struct Tally {
     udp_udp: (u64, u64),
     udp_roq: (u64, u64),
     roq_udp: (u64, u64),
+    roq_roq: (u64, u64),
     no_flow: u64,
     wrong_source: u64,
     malformed: u64,
@@ -79,7 +94,7 @@ pub(super) struct Worker {
     rx: mpsc::Receiver<Command>,
     free: Arc<Mutex<VecDeque<u16>>>,
     ports: HashMap<u16, Port>,
-    roq: HashMap<(SessionId, u64), u16>,
+    roq: HashMap<(SessionId, u64), RoqRoute>,
     buf: Vec<u8>,
     out: BytesMut,
     counters: Counters,
@@ -104,6 +119,7 @@ impl Worker {
             udp_udp: path("udp_udp"),
             udp_roq: path("udp_roq"),
             roq_udp: path("roq_udp"),
+            roq_roq: path("roq_roq"),
             no_flow: drop("no_flow"),
             wrong_source: drop("wrong_source"),
             malformed: drop("malformed"),
@@ -188,7 +204,27 @@ impl Worker {
                     stats,
                 } => {
                     self.bridge(udp, Target::Roq { conn, flow }, &stats, true);
-                    self.roq.insert((session, flow), udp.0);
+                    self.roq.insert((session, flow), RoqRoute::Udp(udp.0));
+                }
+                Command::BridgeRoqRoq { a, b, stats } => {
+                    self.roq.insert(
+                        (a.0, a.1),
+                        RoqRoute::Roq {
+                            conn: b.2,
+                            flow: b.1,
+                            stats: stats.clone(),
+                            caller_side: true,
+                        },
+                    );
+                    self.roq.insert(
+                        (b.0, b.1),
+                        RoqRoute::Roq {
+                            conn: a.2,
+                            flow: a.1,
+                            stats,
+                            caller_side: false,
+                        },
+                    );
                 }
                 Command::Release { ports, roq } => {
                     for p in &ports {
@@ -200,7 +236,7 @@ impl Worker {
                     if let Ok(mut free) = self.free.lock() {
                         free.extend(ports);
                     }
-                    if let Some(k) = roq {
+                    for k in roq {
                         self.roq.remove(&k);
                     }
                 }
@@ -300,11 +336,7 @@ impl Worker {
     }
 
     fn forward_roq(&mut self, session: SessionId, flow: u64, packet: &[u8]) {
-        let Some(port) = self.roq.get(&(session, flow)) else {
-            self.tally.no_flow += 1;
-            return;
-        };
-        let Some(p) = self.ports.get(port) else {
+        let Some(route) = self.roq.get(&(session, flow)) else {
             self.tally.no_flow += 1;
             return;
         };
@@ -312,15 +344,47 @@ impl Worker {
             self.tally.malformed += 1;
             return;
         }
-        if let Some(s) = &p.stats {
-            s.callee_to_caller.fetch_add(1, Ordering::Relaxed);
-        }
-        match p.dest().map(|d| p.socket.send_to(packet, d)) {
-            Some(Ok(_)) => {
-                self.tally.roq_udp.0 += 1;
-                self.tally.roq_udp.1 += packet.len() as u64;
+        match route {
+            RoqRoute::Udp(port) => {
+                let Some(p) = self.ports.get(port) else {
+                    self.tally.no_flow += 1;
+                    return;
+                };
+                if let Some(s) = &p.stats {
+                    s.callee_to_caller.fetch_add(1, Ordering::Relaxed);
+                }
+                match p.dest().map(|d| p.socket.send_to(packet, d)) {
+                    Some(Ok(_)) => {
+                        self.tally.roq_udp.0 += 1;
+                        self.tally.roq_udp.1 += packet.len() as u64;
+                    }
+                    _ => self.tally.send_error += 1,
+                }
             }
-            _ => self.tally.send_error += 1,
+            RoqRoute::Roq {
+                conn,
+                flow,
+                stats,
+                caller_side,
+            } => {
+                let c = if *caller_side {
+                    &stats.caller_to_callee
+                } else {
+                    &stats.callee_to_caller
+                };
+                c.fetch_add(1, Ordering::Relaxed);
+                roq::encode(*flow, packet, &mut self.out);
+                let datagram = self.out.split().freeze();
+                if conn.send_datagram(datagram).is_ok() {
+                    self.tally.roq_roq.0 += 1;
+                    self.tally.roq_roq.1 += packet.len() as u64;
+                } else {
+                    self.tally.send_error += 1;
+                }
+                if self.out.capacity() < MAX_PACKET {
+                    self.out.reserve(64 * 1024);
+                }
+            }
         }
     }
 
@@ -331,6 +395,7 @@ impl Worker {
             (&c.udp_udp, t.udp_udp),
             (&c.udp_roq, t.udp_roq),
             (&c.roq_udp, t.roq_udp),
+            (&c.roq_roq, t.roq_roq),
         ] {
             if n > 0 {
                 pk.increment(n);

@@ -150,7 +150,7 @@ pub struct SipCore {
     purposes: HashMap<TransactionKey, (CallHandle, Purpose)>,
     calls: HashMap<CallHandle, Call>,
     by_call_id: HashMap<String, (CallHandle, Side)>,
-    next_handle: CallHandle,
+
     next_probe: u64,
     draining: bool,
     out: VecDeque<Output>,
@@ -191,7 +191,7 @@ impl SipCore {
             purposes: HashMap::new(),
             calls: HashMap::new(),
             by_call_id: HashMap::new(),
-            next_handle: 1,
+
             next_probe: 0,
             draining: false,
             out: VecDeque::new(),
@@ -506,8 +506,7 @@ impl SipCore {
         let Some(sip_call_id) = msg::call_id(&req.headers) else {
             return;
         };
-        let handle = self.next_handle;
-        self.next_handle += 1;
+        let handle = parley_actors::messages::next_call_handle();
         let caller_leg = CallerLeg {
             remote_target: msg::contact_uri(&req.headers),
             invite: req,

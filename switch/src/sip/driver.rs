@@ -89,6 +89,7 @@ impl SipDriver {
                         ring_timeout: self.deps.ring_timeout,
                         started: Instant::now(),
                         started_wall: SystemTime::now(),
+                        caller_device: None,
                     };
                     self.calls.insert(nc.handle, CallActor::new(setup).start());
                 }
