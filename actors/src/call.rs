@@ -11,6 +11,12 @@ use std::time::{Duration, Instant};
 use crate::router::Route;
 use crate::rules::{Plan, Step};
 
+#[derive(Clone, Copy)]
+enum PlanKind {
+    Dial,
+    Other,
+}
+
 /// Most re-routes one call may go through.
 pub const MAX_REROUTES: u32 = 8;
 
@@ -187,15 +193,24 @@ impl CallCore {
         }
         self.trunk_fallback = trunk_fallback;
         self.deadline = Some(now + self.ring_timeout);
+        let plan_kind = if matches!(plan, Plan::Dial(_)) {
+            PlanKind::Dial
+        } else {
+            PlanKind::Other
+        };
         match plan {
             Plan::Ring(steps) => {
                 self.state = State::Ringing;
                 self.steps = steps.into();
                 self.next_step(now);
             }
-            Plan::Forward(number) => {
+            Plan::Forward(number) | Plan::Dial(number) => {
                 self.state = State::Ringing;
-                self.route = "forward";
+                self.route = if matches!(plan_kind, PlanKind::Dial) {
+                    "pstn"
+                } else {
+                    "forward"
+                };
                 self.trunk_target = Some(number);
                 self.tried_trunk = true;
                 self.ringing.push(LegId::Trunk);

@@ -56,6 +56,9 @@ pub struct CallSetup {
     /// For a call dialled from an IM device: that device (the caller leg is then the
     /// device, not a SIP dialog).
     pub caller_device: Option<(SessionId, Addr<PresenceSession>)>,
+    /// For a device dialling a PSTN number: that number (`user` is then the caller's own
+    /// user, who owns the CDR). `None`: the call is for `user`.
+    pub pstn_destination: Option<String>,
 }
 
 /// What every call needs from the node, shared by the SIP driver and device sessions.
@@ -112,6 +115,7 @@ pub struct CallActor {
     by_rule: bool,
     pstn_fallback: bool,
     answered_by: Option<String>,
+    stats_swapped: bool,
 }
 
 impl CallActor {
@@ -135,6 +139,7 @@ impl CallActor {
             by_rule: false,
             pstn_fallback: true,
             answered_by: None,
+            stats_swapped: false,
         }
     }
 
@@ -211,6 +216,7 @@ impl CallActor {
                         from: self.s.caller.clone(),
                         from_name: self.s.caller_name.clone(),
                         sdp: body,
+                        events: ctx.address().recipient(),
                     });
                 }
                 Err(e) => {
@@ -275,10 +281,31 @@ impl CallActor {
     fn connect(&mut self, leg: LegId) -> Result<(), crate::messages::MediaError> {
         self.learn_answer(leg);
         if let Some((caller_session, caller_addr)) = self.s.caller_device.clone() {
-            // Device to device: RoQ on both sides, PCMU (every Parley client sends G.711).
             let LegId::Device(session) = leg else {
-                return Err(crate::messages::MediaError::Unavailable);
+                // Device to PSTN: the caller's RoQ flow bridged with the trunk-side port.
+                let (Some(tport), Some(tm)) = (self.trunk_port, self.trunk_media.as_ref()) else {
+                    return Err(crate::messages::MediaError::Unavailable);
+                };
+                let flow = self.s.media.next_flow_id();
+                let trunk_side = (tport, std::net::SocketAddr::new(tm.addr, tm.port));
+                // The relay counts the UDP side as "caller": swap when writing the CDR.
+                self.stats_swapped = true;
+                self.s
+                    .media
+                    .bridge_roq(trunk_side, caller_session, flow, self.stats.clone())?;
+                self.roq.push((caller_session, flow));
+                let pt = tm.first_g711().unwrap_or(parley_codecs::g711::PT_PCMU);
+                caller_addr.do_send(ToDevice::Connected {
+                    call_id: self.s.call_id.clone(),
+                    flow_id: flow,
+                    payload_type: pt,
+                });
+                self.answered_at = Some(SystemTime::now());
+                metrics::histogram!(m::CALL_SETUP_SECONDS)
+                    .record(self.s.started.elapsed().as_secs_f64());
+                return Ok(());
             };
+            // Device to device: RoQ on both sides, PCMU (every Parley client sends G.711).
             let (a, b) = (self.s.media.next_flow_id(), self.s.media.next_flow_id());
             self.s
                 .media
@@ -393,12 +420,8 @@ impl CallActor {
             voice_network_up: trunk_up,
             now_unix,
         };
-        self.pstn_fallback = view.prefs.pstn_fallback && self.s.caller_device.is_none();
-        let (plan, rule) = rules::plan(&view.prefs, &ctx);
-        if self.s.caller_device.is_some() {
-            return (device_only(plan), rule);
-        }
-        (plan, rule)
+        self.pstn_fallback = view.prefs.pstn_fallback;
+        rules::plan(&view.prefs, &ctx)
     }
 
     /// Records who answered: the CDR, the user's answer history, and how the prediction did.
@@ -462,8 +485,23 @@ impl CallActor {
             end: SystemTime::now(),
             disposition: disposition.as_str().into(),
             cause,
-            packets_in: self.stats.caller_to_callee.load(Ordering::Relaxed),
-            packets_out: self.stats.callee_to_caller.load(Ordering::Relaxed),
+            packets_in: if self.stats_swapped {
+                &self.stats.callee_to_caller
+            } else {
+                &self.stats.caller_to_callee
+            }
+            .load(Ordering::Relaxed),
+            packets_out: if self.stats_swapped {
+                &self.stats.caller_to_callee
+            } else {
+                &self.stats.callee_to_caller
+            }
+            .load(Ordering::Relaxed),
+            direction: if self.s.pstn_destination.is_some() {
+                "out"
+            } else {
+                "in"
+            },
             answered_by: self.answered_by.clone(),
         });
         tracing::info!(call = %self.s.call_id, sip_call_id = %self.s.sip_call_id, disposition = disposition.as_str(), cause, route, "call finished");
@@ -479,11 +517,32 @@ impl Actor for CallActor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         metrics::gauge!(m::CALLS_ACTIVE).increment(1.0);
+        if let Some(number) = self.s.pstn_destination.clone() {
+            // A device dials a PSTN number: straight to the trunk, if the voice network is up.
+            let trunk = self.s.trunk.clone();
+            let up = async move {
+                match trunk {
+                    Some(t) => t.send(GetTrunkState).await.map(|s| s.up).unwrap_or(false),
+                    None => false,
+                }
+            };
+            ctx.wait(up.into_actor(self).map(move |up, act, ctx| {
+                let plan = if up {
+                    Plan::Dial(number)
+                } else {
+                    Plan::Unavailable
+                };
+                tracing::info!(call = %act.s.call_id, ?plan, "device dials the PSTN");
+                act.core.handle_plan(Instant::now(), plan, false);
+                act.drive(ctx);
+            }));
+            return;
+        }
         ctx.wait(self.lookup().into_actor(self).map(|(view, trunk_up), act, ctx| {
             let (plan, rule) = act.decide(view, trunk_up);
             let label = match &plan {
                 Plan::Ring(_) => "ring",
-                Plan::Forward(_) => "forward",
+                Plan::Forward(_) | Plan::Dial(_) => "forward",
                 Plan::Reject(_) => "reject",
                 Plan::Unavailable => "none",
             };
@@ -612,29 +671,5 @@ impl Handler<PresenceChanged> for CallActor {
             }
             act.drive(ctx);
         }));
-    }
-}
-
-/// IM-originated calls reach the callee's devices only for now: trunk legs are dropped from
-/// the plan (a plan left with nothing becomes 480).
-fn device_only(plan: Plan) -> Plan {
-    match plan {
-        Plan::Ring(steps) => {
-            let steps: Vec<_> = steps
-                .into_iter()
-                .map(|mut s| {
-                    s.legs.retain(|l| matches!(l, LegId::Device(_)));
-                    s
-                })
-                .filter(|s| !s.legs.is_empty())
-                .collect();
-            if steps.is_empty() {
-                Plan::Unavailable
-            } else {
-                Plan::Ring(steps)
-            }
-        }
-        Plan::Forward(_) => Plan::Unavailable,
-        other => other,
     }
 }

@@ -122,6 +122,9 @@ pub enum SipLegCmd {
         from_name: Option<String>,
         /// SDP offer.
         sdp: String,
+        /// Where this call's SIP events go (the driver learns calls it did not start this
+        /// way: calls dialled from IM devices).
+        events: Recipient<SipEvent>,
     },
     /// CANCEL the trunk INVITE.
     TrunkCancel,
@@ -243,6 +246,9 @@ pub struct CdrRecord {
     pub packets_out: u64,
     /// Who answered: the device name, or `pstn`.
     pub answered_by: Option<String>,
+    /// `in`: a call to `user` (the caller is the other party); `out`: `user` dialled
+    /// `called` (the called number is the other party).
+    pub direction: &'static str,
 }
 
 /// Where finished calls go. Must not lose a record.

@@ -317,6 +317,8 @@ pub enum Plan {
     Ring(Vec<Step>),
     /// Forward to this number through the trunk.
     Forward(String),
+    /// A PSTN number dialled from an IM device, through the trunk.
+    Dial(String),
     /// Refuse with this SIP status.
     Reject(u16),
     /// Nowhere to ring: 480.

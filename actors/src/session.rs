@@ -117,8 +117,18 @@ impl PresenceSession {
             .registry
             .by_name(&self.owner.tenant, &to)
             .or_else(|| self.owner.registry.by_number(&to));
-        let Some(callee) = callee else {
-            return self.error("unknown_destination", format!("{to} is not a Parley user (calls to the PSTN from devices are not supported yet)"));
+        let callee = match callee {
+            Some(c) => c,
+            // Not a Parley user: a PSTN number goes out through the trunk.
+            None if is_e164(&to) && env.trunk.is_some() => {
+                return self.dial_pstn(to, &env, ctx);
+            }
+            None => {
+                return self.error(
+                    "unknown_destination",
+                    format!("{to} is neither a user of your tenant nor an E.164 number"),
+                );
+            }
         };
         if callee.tenant == self.owner.tenant && callee.user == self.owner.user {
             return self.error(
@@ -128,16 +138,7 @@ impl PresenceSession {
         }
         let handle = next_call_handle();
         let call_id = format!("c-{handle}");
-        let offer = parley_codecs::sdp::MediaDescription {
-            kind: parley_codecs::sdp::MediaKind::Audio,
-            addr: std::net::Ipv4Addr::UNSPECIFIED.into(),
-            port: 0,
-            formats: vec![parley_codecs::sdp::Format {
-                pt: parley_codecs::g711::PT_PCMU,
-                name: "PCMU".into(),
-                clock: 8000,
-            }],
-        };
+        let offer = device_offer();
         let setup = CallSetup {
             handle,
             call_id: call_id.clone(),
@@ -155,11 +156,50 @@ impl PresenceSession {
             started: std::time::Instant::now(),
             started_wall: std::time::SystemTime::now(),
             caller_device: Some((self.id, ctx.address())),
+            pstn_destination: None,
         };
         tracing::info!(session = self.id, user = %self.owner.user, %to, call = %call_id, "device dials");
         let call = CallActor::new(setup).start();
         self.calls.insert(call_id.clone(), call.recipient());
         self.send(ServerMsg::Dialing { call_id, to });
+    }
+
+    fn dial_pstn(&mut self, number: String, env: &CallEnv, ctx: &mut Context<Self>) {
+        let Some(me) = self
+            .owner
+            .registry
+            .by_name(&self.owner.tenant, &self.owner.user)
+        else {
+            return self.error("unavailable", "your user is not active on this node".into());
+        };
+        let handle = next_call_handle();
+        let call_id = format!("c-{handle}");
+        let setup = CallSetup {
+            handle,
+            call_id: call_id.clone(),
+            sip_call_id: call_id.clone(),
+            called: number.clone(),
+            user: me,
+            caller: self.owner.number.clone(),
+            caller_name: Some(self.owner.user.clone()),
+            offer: device_offer(),
+            trunk: env.trunk.clone(),
+            sip: env.sip.clone(),
+            media: env.media.clone(),
+            cdr: env.cdr.clone(),
+            ring_timeout: env.ring_timeout,
+            started: std::time::Instant::now(),
+            started_wall: std::time::SystemTime::now(),
+            caller_device: Some((self.id, ctx.address())),
+            pstn_destination: Some(number.clone()),
+        };
+        tracing::info!(session = self.id, user = %self.owner.user, to = %number, call = %call_id, "device dials the PSTN");
+        let call = CallActor::new(setup).start();
+        self.calls.insert(call_id.clone(), call.recipient());
+        self.send(ServerMsg::Dialing {
+            call_id,
+            to: number,
+        });
     }
 
     fn get_preferences(&mut self, ctx: &mut Context<Self>) {
@@ -420,4 +460,32 @@ impl Handler<Disconnected> for PresenceSession {
     fn handle(&mut self, _: Disconnected, ctx: &mut Context<Self>) {
         ctx.stop();
     }
+}
+
+/// What a Parley device offers: G.711 over RoQ (the address is unused; media is RoQ).
+fn device_offer() -> parley_codecs::sdp::MediaDescription {
+    use parley_codecs::sdp::{Format, MediaDescription, MediaKind};
+    MediaDescription {
+        kind: MediaKind::Audio,
+        addr: std::net::Ipv4Addr::UNSPECIFIED.into(),
+        port: 0,
+        formats: vec![
+            Format {
+                pt: parley_codecs::g711::PT_PCMU,
+                name: "PCMU".into(),
+                clock: 8000,
+            },
+            Format {
+                pt: parley_codecs::g711::PT_PCMA,
+                name: "PCMA".into(),
+                clock: 8000,
+            },
+        ],
+    }
+}
+
+/// `+` followed by 4 to 15 digits.
+fn is_e164(s: &str) -> bool {
+    s.strip_prefix('+')
+        .is_some_and(|d| (4..=15).contains(&d.len()) && d.bytes().all(|b| b.is_ascii_digit()))
 }

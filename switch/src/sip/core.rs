@@ -132,7 +132,8 @@ struct TrunkLeg {
 
 #[derive(Debug)]
 struct Call {
-    caller: CallerLeg,
+    /// `None` for calls dialled from an IM device (only the trunk leg is SIP).
+    caller: Option<CallerLeg>,
     trunk: Option<TrunkLeg>,
     done: bool,
 }
@@ -523,7 +524,7 @@ impl SipCore {
         self.calls.insert(
             handle,
             Call {
-                caller: caller_leg,
+                caller: Some(caller_leg),
                 trunk: None,
                 done: false,
             },
@@ -546,9 +547,9 @@ impl SipCore {
             return;
         };
         if let Some((h, Side::Caller)) = self.by_call_id.get(&cid).copied()
-            && let Some(call) = self.calls.get_mut(&h)
+            && let Some(leg) = self.calls.get_mut(&h).and_then(|c| c.caller.as_mut())
         {
-            call.caller.acked = true;
+            leg.acked = true;
         }
     }
 
@@ -562,7 +563,9 @@ impl SipCore {
                 {
                     let ev = match side {
                         Side::Caller => {
-                            call.caller.acked = true;
+                            if let Some(leg) = call.caller.as_mut() {
+                                leg.acked = true;
+                            }
                             SipEvent::CallerBye
                         }
                         Side::Trunk => SipEvent::TrunkBye,
@@ -580,7 +583,7 @@ impl SipCore {
             Some((h, Side::Caller)) => {
                 self.respond(now, key, req, 200, None);
                 if let Some(call) = self.calls.get(&h)
-                    && !call.caller.final_sent
+                    && call.caller.as_ref().is_some_and(|c| !c.final_sent)
                     && !call.done
                 {
                     self.out.push_back(Output::Event(h, SipEvent::CallerCancel));
@@ -726,13 +729,16 @@ impl SipCore {
                 from,
                 from_name,
                 sdp,
+                ..
             } => self.send_trunk_invite(now, handle, &to, &from, from_name.as_deref(), &sdp),
             SipLegCmd::TrunkCancel => self.send_trunk_cancel(now, handle),
             SipLegCmd::TrunkBye => self.send_trunk_bye(now, handle),
             SipLegCmd::Done => {
                 if let Some(c) = self.calls.get_mut(&handle) {
                     c.done = true;
-                    c.caller.retx_deadline = None;
+                    if let Some(leg) = c.caller.as_mut() {
+                        leg.retx_deadline = None;
+                    }
                 }
                 // Keep the dialog a while to absorb retransmissions, then forget it.
                 self.set_timer(now + self.cfg.timers.timeout(), TimerKind::Reap(handle));
@@ -745,7 +751,9 @@ impl SipCore {
         let Some(call) = self.calls.get_mut(&h) else {
             return;
         };
-        let leg = &mut call.caller;
+        let Some(leg) = call.caller.as_mut() else {
+            return;
+        };
         if leg.final_sent {
             return;
         }
@@ -773,7 +781,9 @@ impl SipCore {
         let Some(call) = self.calls.get_mut(&h) else {
             return;
         };
-        let leg = &mut call.caller;
+        let Some(leg) = call.caller.as_mut() else {
+            return;
+        };
         let (Some(deadline), Some(ok), false) = (leg.retx_deadline, leg.ok.clone(), leg.acked)
         else {
             return;
@@ -827,7 +837,9 @@ impl SipCore {
         let Some(call) = self.calls.get_mut(&h) else {
             return;
         };
-        let leg = &mut call.caller;
+        let Some(leg) = call.caller.as_mut() else {
+            return;
+        };
         leg.local_cseq += 1;
         leg.retx_deadline = None;
         let inv = &leg.invite;
@@ -924,7 +936,12 @@ impl SipCore {
                 .push_back(Output::Event(h, SipEvent::TrunkFailed(500)));
             return;
         };
-        if let Some(call) = self.calls.get_mut(&h) {
+        let call = self.calls.entry(h).or_insert_with(|| Call {
+            caller: None,
+            trunk: None,
+            done: false,
+        });
+        {
             call.trunk = Some(TrunkLeg {
                 call_id: cid.clone(),
                 invite: req.clone(),
@@ -1040,7 +1057,11 @@ impl SipCore {
 
     fn reap(&mut self, h: CallHandle) {
         if let Some(call) = self.calls.remove(&h) {
-            if let Some(cid) = msg::call_id(&call.caller.invite.headers) {
+            if let Some(cid) = call
+                .caller
+                .as_ref()
+                .and_then(|c| msg::call_id(&c.invite.headers))
+            {
                 self.by_call_id.remove(&cid);
             }
             if let Some(t) = call.trunk {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use actix::prelude::*;
 use bytes::Bytes;
-use parley_actors::messages::{CallHandle, CdrSink, MediaPlane, SipCommand};
+use parley_actors::messages::{CallHandle, CdrSink, MediaPlane, SipCommand, SipEvent, SipLegCmd};
 use parley_actors::registry::Registry;
 use parley_actors::trunk::{ProbeOutcome, ProbeResult, SendProbe, TrunkActor};
 use parley_actors::{CallActor, CallSetup};
@@ -35,7 +35,7 @@ pub struct SipDriver {
     socket: Arc<UdpSocket>,
     core: SipCore,
     deps: DriverDeps,
-    calls: HashMap<CallHandle, Addr<CallActor>>,
+    calls: HashMap<CallHandle, Recipient<SipEvent>>,
     probes: HashMap<u64, (u64, Recipient<ProbeResult>)>,
     timer: Option<(Instant, SpawnHandle)>,
 }
@@ -90,8 +90,10 @@ impl SipDriver {
                         started: Instant::now(),
                         started_wall: SystemTime::now(),
                         caller_device: None,
+                        pstn_destination: None,
                     };
-                    self.calls.insert(nc.handle, CallActor::new(setup).start());
+                    self.calls
+                        .insert(nc.handle, CallActor::new(setup).start().recipient());
                 }
             }
         }
@@ -157,8 +159,14 @@ impl StreamHandler<Datagram> for SipDriver {
 impl Handler<SipCommand> for SipDriver {
     type Result = ();
     fn handle(&mut self, c: SipCommand, ctx: &mut Context<Self>) {
-        if matches!(c.cmd, parley_actors::messages::SipLegCmd::Done) {
-            self.calls.remove(&c.call);
+        match &c.cmd {
+            SipLegCmd::Done => {
+                self.calls.remove(&c.call);
+            }
+            SipLegCmd::TrunkInvite { events, .. } => {
+                self.calls.entry(c.call).or_insert_with(|| events.clone());
+            }
+            _ => {}
         }
         self.core.handle_command(Instant::now(), c.call, c.cmd);
         self.flush(ctx);

@@ -79,6 +79,8 @@ pub struct CdrRow {
     pub packets_out: i64,
     /// Who answered: the device name, or `pstn`.
     pub answered_by: Option<String>,
+    /// `in` (a call to `user`) or `out` (`user` dialled `called`).
+    pub direction: String,
 }
 
 /// The node's database.
@@ -236,15 +238,14 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         for c in cdrs {
             insert_cdr(&mut *tx, c).await?;
-            add_contact(
-                &mut *tx,
-                &c.tenant,
-                &c.user,
-                &c.caller,
-                c.caller_name.as_deref(),
-                c.end,
-            )
-            .await?;
+            // The other party: the caller of calls to the user, the called number of calls
+            // the user dialled.
+            let (party, name) = if c.direction == "out" {
+                (&c.called, None)
+            } else {
+                (&c.caller, c.caller_name.as_deref())
+            };
+            add_contact(&mut *tx, &c.tenant, &c.user, party, name, c.end).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -285,6 +286,7 @@ impl Store {
                 packets_in: r.get("packets_in"),
                 packets_out: r.get("packets_out"),
                 answered_by: r.get("answered_by"),
+                direction: r.get("direction"),
             })
             .collect())
     }
@@ -406,8 +408,8 @@ async fn insert_cdr<'e>(
     };
     sqlx::query(
         "INSERT INTO cdrs (call_id, sip_call_id, tenant, user, caller, caller_name, called, route, start_ms, answer_ms, end_ms, \
-         start_time, answer_time, end_time, duration_secs, disposition, sip_cause, packets_in, packets_out, answered_by) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         start_time, answer_time, end_time, duration_secs, disposition, sip_cause, packets_in, packets_out, answered_by, direction) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(&c.call_id)
     .bind(&c.sip_call_id)
@@ -429,6 +431,7 @@ async fn insert_cdr<'e>(
     .bind(c.packets_in as i64)
     .bind(c.packets_out as i64)
     .bind(&c.answered_by)
+    .bind(c.direction)
     .execute(ex)
     .await?;
     Ok(())
@@ -459,7 +462,7 @@ async fn add_contact<'e>(
 
 const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS users (tenant TEXT NOT NULL, user TEXT NOT NULL, number TEXT NOT NULL, password_hash TEXT NOT NULL, PRIMARY KEY (tenant, user))",
-    "CREATE TABLE IF NOT EXISTS cdrs (call_id TEXT NOT NULL, sip_call_id TEXT NOT NULL, tenant TEXT NOT NULL, user TEXT NOT NULL, caller TEXT NOT NULL, caller_name TEXT, called TEXT NOT NULL, route TEXT NOT NULL, start_ms INTEGER NOT NULL, answer_ms INTEGER, end_ms INTEGER NOT NULL, start_time TEXT NOT NULL, answer_time TEXT, end_time TEXT NOT NULL, duration_secs REAL NOT NULL, disposition TEXT NOT NULL, sip_cause INTEGER NOT NULL, packets_in INTEGER NOT NULL, packets_out INTEGER NOT NULL, answered_by TEXT)",
+    "CREATE TABLE IF NOT EXISTS cdrs (call_id TEXT NOT NULL, sip_call_id TEXT NOT NULL, tenant TEXT NOT NULL, user TEXT NOT NULL, caller TEXT NOT NULL, caller_name TEXT, called TEXT NOT NULL, route TEXT NOT NULL, start_ms INTEGER NOT NULL, answer_ms INTEGER, end_ms INTEGER NOT NULL, start_time TEXT NOT NULL, answer_time TEXT, end_time TEXT NOT NULL, duration_secs REAL NOT NULL, disposition TEXT NOT NULL, sip_cause INTEGER NOT NULL, packets_in INTEGER NOT NULL, packets_out INTEGER NOT NULL, answered_by TEXT, direction TEXT NOT NULL DEFAULT 'in')",
     "CREATE INDEX IF NOT EXISTS cdrs_user ON cdrs (tenant, user, end_ms)",
     "CREATE TABLE IF NOT EXISTS address_book (tenant TEXT NOT NULL, user TEXT NOT NULL, address TEXT NOT NULL, name TEXT, call_count INTEGER NOT NULL, last_seen_ms INTEGER NOT NULL, PRIMARY KEY (tenant, user, address))",
     "CREATE TABLE IF NOT EXISTS preferences (tenant TEXT NOT NULL, user TEXT NOT NULL, json TEXT NOT NULL, updated_ms INTEGER NOT NULL, PRIMARY KEY (tenant, user))",
@@ -467,4 +470,7 @@ const SCHEMA: &[&str] = &[
 
 /// Columns added after a table was first created: (table, column, type). Added at start-up
 /// when missing, so databases from older versions keep working.
-const ADDED_COLUMNS: &[(&str, &str, &str)] = &[("cdrs", "answered_by", "TEXT")];
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("cdrs", "answered_by", "TEXT"),
+    ("cdrs", "direction", "TEXT NOT NULL DEFAULT 'in'"),
+];
