@@ -4,7 +4,9 @@
 //! SIPp `uas`, another switch) at a set rate, and reports answer ratio, setup-time and
 //! post-dial-delay percentiles and failures by reason ([`report::Report`]). Its SIP side is
 //! the sans-IO [`sip_uac::Uac`]; what to dial and when is in [`plan`]. See
-//! `docs/loadtest.md`.
+//! `docs/loadtest.md`. A storm can log in its callees itself ([`fleet`]: answering,
+//! rejecting, moving ringing calls between a user's devices by presence), replay a CDR
+//! file ([`replay::Script`]) and take its knobs from a TOML file ([`scenario`]).
 //!
 //! [`device::Device`] is a simulated IM device speaking the Parley protocol over QUIC: it
 //! logs in, answers or rejects offered calls, and echoes or generates G.711 media as RTP
@@ -41,9 +43,12 @@
 //! ```
 
 pub mod device;
+pub mod fleet;
 pub mod media;
 pub mod plan;
+pub mod replay;
 pub mod report;
+pub mod scenario;
 pub mod sip_uac;
 pub mod storm;
 

@@ -4,15 +4,20 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 use parley_codecs::control::ServerMsg;
 use parley_load::device::{Device, DeviceConfig, MediaMode, StatsSnapshot};
+use parley_load::fleet::{FleetConfig, parse_users};
 use parley_load::parse_duration;
 use parley_load::plan::{Hold, Numbers};
+use parley_load::replay::Script;
 use parley_load::report::Thresholds;
+use parley_load::scenario::Scenario;
 use parley_load::storm::{self, StormConfig};
 use serde::Serialize;
 
@@ -30,26 +35,73 @@ enum Command {
     ///
     /// Prints one line per call event and periodic statistics, then a JSON summary on exit
     /// (Ctrl-C, SIGTERM or the end of --duration).
-    Device(DeviceArgs),
+    Device(Box<DeviceArgs>),
     /// Place SIP calls as a PSTN gateway (UAC over UDP) at a set rate and report the
     /// answer ratio, setup-time and post-dial-delay percentiles and failures by reason.
     ///
     /// Prints one progress line a second to stderr and a table at the end (and JSON with
     /// --json). Exits 2 when --max-fail-ratio or --max-setup-p99 is exceeded. Ctrl-C stops
     /// new calls and hangs up the answered ones; a second Ctrl-C aborts.
-    Storm(StormArgs),
+    Storm(Box<StormArgs>),
+    /// Replay a CDR file (Parley CSV or Asterisk Master.csv) as a storm: each recorded call
+    /// placed at its recorded time, to its recorded number, held for its billed time,
+    /// gaps and holds divided by --speed.
+    ///
+    /// Prints the same report as `storm`; exits 2 when --max-fail-ratio is exceeded.
+    Replay(Box<ReplayArgs>),
+}
+
+/// Options of the `replay` subcommand.
+#[derive(Debug, clap::Args)]
+struct ReplayArgs {
+    /// The CDR file: Parley CSV (with a header) or Asterisk Master.csv (without).
+    file: PathBuf,
+    /// Speed-up: inter-arrival gaps and hold times are divided by this.
+    #[arg(long, default_value_t = 1.0)]
+    speed: f64,
+    /// The SIP (UDP) address to send INVITEs to.
+    #[arg(long)]
+    target: SocketAddr,
+    /// The calling number.
+    #[arg(long, default_value = "+15557770001")]
+    from: String,
+    /// Calls in progress at most; calls due meanwhile wait, then catch up.
+    #[arg(long)]
+    max_concurrent: Option<usize>,
+    /// A call with no final response this long after its INVITE fails as `timeout`.
+    #[arg(long, value_parser = parse_duration, default_value = "32s")]
+    answer_timeout: Duration,
+    /// Send 20 ms PCMU on answered calls and measure what is echoed back.
+    #[arg(long)]
+    media: bool,
+    /// Write the report as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Exit 2 when failed/attempts is above this.
+    #[arg(long)]
+    max_fail_ratio: Option<f64>,
+    /// Address to bind the SIP socket to.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    local: SocketAddr,
+    /// No progress lines.
+    #[arg(long, short)]
+    quiet: bool,
 }
 
 /// Options of the `storm` subcommand.
 #[derive(Debug, clap::Args)]
 struct StormArgs {
-    /// The SIP (UDP) address to send INVITEs to.
+    /// Read these options from a TOML file (keys named as the flags, with underscores);
+    /// flags given here override it.
     #[arg(long)]
-    target: SocketAddr,
+    scenario: Option<PathBuf>,
+    /// The SIP (UDP) address to send INVITEs to (required, here or in --scenario).
+    #[arg(long)]
+    target: Option<SocketAddr>,
     /// Numbers to call: one number, a range FIRST-LAST (cycled through), or @FILE with one
-    /// number a line.
+    /// number a line (required, here or in --scenario).
     #[arg(long, value_parser = Numbers::parse)]
-    to: Numbers,
+    to: Option<Numbers>,
     /// The calling number.
     #[arg(long, default_value = "+15557770001")]
     from: String,
@@ -57,10 +109,10 @@ struct StormArgs {
     #[arg(long, default_value_t = 10.0)]
     rate: f64,
     /// Start a linear ramp at this rate (with --ramp-time).
-    #[arg(long, requires = "ramp_time")]
+    #[arg(long)]
     ramp_from: Option<f64>,
     /// Length of the ramp from --ramp-from to --rate (e.g. `30s`).
-    #[arg(long, value_parser = parse_duration, requires = "ramp_from")]
+    #[arg(long, value_parser = parse_duration)]
     ramp_time: Option<Duration>,
     /// Stop after this many calls.
     #[arg(long)]
@@ -95,7 +147,42 @@ struct StormArgs {
     /// No progress lines.
     #[arg(long, short)]
     quiet: bool,
+    /// Log in IM devices over QUIC for the storm's callees: `alice,bob` or
+    /// `PATTERN:FIRST-LAST` with `%d` in the pattern (`user%d:1-50`).
+    #[arg(long, value_parser = |s: &str| parse_users(s).map(Users))]
+    devices: Option<Users>,
+    /// The devices' password (or set PARLEY_PASSWORD).
+    #[arg(
+        long,
+        env = "PARLEY_PASSWORD",
+        hide_env_values = true,
+        requires = "devices"
+    )]
+    password: Option<String>,
+    /// Tenant of the devices' users.
+    #[arg(long, default_value = "demo")]
+    tenant: String,
+    /// The node's QUIC address, for --devices.
+    #[arg(long, default_value = "127.0.0.1:4433")]
+    quic: SocketAddr,
+    /// The node's certificate (DER), for --devices.
+    #[arg(long, default_value = "parley-data/quic-cert.der")]
+    cert: PathBuf,
+    /// The devices answer this long after `incoming_call`.
+    #[arg(long, value_parser = parse_duration, default_value = "0")]
+    answer_after: Duration,
+    /// Share of calls the devices reject (the caller gets 603), 0 to 1.
+    #[arg(long, default_value_t = 0.0)]
+    reject_ratio: f64,
+    /// Share of calls moved, while they ring, to the user's second device by presence
+    /// changes (two devices per user when above 0), 0 to 1.
+    #[arg(long, default_value_t = 0.0)]
+    churn_ratio: f64,
 }
+
+/// The users of `--devices` (a newtype, so that clap takes one value, not many).
+#[derive(Debug, Clone)]
+struct Users(Vec<String>);
 
 /// Options of the `device` subcommand.
 #[derive(Debug, clap::Args)]
@@ -160,14 +247,77 @@ async fn main() -> anyhow::Result<ExitCode> {
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
-        Command::Device(args) => run_device(args).await.map(|()| ExitCode::SUCCESS),
-        Command::Storm(args) => run_storm(args).await,
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    match cli.command {
+        Command::Device(args) => run_device(*args).await.map(|()| ExitCode::SUCCESS),
+        Command::Storm(mut args) => {
+            if let (Some(path), Some(m)) = (&args.scenario, matches.subcommand_matches("storm")) {
+                let sc = Scenario::from_file(path)
+                    .with_context(|| format!("scenario {}", path.display()))?;
+                args.apply(sc, m);
+            }
+            run_storm(*args).await
+        }
+        Command::Replay(args) => run_replay(*args).await,
+    }
+}
+
+impl StormArgs {
+    /// Takes the scenario's value of every option not given on the command line (or in
+    /// the environment).
+    fn apply(&mut self, sc: Scenario, m: &ArgMatches) {
+        let given = |id: &str| {
+            matches!(
+                m.value_source(id),
+                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+            )
+        };
+        macro_rules! take {
+            // Options that are `Option`s here too.
+            (opt $($f:ident),*) => {$(
+                if !given(stringify!($f)) && sc.$f.is_some() {
+                    self.$f = sc.$f;
+                }
+            )*};
+            // Options with a default.
+            (val $($f:ident),*) => {$(
+                if !given(stringify!($f)) && let Some(v) = sc.$f {
+                    self.$f = v;
+                }
+            )*};
+        }
+        take!(opt target, to, ramp_from, ramp_time, calls, duration, max_concurrent, json,
+            max_fail_ratio, max_setup_p99, password);
+        take!(val from, rate, hold, answer_timeout, media, local, quiet, tenant, quic, cert,
+            answer_after, reject_ratio, churn_ratio);
+        if !given("devices") && sc.devices.is_some() {
+            self.devices = sc.devices.map(Users);
+        }
     }
 }
 
 async fn run_storm(args: StormArgs) -> anyhow::Result<ExitCode> {
-    let mut cfg = StormConfig::new(args.target, args.to);
+    let target = args
+        .target
+        .context("no target: give --target or `target` in the scenario")?;
+    let to = args
+        .to
+        .context("no numbers to call: give --to or `to` in the scenario")?;
+    anyhow::ensure!(
+        args.ramp_from.is_some() == args.ramp_time.is_some(),
+        "a ramp needs both --ramp-from and --ramp-time"
+    );
+    let devices_only = [
+        ("--reject-ratio", args.reject_ratio != 0.0),
+        ("--churn-ratio", args.churn_ratio != 0.0),
+    ];
+    if args.devices.is_none()
+        && let Some((flag, _)) = devices_only.iter().find(|(_, set)| *set)
+    {
+        anyhow::bail!("{flag} needs --devices");
+    }
+    let mut cfg = StormConfig::new(target, to);
     cfg.local = args.local;
     cfg.from = args.from;
     cfg.rate = args.rate;
@@ -179,6 +329,19 @@ async fn run_storm(args: StormArgs) -> anyhow::Result<ExitCode> {
     cfg.answer_timeout = args.answer_timeout;
     cfg.media = args.media;
     cfg.progress = !args.quiet;
+    if let Some(Users(users)) = args.devices {
+        let cert_der = std::fs::read(&args.cert)
+            .with_context(|| format!("reading certificate {}", args.cert.display()))?;
+        let password = args
+            .password
+            .context("--devices needs --password (or PARLEY_PASSWORD)")?;
+        let mut fleet = FleetConfig::new(args.quic, cert_der, users, &password);
+        fleet.tenant = args.tenant;
+        fleet.answer_after = args.answer_after;
+        fleet.reject_ratio = args.reject_ratio;
+        fleet.churn_ratio = args.churn_ratio;
+        cfg.devices = Some(fleet);
+    }
     if cfg.calls.is_none() && cfg.duration.is_none() {
         eprintln!("no --calls or --duration: running until Ctrl-C");
     }
@@ -187,6 +350,46 @@ async fn run_storm(args: StormArgs) -> anyhow::Result<ExitCode> {
         max_setup_p99: args.max_setup_p99,
     };
 
+    finish_storm(cfg, thresholds, args.json.as_deref()).await
+}
+
+async fn run_replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
+    let (script, layout) = Script::from_file(&args.file, args.speed)?;
+    let first_to_last = script.calls.last().map(|c| c.offset).unwrap_or_default();
+    eprintln!(
+        "replaying {} calls from {} ({layout:?} layout) over {:.1} s",
+        script.calls.len(),
+        args.file.display(),
+        first_to_last.as_secs_f64()
+    );
+    let mut cfg = StormConfig::new(args.target, script.numbers());
+    cfg.local = args.local;
+    cfg.from = args.from;
+    // The average arrival rate, for the report only: the script says when calls start.
+    cfg.rate = if first_to_last.is_zero() {
+        script.calls.len() as f64
+    } else {
+        script.calls.len().saturating_sub(1).max(1) as f64 / first_to_last.as_secs_f64()
+    };
+    cfg.max_concurrent = args.max_concurrent;
+    cfg.answer_timeout = args.answer_timeout;
+    cfg.media = args.media;
+    cfg.progress = !args.quiet;
+    cfg.script = Some(Arc::new(script));
+    let thresholds = Thresholds {
+        max_fail_ratio: args.max_fail_ratio,
+        max_setup_p99: None,
+    };
+    finish_storm(cfg, thresholds, args.json.as_deref()).await
+}
+
+/// Runs a configured storm with Ctrl-C handling, prints its report, writes the JSON and
+/// checks the thresholds.
+async fn finish_storm(
+    cfg: StormConfig,
+    thresholds: Thresholds,
+    json: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let signals = tokio::spawn(async move {
         let sig = shutdown_signal().await;
@@ -207,7 +410,7 @@ async fn run_storm(args: StormArgs) -> anyhow::Result<ExitCode> {
     let report = report?;
 
     println!("{report}");
-    if let Some(path) = &args.json {
+    if let Some(path) = json {
         std::fs::write(path, report.to_json()?)
             .with_context(|| format!("writing {}", path.display()))?;
     }

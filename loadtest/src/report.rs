@@ -15,7 +15,8 @@ use crate::sip_uac::{Outcome, UacCounters};
 /// Highest latency recorded exactly, in microseconds (one hour); longer ones saturate.
 const MAX_MICROS: u64 = 3_600_000_000;
 
-fn histogram() -> Histogram<u64> {
+/// An empty histogram of microseconds, up to an hour, 3 significant digits.
+pub(crate) fn histogram() -> Histogram<u64> {
     // The bounds are constants that hdrhistogram accepts (1 ≤ low, high ≥ 2·low, 3 digits).
     Histogram::new_with_bounds(1, MAX_MICROS, 3).expect("valid histogram bounds")
 }
@@ -79,6 +80,35 @@ pub struct MediaReport {
     pub round_trip: Latency,
 }
 
+/// What the devices a storm logged in saw (`--devices`), summed over all of them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct DevicesReport {
+    /// Users logged in.
+    pub users: u64,
+    /// Devices logged in (two per user with churn).
+    pub devices: u64,
+    /// `incoming_call` messages received (a churned call counts on both devices).
+    pub offered: u64,
+    /// `answer` messages sent.
+    pub answered: u64,
+    /// `reject` messages sent.
+    pub rejected: u64,
+    /// `call_connected` messages received.
+    pub connected: u64,
+    /// Calls that ended on a device (see `device::DeviceStats`).
+    pub ended: u64,
+    /// `call_ended` with reason `rerouted` received.
+    pub rerouted: u64,
+    /// Calls moved to the user's other device by a presence change (`--churn-ratio`).
+    pub churns: u64,
+    /// RTP packets received by the devices.
+    pub rtp_received: u64,
+    /// RTP packets sent by the devices (echoed).
+    pub rtp_sent: u64,
+    /// Churn: the second device's `presence` sent → its `incoming_call` received.
+    pub reroute: Latency,
+}
+
 /// The final results of a storm.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Report {
@@ -135,6 +165,8 @@ pub struct Report {
     pub interrupted: bool,
     /// Media results, with `--media`.
     pub media: Option<MediaReport>,
+    /// What the storm's own devices saw, with `--devices`.
+    pub devices: Option<DevicesReport>,
 }
 
 /// Limits that make a storm fail (`--max-fail-ratio`, `--max-setup-p99`).
@@ -273,6 +305,25 @@ impl fmt::Display for Report {
                 100.0 * m.loss_ratio,
                 m.foreign
             )?;
+        }
+        if let Some(d) = &self.devices {
+            writeln!(
+                f,
+                "\n  devices           {} users, {} devices: {} offered, {} answered, {} rejected, {} connected, {} ended",
+                d.users, d.devices, d.offered, d.answered, d.rejected, d.connected, d.ended
+            )?;
+            writeln!(
+                f,
+                "                    {} churned, {} rerouted away, rtp {} received / {} sent",
+                d.churns, d.rerouted, d.rtp_received, d.rtp_sent
+            )?;
+            if d.reroute.count > 0 {
+                writeln!(
+                    f,
+                    "  reroute           {} samples, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                    d.reroute.count, d.reroute.p50_ms, d.reroute.p99_ms, d.reroute.max_ms
+                )?;
+            }
         }
         Ok(())
     }
@@ -550,6 +601,7 @@ impl Collector {
                 },
                 round_trip: Latency::of(&m.rtt),
             }),
+            devices: None,
         }
     }
 }

@@ -2,7 +2,7 @@
 //! and reports what happened.
 //!
 //! One task runs one event loop that owns everything: the UDP socket, the sans-IO
-//! [`Uac`](crate::sip_uac::Uac) holding every call's state and timers, the schedule, and the
+//! [`Uac`] holding every call's state and timers, the schedule, and the
 //! [`Collector`]. Each turn it runs due timers, starts due calls, sends what the UAC
 //! queued, takes the UAC's events, then sleeps until a datagram arrives or the next timer,
 //! call or progress line is due. With `--media`, each answered call gets one extra task
@@ -28,6 +28,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr, UdpSocket as StdUdpSocket};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -37,7 +38,9 @@ use tokio::net::UdpSocket;
 use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 
+use crate::fleet::{Fleet, FleetConfig, FleetError};
 use crate::plan::{Hold, Numbers, Schedule};
+use crate::replay::Script;
 use crate::report::{Collector, MediaSample, Report, Summary, process_cpu_time};
 use crate::sip_uac::{CallNo, DISCARD_PORT, Event, Uac, UacConfig};
 
@@ -51,6 +54,10 @@ const RECV_ROOM: usize = 65_536;
 /// How often the progress line is printed.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
+/// Time between the end of the last call and the devices' logout, for the node's last
+/// messages to them to arrive.
+const DEVICE_DRAIN: Duration = Duration::from_millis(300);
+
 /// Why a storm could not run.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -58,6 +65,9 @@ pub enum StormError {
     /// A configuration value is out of range.
     #[error("bad configuration: {0}")]
     Config(String),
+    /// The storm's devices could not log in.
+    #[error(transparent)]
+    Devices(#[from] FleetError),
     /// The SIP socket could not be bound or used.
     #[error("SIP socket {addr}: {source}")]
     Socket {
@@ -98,6 +108,13 @@ pub struct StormConfig {
     pub media: bool,
     /// Print a progress line to stderr every second.
     pub progress: bool,
+    /// IM devices to log in before the first call and log out after the last
+    /// (`--devices`); their counts go into [`Report::devices`].
+    pub devices: Option<FleetConfig>,
+    /// Calls to place at given offsets, each with its own number and hold time (a replay);
+    /// when set, `rate`, `ramp`, `calls`, `to` (except in the report) and `hold` are not
+    /// used.
+    pub script: Option<Arc<Script>>,
 }
 
 impl StormConfig {
@@ -119,6 +136,8 @@ impl StormConfig {
             answer_timeout: Duration::from_secs(32),
             media: false,
             progress: false,
+            devices: None,
+            script: None,
         }
     }
 
@@ -143,7 +162,10 @@ pub async fn run_until(
     stop: impl Future<Output = ()>,
 ) -> Result<Report, StormError> {
     let schedule = cfg.schedule()?;
-    if cfg.to.is_empty() {
+    if cfg.script.as_ref().is_some_and(|s| s.calls.is_empty()) {
+        return Err(StormError::Config("the replay has no call".into()));
+    }
+    if cfg.to.is_empty() && cfg.script.is_none() {
         return Err(StormError::Config("no number to call".into()));
     }
     if cfg.max_concurrent == Some(0) {
@@ -171,6 +193,11 @@ pub async fn run_until(
             .map(|_| char::from(b'a' + rng.random_range(0..26u8)))
             .collect()
     };
+    // Devices last: a bad SIP setting should not cost a fleet's logins first.
+    let fleet = match cfg.devices.clone() {
+        Some(f) => Some(Fleet::start(f).await?),
+        None => None,
+    };
     let mut driver = Driver {
         uac: Uac::new(uac_cfg, run_token),
         socket,
@@ -183,7 +210,16 @@ pub async fn run_until(
         epoch: Instant::now(),
         cfg,
     };
-    driver.run(stop).await
+    let report = driver.run(stop).await;
+    let devices = match fleet {
+        Some(f) => {
+            // The node's last `call_ended`s leave after its answer to our last BYE.
+            tokio::time::sleep(DEVICE_DRAIN).await;
+            Some(f.finish().await)
+        }
+        None => None,
+    };
+    report.map(|r| Report { devices, ..r })
 }
 
 /// The IP to write in Via/Contact/SDP: the bound one, or, when bound to the unspecified
@@ -250,7 +286,10 @@ impl Driver {
             let mut started_now = 0;
             while scheduling && started_now < MAX_STARTS_PER_TURN {
                 let n = self.uac.started();
-                let due = self.schedule.time_of(n);
+                let Some(due) = self.due(n) else {
+                    scheduling = false;
+                    break;
+                };
                 if self.cfg.calls.is_some_and(|c| n >= c)
                     || self.cfg.duration.is_some_and(|d| due >= d)
                 {
@@ -273,8 +312,7 @@ impl Driver {
                     blocked = true;
                     break;
                 }
-                let hold = self.cfg.hold.sample(&mut rng);
-                self.start_call(now, hold);
+                self.start_call(now, &mut rng);
                 last_start = now;
                 started_now += 1;
             }
@@ -297,8 +335,9 @@ impl Driver {
             let mut wake = self.uac.poll_timeout();
             if scheduling
                 && !blocked
-                && let Some(next_call) =
-                    start.checked_add(self.schedule.time_of(self.uac.started()))
+                && let Some(next_call) = self
+                    .due(self.uac.started())
+                    .and_then(|due| start.checked_add(due))
             {
                 wake = Some(wake.map_or(next_call, |w| w.min(next_call)));
             }
@@ -342,7 +381,7 @@ impl Driver {
             rate: self.cfg.rate,
             elapsed: end - start,
             sending: last_start - start,
-            asked: self.schedule.time_of(n.saturating_sub(1)),
+            asked: self.due(n.saturating_sub(1)).unwrap_or_default(),
             cpu: match (cpu0, process_cpu_time()) {
                 (Some(a), Some(b)) => Some(b.saturating_sub(a)),
                 _ => None,
@@ -353,9 +392,32 @@ impl Driver {
         Ok(self.stats.report(summary))
     }
 
-    fn start_call(&mut self, now: Instant, hold: Duration) {
+    /// When call `n` is due after the start; `None`: there is no such call.
+    fn due(&self, n: u64) -> Option<Duration> {
+        match &self.cfg.script {
+            Some(s) => s.calls.get(usize::try_from(n).ok()?).map(|c| c.offset),
+            None => Some(self.schedule.time_of(n)),
+        }
+    }
+
+    fn start_call(&mut self, now: Instant, rng: &mut StdRng) {
         let n = self.uac.started();
-        self.cfg.to.nth(n, &mut self.number);
+        let scripted = self
+            .cfg
+            .script
+            .as_ref()
+            .and_then(|s| s.calls.get(usize::try_from(n).ok()?));
+        let hold = match scripted {
+            Some(c) => {
+                self.number.clear();
+                self.number.push_str(&c.to);
+                c.hold
+            }
+            None => {
+                self.cfg.to.nth(n, &mut self.number);
+                self.cfg.hold.sample(rng)
+            }
+        };
         let mut port = DISCARD_PORT;
         if self.cfg.media {
             // A socket per call, bound now so that its port goes into the offer.

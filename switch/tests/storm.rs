@@ -1,6 +1,8 @@
 //! `parley-load storm` as a library against real peers on loopback: a Parley node with an
-//! auto-answering device, a SIPp `uas` on its own, and a number nobody has. Every count in
-//! the storm's report is checked against what the peer saw.
+//! auto-answering device, a SIPp `uas` on its own, a number nobody has, and a node whose
+//! callees are logged in by the storm itself (answering, rejecting, moving calls between
+//! two devices by presence). Every count in the storm's report is checked against what the
+//! peer saw.
 
 mod common;
 
@@ -9,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::{Node, free_port_block, free_udp_port, sipp_bin};
+use parley_load::fleet::FleetConfig;
 use parley_load::plan::Numbers;
 use parley_load::report::{Report, Thresholds};
 use parley_load::storm::{self, StormConfig};
@@ -180,4 +183,107 @@ async fn storm_to_an_unknown_number_fails_every_call_with_404() {
     // The node kept nothing: no call, no CDR (a 404 is answered before a call exists).
     assert_eq!(node.metric("parley_calls_active"), 0.0);
     assert!(node.cdrs().is_empty());
+}
+
+/// The storm's own devices for alice and bob on `node`, answering after 20 ms.
+fn fleet(node: &Node) -> FleetConfig {
+    let mut f = FleetConfig::new(
+        node.quic,
+        node.cert(),
+        vec!["alice".into(), "bob".into()],
+        "demo",
+    );
+    f.answer_after = Duration::from_millis(20);
+    f
+}
+
+fn answered_cdrs(node: &Node, n: usize) -> usize {
+    node.wait_cdrs(n)
+        .iter()
+        .filter(|c| c["disposition"] == "ANSWERED")
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storm_with_its_own_devices_answers_every_call() {
+    let node = Node::start();
+    let calls = 60;
+    let mut cfg = config(node.sip, "+15550100001-+15550100002", calls, 30.0);
+    cfg.devices = Some(fleet(&node));
+    let report = storm(cfg).await;
+    println!("{report}");
+
+    assert_eq!(
+        (report.attempts, report.answered, report.completed),
+        (calls, calls, calls),
+        "{report}\n{}",
+        node.log()
+    );
+    assert_eq!(answered_cdrs(&node, calls as usize) as u64, report.answered);
+    let d = report.devices.expect("a devices report");
+    assert_eq!((d.users, d.devices), (2, 2));
+    assert_eq!((d.offered, d.answered, d.connected), (calls, calls, calls));
+    assert_eq!((d.rejected, d.churns, d.rerouted), (0, 0, 0));
+    assert_eq!(d.ended, calls, "{d:?}");
+    assert_eq!(d.reroute.count, 0);
+    let json: serde_json::Value = serde_json::from_str(&report.to_json().unwrap()).unwrap();
+    assert_eq!(json["devices"]["answered"], calls);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storm_devices_rejecting_every_call_give_603() {
+    let node = Node::start();
+    let calls = 20;
+    let mut cfg = config(node.sip, "+15550100001-+15550100002", calls, 20.0);
+    let mut f = fleet(&node);
+    f.reject_ratio = 1.0;
+    cfg.devices = Some(f);
+    let report = storm(cfg).await;
+    println!("{report}");
+
+    assert_eq!(report.attempts, calls, "{report}");
+    assert_eq!((report.answered, report.failed), (0, calls), "{report}");
+    assert_eq!(
+        report.failures,
+        [("603".to_string(), calls)].into_iter().collect()
+    );
+    let d = report.devices.expect("a devices report");
+    assert_eq!((d.offered, d.rejected, d.answered), (calls, calls, 0));
+    assert_eq!(d.connected, 0);
+    let cdrs = node.wait_cdrs(calls as usize);
+    assert_eq!(cdrs.len(), calls as usize, "{cdrs:#?}");
+    for c in &cdrs {
+        assert_eq!(c["disposition"], "REJECTED", "{c}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storm_with_presence_churn_reroutes_every_call_and_answers_it() {
+    let node = Node::start();
+    // Calls a quarter second apart, each over in well under that (answer after 20 ms, no
+    // hold), so that one user's calls never overlap and each churn moves exactly its call.
+    let calls = 20;
+    let mut cfg = config(node.sip, "+15550100001-+15550100002", calls, 4.0);
+    cfg.hold = "0".parse().unwrap();
+    let mut f = fleet(&node);
+    f.churn_ratio = 1.0;
+    cfg.devices = Some(f);
+    let report = storm(cfg).await;
+    println!("{report}");
+
+    assert_eq!(
+        (report.attempts, report.answered, report.completed),
+        (calls, calls, calls),
+        "{report}\n{}",
+        node.log()
+    );
+    let d = report.devices.expect("a devices report");
+    assert_eq!((d.users, d.devices), (2, 4));
+    assert_eq!(d.churns, calls, "{d:?}");
+    assert_eq!(d.reroute.count, calls, "{d:?}");
+    assert_eq!(d.connected, calls, "{d:?}");
+    // Each call rang on its first device, then on the second.
+    assert_eq!(d.offered, 2 * calls, "{d:?}");
+    assert!(node.metric("parley_reroutes_total") >= calls as f64);
+    assert_eq!(answered_cdrs(&node, calls as usize) as u64, report.answered);
 }
