@@ -59,6 +59,8 @@ pub struct CallSetup {
     /// For a device dialling a PSTN number: that number (`user` is then the caller's own
     /// user, who owns the CDR). `None`: the call is for `user`.
     pub pstn_destination: Option<String>,
+    /// The caller's video stream, if the INVITE offered one.
+    pub video_offer: Option<MediaDescription>,
 }
 
 /// What every call needs from the node, shared by the SIP driver and device sessions.
@@ -116,6 +118,9 @@ pub struct CallActor {
     pstn_fallback: bool,
     answered_by: Option<String>,
     stats_swapped: bool,
+    /// Sessions of the callee's devices that take video.
+    video_devices: Vec<u64>,
+    video_port: Option<u16>,
 }
 
 impl CallActor {
@@ -140,6 +145,8 @@ impl CallActor {
             pstn_fallback: true,
             answered_by: None,
             stats_swapped: false,
+            video_devices: Vec::new(),
+            video_port: None,
         }
     }
 
@@ -187,6 +194,8 @@ impl CallActor {
                         from: self.s.caller.clone(),
                         from_name: self.s.caller_name.clone(),
                         to: self.s.called.clone(),
+                        video: self.s.video_offer.is_some()
+                            && self.video_devices.contains(&session),
                         call: ctx.address().recipient(),
                     });
                 } else {
@@ -299,6 +308,7 @@ impl CallActor {
                     call_id: self.s.call_id.clone(),
                     flow_id: flow,
                     payload_type: pt,
+                    video_flow_id: None,
                 });
                 self.answered_at = Some(SystemTime::now());
                 metrics::histogram!(m::CALL_SETUP_SECONDS)
@@ -317,12 +327,14 @@ impl CallActor {
                     call_id: self.s.call_id.clone(),
                     flow_id: b,
                     payload_type: pt,
+                    video_flow_id: None,
                 });
             }
             caller_addr.do_send(ToDevice::Connected {
                 call_id: self.s.call_id.clone(),
                 flow_id: a,
                 payload_type: pt,
+                video_flow_id: None,
             });
             self.answered_at = Some(SystemTime::now());
             metrics::histogram!(m::CALL_SETUP_SECONDS)
@@ -335,6 +347,7 @@ impl CallActor {
             port,
             std::net::SocketAddr::new(self.s.offer.addr, self.s.offer.port),
         );
+        let mut video_answer = None;
         let pt = match leg {
             LegId::Device(session) => {
                 let pt = self
@@ -347,11 +360,34 @@ impl CallActor {
                     .media
                     .bridge_roq(caller, session, flow, self.stats.clone())?;
                 self.roq.push((session, flow));
+                // Video rides on its own relay port and RoQ flow when both ends can.
+                let mut video_flow_id = None;
+                if let Some(v) = self.s.video_offer.clone()
+                    && self.video_devices.contains(&session)
+                {
+                    let vport = self.s.media.allocate_port()?;
+                    self.video_port = Some(vport);
+                    let vflow = self.s.media.next_flow_id();
+                    let vstats = Arc::new(FlowStats::default());
+                    self.s.media.bridge_roq(
+                        (vport, std::net::SocketAddr::new(v.addr, v.port)),
+                        session,
+                        vflow,
+                        vstats,
+                    )?;
+                    self.roq.push((session, vflow));
+                    video_flow_id = Some(vflow);
+                    video_answer = Some(sdp::VideoAnswer {
+                        port: vport,
+                        formats: v.formats.clone(),
+                    });
+                }
                 if let Some(dev) = self.devices.get(&session) {
                     dev.do_send(ToDevice::Connected {
                         call_id: self.s.call_id.clone(),
                         flow_id: flow,
                         payload_type: pt,
+                        video_flow_id,
                     });
                 }
                 pt
@@ -370,13 +406,23 @@ impl CallActor {
         };
         self.answered_at = Some(SystemTime::now());
         metrics::histogram!(m::CALL_SETUP_SECONDS).record(self.s.started.elapsed().as_secs_f64());
-        let body = sdp::write(
+        let mut body = sdp::write(
             self.s.media.local_ip(),
             port,
             &[pt],
             self.s.offer.telephone_event(),
             self.s.handle,
         );
+        if self.s.video_offer.is_some() {
+            // RFC 3264: every offered stream gets an m-line in the answer; port 0 refuses it.
+            sdp::append_video(
+                &mut body,
+                &video_answer.unwrap_or(sdp::VideoAnswer {
+                    port: 0,
+                    formats: Vec::new(),
+                }),
+            );
+        }
         self.sip(SipLegCmd::CallerAnswer { sdp: body });
         Ok(())
     }
@@ -400,6 +446,9 @@ impl CallActor {
     fn decide(&mut self, view: UserView, trunk_up: bool) -> (Plan, Option<String>) {
         let states: Vec<_> = view.devices.iter().map(|(d, _)| d.clone()).collect();
         for (d, a) in view.devices {
+            if d.video && !self.video_devices.contains(&d.session) {
+                self.video_devices.push(d.session);
+            }
             self.device_names.insert(d.session, d.device.clone());
             self.devices.entry(d.session).or_insert(a);
         }
@@ -416,7 +465,11 @@ impl CallActor {
             history: &view.history,
             caller: &self.s.caller,
             caller_known: view.caller_known,
-            media: Media::Audio,
+            media: if self.s.video_offer.is_some() {
+                Media::Video
+            } else {
+                Media::Audio
+            },
             voice_network_up: trunk_up,
             now_unix,
         };
@@ -466,6 +519,7 @@ impl CallActor {
             .caller_port
             .into_iter()
             .chain(self.trunk_port)
+            .chain(self.video_port)
             .collect();
         self.s.media.release(&ports, &std::mem::take(&mut self.roq));
         let route = self.core.route();

@@ -26,6 +26,8 @@ pub enum ToDevice {
         from_name: Option<String>,
         /// Dialled number.
         to: String,
+        /// Whether the call offers video.
+        video: bool,
         /// Where the device's answer/reject/hang-up go.
         call: Recipient<FromDevice>,
     },
@@ -42,6 +44,8 @@ pub enum ToDevice {
         flow_id: u64,
         /// RTP payload type.
         payload_type: u8,
+        /// RoQ flow id of the video stream, if the call has one for this device.
+        video_flow_id: Option<u64>,
     },
     /// The offer is withdrawn or the call is over.
     Ended {

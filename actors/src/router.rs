@@ -18,6 +18,8 @@ pub struct DeviceState {
     pub idle_ms: u64,
     /// Free-text note, as last reported.
     pub note: Option<String>,
+    /// Whether the device declared it can take video.
+    pub video: bool,
 }
 
 /// The user's routing preferences (grows into rules in the routing issue).
@@ -107,6 +109,7 @@ mod tests {
             status,
             idle_ms,
             note: None,
+            video: false,
         }
     }
 

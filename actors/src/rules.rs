@@ -44,6 +44,9 @@ pub struct Preferences {
     /// Whether the default policy may ring the PSTN line.
     #[serde(default = "yes")]
     pub pstn_fallback: bool,
+    /// Whether a video call may ring devices (and the PSTN line) that take audio only.
+    #[serde(default)]
+    pub video_audio_fallback: bool,
 }
 
 fn yes() -> bool {
@@ -56,6 +59,7 @@ impl Default for Preferences {
             rules: Vec::new(),
             utc_offset_minutes: 0,
             pstn_fallback: true,
+            video_audio_fallback: false,
         }
     }
 }
@@ -326,7 +330,44 @@ pub enum Plan {
 }
 
 /// The plan for a call, and which rule made it (`None`: the default policy).
+///
+/// A video call rings only devices that declared video, unless the user allows audio
+/// fallback (`video_audio_fallback`); the PSTN line counts as audio-only.
 pub fn plan(prefs: &Preferences, ctx: &CallContext<'_>) -> (Plan, Option<String>) {
+    let (p, rule) = plan_any_media(prefs, ctx);
+    if ctx.media == Media::Video && !prefs.video_audio_fallback {
+        return (video_only(p, ctx.devices), rule);
+    }
+    (p, rule)
+}
+
+fn video_only(plan: Plan, devices: &[DeviceState]) -> Plan {
+    let takes_video = |l: &LegId| match l {
+        LegId::Device(s) => devices.iter().any(|d| d.session == *s && d.video),
+        LegId::Trunk => false,
+    };
+    match plan {
+        Plan::Ring(steps) => {
+            let steps: Vec<Step> = steps
+                .into_iter()
+                .map(|mut s| {
+                    s.legs.retain(takes_video);
+                    s
+                })
+                .filter(|s| !s.legs.is_empty())
+                .collect();
+            if steps.is_empty() {
+                Plan::Unavailable
+            } else {
+                Plan::Ring(steps)
+            }
+        }
+        Plan::Forward(_) | Plan::Dial(_) => Plan::Unavailable,
+        other => other,
+    }
+}
+
+fn plan_any_media(prefs: &Preferences, ctx: &CallContext<'_>) -> (Plan, Option<String>) {
     for r in &prefs.rules {
         if !matches(&r.when, prefs.utc_offset_minutes, ctx) {
             continue;

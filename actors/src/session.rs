@@ -19,8 +19,8 @@ use crate::metrics as m;
 use crate::registry::Registry;
 use crate::rules::{Preferences, RulesError};
 use crate::user::{
-    Attach, Deliver, Detach, GetPreferences, PresenceUpdate, SetPreferences, Subscribe,
-    Unsubscribe, UserActor,
+    Attach, Deliver, Detach, GetPreferences, PresenceUpdate, SetCapabilities, SetPreferences,
+    Subscribe, Unsubscribe, UserActor,
 };
 use crate::{CallActor, CallEnv, CallSetup};
 
@@ -157,6 +157,7 @@ impl PresenceSession {
             started_wall: std::time::SystemTime::now(),
             caller_device: Some((self.id, ctx.address())),
             pstn_destination: None,
+            video_offer: None,
         };
         tracing::info!(session = self.id, user = %self.owner.user, %to, call = %call_id, "device dials");
         let call = CallActor::new(setup).start();
@@ -192,6 +193,7 @@ impl PresenceSession {
             started_wall: std::time::SystemTime::now(),
             caller_device: Some((self.id, ctx.address())),
             pstn_destination: Some(number.clone()),
+            video_offer: None,
         };
         tracing::info!(session = self.id, user = %self.owner.user, to = %number, call = %call_id, "device dials the PSTN");
         let call = CallActor::new(setup).start();
@@ -362,6 +364,10 @@ impl Handler<FromClient> for PresenceSession {
             ClientMsg::Chat { to, text, id } => self.chat(to, text, id, ctx),
             ClientMsg::GetPreferences => self.get_preferences(ctx),
             ClientMsg::Dial { to } => self.dial(to, ctx),
+            ClientMsg::Capabilities { video } => self.user.do_send(SetCapabilities {
+                session: self.id,
+                video,
+            }),
             ClientMsg::SetPreferences { preferences } => self.set_preferences(preferences, ctx),
             ClientMsg::Presence {
                 status,
@@ -411,6 +417,7 @@ impl Handler<ToDevice> for PresenceSession {
                 from,
                 from_name,
                 to,
+                video,
                 call,
             } => {
                 self.calls.insert(call_id.clone(), call.clone());
@@ -419,6 +426,7 @@ impl Handler<ToDevice> for PresenceSession {
                     from,
                     from_name,
                     to,
+                    video,
                 });
                 call.do_send(FromDevice {
                     session: self.id,
@@ -430,11 +438,13 @@ impl Handler<ToDevice> for PresenceSession {
                 call_id,
                 flow_id,
                 payload_type,
+                video_flow_id,
             } => {
                 self.send(ServerMsg::CallConnected {
                     call_id,
                     flow_id,
                     payload_type,
+                    video_flow_id,
                 });
             }
             ToDevice::Ended { call_id, reason } => {

@@ -191,6 +191,25 @@ pub struct UserView {
     pub caller_known: bool,
 }
 
+/// A device declared what it can do.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetCapabilities {
+    /// Session id.
+    pub session: SessionId,
+    /// Video capable.
+    pub video: bool,
+}
+
+impl Handler<SetCapabilities> for UserActor {
+    type Result = ();
+    fn handle(&mut self, m: SetCapabilities, _: &mut Context<Self>) {
+        if let Some((state, _)) = self.devices.get_mut(&m.session) {
+            state.video = m.video;
+        }
+    }
+}
+
 /// Ask for the user's devices, preferences and history, as a call for `caller` sees them.
 #[derive(Message)]
 #[rtype(result = "UserView")]
@@ -400,6 +419,7 @@ impl Handler<Attach> for UserActor {
             status: Status::Available,
             idle_ms: 0,
             note: None,
+            video: false,
         };
         self.devices.insert(m.session, (state, m.addr));
         self.changed();
@@ -466,6 +486,7 @@ mod tests {
             status,
             idle_ms: 0,
             note: note.map(str::to_owned),
+            video: false,
         }
     }
 

@@ -69,6 +69,12 @@ pub enum ClientMsg {
         /// The call id.
         call_id: String,
     },
+    /// What this device can do; sent after login (before it, a device is audio-only).
+    Capabilities {
+        /// The device can send and receive video.
+        #[serde(default)]
+        video: bool,
+    },
     /// Liveness probe; answered with `pong`.
     Ping {
         /// Echoed back.
@@ -159,6 +165,9 @@ pub enum ServerMsg {
         from_name: Option<String>,
         /// The number that was dialled.
         to: String,
+        /// Whether the call offers video (the device answers with video if it declared it).
+        #[serde(default)]
+        video: bool,
     },
     /// The call is connected; media flows on the given RoQ flow id.
     CallConnected {
@@ -168,6 +177,9 @@ pub enum ServerMsg {
         flow_id: u64,
         /// RTP payload type in use (0 PCMU, 8 PCMA).
         payload_type: u8,
+        /// RoQ flow id of the video stream, when the call has one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        video_flow_id: Option<u64>,
     },
     /// The call ended (or the offer to this device was withdrawn).
     CallEnded {
@@ -281,6 +293,7 @@ mod tests {
             call_id: "c1".into(),
             flow_id: 4,
             payload_type: 0,
+            video_flow_id: None,
         })
         .unwrap();
         assert_eq!(

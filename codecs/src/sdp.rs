@@ -83,6 +83,52 @@ pub fn parse_audio(body: &str) -> Result<MediaDescription, CodecError> {
         .ok_or_else(|| CodecError::Sdp("no audio m-line with an IP connection address".into()))
 }
 
+/// Parses an SDP body: its first audio m-line, and its first video m-line if one is offered
+/// with a non-zero port.
+pub fn parse_offer(body: &str) -> Result<(MediaDescription, Option<MediaDescription>), CodecError> {
+    let session = webrtc_sdp::parse_sdp(body, false).map_err(|e| CodecError::Sdp(e.to_string()))?;
+    let media = parse_media(&session);
+    let audio = media
+        .iter()
+        .find(|m| m.kind == MediaKind::Audio)
+        .cloned()
+        .ok_or_else(|| CodecError::Sdp("no audio m-line with an IP connection address".into()))?;
+    let video = media
+        .into_iter()
+        .find(|m| m.kind == MediaKind::Video && m.port != 0 && !m.formats.is_empty());
+    Ok((audio, video))
+}
+
+/// The video stream of an answer: our relay port and the formats we accept (a subset of the
+/// offer's), or `None` to refuse the offered video stream (port 0, RFC 3264 §6).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VideoAnswer {
+    /// Relay port, or 0 to refuse.
+    pub port: u16,
+    /// Formats (payload types with their rtpmap).
+    pub formats: Vec<Format>,
+}
+
+/// Appends a video m-line (and its rtpmaps) to an SDP body written by [`write`].
+pub fn append_video(sdp: &mut String, video: &VideoAnswer) {
+    let pts: Vec<String> = video.formats.iter().map(|f| f.pt.to_string()).collect();
+    // A refused stream still lists a format, as the m-line grammar requires one.
+    let pts = if pts.is_empty() {
+        "0".to_owned()
+    } else {
+        pts.join(" ")
+    };
+    sdp.push_str(&format!("m=video {} RTP/AVP {pts}\r\n", video.port));
+    for f in &video.formats {
+        sdp.push_str(&format!("a=rtpmap:{} {}/{}\r\n", f.pt, f.name, f.clock));
+    }
+    sdp.push_str(if video.port == 0 {
+        "a=inactive\r\n"
+    } else {
+        "a=sendrecv\r\n"
+    });
+}
+
 fn parse_media(session: &SdpSession) -> Vec<MediaDescription> {
     let session_addr = session.connection.as_ref().and_then(|c| ip_of(&c.address));
     session
@@ -229,6 +275,40 @@ mod tests {
             (m.port, m.first_g711(), m.telephone_event()),
             (20000, Some(8), Some(101))
         );
+    }
+
+    #[test]
+    fn audio_and_video_offer_and_answer() {
+        let offer = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 6000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\nm=video 6002 RTP/AVP 96 97\r\na=rtpmap:96 VP8/90000\r\na=rtpmap:97 H264/90000\r\n";
+        let (a, v) = parse_offer(offer).unwrap();
+        assert_eq!(a.port, 6000);
+        let v = v.unwrap();
+        assert_eq!(
+            (v.port, v.formats[0].name.as_str(), v.formats[0].clock),
+            (6002, "VP8", 90000)
+        );
+        let mut ans = write("127.0.0.1".parse().unwrap(), 20000, &[0], None, 1);
+        append_video(
+            &mut ans,
+            &VideoAnswer {
+                port: 20002,
+                formats: v.formats[..1].to_vec(),
+            },
+        );
+        let (a2, v2) = parse_offer(&ans).unwrap();
+        assert_eq!((a2.port, v2.unwrap().port), (20000, 20002));
+        // A refused video stream parses as "no video".
+        let mut refused = write("127.0.0.1".parse().unwrap(), 20000, &[0], None, 1);
+        append_video(
+            &mut refused,
+            &VideoAnswer {
+                port: 0,
+                formats: vec![],
+            },
+        );
+        assert_eq!(parse_offer(&refused).unwrap().1, None);
+        // Audio-only offers have no video.
+        assert_eq!(parse_offer(SIPP_OFFER).unwrap().1, None);
     }
 
     #[test]

@@ -664,6 +664,7 @@ impl Behaviour {
                 call_id,
                 flow_id,
                 payload_type,
+                ..
             } => {
                 bump(&self.stats.calls_connected);
                 let hangup_timer = self
@@ -929,6 +930,7 @@ mod tests {
                 from: "+15550100002".into(),
                 from_name: None,
                 to: "+15550100001".into(),
+                video: false,
             };
             mock::send(&mut tx, &offer).await;
             assert_eq!(
@@ -941,6 +943,7 @@ mod tests {
                 call_id: "c-1".into(),
                 flow_id: 300,
                 payload_type: g711::PT_PCMA,
+                video_flow_id: None,
             };
             mock::send(&mut tx, &connected).await;
             // Ten packets to the device, one bad datagram.

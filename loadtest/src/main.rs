@@ -514,6 +514,7 @@ fn print_event(msg: &ServerMsg) {
             from,
             from_name,
             to,
+            ..
         } => match from_name {
             Some(name) => println!("incoming call {call_id} from {name} <{from}> to {to}"),
             None => println!("incoming call {call_id} from {from} to {to}"),
@@ -522,6 +523,7 @@ fn print_event(msg: &ServerMsg) {
             call_id,
             flow_id,
             payload_type,
+            ..
         } => println!("connected {call_id} flow {flow_id} payload type {payload_type}"),
         ServerMsg::CallEnded { call_id, reason } => println!("ended {call_id} ({reason})"),
         ServerMsg::AddressBook { entries } => {

@@ -110,6 +110,12 @@ pub struct TrunkConfig {
     /// Consecutive successful probes that mark it up again.
     #[serde(default = "default_probe_threshold")]
     pub up_after: u32,
+    /// Digest username, if the trunk challenges our INVITEs (401/407).
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Digest password (with `username`).
+    #[serde(default)]
+    pub password: Option<String>,
 }
 
 fn default_probe_interval_ms() -> u64 {
@@ -125,6 +131,10 @@ fn default_probe_threshold() -> u32 {
 }
 
 impl TrunkConfig {
+    /// Digest credentials toward the trunk, when configured.
+    pub fn credentials(&self) -> Option<sipx_sip::auth::Credentials> {
+        Some(sipx_sip::auth::Credentials::new(self.username.clone()?, self.password.clone()?))
+    }
     /// The trunk's health-check policy.
     pub fn health_policy(&self) -> parley_actors::trunk::HealthPolicy {
         parley_actors::trunk::HealthPolicy {
@@ -269,6 +279,8 @@ impl Config {
                 probe_timeout_ms: default_probe_timeout_ms(),
                 down_after: default_probe_threshold(),
                 up_after: default_probe_threshold(),
+                username: None,
+                password: None,
             }],
             users,
             ..Self::default()
@@ -327,6 +339,9 @@ impl Config {
                     &format!("trunks[{i}].probe_timeout_ms"),
                     "must be at least 1 when probing",
                 ));
+            }
+            if t.username.is_some() != t.password.is_some() {
+                return Err(bad(&format!("trunks[{i}].password"), "username and password go together"));
             }
             if t.down_after == 0 || t.up_after == 0 {
                 return Err(bad(

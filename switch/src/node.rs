@@ -12,7 +12,7 @@ use parley_actors::trunk::TrunkActor;
 use parley_actors::user::{AddressBookChanged, PreferencesSink, SeedHistory, UserActor};
 use serde::Serialize;
 
-use crate::config::Config;
+use crate::config::{Config, TrunkConfig};
 use crate::im::{cert, quic};
 use crate::relay::{Relay, RelaySettings};
 use crate::sip::core::{CoreConfig, SipCore};
@@ -101,6 +101,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         CoreConfig {
             local: sip_addr,
             trunk: trunk_cfg.as_ref().map(|t| t.address),
+            trunk_auth: trunk_cfg.as_ref().and_then(TrunkConfig::credentials),
             region: cfg.sip.default_region.clone(),
             timers: sipx_sip::Timers {
                 t1: Duration::from_millis(cfg.sip.t1_ms),

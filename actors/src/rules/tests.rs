@@ -15,6 +15,7 @@ fn dev(session: u64, name: &str, status: Status, idle_ms: u64) -> DeviceState {
         status,
         idle_ms,
         note: None,
+        video: name == "desk",
     }
 }
 
@@ -243,22 +244,73 @@ fn table() {
     rows.push(r);
 
     for c in rows {
-        let prefs = Preferences::from_json(c.prefs).unwrap_or_else(|e| panic!("{}: {e}", c.name));
-        let history: HashMap<String, f64> =
-            c.history.iter().map(|(k, v)| (k.to_string(), *v)).collect();
-        let ctx = CallContext {
-            devices: &c.devices,
-            history: &history,
-            caller: c.caller,
-            caller_known: c.known,
-            media: Media::Audio,
-            voice_network_up: c.trunk_up,
-            now_unix: c.now,
-        };
-        let (got, rule) = plan(&prefs, &ctx);
-        assert_eq!(got, c.want, "{}", c.name);
-        assert_eq!(rule.as_deref(), c.rule, "{}", c.name);
+        check(c, Media::Audio);
     }
+}
+
+#[test]
+fn video_calls_ring_video_devices_unless_audio_fallback_is_allowed() {
+    // `dev()` marks the device named "desk" as video-capable.
+    let desk = || dev(1, "desk", Available, 5_000);
+    let mobile = || dev(2, "mobile", Available, 100);
+    let rows = vec![
+        case(
+            "video: only the video device rings",
+            "{}",
+            vec![desk(), mobile()],
+            ring(&[(&[Device(1)], None)]),
+            None,
+        ),
+        case(
+            "video: audio-only devices are not rung",
+            "{}",
+            vec![mobile()],
+            Plan::Unavailable,
+            None,
+        ),
+        case(
+            "video with audio fallback: everything as usual",
+            r#"{"video_audio_fallback":true}"#,
+            vec![desk(), mobile()],
+            ring(&[(&[Device(2), Device(1)], None)]),
+            None,
+        ),
+        case(
+            "video: the PSTN line is audio-only",
+            "{}",
+            vec![],
+            Plan::Unavailable,
+            None,
+        ),
+        case(
+            "video with fallback: the PSTN line",
+            r#"{"video_audio_fallback":true}"#,
+            vec![],
+            ring(&[(&[Trunk], None)]),
+            None,
+        ),
+    ];
+    for c in rows {
+        check(c, Media::Video);
+    }
+}
+
+fn check(c: Case, media: Media) {
+    let prefs = Preferences::from_json(c.prefs).unwrap_or_else(|e| panic!("{}: {e}", c.name));
+    let history: HashMap<String, f64> =
+        c.history.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    let ctx = CallContext {
+        devices: &c.devices,
+        history: &history,
+        caller: c.caller,
+        caller_known: c.known,
+        media,
+        voice_network_up: c.trunk_up,
+        now_unix: c.now,
+    };
+    let (got, rule) = plan(&prefs, &ctx);
+    assert_eq!(got, c.want, "{}", c.name);
+    assert_eq!(rule.as_deref(), c.rule, "{}", c.name);
 }
 
 #[test]

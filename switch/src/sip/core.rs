@@ -65,6 +65,8 @@ pub struct NewCall {
     pub called: String,
     /// The caller's audio offer.
     pub offer: MediaDescription,
+    /// The caller's video offer, if any.
+    pub video: Option<MediaDescription>,
 }
 
 /// Settings of the core.
@@ -78,6 +80,8 @@ pub struct CoreConfig {
     pub region: String,
     /// Transaction timers.
     pub timers: Timers,
+    /// Digest credentials for the trunk, answered when it challenges our INVITE (401/407).
+    pub trunk_auth: Option<sipx_sip::auth::Credentials>,
 }
 
 #[derive(Debug)]
@@ -128,6 +132,8 @@ struct TrunkLeg {
     remote_target: Option<Uri>,
     answered: bool,
     cancelled: bool,
+    /// Whether we already answered a digest challenge (one try per leg, no 401 loops).
+    auth_tried: bool,
 }
 
 #[derive(Debug)]
@@ -475,8 +481,8 @@ impl SipCore {
             return;
         };
         let body = String::from_utf8_lossy(req.body()).into_owned();
-        let offer = match sdp::parse_audio(&body) {
-            Ok(o) if o.first_g711().is_some() && o.port != 0 => o,
+        let (offer, video) = match sdp::parse_offer(&body) {
+            Ok((o, v)) if o.first_g711().is_some() && o.port != 0 => (o, v),
             Ok(_) | Err(_) => {
                 metrics::counter!(m::SIP_PARSE_ERRORS_TOTAL, "reason" => "bad_sdp").increment(1);
                 self.respond(now, key, &req, 488, None);
@@ -539,6 +545,7 @@ impl SipCore {
             caller_name,
             called,
             offer,
+            video,
         })));
     }
 
@@ -654,6 +661,15 @@ impl SipCore {
                     }
                 }
             }
+            401 | 407
+                if !done && !leg.cancelled && !leg.auth_tried && self.cfg.trunk_auth.is_some() =>
+            {
+                leg.auth_tried = true;
+                if !self.retry_with_credentials(now, h, resp) {
+                    self.out
+                        .push_back(Output::Event(h, SipEvent::TrunkFailed(code)));
+                }
+            }
             _ => {
                 // A 487 to our own CANCEL (re-route, caller cancel) is not a trunk failure.
                 if !done && !leg.cancelled {
@@ -662,6 +678,70 @@ impl SipCore {
                 }
             }
         }
+    }
+
+    /// Answers the trunk's digest challenge: the same INVITE (same dialog identifiers, next
+    /// CSeq, new branch) with credentials. Returns false when the challenge is unusable.
+    fn retry_with_credentials(&mut self, now: Instant, h: CallHandle, resp: &Response) -> bool {
+        let Some(creds) = self.cfg.trunk_auth.clone() else {
+            return false;
+        };
+        let mut challenges = Vec::new();
+        for (name, proxy) in [
+            (HeaderName::WwwAuthenticate, false),
+            (HeaderName::ProxyAuthenticate, true),
+        ] {
+            for hdr in resp.headers.get_all(&name) {
+                if let Some(c) = sipx_sip::auth::Challenge::parse(&hdr.value(), proxy) {
+                    challenges.push(c);
+                }
+            }
+        }
+        let Some(challenge) = sipx_sip::auth::strongest(challenges) else {
+            tracing::warn!("trunk challenge without a usable Digest offer");
+            return false;
+        };
+        let via = self.via();
+        let Some(leg) = self.calls.get_mut(&h).and_then(|c| c.trunk.as_mut()) else {
+            return false;
+        };
+        let inv = &leg.invite;
+        let uri = inv.uri.to_string();
+        let answer =
+            sipx_sip::auth::respond(&challenge, &creds, "INVITE", &uri, 1, &msg::token(16));
+        let seq = msg::cseq(&inv.headers).map_or(1, |c| c.sequence) + 1;
+        let mut b = RequestBuilder::new(Method::Invite, inv.uri.clone());
+        let Ok(nb) = b.header(HeaderName::Via, via) else {
+            return false;
+        };
+        b = nb.max_forwards(70);
+        for name in [
+            HeaderName::From,
+            HeaderName::To,
+            HeaderName::CallId,
+            HeaderName::Contact,
+            HeaderName::UserAgent,
+            HeaderName::ContentType,
+        ] {
+            if let Some(v) = inv.headers.value(&name) {
+                let Ok(nb) = b.header(name, Bytes::from(v.into_owned())) else {
+                    return false;
+                };
+                b = nb;
+            }
+        }
+        let Ok(nb) = b
+            .cseq(seq, &Method::Invite)
+            .and_then(|b| b.header(challenge.response_header(), answer))
+        else {
+            return false;
+        };
+        let req = nb.body(inv.body().clone()).build();
+        leg.invite = req.clone();
+        let dest = leg.dest;
+        tracing::info!(realm = %challenge.realm, "answering the trunk's digest challenge");
+        self.send_request(now, h, req, dest, Purpose::TrunkInvite);
+        true
     }
 
     fn trunk_leg_abandoned(&self, h: CallHandle) -> bool {
@@ -950,6 +1030,7 @@ impl SipCore {
                 remote_target: None,
                 answered: false,
                 cancelled: false,
+                auth_tried: false,
             });
         }
         self.by_call_id.insert(cid, (h, Side::Trunk));
@@ -1009,7 +1090,7 @@ impl SipCore {
             &from,
             &to,
             &leg.call_id,
-            1,
+            msg::cseq(&inv.headers).map_or(1, |c| c.sequence),
             &contact,
             &[],
             None,
@@ -1037,6 +1118,7 @@ impl SipCore {
         ) else {
             return;
         };
+        let seq = msg::cseq(&inv.headers).map_or(1, |c| c.sequence) + 1;
         let Some(bye) = build_request(
             Method::Bye,
             target,
@@ -1044,7 +1126,7 @@ impl SipCore {
             &from,
             &to,
             &leg.call_id,
-            2,
+            seq,
             &contact,
             &[],
             None,

@@ -31,6 +31,7 @@ fn core() -> SipCore {
             trunk: Some(TRUNK.parse().unwrap()),
             region: "US".into(),
             timers: Timers::default(),
+            trunk_auth: None,
         },
         registry,
     )

@@ -91,6 +91,7 @@ impl SipDriver {
                         started_wall: SystemTime::now(),
                         caller_device: None,
                         pstn_destination: None,
+                        video_offer: nc.video,
                     };
                     self.calls
                         .insert(nc.handle, CallActor::new(setup).start().recipient());
