@@ -46,6 +46,7 @@ pub mod device;
 pub mod fleet;
 pub mod media;
 pub mod plan;
+pub mod presence;
 pub mod replay;
 pub mod report;
 pub mod scenario;

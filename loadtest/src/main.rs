@@ -49,6 +49,39 @@ enum Command {
     ///
     /// Prints the same report as `storm`; exits 2 when --max-fail-ratio is exceeded.
     Replay(Box<ReplayArgs>),
+    /// Presence fan-out load: N users (one device each, all with the same password), each
+    /// watched by W others; devices change presence at --rate updates/s in total and the
+    /// watchers measure delivery and latency. Prints a JSON report.
+    Presence(Box<PresenceArgs>),
+}
+
+/// Options of the `presence` subcommand.
+#[derive(Debug, clap::Args)]
+struct PresenceArgs {
+    /// The node's QUIC address.
+    #[arg(long, default_value = "127.0.0.1:4433")]
+    target: SocketAddr,
+    /// The node's certificate (DER).
+    #[arg(long, default_value = "parley-data/quic-cert.der")]
+    cert: PathBuf,
+    /// Tenant of the users.
+    #[arg(long, default_value = "demo")]
+    tenant: String,
+    /// Users as a pattern with a range, e.g. `user%d:1-50`.
+    #[arg(long)]
+    users: String,
+    /// Password of every user (or set PARLEY_PASSWORD).
+    #[arg(long, env = "PARLEY_PASSWORD", hide_env_values = true)]
+    password: String,
+    /// Watchers per user.
+    #[arg(long, default_value_t = 20)]
+    watchers: usize,
+    /// Presence updates per second, all users together.
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
+    /// How long to send updates (e.g. `10s`).
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    duration: Duration,
 }
 
 /// Options of the `replay` subcommand.
@@ -260,7 +293,41 @@ async fn main() -> anyhow::Result<ExitCode> {
             run_storm(*args).await
         }
         Command::Replay(args) => run_replay(*args).await,
+        Command::Presence(args) => run_presence(*args).await.map(|()| ExitCode::SUCCESS),
     }
+}
+
+async fn run_presence(a: PresenceArgs) -> anyhow::Result<()> {
+    let (pattern, range) = a
+        .users
+        .split_once(':')
+        .context("--users must look like user%d:1-50")?;
+    let (lo, hi) = range
+        .split_once('-')
+        .context("--users range must be FIRST-LAST")?;
+    let (lo, hi): (u32, u32) = (lo.parse()?, hi.parse()?);
+    anyhow::ensure!(
+        lo <= hi && hi - lo < 10_000,
+        "--users range must be FIRST-LAST with at most 10000 users"
+    );
+    let users = (lo..=hi)
+        .map(|i| pattern.replace("%d", &i.to_string()))
+        .collect();
+    let cert_der =
+        std::fs::read(&a.cert).with_context(|| format!("reading {}", a.cert.display()))?;
+    let report = parley_load::presence::run(parley_load::presence::PresenceConfig {
+        target: a.target,
+        cert_der,
+        tenant: a.tenant,
+        password: a.password,
+        users,
+        watchers: a.watchers,
+        rate: a.rate,
+        duration: a.duration,
+    })
+    .await?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
 }
 
 impl StormArgs {

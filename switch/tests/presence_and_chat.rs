@@ -180,3 +180,26 @@ async fn subscribers_see_aggregate_presence_and_chat_reaches_every_device() {
         2.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_load_delivers_every_update_to_every_watcher() {
+    let node = Node::start();
+    let report = parley_load::presence::run(parley_load::presence::PresenceConfig {
+        target: node.quic,
+        cert_der: node.cert(),
+        tenant: "demo".into(),
+        password: "demo".into(),
+        users: vec!["alice".into(), "bob".into()],
+        watchers: 1,
+        rate: 40.0,
+        duration: Duration::from_secs(1),
+    })
+    .await
+    .expect("presence load");
+    assert!(report.updates_sent >= 30, "{report:?}");
+    assert_eq!(report.delivered, report.expected, "{report:?}");
+    assert_eq!(
+        node.metric("parley_presence_fanout_total"),
+        report.expected as f64
+    );
+}
