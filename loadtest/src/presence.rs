@@ -149,7 +149,7 @@ pub async fn run(cfg: PresenceConfig) -> Result<PresenceReport, DeviceError> {
     let mut sent = 0u64;
     while start.elapsed() < cfg.duration {
         let i = (sent as usize) % n;
-        let status = if (sent / n as u64) % 2 == 0 {
+        let status = if (sent / n as u64).is_multiple_of(2) {
             Status::Busy
         } else {
             Status::Available
