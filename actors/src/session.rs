@@ -42,6 +42,8 @@ pub struct SessionOwner {
     pub number: String,
     /// What calls dialled from this device need; `None` disables dialling.
     pub calls: Option<Arc<CallEnv>>,
+    /// Where the device connects from.
+    pub remote: Option<std::net::SocketAddr>,
 }
 
 /// A device session.
@@ -323,6 +325,7 @@ impl Actor for PresenceSession {
             session: self.id,
             device: self.device.clone(),
             addr: ctx.address(),
+            remote: self.owner.remote,
         });
     }
 

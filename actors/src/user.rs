@@ -41,6 +41,8 @@ pub struct UserActor {
     history: HashMap<String, (f64, SystemTime)>,
     /// Addresses in the user's address book.
     known: HashSet<String>,
+    /// Where each device connects from (network location, for operators).
+    locations: HashMap<SessionId, std::net::SocketAddr>,
 }
 
 impl std::fmt::Debug for dyn PreferencesSink {
@@ -101,6 +103,7 @@ impl UserActor {
             prefs_sink: None,
             history: HashMap::new(),
             known: HashSet::new(),
+            locations: HashMap::new(),
         }
     }
 
@@ -189,6 +192,63 @@ pub struct UserView {
     pub history: HashMap<String, f64>,
     /// Whether the caller is in the user's address book.
     pub caller_known: bool,
+}
+
+/// One device's presence as operators see it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DevicePresence {
+    /// Device name.
+    pub device: String,
+    /// Status.
+    pub status: Status,
+    /// Idle time, ms.
+    pub idle_ms: u64,
+    /// Note.
+    pub note: Option<String>,
+    /// Video capable.
+    pub video: bool,
+    /// Network location: the address the device connects from.
+    pub address: Option<std::net::SocketAddr>,
+}
+
+/// The user's presence: aggregate and per device (admin API).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PresenceView {
+    /// Best status over the devices.
+    pub status: Status,
+    /// Note of that device.
+    pub note: Option<String>,
+    /// Devices.
+    pub devices: Vec<DevicePresence>,
+}
+
+/// Ask for [`PresenceView`].
+#[derive(Message)]
+#[rtype(result = "PresenceView")]
+pub struct GetPresence;
+
+impl Handler<GetPresence> for UserActor {
+    type Result = MessageResult<GetPresence>;
+    fn handle(&mut self, _: GetPresence, _: &mut Context<Self>) -> Self::Result {
+        let a = self.current();
+        let devices = self
+            .devices
+            .values()
+            .map(|(d, _)| DevicePresence {
+                device: d.device.clone(),
+                status: d.status,
+                idle_ms: d.idle_ms,
+                note: d.note.clone(),
+                video: d.video,
+                address: self.locations.get(&d.session).copied(),
+            })
+            .collect();
+        MessageResult(PresenceView {
+            status: a.status,
+            note: a.note,
+            devices,
+        })
+    }
 }
 
 /// A device declared what it can do.
@@ -340,6 +400,8 @@ pub struct Attach {
     pub device: String,
     /// The session actor.
     pub addr: Addr<PresenceSession>,
+    /// Where the device connects from.
+    pub remote: Option<std::net::SocketAddr>,
 }
 
 /// A device session ended.
@@ -422,6 +484,9 @@ impl Handler<Attach> for UserActor {
             video: false,
         };
         self.devices.insert(m.session, (state, m.addr));
+        if let Some(r) = m.remote {
+            self.locations.insert(m.session, r);
+        }
         self.changed();
     }
 }
@@ -429,6 +494,7 @@ impl Handler<Attach> for UserActor {
 impl Handler<Detach> for UserActor {
     type Result = ();
     fn handle(&mut self, m: Detach, _: &mut Context<Self>) {
+        self.locations.remove(&m.0);
         if self.devices.remove(&m.0).is_some() {
             self.changed();
         }

@@ -44,6 +44,8 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "info".into()),
         )
         .with_target(false)
+        // Colour codes only on a terminal: log files must stay grep-able.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().cmd {
         Cmd::CheckConfig { config } => {

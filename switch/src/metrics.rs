@@ -12,6 +12,8 @@ pub const SIP_REQUESTS_TOTAL: &str = "parley_sip_requests_total";
 pub const SIP_RESPONSES_TOTAL: &str = "parley_sip_responses_total";
 /// SIP datagrams that could not be parsed, by `reason`.
 pub const SIP_PARSE_ERRORS_TOTAL: &str = "parley_sip_parse_errors_total";
+/// SIP datagrams the socket refused to send.
+pub const SIP_SEND_ERRORS_TOTAL: &str = "parley_sip_send_errors_total";
 /// SIP retransmissions sent by our transactions.
 pub const SIP_RETRANSMISSIONS_TOTAL: &str = "parley_sip_retransmissions_total";
 /// INVITEs refused with 503 while draining or overloaded.
@@ -65,6 +67,7 @@ fn register_zeroes() {
         counter!(CDR_WRITES_TOTAL, "result" => r).increment(0);
     }
     counter!(SIP_RETRANSMISSIONS_TOTAL).increment(0);
+    counter!(SIP_SEND_ERRORS_TOTAL).increment(0);
     counter!(SIP_REJECTED_OVERLOAD_TOTAL).increment(0);
     counter!(ADDRESS_BOOK_UPDATES_TOTAL).increment(0);
     counter!(a::DEVICE_QUEUE_DROPS_TOTAL).increment(0);
@@ -97,6 +100,11 @@ fn describe() {
         SIP_PARSE_ERRORS_TOTAL,
         Unit::Count,
         "SIP datagrams rejected as malformed, by reason"
+    );
+    describe_counter!(
+        SIP_SEND_ERRORS_TOTAL,
+        Unit::Count,
+        "SIP datagrams the socket refused to send"
     );
     describe_counter!(
         SIP_RETRANSMISSIONS_TOTAL,

@@ -141,3 +141,39 @@ async fn predicted_device_learns_from_who_answered() {
     assert_eq!(desk.stats().snapshot().calls_offered, 0);
     assert_eq!(node.metric("parley_answered_rank_total{rank=\"1\"}"), 2.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn do_not_disturb_forwards_to_a_number_through_the_trunk() {
+    let node = Node::start();
+    let trunk = common::SippUas::start(&node, &["-sn", "uas"]);
+    let alice = node.device(node.device_config("alice", "desk")).await;
+    let rules = r#"{"rules":[{"name":"dnd forwards","when":{"status":["do_not_disturb"]},
+        "then":{"action":"forward","number":"+15550199999"}}]}"#;
+    assert_eq!(node.put("/api/v1/users/alice/preferences", rules).0, 200);
+    alice
+        .send(ClientMsg::Presence {
+            status: Status::DoNotDisturb,
+            idle_ms: 0,
+            note: None,
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let run = sipp_uac(&node, &["-sn", "uac"], "+15550100001", 1, 1, &["-d", "200"]).await;
+    assert_eq!(run.code, 0, "{}\n{}", run.output, node.log());
+    let cdrs = node.wait_cdrs(1);
+    assert_eq!(
+        (cdrs[0]["disposition"].as_str(), cdrs[0]["route"].as_str()),
+        (Some("ANSWERED"), Some("forward")),
+        "{}",
+        cdrs[0]
+    );
+    assert_eq!(
+        alice.stats().snapshot().calls_offered,
+        0,
+        "a DND device is never rung"
+    );
+    assert!(node.log().contains("rule=dnd forwards"), "{}", node.log());
+    drop(trunk);
+}

@@ -123,6 +123,21 @@ async fn subscribers_see_aggregate_presence_and_chat_reaches_every_device() {
         "{err:?}"
     );
 
+    // Operators see each device, with its network location.
+    let (st, body) = node.get("/api/v1/users/alice/presence", true);
+    assert_eq!(st, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["status"], "busy", "{v}");
+    let devices = v["devices"].as_array().unwrap();
+    assert_eq!(devices.len(), 2, "{v}");
+    assert!(
+        devices.iter().all(|d| d["address"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("127.0.0.1:"))),
+        "{v}"
+    );
+    assert_eq!(node.get("/api/v1/users/alice/presence", false).0, 401);
+
     // The mobile disconnects: alice is now away with one device.
     mobile.close();
     assert_eq!(

@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use parley_actors::registry::{Registry, UserRef};
 use parley_actors::rules::Preferences;
-use parley_actors::user::{GetPreferences, SetPreferences};
+use parley_actors::user::{GetPreferences, GetPresence, SetPreferences};
 
 use crate::store::Store;
 
@@ -40,6 +40,7 @@ pub fn router(state: Arc<HttpState>) -> Router {
             "/api/v1/users/{user}/preferences",
             get(get_preferences).put(put_preferences),
         )
+        .route("/api/v1/users/{user}/presence", get(get_presence))
         .with_state(state)
 }
 
@@ -189,6 +190,30 @@ async fn put_preferences(
             tracing::info!(%tenant, %user, "preferences changed through the admin API");
             reply
         }
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"error": "unavailable", "message": e.to_string()})),
+        )
+            .into_response(),
+    }
+}
+
+async fn get_presence(
+    State(s): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    Path(user): Path<String>,
+    Query(q): Query<TenantQuery>,
+) -> Response {
+    if let Err(r) = authorised(&s, &headers) {
+        return *r;
+    }
+    let tenant = q.tenant.unwrap_or_else(|| "demo".into());
+    let u = match user_or_404(&s, &tenant, &user) {
+        Ok(u) => u,
+        Err(r) => return *r,
+    };
+    match u.addr.send(GetPresence).await {
+        Ok(p) => Json(p).into_response(),
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(serde_json::json!({"error": "unavailable", "message": e.to_string()})),

@@ -217,6 +217,7 @@ async fn handle_connection(conn: quinn::Connection, ctx: Arc<ImContext>) {
         registry: ctx.registry.clone(),
         number: row.number.clone(),
         calls: ctx.calls.clone(),
+        remote: Some(remote),
     };
     let session = PresenceSession::new(session_id, device, owner, tx.clone()).start();
 

@@ -57,7 +57,12 @@ impl SipDriver {
         while let Some(out) = self.core.poll_output() {
             match out {
                 Output::Transmit { dest, data } => {
-                    if let Err(e) = self.socket.try_send_to(&data, dest) {
+                    // A direct non-blocking sendto: tokio's try_send_to reports WouldBlock
+                    // until the socket has been seen writable once, which would drop the
+                    // first messages (a UDP send only blocks when the buffer is full).
+                    let sent = socket2::SockRef::from(&*self.socket).send_to(&data, &dest.into());
+                    if let Err(e) = sent {
+                        metrics::counter!(crate::metrics::SIP_SEND_ERRORS_TOTAL).increment(1);
                         tracing::warn!(%dest, error = %e, "SIP send failed");
                     }
                 }
