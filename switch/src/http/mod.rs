@@ -128,10 +128,31 @@ async fn address_book(
     }
 }
 
-fn user_or_404(s: &HttpState, tenant: &str, user: &str) -> Result<UserRef, Box<Response>> {
-    s.registry.by_name(tenant, user).ok_or_else(|| {
-        Box::new((StatusCode::NOT_FOUND, Json(serde_json::json!({"error": "unknown_user", "message": format!("no user {user} in tenant {tenant}")}))).into_response())
-    })
+fn error(status: StatusCode, code: &str, message: impl std::fmt::Display) -> Response {
+    (
+        status,
+        Json(serde_json::json!({"error": code, "message": message.to_string()})),
+    )
+        .into_response()
+}
+
+/// Authorises the request and finds the user's live actor (401, 404 otherwise).
+fn live_user(
+    s: &HttpState,
+    headers: &HeaderMap,
+    tenant: Option<String>,
+    user: &str,
+) -> Result<(String, UserRef), Box<Response>> {
+    authorised(s, headers)?;
+    let tenant = tenant.unwrap_or_else(|| "demo".into());
+    let u = s.registry.by_name(&tenant, user).ok_or_else(|| {
+        Box::new(error(
+            StatusCode::NOT_FOUND,
+            "unknown_user",
+            format!("no user {user} in tenant {tenant}"),
+        ))
+    })?;
+    Ok((tenant, u))
 }
 
 async fn get_preferences(
@@ -140,21 +161,13 @@ async fn get_preferences(
     Path(user): Path<String>,
     Query(q): Query<TenantQuery>,
 ) -> Response {
-    if let Err(r) = authorised(&s, &headers) {
-        return *r;
-    }
-    let tenant = q.tenant.unwrap_or_else(|| "demo".into());
-    let u = match user_or_404(&s, &tenant, &user) {
-        Ok(u) => u,
+    let (_, u) = match live_user(&s, &headers, q.tenant, &user) {
+        Ok(v) => v,
         Err(r) => return *r,
     };
     match u.addr.send(GetPreferences).await {
         Ok(p) => Json(p.as_ref().clone()).into_response(),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({"error": "unavailable", "message": e.to_string()})),
-        )
-            .into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e),
     }
 }
 
@@ -165,23 +178,15 @@ async fn put_preferences(
     Query(q): Query<TenantQuery>,
     body: String,
 ) -> Response {
-    if let Err(r) = authorised(&s, &headers) {
-        return *r;
-    }
-    let tenant = q.tenant.unwrap_or_else(|| "demo".into());
-    let u = match user_or_404(&s, &tenant, &user) {
-        Ok(u) => u,
+    let (tenant, u) = match live_user(&s, &headers, q.tenant, &user) {
+        Ok(v) => v,
         Err(r) => return *r,
     };
     let prefs = match Preferences::from_json(&body) {
         Ok(p) => p,
         Err(e) => {
             tracing::info!(%tenant, %user, error = %e, "preferences refused");
-            return (
-                StatusCode::BAD_REQUEST,
-                Json(serde_json::json!({"error": "bad_preferences", "message": e.to_string()})),
-            )
-                .into_response();
+            return error(StatusCode::BAD_REQUEST, "bad_preferences", e);
         }
     };
     let reply = Json(prefs.clone()).into_response();
@@ -190,11 +195,7 @@ async fn put_preferences(
             tracing::info!(%tenant, %user, "preferences changed through the admin API");
             reply
         }
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({"error": "unavailable", "message": e.to_string()})),
-        )
-            .into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e),
     }
 }
 
@@ -204,20 +205,12 @@ async fn get_presence(
     Path(user): Path<String>,
     Query(q): Query<TenantQuery>,
 ) -> Response {
-    if let Err(r) = authorised(&s, &headers) {
-        return *r;
-    }
-    let tenant = q.tenant.unwrap_or_else(|| "demo".into());
-    let u = match user_or_404(&s, &tenant, &user) {
-        Ok(u) => u,
+    let (_, u) = match live_user(&s, &headers, q.tenant, &user) {
+        Ok(v) => v,
         Err(r) => return *r,
     };
     match u.addr.send(GetPresence).await {
         Ok(p) => Json(p).into_response(),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({"error": "unavailable", "message": e.to_string()})),
-        )
-            .into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e),
     }
 }

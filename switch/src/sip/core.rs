@@ -1069,72 +1069,50 @@ impl SipCore {
         self.send_request(now, h, b.build(), dest, Purpose::TrunkCancel);
     }
 
-    fn send_trunk_ack(&mut self, h: CallHandle) {
-        let via = self.via();
-        let contact = self.contact();
-        let Some(leg) = self.calls.get(&h).and_then(|c| c.trunk.as_ref()) else {
-            return;
-        };
+    /// A request inside the trunk dialog (ACK for the 2xx: the INVITE's CSeq; BYE: the
+    /// next one), addressed to the trunk's Contact, with where to send it.
+    fn trunk_dialog_request(&self, h: CallHandle, method: Method) -> Option<(Request, SocketAddr)> {
+        let leg = self.calls.get(&h)?.trunk.as_ref()?;
         let inv = &leg.invite;
         let target = leg.remote_target.clone().unwrap_or_else(|| inv.uri.clone());
-        let (Some(from), Some(to)) = (
-            msg::header_str(&inv.headers, &HeaderName::From),
-            leg.to_value.clone(),
-        ) else {
-            return;
+        let from = msg::header_str(&inv.headers, &HeaderName::From)?;
+        let to = leg.to_value.clone()?;
+        let invite_seq = msg::cseq(&inv.headers).map_or(1, |c| c.sequence);
+        let seq = if method == Method::Ack {
+            invite_seq
+        } else {
+            invite_seq + 1
         };
-        let Some(ack) = build_request(
-            Method::Ack,
+        let req = build_request(
+            method,
             target,
-            &via,
-            &from,
-            &to,
-            &leg.call_id,
-            msg::cseq(&inv.headers).map_or(1, |c| c.sequence),
-            &contact,
-            &[],
-            None,
-        ) else {
-            return;
-        };
-        let dest = leg.dest;
-        self.transmit(dest, &Message::Request(ack));
-    }
-
-    fn send_trunk_bye(&mut self, now: Instant, h: CallHandle) {
-        let via = self.via();
-        let contact = self.contact();
-        let Some(leg) = self.calls.get(&h).and_then(|c| c.trunk.as_ref()) else {
-            return;
-        };
-        if !leg.answered {
-            return;
-        }
-        let inv = &leg.invite;
-        let target = leg.remote_target.clone().unwrap_or_else(|| inv.uri.clone());
-        let (Some(from), Some(to)) = (
-            msg::header_str(&inv.headers, &HeaderName::From),
-            leg.to_value.clone(),
-        ) else {
-            return;
-        };
-        let seq = msg::cseq(&inv.headers).map_or(1, |c| c.sequence) + 1;
-        let Some(bye) = build_request(
-            Method::Bye,
-            target,
-            &via,
+            &self.via(),
             &from,
             &to,
             &leg.call_id,
             seq,
-            &contact,
+            &self.contact(),
             &[],
             None,
-        ) else {
-            return;
-        };
-        let dest = leg.dest;
-        self.send_request(now, h, bye, dest, Purpose::Bye);
+        )?;
+        Some((req, leg.dest))
+    }
+
+    fn send_trunk_ack(&mut self, h: CallHandle) {
+        if let Some((ack, dest)) = self.trunk_dialog_request(h, Method::Ack) {
+            self.transmit(dest, &Message::Request(ack));
+        }
+    }
+
+    fn send_trunk_bye(&mut self, now: Instant, h: CallHandle) {
+        let answered = self
+            .calls
+            .get(&h)
+            .and_then(|c| c.trunk.as_ref())
+            .is_some_and(|t| t.answered);
+        if let (true, Some((bye, dest))) = (answered, self.trunk_dialog_request(h, Method::Bye)) {
+            self.send_request(now, h, bye, dest, Purpose::Bye);
+        }
     }
 
     fn reap(&mut self, h: CallHandle) {

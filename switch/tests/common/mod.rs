@@ -152,6 +152,21 @@ password = "demo"
 
     /// GET a path; returns (status, body).
     pub fn get(&self, path: &str, auth: bool) -> (u16, String) {
+        self.http_request("GET", path, None, auth)
+    }
+
+    /// PUT a JSON body with the admin token; returns (status, body).
+    pub fn put(&self, path: &str, body: &str) -> (u16, String) {
+        self.http_request("PUT", path, Some(body), true)
+    }
+
+    fn http_request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        auth: bool,
+    ) -> (u16, String) {
         let mut s = TcpStream::connect(self.http).expect("connect http");
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let auth = if auth {
@@ -159,33 +174,10 @@ password = "demo"
         } else {
             String::new()
         };
+        let body = body.unwrap_or_default();
         write!(
             s,
-            "GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).unwrap();
-        let status = resp
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = resp
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        (status, dechunk(&body))
-    }
-
-    /// PUT a JSON body with the admin token; returns (status, body).
-    pub fn put(&self, path: &str, body: &str) -> (u16, String) {
-        let mut s = TcpStream::connect(self.http).expect("connect http");
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        write!(
-            s,
-            "PUT {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            self.token,
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         )
         .unwrap();
