@@ -51,6 +51,7 @@ pub mod replay;
 pub mod report;
 pub mod scenario;
 pub mod sip_uac;
+pub mod sip_uas;
 pub mod storm;
 
 use std::time::Duration;

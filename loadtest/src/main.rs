@@ -128,6 +128,16 @@ struct StormArgs {
     /// flags given here override it.
     #[arg(long)]
     scenario: Option<PathBuf>,
+    /// Also play the PSTN trunk: a SIP UAS on this address answers every INVITE (PCMU,
+    /// media echoed), e.g. `127.0.0.1:5080` for a demo node's `pstn` trunk.
+    #[arg(long)]
+    uas: Option<SocketAddr>,
+    /// With --uas: time from INVITE to 200 OK.
+    #[arg(long, value_parser = parse_duration, default_value = "0")]
+    uas_answer_after: Duration,
+    /// With --uas: share of INVITEs refused 486 Busy Here.
+    #[arg(long, default_value_t = 0.0)]
+    uas_reject_ratio: f64,
     /// The SIP (UDP) address to send INVITEs to (required, here or in --scenario).
     #[arg(long)]
     target: Option<SocketAddr>,
@@ -395,6 +405,11 @@ async fn run_storm(args: StormArgs) -> anyhow::Result<ExitCode> {
     cfg.hold = args.hold;
     cfg.answer_timeout = args.answer_timeout;
     cfg.media = args.media;
+    cfg.uas = args.uas.map(|listen| parley_load::sip_uas::UasConfig {
+        listen,
+        answer_after: args.uas_answer_after,
+        reject_ratio: args.uas_reject_ratio,
+    });
     cfg.progress = !args.quiet;
     if let Some(Users(users)) = args.devices {
         let cert_der = std::fs::read(&args.cert)

@@ -167,6 +167,26 @@ pub struct Report {
     pub media: Option<MediaReport>,
     /// What the storm's own devices saw, with `--devices`.
     pub devices: Option<DevicesReport>,
+    /// What the storm's own SIP UAS (the trunk side, `--uas`) saw.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uas: Option<UasReport>,
+}
+
+/// Counters of the storm's SIP UAS.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct UasReport {
+    /// New INVITEs received.
+    pub invites: u64,
+    /// Calls answered and acknowledged.
+    pub answered: u64,
+    /// Calls refused 486.
+    pub rejected: u64,
+    /// Calls cancelled before the answer.
+    pub cancelled: u64,
+    /// BYEs answered.
+    pub byes: u64,
+    /// Media datagrams echoed.
+    pub media_echoed: u64,
 }
 
 /// Limits that make a storm fail (`--max-fail-ratio`, `--max-setup-p99`).
@@ -324,6 +344,13 @@ impl fmt::Display for Report {
                     d.reroute.count, d.reroute.p50_ms, d.reroute.p99_ms, d.reroute.max_ms
                 )?;
             }
+        }
+        if let Some(u) = &self.uas {
+            writeln!(
+                f,
+                "\n  uas (trunk side)  {} invites, {} answered, {} rejected, {} cancelled, {} byes, {} media echoed",
+                u.invites, u.answered, u.rejected, u.cancelled, u.byes, u.media_echoed
+            )?;
         }
         Ok(())
     }
@@ -602,6 +629,7 @@ impl Collector {
                 round_trip: Latency::of(&m.rtt),
             }),
             devices: None,
+            uas: None,
         }
     }
 }

@@ -111,6 +111,9 @@ pub struct StormConfig {
     /// IM devices to log in before the first call and log out after the last
     /// (`--devices`); their counts go into [`Report::devices`].
     pub devices: Option<FleetConfig>,
+    /// A SIP UAS to run alongside, playing the PSTN trunk (`--uas`); its counts go into
+    /// [`Report::uas`].
+    pub uas: Option<crate::sip_uas::UasConfig>,
     /// Calls to place at given offsets, each with its own number and hold time (a replay);
     /// when set, `rate`, `ramp`, `calls`, `to` (except in the report) and `hold` are not
     /// used.
@@ -137,6 +140,7 @@ impl StormConfig {
             media: false,
             progress: false,
             devices: None,
+            uas: None,
             script: None,
         }
     }
@@ -193,6 +197,17 @@ pub async fn run_until(
             .map(|_| char::from(b'a' + rng.random_range(0..26u8)))
             .collect()
     };
+    let uas = match cfg.uas.clone() {
+        Some(u) => Some(
+            crate::sip_uas::start(u)
+                .await
+                .map_err(|source| StormError::Socket {
+                    addr: cfg.local,
+                    source,
+                })?,
+        ),
+        None => None,
+    };
     // Devices last: a bad SIP setting should not cost a fleet's logins first.
     let fleet = match cfg.devices.clone() {
         Some(f) => Some(Fleet::start(f).await?),
@@ -219,7 +234,19 @@ pub async fn run_until(
         }
         None => None,
     };
-    report.map(|r| Report { devices, ..r })
+    let uas = uas.map(|u| {
+        let s = &u.stats;
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        crate::report::UasReport {
+            invites: get(&s.invites),
+            answered: get(&s.answered),
+            rejected: get(&s.rejected),
+            cancelled: get(&s.cancelled),
+            byes: get(&s.byes),
+            media_echoed: get(&s.media_echoed),
+        }
+    });
+    report.map(|r| Report { devices, uas, ..r })
 }
 
 /// The IP to write in Via/Contact/SDP: the bound one, or, when bound to the unspecified

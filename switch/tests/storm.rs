@@ -287,3 +287,41 @@ async fn storm_with_presence_churn_reroutes_every_call_and_answers_it() {
     assert!(node.metric("parley_reroutes_total") >= calls as f64);
     assert_eq!(answered_cdrs(&node, calls as usize) as u64, report.answered);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storm_plays_the_trunk_too_and_media_crosses_the_relay() {
+    let node = Node::start(); // alice offline: her calls go to the PSTN trunk
+    let calls = 60;
+    let mut cfg = config(node.sip, "+15550100001", calls, 30.0);
+    cfg.hold = "uniform:500ms-800ms".parse().unwrap();
+    cfg.media = true;
+    cfg.uas = Some(parley_load::sip_uas::UasConfig {
+        listen: node.trunk,
+        answer_after: Duration::from_millis(50),
+        reject_ratio: 0.0,
+    });
+    let report = storm(cfg).await;
+    println!("{report}");
+    assert_eq!(report.answered, calls, "{report}\n{}", node.log());
+    let uas = report.uas.as_ref().expect("uas section");
+    assert_eq!(
+        (uas.invites, uas.answered, uas.byes),
+        (calls, calls, calls),
+        "{uas:?}"
+    );
+    let cdrs = node.wait_cdrs(calls as usize);
+    assert_eq!(
+        cdrs.iter()
+            .filter(|c| c["disposition"] == "ANSWERED" && c["route"] == "pstn")
+            .count() as u64,
+        calls
+    );
+    // RTP went gateway → Parley → trunk UAS (echo) → Parley → gateway.
+    let media = report.media.as_ref().expect("media section");
+    assert!(media.sent >= 20 * calls, "{report}");
+    assert!(
+        media.received > 0 && media.received <= media.sent,
+        "{report}"
+    );
+    assert!(uas.media_echoed >= media.received, "{uas:?} {report}");
+}
