@@ -138,6 +138,11 @@ struct StormArgs {
     /// With --uas: share of INVITEs refused 486 Busy Here.
     #[arg(long, default_value_t = 0.0)]
     uas_reject_ratio: f64,
+    /// Serve the generator's own metrics (Prometheus text) at http://ADDR/metrics while the
+    /// storm runs (calls attempted/answered/ended, in progress, setup and post-dial delay
+    /// histograms); `grafana/dashboards/parley-load.json` shows them live.
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
     /// The SIP (UDP) address to send INVITEs to (required, here or in --scenario).
     #[arg(long)]
     target: Option<SocketAddr>,
@@ -374,7 +379,44 @@ impl StormArgs {
     }
 }
 
+/// Serves the generator's own metrics (Prometheus text) on `addr` while the storm runs.
+async fn serve_metrics(addr: SocketAddr) -> anyhow::Result<()> {
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
+            &[
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ],
+        )?
+        .install_recorder()?;
+    parley_load::report::m::describe();
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("--metrics {addr}"))?;
+    eprintln!("metrics on http://{}/metrics", listener.local_addr()?);
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let body = handle.render();
+            tokio::spawn(async move {
+                let mut req = [0u8; 1024];
+                let _ = conn.read(&mut req).await;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = conn.write_all(head.as_bytes()).await;
+                let _ = conn.write_all(body.as_bytes()).await;
+            });
+        }
+    });
+    Ok(())
+}
+
 async fn run_storm(args: StormArgs) -> anyhow::Result<ExitCode> {
+    if let Some(addr) = args.metrics {
+        serve_metrics(addr).await?;
+    }
     let target = args
         .target
         .context("no target: give --target or `target` in the scenario")?;

@@ -466,6 +466,41 @@ impl Default for Collector {
     }
 }
 
+/// The generator's own metrics (exported with `parley-load storm --metrics ADDR`).
+pub mod m {
+    /// Calls started.
+    pub const ATTEMPTS: &str = "parley_load_calls_attempted_total";
+    /// Calls answered.
+    pub const ANSWERED: &str = "parley_load_calls_answered_total";
+    /// Calls ended, by `outcome` (`completed`, a SIP status, `timeout`, ...).
+    pub const ENDED: &str = "parley_load_calls_ended_total";
+    /// Calls in progress.
+    pub const ACTIVE: &str = "parley_load_calls_active";
+    /// INVITE to 200 OK.
+    pub const SETUP_SECONDS: &str = "parley_load_setup_seconds";
+    /// INVITE to the first 180/183.
+    pub const PDD_SECONDS: &str = "parley_load_post_dial_delay_seconds";
+
+    /// Registers descriptions with the installed recorder.
+    pub fn describe() {
+        use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+        describe_counter!(ATTEMPTS, Unit::Count, "Calls the generator started");
+        describe_counter!(ANSWERED, Unit::Count, "Calls answered (200 OK)");
+        describe_counter!(ENDED, Unit::Count, "Calls ended, by outcome");
+        describe_gauge!(ACTIVE, Unit::Count, "Calls in progress");
+        describe_histogram!(
+            SETUP_SECONDS,
+            Unit::Seconds,
+            "INVITE sent to 200 OK received"
+        );
+        describe_histogram!(
+            PDD_SECONDS,
+            Unit::Seconds,
+            "INVITE sent to the first 180/183"
+        );
+    }
+}
+
 impl Collector {
     /// An empty collector; `media` when the storm sends media.
     pub fn new(media: bool) -> Collector {
@@ -495,6 +530,8 @@ impl Collector {
 
     /// A call started; `active` calls are now in progress.
     pub fn attempt(&mut self, active: usize) {
+        metrics::counter!(m::ATTEMPTS).increment(1);
+        metrics::gauge!(m::ACTIVE).set(active as f64);
         self.attempts += 1;
         self.window_attempts += 1;
         self.peak_active = self.peak_active.max(active as u64);
@@ -502,11 +539,14 @@ impl Collector {
 
     /// A call rang after `pdd`.
     pub fn ringing(&mut self, pdd: Duration) {
+        metrics::histogram!(m::PDD_SECONDS).record(pdd.as_secs_f64());
         self.pdd.saturating_record(micros(pdd));
     }
 
     /// A call was answered after `setup`.
     pub fn answered(&mut self, setup: Duration) {
+        metrics::counter!(m::ANSWERED).increment(1);
+        metrics::histogram!(m::SETUP_SECONDS).record(setup.as_secs_f64());
         self.answered += 1;
         self.setup.saturating_record(micros(setup));
         self.window_setup.saturating_record(micros(setup));
@@ -514,6 +554,11 @@ impl Collector {
 
     /// A call ended.
     pub fn ended(&mut self, outcome: Outcome) {
+        let label = match outcome {
+            Outcome::Completed | Outcome::RemoteBye => "completed".to_owned(),
+            other => other.to_string(),
+        };
+        metrics::counter!(m::ENDED, "outcome" => label).increment(1);
         match outcome {
             Outcome::Completed => self.completed += 1,
             Outcome::RemoteBye => {

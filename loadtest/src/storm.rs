@@ -304,6 +304,21 @@ impl Driver {
         let mut interrupted = false;
         let mut last_start = start;
         let mut next_progress = start + PROGRESS_EVERY;
+        // A live bar on a terminal; plain lines (one a second) when stderr is a file or pipe.
+        let bar = (self.cfg.progress && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(
+            || {
+                let b = match self.cfg.calls {
+                    Some(n) => indicatif::ProgressBar::new(n),
+                    None => indicatif::ProgressBar::new_spinner(),
+                };
+                let style = indicatif::ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} calls  {msg}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+                b.set_style(style);
+                b
+            },
+        );
         loop {
             let now = Instant::now();
             self.uac.handle_timeout(now);
@@ -349,7 +364,13 @@ impl Driver {
 
             if self.cfg.progress && now >= next_progress {
                 let p = self.stats.progress(now - start, self.uac.active());
-                eprintln!("{p}");
+                match &bar {
+                    Some(b) => {
+                        b.set_position(self.stats.attempts());
+                        b.set_message(p.to_string());
+                    }
+                    None => eprintln!("{p}"),
+                }
                 while next_progress <= now {
                     next_progress += PROGRESS_EVERY;
                 }
@@ -416,6 +437,9 @@ impl Driver {
             counters: self.uac.counters(),
             interrupted,
         };
+        if let Some(b) = &bar {
+            b.finish_and_clear();
+        }
         Ok(self.stats.report(summary))
     }
 
