@@ -26,6 +26,11 @@ pub const RELAY_BYTES_TOTAL: &str = "parley_relay_bytes_total";
 pub const RELAY_DROPS_TOTAL: &str = "parley_relay_drops_total";
 /// Relay ports in use.
 pub const RELAY_PORTS_ACTIVE: &str = "parley_relay_ports_active";
+/// Media bridges installed in the relay (one per connected call: UDP↔UDP, UDP↔RoQ or
+/// RoQ↔RoQ).
+pub const RELAY_FLOWS_ACTIVE: &str = "parley_relay_flows_active";
+/// Datagrams returned by one batched read (`recvmmsg`) of a relay socket.
+pub const RELAY_BATCH_SIZE: &str = "parley_relay_batch_size";
 /// CDRs written, by `result` (`ok`, `error`).
 pub const CDR_WRITES_TOTAL: &str = "parley_cdr_writes_total";
 /// Address book entries added or updated.
@@ -44,6 +49,10 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
                 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                 60.0,
             ],
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full(RELAY_BATCH_SIZE.into()),
+            &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0],
         )?
         .install_recorder()?;
     describe();
@@ -85,6 +94,8 @@ fn register_zeroes() {
         let _ = metrics::histogram!(h);
     }
     gauge!(RELAY_PORTS_ACTIVE).set(0.0);
+    gauge!(RELAY_FLOWS_ACTIVE).set(0.0);
+    let _ = metrics::histogram!(RELAY_BATCH_SIZE);
     gauge!(a::CALLS_ACTIVE).set(0.0);
     gauge!(a::PRESENCE_SESSIONS_ACTIVE).set(0.0);
 }
@@ -139,6 +150,16 @@ fn describe() {
         RELAY_PORTS_ACTIVE,
         Unit::Count,
         "Relay UDP ports allocated to calls"
+    );
+    describe_gauge!(
+        RELAY_FLOWS_ACTIVE,
+        Unit::Count,
+        "Media bridges installed in the relay (one per connected call)"
+    );
+    metrics::describe_histogram!(
+        RELAY_BATCH_SIZE,
+        Unit::Count,
+        "Datagrams returned by one batched read of a relay socket"
     );
     describe_counter!(CDR_WRITES_TOTAL, Unit::Count, "CDR rows written, by result");
     describe_counter!(

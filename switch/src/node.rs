@@ -79,6 +79,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         ip: cfg.relay.ip,
         port_min: cfg.relay.port_min,
         port_max: cfg.relay.port_max,
+        workers: cfg.relay.workers,
+        coalesce: std::time::Duration::from_micros(cfg.relay.coalesce_us),
     })?;
     let (cdr_queue, cdr_task) = cdr_writer::start(store.clone(), registry.clone());
     let cdr_sink: Arc<dyn parley_actors::messages::CdrSink> = Arc::new(cdr_queue);

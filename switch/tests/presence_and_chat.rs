@@ -213,8 +213,12 @@ async fn presence_load_delivers_every_update_to_every_watcher() {
     .expect("presence load");
     assert!(report.updates_sent >= 30, "{report:?}");
     assert_eq!(report.delivered, report.expected, "{report:?}");
-    assert_eq!(
-        node.metric("parley_presence_fanout_total"),
-        report.expected as f64
+    // The node pushed every update; the devices' logout at the end may add one push each
+    // (their user going offline), depending on when the connections close.
+    let pushed = node.metric("parley_presence_fanout_total");
+    let expected = report.expected as f64;
+    assert!(
+        (expected..=expected + 2.0).contains(&pushed),
+        "{pushed} pushes for {expected} updates"
     );
 }

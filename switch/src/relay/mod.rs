@@ -1,16 +1,21 @@
 //! The media relay: the data plane.
 //!
-//! A worker thread owns every relay socket and the flow table by `&mut`; the control
-//! plane talks to it only through a command queue plus a `mio::Waker`. Packets never pass
-//! through an actor mailbox. The worker polls its sockets with `mio` (epoll), drains each
-//! ready socket up to a bounded batch per turn, and flushes metric counters once per turn.
+//! `workers` threads (`parley-relay-0`, `parley-relay-1`, …) each own a shard of the relay
+//! sockets (port `p` belongs to worker `p % workers`) and their flow table by `&mut`; the
+//! control plane talks to a worker only through its command queue plus a `mio::Waker`.
+//! Packets never pass through an actor mailbox. A worker polls its sockets with `mio`
+//! (epoll), reads each ready socket in batches with `recvmmsg` (quinn-udp, GRO-aware),
+//! sends a batch that goes to one destination with one GSO `sendmsg`, and flushes metric
+//! counters once per loop turn.
 //!
-//! This first version uses one worker and plain `recv_from`/`send_to`; the per-core,
-//! recvmmsg/GSO version is the media relay issue.
+//! A UDP↔UDP bridge may join ports of two workers: each worker receives on its own port
+//! and sends out of the other port's socket, which it holds by `Arc`. A worker that
+//! latches its port's source tells the other port's worker, which then sends there. RoQ
+//! flows live on the worker that owns their UDP port; RoQ↔RoQ flows on worker 0.
 
+mod socket;
 mod worker;
 
-use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -20,6 +25,7 @@ use bytes::Bytes;
 use parley_actors::messages::{FlowStats, MediaError, MediaPlane, SessionId};
 
 use crate::metrics as m;
+use socket::{FreePorts, PortSocket};
 
 /// Relay settings.
 #[derive(Debug, Clone)]
@@ -30,17 +36,36 @@ pub struct RelaySettings {
     pub port_min: u16,
     /// Last port.
     pub port_max: u16,
+    /// Worker threads (at least 1).
+    pub workers: usize,
+    /// Minimum time between two reads of a worker's sockets while packets are flowing
+    /// (interrupt moderation): packets that arrive meanwhile wait in the socket queues
+    /// and are read in one turn, so a worker is woken once per turn instead of once per
+    /// packet. Adds at most this much latency. Zero reads as soon as a packet arrives.
+    pub coalesce: std::time::Duration,
+}
+
+/// One side of a UDP↔UDP bridge, as installed on the worker that owns `port`.
+pub(crate) struct UdpLeg {
+    port: u16,
+    /// Where signalling says this port's peer receives.
+    peer: SocketAddr,
+    /// The bridged port: packets arriving on `port` leave from it.
+    out: Arc<PortSocket>,
+    /// Where signalling says the bridged port's peer receives (until it latches).
+    out_peer: SocketAddr,
+    stats: Arc<FlowStats>,
+    caller_side: bool,
 }
 
 pub(crate) enum Command {
-    AddSocket {
+    AddSocket(Arc<PortSocket>),
+    BridgeUdp(UdpLeg),
+    /// The bridged port `of` latched `src`: packets arriving on `port` now go there.
+    Latched {
         port: u16,
-        socket: std::net::UdpSocket,
-    },
-    BridgeUdp {
-        a: (u16, SocketAddr),
-        b: (u16, SocketAddr),
-        stats: Arc<FlowStats>,
+        of: u16,
+        src: SocketAddr,
     },
     BridgeRoq {
         udp: (u16, SocketAddr),
@@ -66,15 +91,41 @@ pub(crate) enum Command {
     Stop,
 }
 
+/// What a bridge is known by: its caller-side port or RoQ flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum FlowKey {
+    Port(u16),
+    Roq(SessionId, u64),
+}
+
+/// A worker's inbox.
+pub(crate) struct WorkerHandle {
+    tx: mpsc::Sender<Command>,
+    waker: Arc<mio::Waker>,
+}
+
+impl WorkerHandle {
+    fn send(&self, cmd: Command) -> Result<(), MediaError> {
+        self.tx.send(cmd).map_err(|_| MediaError::Unavailable)?;
+        self.waker.wake().map_err(|_| MediaError::Unavailable)
+    }
+}
+
 /// Handle to the relay, shared by the control plane.
 pub struct Relay {
     settings: RelaySettings,
-    free: Arc<Mutex<VecDeque<u16>>>,
-    tx: Mutex<mpsc::Sender<Command>>,
-    waker: Arc<mio::Waker>,
+    free: FreePorts,
+    workers: Arc<[WorkerHandle]>,
+    /// Allocated ports' sockets, kept until release so a bridge can hand each worker the
+    /// other side's socket.
+    sockets: dashmap::DashMap<u16, Arc<PortSocket>>,
+    /// Which worker holds each RoQ flow (device datagrams are routed by it).
+    roq_owner: dashmap::DashMap<(SessionId, u64), usize>,
+    /// Installed bridges, by the caller-side port or RoQ flow (for the flows gauge).
+    bridges: dashmap::DashSet<FlowKey>,
     next_flow: AtomicU64,
     conns: dashmap::DashMap<SessionId, quinn::Connection>,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Relay {
@@ -86,34 +137,55 @@ impl std::fmt::Debug for Relay {
 }
 
 impl Relay {
-    /// Starts the worker thread.
+    /// Starts the worker threads.
     pub fn start(settings: RelaySettings) -> std::io::Result<Arc<Self>> {
-        let (tx, rx) = mpsc::channel();
-        let free: Arc<Mutex<VecDeque<u16>>> = Arc::new(Mutex::new(
+        let n = settings.workers.max(1);
+        let free: FreePorts = Arc::new(Mutex::new(
             (settings.port_min..=settings.port_max).collect(),
         ));
-        let (worker, waker) = worker::Worker::new(rx, free.clone())?;
-        let thread = std::thread::Builder::new()
-            .name("parley-relay".into())
-            .spawn(move || worker.run())?;
+        let mut polls = Vec::with_capacity(n);
+        let mut handles = Vec::with_capacity(n);
+        let mut rxs = Vec::with_capacity(n);
+        for _ in 0..n {
+            let poll = mio::Poll::new()?;
+            let waker = Arc::new(mio::Waker::new(poll.registry(), worker::WAKER)?);
+            let (tx, rx) = mpsc::channel();
+            polls.push(poll);
+            rxs.push(rx);
+            handles.push(WorkerHandle { tx, waker });
+        }
+        let workers: Arc<[WorkerHandle]> = handles.into();
+        let mut threads = Vec::with_capacity(n);
+        for (i, (poll, rx)) in polls.into_iter().zip(rxs).enumerate() {
+            let w = worker::Worker::new(i, poll, rx, workers.clone(), settings.coalesce);
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("parley-relay-{i}"))
+                    .spawn(move || w.run())?,
+            );
+        }
 
         Ok(Arc::new(Self {
             settings,
             free,
-            tx: Mutex::new(tx),
-            waker,
+            workers,
+            sockets: dashmap::DashMap::new(),
+            roq_owner: dashmap::DashMap::new(),
+            bridges: dashmap::DashSet::new(),
             next_flow: AtomicU64::new(1),
             conns: dashmap::DashMap::new(),
-            thread: Mutex::new(Some(thread)),
+            threads: Mutex::new(threads),
         }))
     }
 
-    fn send(&self, cmd: Command) -> Result<(), MediaError> {
-        // The lock only guards the Sender (not Sync before use on all platforms); never held long.
-        let tx = self.tx.lock().map_err(|_| MediaError::Unavailable)?;
-        tx.send(cmd).map_err(|_| MediaError::Unavailable)?;
-        drop(tx);
-        self.waker.wake().map_err(|_| MediaError::Unavailable)
+    /// The worker that owns `port`.
+    fn owner(&self, port: u16) -> &WorkerHandle {
+        &self.workers[worker::owner(port, self.workers.len())]
+    }
+
+    /// Worker thread count.
+    pub fn workers(&self) -> usize {
+        self.workers.len()
     }
 
     /// A device connection logged in: its datagrams may now carry media.
@@ -128,19 +200,42 @@ impl Relay {
 
     /// A RoQ datagram arrived from a device.
     pub fn roq_in(&self, session: SessionId, flow: u64, packet: Bytes) {
-        let _ = self.send(Command::RoqIn {
+        // Unknown flows go to worker 0, which counts them as `no_flow`.
+        let w = self.roq_owner.get(&(session, flow)).map_or(0, |w| *w);
+        let _ = self.workers[w].send(Command::RoqIn {
             session,
             flow,
             packet,
         });
     }
 
-    /// Stops the worker and waits for it.
+    /// Stops the workers and waits for them.
     pub fn stop(&self) {
-        let _ = self.send(Command::Stop);
-        if let Some(t) = self.thread.lock().ok().and_then(|mut t| t.take()) {
+        for w in self.workers.iter() {
+            let _ = w.send(Command::Stop);
+        }
+        let threads = self
+            .threads
+            .lock()
+            .map(|mut t| std::mem::take(&mut *t))
+            .unwrap_or_default();
+        for t in threads {
             let _ = t.join();
         }
+        self.sockets.clear();
+    }
+
+    fn bridged(&self, key: FlowKey) {
+        if self.bridges.insert(key) {
+            metrics::gauge!(m::RELAY_FLOWS_ACTIVE).increment(1.0);
+        }
+    }
+
+    fn socket(&self, port: u16) -> Result<Arc<PortSocket>, MediaError> {
+        self.sockets
+            .get(&port)
+            .map(|s| s.clone())
+            .ok_or(MediaError::Unavailable)
     }
 }
 
@@ -154,15 +249,20 @@ impl MediaPlane for Relay {
         // Ports taken by other programs are skipped (and put back at the end for later).
         for _ in 0..free.len() {
             let Some(port) = free.pop_front() else { break };
-            match std::net::UdpSocket::bind((self.settings.ip, port)) {
+            match PortSocket::bind(self.settings.ip, port, self.free.clone()) {
                 Ok(socket) => {
                     drop(free);
-                    if socket.set_nonblocking(true).is_err() {
-                        return Err(MediaError::Unavailable);
-                    }
+                    let socket = Arc::new(socket);
+                    self.sockets.insert(port, socket.clone());
                     metrics::gauge!(m::RELAY_PORTS_ACTIVE).increment(1.0);
-                    self.send(Command::AddSocket { port, socket })?;
+                    self.owner(port).send(Command::AddSocket(socket))?;
                     return Ok(port);
+                }
+                Err(e) if is_fd_limit(&e) => {
+                    // Out of descriptors, not of ports: say so rather than "exhausted".
+                    free.push_front(port);
+                    tracing::warn!(error = %e, "relay cannot open a socket: raise the open-file limit");
+                    return Err(MediaError::Unavailable);
                 }
                 Err(_) => free.push_back(port),
             }
@@ -180,11 +280,25 @@ impl MediaPlane for Relay {
         callee: (u16, SocketAddr),
         stats: Arc<FlowStats>,
     ) -> Result<(), MediaError> {
-        self.send(Command::BridgeUdp {
-            a: caller,
-            b: callee,
+        let (sa, sb) = (self.socket(caller.0)?, self.socket(callee.0)?);
+        self.owner(caller.0).send(Command::BridgeUdp(UdpLeg {
+            port: caller.0,
+            peer: caller.1,
+            out: sb,
+            out_peer: callee.1,
+            stats: stats.clone(),
+            caller_side: true,
+        }))?;
+        self.owner(callee.0).send(Command::BridgeUdp(UdpLeg {
+            port: callee.0,
+            peer: callee.1,
+            out: sa,
+            out_peer: caller.1,
             stats,
-        })
+            caller_side: false,
+        }))?;
+        self.bridged(FlowKey::Port(caller.0));
+        Ok(())
     }
 
     fn bridge_roq(
@@ -199,13 +313,17 @@ impl MediaPlane for Relay {
             .get(&session)
             .map(|c| c.clone())
             .ok_or(MediaError::Unavailable)?;
-        self.send(Command::BridgeRoq {
+        let w = worker::owner(caller.0, self.workers.len());
+        self.roq_owner.insert((session, flow_id), w);
+        self.workers[w].send(Command::BridgeRoq {
             udp: caller,
             session,
             flow: flow_id,
             conn,
             stats,
-        })
+        })?;
+        self.bridged(FlowKey::Port(caller.0));
+        Ok(())
     }
 
     fn bridge_roq_roq(
@@ -221,25 +339,55 @@ impl MediaPlane for Relay {
                 .ok_or(MediaError::Unavailable)
         };
         let (a, b) = (conn(caller.0)?, conn(callee.0)?);
-        self.send(Command::BridgeRoqRoq {
+        self.roq_owner.insert(caller, 0);
+        self.roq_owner.insert(callee, 0);
+        self.workers[0].send(Command::BridgeRoqRoq {
             a: (caller.0, caller.1, a),
             b: (callee.0, callee.1, b),
             stats,
-        })
+        })?;
+        self.bridged(FlowKey::Roq(caller.0, caller.1));
+        Ok(())
     }
 
     fn release(&self, ports: &[u16], roq: &[(SessionId, u64)]) {
         if ports.is_empty() && roq.is_empty() {
             return;
         }
-        // The worker returns the ports to the pool once their sockets are closed, so a port
-        // is never handed out while the old socket still holds it.
+        // Each socket goes back to the pool when its last holder (a worker) drops it.
         metrics::gauge!(m::RELAY_PORTS_ACTIVE).decrement(ports.len() as f64);
-        let _ = self.send(Command::Release {
-            ports: ports.to_vec(),
-            roq: roq.to_vec(),
-        });
+        let n = self.workers.len();
+        let mut per_ports: Vec<Vec<u16>> = vec![Vec::new(); n];
+        let mut per_roq: Vec<Vec<(SessionId, u64)>> = vec![Vec::new(); n];
+        let unbridged = ports
+            .iter()
+            .map(|&p| FlowKey::Port(p))
+            .chain(roq.iter().map(|&(s, f)| FlowKey::Roq(s, f)))
+            .filter(|k| self.bridges.remove(k).is_some())
+            .count();
+        if unbridged > 0 {
+            metrics::gauge!(m::RELAY_FLOWS_ACTIVE).decrement(unbridged as f64);
+        }
+        for &p in ports {
+            self.sockets.remove(&p);
+            per_ports[worker::owner(p, n)].push(p);
+        }
+        for &k in roq {
+            let w = self.roq_owner.remove(&k).map_or(0, |(_, w)| w);
+            per_roq[w].push(k);
+        }
+        for (w, (ports, roq)) in per_ports.into_iter().zip(per_roq).enumerate() {
+            if !ports.is_empty() || !roq.is_empty() {
+                let _ = self.workers[w].send(Command::Release { ports, roq });
+            }
+        }
     }
+}
+
+/// The process (EMFILE) or system (ENFILE) is out of file descriptors.
+fn is_fd_limit(e: &std::io::Error) -> bool {
+    use nix::errno::Errno;
+    matches!(e.raw_os_error(), Some(c) if c == Errno::EMFILE as i32 || c == Errno::ENFILE as i32)
 }
 
 #[cfg(test)]

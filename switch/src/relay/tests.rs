@@ -45,6 +45,8 @@ fn relay() -> Arc<Relay> {
         ip: [127, 0, 0, 1].into(),
         port_min: base,
         port_max: base + 50,
+        workers: 2,
+        coalesce: Duration::from_micros(200),
     })
     .unwrap()
 }
@@ -150,6 +152,8 @@ fn port_range_exhaustion_is_an_error_not_a_crash() {
         ip: [127, 0, 0, 1].into(),
         port_min: base,
         port_max: base + 1,
+        workers: 2,
+        coalesce: Duration::from_micros(200),
     })
     .unwrap();
     let mut got = Vec::new();
@@ -168,5 +172,84 @@ fn port_range_exhaustion_is_an_error_not_a_crash() {
         relay.allocate_port().is_ok()
     });
     assert!(reused, "released ports are reusable");
+    relay.stop();
+}
+
+/// Two allocated ports owned by different workers (port % 2 differs).
+fn ports_on_two_workers(relay: &Relay) -> (u16, u16) {
+    let a = relay.allocate_port().unwrap();
+    loop {
+        let b = relay.allocate_port().unwrap();
+        if a % 2 != b % 2 {
+            return (a, b);
+        }
+    }
+}
+
+#[test]
+fn latching_on_one_worker_retargets_the_bridged_port_on_the_other() {
+    let relay = relay();
+    assert_eq!(relay.workers(), 2);
+    let (pa, pb) = ports_on_two_workers(&relay);
+    let (caller, callee_sdp, callee_real) = (sock(), sock(), sock());
+    let stats = Arc::new(FlowStats::default());
+    // Signalling names one address for the callee; its media really comes from another
+    // (a NAT): the relay answers where the media comes from once it latched.
+    relay
+        .bridge_udp(
+            (pa, caller.local_addr().unwrap()),
+            (pb, callee_sdp.local_addr().unwrap()),
+            stats.clone(),
+        )
+        .unwrap();
+    let a: SocketAddr = ([127, 0, 0, 1], pa).into();
+    let b: SocketAddr = ([127, 0, 0, 1], pb).into();
+    caller.send_to(&rtp(1), a).unwrap();
+    assert_eq!(
+        recv(&callee_sdp).map(|r| r.0),
+        Some(rtp(1)),
+        "before latching: the signalled address"
+    );
+    callee_real.send_to(&rtp(2), b).unwrap();
+    assert_eq!(recv(&caller).expect("forwarded back"), (rtp(2), a));
+    // The other worker learns of the latch through its queue: retry until it has.
+    let mut seq = 3;
+    let got = loop {
+        caller.send_to(&rtp(seq), a).unwrap();
+        if let Some(r) = recv(&callee_real) {
+            break r;
+        }
+        seq += 1;
+        assert!(seq < 20, "latched address never used");
+    };
+    assert_eq!(got, (rtp(seq), b));
+    relay.release(&[pa, pb], &[]);
+    relay.stop();
+}
+
+#[test]
+fn a_burst_is_relayed_complete_and_in_order() {
+    let relay = relay();
+    let (pa, pb) = ports_on_two_workers(&relay);
+    let (caller, callee) = (sock(), sock());
+    let stats = Arc::new(FlowStats::default());
+    relay
+        .bridge_udp(
+            (pa, caller.local_addr().unwrap()),
+            (pb, callee.local_addr().unwrap()),
+            stats.clone(),
+        )
+        .unwrap();
+    // More than one recvmmsg batch, queued before the worker reads: batched receive and
+    // GSO send, and the re-read of a socket that filled its batch.
+    for seq in 0..100 {
+        caller.send_to(&rtp(seq), ("127.0.0.1", pa)).unwrap();
+    }
+    for seq in 0..100 {
+        let (pkt, from) = recv(&callee).expect("every packet arrives");
+        assert_eq!((pkt, from.port()), (rtp(seq), pb));
+    }
+    assert_eq!(stats.caller_to_callee.load(Ordering::Relaxed), 100);
+    relay.release(&[pa, pb], &[]);
     relay.stop();
 }

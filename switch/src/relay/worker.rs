@@ -1,43 +1,61 @@
-//! The relay worker loop.
+//! One relay worker: a mio poll loop over the sockets of its port shard.
 
 use std::collections::HashMap;
-use std::collections::VecDeque;
-use std::io::ErrorKind;
+use std::io::{ErrorKind, IoSliceMut};
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use metrics::Counter;
-use mio::net::UdpSocket;
-use mio::{Events, Interest, Poll, Token, Waker};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
 use parley_actors::messages::{FlowStats, SessionId};
 use parley_codecs::{roq, rtp::RtpView};
+use quinn::udp::{RecvMeta, Transmit};
 
-use super::Command;
+use super::socket::PortSocket;
+use super::{Command, UdpLeg, WorkerHandle};
 use crate::metrics as m;
 
-const WAKER: Token = Token(usize::MAX);
-/// Packets read from one socket per wake-up: bounds the time one busy flow can hold the
-/// loop, so every ready socket gets served each turn.
-const BATCH: usize = 32;
+pub(super) const WAKER: Token = Token(usize::MAX);
+/// Datagrams read from one socket per `recvmmsg`, and per socket per loop turn: bounds
+/// the time one busy flow can hold the loop, so every ready socket is served each turn.
+/// A socket that filled a whole batch is read again next turn (it may have more queued
+/// and, with edge-triggered epoll, would get no new event for it).
+const BATCH: usize = quinn::udp::BATCH_SIZE;
+/// Largest RTP/RTCP packet relayed.
 const MAX_PACKET: usize = 2048;
+/// Receive buffer per batch entry: with GRO the kernel may hand over up to 64 datagrams
+/// of one sender coalesced into one buffer (`RecvMeta::stride` apart).
+const SLOT: usize = 64 * 1024;
+/// Datagrams coalesced into one GSO send (Linux allows 64).
+const MAX_GSO: usize = 32;
+
+/// The worker that owns `port`.
+pub(super) fn owner(port: u16, workers: usize) -> usize {
+    usize::from(port) % workers.max(1)
+}
 
 /// Where packets arriving on a port go.
 enum Target {
     /// Not bridged yet: drop.
     None,
-    /// Out of another relay port, to that port's peer.
-    Udp(u16),
+    /// Out of the bridged port `partner`'s socket, to its peer (latched, else signalled).
+    Udp {
+        partner: u16,
+        out: Arc<PortSocket>,
+        dest: SocketAddr,
+    },
     /// Into a RoQ flow on a device connection.
     Roq { conn: quinn::Connection, flow: u64 },
 }
 
 /// Where a RoQ datagram from a device flow goes.
 enum RoqRoute {
-    /// Out of a relay port, to its peer.
+    /// Out of a relay port of this worker, to its peer.
     Udp(u16),
     /// To another device's flow.
     Roq {
@@ -49,7 +67,7 @@ enum RoqRoute {
 }
 
 struct Port {
-    socket: UdpSocket,
+    sock: Arc<PortSocket>,
     /// Where signalling says the peer receives.
     peer: Option<SocketAddr>,
     /// The first source seen; later packets from other sources are dropped.
@@ -75,6 +93,7 @@ struct Counters {
     wrong_source: Counter,
     malformed: Counter,
     send_error: Counter,
+    batch_size: metrics::Histogram,
 }
 
 #[derive(Default)]
@@ -89,25 +108,42 @@ struct Tally {
     send_error: u64,
 }
 
+/// Receive-side scratch, reused for every batch (no allocation per packet).
+struct RecvScratch {
+    buf: Vec<u8>,
+    meta: [RecvMeta; BATCH],
+    /// Accepted datagrams of the current batch: (offset in `buf`, length).
+    segs: Vec<(usize, usize)>,
+    /// Contiguous copy of equal-sized datagrams for one GSO send.
+    gso: Vec<u8>,
+}
+
 pub(super) struct Worker {
+    index: usize,
     poll: Poll,
     rx: mpsc::Receiver<Command>,
-    free: Arc<Mutex<VecDeque<u16>>>,
+    peers: Arc<[WorkerHandle]>,
     ports: HashMap<u16, Port>,
     roq: HashMap<(SessionId, u64), RoqRoute>,
-    buf: Vec<u8>,
+    scratch: RecvScratch,
+    /// Sockets that filled a whole batch: read again next turn.
+    again: Vec<u16>,
+    /// Reads this turn per batch size (index: datagrams returned).
+    batches: [u64; BATCH + 1],
     out: BytesMut,
     counters: Counters,
     tally: Tally,
+    coalesce: Duration,
 }
 
 impl Worker {
     pub(super) fn new(
+        index: usize,
+        poll: Poll,
         rx: mpsc::Receiver<Command>,
-        free: Arc<Mutex<VecDeque<u16>>>,
-    ) -> std::io::Result<(Self, Arc<Waker>)> {
-        let poll = Poll::new()?;
-        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        peers: Arc<[WorkerHandle]>,
+        coalesce: Duration,
+    ) -> Self {
         let path = |p: &'static str| {
             (
                 metrics::counter!(m::RELAY_PACKETS_TOTAL, "path" => p),
@@ -124,38 +160,69 @@ impl Worker {
             wrong_source: drop("wrong_source"),
             malformed: drop("malformed"),
             send_error: drop("send_error"),
+            batch_size: metrics::histogram!(m::RELAY_BATCH_SIZE),
         };
-        let worker = Self {
+        Self {
+            index,
             poll,
             rx,
-            free,
+            peers,
             ports: HashMap::new(),
             roq: HashMap::new(),
-            buf: vec![0; MAX_PACKET],
+            scratch: RecvScratch {
+                buf: vec![0; BATCH * SLOT],
+                meta: [RecvMeta::default(); BATCH],
+                segs: Vec::with_capacity(BATCH * 64),
+                gso: vec![0; MAX_GSO * MAX_PACKET],
+            },
+            again: Vec::new(),
+            batches: [0; BATCH + 1],
             out: BytesMut::with_capacity(64 * 1024),
             counters,
             tally: Tally::default(),
-        };
-        Ok((worker, waker))
+            coalesce,
+        }
     }
 
     pub(super) fn run(mut self) {
         let mut events = Events::with_capacity(1024);
+        let mut turn_start = Instant::now();
+        let mut busy = false;
         loop {
-            if let Err(e) = self
-                .poll
-                .poll(&mut events, Some(Duration::from_millis(200)))
-            {
+            // Interrupt moderation: while packets flow, read at most once per `coalesce`.
+            // A worker asleep here is not woken by each arriving packet (epoll only queues
+            // the event), which saves a context switch per packet on both sides; the next
+            // poll returns everything that arrived meanwhile. An idle worker blocks in
+            // `poll` and serves the first packet at once.
+            if busy && !self.coalesce.is_zero() {
+                let since = turn_start.elapsed();
+                if since < self.coalesce {
+                    std::thread::sleep(self.coalesce - since);
+                }
+            }
+            turn_start = Instant::now();
+            let timeout = if self.again.is_empty() {
+                Duration::from_millis(200)
+            } else {
+                Duration::ZERO
+            };
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() == ErrorKind::Interrupted {
                     continue;
                 }
-                tracing::error!(error = %e, "relay poll failed; relay stopping");
+                tracing::error!(worker = self.index, error = %e, "relay poll failed; worker stopping");
                 return;
+            }
+            busy = !events.is_empty();
+            let again = std::mem::take(&mut self.again);
+            for port in again {
+                self.drain_socket(port);
             }
             for ev in events.iter() {
                 if ev.token() == WAKER {
                     continue;
                 }
+                // Tokens are ports (registered in `add_socket`), so this never truncates.
                 self.drain_socket(ev.token().0 as u16);
             }
             // Commands after sockets: a Release that raced with queued packets wins anyway,
@@ -170,41 +237,32 @@ impl Worker {
     fn handle_commands(&mut self) -> bool {
         while let Ok(cmd) = self.rx.try_recv() {
             match cmd {
-                Command::AddSocket { port, socket } => {
-                    let mut socket = UdpSocket::from_std(socket);
-                    if let Err(e) = self.poll.registry().register(
-                        &mut socket,
-                        Token(usize::from(port)),
-                        Interest::READABLE,
-                    ) {
-                        tracing::error!(port, error = %e, "cannot register relay socket");
-                        continue;
+                Command::AddSocket(sock) => self.add_socket(sock),
+                Command::BridgeUdp(leg) => self.bridge_udp(leg),
+                Command::Latched { port, of, src } => {
+                    if let Some(Port {
+                        target: Target::Udp { partner, dest, .. },
+                        ..
+                    }) = self.ports.get_mut(&port)
+                        && *partner == of
+                    {
+                        *dest = src;
                     }
-                    self.ports.insert(
-                        port,
-                        Port {
-                            socket,
-                            peer: None,
-                            latched: None,
-                            target: Target::None,
-                            stats: None,
-                            caller_side: true,
-                        },
-                    );
-                }
-                Command::BridgeUdp { a, b, stats } => {
-                    self.bridge(a, Target::Udp(b.0), &stats, true);
-                    self.bridge(b, Target::Udp(a.0), &stats, false);
                 }
                 Command::BridgeRoq {
-                    udp,
+                    udp: (port, peer),
                     session,
                     flow,
                     conn,
                     stats,
                 } => {
-                    self.bridge(udp, Target::Roq { conn, flow }, &stats, true);
-                    self.roq.insert((session, flow), RoqRoute::Udp(udp.0));
+                    if let Some(p) = self.ports.get_mut(&port) {
+                        p.peer = Some(peer);
+                        p.target = Target::Roq { conn, flow };
+                        p.stats = Some(stats);
+                        p.caller_side = true;
+                    }
+                    self.roq.insert((session, flow), RoqRoute::Udp(port));
                 }
                 Command::BridgeRoqRoq { a, b, stats } => {
                     self.roq.insert(
@@ -228,14 +286,13 @@ impl Worker {
                 }
                 Command::Release { ports, roq } => {
                     for p in &ports {
-                        if let Some(mut port) = self.ports.remove(p) {
-                            let _ = self.poll.registry().deregister(&mut port.socket);
+                        if let Some(port) = self.ports.remove(p) {
+                            let fd = port.sock.socket().as_raw_fd();
+                            let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
                         }
                     }
-                    // Sockets are closed (dropped) now: the ports may be bound again.
-                    if let Ok(mut free) = self.free.lock() {
-                        free.extend(ports);
-                    }
+                    // The sockets close (and their ports return to the pool) as the last
+                    // holder drops them: here, or on the bridged port's worker.
                     for k in roq {
                         self.roq.remove(&k);
                     }
@@ -251,87 +308,108 @@ impl Worker {
         true
     }
 
-    fn bridge(
-        &mut self,
-        (port, peer): (u16, SocketAddr),
-        target: Target,
-        stats: &Arc<FlowStats>,
-        caller_side: bool,
-    ) {
-        if let Some(p) = self.ports.get_mut(&port) {
-            p.peer = Some(peer);
-            p.target = target;
-            p.stats = Some(stats.clone());
-            p.caller_side = caller_side;
+    fn add_socket(&mut self, sock: Arc<PortSocket>) {
+        let port = sock.port();
+        let fd = sock.socket().as_raw_fd();
+        if let Err(e) = self.poll.registry().register(
+            &mut SourceFd(&fd),
+            Token(usize::from(port)),
+            Interest::READABLE,
+        ) {
+            tracing::error!(port, error = %e, "cannot register relay socket");
+            return;
+        }
+        self.ports.insert(
+            port,
+            Port {
+                sock,
+                peer: None,
+                latched: None,
+                target: Target::None,
+                stats: None,
+                caller_side: true,
+            },
+        );
+    }
+
+    fn bridge_udp(&mut self, leg: UdpLeg) {
+        if let Some(p) = self.ports.get_mut(&leg.port) {
+            p.peer = Some(leg.peer);
+            p.target = Target::Udp {
+                partner: leg.out.port(),
+                out: leg.out,
+                dest: leg.out_peer,
+            };
+            p.stats = Some(leg.stats);
+            p.caller_side = leg.caller_side;
         }
     }
 
+    /// Reads one batch from `port`'s socket and forwards it.
     fn drain_socket(&mut self, port: u16) {
-        for _ in 0..BATCH {
+        // A pending ICMP error is reported by the next read: retry a few times.
+        for _ in 0..4 {
             let Some(p) = self.ports.get_mut(&port) else {
                 return;
             };
-            let (len, src) = match p.socket.recv_from(&mut self.buf) {
-                Ok(r) => r,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-                Err(_) => continue,
+            let s = &mut self.scratch;
+            let n = {
+                let mut slots = s.buf.chunks_mut(SLOT);
+                let mut iovs: [IoSliceMut<'_>; BATCH] = std::array::from_fn(|_| {
+                    // Cannot fail: `buf` holds exactly BATCH slots.
+                    IoSliceMut::new(slots.next().expect("BATCH slots"))
+                });
+                match p
+                    .sock
+                    .state()
+                    .recv(p.sock.socket().into(), &mut iovs, &mut s.meta)
+                {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                    Err(_) => continue,
+                }
             };
-            if matches!(p.target, Target::None) {
-                self.tally.no_flow += 1;
-                continue;
+            self.batches[n.min(BATCH)] += 1;
+            let latched_now = forward_batch(p, s, n, &mut self.tally);
+            if let Some(src) = latched_now {
+                self.tell_partner(port, src);
             }
-            match p.latched {
-                None => p.latched = Some(src),
-                Some(l) if l != src => {
-                    self.tally.wrong_source += 1;
-                    continue;
-                }
-                Some(_) => {}
+            if n == BATCH {
+                self.again.push(port);
             }
-            let pkt = &self.buf[..len];
-            if RtpView::parse(pkt).is_err() {
-                self.tally.malformed += 1;
-                continue;
+            // Fewer than a batch means the queue was empty when read; a datagram arriving
+            // after that raises a new edge-triggered event.
+            return;
+        }
+        self.again.push(port);
+    }
+
+    /// `port` latched `src`: the bridged port now sends there.
+    fn tell_partner(&mut self, port: u16, src: SocketAddr) {
+        let Some(Port {
+            target: Target::Udp { partner, .. },
+            ..
+        }) = self.ports.get(&port)
+        else {
+            return;
+        };
+        let partner = *partner;
+        let w = owner(partner, self.peers.len());
+        if w == self.index {
+            if let Some(Port {
+                target: Target::Udp { partner, dest, .. },
+                ..
+            }) = self.ports.get_mut(&partner)
+                && *partner == port
+            {
+                *dest = src;
             }
-            if let Some(s) = &p.stats {
-                let c = if p.caller_side {
-                    &s.caller_to_callee
-                } else {
-                    &s.callee_to_caller
-                };
-                c.fetch_add(1, Ordering::Relaxed);
-            }
-            match &p.target {
-                Target::None => {}
-                Target::Roq { conn, flow } => {
-                    roq::encode(*flow, pkt, &mut self.out);
-                    let datagram = self.out.split().freeze();
-                    if conn.send_datagram(datagram).is_ok() {
-                        self.tally.udp_roq.0 += 1;
-                        self.tally.udp_roq.1 += len as u64;
-                    } else {
-                        self.tally.send_error += 1;
-                    }
-                    if self.out.capacity() < MAX_PACKET {
-                        self.out.reserve(64 * 1024);
-                    }
-                }
-                Target::Udp(other) => {
-                    let other = *other;
-                    let Some(o) = self.ports.get(&other) else {
-                        self.tally.no_flow += 1;
-                        continue;
-                    };
-                    let sent = o.dest().map(|d| o.socket.send_to(&self.buf[..len], d));
-                    match sent {
-                        Some(Ok(_)) => {
-                            self.tally.udp_udp.0 += 1;
-                            self.tally.udp_udp.1 += len as u64;
-                        }
-                        _ => self.tally.send_error += 1,
-                    }
-                }
-            }
+        } else {
+            let _ = self.peers[w].send(Command::Latched {
+                port: partner,
+                of: port,
+                src,
+            });
         }
     }
 
@@ -353,7 +431,7 @@ impl Worker {
                 if let Some(s) = &p.stats {
                     s.callee_to_caller.fetch_add(1, Ordering::Relaxed);
                 }
-                match p.dest().map(|d| p.socket.send_to(packet, d)) {
+                match p.dest().map(|d| p.sock.socket().send_to(packet, d)) {
                     Some(Ok(_)) => {
                         self.tally.roq_udp.0 += 1;
                         self.tally.roq_udp.1 += packet.len() as u64;
@@ -402,6 +480,12 @@ impl Worker {
                 by.increment(b);
             }
         }
+        for (size, n) in self.batches.iter_mut().enumerate().skip(1) {
+            if *n > 0 {
+                c.batch_size.record_many(size as f64, *n as usize);
+                *n = 0;
+            }
+        }
         for (ctr, n) in [
             (&c.no_flow, t.no_flow),
             (&c.wrong_source, t.wrong_source),
@@ -412,5 +496,127 @@ impl Worker {
                 ctr.increment(n);
             }
         }
+    }
+}
+
+/// Checks and forwards the `n` buffers just read on `p`. Returns the source if this batch
+/// latched the port.
+fn forward_batch(
+    p: &mut Port,
+    s: &mut RecvScratch,
+    n: usize,
+    tally: &mut Tally,
+) -> Option<SocketAddr> {
+    if matches!(p.target, Target::None) {
+        tally.no_flow += s.meta[..n]
+            .iter()
+            .map(|m| m.len.div_ceil(m.stride.max(1)) as u64)
+            .sum::<u64>();
+        return None;
+    }
+    let mut latched_now = None;
+    s.segs.clear();
+    for (i, meta) in s.meta[..n].iter().enumerate() {
+        let stride = meta.stride.max(1);
+        let count = meta.len.div_ceil(stride) as u64;
+        match p.latched {
+            None => {
+                p.latched = Some(meta.addr);
+                latched_now = Some(meta.addr);
+            }
+            Some(l) if l != meta.addr => {
+                tally.wrong_source += count;
+                continue;
+            }
+            Some(_) => {}
+        }
+        let base = i * SLOT;
+        let mut off = 0;
+        while off < meta.len {
+            let len = stride.min(meta.len - off);
+            let start = base + off;
+            off += len;
+            if len > MAX_PACKET || RtpView::parse(&s.buf[start..start + len]).is_err() {
+                tally.malformed += 1;
+                continue;
+            }
+            s.segs.push((start, len));
+        }
+    }
+    if s.segs.is_empty() {
+        return latched_now;
+    }
+    if let Some(st) = &p.stats {
+        let c = if p.caller_side {
+            &st.caller_to_callee
+        } else {
+            &st.callee_to_caller
+        };
+        c.fetch_add(s.segs.len() as u64, Ordering::Relaxed);
+    }
+    match &p.target {
+        Target::None => {}
+        Target::Udp { out, dest, .. } => send_udp(out, *dest, s, tally),
+        Target::Roq { conn, flow } => {
+            // quinn takes each datagram as `Bytes`: one small allocation per packet here is
+            // inherent to `send_datagram`.
+            let mut buf = BytesMut::with_capacity(s.segs.len() * (MAX_PACKET / 8));
+            for &(start, len) in &s.segs {
+                roq::encode(*flow, &s.buf[start..start + len], &mut buf);
+                let datagram = buf.split().freeze();
+                if conn.send_datagram(datagram).is_ok() {
+                    tally.udp_roq.0 += 1;
+                    tally.udp_roq.1 += len as u64;
+                } else {
+                    tally.send_error += 1;
+                }
+            }
+        }
+    }
+    latched_now
+}
+
+/// Sends the accepted datagrams of a batch out of `out` to `dest`: runs of equal-sized
+/// datagrams as one GSO `sendmsg`, a lone datagram with `sendto` straight from the
+/// receive buffer.
+fn send_udp(out: &PortSocket, dest: SocketAddr, s: &mut RecvScratch, tally: &mut Tally) {
+    let max_gso = out.state().max_gso_segments().min(MAX_GSO);
+    let mut i = 0;
+    while i < s.segs.len() {
+        let (start, len) = s.segs[i];
+        let mut run = 1;
+        while run < max_gso && i + run < s.segs.len() && s.segs[i + run].1 == len {
+            run += 1;
+        }
+        let ok = if run == 1 {
+            out.socket()
+                .send_to(&s.buf[start..start + len], dest)
+                .is_ok()
+        } else {
+            let mut at = 0;
+            for &(st, l) in &s.segs[i..i + run] {
+                s.gso[at..at + l].copy_from_slice(&s.buf[st..st + l]);
+                at += l;
+            }
+            out.state()
+                .try_send(
+                    out.socket().into(),
+                    &Transmit {
+                        destination: dest,
+                        ecn: None,
+                        contents: &s.gso[..at],
+                        segment_size: Some(len),
+                        src_ip: None,
+                    },
+                )
+                .is_ok()
+        };
+        if ok {
+            tally.udp_udp.0 += run as u64;
+            tally.udp_udp.1 += (run * len) as u64;
+        } else {
+            tally.send_error += run as u64;
+        }
+        i += run;
     }
 }

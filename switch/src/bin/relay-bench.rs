@@ -1,0 +1,564 @@
+//! `relay-bench`: G.711-shaped RTP through the media relay, measured.
+//!
+//! Starts the [`Relay`] in-process (or targets an external relay, see `--external`),
+//! bridges N UDP↔UDP flows on loopback, and sends 172-byte RTP (12-byte header + 160
+//! bytes of payload) at `--pps` packets per second per flow in each direction. The send
+//! time is in the payload, so the receiver measures added latency. The generator uses
+//! `sendmmsg` (many flows per system call) and `recvmmsg`, so it costs less than the relay.
+//!
+//! Reports forwarded packets per second, loss, latency p50/p99/max, and the relay
+//! threads' CPU (`parley-relay-N`, from `/proc/self/task/TID/stat` and `schedstat`) per
+//! relayed packet.
+//!
+//! ```sh
+//! cargo build --release -p parley-switch
+//! target/release/relay-bench --flows 1000 --secs 10
+//! # An external relay (rtpengine): flows given as "caller_port callee_port" lines, the
+//! # relay having been told that flow i's caller is 127.0.0.1:(gen_base + i % sockets)
+//! # and its callee 127.0.0.1:(gen_base + sockets + i % sockets).
+//! target/release/relay-bench --external ports.txt --external-pid PID --gen-base 40000
+//! ```
+
+use std::io::{IoSlice, IoSliceMut};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use hdrhistogram::Histogram;
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
+use nix::sys::socket::{ControlMessage, MsgFlags, MultiHeaders, SockaddrIn, sendmmsg};
+use parley_actors::messages::{FlowStats, MediaPlane};
+use parley_switch::relay::{Relay, RelaySettings};
+use quinn::udp::{RecvMeta, UdpSocketState};
+
+const PACKET: usize = 172;
+const HEADER: usize = 12;
+
+#[derive(Parser, Debug)]
+#[command(about = "RTP through the Parley media relay: pps, loss, latency, CPU per packet")]
+struct Args {
+    /// Concurrent flows (calls); each sends `pps` packets per second each way.
+    #[arg(long, default_value_t = 1000)]
+    flows: usize,
+    /// Packets per second per flow per direction (G.711 at 20 ms: 50).
+    #[arg(long, default_value_t = 50)]
+    pps: u32,
+    /// Measured seconds (after a one-second warm-up).
+    #[arg(long, default_value_t = 10)]
+    secs: u64,
+    /// Relay worker threads (default: number of CPUs).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Relay interrupt moderation, µs (in-process relay; see `[relay] coalesce_us`).
+    #[arg(long, default_value_t = 0)]
+    coalesce_us: u64,
+    /// First relay port (in-process relay).
+    #[arg(long, default_value_t = 20000)]
+    port_min: u16,
+    /// Generator sockets per side; flow i uses socket i % sockets on each side.
+    #[arg(long, default_value_t = 16)]
+    sockets: usize,
+    /// First generator port (0: let the OS choose). Caller sockets are gen_base..,
+    /// callee sockets gen_base + sockets...
+    #[arg(long, default_value_t = 0)]
+    gen_base: u16,
+    /// Drive an external relay at 127.0.0.1: a file of "caller_port callee_port" lines.
+    #[arg(long)]
+    external: Option<std::path::PathBuf>,
+    /// The external relay's process id, for its CPU time (all threads).
+    #[arg(long)]
+    external_pid: Option<u32>,
+}
+
+/// A generator socket with its quinn-udp state (for recvmmsg).
+struct GenSocket {
+    sock: UdpSocket,
+    state: UdpSocketState,
+}
+
+fn gen_socket(port: u16) -> anyhow::Result<GenSocket> {
+    let sock = UdpSocket::bind((Ipv4Addr::LOCALHOST, port)).context("generator bind")?;
+    let state = UdpSocketState::new((&sock).into())?;
+    // Bounded by net.core.rmem_max; a larger buffer only absorbs scheduling hiccups.
+    let _ = state.set_recv_buffer_size((&sock).into(), 8 << 20);
+    let _ = state.set_send_buffer_size((&sock).into(), 8 << 20);
+    Ok(GenSocket { sock, state })
+}
+
+/// One flow as the generator sees it: where each side sends.
+#[derive(Clone, Copy)]
+struct Flow {
+    /// Relay port the caller sends to.
+    a: u16,
+    /// Relay port the callee sends to.
+    b: u16,
+}
+
+/// CPU seconds of threads: `(user+sys from stat, run time from schedstat, context
+/// switches)`.
+fn cpu_of(dir: &str, name_prefix: Option<&str>) -> (f64, f64, u64) {
+    let (mut ticks, mut ns, mut switches) = (0u64, 0u64, 0u64);
+    let Ok(tasks) = std::fs::read_dir(dir) else {
+        return (0.0, 0.0, 0);
+    };
+    for t in tasks.flatten() {
+        let p = t.path();
+        if let Some(prefix) = name_prefix {
+            let comm = std::fs::read_to_string(p.join("comm")).unwrap_or_default();
+            if !comm.starts_with(prefix) {
+                continue;
+            }
+        }
+        if let Ok(stat) = std::fs::read_to_string(p.join("stat"))
+            && let Some((_, rest)) = stat.rsplit_once(')')
+        {
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            // Fields 14 and 15 of stat (utime, stime) are 11 and 12 after the comm.
+            ticks += f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            ticks += f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        }
+        if let Ok(st) = std::fs::read_to_string(p.join("status")) {
+            for l in st.lines() {
+                if l.starts_with("voluntary_ctxt_switches") || l.starts_with("nonvoluntary_ctxt") {
+                    switches += l
+                        .split_whitespace()
+                        .nth(1)
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .unwrap_or(0);
+                }
+            }
+        }
+        if let Ok(s) = std::fs::read_to_string(p.join("schedstat")) {
+            ns += s
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    // USER_HZ is 100 on Linux whatever the kernel's HZ.
+    (ticks as f64 / 100.0, ns as f64 / 1e9, switches)
+}
+
+/// CPU seconds of the kernel's `ksoftirqd/N` threads: loopback packet delivery that the
+/// kernel deferred there is nobody's thread time.
+fn softirqd_cpu() -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    dir.flatten()
+        .filter(|d| {
+            std::fs::read_to_string(d.path().join("comm"))
+                .is_ok_and(|c| c.starts_with("ksoftirqd/"))
+        })
+        .map(|d| cpu_of(&d.path().join("task").to_string_lossy(), None).0)
+        .sum()
+}
+
+fn udp_errors() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    let lines: Vec<Vec<&str>> = text
+        .lines()
+        .filter(|l| l.starts_with("Udp:"))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    if lines.len() < 2 {
+        return (0, 0);
+    }
+    let get = |k: &str| {
+        lines[0]
+            .iter()
+            .position(|h| *h == k)
+            .and_then(|i| lines[1].get(i))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (get("RcvbufErrors"), get("SndbufErrors"))
+}
+
+struct Shared {
+    start: Instant,
+    stop_send: AtomicBool,
+    stop_recv: AtomicBool,
+    /// Count and timestamp only while true (after warm-up).
+    measuring: AtomicBool,
+    sent: AtomicU64,
+    send_errors: AtomicU64,
+}
+
+/// Sends one packet per flow per direction every `1/pps` s, spread over 1 ms ticks.
+fn sender(shared: &Shared, callers: &[GenSocket], callees: &[GenSocket], flows: &[Flow], pps: u32) {
+    let k = callers.len();
+    let period = Duration::from_secs(1) / pps;
+    let ticks = (period.as_millis() as usize).max(1);
+    let tick = period / ticks as u32;
+    let mut headers: MultiHeaders<SockaddrIn> = MultiHeaders::preallocate(64, None);
+    let mut pkts = vec![[0u8; PACKET]; 64];
+    let mut seq = vec![0u16; flows.len() * 2];
+    // Per generator socket, the flows (index, relay port) it sends to.
+    let mut by_sock: Vec<Vec<(usize, u16)>> = vec![Vec::new(); 2 * k];
+    let mut next = Instant::now();
+    let mut n_tick = 0usize;
+    let no_cmsgs: [ControlMessage<'_>; 0] = [];
+    while !shared.stop_send.load(Ordering::Relaxed) {
+        for v in &mut by_sock {
+            v.clear();
+        }
+        for (i, f) in flows.iter().enumerate().skip(n_tick % ticks).step_by(ticks) {
+            by_sock[i % k].push((2 * i, f.a));
+            by_sock[k + i % k].push((2 * i + 1, f.b));
+        }
+        let measuring = shared.measuring.load(Ordering::Relaxed);
+        for (s, targets) in by_sock.iter().enumerate() {
+            let sock = if s < k { &callers[s] } else { &callees[s - k] };
+            for chunk in targets.chunks(64) {
+                let now_ns = shared.start.elapsed().as_nanos() as u64;
+                for (pkt, &(id, _)) in pkts.iter_mut().zip(chunk) {
+                    let sq = seq[id];
+                    seq[id] = sq.wrapping_add(1);
+                    let mut h = [0u8; HEADER];
+                    parley_codecs::rtp::write_header(
+                        &mut h,
+                        0,
+                        false,
+                        sq,
+                        u32::from(sq) * 160,
+                        id as u32,
+                    );
+                    pkt[..HEADER].copy_from_slice(&h);
+                    let stamp = if measuring { now_ns } else { 0 };
+                    pkt[HEADER..HEADER + 8].copy_from_slice(&stamp.to_be_bytes());
+                }
+                let iovs: Vec<[IoSlice<'_>; 1]> = pkts[..chunk.len()]
+                    .iter()
+                    .map(|p| [IoSlice::new(p)])
+                    .collect();
+                let addrs: Vec<Option<SockaddrIn>> = chunk
+                    .iter()
+                    .map(|&(_, port)| Some(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port).into()))
+                    .collect();
+                match sendmmsg(
+                    sock.sock.as_raw_fd(),
+                    &mut headers,
+                    &iovs,
+                    &addrs,
+                    no_cmsgs,
+                    MsgFlags::empty(),
+                ) {
+                    Ok(_) => {
+                        if measuring {
+                            shared.sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                        }
+                    }
+                    Err(_) => {
+                        shared
+                            .send_errors
+                            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        n_tick += 1;
+        next += tick;
+        let now = Instant::now();
+        if next > now {
+            std::thread::sleep(next - now);
+        } else if now - next > Duration::from_millis(200) {
+            // Far behind (the machine is saturated): do not burst to catch up.
+            next = now;
+        }
+    }
+}
+
+struct RecvResult {
+    received: u64,
+    latency_ns: Histogram<u64>,
+}
+
+fn receiver(shared: &Shared, socks: &[&GenSocket]) -> anyhow::Result<RecvResult> {
+    let mut poll = mio::Poll::new()?;
+    for (i, s) in socks.iter().enumerate() {
+        poll.registry().register(
+            &mut mio::unix::SourceFd(&s.sock.as_raw_fd()),
+            mio::Token(i),
+            mio::Interest::READABLE,
+        )?;
+    }
+    let mut events = mio::Events::with_capacity(256);
+    let batch = quinn::udp::BATCH_SIZE;
+    let mut buf = vec![0u8; batch * 2048];
+    let mut meta = vec![RecvMeta::default(); batch];
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+    let mut received = 0u64;
+    let mut ready: Vec<usize> = Vec::new();
+    while !shared.stop_recv.load(Ordering::Relaxed) {
+        poll.poll(&mut events, Some(Duration::from_millis(50)))?;
+        ready.extend(events.iter().map(|e| e.token().0));
+        while let Some(i) = ready.pop() {
+            let s = &socks[i];
+            loop {
+                let mut slots = buf.chunks_mut(2048);
+                let mut iovs: Vec<IoSliceMut<'_>> = (0..batch)
+                    .filter_map(|_| slots.next().map(IoSliceMut::new))
+                    .collect();
+                let n = match s.state.recv((&s.sock).into(), &mut iovs, &mut meta) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(_) => continue,
+                };
+                let now_ns = shared.start.elapsed().as_nanos() as u64;
+                for (j, m) in meta[..n].iter().enumerate() {
+                    let stride = m.stride.max(1);
+                    let mut off = 0;
+                    while off < m.len {
+                        let p = &buf[j * 2048 + off..j * 2048 + off + stride.min(m.len - off)];
+                        off += stride;
+                        if p.len() < HEADER + 8 {
+                            continue;
+                        }
+                        let mut t = [0u8; 8];
+                        t.copy_from_slice(&p[HEADER..HEADER + 8]);
+                        let stamp = u64::from_be_bytes(t);
+                        if stamp != 0 {
+                            received += 1;
+                            hist.saturating_record(now_ns.saturating_sub(stamp).max(1));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(RecvResult {
+        received,
+        latency_ns: hist,
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    // Two relay sockets per flow: raise the descriptor limit if needed (and allowed).
+    let need = (2 * args.flows + 4 * args.sockets + 1024) as u64;
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < need
+        && setrlimit(Resource::RLIMIT_NOFILE, need, need.max(hard)).is_err()
+    {
+        eprintln!("warning: open-file limit {soft} < {need}; raise it (ulimit -n)");
+    }
+    let k = args.sockets.max(1);
+    let port = |i: usize| {
+        if args.gen_base == 0 {
+            0
+        } else {
+            args.gen_base + i as u16
+        }
+    };
+    let callers: Vec<GenSocket> = (0..k)
+        .map(|i| gen_socket(port(i)))
+        .collect::<Result<_, _>>()?;
+    let callees: Vec<GenSocket> = (0..k)
+        .map(|i| gen_socket(port(k + i)))
+        .collect::<Result<_, _>>()?;
+    let addr = |s: &GenSocket| -> anyhow::Result<SocketAddr> { Ok(s.sock.local_addr()?) };
+
+    let mut relay = None;
+    let mut stats = Vec::new();
+    let flows: Vec<Flow> = if let Some(path) = &args.external {
+        let text = std::fs::read_to_string(path)?;
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                let mut it = l.split_whitespace().map(str::parse::<u16>);
+                match (it.next(), it.next()) {
+                    (Some(Ok(a)), Some(Ok(b))) => Ok(Flow { a, b }),
+                    _ => bail!("bad line in {}: {l:?}", path.display()),
+                }
+            })
+            .collect::<anyhow::Result<_>>()?
+    } else {
+        let workers = args
+            .workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let span = u16::try_from(2 * args.flows + 2000).context("too many flows")?;
+        let r = Relay::start(RelaySettings {
+            ip: Ipv4Addr::LOCALHOST.into(),
+            port_min: args.port_min,
+            port_max: args.port_min.checked_add(span).context("port range")?,
+            workers,
+            coalesce: Duration::from_micros(args.coalesce_us),
+        })?;
+        let mut flows = Vec::with_capacity(args.flows);
+        for i in 0..args.flows {
+            let (a, b) = (r.allocate_port()?, r.allocate_port()?);
+            let st = Arc::new(FlowStats::default());
+            r.bridge_udp(
+                (a, addr(&callers[i % k])?),
+                (b, addr(&callees[i % k])?),
+                st.clone(),
+            )?;
+            stats.push(st);
+            flows.push(Flow { a, b });
+        }
+        relay = Some(r);
+        flows
+    };
+    let workers = relay.as_ref().map_or(0, |r| r.workers());
+
+    let shared = Arc::new(Shared {
+        start: Instant::now(),
+        stop_send: AtomicBool::new(false),
+        stop_recv: AtomicBool::new(false),
+        measuring: AtomicBool::new(false),
+        sent: AtomicU64::new(0),
+        send_errors: AtomicU64::new(0),
+    });
+    let callers = Arc::new(callers);
+    let callees = Arc::new(callees);
+    let flows = Arc::new(flows);
+    let send_thread = {
+        let (sh, ca, ce, fl) = (
+            shared.clone(),
+            callers.clone(),
+            callees.clone(),
+            flows.clone(),
+        );
+        let pps = args.pps;
+        std::thread::Builder::new()
+            .name("bench-send".into())
+            .spawn(move || sender(&sh, &ca, &ce, &fl, pps))?
+    };
+    let recv_thread = {
+        let (sh, ca, ce) = (shared.clone(), callers.clone(), callees.clone());
+        std::thread::Builder::new()
+            .name("bench-recv".into())
+            .spawn(move || -> anyhow::Result<RecvResult> {
+                let all: Vec<&GenSocket> = ca.iter().chain(ce.iter()).collect();
+                receiver(&sh, &all)
+            })?
+    };
+
+    // Warm-up: every port latches, queues settle.
+    std::thread::sleep(Duration::from_secs(1));
+    let relay_pkts = |stats: &[Arc<FlowStats>]| -> u64 {
+        stats
+            .iter()
+            .map(|s| {
+                s.caller_to_callee.load(Ordering::Relaxed)
+                    + s.callee_to_caller.load(Ordering::Relaxed)
+            })
+            .sum()
+    };
+    let ext_dir = args.external_pid.map(|p| format!("/proc/{p}/task"));
+    let cpu_relay = || match &ext_dir {
+        Some(d) => cpu_of(d, None),
+        None => cpu_of("/proc/self/task", Some("parley-relay-")),
+    };
+    let cpu_gen = || cpu_of("/proc/self/task", Some("bench-"));
+    let (relay0, gen0, pk0, err0) = (cpu_relay(), cpu_gen(), relay_pkts(&stats), udp_errors());
+    let softirqd0 = softirqd_cpu();
+    let t0 = Instant::now();
+    shared.measuring.store(true, Ordering::Relaxed);
+    std::thread::sleep(Duration::from_secs(args.secs));
+    shared.measuring.store(false, Ordering::Relaxed);
+    let (relay1, gen1, pk1) = (cpu_relay(), cpu_gen(), relay_pkts(&stats));
+    let softirqd1 = softirqd_cpu();
+    let window = t0.elapsed().as_secs_f64();
+    // Let in-flight packets arrive before counting loss.
+    std::thread::sleep(Duration::from_millis(500));
+    shared.stop_send.store(true, Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(100));
+    shared.stop_recv.store(true, Ordering::Relaxed);
+    let err1 = udp_errors();
+    let _ = send_thread.join();
+    let res = recv_thread
+        .join()
+        .map_err(|_| anyhow::anyhow!("receiver panicked"))??;
+    if let Some(r) = &relay {
+        r.stop();
+    }
+
+    let sent = shared.sent.load(Ordering::Relaxed);
+    let lost = sent.saturating_sub(res.received);
+    let relayed = if relay.is_some() {
+        pk1 - pk0
+    } else {
+        res.received
+    };
+    let relay_cpu = (relay1.0 - relay0.0, relay1.1 - relay0.1);
+    let relay_switches = relay1.2 - relay0.2;
+    let gen_cpu = (gen1.0 - gen0.0, gen1.1 - gen0.1);
+    let h = &res.latency_ns;
+    let us = |v: u64| v as f64 / 1000.0;
+    println!(
+        "relay: {}",
+        if relay.is_some() {
+            format!(
+                "parley in-process, {workers} workers, coalesce {} µs",
+                args.coalesce_us
+            )
+        } else {
+            format!("external pid {:?}", args.external_pid)
+        }
+    );
+    println!(
+        "flows: {}  pps/flow/direction: {}  window: {window:.1} s",
+        flows.len(),
+        args.pps
+    );
+    let offered = flows.len() as f64 * 2.0 * f64::from(args.pps);
+    println!(
+        "offered: {offered:.0} pps  generated: {:.0} pps ({:.1}% of offered: below 100% the generator could not keep up)",
+        sent as f64 / window,
+        100.0 * sent as f64 / window / offered
+    );
+    println!(
+        "sent: {sent}  received: {}  lost: {lost} ({:.4}%)  send errors: {}",
+        res.received,
+        100.0 * lost as f64 / sent.max(1) as f64,
+        shared.send_errors.load(Ordering::Relaxed)
+    );
+    println!(
+        "kernel UDP RcvbufErrors: +{}  SndbufErrors: +{}",
+        err1.0 - err0.0,
+        err1.1 - err0.1
+    );
+    println!(
+        "relayed: {relayed} packets = {:.0} pps",
+        relayed as f64 / window
+    );
+    println!(
+        "latency (send to receive, through the relay): p50 {:.1} µs  p99 {:.1} µs  p99.9 {:.1} µs  max {:.1} µs",
+        us(h.value_at_quantile(0.5)),
+        us(h.value_at_quantile(0.99)),
+        us(h.value_at_quantile(0.999)),
+        us(h.max())
+    );
+    let per_pkt = |cpu: f64| 1e6 * cpu / relayed.max(1) as f64;
+    println!(
+        "relay CPU: {:.2} s user+sys ({:.1}% of one core), {:.2} s run time; per relayed packet: {:.2} µs (stat) {:.2} µs (schedstat)",
+        relay_cpu.0,
+        100.0 * relay_cpu.0 / window,
+        relay_cpu.1,
+        per_pkt(relay_cpu.0),
+        per_pkt(relay_cpu.1)
+    );
+    println!(
+        "relay context switches: {:.0}/s ({:.1} packets per switch)",
+        relay_switches as f64 / window,
+        relayed as f64 / relay_switches.max(1) as f64
+    );
+    println!(
+        "generator CPU: {:.2} s user+sys ({:.1}% of one core); per packet: {:.2} µs",
+        gen_cpu.0,
+        100.0 * gen_cpu.0 / window,
+        per_pkt(gen_cpu.0)
+    );
+    println!(
+        "ksoftirqd CPU (packet delivery the kernel deferred, charged to no thread above): {:.1}% of one core",
+        100.0 * (softirqd1 - softirqd0) / window
+    );
+    Ok(())
+}

@@ -1,0 +1,77 @@
+//! A relay port's socket, shared by the worker that receives on it and the worker that
+//! sends out of it.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::{IpAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+
+use quinn::udp::UdpSocketState;
+
+/// The free-port pool, shared by the control plane (which takes) and the sockets (which
+/// give back when closed).
+pub(crate) type FreePorts = Arc<Mutex<VecDeque<u16>>>;
+
+/// One bound relay port.
+///
+/// A port's socket may be held by two workers (its owner receives on it; the owner of
+/// the bridged port sends out of it), so it is reference-counted, and the port goes back
+/// to the pool when the last holder drops it: a port is never handed out while a socket
+/// still holds it.
+pub(crate) struct PortSocket {
+    /// `None` only inside `drop`, so the socket is closed before the port is freed.
+    socket: Option<UdpSocket>,
+    state: UdpSocketState,
+    port: u16,
+    free: FreePorts,
+}
+
+impl PortSocket {
+    /// Binds `ip:port`, non-blocking, with quinn-udp's options (GRO, packet info).
+    pub(crate) fn bind(ip: IpAddr, port: u16, free: FreePorts) -> io::Result<Self> {
+        let socket = UdpSocket::bind((ip, port))?;
+        // Sets non-blocking mode and enables GRO where the kernel has it.
+        let state = UdpSocketState::new((&socket).into())?;
+        // quinn-udp asks for each datagram's destination address and TOS byte; a relay
+        // socket is bound to one address and ignores ECN, so those control messages are
+        // pure cost on every read (~4% of the worker's CPU in `perf`). Best effort: only
+        // the cost changes if it fails.
+        if ip.is_ipv4() {
+            let _ = nix::sys::socket::setsockopt(
+                socket.as_raw_fd(),
+                nix::sys::socket::sockopt::Ipv4PacketInfo,
+                &false,
+            );
+            let _ = socket2::SockRef::from(&socket).set_recv_tos_v4(false);
+        }
+        Ok(Self {
+            socket: Some(socket),
+            state,
+            port,
+            free,
+        })
+    }
+
+    pub(crate) fn socket(&self) -> &UdpSocket {
+        // Cannot fail: `socket` is only taken in `drop`.
+        self.socket.as_ref().expect("socket is present until drop")
+    }
+
+    pub(crate) fn state(&self) -> &UdpSocketState {
+        &self.state
+    }
+
+    pub(crate) fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl Drop for PortSocket {
+    fn drop(&mut self) {
+        drop(self.socket.take());
+        if let Ok(mut free) = self.free.lock() {
+            free.push_back(self.port);
+        }
+    }
+}
