@@ -78,6 +78,9 @@ pub struct MediaReport {
     pub loss_ratio: f64,
     /// Send → echo received, from the stamp in each packet.
     pub round_trip: Latency,
+    /// Interarrival jitter of each stream's echoed packets (RFC 3550 §6.4.1 estimator,
+    /// over the round trip), distribution across streams.
+    pub jitter: Latency,
 }
 
 /// What the devices a storm logged in saw (`--devices`), summed over all of them.
@@ -316,6 +319,7 @@ impl fmt::Display for Report {
         latency_row(f, "post-dial delay", &self.post_dial_delay)?;
         if let Some(m) = &self.media {
             latency_row(f, "media rtt", &m.round_trip)?;
+            latency_row(f, "media jitter", &m.jitter)?;
             writeln!(
                 f,
                 "\n  media             {} streams, {} packets sent, {} back ({:.3}% lost), {} foreign",
@@ -420,6 +424,7 @@ struct MediaCollector {
     received: u64,
     foreign: u64,
     rtt: Histogram<u64>,
+    jitter: Histogram<u64>,
 }
 
 /// What one media stream measured, merged into the storm's results.
@@ -433,6 +438,9 @@ pub struct MediaSample {
     pub foreign: u64,
     /// Round-trip times, in microseconds.
     pub rtt: Histogram<u64>,
+    /// RFC 3550 jitter estimate so far, microseconds.
+    pub jitter_us: f64,
+    last_transit: Option<u64>,
 }
 
 impl MediaSample {
@@ -445,12 +453,22 @@ impl MediaSample {
             // Two significant digits keep each stream's histogram small (a few KB); the
             // bounds are constants hdrhistogram accepts, so this cannot fail.
             rtt: Histogram::new_with_bounds(1, MAX_MICROS, 2).expect("valid histogram bounds"),
+            jitter_us: 0.0,
+            last_transit: None,
         }
     }
 
     /// Records one round-trip time.
     pub fn record_rtt(&mut self, rtt: Duration) {
-        self.rtt.saturating_record(micros(rtt));
+        let transit = micros(rtt);
+        self.rtt.saturating_record(transit);
+        // RFC 3550 §6.4.1: J += (|D| - J) / 16, D the change in transit time between
+        // consecutive packets (here over the round trip, stamp to echo).
+        if let Some(last) = self.last_transit {
+            let d = transit.abs_diff(last) as f64;
+            self.jitter_us += (d - self.jitter_us) / 16.0;
+        }
+        self.last_transit = Some(transit);
     }
 }
 
@@ -524,6 +542,7 @@ impl Collector {
                 received: 0,
                 foreign: 0,
                 rtt: histogram(),
+                jitter: histogram(),
             }),
         }
     }
@@ -586,6 +605,9 @@ impl Collector {
             m.foreign += s.foreign;
             // Same bounds, different precision: adding cannot go out of range.
             let _ = m.rtt.add(&s.rtt);
+            if s.received > 1 {
+                m.jitter.saturating_record(s.jitter_us.round() as u64);
+            }
         }
     }
 
@@ -672,6 +694,7 @@ impl Collector {
                     1.0 - (m.received.min(m.sent) as f64 / m.sent as f64)
                 },
                 round_trip: Latency::of(&m.rtt),
+                jitter: Latency::of(&m.jitter),
             }),
             devices: None,
             uas: None,
@@ -847,5 +870,19 @@ mod tests {
         assert_eq!(cpu_time_from_stat(line), Some(Duration::from_millis(1750)));
         assert_eq!(cpu_time_from_stat("garbage"), None);
         assert!(process_cpu_time().is_some());
+    }
+
+    #[test]
+    fn jitter_follows_rfc3550() {
+        let mut s = MediaSample::new();
+        for ms in [10, 12, 10] {
+            s.record_rtt(Duration::from_millis(ms));
+        }
+        // D = 2000 µs twice: J = 125, then 125 + (2000 - 125) / 16.
+        assert!(
+            (s.jitter_us - (125.0 + 1875.0 / 16.0)).abs() < 1e-9,
+            "{}",
+            s.jitter_us
+        );
     }
 }

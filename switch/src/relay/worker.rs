@@ -214,6 +214,12 @@ impl Worker {
                 return;
             }
             busy = !events.is_empty();
+            // Commands first: a bridge queued before a packet arrived (the 200 OK goes out
+            // after the bridge command) must be in place before that packet is read, or the
+            // call's first packets would be dropped as `no_flow`.
+            if !self.handle_commands() {
+                return;
+            }
             let again = std::mem::take(&mut self.again);
             for port in again {
                 self.drain_socket(port);
@@ -224,11 +230,6 @@ impl Worker {
                 }
                 // Tokens are ports (registered in `add_socket`), so this never truncates.
                 self.drain_socket(ev.token().0 as u16);
-            }
-            // Commands after sockets: a Release that raced with queued packets wins anyway,
-            // because released ports are gone from the table before the next poll.
-            if !self.handle_commands() {
-                return;
             }
             self.flush_counters();
         }
