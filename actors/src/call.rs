@@ -443,6 +443,16 @@ impl CallCore {
         }
     }
 
+    /// No media crossed the answered call for the media timeout: end both sides (the
+    /// caller gets a BYE, the leg is hung up); the CDR stays `ANSWERED` with cause 408.
+    pub fn handle_media_timeout(&mut self) {
+        if let State::Answered(leg) = self.state {
+            self.actions.push_back(Action::Hangup(leg, "media_timeout"));
+            self.actions.push_back(Action::ByeCaller);
+            self.finish(Disposition::Answered, 408);
+        }
+    }
+
     /// When [`Self::handle_timeout`] must next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
         match (self.deadline, self.step_deadline) {
@@ -901,6 +911,28 @@ mod tests {
                 Finish {
                     disposition: Disposition::Rejected,
                     cause: 486
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn media_timeout_ends_an_answered_call_only() {
+        let (mut c, _) = start(Route::Devices(vec![1]), false);
+        drain(&mut c);
+        c.handle_media_timeout();
+        assert_eq!(drain(&mut c), vec![], "a ringing call has no media yet");
+        c.handle_leg_answered(LegId::Device(1));
+        drain(&mut c);
+        c.handle_media_timeout();
+        assert_eq!(
+            drain(&mut c),
+            vec![
+                Hangup(LegId::Device(1), "media_timeout"),
+                ByeCaller,
+                Finish {
+                    disposition: Disposition::Answered,
+                    cause: 408
                 }
             ]
         );

@@ -61,6 +61,8 @@ pub struct CallSetup {
     pub pstn_destination: Option<String>,
     /// The caller's video stream, if the INVITE offered one.
     pub video_offer: Option<MediaDescription>,
+    /// End an answered call when no media crosses it for this long (`None`: never).
+    pub media_timeout: Option<Duration>,
 }
 
 /// What every call needs from the node, shared by the SIP driver and device sessions.
@@ -75,6 +77,8 @@ pub struct CallEnv {
     pub trunk: Option<Addr<TrunkActor>>,
     /// Ring timeout.
     pub ring_timeout: Duration,
+    /// Media timeout of answered calls (`None`: never).
+    pub media_timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for CallEnv {
@@ -250,6 +254,8 @@ impl CallActor {
                 if let Err(e) = self.connect(leg) {
                     tracing::warn!(call = %self.s.call_id, error = %e, "media setup failed");
                     self.core.handle_connect_failed(503);
+                } else {
+                    self.watch_media(ctx);
                 }
             }
             Action::RejectCaller(code) => {
@@ -499,6 +505,29 @@ impl CallActor {
             at: SystemTime::now(),
         });
         self.answered_by = Some(name);
+    }
+
+    /// While the call is answered, checks once a second that media still flows; a call
+    /// whose media stopped for the media timeout is ended (a gateway that vanished without a
+    /// BYE must not hold a relay port and a "call in progress" forever).
+    fn watch_media(&mut self, ctx: &mut Context<Self>) {
+        let Some(limit) = self.s.media_timeout else {
+            return;
+        };
+        let since = crate::messages::flow_clock_ms();
+        let check = Duration::from_secs(1).min(limit);
+        ctx.run_interval(check, move |act, ctx| {
+            if act.core.answered_leg().is_none() {
+                return;
+            }
+            let idle = act.stats.idle_ms(since);
+            if idle >= limit.as_millis() as u64 {
+                tracing::warn!(call = %act.s.call_id, idle_ms = idle, "no media: ending the call");
+                metrics::counter!(m::MEDIA_TIMEOUTS_TOTAL).increment(1);
+                act.core.handle_media_timeout();
+                act.drive(ctx);
+            }
+        });
     }
 
     fn trunk_outcome(&self, outcome: ProbeOutcome) {

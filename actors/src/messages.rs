@@ -165,6 +165,45 @@ pub struct FlowStats {
     pub caller_to_callee: AtomicU64,
     /// Packets from the callee side relayed toward the caller side.
     pub callee_to_caller: AtomicU64,
+    /// When a packet last crossed this stream, in [`flow_clock_ms`] (0: never).
+    pub last_activity_ms: AtomicU64,
+}
+
+/// Milliseconds on a process-wide monotonic clock (since its first use); the relay stamps
+/// [`FlowStats::last_activity_ms`] with it and calls compare against it.
+pub fn flow_clock_ms() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    // +1 so that a stamp is never 0 ("never").
+    EPOCH
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+        + 1
+}
+
+impl FlowStats {
+    /// Counts `n` packets relayed from one side (once per batch on the hot path) and
+    /// stamps the stream as active.
+    pub fn count(&self, from_caller: bool, n: u64) {
+        let c = if from_caller {
+            &self.caller_to_callee
+        } else {
+            &self.callee_to_caller
+        };
+        c.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        self.last_activity_ms
+            .store(flow_clock_ms(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Milliseconds since a packet last crossed the stream (or since `since_ms` if none
+    /// has yet).
+    pub fn idle_ms(&self, since_ms: u64) -> u64 {
+        let last = self
+            .last_activity_ms
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .max(since_ms);
+        flow_clock_ms().saturating_sub(last)
+    }
 }
 
 /// Errors from the data plane.

@@ -27,6 +27,8 @@ pub const TRUNK_PROBES_TOTAL: &str = "parley_trunk_probes_total";
 pub const PRESENCE_FANOUT_TOTAL: &str = "parley_presence_fanout_total";
 /// Chat messages accepted, by `result` (`delivered`, `offline`, `unknown_user`, `rejected`).
 pub const CHAT_MESSAGES_TOTAL: &str = "parley_chat_messages_total";
+/// Answered calls ended because no media crossed them for the media timeout.
+pub const MEDIA_TIMEOUTS_TOTAL: &str = "parley_media_timeouts_total";
 /// Re-routes of ringing calls after a presence change.
 pub const REROUTES_TOTAL: &str = "parley_reroutes_total";
 /// Time from a presence change to the re-routed leg ringing.
@@ -108,5 +110,10 @@ pub fn describe() {
         ANSWERED_RANK_TOTAL,
         Unit::Count,
         "Answered device calls by the predicted rank of the answering device"
+    );
+    describe_counter!(
+        MEDIA_TIMEOUTS_TOTAL,
+        Unit::Count,
+        "Answered calls ended because no media crossed them for the media timeout"
     );
 }

@@ -160,6 +160,7 @@ impl PresenceSession {
             caller_device: Some((self.id, ctx.address())),
             pstn_destination: None,
             video_offer: None,
+            media_timeout: env.media_timeout,
         };
         tracing::info!(session = self.id, user = %self.owner.user, %to, call = %call_id, "device dials");
         let call = CallActor::new(setup).start();
@@ -196,6 +197,7 @@ impl PresenceSession {
             caller_device: Some((self.id, ctx.address())),
             pstn_destination: Some(number.clone()),
             video_offer: None,
+            media_timeout: env.media_timeout,
         };
         tracing::info!(session = self.id, user = %self.owner.user, to = %number, call = %call_id, "device dials the PSTN");
         let call = CallActor::new(setup).start();

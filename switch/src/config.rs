@@ -94,6 +94,9 @@ pub struct RelayConfig {
 pub struct CallsConfig {
     /// Seconds a call may ring before it is answered 480.
     pub ring_timeout_secs: u64,
+    /// Seconds without any media on an answered call before Parley ends it (BYE to both
+    /// sides, CDR cause 408); 0 disables.
+    pub media_timeout_secs: u64,
 }
 
 /// `[[trunks]]`
@@ -230,6 +233,7 @@ impl Default for CallsConfig {
     fn default() -> Self {
         Self {
             ring_timeout_secs: 60,
+            media_timeout_secs: 60,
         }
     }
 }
@@ -394,6 +398,12 @@ impl Config {
     /// Ring timeout as a duration.
     pub fn ring_timeout(&self) -> Duration {
         Duration::from_secs(self.calls.ring_timeout_secs)
+    }
+
+    /// Media timeout of answered calls, if enabled.
+    pub fn media_timeout(&self) -> Option<Duration> {
+        (self.calls.media_timeout_secs > 0)
+            .then(|| Duration::from_secs(self.calls.media_timeout_secs))
     }
 }
 

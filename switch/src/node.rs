@@ -121,6 +121,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             cdr: cdr_sink.clone(),
             trunk: trunk.clone(),
             ring_timeout: cfg.ring_timeout(),
+            media_timeout: cfg.media_timeout(),
         },
     )
     .start();
@@ -149,6 +150,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             cdr: cdr_sink.clone(),
             trunk: trunk.clone(),
             ring_timeout: cfg.ring_timeout(),
+            media_timeout: cfg.media_timeout(),
         })),
     });
     actix_rt::spawn(quic::serve(endpoint.clone(), im));

@@ -4,7 +4,6 @@ use std::collections::HashMap;
 use std::io::{ErrorKind, IoSliceMut};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
@@ -430,7 +429,7 @@ impl Worker {
                     return;
                 };
                 if let Some(s) = &p.stats {
-                    s.callee_to_caller.fetch_add(1, Ordering::Relaxed);
+                    s.count(false, 1);
                 }
                 match p.dest().map(|d| p.sock.socket().send_to(packet, d)) {
                     Some(Ok(_)) => {
@@ -446,12 +445,7 @@ impl Worker {
                 stats,
                 caller_side,
             } => {
-                let c = if *caller_side {
-                    &stats.caller_to_callee
-                } else {
-                    &stats.callee_to_caller
-                };
-                c.fetch_add(1, Ordering::Relaxed);
+                stats.count(*caller_side, 1);
                 roq::encode(*flow, packet, &mut self.out);
                 let datagram = self.out.split().freeze();
                 if conn.send_datagram(datagram).is_ok() {
@@ -548,12 +542,7 @@ fn forward_batch(
         return latched_now;
     }
     if let Some(st) = &p.stats {
-        let c = if p.caller_side {
-            &st.caller_to_callee
-        } else {
-            &st.callee_to_caller
-        };
-        c.fetch_add(s.segs.len() as u64, Ordering::Relaxed);
+        st.count(p.caller_side, s.segs.len() as u64);
     }
     match &p.target {
         Target::None => {}

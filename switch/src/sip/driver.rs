@@ -28,6 +28,8 @@ pub struct DriverDeps {
     pub trunk: Option<Addr<TrunkActor>>,
     /// Ring timeout.
     pub ring_timeout: Duration,
+    /// Media timeout of answered calls.
+    pub media_timeout: Option<Duration>,
 }
 
 /// The actor.
@@ -92,6 +94,7 @@ impl SipDriver {
                         media: self.deps.media.clone(),
                         cdr: self.deps.cdr.clone(),
                         ring_timeout: self.deps.ring_timeout,
+                        media_timeout: self.deps.media_timeout,
                         started: Instant::now(),
                         started_wall: SystemTime::now(),
                         caller_device: None,

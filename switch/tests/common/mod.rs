@@ -65,6 +65,11 @@ impl Node {
 
     /// Starts a node with extra keys in its `[sip]` and `[[trunks]]` sections.
     pub fn start_configured(sip_extra: &str, trunk_extra: &str) -> Node {
+        Self::start_full(sip_extra, trunk_extra, "")
+    }
+
+    /// Starts a node with extra keys in its `[sip]`, `[[trunks]]` and `[calls]` sections.
+    pub fn start_full(sip_extra: &str, trunk_extra: &str, calls_extra: &str) -> Node {
         let dir = tempfile::tempdir().expect("tempdir");
         let trunk_port = free_udp_port();
         let relay = free_port_block(100);
@@ -75,6 +80,8 @@ data_dir = "{data}"
 [sip]
 listen = "127.0.0.1:0"
 {sip_extra}
+[calls]
+{calls_extra}
 [quic]
 listen = "127.0.0.1:0"
 [http]
