@@ -72,36 +72,15 @@ async fn device_disconnect_mid_call_ends_the_call() {
     let node = Node::start();
     let mut device = node.device(node.device_config("alice", "laptop")).await;
     let sc = scenario(node.dir.path(), "uac_remote_bye.xml");
-    let sipp = tokio::spawn({
-        let sc = sc.clone();
-        let node_sip = node.sip;
-        let dir = node.dir.path().to_path_buf();
-        async move {
-            // Run SIPp against the node while the test drops the device connection.
-            let port = common::free_udp_port().to_string();
-            tokio::process::Command::new(common::sipp_bin())
-                .arg("-sf")
-                .arg(&sc)
-                .arg(node_sip.to_string())
-                .args([
-                    "-s",
-                    "+15550100001",
-                    "-i",
-                    "127.0.0.1",
-                    "-p",
-                    &port,
-                    "-m",
-                    "1",
-                    "-nostdin",
-                    "-timeout",
-                    "40s",
-                ])
-                .current_dir(dir)
-                .output()
-                .await
-                .expect("sipp")
-        }
-    });
+    // SIPp runs in the background while the test drops the device connection.
+    let sipp = tokio::spawn(sipp_uac(
+        &node,
+        &["-sf", sc.to_str().unwrap()],
+        "+15550100001",
+        1,
+        1,
+        &[],
+    ));
     let connected = device
         .wait_for(Duration::from_secs(10), |m| {
             matches!(m, ServerMsg::CallConnected { .. })
@@ -110,11 +89,11 @@ async fn device_disconnect_mid_call_ends_the_call() {
     assert!(connected.is_some(), "{}", node.log());
     tokio::time::sleep(Duration::from_millis(500)).await;
     device.close();
-    let out = sipp.await.unwrap();
+    let run = sipp.await.unwrap();
     assert!(
-        out.status.success(),
+        run.code == 0,
         "SIPp did not get the BYE:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
+        run.output,
         node.log()
     );
     let cdrs = node.wait_cdrs(1);

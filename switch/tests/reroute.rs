@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::Node;
+use common::{Node, sipp_uac};
 use parley_codecs::control::{ClientMsg, ServerMsg, Status};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -27,35 +27,14 @@ async fn presence_change_while_ringing_moves_the_call_to_the_other_device() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
 
-    let caller = tokio::spawn({
-        let node_sip = node.sip;
-        let dir = node.dir.path().to_path_buf();
-        async move {
-            let port = common::free_udp_port().to_string();
-            tokio::process::Command::new(common::sipp_bin())
-                .args(["-sn", "uac"])
-                .arg(node_sip.to_string())
-                .args([
-                    "-s",
-                    "+15550100001",
-                    "-i",
-                    "127.0.0.1",
-                    "-p",
-                    &port,
-                    "-m",
-                    "1",
-                    "-d",
-                    "500",
-                    "-nostdin",
-                    "-timeout",
-                    "40s",
-                ])
-                .current_dir(dir)
-                .output()
-                .await
-                .expect("sipp")
-        }
-    });
+    let caller = tokio::spawn(sipp_uac(
+        &node,
+        &["-sn", "uac"],
+        "+15550100001",
+        1,
+        1,
+        &["-d", "500"],
+    ));
 
     // Only the desk rings at first (the mobile is away).
     let offer = desk
@@ -100,11 +79,11 @@ async fn presence_change_while_ringing_moves_the_call_to_the_other_device() {
     );
     // The mobile answers; the gateway's call succeeds.
     mobile.send(ClientMsg::Answer { call_id }).await.unwrap();
-    let out = caller.await.unwrap();
+    let run = caller.await.unwrap();
     assert!(
-        out.status.success(),
+        run.code == 0,
         "SIPp call failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
+        run.output,
         node.log()
     );
 

@@ -350,14 +350,17 @@ pub struct SippRun {
 }
 
 /// Runs a SIPp UAC to completion (bounded by `-timeout`).
-pub async fn sipp_uac(
+///
+/// The command is built now; the returned future owns it, so a test can also
+/// `tokio::spawn` it and act on the call while SIPp runs.
+pub fn sipp_uac(
     node: &Node,
     scenario_args: &[&str],
     number: &str,
     calls: u32,
     rate: u32,
     extra: &[&str],
-) -> SippRun {
+) -> impl std::future::Future<Output = SippRun> + Send + 'static {
     let dir = node.dir.path().to_path_buf();
     let port = free_udp_port().to_string();
     let media = free_port_block(40).to_string();
@@ -392,6 +395,10 @@ pub async fn sipp_uac(
         .current_dir(&dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    async move { run_uac(cmd, stat).await }
+}
+
+async fn run_uac(mut cmd: tokio::process::Command, stat: PathBuf) -> SippRun {
     let out = cmd.output().await.expect("run sipp");
     let output = format!(
         "{}{}",
