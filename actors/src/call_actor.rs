@@ -536,6 +536,17 @@ impl CallActor {
         }
     }
 
+    /// A SIP peer moved its media mid-call (re-INVITE): the relay re-latches that port and
+    /// keeps the stream toward the other side continuous.
+    fn media_moved(&mut self, port: Option<u16>, addr: std::net::SocketAddr) {
+        let Some(port) = port else {
+            return; // not bridged yet: nothing to move
+        };
+        if let Err(e) = self.s.media.repoint(port, addr) {
+            tracing::warn!(call = %self.s.call_id, port, error = ?e, "relay could not follow the media move");
+        }
+    }
+
     fn leg_ringing(&mut self, leg: LegId) {
         if let Some(at) = self.reroute_at.take() {
             metrics::histogram!(m::REROUTE_SECONDS).record(at.elapsed().as_secs_f64());
@@ -724,6 +735,8 @@ impl Handler<SipEvent> for CallActor {
                     .handle_leg_failed(Instant::now(), LegId::Trunk, why);
             }
             SipEvent::TrunkBye => self.core.handle_leg_hangup(Instant::now(), LegId::Trunk),
+            SipEvent::CallerMediaMoved(addr) => self.media_moved(self.caller_port, addr),
+            SipEvent::TrunkMediaMoved(addr) => self.media_moved(self.trunk_port, addr),
         }
         self.drive(ctx);
     }

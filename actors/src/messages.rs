@@ -156,6 +156,10 @@ pub enum SipEvent {
     TrunkFailed(u16),
     /// The trunk hung up.
     TrunkBye,
+    /// The caller's re-INVITE moved its media to this address.
+    CallerMediaMoved(SocketAddr),
+    /// The trunk's re-INVITE moved its media to this address.
+    TrunkMediaMoved(SocketAddr),
 }
 
 /// Packet counters of one bridged media stream, bumped by the relay once per batch.
@@ -250,6 +254,11 @@ pub trait MediaPlane: Send + Sync + 'static {
         callee: (SessionId, u64),
         stats: Arc<FlowStats>,
     ) -> Result<(), MediaError>;
+    /// Signalling moved the media address of the peer on relay port `port` (re-INVITE):
+    /// the port latches afresh (never onto its previous source), the bridged side sends to
+    /// `peer`, and the stream relayed out of the port stays continuous (SSRC, sequence,
+    /// timestamp) across the change.
+    fn repoint(&self, port: u16, peer: SocketAddr) -> Result<(), MediaError>;
     /// Removes every flow on these ports and these RoQ flows, and frees the ports.
     fn release(&self, ports: &[u16], roq: &[(SessionId, u64)]);
 }

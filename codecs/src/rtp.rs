@@ -115,6 +115,152 @@ pub fn write_header(
     out[8..12].copy_from_slice(&ssrc.to_be_bytes());
 }
 
+/// RTP clock rate of a payload type, for the static types of RFC 3551 §6; dynamic types
+/// (96–127) are taken as 8 kHz, the telephony rate (only used to advance the timestamp
+/// across a source change, where an estimate is enough).
+pub fn clock_rate(pt: u8) -> u32 {
+    match pt {
+        6 => 16_000,
+        10 | 11 => 44_100,
+        16 => 11_025,
+        17 => 22_050,
+        25 | 26 | 28 | 31..=34 => 90_000,
+        _ => 8_000,
+    }
+}
+
+/// Keeps one outgoing RTP stream continuous when the source behind it changes.
+///
+/// A B2BUA relays one stream per direction toward a peer (a gateway, a trunk) that expects
+/// one SSRC with consecutive sequence numbers and a timestamp that follows the clock. When
+/// the source behind that stream changes mid-call (a re-INVITE moved the far end, a leg
+/// was re-routed, a device restarted its stream), packets arrive with a new SSRC and new
+/// sequence and timestamp bases. `Continuity` maps them onto the stream the peer already
+/// knows: the first SSRC is kept, the sequence number goes on at last + 1, the timestamp at
+/// last + the time elapsed since the previous packet (at least one packet's worth), and the
+/// first packet of the new source carries the marker bit (a new talkspurt, RFC 3551 §4.1),
+/// so the receiver's jitter buffer re-syncs instead of seeing a new stream. RTCP sender
+/// SSRCs of the current source are rewritten to match.
+///
+/// The state is a few words per stream; a packet of an unchanged source is only read.
+/// Sans-IO: time is passed in.
+#[derive(Debug, Clone, Default)]
+pub struct Continuity {
+    stream: Option<Stream>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Stream {
+    /// SSRC of the current source.
+    in_ssrc: u32,
+    /// SSRC the peer sees (the first source's).
+    out_ssrc: u32,
+    /// Added (wrapping) to the current source's sequence numbers.
+    seq_delta: u16,
+    /// Added (wrapping) to the current source's timestamps.
+    ts_delta: u32,
+    /// Highest sequence number sent (rewritten), and its timestamp.
+    last_seq: u16,
+    last_ts: u32,
+    /// Timestamp increment between two consecutive packets (0 until seen).
+    step: u32,
+    /// When `last_seq` was sent.
+    last_at: std::time::Instant,
+    /// Source changes so far.
+    switches: u32,
+}
+
+impl Stream {
+    fn rewrites(&self) -> bool {
+        self.seq_delta != 0 || self.ts_delta != 0 || self.in_ssrc != self.out_ssrc
+    }
+}
+
+impl Continuity {
+    /// Rewrites `pkt` in place if needed. `pkt` must have passed [`RtpView::parse`].
+    /// Returns `true` when this packet started a new source (and was mapped onto the
+    /// stream).
+    pub fn apply(&mut self, pkt: &mut [u8], now: std::time::Instant) -> bool {
+        let Ok(view) = RtpView::parse(pkt) else {
+            return false;
+        };
+        if view.kind() == Kind::Rtcp {
+            if let Some(st) = &self.stream
+                && st.in_ssrc != st.out_ssrc
+                && view.ssrc() == st.in_ssrc
+            {
+                pkt[4..8].copy_from_slice(&st.out_ssrc.to_be_bytes());
+            }
+            return false;
+        }
+        let (ssrc, seq, ts, pt) = (
+            view.ssrc(),
+            view.sequence(),
+            view.timestamp(),
+            view.payload_type(),
+        );
+        let Some(st) = &mut self.stream else {
+            self.stream = Some(Stream {
+                in_ssrc: ssrc,
+                out_ssrc: ssrc,
+                seq_delta: 0,
+                ts_delta: 0,
+                last_seq: seq,
+                last_ts: ts,
+                step: 0,
+                last_at: now,
+                switches: 0,
+            });
+            return false;
+        };
+        let switched = ssrc != st.in_ssrc;
+        if switched {
+            // Map the new source onto the stream: next sequence number, timestamp advanced
+            // by the wall-clock gap (never less than one packet's worth).
+            let gap = now.saturating_duration_since(st.last_at);
+            let elapsed = (gap.as_micros() as u64 * u64::from(clock_rate(pt)) / 1_000_000)
+                .min(u64::from(u32::MAX / 2)) as u32;
+            let advance = elapsed.max(st.step).max(1);
+            let out_seq = st.last_seq.wrapping_add(1);
+            let out_ts = st.last_ts.wrapping_add(advance);
+            st.seq_delta = out_seq.wrapping_sub(seq);
+            st.ts_delta = out_ts.wrapping_sub(ts);
+            st.in_ssrc = ssrc;
+            st.switches += 1;
+        }
+        let out_seq = seq.wrapping_add(st.seq_delta);
+        let out_ts = ts.wrapping_add(st.ts_delta);
+        // Only packets newer than the last one move the reference (reordering and
+        // duplicates are passed through, rewritten the same way).
+        let ahead = out_seq.wrapping_sub(st.last_seq);
+        if switched || (ahead != 0 && ahead < 0x8000) {
+            if ahead == 1 && !switched {
+                let d = out_ts.wrapping_sub(st.last_ts);
+                if d != 0 && d < 0x8000_0000 {
+                    st.step = d;
+                }
+            }
+            st.last_seq = out_seq;
+            st.last_ts = out_ts;
+            st.last_at = now;
+        }
+        if st.rewrites() {
+            pkt[2..4].copy_from_slice(&out_seq.to_be_bytes());
+            pkt[4..8].copy_from_slice(&out_ts.to_be_bytes());
+            pkt[8..12].copy_from_slice(&st.out_ssrc.to_be_bytes());
+            if switched {
+                pkt[1] |= 0x80;
+            }
+        }
+        switched
+    }
+
+    /// How many times the source changed.
+    pub fn switches(&self) -> u32 {
+        self.stream.map_or(0, |s| s.switches)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,6 +306,77 @@ mod tests {
         let v = RtpView::parse(&rr).unwrap();
         assert_eq!(v.kind(), Kind::Rtcp);
         assert_eq!(v.ssrc(), 42);
+    }
+
+    fn packet(ssrc: u32, seq: u16, ts: u32) -> Vec<u8> {
+        let mut h = [0u8; RTP_HEADER_LEN];
+        write_header(&mut h, 0, false, seq, ts, ssrc);
+        let mut p = h.to_vec();
+        p.extend_from_slice(&[0xff; 160]);
+        p
+    }
+
+    #[test]
+    fn continuity_maps_a_new_source_onto_the_stream() {
+        use std::time::{Duration, Instant};
+        let t0 = Instant::now();
+        let mut c = Continuity::default();
+        // First source: passed through untouched.
+        for i in 0..10u16 {
+            let mut p = packet(0x1111, 100 + i, 8_000 + 160 * u32::from(i));
+            let before = p.clone();
+            assert!(!c.apply(&mut p, t0 + Duration::from_millis(20 * u64::from(i))));
+            assert_eq!(p, before);
+        }
+        // A new source 100 ms after the last packet, with its own bases.
+        let at = t0 + Duration::from_millis(180 + 100);
+        let mut p = packet(0x2222, 60_000, 4_000_000);
+        assert!(c.apply(&mut p, at));
+        let v = RtpView::parse(&p).unwrap();
+        assert_eq!(v.ssrc(), 0x1111);
+        assert_eq!(v.sequence(), 110);
+        assert!(v.marker(), "a new talkspurt starts");
+        // 100 ms at 8 kHz after the last timestamp.
+        assert_eq!(v.timestamp(), 8_000 + 160 * 9 + 800);
+        // Its next packets follow on, across the new source's sequence wrap.
+        for i in 1..=5536u16 {
+            let mut p = packet(
+                0x2222,
+                60_000u16.wrapping_add(i),
+                4_000_000 + 160 * u32::from(i),
+            );
+            assert!(!c.apply(&mut p, at + Duration::from_millis(20 * u64::from(i))));
+            let v = RtpView::parse(&p).unwrap();
+            assert_eq!(v.ssrc(), 0x1111);
+            assert_eq!(v.sequence(), 110u16.wrapping_add(i));
+            assert_eq!(v.timestamp(), 8_000 + 160 * 9 + 800 + 160 * u32::from(i));
+            assert!(!v.marker());
+        }
+        // RTCP of the current source carries the stream's SSRC too.
+        let mut rr = vec![0x80, 201, 0, 1, 0, 0, 0x22, 0x22];
+        c.apply(&mut rr, at);
+        assert_eq!(RtpView::parse(&rr).unwrap().ssrc(), 0x1111);
+        assert_eq!(c.switches(), 1);
+    }
+
+    #[test]
+    fn continuity_advances_at_least_one_packet_on_an_immediate_switch() {
+        use std::time::Instant;
+        let t = Instant::now();
+        let mut c = Continuity::default();
+        for i in 0..3u16 {
+            c.apply(&mut packet(7, i, 160 * u32::from(i)), t);
+        }
+        let mut p = packet(8, 9_000, 0);
+        assert!(c.apply(&mut p, t));
+        let v = RtpView::parse(&p).unwrap();
+        assert_eq!((v.ssrc(), v.sequence(), v.timestamp()), (7, 3, 480));
+        // Late packets of the old source are not "new sources" again once seen; a second
+        // switch back maps onto the stream as well.
+        let mut back = packet(7, 3, 480);
+        assert!(c.apply(&mut back, t));
+        let v = RtpView::parse(&back).unwrap();
+        assert_eq!((v.ssrc(), v.sequence()), (7, 4));
     }
 
     proptest! {

@@ -99,6 +99,110 @@ pub fn parse_offer(body: &str) -> Result<(MediaDescription, Option<MediaDescript
     Ok((audio, video))
 }
 
+/// Media direction of an offer or answer (RFC 3264 §5.1, §6.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// `a=sendrecv` (the default).
+    SendRecv,
+    /// `a=sendonly`: the offerer puts the other side on hold.
+    SendOnly,
+    /// `a=recvonly`.
+    RecvOnly,
+    /// `a=inactive`.
+    Inactive,
+}
+
+impl Direction {
+    /// The direction an answer takes to an offer in this direction.
+    pub fn answer(self) -> Self {
+        match self {
+            Self::SendOnly => Self::RecvOnly,
+            Self::RecvOnly => Self::SendOnly,
+            d => d,
+        }
+    }
+
+    fn attribute(self) -> &'static str {
+        match self {
+            Self::SendRecv => "a=sendrecv",
+            Self::SendOnly => "a=sendonly",
+            Self::RecvOnly => "a=recvonly",
+            Self::Inactive => "a=inactive",
+        }
+    }
+}
+
+/// The direction of an offer's first audio stream: its media-level attribute, else the
+/// session-level one, else `sendrecv`. A connection address of `0.0.0.0` (RFC 2543 hold)
+/// counts as `sendonly` when nothing else is said.
+pub fn direction(body: &str) -> Result<Direction, CodecError> {
+    let session = webrtc_sdp::parse_sdp(body, false).map_err(|e| CodecError::Sdp(e.to_string()))?;
+    let of = |attrs: &[SdpAttribute]| {
+        attrs.iter().find_map(|a| match a {
+            SdpAttribute::Sendrecv => Some(Direction::SendRecv),
+            SdpAttribute::Sendonly => Some(Direction::SendOnly),
+            SdpAttribute::Recvonly => Some(Direction::RecvOnly),
+            SdpAttribute::Inactive => Some(Direction::Inactive),
+            _ => None,
+        })
+    };
+    let audio = session
+        .media
+        .iter()
+        .find(|m| matches!(m.get_type(), SdpMediaValue::Audio));
+    let stated = audio
+        .and_then(|m| of(m.get_attributes()))
+        .or_else(|| of(&session.attribute));
+    if let Some(d) = stated {
+        return Ok(d);
+    }
+    let held = parse_media(&session)
+        .iter()
+        .find(|m| m.kind == MediaKind::Audio)
+        .is_some_and(|m| m.addr.is_unspecified());
+    Ok(if held {
+        Direction::SendOnly
+    } else {
+        Direction::SendRecv
+    })
+}
+
+/// Our description `local` (written by [`write`]) with its direction set to `dir` and its
+/// `o=` version set to `version`: the answer to a re-offer within the dialog.
+pub fn redescribe(local: &str, dir: Direction, version: u64) -> String {
+    let mut out = String::with_capacity(local.len());
+    for line in local.split("\r\n").filter(|l| !l.is_empty()) {
+        if let Some(o) = line.strip_prefix("o=") {
+            let mut f: Vec<&str> = o.split(' ').collect();
+            let v = version.to_string();
+            if f.len() == 6 {
+                f[2] = &v;
+                out.push_str("o=");
+                out.push_str(&f.join(" "));
+            } else {
+                out.push_str(line);
+            }
+        } else if matches!(
+            line,
+            "a=sendrecv" | "a=sendonly" | "a=recvonly" | "a=inactive"
+        ) {
+            out.push_str(dir.attribute());
+        } else {
+            out.push_str(line);
+        }
+        out.push_str("\r\n");
+    }
+    out
+}
+
+/// The `o=` version of a description, if well-formed.
+pub fn version(body: &str) -> Option<u64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix("o="))
+        .and_then(|o| o.split(' ').nth(2))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// The video stream of an answer: our relay port and the formats we accept (a subset of the
 /// offer's), or `None` to refuse the offered video stream (port 0, RFC 3264 §6).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -248,6 +352,29 @@ mod tests {
     use super::*;
 
     const SIPP_OFFER: &str = "v=0\r\no=user1 53655765 2353687637 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 6000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n";
+
+    #[test]
+    fn re_offer_directions_and_our_answer() {
+        let hold = SIPP_OFFER.to_owned() + "a=sendonly\r\n";
+        assert_eq!(direction(&hold).unwrap(), Direction::SendOnly);
+        assert_eq!(direction(SIPP_OFFER).unwrap(), Direction::SendRecv);
+        let old_hold = SIPP_OFFER.replace("c=IN IP4 127.0.0.1", "c=IN IP4 0.0.0.0");
+        assert_eq!(direction(&old_hold).unwrap(), Direction::SendOnly);
+        let inactive = SIPP_OFFER.replace("s=-\r\n", "s=-\r\na=inactive\r\n");
+        assert_eq!(direction(&inactive).unwrap(), Direction::Inactive);
+
+        let ours = write("10.0.0.1".parse().unwrap(), 4000, &[0], Some(101), 77);
+        assert_eq!(version(&ours), Some(77));
+        let held = redescribe(&ours, Direction::SendOnly.answer(), 78);
+        assert!(
+            held.contains("o=parley 77 78 IN IP4 10.0.0.1\r\n"),
+            "{held}"
+        );
+        assert!(held.contains("a=recvonly\r\n") && !held.contains("a=sendrecv"));
+        let m = parse_audio(&held).unwrap();
+        assert_eq!((m.port, m.first_g711()), (4000, Some(0)));
+        assert_eq!(redescribe(&ours, Direction::SendRecv, 77), ours);
+    }
 
     #[test]
     fn parses_sipp_offer() {

@@ -119,6 +119,12 @@ pub struct DeviceStats {
     pub rtp_sent: AtomicU64,
     /// Datagrams that were not a RoQ flow id followed by a valid RTP/RTCP packet.
     pub bad_datagrams: AtomicU64,
+    /// RTP packets whose SSRC differed from the previous packet's on the same flow: the
+    /// stream restarted under the receiver (what a relay must hide when a source changes).
+    pub rtp_ssrc_changes: AtomicU64,
+    /// RTP packets, same SSRC, whose sequence number was not the previous one + 1 or whose
+    /// timestamp went backwards (loss, reordering, or a stream spliced without rewriting).
+    pub rtp_discontinuities: AtomicU64,
 }
 
 /// A plain copy of [`DeviceStats`], for printing and arithmetic.
@@ -138,6 +144,10 @@ pub struct StatsSnapshot {
     pub rtp_sent: u64,
     /// See [`DeviceStats::bad_datagrams`].
     pub bad_datagrams: u64,
+    /// See [`DeviceStats::rtp_ssrc_changes`].
+    pub rtp_ssrc_changes: u64,
+    /// See [`DeviceStats::rtp_discontinuities`].
+    pub rtp_discontinuities: u64,
 }
 
 impl DeviceStats {
@@ -152,6 +162,8 @@ impl DeviceStats {
             rtp_received: r(&self.rtp_received),
             rtp_sent: r(&self.rtp_sent),
             bad_datagrams: r(&self.bad_datagrams),
+            rtp_ssrc_changes: r(&self.rtp_ssrc_changes),
+            rtp_discontinuities: r(&self.rtp_discontinuities),
         }
     }
 }
@@ -160,14 +172,16 @@ impl std::fmt::Display for StatsSnapshot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "offered={} answered={} connected={} ended={} rtp_rx={} rtp_tx={} bad={}",
+            "offered={} answered={} connected={} ended={} rtp_rx={} rtp_tx={} bad={} ssrc_changes={} discontinuities={}",
             self.calls_offered,
             self.calls_answered,
             self.calls_connected,
             self.calls_ended,
             self.rtp_received,
             self.rtp_sent,
-            self.bad_datagrams
+            self.bad_datagrams,
+            self.rtp_ssrc_changes,
+            self.rtp_discontinuities
         )
     }
 }
@@ -571,10 +585,28 @@ async fn control_reader(
 }
 
 async fn datagram_reader(conn: quinn::Connection, stats: Arc<DeviceStats>, echo: bool) {
+    // Per flow: (SSRC, sequence, timestamp) of the last RTP packet.
+    let mut last: HashMap<u64, (u32, u16, u32)> = HashMap::new();
     while let Ok(datagram) = conn.read_datagram().await {
         let is_rtp = match roq::decode(&datagram) {
-            Ok((_, packet)) => match RtpView::parse(packet) {
-                Ok(v) => v.kind() == Kind::Rtp,
+            Ok((flow, packet)) => match RtpView::parse(packet) {
+                Ok(v) if v.kind() == Kind::Rtp => {
+                    let now = (v.ssrc(), v.sequence(), v.timestamp());
+                    if last.len() >= 4096 && !last.contains_key(&flow) {
+                        last.clear(); // ended calls' flows; bounded memory on long runs
+                    }
+                    if let Some((ssrc, seq, ts)) = last.insert(flow, now) {
+                        if ssrc != now.0 {
+                            bump(&stats.rtp_ssrc_changes);
+                        } else if now.1 != seq.wrapping_add(1)
+                            || now.2.wrapping_sub(ts) >= 0x8000_0000
+                        {
+                            bump(&stats.rtp_discontinuities);
+                        }
+                    }
+                    true
+                }
+                Ok(_) => false,
                 Err(_) => {
                     bump(&stats.bad_datagrams);
                     continue;

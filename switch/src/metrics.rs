@@ -31,6 +31,10 @@ pub const RELAY_PORTS_ACTIVE: &str = "parley_relay_ports_active";
 pub const RELAY_FLOWS_ACTIVE: &str = "parley_relay_flows_active";
 /// Datagrams returned by one batched read (`recvmmsg`) of a relay socket.
 pub const RELAY_BATCH_SIZE: &str = "parley_relay_batch_size";
+/// Time from a batch's read off a relay socket to its send (one batch in 64 is sampled).
+pub const RELAY_FORWARD_SECONDS: &str = "parley_relay_forward_seconds";
+/// re-INVITEs received in established dialogs, by `result` (`accepted`, `moved`, `rejected`).
+pub const SIP_REINVITES_TOTAL: &str = "parley_sip_reinvites_total";
 /// CDRs written, by `result` (`ok`, `error`).
 pub const CDR_WRITES_TOTAL: &str = "parley_cdr_writes_total";
 /// Address book entries added or updated.
@@ -48,6 +52,13 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
             &[
                 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                 60.0,
+            ],
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full(RELAY_FORWARD_SECONDS.into()),
+            &[
+                0.000_002, 0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5,
+                0.001, 0.005,
             ],
         )?
         .set_buckets_for_metric(
@@ -97,6 +108,10 @@ fn register_zeroes() {
     gauge!(RELAY_PORTS_ACTIVE).set(0.0);
     gauge!(RELAY_FLOWS_ACTIVE).set(0.0);
     let _ = metrics::histogram!(RELAY_BATCH_SIZE);
+    let _ = metrics::histogram!(RELAY_FORWARD_SECONDS);
+    for r in ["accepted", "moved", "rejected"] {
+        counter!(SIP_REINVITES_TOTAL, "result" => r).increment(0);
+    }
     gauge!(a::CALLS_ACTIVE).set(0.0);
     gauge!(a::PRESENCE_SESSIONS_ACTIVE).set(0.0);
 }
@@ -161,6 +176,16 @@ fn describe() {
         RELAY_BATCH_SIZE,
         Unit::Count,
         "Datagrams returned by one batched read of a relay socket"
+    );
+    metrics::describe_histogram!(
+        RELAY_FORWARD_SECONDS,
+        Unit::Seconds,
+        "Time from a batch's read off a relay socket to its send (one batch in 64 sampled)"
+    );
+    describe_counter!(
+        SIP_REINVITES_TOTAL,
+        Unit::Count,
+        "re-INVITEs in established dialogs, by result (accepted: same media address; moved: the peer's media moved; rejected)"
     );
     describe_counter!(CDR_WRITES_TOTAL, Unit::Count, "CDR rows written, by result");
     describe_counter!(

@@ -61,6 +61,12 @@ pub(crate) struct UdpLeg {
 pub(crate) enum Command {
     AddSocket(Arc<PortSocket>),
     BridgeUdp(UdpLeg),
+    /// Signalling moved `port`'s peer to `peer` (re-INVITE): re-latch, and the bridged
+    /// side sends there.
+    Repoint {
+        port: u16,
+        peer: SocketAddr,
+    },
     /// The bridged port `of` latched `src`: packets arriving on `port` now go there.
     Latched {
         port: u16,
@@ -348,6 +354,13 @@ impl MediaPlane for Relay {
         })?;
         self.bridged(FlowKey::Roq(caller.0, caller.1));
         Ok(())
+    }
+
+    fn repoint(&self, port: u16, peer: SocketAddr) -> Result<(), MediaError> {
+        if !self.sockets.contains_key(&port) {
+            return Err(MediaError::Unavailable);
+        }
+        self.owner(port).send(Command::Repoint { port, peer })
     }
 
     fn release(&self, ports: &[u16], roq: &[(SessionId, u64)]) {

@@ -253,3 +253,85 @@ fn a_burst_is_relayed_complete_and_in_order() {
     relay.release(&[pa, pb], &[]);
     relay.stop();
 }
+
+fn rtp_from(ssrc: u32, seq: u16, ts: u32) -> Vec<u8> {
+    let mut h = [0u8; 12];
+    parley_codecs::rtp::write_header(&mut h, 0, false, seq, ts, ssrc);
+    let mut p = h.to_vec();
+    p.extend_from_slice(&[0xd5; 160]);
+    p
+}
+
+/// A re-INVITE moves the caller's media to a new address with a new SSRC and new
+/// sequence/timestamp bases: the callee keeps seeing one continuous stream, the caller's
+/// old address is never latched again, and the callee's media now goes to the new one.
+#[test]
+fn source_change_keeps_the_stream_continuous_and_relatches_only_the_new_peer() {
+    use parley_codecs::rtp::RtpView;
+    let relay = relay();
+    let (pa, pb) = (
+        relay.allocate_port().unwrap(),
+        relay.allocate_port().unwrap(),
+    );
+    let (old, new, callee) = (sock(), sock(), sock());
+    relay
+        .bridge_udp(
+            (pa, old.local_addr().unwrap()),
+            (pb, callee.local_addr().unwrap()),
+            Arc::new(FlowStats::default()),
+        )
+        .unwrap();
+    let a: SocketAddr = ([127, 0, 0, 1], pa).into();
+    let b: SocketAddr = ([127, 0, 0, 1], pb).into();
+    let mut seen = Vec::new();
+    for i in 0..5u16 {
+        old.send_to(&rtp_from(0xaaaa, 1000 + i, 50_000 + 160 * u32::from(i)), a)
+            .unwrap();
+        seen.push(recv(&callee).expect("relayed").0);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    relay.repoint(pa, new.local_addr().unwrap()).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    // The old source's late packet: dropped (it must not win the new latch).
+    old.send_to(&rtp_from(0xaaaa, 1005, 50_800), a).unwrap();
+    for i in 0..5u16 {
+        new.send_to(
+            &rtp_from(0xbbbb, 40_000 + i, 7_000_000 + 160 * u32::from(i)),
+            a,
+        )
+        .unwrap();
+        seen.push(recv(&callee).expect("relayed from the new source").0);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let views: Vec<_> = seen.iter().map(|p| RtpView::parse(p).unwrap()).collect();
+    for w in views.windows(2) {
+        assert_eq!(w[1].ssrc(), 0xaaaa, "one SSRC toward the callee");
+        assert_eq!(
+            w[1].sequence(),
+            w[0].sequence().wrapping_add(1),
+            "no gap, no jump"
+        );
+        let dt = w[1].timestamp().wrapping_sub(w[0].timestamp());
+        assert!(
+            (160..8_000).contains(&dt),
+            "timestamp moves forward with time: +{dt}"
+        );
+        assert_eq!(w[1].payload(), &[0xd5; 160][..]);
+    }
+    assert!(views[5].marker(), "the new source starts a talkspurt");
+    assert!(!views[6].marker());
+
+    // The callee's media goes to the new address, from the caller-side port.
+    callee.send_to(&rtp(7), b).unwrap();
+    assert_eq!(
+        recv(&new).expect("callee media to the new address"),
+        (rtp(7), a)
+    );
+    assert!(recv(&old).is_none(), "nothing to the old address");
+    // And the old source stays locked out.
+    old.send_to(&rtp_from(0xaaaa, 1006, 50_960), a).unwrap();
+    assert!(recv(&callee).is_none());
+    relay.release(&[pa, pb], &[]);
+    relay.stop();
+}

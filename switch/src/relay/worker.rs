@@ -12,7 +12,10 @@ use metrics::Counter;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use parley_actors::messages::{FlowStats, SessionId};
-use parley_codecs::{roq, rtp::RtpView};
+use parley_codecs::{
+    roq,
+    rtp::{Continuity, RtpView},
+};
 use quinn::udp::{RecvMeta, Transmit};
 
 use super::socket::PortSocket;
@@ -32,6 +35,8 @@ const MAX_PACKET: usize = 2048;
 const SLOT: usize = 64 * 1024;
 /// Datagrams coalesced into one GSO send (Linux allows 64).
 const MAX_GSO: usize = 32;
+/// One batch in this many has its forwarding time recorded.
+const LATENCY_SAMPLE: u64 = 64;
 
 /// The worker that owns `port`.
 pub(super) fn owner(port: u16, workers: usize) -> usize {
@@ -54,8 +59,9 @@ enum Target {
 
 /// Where a RoQ datagram from a device flow goes.
 enum RoqRoute {
-    /// Out of a relay port of this worker, to its peer.
-    Udp(u16),
+    /// Out of a relay port of this worker, to its peer; the stream toward it kept
+    /// continuous across changes of the device's source.
+    Udp { port: u16, cont: Continuity },
     /// To another device's flow.
     Roq {
         conn: quinn::Connection,
@@ -71,6 +77,12 @@ struct Port {
     peer: Option<SocketAddr>,
     /// The first source seen; later packets from other sources are dropped.
     latched: Option<SocketAddr>,
+    /// The source latched before the last signalled change: never latched again (its
+    /// packets still in flight must not win the new latch).
+    stale: Option<SocketAddr>,
+    /// Keeps the stream relayed out of this port's packets continuous (SSRC, sequence,
+    /// timestamp) when their source changes.
+    cont: Continuity,
     target: Target,
     stats: Option<Arc<FlowStats>>,
     /// True for the caller-side port (counts into `caller_to_callee`).
@@ -93,6 +105,7 @@ struct Counters {
     malformed: Counter,
     send_error: Counter,
     batch_size: metrics::Histogram,
+    forward_seconds: metrics::Histogram,
 }
 
 #[derive(Default)]
@@ -115,6 +128,8 @@ struct RecvScratch {
     segs: Vec<(usize, usize)>,
     /// Contiguous copy of equal-sized datagrams for one GSO send.
     gso: Vec<u8>,
+    /// A device datagram's RTP packet, copied to be rewritten.
+    roq_pkt: Vec<u8>,
 }
 
 pub(super) struct Worker {
@@ -133,6 +148,8 @@ pub(super) struct Worker {
     counters: Counters,
     tally: Tally,
     coalesce: Duration,
+    /// Batches read so far (for latency sampling).
+    batches_read: u64,
 }
 
 impl Worker {
@@ -160,6 +177,7 @@ impl Worker {
             malformed: drop("malformed"),
             send_error: drop("send_error"),
             batch_size: metrics::histogram!(m::RELAY_BATCH_SIZE),
+            forward_seconds: metrics::histogram!(m::RELAY_FORWARD_SECONDS),
         };
         Self {
             index,
@@ -173,6 +191,7 @@ impl Worker {
                 meta: [RecvMeta::default(); BATCH],
                 segs: Vec::with_capacity(BATCH * 64),
                 gso: vec![0; MAX_GSO * MAX_PACKET],
+                roq_pkt: Vec::with_capacity(MAX_PACKET),
             },
             again: Vec::new(),
             batches: [0; BATCH + 1],
@@ -180,6 +199,7 @@ impl Worker {
             counters,
             tally: Tally::default(),
             coalesce,
+            batches_read: 0,
         }
     }
 
@@ -239,6 +259,7 @@ impl Worker {
             match cmd {
                 Command::AddSocket(sock) => self.add_socket(sock),
                 Command::BridgeUdp(leg) => self.bridge_udp(leg),
+                Command::Repoint { port, peer } => self.repoint(port, peer),
                 Command::Latched { port, of, src } => {
                     if let Some(Port {
                         target: Target::Udp { partner, dest, .. },
@@ -262,7 +283,13 @@ impl Worker {
                         p.stats = Some(stats);
                         p.caller_side = true;
                     }
-                    self.roq.insert((session, flow), RoqRoute::Udp(port));
+                    self.roq.insert(
+                        (session, flow),
+                        RoqRoute::Udp {
+                            port,
+                            cont: Continuity::default(),
+                        },
+                    );
                 }
                 Command::BridgeRoqRoq { a, b, stats } => {
                     self.roq.insert(
@@ -325,6 +352,8 @@ impl Worker {
                 sock,
                 peer: None,
                 latched: None,
+                stale: None,
+                cont: Continuity::default(),
                 target: Target::None,
                 stats: None,
                 caller_side: true,
@@ -343,6 +372,22 @@ impl Worker {
             p.stats = Some(leg.stats);
             p.caller_side = leg.caller_side;
         }
+    }
+
+    /// Signalling moved `port`'s peer (re-INVITE): latch afresh (never onto the old source
+    /// again), and send toward the new address from the bridged side until it latches.
+    fn repoint(&mut self, port: u16, peer: SocketAddr) {
+        let Some(p) = self.ports.get_mut(&port) else {
+            return;
+        };
+        if p.peer == Some(peer) {
+            return; // a session refresh or hold/resume: same media address, same latch
+        }
+        p.peer = Some(peer);
+        if let Some(old) = p.latched.take() {
+            p.stale = Some(old);
+        }
+        self.tell_partner(port, peer);
     }
 
     /// Reads one batch from `port`'s socket and forwards it.
@@ -370,7 +415,14 @@ impl Worker {
                 }
             };
             self.batches[n.min(BATCH)] += 1;
-            let latched_now = forward_batch(p, s, n, &mut self.tally);
+            self.batches_read += 1;
+            let read_at = Instant::now();
+            let latched_now = forward_batch(p, s, n, read_at, &mut self.tally);
+            if self.batches_read.is_multiple_of(LATENCY_SAMPLE) {
+                self.counters
+                    .forward_seconds
+                    .record(read_at.elapsed().as_secs_f64());
+            }
             if let Some(src) = latched_now {
                 self.tell_partner(port, src);
             }
@@ -414,7 +466,7 @@ impl Worker {
     }
 
     fn forward_roq(&mut self, session: SessionId, flow: u64, packet: &[u8]) {
-        let Some(route) = self.roq.get(&(session, flow)) else {
+        let Some(route) = self.roq.get_mut(&(session, flow)) else {
             self.tally.no_flow += 1;
             return;
         };
@@ -423,7 +475,7 @@ impl Worker {
             return;
         }
         match route {
-            RoqRoute::Udp(port) => {
+            RoqRoute::Udp { port, cont } => {
                 let Some(p) = self.ports.get(port) else {
                     self.tally.no_flow += 1;
                     return;
@@ -431,7 +483,11 @@ impl Worker {
                 if let Some(s) = &p.stats {
                     s.count(false, 1);
                 }
-                match p.dest().map(|d| p.sock.socket().send_to(packet, d)) {
+                let pkt = &mut self.scratch.roq_pkt;
+                pkt.clear();
+                pkt.extend_from_slice(packet);
+                cont.apply(pkt, Instant::now());
+                match p.dest().map(|d| p.sock.socket().send_to(pkt, d)) {
                     Some(Ok(_)) => {
                         self.tally.roq_udp.0 += 1;
                         self.tally.roq_udp.1 += packet.len() as u64;
@@ -500,6 +556,7 @@ fn forward_batch(
     p: &mut Port,
     s: &mut RecvScratch,
     n: usize,
+    now: Instant,
     tally: &mut Tally,
 ) -> Option<SocketAddr> {
     if matches!(p.target, Target::None) {
@@ -515,6 +572,10 @@ fn forward_batch(
         let stride = meta.stride.max(1);
         let count = meta.len.div_ceil(stride) as u64;
         match p.latched {
+            None if p.stale == Some(meta.addr) => {
+                tally.wrong_source += count;
+                continue;
+            }
             None => {
                 p.latched = Some(meta.addr);
                 latched_now = Some(meta.addr);
@@ -535,6 +596,7 @@ fn forward_batch(
                 tally.malformed += 1;
                 continue;
             }
+            p.cont.apply(&mut s.buf[start..start + len], now);
             s.segs.push((start, len));
         }
     }

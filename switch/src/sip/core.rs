@@ -87,7 +87,8 @@ pub struct CoreConfig {
 #[derive(Debug)]
 enum TimerKind {
     Txn(TransactionKey, Timer),
-    Retx200(CallHandle),
+    /// Retransmit the caller leg's 200 (of this generation: a re-INVITE's 200 replaces it).
+    Retx200(CallHandle, u32),
     Reap(CallHandle),
 }
 
@@ -106,6 +107,28 @@ enum Purpose {
     Probe(u64),
 }
 
+/// The media of an established dialog, as re-offers (re-INVITE) see it.
+#[derive(Debug, Clone)]
+struct MediaState {
+    /// Our current description (answer or offer), with its `o=` version.
+    local_sdp: String,
+    version: u64,
+    /// Where the peer last said it receives audio.
+    remote: Option<SocketAddr>,
+}
+
+impl MediaState {
+    fn new(local_sdp: &str, remote_sdp: &[u8]) -> Self {
+        Self {
+            version: sdp::version(local_sdp).unwrap_or(0),
+            local_sdp: local_sdp.to_owned(),
+            remote: sdp::parse_audio(&String::from_utf8_lossy(remote_sdp))
+                .ok()
+                .map(|m| SocketAddr::new(m.addr, m.port)),
+        }
+    }
+}
+
 /// Our UAS side of the caller's dialog.
 #[derive(Debug)]
 struct CallerLeg {
@@ -120,6 +143,10 @@ struct CallerLeg {
     retx_deadline: Option<Instant>,
     local_cseq: u32,
     remote_target: Option<Uri>,
+    /// Set once we answered 200 with SDP.
+    media: Option<MediaState>,
+    /// Which 200 is being retransmitted (bumped by each re-INVITE's 200).
+    retx_gen: u32,
 }
 
 /// Our UAC side toward the trunk.
@@ -134,6 +161,8 @@ struct TrunkLeg {
     cancelled: bool,
     /// Whether we already answered a digest challenge (one try per leg, no 401 loops).
     auth_tried: bool,
+    /// Set once the trunk answered 200 with SDP.
+    media: Option<MediaState>,
 }
 
 #[derive(Debug)]
@@ -386,7 +415,7 @@ impl SipCore {
                     let outputs = self.layer.on_timer(&key, timer);
                     self.run_tx(now, &key, outputs, true);
                 }
-                TimerKind::Retx200(h) => self.retransmit_200(now, h),
+                TimerKind::Retx200(h, generation) => self.retransmit_200(now, h, generation),
                 TimerKind::Reap(h) => self.reap(h),
             }
         }
@@ -443,8 +472,7 @@ impl SipCore {
 
     fn on_invite(&mut self, now: Instant, key: &TransactionKey, req: Request) {
         if msg::to_tag(&req.headers).is_some() {
-            // re-INVITE (hold/resume, codec change) is not supported yet.
-            self.respond(now, key, &req, 488, None);
+            self.on_reinvite(now, key, &req);
             return;
         }
         if self.draining {
@@ -526,6 +554,8 @@ impl SipCore {
             retx_interval: self.cfg.timers.t1,
             retx_deadline: None,
             local_cseq: 1,
+            media: None,
+            retx_gen: 0,
         };
         self.calls.insert(
             handle,
@@ -547,6 +577,94 @@ impl SipCore {
             offer,
             video,
         })));
+    }
+
+    /// A re-INVITE in an established dialog (RFC 3261 §14.2): hold/resume, a session
+    /// refresh, or the peer moving its media. Parley's own media address never changes, so
+    /// the answer is our description again (direction mirrored, `o=` version bumped when it
+    /// changes); if the peer's address moved, the call is told so the relay re-latches and
+    /// keeps the stream continuous. A re-offer without the negotiated codec gets 488 and
+    /// the call goes on unchanged.
+    fn on_reinvite(&mut self, now: Instant, key: &TransactionKey, req: &Request) {
+        let found = msg::call_id(&req.headers).and_then(|cid| self.by_call_id.get(&cid).copied());
+        let Some((h, side)) = found else {
+            self.respond(now, key, req, 481, None);
+            return;
+        };
+        let Some(call) = self.calls.get_mut(&h).filter(|c| !c.done) else {
+            self.respond(now, key, req, 481, None);
+            return;
+        };
+        let state = match side {
+            Side::Caller => call.caller.as_mut().and_then(|l| l.media.as_mut()),
+            Side::Trunk => call.trunk.as_mut().and_then(|l| l.media.as_mut()),
+        };
+        let Some(state) = state else {
+            // Not answered yet: our own INVITE transaction is still open (RFC 3261 §14.2).
+            metrics::counter!(m::SIP_REINVITES_TOTAL, "result" => "rejected").increment(1);
+            self.respond(now, key, req, 491, None);
+            return;
+        };
+        let body = String::from_utf8_lossy(req.body()).into_owned();
+        let mut moved = None;
+        if !body.trim().is_empty() {
+            let negotiated = sdp::parse_audio(&state.local_sdp)
+                .ok()
+                .and_then(|m| m.formats.first().map(|f| f.pt));
+            let offer = sdp::parse_audio(&body).ok().filter(|o| {
+                o.port != 0 && negotiated.is_some_and(|pt| o.formats.iter().any(|f| f.pt == pt))
+            });
+            let (Some(offer), Ok(dir)) = (offer, sdp::direction(&body)) else {
+                metrics::counter!(m::SIP_PARSE_ERRORS_TOTAL, "reason" => "bad_sdp").increment(1);
+                metrics::counter!(m::SIP_REINVITES_TOTAL, "result" => "rejected").increment(1);
+                tracing::info!(
+                    call = h,
+                    "re-INVITE refused: no usable audio with the negotiated codec"
+                );
+                self.respond(now, key, req, 488, None);
+                return;
+            };
+            let dir = dir.answer();
+            if sdp::redescribe(&state.local_sdp, dir, state.version) != state.local_sdp {
+                state.version += 1;
+                state.local_sdp = sdp::redescribe(&state.local_sdp, dir, state.version);
+            }
+            let addr = SocketAddr::new(offer.addr, offer.port);
+            if !offer.addr.is_unspecified() && state.remote != Some(addr) {
+                state.remote = Some(addr);
+                moved = Some(addr);
+            }
+        }
+        // Without SDP the re-INVITE asks for our offer: the current description.
+        let answer = state.local_sdp.clone();
+        let result = if moved.is_some() { "moved" } else { "accepted" };
+        metrics::counter!(m::SIP_REINVITES_TOTAL, "result" => result).increment(1);
+        if let Some(addr) = moved {
+            tracing::info!(call = h, side = ?side, media = %addr, "re-INVITE moved the peer's media");
+            let ev = match side {
+                Side::Caller => SipEvent::CallerMediaMoved(addr),
+                Side::Trunk => SipEvent::TrunkMediaMoved(addr),
+            };
+            self.out.push_back(Output::Event(h, ev));
+        }
+        let contact = self.contact();
+        let Some(resp) = msg::response(req, 200, None, Some(&contact), Some(&answer)) else {
+            return;
+        };
+        // On the caller's dialog the 200 is retransmitted until its ACK, like the first.
+        if side == Side::Caller
+            && let Some(leg) = self.calls.get_mut(&h).and_then(|c| c.caller.as_mut())
+        {
+            leg.ok = Some(Message::Response(resp.clone()).to_bytes());
+            leg.acked = false;
+            leg.retx_gen += 1;
+            leg.retx_interval = self.cfg.timers.t1;
+            leg.retx_deadline = Some(now + self.cfg.timers.timeout());
+            let generation = leg.retx_gen;
+            self.set_timer(now + self.cfg.timers.t1, TimerKind::Retx200(h, generation));
+        }
+        let outputs = self.layer.send_response(key, resp);
+        self.run_tx(now, key, outputs, false);
     }
 
     fn on_ack(&mut self, req: &Request) {
@@ -651,9 +769,14 @@ impl SipCore {
                     return;
                 }
                 match sdp::parse_audio(&String::from_utf8_lossy(resp.body())) {
-                    Ok(md) if md.first_g711().is_some() => self
-                        .out
-                        .push_back(Output::Event(h, SipEvent::TrunkAnswered(md))),
+                    Ok(md) if md.first_g711().is_some() => {
+                        if let Some(leg) = self.calls.get_mut(&h).and_then(|c| c.trunk.as_mut()) {
+                            let local = String::from_utf8_lossy(leg.invite.body()).into_owned();
+                            leg.media = Some(MediaState::new(&local, resp.body()));
+                        }
+                        self.out
+                            .push_back(Output::Event(h, SipEvent::TrunkAnswered(md)));
+                    }
                     _ => {
                         self.send_trunk_bye(now, h);
                         self.out
@@ -847,16 +970,20 @@ impl SipCore {
             leg.final_sent = true;
         }
         if code == 200 {
+            if let Some(local) = sdp {
+                leg.media = Some(MediaState::new(local, leg.invite.body()));
+            }
             leg.ok = Some(Message::Response(resp.clone()).to_bytes());
             leg.retx_interval = self.cfg.timers.t1;
             leg.retx_deadline = Some(now + self.cfg.timers.timeout());
-            self.set_timer(now + self.cfg.timers.t1, TimerKind::Retx200(h));
+            let generation = leg.retx_gen;
+            self.set_timer(now + self.cfg.timers.t1, TimerKind::Retx200(h, generation));
         }
         let outputs = self.layer.send_response(&key, resp);
         self.run_tx(now, &key, outputs, false);
     }
 
-    fn retransmit_200(&mut self, now: Instant, h: CallHandle) {
+    fn retransmit_200(&mut self, now: Instant, h: CallHandle, generation: u32) {
         let t2 = self.cfg.timers.t2;
         let Some(call) = self.calls.get_mut(&h) else {
             return;
@@ -868,6 +995,9 @@ impl SipCore {
         else {
             return;
         };
+        if generation != leg.retx_gen {
+            return; // superseded by a re-INVITE's 200
+        }
         if now >= deadline {
             leg.retx_deadline = None;
             if !call.done {
@@ -883,7 +1013,7 @@ impl SipCore {
             dest: src,
             data: ok,
         });
-        self.set_timer(next, TimerKind::Retx200(h));
+        self.set_timer(next, TimerKind::Retx200(h, generation));
     }
 
     fn via(&self) -> String {
@@ -1031,6 +1161,7 @@ impl SipCore {
                 answered: false,
                 cancelled: false,
                 auth_tried: false,
+                media: None,
             });
         }
         self.by_call_id.insert(cid, (h, Side::Trunk));

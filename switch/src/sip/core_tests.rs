@@ -468,3 +468,87 @@ fn options_probes_report_answers_and_timeouts() {
         assert_eq!(drain_all(&mut c).3, vec![(id2, None)]);
     });
 }
+
+fn reinvite(call_id: &str, to_tag: &str, cseq: u32, sdp: &str) -> Bytes {
+    Bytes::from(format!(
+        "INVITE sip:parley@127.0.0.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP {GW};branch=z9hG4bK-re{cseq}\r\nFrom: \"Gw\" <sip:+15557770001@127.0.0.1>;tag=gw1\r\nTo: <sip:+15550100001@127.0.0.1>;tag={to_tag}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} INVITE\r\nContact: <sip:gw@{GW}>\r\nMax-Forwards: 70\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{sdp}",
+        sdp.len()
+    ))
+}
+
+fn body_of(msg: &str) -> &str {
+    msg.split("\r\n\r\n").nth(1).unwrap_or("")
+}
+
+#[test]
+fn reinvite_moves_media_holds_and_refuses_other_codecs() {
+    with_system(|| {
+        let (mut c, t0, gw) = (core(), Instant::now(), GW.parse().unwrap());
+        c.handle_datagram(t0, gw, invite("r1", "+15550100001"));
+        drain(&mut c);
+        let ours = parley_codecs::sdp::write([127, 0, 0, 1].into(), 4000, &[0], None, 9);
+        c.handle_command(t0, 1, SipLegCmd::CallerAnswer { sdp: ours.clone() });
+        let (tx, _, _) = drain(&mut c);
+        let tag = to_tag_of(&tx[0].1);
+        c.handle_datagram(t0, gw, in_dialog("ACK", "r1", "z9hG4bK-a1", Some(&tag), 1));
+        drain(&mut c);
+
+        // Same address, session refresh: 200 with our unchanged description, no event.
+        let same = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 6000 RTP/AVP 0\r\n";
+        c.handle_datagram(t0, gw, reinvite("r1", &tag, 2, same));
+        let (tx, ev, _) = drain(&mut c);
+        assert_eq!(first_lines(&tx), vec!["SIP/2.0 200 OK"]);
+        assert_eq!(body_of(&tx[0].1), ours);
+        assert_eq!(to_tag_of(&tx[0].1), tag, "same dialog");
+        assert!(ev.is_empty(), "{ev:?}");
+        c.handle_datagram(t0, gw, in_dialog("ACK", "r1", "z9hG4bK-a2", Some(&tag), 2));
+
+        // The gateway moves its media: the call is told; the answer is unchanged.
+        let moved = same.replace("m=audio 6000", "m=audio 6100");
+        c.handle_datagram(t0, gw, reinvite("r1", &tag, 3, &moved));
+        let (tx, ev, _) = drain(&mut c);
+        assert_eq!(first_lines(&tx), vec!["SIP/2.0 200 OK"]);
+        assert_eq!(body_of(&tx[0].1), ours);
+        assert!(
+            matches!(ev.as_slice(), [SipEvent::CallerMediaMoved(a)] if *a == "127.0.0.1:6100".parse().unwrap()),
+            "{ev:?}"
+        );
+        // Its 200 is retransmitted until the ACK, like the first.
+        c.handle_timeout(t0 + Duration::from_millis(500));
+        let (tx, _, _) = drain(&mut c);
+        assert_eq!(first_lines(&tx), vec!["SIP/2.0 200 OK"]);
+        c.handle_datagram(t0, gw, in_dialog("ACK", "r1", "z9hG4bK-a3", Some(&tag), 3));
+        drain(&mut c);
+
+        // Hold (sendonly): recvonly answer, o= version bumped; no move.
+        c.handle_datagram(
+            t0,
+            gw,
+            reinvite("r1", &tag, 4, &(moved.clone() + "a=sendonly\r\n")),
+        );
+        let (tx, ev, _) = drain(&mut c);
+        let held = body_of(&tx[0].1);
+        assert!(
+            held.contains("a=recvonly") && held.contains("o=parley 9 10 "),
+            "{held}"
+        );
+        assert!(ev.is_empty());
+        c.handle_datagram(t0, gw, in_dialog("ACK", "r1", "z9hG4bK-a4", Some(&tag), 4));
+
+        // A codec the call did not negotiate: 488, nothing changes.
+        let pcma = moved
+            .replace("RTP/AVP 0", "RTP/AVP 8")
+            .replace("6100", "6200");
+        c.handle_datagram(t0, gw, reinvite("r1", &tag, 5, &pcma));
+        let (tx, ev, _) = drain(&mut c);
+        assert_eq!(first_lines(&tx), vec!["SIP/2.0 488 Not Acceptable Here"]);
+        assert!(ev.is_empty());
+
+        // An unknown dialog: 481.
+        c.handle_datagram(t0, gw, reinvite("nope", "x", 1, same));
+        assert_eq!(
+            first_lines(&drain(&mut c).0),
+            vec!["SIP/2.0 481 Call/Transaction Does Not Exist"]
+        );
+    });
+}
