@@ -335,3 +335,162 @@ fn source_change_keeps_the_stream_continuous_and_relatches_only_the_new_peer() {
     relay.release(&[pa, pb], &[]);
     relay.stop();
 }
+
+/// Raises the soft open-file limit to at least `need` (up to the hard limit); fails the
+/// test loudly if the machine does not allow it.
+fn raise_nofile(need: u64) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    assert!(
+        hard >= need,
+        "this test needs {need} open files; the hard limit is {hard} (raise it with ulimit -Hn)"
+    );
+    if soft < need {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    }
+}
+
+/// A generator socket with a large receive buffer (the whole window may queue on it).
+fn gen_sock() -> UdpSocket {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let _ = socket2::SockRef::from(&s).set_recv_buffer_size(4 << 20);
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    s
+}
+
+/// 5,000 bridged calls carry traffic both ways while other calls are bridged, carry a
+/// little media and are released on the side: not one packet of the 5,000 is lost or
+/// reordered. The sender keeps at most `WINDOW` packets in flight per direction, so the
+/// only way to lose one is the relay itself.
+#[test]
+fn flows_added_and_removed_while_5000_carry_traffic_lose_nothing() {
+    use std::collections::HashMap;
+    use std::sync::atomic::AtomicU64;
+    const FLOWS: usize = 5_000;
+    const ROUNDS: u16 = 8;
+    const WINDOW: u64 = 400;
+    raise_nofile(12_000);
+    let relay = Relay::start(RelaySettings {
+        ip: [127, 0, 0, 1].into(),
+        port_min: 12_000,
+        port_max: 22_999,
+        workers: 2,
+        coalesce: Duration::from_micros(200),
+    })
+    .unwrap();
+    let (ga, gb) = (Arc::new(gen_sock()), Arc::new(gen_sock()));
+    let mut ports = Vec::with_capacity(FLOWS);
+    for _ in 0..FLOWS {
+        let (pa, pb) = (
+            relay.allocate_port().unwrap(),
+            relay.allocate_port().unwrap(),
+        );
+        relay
+            .bridge_udp(
+                (pa, ga.local_addr().unwrap()),
+                (pb, gb.local_addr().unwrap()),
+                Arc::new(FlowStats::default()),
+            )
+            .unwrap();
+        ports.push((pa, pb));
+    }
+    // Which flow a packet belongs to, by the relay port it came out of.
+    let mut flow_of: HashMap<u16, usize> = HashMap::new();
+    for (i, &(pa, pb)) in ports.iter().enumerate() {
+        flow_of.insert(pa, i);
+        flow_of.insert(pb, i);
+    }
+    let flow_of = Arc::new(flow_of);
+
+    // Receivers: per flow, the sequence numbers seen, in arrival order.
+    let received = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let receiver = |s: Arc<UdpSocket>| {
+        let (flow_of, received, done) = (flow_of.clone(), received.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut seen: Vec<Vec<u16>> = vec![Vec::new(); FLOWS];
+            let mut buf = [0u8; 2048];
+            while !done.load(Ordering::Relaxed) {
+                let Ok((n, from)) = s.recv_from(&mut buf) else {
+                    continue;
+                };
+                let seq = parley_codecs::rtp::RtpView::parse(&buf[..n])
+                    .expect("relayed RTP")
+                    .sequence();
+                seen[flow_of[&from.port()]].push(seq);
+                received.fetch_add(1, Ordering::Relaxed);
+            }
+            seen
+        })
+    };
+    let (at_a, at_b) = (receiver(ga.clone()), receiver(gb.clone()));
+
+    // Churn: calls bridged, used and released while the 5,000 run.
+    let stop_churn = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn = {
+        let (relay, stop) = (relay.clone(), stop_churn.clone());
+        std::thread::spawn(move || {
+            let (x, y) = (sock(), sock());
+            let (mut cycles, mut delivered) = (0u32, 0u32);
+            while !stop.load(Ordering::Relaxed) {
+                let (px, py) = (
+                    relay.allocate_port().unwrap(),
+                    relay.allocate_port().unwrap(),
+                );
+                relay
+                    .bridge_udp(
+                        (px, x.local_addr().unwrap()),
+                        (py, y.local_addr().unwrap()),
+                        Arc::new(FlowStats::default()),
+                    )
+                    .unwrap();
+                x.send_to(&rtp(1), ("127.0.0.1", px)).unwrap();
+                if recv(&y).is_some() {
+                    delivered += 1;
+                }
+                relay.release(&[px, py], &[]);
+                cycles += 1;
+            }
+            (cycles, delivered)
+        })
+    };
+
+    let mut sent = 0u64;
+    for round in 0..ROUNDS {
+        for &(pa, pb) in &ports {
+            while sent - received.load(Ordering::Relaxed) >= WINDOW {
+                std::thread::yield_now();
+            }
+            ga.send_to(&rtp(round), ("127.0.0.1", pa)).unwrap();
+            gb.send_to(&rtp(round), ("127.0.0.1", pb)).unwrap();
+            sent += 2;
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while received.load(Ordering::Relaxed) < sent && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop_churn.store(true, Ordering::Relaxed);
+    let (cycles, delivered) = churn.join().unwrap();
+    done.store(true, Ordering::Relaxed);
+    let (seen_a, seen_b) = (at_a.join().unwrap(), at_b.join().unwrap());
+
+    let expected: Vec<u16> = (0..ROUNDS).collect();
+    let mut bad = Vec::new();
+    for (i, (a, b)) in seen_a.iter().zip(&seen_b).enumerate() {
+        if *a != expected || *b != expected {
+            bad.push((i, a.clone(), b.clone()));
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "{} of {FLOWS} flows lost or reordered packets (first: {:?}); {} of {sent} received",
+        bad.len(),
+        bad.first(),
+        received.load(Ordering::Relaxed)
+    );
+    assert!(cycles >= 20, "churn ran only {cycles} add/remove cycles");
+    assert_eq!(delivered, cycles, "churned calls forwarded their media too");
+    relay.stop();
+}
