@@ -86,6 +86,18 @@ pub struct RelayConfig {
     /// at most once per this interval, so it is woken once per turn rather than once per
     /// packet. Adds at most this much latency; 0 disables.
     pub coalesce_us: u64,
+    /// Bind an RTCP port (RTP port + 1) next to each RTP port and relay RTCP on it, for
+    /// peers that do not multiplex RTCP (RFC 3550 §11). RTP ports are always even and
+    /// their + 1 always reserved, so stray RTCP never reaches another call; `false` binds
+    /// only the RTP port (RTCP then only relayed multiplexed, RFC 5761) and halves the
+    /// file descriptors a call needs.
+    pub rtcp_ports: bool,
+    /// Receive and send buffer of each relay socket, bytes (`SO_RCVBUF`/`SO_SNDBUF`,
+    /// capped by `net.core.rmem_max`/`wmem_max`); 0 keeps the kernel default.
+    pub socket_buffer_bytes: usize,
+    /// Most RTP ports (call legs) one worker may hold; a call that would exceed it is
+    /// answered 503 like port exhaustion. 0: bounded by the port range only.
+    pub max_ports_per_worker: usize,
 }
 
 /// `[calls]`
@@ -225,6 +237,9 @@ impl Default for RelayConfig {
             port_max: 29999,
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
             coalesce_us: 0,
+            rtcp_ports: true,
+            socket_buffer_bytes: 0,
+            max_ports_per_worker: 0,
         }
     }
 }
@@ -345,6 +360,12 @@ impl Config {
         }
         if self.relay.port_min == 0 {
             return Err(bad("relay.port_min", "must be a real port (1-65535)"));
+        }
+        if self.relay.port_max - self.relay.port_min < 3 {
+            return Err(bad(
+                "relay.port_max",
+                "the range must hold at least two RTP/RTCP port pairs (4 ports)",
+            ));
         }
         if !(1..=1024).contains(&self.relay.workers) {
             return Err(bad("relay.workers", "must be between 1 and 1024"));

@@ -81,6 +81,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         port_max: cfg.relay.port_max,
         workers: cfg.relay.workers,
         coalesce: std::time::Duration::from_micros(cfg.relay.coalesce_us),
+        rtcp_ports: cfg.relay.rtcp_ports,
+        socket_buffer: cfg.relay.socket_buffer_bytes,
+        max_ports_per_worker: cfg.relay.max_ports_per_worker,
     })?;
     let (cdr_queue, cdr_task) = cdr_writer::start(store.clone(), registry.clone());
     let cdr_sink: Arc<dyn parley_actors::messages::CdrSink> = Arc::new(cdr_queue);

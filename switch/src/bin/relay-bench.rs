@@ -17,7 +17,16 @@
 //! # relay having been told that flow i's caller is 127.0.0.1:(gen_base + i % sockets)
 //! # and its callee 127.0.0.1:(gen_base + sockets + i % sockets).
 //! target/release/relay-bench --external ports.txt --external-pid PID --gen-base 40000
+//! # The floor: the same flows through the least a socket-per-port relay can do.
+//! target/release/relay-bench --flows 1000 --secs 10 --floor
 //! ```
+//!
+//! `--floor` replaces Parley's relay by a bare forwarder with the same shape (a socket
+//! per port, one epoll per worker thread, edge-triggered): on readiness it reads each
+//! datagram with `recvfrom` until the socket is empty and sends it with `sendto` out of
+//! the bridged socket to a fixed address — no RTP check, no latching, no table, no
+//! metrics, no batching. Its CPU per packet is what the kernel charges a userspace relay
+//! that keeps one UDP socket per port, the floor under any such relay on this machine.
 
 use std::io::{IoSlice, IoSliceMut};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
@@ -59,6 +68,11 @@ struct Args {
     /// First relay port (in-process relay).
     #[arg(long, default_value_t = 20000)]
     port_min: u16,
+    /// Also bind an RTCP port per leg, as a node does by default (`[relay] rtcp_ports`);
+    /// off here so that 4,500 flows fit in 20,000 file descriptors. No RTCP is sent
+    /// either way, so it changes descriptors, not the per-packet path.
+    #[arg(long)]
+    rtcp_ports: bool,
     /// Generator sockets per side; flow i uses socket i % sockets on each side.
     #[arg(long, default_value_t = 16)]
     sockets: usize,
@@ -72,6 +86,81 @@ struct Args {
     /// The external relay's process id, for its CPU time (all threads).
     #[arg(long)]
     external_pid: Option<u32>,
+    /// Measure the floor instead of Parley's relay: a bare forwarder on the same sockets
+    /// and threads (see the module docs).
+    #[arg(long)]
+    floor: bool,
+}
+
+/// The bare forwarder of `--floor`: one thread per worker, each with its share of the
+/// flows' socket pairs. Returns the threads and a per-worker packet counter.
+fn floor_relay(
+    flows: usize,
+    workers: usize,
+    caller_of: impl Fn(usize) -> SocketAddr,
+    callee_of: impl Fn(usize) -> SocketAddr,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<(Vec<Flow>, Vec<Arc<FlowStats>>, Vec<std::thread::JoinHandle<()>>)> {
+    use mio::net::UdpSocket as MioUdp;
+    // Per worker: (socket, bridged socket index, destination) entries.
+    let mut shards: Vec<Vec<(MioUdp, usize, SocketAddr)>> = (0..workers).map(|_| Vec::new()).collect();
+    let mut out: Vec<Vec<UdpSocket>> = (0..workers).map(|_| Vec::new()).collect();
+    let mut list = Vec::with_capacity(flows);
+    for i in 0..flows {
+        let w = i % workers;
+        let a = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+        let b = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+        a.set_nonblocking(true)?;
+        b.set_nonblocking(true)?;
+        list.push(Flow {
+            a: a.local_addr()?.port(),
+            b: b.local_addr()?.port(),
+        });
+        // What arrives on a leaves from b to the callee, and back.
+        let (ia, ib) = (out[w].len(), out[w].len() + 1);
+        out[w].push(a.try_clone()?);
+        out[w].push(b.try_clone()?);
+        shards[w].push((MioUdp::from_std(a), ib, callee_of(i)));
+        shards[w].push((MioUdp::from_std(b), ia, caller_of(i)));
+    }
+    let mut stats = Vec::new();
+    let mut threads = Vec::new();
+    for (w, (mut socks, outs)) in shards.into_iter().zip(out).enumerate() {
+        let st = Arc::new(FlowStats::default());
+        stats.push(st.clone());
+        let stop = stop.clone();
+        let mut poll = mio::Poll::new()?;
+        for (t, (s, _, _)) in socks.iter_mut().enumerate() {
+            poll.registry()
+                .register(s, mio::Token(t), mio::Interest::READABLE)?;
+        }
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("parley-relay-floor-{w}"))
+                .spawn(move || {
+                    let mut events = mio::Events::with_capacity(1024);
+                    let mut buf = [0u8; 2048];
+                    while !stop.load(Ordering::Relaxed) {
+                        if poll
+                            .poll(&mut events, Some(Duration::from_millis(100)))
+                            .is_err()
+                        {
+                            continue;
+                        }
+                        let mut n = 0u64;
+                        for ev in events.iter() {
+                            let (sock, o, dest) = &socks[ev.token().0];
+                            while let Ok((len, _)) = sock.recv_from(&mut buf) {
+                                let _ = outs[*o].send_to(&buf[..len], *dest);
+                                n += 1;
+                            }
+                        }
+                        st.count(true, n);
+                    }
+                })?,
+        );
+    }
+    Ok((list, stats, threads))
 }
 
 /// A generator socket with its quinn-udp state (for recvmmsg).
@@ -366,7 +455,33 @@ fn main() -> anyhow::Result<()> {
 
     let mut relay = None;
     let mut stats = Vec::new();
-    let flows: Vec<Flow> = if let Some(path) = &args.external {
+    let floor_stop = Arc::new(AtomicBool::new(false));
+    let mut floor_threads = Vec::new();
+    let flows: Vec<Flow> = if args.floor {
+        let workers = args
+            .workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let (ca, ce) = (
+            callers
+                .iter()
+                .map(addr)
+                .collect::<anyhow::Result<Vec<_>>>()?,
+            callees
+                .iter()
+                .map(addr)
+                .collect::<anyhow::Result<Vec<_>>>()?,
+        );
+        let (list, st, threads) = floor_relay(
+            args.flows,
+            workers,
+            |i| ca[i % k],
+            |i| ce[i % k],
+            floor_stop.clone(),
+        )?;
+        stats = st;
+        floor_threads = threads;
+        list
+    } else if let Some(path) = &args.external {
         let text = std::fs::read_to_string(path)?;
         text.lines()
             .filter(|l| !l.trim().is_empty())
@@ -382,13 +497,16 @@ fn main() -> anyhow::Result<()> {
         let workers = args
             .workers
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-        let span = u16::try_from(2 * args.flows + 2000).context("too many flows")?;
+        // Two RTP/RTCP pairs per flow, plus room for ports other programs hold.
+        let span = u16::try_from(4 * args.flows + 2000).context("too many flows")?;
         let r = Relay::start(RelaySettings {
-            ip: Ipv4Addr::LOCALHOST.into(),
-            port_min: args.port_min,
-            port_max: args.port_min.checked_add(span).context("port range")?,
-            workers,
             coalesce: Duration::from_micros(args.coalesce_us),
+            rtcp_ports: args.rtcp_ports,
+            ..RelaySettings::loopback(
+                args.port_min,
+                args.port_min.checked_add(span).context("port range")?,
+                workers,
+            )
         })?;
         let mut flows = Vec::with_capacity(args.flows);
         for i in 0..args.flows {
@@ -405,7 +523,9 @@ fn main() -> anyhow::Result<()> {
         relay = Some(r);
         flows
     };
-    let workers = relay.as_ref().map_or(0, |r| r.workers());
+    let workers = relay
+        .as_ref()
+        .map_or(floor_threads.len(), |r| r.workers());
 
     let shared = Arc::new(Shared {
         start: Instant::now(),
@@ -479,10 +599,14 @@ fn main() -> anyhow::Result<()> {
     if let Some(r) = &relay {
         r.stop();
     }
+    floor_stop.store(true, Ordering::Relaxed);
+    for t in floor_threads {
+        let _ = t.join();
+    }
 
     let sent = shared.sent.load(Ordering::Relaxed);
     let lost = sent.saturating_sub(res.received);
-    let relayed = if relay.is_some() {
+    let relayed = if relay.is_some() || args.floor {
         pk1 - pk0
     } else {
         res.received
@@ -499,6 +623,8 @@ fn main() -> anyhow::Result<()> {
                 "parley in-process, {workers} workers, coalesce {} µs",
                 args.coalesce_us
             )
+        } else if args.floor {
+            format!("floor (bare recvfrom/sendto forwarder), {workers} workers")
         } else {
             format!("external pid {:?}", args.external_pid)
         }

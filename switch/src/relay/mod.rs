@@ -1,7 +1,8 @@
 //! The media relay: the data plane.
 //!
 //! `workers` threads (`parley-relay-0`, `parley-relay-1`, …) each own a shard of the relay
-//! sockets (port `p` belongs to worker `p % workers`) and their flow table by `&mut`; the
+//! sockets (the RTP/RTCP pair `p`, `p + 1` belongs to worker `(p / 2) % workers`) and
+//! their flow table by `&mut`; the
 //! control plane talks to a worker only through its command queue plus a `mio::Waker`.
 //! Packets never pass through an actor mailbox. A worker polls its sockets with `mio`
 //! (epoll), reads each ready socket in batches with `recvmmsg` (quinn-udp, GRO-aware),
@@ -17,7 +18,7 @@ mod socket;
 mod worker;
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
@@ -43,6 +44,37 @@ pub struct RelaySettings {
     /// and are read in one turn, so a worker is woken once per turn instead of once per
     /// packet. Adds at most this much latency. Zero reads as soon as a packet arrives.
     pub coalesce: std::time::Duration,
+    /// Bind and relay an RTCP port (RTP + 1) per leg. RTP ports are even and their + 1 is
+    /// reserved either way.
+    pub rtcp_ports: bool,
+    /// `SO_RCVBUF`/`SO_SNDBUF` of each relay socket; 0 keeps the kernel default.
+    pub socket_buffer: usize,
+    /// Most RTP ports one worker holds; 0 for no cap but the range.
+    pub max_ports_per_worker: usize,
+}
+
+impl RelaySettings {
+    /// Loopback, the given range, `workers` workers, RTCP ports, kernel buffers, no cap,
+    /// no interrupt moderation.
+    pub fn loopback(port_min: u16, port_max: u16, workers: usize) -> Self {
+        Self {
+            ip: [127, 0, 0, 1].into(),
+            port_min,
+            port_max,
+            workers,
+            coalesce: std::time::Duration::ZERO,
+            rtcp_ports: true,
+            socket_buffer: 0,
+            max_ports_per_worker: 0,
+        }
+    }
+}
+
+/// The RTCP address that goes with an RTP address (RFC 3550 §11: RTP port + 1).
+fn rtcp_of(rtp: SocketAddr) -> Option<SocketAddr> {
+    rtp.port()
+        .checked_add(1)
+        .map(|p| SocketAddr::new(rtp.ip(), p))
 }
 
 /// One side of a UDP↔UDP bridge, as installed on the worker that owns `port`.
@@ -56,6 +88,8 @@ pub(crate) struct UdpLeg {
     out_peer: SocketAddr,
     stats: Arc<FlowStats>,
     caller_side: bool,
+    /// An RTCP port: not counted in the call's media stats.
+    rtcp: bool,
 }
 
 pub(crate) enum Command {
@@ -125,6 +159,8 @@ pub struct Relay {
     /// Allocated ports' sockets, kept until release so a bridge can hand each worker the
     /// other side's socket.
     sockets: dashmap::DashMap<u16, Arc<PortSocket>>,
+    /// RTP ports held per worker (for `max_ports_per_worker`).
+    legs: Box<[AtomicUsize]>,
     /// Which worker holds each RoQ flow (device datagrams are routed by it).
     roq_owner: dashmap::DashMap<(SessionId, u64), usize>,
     /// Installed bridges, by the caller-side port or RoQ flow (for the flows gauge).
@@ -146,9 +182,9 @@ impl Relay {
     /// Starts the worker threads.
     pub fn start(settings: RelaySettings) -> std::io::Result<Arc<Self>> {
         let n = settings.workers.max(1);
-        let free: FreePorts = Arc::new(Mutex::new(
-            (settings.port_min..=settings.port_max).collect(),
-        ));
+        // Even RTP ports, each with room for its RTCP port above it.
+        let first = settings.port_min.saturating_add(settings.port_min % 2);
+        let free: FreePorts = Arc::new(Mutex::new((first..settings.port_max).step_by(2).collect()));
         let mut polls = Vec::with_capacity(n);
         let mut handles = Vec::with_capacity(n);
         let mut rxs = Vec::with_capacity(n);
@@ -176,6 +212,7 @@ impl Relay {
             free,
             workers,
             sockets: dashmap::DashMap::new(),
+            legs: (0..n).map(|_| AtomicUsize::new(0)).collect(),
             roq_owner: dashmap::DashMap::new(),
             bridges: dashmap::DashSet::new(),
             next_flow: AtomicU64::new(1),
@@ -237,6 +274,35 @@ impl Relay {
         }
     }
 
+    /// Installs both directions of a UDP↔UDP bridge between two ports.
+    fn bridge_pair(
+        &self,
+        caller: (u16, SocketAddr),
+        callee: (u16, SocketAddr),
+        stats: &Arc<FlowStats>,
+        rtcp: bool,
+    ) -> Result<(), MediaError> {
+        let (sa, sb) = (self.socket(caller.0)?, self.socket(callee.0)?);
+        self.owner(caller.0).send(Command::BridgeUdp(UdpLeg {
+            port: caller.0,
+            peer: caller.1,
+            out: sb,
+            out_peer: callee.1,
+            stats: stats.clone(),
+            caller_side: true,
+            rtcp,
+        }))?;
+        self.owner(callee.0).send(Command::BridgeUdp(UdpLeg {
+            port: callee.0,
+            peer: callee.1,
+            out: sa,
+            out_peer: caller.1,
+            stats: stats.clone(),
+            caller_side: false,
+            rtcp,
+        }))
+    }
+
     fn socket(&self, port: u16) -> Result<Arc<PortSocket>, MediaError> {
         self.sockets
             .get(&port)
@@ -251,17 +317,43 @@ impl MediaPlane for Relay {
     }
 
     fn allocate_port(&self) -> Result<u16, MediaError> {
+        let s = &self.settings;
+        let cap = s.max_ports_per_worker;
         let mut free = self.free.lock().map_err(|_| MediaError::Unavailable)?;
-        // Ports taken by other programs are skipped (and put back at the end for later).
+        // Ports taken by other programs, and ports of workers at their cap, are skipped
+        // (and put back at the end for later).
         for _ in 0..free.len() {
             let Some(port) = free.pop_front() else { break };
-            match PortSocket::bind(self.settings.ip, port, self.free.clone()) {
-                Ok(socket) => {
+            let w = worker::owner(port, self.workers.len());
+            if cap > 0 && self.legs[w].load(Ordering::Relaxed) >= cap {
+                free.push_back(port);
+                continue;
+            }
+            // Bound without a pool first: a socket dropped here must not take the lock
+            // this function holds.
+            let pair = PortSocket::bind(s.ip, port, s.socket_buffer, None).and_then(|rtp| {
+                let rtcp = s
+                    .rtcp_ports
+                    .then(|| PortSocket::bind(s.ip, port + 1, s.socket_buffer, None))
+                    .transpose()?;
+                Ok((rtp, rtcp))
+            });
+            match pair {
+                Ok((mut rtp, rtcp)) => {
+                    rtp.return_to(self.free.clone());
                     drop(free);
-                    let socket = Arc::new(socket);
-                    self.sockets.insert(port, socket.clone());
-                    metrics::gauge!(m::RELAY_PORTS_ACTIVE).increment(1.0);
-                    self.owner(port).send(Command::AddSocket(socket))?;
+                    self.legs[w].fetch_add(1, Ordering::Relaxed);
+                    let rtp = Arc::new(rtp);
+                    self.sockets.insert(port, rtp.clone());
+                    self.workers[w].send(Command::AddSocket(rtp))?;
+                    let mut bound = 1.0;
+                    if let Some(rtcp) = rtcp {
+                        let rtcp = Arc::new(rtcp);
+                        self.sockets.insert(port + 1, rtcp.clone());
+                        self.workers[w].send(Command::AddSocket(rtcp))?;
+                        bound += 1.0;
+                    }
+                    metrics::gauge!(m::RELAY_PORTS_ACTIVE).increment(bound);
                     return Ok(port);
                 }
                 Err(e) if is_fd_limit(&e) => {
@@ -286,23 +378,14 @@ impl MediaPlane for Relay {
         callee: (u16, SocketAddr),
         stats: Arc<FlowStats>,
     ) -> Result<(), MediaError> {
-        let (sa, sb) = (self.socket(caller.0)?, self.socket(callee.0)?);
-        self.owner(caller.0).send(Command::BridgeUdp(UdpLeg {
-            port: caller.0,
-            peer: caller.1,
-            out: sb,
-            out_peer: callee.1,
-            stats: stats.clone(),
-            caller_side: true,
-        }))?;
-        self.owner(callee.0).send(Command::BridgeUdp(UdpLeg {
-            port: callee.0,
-            peer: callee.1,
-            out: sa,
-            out_peer: caller.1,
-            stats,
-            caller_side: false,
-        }))?;
+        self.bridge_pair(caller, callee, &stats, false)?;
+        // RTCP between the ports above, when both legs have them.
+        if let (Some(a), Some(b)) = (rtcp_of(caller.1), rtcp_of(callee.1))
+            && self.sockets.contains_key(&(caller.0 + 1))
+            && self.sockets.contains_key(&(callee.0 + 1))
+        {
+            self.bridge_pair((caller.0 + 1, a), (callee.0 + 1, b), &stats, true)?;
+        }
         self.bridged(FlowKey::Port(caller.0));
         Ok(())
     }
@@ -360,16 +443,38 @@ impl MediaPlane for Relay {
         if !self.sockets.contains_key(&port) {
             return Err(MediaError::Unavailable);
         }
-        self.owner(port).send(Command::Repoint { port, peer })
+        self.owner(port).send(Command::Repoint { port, peer })?;
+        if let Some(rtcp) = rtcp_of(peer)
+            && self.sockets.contains_key(&(port + 1))
+        {
+            self.owner(port).send(Command::Repoint {
+                port: port + 1,
+                peer: rtcp,
+            })?;
+        }
+        Ok(())
     }
 
     fn release(&self, ports: &[u16], roq: &[(SessionId, u64)]) {
         if ports.is_empty() && roq.is_empty() {
             return;
         }
-        // Each socket goes back to the pool when its last holder (a worker) drops it.
-        metrics::gauge!(m::RELAY_PORTS_ACTIVE).decrement(ports.len() as f64);
+        // Each socket goes back to the pool when its last holder (a worker) drops it; an
+        // RTCP port goes with its RTP port.
         let n = self.workers.len();
+        for &p in ports {
+            if self.sockets.contains_key(&p) {
+                self.legs[worker::owner(p, n)].fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        let ports: Vec<u16> = ports
+            .iter()
+            .flat_map(|&p| [Some(p), p.checked_add(1)])
+            .flatten()
+            .filter(|p| self.sockets.contains_key(p))
+            .collect();
+        let ports = &ports[..];
+        metrics::gauge!(m::RELAY_PORTS_ACTIVE).decrement(ports.len() as f64);
         let mut per_ports: Vec<Vec<u16>> = vec![Vec::new(); n];
         let mut per_roq: Vec<Vec<(SessionId, u64)>> = vec![Vec::new(); n];
         let unbridged = ports

@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use quinn::udp::UdpSocketState;
 
-/// The free-port pool, shared by the control plane (which takes) and the sockets (which
-/// give back when closed).
+/// The free-port pool (even RTP ports; each reserves the RTCP port above it), shared by
+/// the control plane (which takes) and the RTP sockets (which give back when closed).
 pub(crate) type FreePorts = Arc<Mutex<VecDeque<u16>>>;
 
 /// One bound relay port.
@@ -24,13 +24,25 @@ pub(crate) struct PortSocket {
     socket: Option<UdpSocket>,
     state: UdpSocketState,
     port: u16,
-    free: FreePorts,
+    /// The pool this port returns to (RTP ports; an RTCP port rides on its RTP port).
+    free: Option<FreePorts>,
 }
 
 impl PortSocket {
-    /// Binds `ip:port`, non-blocking, with quinn-udp's options (GRO, packet info).
-    pub(crate) fn bind(ip: IpAddr, port: u16, free: FreePorts) -> io::Result<Self> {
+    /// Binds `ip:port`, non-blocking, with quinn-udp's options (GRO, packet info), and
+    /// `buffer` bytes of receive and send buffer if non-zero.
+    pub(crate) fn bind(
+        ip: IpAddr,
+        port: u16,
+        buffer: usize,
+        free: Option<FreePorts>,
+    ) -> io::Result<Self> {
         let socket = UdpSocket::bind((ip, port))?;
+        if buffer > 0 {
+            let s = socket2::SockRef::from(&socket);
+            s.set_recv_buffer_size(buffer)?;
+            s.set_send_buffer_size(buffer)?;
+        }
         // Sets non-blocking mode and enables GRO where the kernel has it.
         let state = UdpSocketState::new((&socket).into())?;
         // quinn-udp asks for each datagram's destination address and TOS byte; a relay
@@ -65,12 +77,17 @@ impl PortSocket {
     pub(crate) fn port(&self) -> u16 {
         self.port
     }
+
+    /// From now on the port goes back to `pool` when the socket closes.
+    pub(crate) fn return_to(&mut self, pool: FreePorts) {
+        self.free = Some(pool);
+    }
 }
 
 impl Drop for PortSocket {
     fn drop(&mut self) {
         drop(self.socket.take());
-        if let Ok(mut free) = self.free.lock() {
+        if let Some(Ok(mut free)) = self.free.as_ref().map(|f| f.lock()) {
             free.push_back(self.port);
         }
     }

@@ -14,7 +14,7 @@ use mio::{Events, Interest, Poll, Token};
 use parley_actors::messages::{FlowStats, SessionId};
 use parley_codecs::{
     roq,
-    rtp::{Continuity, RtpView},
+    rtp::{Continuity, Kind, RtpView},
 };
 use quinn::udp::{RecvMeta, Transmit};
 
@@ -38,9 +38,9 @@ const MAX_GSO: usize = 32;
 /// One batch in this many has its forwarding time recorded.
 const LATENCY_SAMPLE: u64 = 64;
 
-/// The worker that owns `port`.
+/// The worker that owns `port`: an RTP port and its RTCP port (+ 1) share one.
 pub(super) fn owner(port: u16, workers: usize) -> usize {
-    usize::from(port) % workers.max(1)
+    usize::from(port / 2) % workers.max(1)
 }
 
 /// Where packets arriving on a port go.
@@ -279,9 +279,19 @@ impl Worker {
                 } => {
                     if let Some(p) = self.ports.get_mut(&port) {
                         p.peer = Some(peer);
-                        p.target = Target::Roq { conn, flow };
+                        p.target = Target::Roq {
+                            conn: conn.clone(),
+                            flow,
+                        };
                         p.stats = Some(stats);
                         p.caller_side = true;
+                    }
+                    // RTCP from the port above joins the device's flow (multiplexed there).
+                    if let (Some(p), Some(rtcp_peer)) =
+                        (self.ports.get_mut(&(port + 1)), super::rtcp_of(peer))
+                    {
+                        p.peer = Some(rtcp_peer);
+                        p.target = Target::Roq { conn, flow };
                     }
                     self.roq.insert(
                         (session, flow),
@@ -369,7 +379,7 @@ impl Worker {
                 out: leg.out,
                 dest: leg.out_peer,
             };
-            p.stats = Some(leg.stats);
+            p.stats = (!leg.rtcp).then_some(leg.stats);
             p.caller_side = leg.caller_side;
         }
     }
@@ -470,10 +480,11 @@ impl Worker {
             self.tally.no_flow += 1;
             return;
         };
-        if RtpView::parse(packet).is_err() {
+        let Ok(view) = RtpView::parse(packet) else {
             self.tally.malformed += 1;
             return;
-        }
+        };
+        let is_rtcp = view.kind() == Kind::Rtcp;
         match route {
             RoqRoute::Udp { port, cont } => {
                 let Some(p) = self.ports.get(port) else {
@@ -483,6 +494,12 @@ impl Worker {
                 if let Some(s) = &p.stats {
                     s.count(false, 1);
                 }
+                // RTCP leaves from the RTCP port when the leg has one (the peer does not
+                // multiplex), else multiplexed on the RTP port.
+                let p = match is_rtcp.then(|| port.checked_add(1)).flatten() {
+                    Some(rtcp) => self.ports.get(&rtcp).unwrap_or(p),
+                    None => p,
+                };
                 let pkt = &mut self.scratch.roq_pkt;
                 pkt.clear();
                 pkt.extend_from_slice(packet);

@@ -72,7 +72,7 @@ impl Node {
     pub fn start_full(sip_extra: &str, trunk_extra: &str, calls_extra: &str) -> Node {
         let dir = tempfile::tempdir().expect("tempdir");
         let trunk_port = free_udp_port();
-        let relay = free_port_block(100);
+        let relay = free_port_block(200);
         let token = "test-token-0123456789".to_owned();
         let cfg = format!(
             r#"
@@ -106,7 +106,7 @@ number = "+15550100002"
 password = "demo"
 "#,
             data = dir.path().join("data").display(),
-            relay_max = relay + 99,
+            relay_max = relay + 199,
         );
         let cfg_path = dir.path().join("parley.toml");
         std::fs::write(&cfg_path, cfg).unwrap();
