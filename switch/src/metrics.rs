@@ -22,7 +22,9 @@ pub const SIP_REJECTED_OVERLOAD_TOTAL: &str = "parley_sip_overload_rejections_to
 pub const RELAY_PACKETS_TOTAL: &str = "parley_relay_packets_total";
 /// Bytes relayed (RTP/RTCP packet bytes), by `path`.
 pub const RELAY_BYTES_TOTAL: &str = "parley_relay_bytes_total";
-/// Packets dropped by the relay, by `reason` (`no_flow`, `wrong_source`, `malformed`, `send_error`).
+/// Packets dropped by the relay, by `reason` (`no_flow`, `wrong_source`, `malformed`,
+/// `queue_full`: the outgoing socket's or device connection's send queue was full,
+/// `send_error`: any other send failure).
 pub const RELAY_DROPS_TOTAL: &str = "parley_relay_drops_total";
 /// Relay ports in use.
 pub const RELAY_PORTS_ACTIVE: &str = "parley_relay_ports_active";

@@ -542,3 +542,36 @@ fn rtcp_on_separate_ports_is_relayed_between_the_ports_above() {
     relay.release(&[pa, pb], &[]);
     relay.stop();
 }
+
+/// `max_ports_per_worker`: a worker at its cap takes no more legs (the other worker's
+/// ports are used first); when all are at their cap the call gets `PortsExhausted` (503),
+/// and a released leg makes room again.
+#[test]
+fn workers_at_their_port_cap_refuse_more_legs() {
+    let base = UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .saturating_sub(60)
+        .max(1024)
+        & !1;
+    let relay = Relay::start(RelaySettings {
+        max_ports_per_worker: 2,
+        ..RelaySettings::loopback(base, base + 50, 2)
+    })
+    .unwrap();
+    let got: Vec<u16> = (0..4).map(|_| relay.allocate_port().unwrap()).collect();
+    let per_worker = |w: u16| got.iter().filter(|p| (**p / 2) % 2 == w).count();
+    assert_eq!((per_worker(0), per_worker(1)), (2, 2), "{got:?}");
+    assert!(matches!(
+        relay.allocate_port(),
+        Err(parley_actors::messages::MediaError::PortsExhausted)
+    ));
+    relay.release(&got[..1], &[]);
+    assert_eq!(
+        relay.allocate_port().ok().map(|p| (p / 2) % 2),
+        Some((got[0] / 2) % 2)
+    );
+    relay.stop();
+}

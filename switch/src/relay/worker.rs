@@ -104,6 +104,7 @@ struct Counters {
     wrong_source: Counter,
     malformed: Counter,
     send_error: Counter,
+    queue_full: Counter,
     batch_size: metrics::Histogram,
     forward_seconds: metrics::Histogram,
 }
@@ -118,6 +119,7 @@ struct Tally {
     wrong_source: u64,
     malformed: u64,
     send_error: u64,
+    queue_full: u64,
 }
 
 /// Receive-side scratch, reused for every batch (no allocation per packet).
@@ -176,6 +178,7 @@ impl Worker {
             wrong_source: drop("wrong_source"),
             malformed: drop("malformed"),
             send_error: drop("send_error"),
+            queue_full: drop("queue_full"),
             batch_size: metrics::histogram!(m::RELAY_BATCH_SIZE),
             forward_seconds: metrics::histogram!(m::RELAY_FORWARD_SECONDS),
         };
@@ -509,6 +512,7 @@ impl Worker {
                         self.tally.roq_udp.0 += 1;
                         self.tally.roq_udp.1 += packet.len() as u64;
                     }
+                    Some(Err(e)) if is_queue_full(&e) => self.tally.queue_full += 1,
                     _ => self.tally.send_error += 1,
                 }
             }
@@ -521,7 +525,11 @@ impl Worker {
                 stats.count(*caller_side, 1);
                 roq::encode(*flow, packet, &mut self.out);
                 let datagram = self.out.split().freeze();
-                if conn.send_datagram(datagram).is_ok() {
+                if datagram.len() > conn.datagram_send_buffer_space() {
+                    // quinn would make room by dropping older datagrams, unseen: drop
+                    // this one instead, and count it.
+                    self.tally.queue_full += 1;
+                } else if conn.send_datagram(datagram).is_ok() {
                     self.tally.roq_roq.0 += 1;
                     self.tally.roq_roq.1 += packet.len() as u64;
                 } else {
@@ -559,6 +567,7 @@ impl Worker {
             (&c.wrong_source, t.wrong_source),
             (&c.malformed, t.malformed),
             (&c.send_error, t.send_error),
+            (&c.queue_full, t.queue_full),
         ] {
             if n > 0 {
                 ctr.increment(n);
@@ -630,9 +639,17 @@ fn forward_batch(
             // quinn takes each datagram as `Bytes`: one small allocation per packet here is
             // inherent to `send_datagram`.
             let mut buf = BytesMut::with_capacity(s.segs.len() * (MAX_PACKET / 8));
+            // The device connection's datagram queue (quinn would drop older datagrams to
+            // make room, unseen): what does not fit is dropped here and counted.
+            let mut space = conn.datagram_send_buffer_space();
             for &(start, len) in &s.segs {
                 roq::encode(*flow, &s.buf[start..start + len], &mut buf);
                 let datagram = buf.split().freeze();
+                if datagram.len() > space {
+                    tally.queue_full += 1;
+                    continue;
+                }
+                space -= datagram.len();
                 if conn.send_datagram(datagram).is_ok() {
                     tally.udp_roq.0 += 1;
                     tally.udp_roq.1 += len as u64;
@@ -643,6 +660,11 @@ fn forward_batch(
         }
     }
     latched_now
+}
+
+/// The socket's send queue is full (`EAGAIN`/`ENOBUFS`): the packet is dropped.
+fn is_queue_full(e: &std::io::Error) -> bool {
+    e.kind() == ErrorKind::WouldBlock || e.raw_os_error() == Some(nix::errno::Errno::ENOBUFS as i32)
 }
 
 /// Sends the accepted datagrams of a batch out of `out` to `dest`: runs of equal-sized
@@ -657,34 +679,34 @@ fn send_udp(out: &PortSocket, dest: SocketAddr, s: &mut RecvScratch, tally: &mut
         while run < max_gso && i + run < s.segs.len() && s.segs[i + run].1 == len {
             run += 1;
         }
-        let ok = if run == 1 {
+        let sent = if run == 1 {
             out.socket()
                 .send_to(&s.buf[start..start + len], dest)
-                .is_ok()
+                .map(drop)
         } else {
             let mut at = 0;
             for &(st, l) in &s.segs[i..i + run] {
                 s.gso[at..at + l].copy_from_slice(&s.buf[st..st + l]);
                 at += l;
             }
-            out.state()
-                .try_send(
-                    out.socket().into(),
-                    &Transmit {
-                        destination: dest,
-                        ecn: None,
-                        contents: &s.gso[..at],
-                        segment_size: Some(len),
-                        src_ip: None,
-                    },
-                )
-                .is_ok()
+            out.state().try_send(
+                out.socket().into(),
+                &Transmit {
+                    destination: dest,
+                    ecn: None,
+                    contents: &s.gso[..at],
+                    segment_size: Some(len),
+                    src_ip: None,
+                },
+            )
         };
-        if ok {
-            tally.udp_udp.0 += run as u64;
-            tally.udp_udp.1 += (run * len) as u64;
-        } else {
-            tally.send_error += run as u64;
+        match sent {
+            Ok(()) => {
+                tally.udp_udp.0 += run as u64;
+                tally.udp_udp.1 += (run * len) as u64;
+            }
+            Err(e) if is_queue_full(&e) => tally.queue_full += run as u64,
+            Err(_) => tally.send_error += run as u64,
         }
         i += run;
     }
