@@ -92,6 +92,13 @@ struct Args {
     floor: bool,
 }
 
+/// The running bare forwarder: its flows, per-worker packet counters and threads.
+struct Floor {
+    flows: Vec<Flow>,
+    stats: Vec<Arc<FlowStats>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
 /// The bare forwarder of `--floor`: one thread per worker, each with its share of the
 /// flows' socket pairs. Returns the threads and a per-worker packet counter.
 fn floor_relay(
@@ -100,10 +107,11 @@ fn floor_relay(
     caller_of: impl Fn(usize) -> SocketAddr,
     callee_of: impl Fn(usize) -> SocketAddr,
     stop: Arc<AtomicBool>,
-) -> anyhow::Result<(Vec<Flow>, Vec<Arc<FlowStats>>, Vec<std::thread::JoinHandle<()>>)> {
+) -> anyhow::Result<Floor> {
     use mio::net::UdpSocket as MioUdp;
     // Per worker: (socket, bridged socket index, destination) entries.
-    let mut shards: Vec<Vec<(MioUdp, usize, SocketAddr)>> = (0..workers).map(|_| Vec::new()).collect();
+    let mut shards: Vec<Vec<(MioUdp, usize, SocketAddr)>> =
+        (0..workers).map(|_| Vec::new()).collect();
     let mut out: Vec<Vec<UdpSocket>> = (0..workers).map(|_| Vec::new()).collect();
     let mut list = Vec::with_capacity(flows);
     for i in 0..flows {
@@ -160,7 +168,11 @@ fn floor_relay(
                 })?,
         );
     }
-    Ok((list, stats, threads))
+    Ok(Floor {
+        flows: list,
+        stats,
+        threads,
+    })
 }
 
 /// A generator socket with its quinn-udp state (for recvmmsg).
@@ -471,16 +483,16 @@ fn main() -> anyhow::Result<()> {
                 .map(addr)
                 .collect::<anyhow::Result<Vec<_>>>()?,
         );
-        let (list, st, threads) = floor_relay(
+        let floor = floor_relay(
             args.flows,
             workers,
             |i| ca[i % k],
             |i| ce[i % k],
             floor_stop.clone(),
         )?;
-        stats = st;
-        floor_threads = threads;
-        list
+        stats = floor.stats;
+        floor_threads = floor.threads;
+        floor.flows
     } else if let Some(path) = &args.external {
         let text = std::fs::read_to_string(path)?;
         text.lines()
@@ -523,9 +535,7 @@ fn main() -> anyhow::Result<()> {
         relay = Some(r);
         flows
     };
-    let workers = relay
-        .as_ref()
-        .map_or(floor_threads.len(), |r| r.workers());
+    let workers = relay.as_ref().map_or(floor_threads.len(), |r| r.workers());
 
     let shared = Arc::new(Shared {
         start: Instant::now(),
