@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Parley's relay and rtpengine (userspace, `table = -1`) relaying the same G.711 traffic,
-# side by side: CPU per relayed packet, loss, latency.
+# side by side: CPU per relayed packet, loss, latency; then the floor (a bare forwarder
+# with the same sockets, `relay-bench --floor`) for what the kernel alone costs.
 #
 #   loadtest/bench/rtpengine_compare.sh FLOWS [SECS]
 #
@@ -115,9 +116,14 @@ trap - EXIT
 echo "=== parley relay, $FLOWS flows ==="
 "$BENCH" --flows "$FLOWS" --sockets "$SOCKETS" --secs "$SECS" | tee "$OUT/parley.txt"
 
+# The floor: a bare recvfrom/sendto forwarder on the same number of sockets and threads,
+# the least any relay with a UDP socket per port pays the kernel per packet.
+echo "=== floor (bare forwarder), $FLOWS flows ==="
+"$BENCH" --flows "$FLOWS" --sockets "$SOCKETS" --secs "$SECS" --floor | tee "$OUT/floor.txt"
+
 echo
 echo "=== side by side: $FLOWS flows x 50 pps each way, $SECS s ==="
-for f in rtpengine parley; do
+for f in rtpengine parley floor; do
   printf '%-10s %s | %s | %s\n' "$f" \
     "$(grep -o 'per relayed packet: [0-9.]* µs (stat)' "$OUT/$f.txt")" \
     "$(grep -o 'lost: [0-9]* ([0-9.]*%)' "$OUT/$f.txt")" \
