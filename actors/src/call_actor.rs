@@ -233,6 +233,8 @@ impl CallActor {
                     });
                 }
                 Err(e) => {
+                    metrics::counter!(m::MEDIA_SETUP_FAILURES_TOTAL, "reason" => e.reason())
+                        .increment(1);
                     tracing::warn!(call = %self.s.call_id, error = %e, "no relay port for the trunk leg");
                     self.core.handle_leg_failed(
                         Instant::now(),
@@ -252,6 +254,8 @@ impl CallActor {
             }
             Action::Connect(leg) => {
                 if let Err(e) = self.connect(leg) {
+                    metrics::counter!(m::MEDIA_SETUP_FAILURES_TOTAL, "reason" => e.reason())
+                        .increment(1);
                     tracing::warn!(call = %self.s.call_id, error = %e, "media setup failed");
                     self.core.handle_connect_failed(503);
                 } else {

@@ -222,6 +222,16 @@ pub enum MediaError {
     Unavailable,
 }
 
+impl MediaError {
+    /// Metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::PortsExhausted => "ports_exhausted",
+            Self::Unavailable => "unavailable",
+        }
+    }
+}
+
 /// The media relay as the control plane sees it. Implemented by the switch's relay.
 pub trait MediaPlane: Send + Sync + 'static {
     /// The address the relay's sockets listen on (goes into SDP).

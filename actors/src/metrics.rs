@@ -29,6 +29,10 @@ pub const PRESENCE_FANOUT_TOTAL: &str = "parley_presence_fanout_total";
 pub const CHAT_MESSAGES_TOTAL: &str = "parley_chat_messages_total";
 /// Answered calls ended because no media crossed them for the media timeout.
 pub const MEDIA_TIMEOUTS_TOTAL: &str = "parley_media_timeouts_total";
+/// Calls or legs refused 503 because the relay could not give them media, by `reason`
+/// (`ports_exhausted`: the port range or a worker's cap; `unavailable`: out of file
+/// descriptors, relay stopped).
+pub const MEDIA_SETUP_FAILURES_TOTAL: &str = "parley_media_setup_failures_total";
 /// Re-routes of ringing calls after a presence change.
 pub const REROUTES_TOTAL: &str = "parley_reroutes_total";
 /// Time from a presence change to the re-routed leg ringing.
@@ -115,5 +119,10 @@ pub fn describe() {
         MEDIA_TIMEOUTS_TOTAL,
         Unit::Count,
         "Answered calls ended because no media crossed them for the media timeout"
+    );
+    describe_counter!(
+        MEDIA_SETUP_FAILURES_TOTAL,
+        Unit::Count,
+        "Calls or legs refused 503 because the relay had no media for them, by reason"
     );
 }

@@ -95,6 +95,9 @@ fn register_zeroes() {
     counter!(a::DEVICE_QUEUE_DROPS_TOTAL).increment(0);
     counter!(a::REROUTES_TOTAL).increment(0);
     counter!(a::MEDIA_TIMEOUTS_TOTAL).increment(0);
+    for r in ["ports_exhausted", "unavailable"] {
+        counter!(a::MEDIA_SETUP_FAILURES_TOTAL, "reason" => r).increment(0);
+    }
     counter!(a::PRESENCE_FANOUT_TOTAL).increment(0);
     for r in ["delivered", "offline", "unknown_user", "rejected"] {
         counter!(a::CHAT_MESSAGES_TOTAL, "result" => r).increment(0);

@@ -70,9 +70,20 @@ impl Node {
 
     /// Starts a node with extra keys in its `[sip]`, `[[trunks]]` and `[calls]` sections.
     pub fn start_full(sip_extra: &str, trunk_extra: &str, calls_extra: &str) -> Node {
+        Self::start_with_relay_ports(sip_extra, trunk_extra, calls_extra, 200)
+    }
+
+    /// As [`Node::start_full`], with a relay range of `relay_ports` ports (an even number:
+    /// `relay_ports / 2` call legs).
+    pub fn start_with_relay_ports(
+        sip_extra: &str,
+        trunk_extra: &str,
+        calls_extra: &str,
+        relay_ports: u16,
+    ) -> Node {
         let dir = tempfile::tempdir().expect("tempdir");
         let trunk_port = free_udp_port();
-        let relay = free_port_block(200);
+        let relay = free_port_block(relay_ports);
         let token = "test-token-0123456789".to_owned();
         let cfg = format!(
             r#"
@@ -106,7 +117,7 @@ number = "+15550100002"
 password = "demo"
 "#,
             data = dir.path().join("data").display(),
-            relay_max = relay + 199,
+            relay_max = relay + relay_ports - 1,
         );
         let cfg_path = dir.path().join("parley.toml");
         std::fs::write(&cfg_path, cfg).unwrap();
