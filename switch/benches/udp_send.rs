@@ -8,6 +8,13 @@
 //! - `send_to_32_dests`: 32 `send_to` calls from one socket to 32 destinations.
 //! - `send_to_32_dests_32_sockets`: the same out of 32 sockets, one packet each: the
 //!   relay's real case, where each flow (50 packets/s) leaves from its own port.
+//! - `sendmmsg_32_dests`: one `sendmmsg` of 32 packets to 32 destinations: the best a
+//!   design batching sends across destinations could do (one socket for all flows).
+//! - `recvmmsg_32_one_socket`: one `recvmmsg` returning 32 queued datagrams: the receive
+//!   side's best case.
+//!
+//! The last two bound what any userspace relay over the kernel's UDP sockets pays per
+//! packet, whatever its design: see docs/BENCHMARKS.md ("the floor").
 //!
 //! Only the sends are timed (`iter_custom`). Between two timed batches the bench thread
 //! drains every receiving socket, so their buffers never fill and no packet should be
@@ -25,8 +32,9 @@
 //! cargo bench -p parley-switch --bench udp_send -- --warm-up-time 1 --measurement-time 2
 //! ```
 
-use std::io::ErrorKind;
+use std::io::{ErrorKind, IoSlice, IoSliceMut};
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -236,6 +244,75 @@ fn udp_send(c: &mut Criterion) {
             })
         });
         tally.report("send_to_32_dests_32_sockets", &rx, &mut buf);
+    }
+    {
+        // The best case of batching sends across destinations: one `sendmmsg` for 32
+        // packets to 32 destinations (a relay with a socket per port cannot even do this;
+        // it bounds what any batching design pays the kernel per packet sent).
+        use nix::sys::socket::{ControlMessage, MsgFlags, MultiHeaders, SockaddrIn, sendmmsg};
+        let tx = Sender::bind();
+        let rx: Vec<Receiver> = (0..BATCH).map(|_| Receiver::bind()).collect();
+        let addrs: Vec<Option<SockaddrIn>> = rx
+            .iter()
+            .map(|r| match r.addr {
+                SocketAddr::V4(a) => Some(SockaddrIn::from(a)),
+                SocketAddr::V6(_) => None,
+            })
+            .collect();
+        let iovs: Vec<[IoSlice<'_>; 1]> = pkts.iter().map(|p| [IoSlice::new(p)]).collect();
+        let mut headers: MultiHeaders<SockaddrIn> = MultiHeaders::preallocate(BATCH, None);
+        let no_cmsgs: [ControlMessage<'_>; 0] = [];
+        let mut tally = Tally::default();
+        g.bench_function("sendmmsg_32_dests", |b| {
+            b.iter_custom(|iters| {
+                timed(iters, &rx, &mut tally, &mut buf, |t| {
+                    let sent = sendmmsg(
+                        tx.sock.as_raw_fd(),
+                        &mut headers,
+                        &iovs,
+                        &addrs,
+                        no_cmsgs,
+                        MsgFlags::empty(),
+                    )
+                    .map(|r| r.count());
+                    count(t, sent == Ok(BATCH), BATCH);
+                })
+            })
+        });
+        tally.report("sendmmsg_32_dests", &rx, &mut buf);
+    }
+
+    {
+        // The receive side's best case: 32 datagrams already queued on one socket, read by
+        // one `recvmmsg` (quinn-udp, as relay ports read). Only the read is timed.
+        let rx = Sender::bind();
+        let to = rx.sock.local_addr().expect("bound socket has an address");
+        let tx = Sender::bind();
+        let mut slots = vec![[0u8; 2048]; BATCH];
+        let mut meta = [quinn::udp::RecvMeta::default(); BATCH];
+        let mut short = 0u64;
+        g.bench_function("recvmmsg_32_one_socket", |b| {
+            b.iter_custom(|iters| {
+                let mut spent = Duration::ZERO;
+                for _ in 0..iters {
+                    for p in &pkts {
+                        let _ = tx.sock.send_to(p, to);
+                    }
+                    let mut iov: Vec<IoSliceMut<'_>> =
+                        slots.iter_mut().map(|s| IoSliceMut::new(s)).collect();
+                    let start = Instant::now();
+                    let n = rx.state.recv((&rx.sock).into(), &mut iov, &mut meta);
+                    spent += start.elapsed();
+                    if n.ok() != Some(BATCH) {
+                        short += 1;
+                    }
+                }
+                spent
+            })
+        });
+        if short > 0 {
+            eprintln!("udp_send/recvmmsg_32_one_socket: {short} reads returned fewer than {BATCH}");
+        }
     }
     g.finish();
 }
