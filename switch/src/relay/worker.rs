@@ -19,7 +19,7 @@ use parley_codecs::{
 use quinn::udp::{RecvMeta, Transmit};
 
 use super::socket::PortSocket;
-use super::{Command, UdpLeg, WorkerHandle};
+use super::{Command, RoqDatagram, UdpLeg, WorkerHandle};
 use crate::metrics as m;
 
 pub(super) const WAKER: Token = Token(usize::MAX);
@@ -138,6 +138,7 @@ pub(super) struct Worker {
     index: usize,
     poll: Poll,
     rx: mpsc::Receiver<Command>,
+    media_rx: mpsc::Receiver<RoqDatagram>,
     peers: Arc<[WorkerHandle]>,
     ports: HashMap<u16, Port>,
     roq: HashMap<(SessionId, u64), RoqRoute>,
@@ -158,7 +159,7 @@ impl Worker {
     pub(super) fn new(
         index: usize,
         poll: Poll,
-        rx: mpsc::Receiver<Command>,
+        (rx, media_rx): (mpsc::Receiver<Command>, mpsc::Receiver<RoqDatagram>),
         peers: Arc<[WorkerHandle]>,
         coalesce: Duration,
     ) -> Self {
@@ -186,6 +187,7 @@ impl Worker {
             index,
             poll,
             rx,
+            media_rx,
             peers,
             ports: HashMap::new(),
             roq: HashMap::new(),
@@ -258,6 +260,21 @@ impl Worker {
     }
 
     fn handle_commands(&mut self) -> bool {
+        // From here on a sender wakes us again (see `WorkerHandle::wake`).
+        self.peers[self.index]
+            .pending
+            .swap(false, std::sync::atomic::Ordering::AcqRel);
+        if !self.handle_control() {
+            return false;
+        }
+        // Device datagrams after the commands queued before them (a bridge first).
+        while let Ok(d) = self.media_rx.try_recv() {
+            self.forward_roq(d.session, d.flow, &d.packet);
+        }
+        true
+    }
+
+    fn handle_control(&mut self) -> bool {
         while let Ok(cmd) = self.rx.try_recv() {
             match cmd {
                 Command::AddSocket(sock) => self.add_socket(sock),
@@ -337,11 +354,6 @@ impl Worker {
                         self.roq.remove(&k);
                     }
                 }
-                Command::RoqIn {
-                    session,
-                    flow,
-                    packet,
-                } => self.forward_roq(session, flow, &packet),
                 Command::Stop => return false,
             }
         }
