@@ -608,12 +608,13 @@ impl SipCore {
         let body = String::from_utf8_lossy(req.body()).into_owned();
         let mut moved = None;
         if !body.trim().is_empty() {
-            let negotiated = sdp::parse_audio(&state.local_sdp)
+            // The relay does not transcode: the re-offer must keep a codec of ours.
+            let ours: Vec<u8> = sdp::parse_audio(&state.local_sdp)
+                .map(|m| m.g711_formats())
+                .unwrap_or_default();
+            let offer = sdp::parse_audio(&body)
                 .ok()
-                .and_then(|m| m.formats.first().map(|f| f.pt));
-            let offer = sdp::parse_audio(&body).ok().filter(|o| {
-                o.port != 0 && negotiated.is_some_and(|pt| o.formats.iter().any(|f| f.pt == pt))
-            });
+                .filter(|o| o.port != 0 && o.g711_formats().iter().any(|pt| ours.contains(pt)));
             let (Some(offer), Ok(dir)) = (offer, sdp::direction(&body)) else {
                 metrics::counter!(m::SIP_PARSE_ERRORS_TOTAL, "reason" => "bad_sdp").increment(1);
                 metrics::counter!(m::SIP_REINVITES_TOTAL, "result" => "rejected").increment(1);

@@ -552,3 +552,65 @@ fn reinvite_moves_media_holds_and_refuses_other_codecs() {
         );
     });
 }
+
+#[test]
+fn trunk_reinvite_moving_its_media_is_answered_and_reported() {
+    with_system(|| {
+        let (mut c, t0, gw) = (core(), Instant::now(), GW.parse().unwrap());
+        let trunk: SocketAddr = TRUNK.parse().unwrap();
+        c.handle_datagram(t0, gw, invite("t1", "+15550100001"));
+        drain(&mut c);
+        let ours = parley_codecs::sdp::write([127, 0, 0, 1].into(), 4002, &[0, 8], None, 5);
+        c.handle_command(
+            t0,
+            1,
+            SipLegCmd::TrunkInvite {
+                to: "+15550100001".into(),
+                from: "+15557770001".into(),
+                from_name: None,
+                sdp: ours.clone(),
+                events: Sink.start().recipient(),
+            },
+        );
+        let (tx, _, _) = drain(&mut c);
+        let inv = tx[0].1.clone();
+        let header = |name: &str| {
+            inv.lines()
+                .find(|l| l.starts_with(name))
+                .unwrap()
+                .to_owned()
+        };
+        let answer = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 7000 RTP/AVP 8\r\n";
+        let ok = format!(
+            "SIP/2.0 200 OK\r\n{}\r\n{}\r\n{};tag=uas1\r\n{}\r\nCSeq: 1 INVITE\r\nContact: <sip:uas@{TRUNK}>\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{answer}",
+            header("Via:"),
+            header("From:"),
+            header("To:"),
+            header("Call-ID:"),
+            answer.len()
+        );
+        c.handle_datagram(t0, trunk, Bytes::from(ok));
+        drain(&mut c);
+        // The trunk (now the UAC of this request) re-INVITEs with its media elsewhere,
+        // keeping PCMA (the second codec of our offer).
+        let from_tag = header("From:").split("tag=").nth(1).unwrap().to_owned();
+        let call_id = header("Call-ID:")
+            .trim_start_matches("Call-ID:")
+            .trim()
+            .to_owned();
+        let moved = answer.replace("7000", "7100");
+        let reinvite = format!(
+            "INVITE sip:parley@127.0.0.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP {TRUNK};branch=z9hG4bK-tr2\r\nFrom: <sip:+15550100001@{TRUNK}>;tag=uas1\r\nTo: <sip:+15557770001@127.0.0.1>;tag={from_tag}\r\nCall-ID: {call_id}\r\nCSeq: 1 INVITE\r\nContact: <sip:uas@{TRUNK}>\r\nMax-Forwards: 70\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{moved}",
+            moved.len()
+        );
+        c.handle_datagram(t0, trunk, Bytes::from(reinvite));
+        let (tx, ev, _) = drain(&mut c);
+        assert_eq!(first_lines(&tx), vec!["SIP/2.0 200 OK"], "{tx:?}");
+        assert_eq!(tx[0].0, trunk);
+        assert_eq!(body_of(&tx[0].1), ours);
+        assert!(
+            matches!(ev.as_slice(), [SipEvent::TrunkMediaMoved(a)] if *a == "127.0.0.1:7100".parse().unwrap()),
+            "{ev:?}"
+        );
+    });
+}
