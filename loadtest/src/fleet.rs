@@ -285,6 +285,8 @@ impl Fleet {
             churns: total.churns,
             rtp_received: s.rtp_received,
             rtp_sent: s.rtp_sent,
+            rtp_ssrc_changes: s.rtp_ssrc_changes,
+            rtp_discontinuities: s.rtp_discontinuities,
             reroute: Latency::of(&total.reroute),
         }
     }
@@ -364,6 +366,8 @@ impl UserResult {
         a.rtp_received += b.rtp_received;
         a.rtp_sent += b.rtp_sent;
         a.bad_datagrams += b.bad_datagrams;
+        a.rtp_ssrc_changes += b.rtp_ssrc_changes;
+        a.rtp_discontinuities += b.rtp_discontinuities;
         self.rejected += o.rejected;
         self.rerouted += o.rerouted;
         self.churns += o.churns;
@@ -477,6 +481,8 @@ impl UserTask {
             t.rtp_received += s.rtp_received;
             t.rtp_sent += s.rtp_sent;
             t.bad_datagrams += s.bad_datagrams;
+            t.rtp_ssrc_changes += s.rtp_ssrc_changes;
+            t.rtp_discontinuities += s.rtp_discontinuities;
         }
         out
     }

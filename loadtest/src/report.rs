@@ -108,6 +108,11 @@ pub struct DevicesReport {
     pub rtp_received: u64,
     /// RTP packets sent by the devices (echoed).
     pub rtp_sent: u64,
+    /// RTP packets whose SSRC changed within a flow (a stream restarted under a device).
+    pub rtp_ssrc_changes: u64,
+    /// RTP packets, same SSRC, not following the previous one (sequence not + 1, or the
+    /// timestamp going back): loss, reordering or splicing.
+    pub rtp_discontinuities: u64,
     /// Churn: the second device's `presence` sent → its `incoming_call` received.
     pub reroute: Latency,
 }
@@ -338,8 +343,13 @@ impl fmt::Display for Report {
             )?;
             writeln!(
                 f,
-                "                    {} churned, {} rerouted away, rtp {} received / {} sent",
-                d.churns, d.rerouted, d.rtp_received, d.rtp_sent
+                "                    {} churned, {} rerouted away, rtp {} received / {} sent ({} SSRC changes, {} discontinuities)",
+                d.churns,
+                d.rerouted,
+                d.rtp_received,
+                d.rtp_sent,
+                d.rtp_ssrc_changes,
+                d.rtp_discontinuities
             )?;
             if d.reroute.count > 0 {
                 writeln!(
