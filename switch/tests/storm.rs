@@ -98,8 +98,11 @@ async fn storm_media_is_relayed_to_the_device_and_echoed_back() {
     // and the echoes came back through the relay. Only packets in flight when a call
     // ended may be missing, so most of them came back.
     assert!(media.sent >= calls, "{media:?}");
-    let echoed = device.stats().snapshot().rtp_sent;
+    let snap = device.stats().snapshot();
+    let echoed = snap.rtp_sent;
     assert!(media.received <= echoed, "{media:?} vs {echoed} echoed");
+    // Each call's stream reached the device as one stream: one SSRC per flow.
+    assert_eq!(snap.rtp_ssrc_changes, 0, "{snap}");
     assert!(echoed <= media.sent, "{media:?} vs {echoed} echoed");
     assert!(
         2 * media.received >= media.sent,
