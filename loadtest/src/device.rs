@@ -304,8 +304,20 @@ pub fn client_endpoint(target: SocketAddr) -> Result<quinn::Endpoint, DeviceErro
     } else {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     };
-    quinn::Endpoint::client(bind).map_err(|e| DeviceError::Connect(format!("bind {bind}: {e}")))
+    let err = |e: std::io::Error| DeviceError::Connect(format!("bind {bind}: {e}"));
+    let socket = std::net::UdpSocket::bind(bind).map_err(err)?;
+    // A storm's devices share one endpoint: a large receive buffer keeps a busy moment of
+    // the generator from dropping their media (best effort, capped by net.core.rmem_max).
+    let state = quinn::udp::UdpSocketState::new((&socket).into()).map_err(err)?;
+    let _ = state.set_recv_buffer_size((&socket).into(), CLIENT_SOCKET_BUFFER);
+    let _ = state.set_send_buffer_size((&socket).into(), CLIENT_SOCKET_BUFFER);
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| DeviceError::Connect("no async runtime".into()))?;
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime).map_err(err)
 }
+
+/// Socket buffer of a device endpoint, bytes.
+const CLIENT_SOCKET_BUFFER: usize = 4 << 20;
 
 async fn read_frame(recv: &mut quinn::RecvStream, body: &mut Vec<u8>) -> Result<(), DeviceError> {
     let mut header = [0u8; 4];

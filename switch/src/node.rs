@@ -138,8 +138,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
 
     let (cert, key) = cert::load_or_generate(&cfg.data_dir)?;
-    let endpoint = quinn::Endpoint::server(quic::server_config(cert, key)?, cfg.quic.listen)
-        .map_err(|e| anyhow::anyhow!("quic.listen {}: {e}", cfg.quic.listen))?;
+    let endpoint = quic::bind_endpoint(
+        quic::server_config(cert, key)?,
+        cfg.quic.listen,
+        cfg.quic.socket_buffer_bytes,
+    )
+    .map_err(|e| anyhow::anyhow!("quic.listen {}: {e}", cfg.quic.listen))?;
     let quic_addr = endpoint.local_addr()?;
     let im = Arc::new(quic::ImContext {
         store: store.clone(),

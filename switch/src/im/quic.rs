@@ -62,6 +62,39 @@ pub fn server_config(
     Ok(cfg)
 }
 
+/// Binds the QUIC endpoint on `listen` with `buffer` bytes of socket buffer (0: the
+/// kernel's default). Every device's media arrives on this one socket, so its receive
+/// buffer is what absorbs bursts while the control thread is busy.
+pub fn bind_endpoint(
+    server: quinn::ServerConfig,
+    listen: std::net::SocketAddr,
+    buffer: usize,
+) -> std::io::Result<quinn::Endpoint> {
+    let socket = std::net::UdpSocket::bind(listen)?;
+    if buffer > 0 {
+        let s = socket2::SockRef::from(&socket);
+        s.set_recv_buffer_size(buffer)?;
+        s.set_send_buffer_size(buffer)?;
+        // Linux reports twice what it grants (bookkeeping overhead included).
+        let granted = s.recv_buffer_size()? / 2;
+        if granted < buffer {
+            tracing::warn!(
+                asked = buffer,
+                granted,
+                "QUIC socket receive buffer capped by net.core.rmem_max; raise it (sysctl) for many devices"
+            );
+        }
+    }
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server),
+        socket,
+        runtime,
+    )
+}
+
 /// Accepts connections until the endpoint closes. Must run on the actix arbiter
 /// (`actix_rt::spawn`): sessions are actors.
 pub async fn serve(endpoint: quinn::Endpoint, ctx: Arc<ImContext>) {
