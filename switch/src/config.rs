@@ -103,6 +103,11 @@ pub struct RelayConfig {
     /// Most RTP ports (call legs) one worker may hold; a call that would exceed it is
     /// answered 503 like port exhaustion. 0: bounded by the port range only.
     pub max_ports_per_worker: usize,
+    /// Latch a leg's media onto the first source whatever its IP address (SIP peers
+    /// behind NAT). By default only a source with the IP address the peer's SDP gave may
+    /// latch (its port may differ), so a third party cannot take a call's media by
+    /// sending first.
+    pub latch_any_source: bool,
 }
 
 /// `[calls]`
@@ -246,6 +251,7 @@ impl Default for RelayConfig {
             rtcp_ports: true,
             socket_buffer_bytes: 0,
             max_ports_per_worker: 0,
+            latch_any_source: false,
         }
     }
 }

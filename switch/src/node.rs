@@ -84,6 +84,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         rtcp_ports: cfg.relay.rtcp_ports,
         socket_buffer: cfg.relay.socket_buffer_bytes,
         max_ports_per_worker: cfg.relay.max_ports_per_worker,
+        latch_any_source: cfg.relay.latch_any_source,
     })?;
     let (cdr_queue, cdr_task) = cdr_writer::start(store.clone(), registry.clone());
     let cdr_sink: Arc<dyn parley_actors::messages::CdrSink> = Arc::new(cdr_queue);

@@ -51,6 +51,9 @@ pub struct RelaySettings {
     pub socket_buffer: usize,
     /// Most RTP ports one worker holds; 0 for no cap but the range.
     pub max_ports_per_worker: usize,
+    /// Latch a port's first source whatever its IP address (peers behind NAT); by
+    /// default only a source with the signalled IP address may latch.
+    pub latch_any_source: bool,
 }
 
 impl RelaySettings {
@@ -66,6 +69,7 @@ impl RelaySettings {
             rtcp_ports: true,
             socket_buffer: 0,
             max_ports_per_worker: 0,
+            latch_any_source: false,
         }
     }
 }
@@ -224,8 +228,13 @@ impl Relay {
         let workers: Arc<[WorkerHandle]> = handles.into();
         let mut threads = Vec::with_capacity(n);
         for (i, (poll, (rx, media_rx))) in polls.into_iter().zip(rxs).enumerate() {
-            let w =
-                worker::Worker::new(i, poll, (rx, media_rx), workers.clone(), settings.coalesce);
+            let w = worker::Worker::new(
+                i,
+                poll,
+                (rx, media_rx),
+                workers.clone(),
+                (settings.coalesce, settings.latch_any_source),
+            );
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("parley-relay-{i}"))

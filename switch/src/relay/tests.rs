@@ -575,3 +575,64 @@ fn workers_at_their_port_cap_refuse_more_legs() {
     );
     relay.stop();
 }
+
+/// Only a source with the signalled IP address may latch a port (any port number: peers
+/// often send from another port than the one in their SDP); a third party sending first
+/// from elsewhere is dropped and cannot take the call's media. `latch_any_source` lets
+/// any first source latch (peers behind NAT).
+#[test]
+fn only_the_signalled_ip_may_latch_unless_any_source_is_allowed() {
+    let other_host = || {
+        let s = UdpSocket::bind("127.0.0.2:0").expect("127.0.0.2 is loopback on Linux");
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        s
+    };
+    for any in [false, true] {
+        let base = UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+            .saturating_sub(60)
+            .max(1024);
+        let relay = Relay::start(RelaySettings {
+            latch_any_source: any,
+            ..RelaySettings::loopback(base, base + 50, 2)
+        })
+        .unwrap();
+        let (pa, pb) = (
+            relay.allocate_port().unwrap(),
+            relay.allocate_port().unwrap(),
+        );
+        // The caller's SDP names one port; it sends from another on the same host.
+        let (caller_sdp, caller_real, callee, intruder) = (sock(), sock(), sock(), other_host());
+        relay
+            .bridge_udp(
+                (pa, caller_sdp.local_addr().unwrap()),
+                (pb, callee.local_addr().unwrap()),
+                Arc::new(FlowStats::default()),
+            )
+            .unwrap();
+        intruder.send_to(&rtp(66), ("127.0.0.1", pa)).unwrap();
+        let first = recv(&callee).map(|r| r.0);
+        caller_real.send_to(&rtp(1), ("127.0.0.1", pa)).unwrap();
+        let second = recv(&callee).map(|r| r.0);
+        if any {
+            assert_eq!(first, Some(rtp(66)), "any source latches");
+            assert_eq!(second, None, "and then holds the port");
+        } else {
+            assert_eq!(first, None, "another host cannot latch");
+            assert_eq!(
+                second,
+                Some(rtp(1)),
+                "the signalled host latches from any port"
+            );
+            // The callee's media goes where the caller really sends from.
+            callee.send_to(&rtp(2), ("127.0.0.1", pb)).unwrap();
+            assert_eq!(recv(&caller_real).map(|r| r.0), Some(rtp(2)));
+        }
+        relay.release(&[pa, pb], &[]);
+        relay.stop();
+    }
+}

@@ -80,6 +80,9 @@ struct Port {
     /// The source latched before the last signalled change: never latched again (its
     /// packets still in flight must not win the new latch).
     stale: Option<SocketAddr>,
+    /// Latch the first source whatever its address (peers behind NAT), rather than only
+    /// one with the signalled IP address.
+    latch_any: bool,
     /// Keeps the stream relayed out of this port's packets continuous (SSRC, sequence,
     /// timestamp) when their source changes.
     cont: Continuity,
@@ -92,6 +95,19 @@ struct Port {
 impl Port {
     fn dest(&self) -> Option<SocketAddr> {
         self.latched.or(self.peer)
+    }
+
+    /// Whether a packet from `src` may fix this port's source: the signalled IP address
+    /// (any port: the peer may send from another port than it receives on), unless the
+    /// port latches any source or signalling gave no usable address.
+    fn may_latch(&self, src: SocketAddr) -> bool {
+        if self.stale == Some(src) {
+            return false;
+        }
+        match self.peer {
+            Some(peer) if !self.latch_any && !peer.ip().is_unspecified() => peer.ip() == src.ip(),
+            _ => true,
+        }
     }
 }
 
@@ -151,6 +167,8 @@ pub(super) struct Worker {
     counters: Counters,
     tally: Tally,
     coalesce: Duration,
+    /// See `Port::latch_any`.
+    latch_any: bool,
     /// Batches read so far (for latency sampling).
     batches_read: u64,
 }
@@ -161,7 +179,7 @@ impl Worker {
         poll: Poll,
         (rx, media_rx): (mpsc::Receiver<Command>, mpsc::Receiver<RoqDatagram>),
         peers: Arc<[WorkerHandle]>,
-        coalesce: Duration,
+        (coalesce, latch_any): (Duration, bool),
     ) -> Self {
         let path = |p: &'static str| {
             (
@@ -204,6 +222,7 @@ impl Worker {
             counters,
             tally: Tally::default(),
             coalesce,
+            latch_any,
             batches_read: 0,
         }
     }
@@ -378,6 +397,7 @@ impl Worker {
                 peer: None,
                 latched: None,
                 stale: None,
+                latch_any: self.latch_any,
                 cont: Continuity::default(),
                 target: Target::None,
                 stats: None,
@@ -610,7 +630,7 @@ fn forward_batch(
         let stride = meta.stride.max(1);
         let count = meta.len.div_ceil(stride) as u64;
         match p.latched {
-            None if p.stale == Some(meta.addr) => {
+            None if !p.may_latch(meta.addr) => {
                 tally.wrong_source += count;
                 continue;
             }
