@@ -8,8 +8,9 @@
 # HOLD_SECS (default 30). Calls start at RATE per second (default 100). During the middle
 # of the hold, when every call is connected, the script reads the node's relay counters
 # (/metrics) and the node's per-thread CPU (/proc) twice, 10 s apart, and prints the CPU
-# per relayed packet: relay workers (`parley-relay-*`), the control thread that runs
-# QUIC (quinn) and the actors, and the whole process, and the load generator's CPU. The
+# per relayed packet: relay workers (`parley-relay-*`), the QUIC threads (`parley-quic`:
+# encryption, decryption, device media to the relay), the control thread (actors) and
+# the whole process, and the load generator's CPU. The
 # storm's report gives round trip, jitter and loss over the whole run (including packets
 # in flight when each call ends). Loopback only; every process started here is killed by
 # PID.
@@ -98,30 +99,32 @@ sleep 2
 WINDOW=10
 proc_ticks() { sed 's/.*) //' /proc/"$1"/stat | awk '{ print $12 + $13 }'; }
 GEN=$(pgrep -P "$STORM" | head -1)
-P0=$(packets); R0=$(ticks parley-relay); A0=$(ticks ""); G0=$(proc_ticks "$GEN"); T0=$(date +%s.%N)
+P0=$(packets); R0=$(ticks parley-relay); Q0=$(ticks parley-quic); A0=$(ticks ""); G0=$(proc_ticks "$GEN"); T0=$(date +%s.%N)
 sleep "$WINDOW"
-P1=$(packets); R1=$(ticks parley-relay); A1=$(ticks ""); G1=$(proc_ticks "$GEN"); T1=$(date +%s.%N)
+P1=$(packets); R1=$(ticks parley-relay); Q1=$(ticks parley-quic); A1=$(ticks ""); G1=$(proc_ticks "$GEN"); T1=$(date +%s.%N)
 FLOWS=$(curl -s http://127.0.0.1:8180/metrics | awk '/^parley_relay_flows_active/ { print $NF }')
 curl -s http://127.0.0.1:8180/metrics | grep -E '^parley_relay_drops_total' > drops.txt || true
 wait "$STORM" || true
 
 HZ=$(getconf CLK_TCK)
-python3 - "$P0" "$P1" "$R0" "$R1" "$A0" "$A1" "$T0" "$T1" "$HZ" "$FLOWS" report.json "$G0" "$G1" <<'PY'
+python3 - "$P0" "$P1" "$R0" "$R1" "$A0" "$A1" "$T0" "$T1" "$HZ" "$FLOWS" report.json "$G0" "$G1" "$Q0" "$Q1" <<'PY'
 import json, sys
 p0, p1, r0, r1, a0, a1 = map(int, sys.argv[1:7])
 t0, t1, hz = float(sys.argv[7]), float(sys.argv[8]), int(sys.argv[9])
 flows = sys.argv[10]
 gen = (int(sys.argv[13]) - int(sys.argv[12])) / hz
+quic = (int(sys.argv[15]) - int(sys.argv[14])) / hz
 secs = t1 - t0
 pk = p1 - p0
 relay, total = (r1 - r0) / hz, (a1 - a0) / hz
 print(f"window {secs:.1f} s, bridges active {flows}, relayed {pk} packets = {pk / secs:.0f} pps")
+rest = total - relay - quic
 print(f"node CPU: relay workers {relay:.2f} s ({100 * relay / secs:.0f}% of a core), "
-      f"control thread + rest {total - relay:.2f} s ({100 * (total - relay) / secs:.0f}%), "
-      f"whole process {total:.2f} s")
+      f"QUIC threads {quic:.2f} s ({100 * quic / secs:.0f}%), "
+      f"control thread + rest {rest:.2f} s ({100 * rest / secs:.0f}%), whole process {total:.2f} s")
 if pk:
-    print(f"per relayed packet: relay workers {1e6 * relay / pk:.2f} µs, "
-          f"rest (QUIC, actors) {1e6 * (total - relay) / pk:.2f} µs, whole node {1e6 * total / pk:.2f} µs")
+    print(f"per relayed packet: relay workers {1e6 * relay / pk:.2f} µs, QUIC {1e6 * quic / pk:.2f} µs, "
+          f"control + rest {1e6 * rest / pk:.2f} µs, whole node {1e6 * total / pk:.2f} µs")
 print(f"parley-load (gateway + devices) CPU in the window: {gen:.2f} s ({100 * gen / secs:.0f}% of a core)")
 drops = [l.split() for l in open("drops.txt") if not l.startswith("#")]
 def reason(series):

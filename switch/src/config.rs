@@ -62,6 +62,10 @@ pub struct QuicConfig {
     /// datagrams share this one socket: the default 4 MiB absorbs ~20 ms of 1,000 device
     /// calls while the control thread is busy. 0 keeps the kernel default.
     pub socket_buffer_bytes: usize,
+    /// Threads (`parley-quic-N`) that run QUIC — packet encryption and decryption for
+    /// every device, and handing device media to the relay — apart from the control
+    /// thread that runs the actors.
+    pub threads: usize,
 }
 
 /// `[http]`
@@ -227,6 +231,7 @@ impl Default for QuicConfig {
             listen: ([127, 0, 0, 1], 4433).into(),
             login_timeout_secs: 10,
             socket_buffer_bytes: 4 << 20,
+            threads: 1,
         }
     }
 }
@@ -378,6 +383,9 @@ impl Config {
                 "relay.port_max",
                 "the range must hold at least two RTP/RTCP port pairs (4 ports)",
             ));
+        }
+        if !(1..=256).contains(&self.quic.threads) {
+            return Err(bad("quic.threads", "must be between 1 and 256"));
         }
         if !(1..=1024).contains(&self.relay.workers) {
             return Err(bad("relay.workers", "must be between 1 and 1024"));

@@ -139,10 +139,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
 
     let (cert, key) = cert::load_or_generate(&cfg.data_dir)?;
+    let quic_rt = QuicThreads::start(cfg.quic.threads)?;
     let endpoint = quic::bind_endpoint(
         quic::server_config(cert, key)?,
         cfg.quic.listen,
         cfg.quic.socket_buffer_bytes,
+        quic_rt.handle(),
     )
     .map_err(|e| anyhow::anyhow!("quic.listen {}: {e}", cfg.quic.listen))?;
     let quic_addr = endpoint.local_addr()?;
@@ -152,6 +154,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         relay: relay.clone(),
         login_timeout: Duration::from_secs(cfg.quic.login_timeout_secs),
         next_session: AtomicU64::new(1),
+        quic: quic_rt.handle(),
         calls: Some(Arc::new(parley_actors::CallEnv {
             sip: sip.clone().recipient(),
             media: relay.clone(),
@@ -227,8 +230,43 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     relay.stop();
     let _ = tokio::time::timeout(Duration::from_secs(5), cdr_task).await;
     let _ = std::fs::remove_file(cfg.data_dir.join("node.json"));
+    drop(quic_rt);
     tracing::info!("parley stopped");
     Ok(())
+}
+
+/// The QUIC runtime's threads. Dropping a tokio runtime blocks, which this async context
+/// may not do (tokio panics), so on every way out of `run` it is shut down in the
+/// background instead.
+struct QuicThreads {
+    rt: Option<tokio::runtime::Runtime>,
+    handle: tokio::runtime::Handle,
+}
+
+impl QuicThreads {
+    fn start(threads: usize) -> std::io::Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("parley-quic")
+            .enable_all()
+            .build()?;
+        Ok(Self {
+            handle: rt.handle().clone(),
+            rt: Some(rt),
+        })
+    }
+
+    fn handle(&self) -> tokio::runtime::Handle {
+        self.handle.clone()
+    }
+}
+
+impl Drop for QuicThreads {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -39,6 +39,35 @@ pub struct ImContext {
     pub next_session: AtomicU64,
     /// What calls dialled from devices need.
     pub calls: Option<Arc<parley_actors::CallEnv>>,
+    /// The runtime QUIC runs on (see [`QuicRuntime`]); device datagram readers run there.
+    pub quic: tokio::runtime::Handle,
+}
+
+/// Runs quinn's drivers — the endpoint's socket I/O and every connection's packet
+/// encryption, decryption and timers — on a dedicated tokio runtime (`parley-quic`
+/// threads) instead of the actix thread that runs the actors. Device media then never
+/// touches the control thread: datagrams are decrypted and handed to the relay there.
+#[derive(Debug)]
+pub struct QuicRuntime(pub tokio::runtime::Handle);
+
+impl quinn::Runtime for QuicRuntime {
+    fn new_timer(&self, i: std::time::Instant) -> std::pin::Pin<Box<dyn quinn::AsyncTimer>> {
+        let _ctx = self.0.enter();
+        quinn::TokioRuntime.new_timer(i)
+    }
+
+    fn spawn(&self, future: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) {
+        self.0.spawn(future);
+    }
+
+    fn wrap_udp_socket(
+        &self,
+        t: std::net::UdpSocket,
+    ) -> std::io::Result<Arc<dyn quinn::AsyncUdpSocket>> {
+        // The socket registers with the reactor of the runtime it is created in.
+        let _ctx = self.0.enter();
+        quinn::TokioRuntime.wrap_udp_socket(t)
+    }
 }
 
 /// Builds the server config.
@@ -69,6 +98,7 @@ pub fn bind_endpoint(
     server: quinn::ServerConfig,
     listen: std::net::SocketAddr,
     buffer: usize,
+    runtime: tokio::runtime::Handle,
 ) -> std::io::Result<quinn::Endpoint> {
     let socket = std::net::UdpSocket::bind(listen)?;
     if buffer > 0 {
@@ -85,13 +115,11 @@ pub fn bind_endpoint(
             );
         }
     }
-    let runtime = quinn::default_runtime()
-        .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
     quinn::Endpoint::new(
         quinn::EndpointConfig::default(),
         Some(server),
         socket,
-        runtime,
+        Arc::new(QuicRuntime(runtime)),
     )
 }
 
@@ -263,7 +291,8 @@ async fn handle_connection(conn: quinn::Connection, ctx: Arc<ImContext>) {
     });
     let dconn = conn.clone();
     let relay = ctx.relay.clone();
-    let datagrams = tokio::spawn(async move {
+    // On the QUIC runtime, next to the connection's driver: media stays off this thread.
+    let datagrams = ctx.quic.spawn(async move {
         while let Ok(d) = dconn.read_datagram().await {
             match roq::decode(&d) {
                 Ok((flow, pkt)) => {
