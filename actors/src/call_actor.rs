@@ -351,7 +351,11 @@ impl CallActor {
                 .record(self.s.started.elapsed().as_secs_f64());
             return Ok(());
         }
-        let port = self.s.media.allocate_port()?;
+        // Next to the trunk leg's port when there is one: both legs on one relay worker.
+        let port = match self.trunk_port {
+            Some(near) => self.s.media.allocate_port_near(near)?,
+            None => self.s.media.allocate_port()?,
+        };
         self.caller_port = Some(port);
         let caller = (
             port,
@@ -375,7 +379,7 @@ impl CallActor {
                 if let Some(v) = self.s.video_offer.clone()
                     && self.video_devices.contains(&session)
                 {
-                    let vport = self.s.media.allocate_port()?;
+                    let vport = self.s.media.allocate_port_near(port)?;
                     self.video_port = Some(vport);
                     let vflow = self.s.media.next_flow_id();
                     let vstats = Arc::new(FlowStats::default());

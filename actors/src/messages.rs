@@ -238,6 +238,13 @@ pub trait MediaPlane: Send + Sync + 'static {
     fn local_ip(&self) -> IpAddr;
     /// Reserves a relay port.
     fn allocate_port(&self) -> Result<u16, MediaError>;
+    /// Reserves a relay port for the other leg of the call that holds `near`: where the
+    /// relay can, one served by the same worker thread (a call's two legs then never
+    /// cross threads), else any.
+    fn allocate_port_near(&self, near: u16) -> Result<u16, MediaError> {
+        let _ = near;
+        self.allocate_port()
+    }
     /// A fresh RoQ flow id.
     fn next_flow_id(&self) -> u64;
     /// Bridges two relay ports: what arrives on `caller.0` goes to `callee.1` from

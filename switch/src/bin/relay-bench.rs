@@ -522,7 +522,9 @@ fn main() -> anyhow::Result<()> {
         })?;
         let mut flows = Vec::with_capacity(args.flows);
         for i in 0..args.flows {
-            let (a, b) = (r.allocate_port()?, r.allocate_port()?);
+            // As a node allocates a call's second leg: on the first one's worker.
+            let a = r.allocate_port()?;
+            let b = r.allocate_port_near(a)?;
             let st = Arc::new(FlowStats::default());
             r.bridge_udp(
                 (a, addr(&callers[i % k])?),

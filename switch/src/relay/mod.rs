@@ -318,6 +318,61 @@ impl Relay {
         }
     }
 
+    /// Takes a free RTP port (and binds its RTCP port), of worker `want` if given.
+    fn allocate_on(&self, want: Option<usize>) -> Result<u16, MediaError> {
+        let s = &self.settings;
+        let cap = s.max_ports_per_worker;
+        let mut free = self.free.lock().map_err(|_| MediaError::Unavailable)?;
+        // Ports taken by other programs, ports of workers at their cap and ports of other
+        // workers than the one wanted are skipped (and put back at the end for later).
+        for _ in 0..free.len() {
+            let Some(port) = free.pop_front() else { break };
+            let w = worker::owner(port, self.workers.len());
+            if want.is_some_and(|want| want != w)
+                || (cap > 0 && self.legs[w].load(Ordering::Relaxed) >= cap)
+            {
+                free.push_back(port);
+                continue;
+            }
+            // Bound without a pool first: a socket dropped here must not take the lock
+            // this function holds.
+            let pair = PortSocket::bind(s.ip, port, s.socket_buffer, None).and_then(|rtp| {
+                let rtcp = s
+                    .rtcp_ports
+                    .then(|| PortSocket::bind(s.ip, port + 1, s.socket_buffer, None))
+                    .transpose()?;
+                Ok((rtp, rtcp))
+            });
+            match pair {
+                Ok((mut rtp, rtcp)) => {
+                    rtp.return_to(self.free.clone());
+                    drop(free);
+                    self.legs[w].fetch_add(1, Ordering::Relaxed);
+                    let rtp = Arc::new(rtp);
+                    self.sockets.insert(port, rtp.clone());
+                    self.workers[w].send(Command::AddSocket(rtp))?;
+                    let mut bound = 1.0;
+                    if let Some(rtcp) = rtcp {
+                        let rtcp = Arc::new(rtcp);
+                        self.sockets.insert(port + 1, rtcp.clone());
+                        self.workers[w].send(Command::AddSocket(rtcp))?;
+                        bound += 1.0;
+                    }
+                    metrics::gauge!(m::RELAY_PORTS_ACTIVE).increment(bound);
+                    return Ok(port);
+                }
+                Err(e) if is_fd_limit(&e) => {
+                    // Out of descriptors, not of ports: say so rather than "exhausted".
+                    free.push_front(port);
+                    tracing::warn!(error = %e, "relay cannot open a socket: raise the open-file limit");
+                    return Err(MediaError::Unavailable);
+                }
+                Err(_) => free.push_back(port),
+            }
+        }
+        Err(MediaError::PortsExhausted)
+    }
+
     /// Installs both directions of a UDP↔UDP bridge between two ports.
     fn bridge_pair(
         &self,
@@ -361,55 +416,14 @@ impl MediaPlane for Relay {
     }
 
     fn allocate_port(&self) -> Result<u16, MediaError> {
-        let s = &self.settings;
-        let cap = s.max_ports_per_worker;
-        let mut free = self.free.lock().map_err(|_| MediaError::Unavailable)?;
-        // Ports taken by other programs, and ports of workers at their cap, are skipped
-        // (and put back at the end for later).
-        for _ in 0..free.len() {
-            let Some(port) = free.pop_front() else { break };
-            let w = worker::owner(port, self.workers.len());
-            if cap > 0 && self.legs[w].load(Ordering::Relaxed) >= cap {
-                free.push_back(port);
-                continue;
-            }
-            // Bound without a pool first: a socket dropped here must not take the lock
-            // this function holds.
-            let pair = PortSocket::bind(s.ip, port, s.socket_buffer, None).and_then(|rtp| {
-                let rtcp = s
-                    .rtcp_ports
-                    .then(|| PortSocket::bind(s.ip, port + 1, s.socket_buffer, None))
-                    .transpose()?;
-                Ok((rtp, rtcp))
-            });
-            match pair {
-                Ok((mut rtp, rtcp)) => {
-                    rtp.return_to(self.free.clone());
-                    drop(free);
-                    self.legs[w].fetch_add(1, Ordering::Relaxed);
-                    let rtp = Arc::new(rtp);
-                    self.sockets.insert(port, rtp.clone());
-                    self.workers[w].send(Command::AddSocket(rtp))?;
-                    let mut bound = 1.0;
-                    if let Some(rtcp) = rtcp {
-                        let rtcp = Arc::new(rtcp);
-                        self.sockets.insert(port + 1, rtcp.clone());
-                        self.workers[w].send(Command::AddSocket(rtcp))?;
-                        bound += 1.0;
-                    }
-                    metrics::gauge!(m::RELAY_PORTS_ACTIVE).increment(bound);
-                    return Ok(port);
-                }
-                Err(e) if is_fd_limit(&e) => {
-                    // Out of descriptors, not of ports: say so rather than "exhausted".
-                    free.push_front(port);
-                    tracing::warn!(error = %e, "relay cannot open a socket: raise the open-file limit");
-                    return Err(MediaError::Unavailable);
-                }
-                Err(_) => free.push_back(port),
-            }
+        self.allocate_on(None)
+    }
+
+    fn allocate_port_near(&self, near: u16) -> Result<u16, MediaError> {
+        match self.allocate_on(Some(worker::owner(near, self.workers.len()))) {
+            Err(MediaError::PortsExhausted) => self.allocate_on(None),
+            other => other,
         }
-        Err(MediaError::PortsExhausted)
     }
 
     fn next_flow_id(&self) -> u64 {

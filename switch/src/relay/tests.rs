@@ -636,3 +636,33 @@ fn only_the_signalled_ip_may_latch_unless_any_source_is_allowed() {
         relay.stop();
     }
 }
+
+/// A call's second leg is allocated on its first leg's worker while that worker has
+/// ports (and its cap allows), then anywhere.
+#[test]
+fn a_calls_second_leg_lands_on_the_first_legs_worker() {
+    let relay = relay();
+    for _ in 0..5 {
+        let a = relay.allocate_port().unwrap();
+        let b = relay.allocate_port_near(a).unwrap();
+        assert_eq!((a / 2) % 2, (b / 2) % 2, "{a} and {b}");
+    }
+    relay.stop();
+    // With a cap of one leg per worker, the second leg has to go to the other worker.
+    let base = UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .saturating_sub(60)
+        .max(1024);
+    let capped = Relay::start(RelaySettings {
+        max_ports_per_worker: 1,
+        ..RelaySettings::loopback(base, base + 50, 2)
+    })
+    .unwrap();
+    let a = capped.allocate_port().unwrap();
+    let b = capped.allocate_port_near(a).unwrap();
+    assert_ne!((a / 2) % 2, (b / 2) % 2);
+    capped.stop();
+}
