@@ -32,15 +32,21 @@ fn recv(s: &UdpSocket) -> Option<(Vec<u8>, SocketAddr)> {
         .map(|(n, a)| (buf[..n].to_vec(), a))
 }
 
-fn relay() -> Arc<Relay> {
-    // Let the OS pick: bind-and-release a port, use the 50 above it (skipped if taken).
-    let base = UdpSocket::bind("127.0.0.1:0")
+/// A base port near the OS's ephemeral choice, `below` ports under it (ranges from it are
+/// skipped where taken).
+fn base_port(below: u16) -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port()
-        .saturating_sub(60)
-        .max(1024);
+        .saturating_sub(below)
+        .max(1024)
+}
+
+fn relay() -> Arc<Relay> {
+    // Let the OS pick: bind-and-release a port, use the 50 above it (skipped if taken).
+    let base = base_port(60);
     Relay::start(RelaySettings {
         coalesce: Duration::from_micros(200),
         ..RelaySettings::loopback(base, base + 50, 2)
@@ -138,14 +144,7 @@ fn unbridged_port_forwards_nothing_and_many_legs_may_share_one_remote() {
 
 #[test]
 fn port_range_exhaustion_is_an_error_not_a_crash() {
-    let base = UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .saturating_sub(10)
-        .max(1024)
-        & !1;
+    let base = base_port(10) & !1;
     // Two RTP/RTCP pairs.
     let relay = Relay::start(RelaySettings::loopback(base, base + 3, 2)).unwrap();
     let mut got = Vec::new();
@@ -548,14 +547,7 @@ fn rtcp_on_separate_ports_is_relayed_between_the_ports_above() {
 /// and a released leg makes room again.
 #[test]
 fn workers_at_their_port_cap_refuse_more_legs() {
-    let base = UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .saturating_sub(60)
-        .max(1024)
-        & !1;
+    let base = base_port(60) & !1;
     let relay = Relay::start(RelaySettings {
         max_ports_per_worker: 2,
         ..RelaySettings::loopback(base, base + 50, 2)
@@ -589,13 +581,7 @@ fn only_the_signalled_ip_may_latch_unless_any_source_is_allowed() {
         s
     };
     for any in [false, true] {
-        let base = UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-            .saturating_sub(60)
-            .max(1024);
+        let base = base_port(60);
         let relay = Relay::start(RelaySettings {
             latch_any_source: any,
             ..RelaySettings::loopback(base, base + 50, 2)
@@ -649,13 +635,7 @@ fn a_calls_second_leg_lands_on_the_first_legs_worker() {
     }
     relay.stop();
     // With a cap of one leg per worker, the second leg has to go to the other worker.
-    let base = UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .saturating_sub(60)
-        .max(1024);
+    let base = base_port(60);
     let capped = Relay::start(RelaySettings {
         max_ports_per_worker: 1,
         ..RelaySettings::loopback(base, base + 50, 2)
