@@ -129,6 +129,17 @@ pub fn clock_rate(pt: u8) -> u32 {
     }
 }
 
+/// Rewrites an RTCP packet's sender SSRC `map.0` to `map.1` (see
+/// [`Continuity::ssrc_map`]); other packets are left alone.
+pub fn rewrite_rtcp_ssrc(pkt: &mut [u8], map: (u32, u32)) {
+    if let Ok(v) = RtpView::parse(pkt)
+        && v.kind() == Kind::Rtcp
+        && v.ssrc() == map.0
+    {
+        pkt[4..8].copy_from_slice(&map.1.to_be_bytes());
+    }
+}
+
 /// Keeps one outgoing RTP stream continuous when the source behind it changes.
 ///
 /// A B2BUA relays one stream per direction toward a peer (a gateway, a trunk) that expects
@@ -253,6 +264,15 @@ impl Continuity {
             }
         }
         switched
+    }
+
+    /// `(current source's SSRC, SSRC the peer sees)` while they differ: what RTCP sent
+    /// beside this stream on a separate port must be rewritten with
+    /// ([`rewrite_rtcp_ssrc`]).
+    pub fn ssrc_map(&self) -> Option<(u32, u32)> {
+        self.stream
+            .filter(|s| s.in_ssrc != s.out_ssrc)
+            .map(|s| (s.in_ssrc, s.out_ssrc))
     }
 
     /// How many times the source changed.

@@ -646,3 +646,43 @@ fn a_calls_second_leg_lands_on_the_first_legs_worker() {
     assert_ne!((a / 2) % 2, (b / 2) % 2);
     capped.stop();
 }
+
+/// After a source change, RTCP sent on the separate RTCP port carries the SSRC the far
+/// side knows, like the RTP it describes.
+#[test]
+fn rtcp_on_the_port_above_follows_the_streams_ssrc_after_a_source_change() {
+    use parley_codecs::rtp::RtpView;
+    let relay = relay();
+    let (pa, pb) = (
+        relay.allocate_port().unwrap(),
+        relay.allocate_port().unwrap(),
+    );
+    let ((old, _old_rtcp), (new, new_rtcp), (callee, callee_rtcp)) =
+        (sock_pair(), sock_pair(), sock_pair());
+    relay
+        .bridge_udp(
+            (pa, old.local_addr().unwrap()),
+            (pb, callee.local_addr().unwrap()),
+            Arc::new(FlowStats::default()),
+        )
+        .unwrap();
+    old.send_to(&rtp_from(0xaaaa, 1, 160), ("127.0.0.1", pa))
+        .unwrap();
+    assert!(recv(&callee).is_some());
+    relay.repoint(pa, new.local_addr().unwrap()).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    new.send_to(&rtp_from(0xbbbb, 9, 90_000), ("127.0.0.1", pa))
+        .unwrap();
+    let (p, _) = recv(&callee).expect("new source relayed");
+    assert_eq!(RtpView::parse(&p).unwrap().ssrc(), 0xaaaa);
+    // A sender report of the new source, on its RTCP port.
+    let mut sr = vec![0x80, 200, 0, 6, 0, 0, 0xbb, 0xbb];
+    sr.extend_from_slice(&[3; 20]);
+    new_rtcp.send_to(&sr, ("127.0.0.1", pa + 1)).unwrap();
+    let (got, from) = recv(&callee_rtcp).expect("RTCP relayed");
+    assert_eq!(from.port(), pb + 1);
+    assert_eq!(RtpView::parse(&got).unwrap().ssrc(), 0xaaaa, "{got:?}");
+    assert_eq!(&got[8..], &sr[8..], "only the SSRC is rewritten");
+    relay.release(&[pa, pb], &[]);
+    relay.stop();
+}

@@ -439,6 +439,11 @@ impl Worker {
     fn drain_socket(&mut self, port: u16) {
         // A pending ICMP error is reported by the next read: retry a few times.
         for _ in 0..4 {
+            // RTCP on the port above an RTP port follows that stream's SSRC mapping.
+            let rtcp_map = (port % 2 == 1)
+                .then(|| self.ports.get(&(port - 1)))
+                .flatten()
+                .and_then(|rtp| rtp.cont.ssrc_map());
             let Some(p) = self.ports.get_mut(&port) else {
                 return;
             };
@@ -462,7 +467,7 @@ impl Worker {
             self.batches[n.min(BATCH)] += 1;
             self.batches_read += 1;
             let read_at = Instant::now();
-            let latched_now = forward_batch(p, s, n, read_at, &mut self.tally);
+            let latched_now = forward_batch(p, s, n, (read_at, rtcp_map), &mut self.tally);
             if self.batches_read.is_multiple_of(LATENCY_SAMPLE) {
                 self.counters
                     .forward_seconds
@@ -614,7 +619,7 @@ fn forward_batch(
     p: &mut Port,
     s: &mut RecvScratch,
     n: usize,
-    now: Instant,
+    (now, rtcp_map): (Instant, Option<(u32, u32)>),
     tally: &mut Tally,
 ) -> Option<SocketAddr> {
     if matches!(p.target, Target::None) {
@@ -654,7 +659,11 @@ fn forward_batch(
                 tally.malformed += 1;
                 continue;
             }
-            p.cont.apply(&mut s.buf[start..start + len], now);
+            let pkt = &mut s.buf[start..start + len];
+            p.cont.apply(pkt, now);
+            if let Some(map) = rtcp_map {
+                parley_codecs::rtp::rewrite_rtcp_ssrc(pkt, map);
+            }
             s.segs.push((start, len));
         }
     }
