@@ -228,13 +228,15 @@ impl Relay {
         let workers: Arc<[WorkerHandle]> = handles.into();
         let mut threads = Vec::with_capacity(n);
         for (i, (poll, (rx, media_rx))) in polls.into_iter().zip(rxs).enumerate() {
-            let w = worker::Worker::new(
-                i,
+            let w = worker::Worker::new(worker::WorkerSetup {
+                index: i,
                 poll,
-                (rx, media_rx),
-                workers.clone(),
-                (settings.coalesce, settings.latch_any_source),
-            );
+                rx,
+                media_rx,
+                peers: workers.clone(),
+                coalesce: settings.coalesce,
+                latch_any: settings.latch_any_source,
+            });
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("parley-relay-{i}"))

@@ -587,10 +587,10 @@ fn only_the_signalled_ip_may_latch_unless_any_source_is_allowed() {
             ..RelaySettings::loopback(base, base + 50, 2)
         })
         .unwrap();
-        let (pa, pb) = (
-            relay.allocate_port().unwrap(),
-            relay.allocate_port().unwrap(),
-        );
+        // One worker for both legs: the latch retargets the other leg at once (across
+        // workers it takes a queued command; `latching_on_one_worker_…` covers that).
+        let pa = relay.allocate_port().unwrap();
+        let pb = relay.allocate_port_near(pa).unwrap();
         // The caller's SDP names one port; it sends from another on the same host.
         let (caller_sdp, caller_real, callee, intruder) = (sock(), sock(), sock(), other_host());
         relay

@@ -150,6 +150,24 @@ struct RecvScratch {
     roq_pkt: Vec<u8>,
 }
 
+/// What a worker is started with.
+pub(super) struct WorkerSetup {
+    /// Its index among the workers (port pairs with `(p / 2) % workers == index`).
+    pub index: usize,
+    /// Its poll, whose registry the waker was made with.
+    pub poll: Poll,
+    /// Control commands.
+    pub rx: mpsc::Receiver<Command>,
+    /// Device datagrams (bounded).
+    pub media_rx: mpsc::Receiver<RoqDatagram>,
+    /// All workers' inboxes (for latching across workers), its own included.
+    pub peers: Arc<[WorkerHandle]>,
+    /// Interrupt moderation (`RelaySettings::coalesce`).
+    pub coalesce: Duration,
+    /// `RelaySettings::latch_any_source`.
+    pub latch_any: bool,
+}
+
 pub(super) struct Worker {
     index: usize,
     poll: Poll,
@@ -174,13 +192,16 @@ pub(super) struct Worker {
 }
 
 impl Worker {
-    pub(super) fn new(
-        index: usize,
-        poll: Poll,
-        (rx, media_rx): (mpsc::Receiver<Command>, mpsc::Receiver<RoqDatagram>),
-        peers: Arc<[WorkerHandle]>,
-        (coalesce, latch_any): (Duration, bool),
-    ) -> Self {
+    pub(super) fn new(setup: WorkerSetup) -> Self {
+        let WorkerSetup {
+            index,
+            poll,
+            rx,
+            media_rx,
+            peers,
+            coalesce,
+            latch_any,
+        } = setup;
         let path = |p: &'static str| {
             (
                 metrics::counter!(m::RELAY_PACKETS_TOTAL, "path" => p),
