@@ -147,6 +147,9 @@ struct CallerLeg {
     media: Option<MediaState>,
     /// Which 200 is being retransmitted (bumped by each re-INVITE's 200).
     retx_gen: u32,
+    /// CSeq of the INVITE whose 200 awaits its ACK (a late ACK of an earlier one does
+    /// not stop a re-INVITE's 200).
+    ack_cseq: u32,
 }
 
 /// Our UAC side toward the trunk.
@@ -542,6 +545,7 @@ impl SipCore {
             return;
         };
         let handle = parley_actors::messages::next_call_handle();
+        let ack_cseq = msg::cseq(&req.headers).map_or(0, |c| c.sequence);
         let caller_leg = CallerLeg {
             remote_target: msg::contact_uri(&req.headers),
             invite: req,
@@ -556,6 +560,7 @@ impl SipCore {
             local_cseq: 1,
             media: None,
             retx_gen: 0,
+            ack_cseq,
         };
         self.calls.insert(
             handle,
@@ -659,6 +664,7 @@ impl SipCore {
             leg.ok = Some(Message::Response(resp.clone()).to_bytes());
             leg.acked = false;
             leg.retx_gen += 1;
+            leg.ack_cseq = msg::cseq(&req.headers).map_or(0, |c| c.sequence);
             leg.retx_interval = self.cfg.timers.t1;
             leg.retx_deadline = Some(now + self.cfg.timers.timeout());
             let generation = leg.retx_gen;
@@ -674,6 +680,7 @@ impl SipCore {
         };
         if let Some((h, Side::Caller)) = self.by_call_id.get(&cid).copied()
             && let Some(leg) = self.calls.get_mut(&h).and_then(|c| c.caller.as_mut())
+            && msg::cseq(&req.headers).is_none_or(|c| c.sequence == leg.ack_cseq)
         {
             leg.acked = true;
         }

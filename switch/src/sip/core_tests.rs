@@ -513,7 +513,9 @@ fn reinvite_moves_media_holds_and_refuses_other_codecs() {
             matches!(ev.as_slice(), [SipEvent::CallerMediaMoved(a)] if *a == "127.0.0.1:6100".parse().unwrap()),
             "{ev:?}"
         );
-        // Its 200 is retransmitted until the ACK, like the first.
+        // Its 200 is retransmitted until its own ACK, like the first: a late duplicate
+        // ACK of the previous one does not stop it.
+        c.handle_datagram(t0, gw, in_dialog("ACK", "r1", "z9hG4bK-a2", Some(&tag), 2));
         c.handle_timeout(t0 + Duration::from_millis(500));
         let (tx, _, _) = drain(&mut c);
         assert_eq!(first_lines(&tx), vec!["SIP/2.0 200 OK"]);
