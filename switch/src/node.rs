@@ -87,7 +87,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         latch_any_source: cfg.relay.latch_any_source,
     })?;
     let (cdr_queue, cdr_task) = cdr_writer::start(store.clone(), registry.clone());
-    let cdr_sink: Arc<dyn parley_actors::messages::CdrSink> = Arc::new(cdr_queue);
+    let cdr_sink: Arc<dyn parley_actors::messages::CdrSink> = Arc::new(cdr_queue.clone());
 
     // The trunk actor probes through the SIP driver and the driver's calls read the trunk's
     // state: create the trunk's context first so each can hold the other's address.
@@ -228,7 +228,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(200)).await;
     drop(sip);
     relay.stop();
-    let _ = tokio::time::timeout(Duration::from_secs(5), cdr_task).await;
+    // Every CDR queued by now is written before we exit (bounded, in case the disk hangs).
+    let _ = tokio::time::timeout(Duration::from_secs(5), cdr_queue.flush()).await;
+    drop(cdr_task);
     let _ = std::fs::remove_file(cfg.data_dir.join("node.json"));
     drop(quic_rt);
     tracing::info!("parley stopped");

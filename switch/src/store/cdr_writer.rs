@@ -14,13 +14,32 @@ use tokio::sync::mpsc;
 use super::Store;
 use crate::metrics as m;
 
+/// What the writer's queue carries.
+#[derive(Debug)]
+enum Item {
+    Cdr(Box<CdrRecord>),
+    /// Answered once everything queued before it is written.
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
 /// The sending half handed to call actors.
 #[derive(Clone, Debug)]
-pub struct CdrQueue(mpsc::UnboundedSender<CdrRecord>);
+pub struct CdrQueue(mpsc::UnboundedSender<Item>);
+
+impl CdrQueue {
+    /// Waits until every CDR submitted before this call is written (or the writer is
+    /// gone). Used at shutdown, once no call can end any more.
+    pub async fn flush(&self) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.0.send(Item::Flush(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
 
 impl CdrSink for CdrQueue {
     fn submit(&self, cdr: CdrRecord) {
-        if self.0.send(cdr).is_err() {
+        if self.0.send(Item::Cdr(Box::new(cdr))).is_err() {
             tracing::error!("CDR writer is gone; CDR lost");
             metrics::counter!(m::CDR_WRITES_TOTAL, "result" => "error").increment(1);
         }
@@ -32,14 +51,27 @@ const BATCH: usize = 256;
 
 /// Starts the writer task; returns the queue and the task (which ends when every sender is gone).
 pub fn start(store: Store, registry: Arc<Registry>) -> (CdrQueue, tokio::task::JoinHandle<()>) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<CdrRecord>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Item>();
     let task = tokio::spawn(async move {
+        let mut items = Vec::with_capacity(BATCH);
         let mut batch = Vec::with_capacity(BATCH);
         // Whatever has queued up while the last batch was written goes into the next one:
         // one row per transaction at low load, hundreds under a storm.
-        while rx.recv_many(&mut batch, BATCH).await > 0 {
-            write_batch(&store, &registry, &batch).await;
-            batch.clear();
+        while rx.recv_many(&mut items, BATCH).await > 0 {
+            let mut flushes = Vec::new();
+            for item in items.drain(..) {
+                match item {
+                    Item::Cdr(cdr) => batch.push(*cdr),
+                    Item::Flush(done) => flushes.push(done),
+                }
+            }
+            if !batch.is_empty() {
+                write_batch(&store, &registry, &batch).await;
+                batch.clear();
+            }
+            for done in flushes {
+                let _ = done.send(());
+            }
         }
     });
     (CdrQueue(tx), task)
