@@ -745,6 +745,7 @@ impl Handler<SipEvent> for CallActor {
             SipEvent::TrunkBye => self.core.handle_leg_hangup(Instant::now(), LegId::Trunk),
             SipEvent::CallerMediaMoved(addr) => self.media_moved(self.caller_port, addr),
             SipEvent::TrunkMediaMoved(addr) => self.media_moved(self.trunk_port, addr),
+            SipEvent::CallerVideoMoved(addr) => self.media_moved(self.video_port, addr),
         }
         self.drive(ctx);
     }

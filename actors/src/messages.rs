@@ -160,6 +160,8 @@ pub enum SipEvent {
     CallerMediaMoved(SocketAddr),
     /// The trunk's re-INVITE moved its media to this address.
     TrunkMediaMoved(SocketAddr),
+    /// The caller's re-INVITE moved its video stream to this address.
+    CallerVideoMoved(SocketAddr),
 }
 
 /// Packet counters of one bridged media stream, bumped by the relay once per batch.

@@ -115,17 +115,30 @@ struct MediaState {
     version: u64,
     /// Where the peer last said it receives audio.
     remote: Option<SocketAddr>,
+    /// Where the peer last said it receives video.
+    remote_video: Option<SocketAddr>,
 }
 
 impl MediaState {
     fn new(local_sdp: &str, remote_sdp: &[u8]) -> Self {
+        let remote = sdp::parse_offer(&String::from_utf8_lossy(remote_sdp)).ok();
         Self {
             version: sdp::version(local_sdp).unwrap_or(0),
             local_sdp: local_sdp.to_owned(),
-            remote: sdp::parse_audio(&String::from_utf8_lossy(remote_sdp))
-                .ok()
-                .map(|m| SocketAddr::new(m.addr, m.port)),
+            remote: remote
+                .as_ref()
+                .map(|(a, _)| SocketAddr::new(a.addr, a.port)),
+            remote_video: remote
+                .and_then(|(_, v)| v)
+                .map(|v| SocketAddr::new(v.addr, v.port)),
         }
+    }
+
+    /// Whether our description relays a video stream (an accepted `m=video`).
+    fn has_video(&self) -> bool {
+        self.local_sdp
+            .lines()
+            .any(|l| l.starts_with("m=video ") && !l.starts_with("m=video 0 "))
     }
 }
 
@@ -611,7 +624,7 @@ impl SipCore {
             return;
         };
         let body = String::from_utf8_lossy(req.body()).into_owned();
-        let mut moved = None;
+        let (mut moved, mut video_moved) = (None, None);
         if !body.trim().is_empty() {
             // The relay does not transcode: the re-offer must keep a codec of ours.
             let ours: Vec<u8> = sdp::parse_audio(&state.local_sdp)
@@ -640,10 +653,25 @@ impl SipCore {
                 state.remote = Some(addr);
                 moved = Some(addr);
             }
+            // The video stream we relay, if any, follows its own address.
+            if state.has_video()
+                && let Ok((_, Some(v))) = sdp::parse_offer(&body)
+                && !v.addr.is_unspecified()
+            {
+                let addr = SocketAddr::new(v.addr, v.port);
+                if state.remote_video != Some(addr) {
+                    state.remote_video = Some(addr);
+                    video_moved = Some(addr);
+                }
+            }
         }
         // Without SDP the re-INVITE asks for our offer: the current description.
         let answer = state.local_sdp.clone();
-        let result = if moved.is_some() { "moved" } else { "accepted" };
+        let result = if moved.is_some() || video_moved.is_some() {
+            "moved"
+        } else {
+            "accepted"
+        };
         metrics::counter!(m::SIP_REINVITES_TOTAL, "result" => result).increment(1);
         if let Some(addr) = moved {
             tracing::info!(call = h, side = ?side, media = %addr, "re-INVITE moved the peer's media");
@@ -652,6 +680,13 @@ impl SipCore {
                 Side::Trunk => SipEvent::TrunkMediaMoved(addr),
             };
             self.out.push_back(Output::Event(h, ev));
+        }
+        if let Some(addr) = video_moved
+            && side == Side::Caller
+        {
+            tracing::info!(call = h, media = %addr, "re-INVITE moved the peer's video");
+            self.out
+                .push_back(Output::Event(h, SipEvent::CallerVideoMoved(addr)));
         }
         let contact = self.contact();
         let Some(resp) = msg::response(req, 200, None, Some(&contact), Some(&answer)) else {

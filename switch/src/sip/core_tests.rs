@@ -616,3 +616,42 @@ fn trunk_reinvite_moving_its_media_is_answered_and_reported() {
         );
     });
 }
+
+#[test]
+fn reinvite_moving_the_video_stream_is_reported_apart() {
+    use parley_codecs::sdp::{Format, VideoAnswer, append_video, write};
+    with_system(|| {
+        let (mut c, t0, gw) = (core(), Instant::now(), GW.parse().unwrap());
+        c.handle_datagram(t0, gw, invite("v1", "+15550100001"));
+        drain(&mut c);
+        // We answered audio and video (relay ports 4000 and 4010).
+        let mut ours = write([127, 0, 0, 1].into(), 4000, &[0], None, 3);
+        let vp8 = Format {
+            pt: 96,
+            name: "VP8".into(),
+            clock: 90_000,
+        };
+        append_video(
+            &mut ours,
+            &VideoAnswer {
+                port: 4010,
+                formats: vec![vp8],
+            },
+        );
+        c.handle_command(t0, 1, SipLegCmd::CallerAnswer { sdp: ours.clone() });
+        let (tx, _, _) = drain(&mut c);
+        let tag = to_tag_of(&tx[0].1);
+        c.handle_datagram(t0, gw, in_dialog("ACK", "v1", "z9hG4bK-va", Some(&tag), 1));
+        drain(&mut c);
+        // Same audio address (the INVITE's 6000), video somewhere new.
+        let re = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 6000 RTP/AVP 0\r\nm=video 6102 RTP/AVP 96\r\na=rtpmap:96 VP8/90000\r\n";
+        c.handle_datagram(t0, gw, reinvite("v1", &tag, 2, re));
+        let (tx, ev, _) = drain(&mut c);
+        assert_eq!(first_lines(&tx), vec!["SIP/2.0 200 OK"]);
+        assert_eq!(body_of(&tx[0].1), ours);
+        assert!(
+            matches!(ev.as_slice(), [SipEvent::CallerVideoMoved(a)] if *a == "127.0.0.1:6102".parse().unwrap()),
+            "{ev:?}"
+        );
+    });
+}
