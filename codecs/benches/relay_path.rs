@@ -114,12 +114,12 @@ fn continuity(c: &mut Criterion) {
         let mut batch = src.batch();
         let mut cont = Continuity::default();
         for p in &mut batch {
-            cont.apply(p, now);
+            let _ = cont.apply(p, now);
         }
         b.iter(|| {
             src.stamp(&mut batch);
             for p in black_box(&mut batch).iter_mut() {
-                black_box(cont.apply(p, now));
+                let _ = black_box(cont.apply(p, now));
             }
         });
         assert_eq!(
@@ -133,20 +133,20 @@ fn continuity(c: &mut Criterion) {
         let mut first = Source::new(0x1111, 1_000, 160_000);
         let mut cont = Continuity::default();
         for p in &mut first.batch() {
-            cont.apply(p, now);
+            let _ = cont.apply(p, now);
         }
         // A re-INVITE moved the far end: a new SSRC with its own bases, mapped onto the
         // stream from here on, so every later packet is rewritten.
         let mut src = Source::new(0x2222, 50_000, 9_000_000);
         let mut batch = src.batch();
         for p in &mut batch {
-            cont.apply(p, now);
+            let _ = cont.apply(p, now);
         }
         assert_eq!(cont.switches(), 1);
         b.iter(|| {
             src.stamp(&mut batch);
             for p in black_box(&mut batch).iter_mut() {
-                black_box(cont.apply(p, now));
+                let _ = black_box(cont.apply(p, now));
             }
         });
         assert_eq!(cont.switches(), 1, "only the one source change");

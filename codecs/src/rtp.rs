@@ -188,13 +188,12 @@ impl Stream {
 }
 
 impl Continuity {
-    /// Rewrites `pkt` in place if needed. `pkt` must have passed [`RtpView::parse`].
-    /// Returns `true` when this packet started a new source (and was mapped onto the
-    /// stream).
-    pub fn apply(&mut self, pkt: &mut [u8], now: std::time::Instant) -> bool {
-        let Ok(view) = RtpView::parse(pkt) else {
-            return false;
-        };
+    /// Validates `pkt` (as [`RtpView::parse`]) and rewrites it in place if needed, so the
+    /// relay checks and maps a packet in one pass. Returns `Ok(true)` when this packet
+    /// started a new source (and was mapped onto the stream); an invalid packet is left
+    /// alone and the state unchanged.
+    pub fn apply(&mut self, pkt: &mut [u8], now: std::time::Instant) -> Result<bool, CodecError> {
+        let view = RtpView::parse(pkt)?;
         if view.kind() == Kind::Rtcp {
             if let Some(st) = &self.stream
                 && st.in_ssrc != st.out_ssrc
@@ -202,7 +201,7 @@ impl Continuity {
             {
                 pkt[4..8].copy_from_slice(&st.out_ssrc.to_be_bytes());
             }
-            return false;
+            return Ok(false);
         }
         let (ssrc, seq, ts, pt) = (
             view.ssrc(),
@@ -222,7 +221,7 @@ impl Continuity {
                 last_at: now,
                 switches: 0,
             });
-            return false;
+            return Ok(false);
         };
         let switched = ssrc != st.in_ssrc;
         if switched {
@@ -263,7 +262,7 @@ impl Continuity {
                 pkt[1] |= 0x80;
             }
         }
-        switched
+        Ok(switched)
     }
 
     /// `(current source's SSRC, SSRC the peer sees)` while they differ: what RTCP sent
@@ -345,13 +344,16 @@ mod tests {
         for i in 0..10u16 {
             let mut p = packet(0x1111, 100 + i, 8_000 + 160 * u32::from(i));
             let before = p.clone();
-            assert!(!c.apply(&mut p, t0 + Duration::from_millis(20 * u64::from(i))));
+            assert_eq!(
+                c.apply(&mut p, t0 + Duration::from_millis(20 * u64::from(i))),
+                Ok(false)
+            );
             assert_eq!(p, before);
         }
         // A new source 100 ms after the last packet, with its own bases.
         let at = t0 + Duration::from_millis(180 + 100);
         let mut p = packet(0x2222, 60_000, 4_000_000);
-        assert!(c.apply(&mut p, at));
+        assert_eq!(c.apply(&mut p, at), Ok(true));
         let v = RtpView::parse(&p).unwrap();
         assert_eq!(v.ssrc(), 0x1111);
         assert_eq!(v.sequence(), 110);
@@ -365,7 +367,10 @@ mod tests {
                 60_000u16.wrapping_add(i),
                 4_000_000 + 160 * u32::from(i),
             );
-            assert!(!c.apply(&mut p, at + Duration::from_millis(20 * u64::from(i))));
+            assert_eq!(
+                c.apply(&mut p, at + Duration::from_millis(20 * u64::from(i))),
+                Ok(false)
+            );
             let v = RtpView::parse(&p).unwrap();
             assert_eq!(v.ssrc(), 0x1111);
             assert_eq!(v.sequence(), 110u16.wrapping_add(i));
@@ -374,7 +379,7 @@ mod tests {
         }
         // RTCP of the current source carries the stream's SSRC too.
         let mut rr = vec![0x80, 201, 0, 1, 0, 0, 0x22, 0x22];
-        c.apply(&mut rr, at);
+        assert_eq!(c.apply(&mut rr, at), Ok(false));
         assert_eq!(RtpView::parse(&rr).unwrap().ssrc(), 0x1111);
         assert_eq!(c.switches(), 1);
     }
@@ -385,16 +390,16 @@ mod tests {
         let t = Instant::now();
         let mut c = Continuity::default();
         for i in 0..3u16 {
-            c.apply(&mut packet(7, i, 160 * u32::from(i)), t);
+            let _ = c.apply(&mut packet(7, i, 160 * u32::from(i)), t);
         }
         let mut p = packet(8, 9_000, 0);
-        assert!(c.apply(&mut p, t));
+        assert_eq!(c.apply(&mut p, t), Ok(true));
         let v = RtpView::parse(&p).unwrap();
         assert_eq!((v.ssrc(), v.sequence(), v.timestamp()), (7, 3, 480));
         // Late packets of the old source are not "new sources" again once seen; a second
         // switch back maps onto the stream as well.
         let mut back = packet(7, 3, 480);
-        assert!(c.apply(&mut back, t));
+        assert_eq!(c.apply(&mut back, t), Ok(true));
         let v = RtpView::parse(&back).unwrap();
         assert_eq!((v.ssrc(), v.sequence()), (7, 4));
     }

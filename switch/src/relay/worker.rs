@@ -564,7 +564,8 @@ impl Worker {
                 let pkt = &mut self.scratch.roq_pkt;
                 pkt.clear();
                 pkt.extend_from_slice(packet);
-                cont.apply(pkt, Instant::now());
+                // Validated above; this only maps the packet onto the stream.
+                let _ = cont.apply(pkt, Instant::now());
                 match p.dest().map(|d| p.sock.socket().send_to(pkt, d)) {
                     Some(Ok(_)) => {
                         self.tally.roq_udp.0 += 1;
@@ -676,12 +677,12 @@ fn forward_batch(
             let len = stride.min(meta.len - off);
             let start = base + off;
             off += len;
-            if len > MAX_PACKET || RtpView::parse(&s.buf[start..start + len]).is_err() {
+            let pkt = &mut s.buf[start..start + len];
+            // One pass: validated as RTP/RTCP and mapped onto the outgoing stream.
+            if len > MAX_PACKET || p.cont.apply(pkt, now).is_err() {
                 tally.malformed += 1;
                 continue;
             }
-            let pkt = &mut s.buf[start..start + len];
-            p.cont.apply(pkt, now);
             if let Some(map) = rtcp_map {
                 parley_codecs::rtp::rewrite_rtcp_ssrc(pkt, map);
             }
