@@ -110,9 +110,8 @@ enum Purpose {
 /// The media of an established dialog, as re-offers (re-INVITE) see it.
 #[derive(Debug, Clone)]
 struct MediaState {
-    /// Our current description (answer or offer), with its `o=` version.
+    /// Our current description (answer or offer); its `o=` line carries the version.
     local_sdp: String,
-    version: u64,
     /// Where the peer last said it receives audio.
     remote: Option<SocketAddr>,
     /// Where the peer last said it receives video.
@@ -123,7 +122,6 @@ impl MediaState {
     fn new(local_sdp: &str, remote_sdp: &[u8]) -> Self {
         let remote = sdp::parse_offer(&String::from_utf8_lossy(remote_sdp)).ok();
         Self {
-            version: sdp::version(local_sdp).unwrap_or(0),
             local_sdp: local_sdp.to_owned(),
             remote: remote
                 .as_ref()
@@ -644,9 +642,9 @@ impl SipCore {
                 return;
             };
             let dir = dir.answer();
-            if sdp::redescribe(&state.local_sdp, dir, state.version) != state.local_sdp {
-                state.version += 1;
-                state.local_sdp = sdp::redescribe(&state.local_sdp, dir, state.version);
+            let version = sdp::version(&state.local_sdp).unwrap_or(0);
+            if sdp::redescribe(&state.local_sdp, dir, version) != state.local_sdp {
+                state.local_sdp = sdp::redescribe(&state.local_sdp, dir, version + 1);
             }
             let addr = SocketAddr::new(offer.addr, offer.port);
             if !offer.addr.is_unspecified() && state.remote != Some(addr) {

@@ -480,18 +480,30 @@ fn body_of(msg: &str) -> &str {
     msg.split("\r\n\r\n").nth(1).unwrap_or("")
 }
 
+/// A gateway call `call_id` answered with our description `ours` and acknowledged (call
+/// handle 1, at `t0`); returns our To tag.
+fn answered_call(c: &mut SipCore, t0: Instant, call_id: &str, ours: &str) -> String {
+    let gw = GW.parse().unwrap();
+    c.handle_datagram(t0, gw, invite(call_id, "+15550100001"));
+    drain(c);
+    c.handle_command(t0, 1, SipLegCmd::CallerAnswer { sdp: ours.into() });
+    let (tx, _, _) = drain(c);
+    let tag = to_tag_of(&tx[0].1);
+    c.handle_datagram(
+        t0,
+        gw,
+        in_dialog("ACK", call_id, "z9hG4bK-ack1", Some(&tag), 1),
+    );
+    drain(c);
+    tag
+}
+
 #[test]
 fn reinvite_moves_media_holds_and_refuses_other_codecs() {
     with_system(|| {
         let (mut c, t0, gw) = (core(), Instant::now(), GW.parse().unwrap());
-        c.handle_datagram(t0, gw, invite("r1", "+15550100001"));
-        drain(&mut c);
         let ours = parley_codecs::sdp::write([127, 0, 0, 1].into(), 4000, &[0], None, 9);
-        c.handle_command(t0, 1, SipLegCmd::CallerAnswer { sdp: ours.clone() });
-        let (tx, _, _) = drain(&mut c);
-        let tag = to_tag_of(&tx[0].1);
-        c.handle_datagram(t0, gw, in_dialog("ACK", "r1", "z9hG4bK-a1", Some(&tag), 1));
-        drain(&mut c);
+        let tag = answered_call(&mut c, t0, "r1", &ours);
 
         // Same address, session refresh: 200 with our unchanged description, no event.
         let same = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 6000 RTP/AVP 0\r\n";
@@ -622,8 +634,6 @@ fn reinvite_moving_the_video_stream_is_reported_apart() {
     use parley_codecs::sdp::{Format, VideoAnswer, append_video, write};
     with_system(|| {
         let (mut c, t0, gw) = (core(), Instant::now(), GW.parse().unwrap());
-        c.handle_datagram(t0, gw, invite("v1", "+15550100001"));
-        drain(&mut c);
         // We answered audio and video (relay ports 4000 and 4010).
         let mut ours = write([127, 0, 0, 1].into(), 4000, &[0], None, 3);
         let vp8 = Format {
@@ -638,11 +648,7 @@ fn reinvite_moving_the_video_stream_is_reported_apart() {
                 formats: vec![vp8],
             },
         );
-        c.handle_command(t0, 1, SipLegCmd::CallerAnswer { sdp: ours.clone() });
-        let (tx, _, _) = drain(&mut c);
-        let tag = to_tag_of(&tx[0].1);
-        c.handle_datagram(t0, gw, in_dialog("ACK", "v1", "z9hG4bK-va", Some(&tag), 1));
-        drain(&mut c);
+        let tag = answered_call(&mut c, t0, "v1", &ours);
         // Same audio address (the INVITE's 6000), video somewhere new.
         let re = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 6000 RTP/AVP 0\r\nm=video 6102 RTP/AVP 96\r\na=rtpmap:96 VP8/90000\r\n";
         c.handle_datagram(t0, gw, reinvite("v1", &tag, 2, re));
