@@ -10,12 +10,18 @@ use parley_actors::messages::{FlowStats, MediaPlane};
 
 use super::{Relay, RelaySettings};
 
-fn rtp(seq: u16) -> Vec<u8> {
+/// A 172-byte G.711-shaped RTP packet.
+fn rtp_from(ssrc: u32, seq: u16, ts: u32) -> Vec<u8> {
     let mut h = [0u8; 12];
-    parley_codecs::rtp::write_header(&mut h, 0, false, seq, u32::from(seq) * 160, 0x1234);
+    parley_codecs::rtp::write_header(&mut h, 0, false, seq, ts, ssrc);
     let mut p = h.to_vec();
     p.extend_from_slice(&[0xff; 160]);
     p
+}
+
+/// Packet `seq` of the one stream most tests send.
+fn rtp(seq: u16) -> Vec<u8> {
+    rtp_from(0x1234, seq, u32::from(seq) * 160)
 }
 
 fn sock() -> UdpSocket {
@@ -246,12 +252,20 @@ fn a_burst_is_relayed_complete_and_in_order() {
     relay.stop();
 }
 
-fn rtp_from(ssrc: u32, seq: u16, ts: u32) -> Vec<u8> {
-    let mut h = [0u8; 12];
-    parley_codecs::rtp::write_header(&mut h, 0, false, seq, ts, ssrc);
-    let mut p = h.to_vec();
-    p.extend_from_slice(&[0xd5; 160]);
-    p
+/// Two ports on one worker bridged between `caller` and `callee` (as a node allocates a
+/// call's legs); returns the ports and the call's stats.
+fn bridged(relay: &Relay, caller: &UdpSocket, callee: &UdpSocket) -> (u16, u16, Arc<FlowStats>) {
+    let pa = relay.allocate_port().unwrap();
+    let pb = relay.allocate_port_near(pa).unwrap();
+    let stats = Arc::new(FlowStats::default());
+    relay
+        .bridge_udp(
+            (pa, caller.local_addr().unwrap()),
+            (pb, callee.local_addr().unwrap()),
+            stats.clone(),
+        )
+        .unwrap();
+    (pa, pb, stats)
 }
 
 /// A re-INVITE moves the caller's media to a new address with a new SSRC and new
@@ -261,18 +275,8 @@ fn rtp_from(ssrc: u32, seq: u16, ts: u32) -> Vec<u8> {
 fn source_change_keeps_the_stream_continuous_and_relatches_only_the_new_peer() {
     use parley_codecs::rtp::RtpView;
     let relay = relay();
-    let (pa, pb) = (
-        relay.allocate_port().unwrap(),
-        relay.allocate_port().unwrap(),
-    );
     let (old, new, callee) = (sock(), sock(), sock());
-    relay
-        .bridge_udp(
-            (pa, old.local_addr().unwrap()),
-            (pb, callee.local_addr().unwrap()),
-            Arc::new(FlowStats::default()),
-        )
-        .unwrap();
+    let (pa, pb, _) = bridged(&relay, &old, &callee);
     let a: SocketAddr = ([127, 0, 0, 1], pa).into();
     let b: SocketAddr = ([127, 0, 0, 1], pb).into();
     let mut seen = Vec::new();
@@ -309,7 +313,7 @@ fn source_change_keeps_the_stream_continuous_and_relatches_only_the_new_peer() {
             (160..8_000).contains(&dt),
             "timestamp moves forward with time: +{dt}"
         );
-        assert_eq!(w[1].payload(), &[0xd5; 160][..]);
+        assert_eq!(w[1].payload(), &[0xff; 160][..]);
     }
     assert!(views[5].marker(), "the new source starts a talkspurt");
     assert!(!views[6].marker());
@@ -587,19 +591,11 @@ fn only_the_signalled_ip_may_latch_unless_any_source_is_allowed() {
             ..RelaySettings::loopback(base, base + 50, 2)
         })
         .unwrap();
-        // One worker for both legs: the latch retargets the other leg at once (across
-        // workers it takes a queued command; `latching_on_one_worker_…` covers that).
-        let pa = relay.allocate_port().unwrap();
-        let pb = relay.allocate_port_near(pa).unwrap();
-        // The caller's SDP names one port; it sends from another on the same host.
+        // The caller's SDP names one port; it sends from another on the same host. Both
+        // legs on one worker: the latch retargets the other leg at once (across workers it
+        // takes a queued command; `latching_on_one_worker_…` covers that).
         let (caller_sdp, caller_real, callee, intruder) = (sock(), sock(), sock(), other_host());
-        relay
-            .bridge_udp(
-                (pa, caller_sdp.local_addr().unwrap()),
-                (pb, callee.local_addr().unwrap()),
-                Arc::new(FlowStats::default()),
-            )
-            .unwrap();
+        let (pa, pb, _) = bridged(&relay, &caller_sdp, &callee);
         intruder.send_to(&rtp(66), ("127.0.0.1", pa)).unwrap();
         let first = recv(&callee).map(|r| r.0);
         caller_real.send_to(&rtp(1), ("127.0.0.1", pa)).unwrap();
@@ -653,19 +649,9 @@ fn a_calls_second_leg_lands_on_the_first_legs_worker() {
 fn rtcp_on_the_port_above_follows_the_streams_ssrc_after_a_source_change() {
     use parley_codecs::rtp::RtpView;
     let relay = relay();
-    let (pa, pb) = (
-        relay.allocate_port().unwrap(),
-        relay.allocate_port().unwrap(),
-    );
     let ((old, _old_rtcp), (new, new_rtcp), (callee, callee_rtcp)) =
         (sock_pair(), sock_pair(), sock_pair());
-    relay
-        .bridge_udp(
-            (pa, old.local_addr().unwrap()),
-            (pb, callee.local_addr().unwrap()),
-            Arc::new(FlowStats::default()),
-        )
-        .unwrap();
+    let (pa, pb, _) = bridged(&relay, &old, &callee);
     old.send_to(&rtp_from(0xaaaa, 1, 160), ("127.0.0.1", pa))
         .unwrap();
     assert!(recv(&callee).is_some());
