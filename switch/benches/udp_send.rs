@@ -12,6 +12,9 @@
 //!   design batching sends across destinations could do (one socket for all flows).
 //! - `recvmmsg_32_one_socket`: one `recvmmsg` returning 32 queued datagrams: the receive
 //!   side's best case.
+//! - `recvfrom_empty`: 32 `recvfrom` on an empty non-blocking socket (each `EAGAIN`): about
+//!   what a system call costs here before any packet work, the most a batching API
+//!   (io_uring) could save per call.
 //!
 //! The last two bound what any userspace relay over the kernel's UDP sockets pays per
 //! packet, whatever its design: see docs/BENCHMARKS.md ("the floor").
@@ -313,6 +316,17 @@ fn udp_send(c: &mut Criterion) {
         if short > 0 {
             eprintln!("udp_send/recvmmsg_32_one_socket: {short} reads returned fewer than {BATCH}");
         }
+    }
+
+    {
+        let rx = Receiver::bind();
+        g.bench_function("recvfrom_empty", |b| {
+            b.iter(|| {
+                for _ in 0..BATCH {
+                    let _ = std::hint::black_box(rx.sock.recv_from(&mut buf));
+                }
+            })
+        });
     }
     g.finish();
 }

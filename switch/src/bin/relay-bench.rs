@@ -90,6 +90,11 @@ struct Args {
     /// and threads (see the module docs).
     #[arg(long)]
     floor: bool,
+    /// With --floor: each flow's two sockets on different workers (all first legs on one,
+    /// all second legs on the next), as Parley placed a call's legs before
+    /// `allocate_port_near`; by default both are on one worker.
+    #[arg(long)]
+    floor_split: bool,
 }
 
 /// The running bare forwarder: its flows, per-worker packet counters and threads.
@@ -104,6 +109,7 @@ struct Floor {
 fn floor_relay(
     flows: usize,
     workers: usize,
+    split: bool,
     caller_of: impl Fn(usize) -> SocketAddr,
     callee_of: impl Fn(usize) -> SocketAddr,
     stop: Arc<AtomicBool>,
@@ -115,7 +121,7 @@ fn floor_relay(
     let mut out: Vec<Vec<UdpSocket>> = (0..workers).map(|_| Vec::new()).collect();
     let mut list = Vec::with_capacity(flows);
     for i in 0..flows {
-        let w = i % workers;
+        let w = if split { 0 } else { i % workers };
         let a = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
         let b = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
         a.set_nonblocking(true)?;
@@ -124,12 +130,15 @@ fn floor_relay(
             a: a.local_addr()?.port(),
             b: b.local_addr()?.port(),
         });
-        // What arrives on a leaves from b to the callee, and back.
-        let (ia, ib) = (out[w].len(), out[w].len() + 1);
-        out[w].push(a.try_clone()?);
+        // What arrives on a leaves from b to the callee, and back. Each worker sends out
+        // of its own copy of the other socket.
+        let wb = if split { (w + 1) % workers } else { w };
+        let ib = out[w].len();
         out[w].push(b.try_clone()?);
+        let ia = out[wb].len();
+        out[wb].push(a.try_clone()?);
         shards[w].push((MioUdp::from_std(a), ib, callee_of(i)));
-        shards[w].push((MioUdp::from_std(b), ia, caller_of(i)));
+        shards[wb].push((MioUdp::from_std(b), ia, caller_of(i)));
     }
     let mut stats = Vec::new();
     let mut threads = Vec::new();
@@ -486,6 +495,7 @@ fn main() -> anyhow::Result<()> {
         let floor = floor_relay(
             args.flows,
             workers,
+            args.floor_split,
             |i| ca[i % k],
             |i| ce[i % k],
             floor_stop.clone(),
