@@ -1,4 +1,6 @@
-//! The call actor: drives a [`CallCore`] and performs its actions.
+//! The call actor: the shell around a [`CallCore`]. It turns messages into core inputs
+//! and core actions into sends — SIP commands, device messages, relay calls, the CDR — and
+//! decides nothing itself.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -6,64 +8,22 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use actix::prelude::*;
-use parley_codecs::sdp::{self, MediaDescription};
+use parley_codecs::sdp;
+use parley_core::call::{
+    Action, CallCore, CallSpec, MediaPlan, MediaSide, Observation, Origin, TrunkOffer,
+    device_end_reason,
+};
+use parley_core::ids::{CallHandle, Sequence};
+use parley_core::plan::LegId;
 
-use crate::call::{Action, CallCore, Disposition, LegFailure, LegId};
 use crate::messages::{
-    CallHandle, CdrRecord, CdrSink, DeviceLegEvent, FlowStats, FromDevice, MediaPlane, SessionId,
-    SipCommand, SipEvent, SipLegCmd, ToDevice,
+    CdrSink, FlowStats, FromDevice, MediaError, MediaPlane, SessionId, SipCommand, SipLegCmd,
+    ToCall, ToDevice,
 };
 use crate::metrics as m;
-use crate::registry::UserRef;
-use crate::rules::{self, CallContext, Media, Plan};
 use crate::session::PresenceSession;
-use crate::trunk::{CallOutcome, ProbeOutcome};
-use crate::trunk::{GetTrunkState, TrunkActor};
-use crate::user::{Answered, Lookup, PresenceChanged, UserView, Watch};
-
-/// Everything a call actor needs to know at birth.
-pub struct CallSetup {
-    /// The SIP driver's handle of this call.
-    pub handle: CallHandle,
-    /// Parley call id (`c-…`), shown to devices and in CDRs.
-    pub call_id: String,
-    /// The gateway's Call-ID.
-    pub sip_call_id: String,
-    /// The called user.
-    pub user: UserRef,
-    /// Caller number (E.164) or URI.
-    pub caller: String,
-    /// Caller display name.
-    pub caller_name: Option<String>,
-    /// Dialled number (E.164).
-    pub called: String,
-    /// The caller's SDP offer (audio).
-    pub offer: MediaDescription,
-    /// The trunk toward the user's PSTN line, if any.
-    pub trunk: Option<Addr<TrunkActor>>,
-    /// The SIP driver.
-    pub sip: Recipient<SipCommand>,
-    /// The relay.
-    pub media: Arc<dyn MediaPlane>,
-    /// The CDR writer.
-    pub cdr: Arc<dyn CdrSink>,
-    /// Give up ringing after this long.
-    pub ring_timeout: Duration,
-    /// When the INVITE arrived.
-    pub started: Instant,
-    /// The same instant on the wall clock, for the CDR.
-    pub started_wall: SystemTime,
-    /// For a call dialled from an IM device: that device (the caller leg is then the
-    /// device, not a SIP dialog).
-    pub caller_device: Option<(SessionId, Addr<PresenceSession>)>,
-    /// For a device dialling a PSTN number: that number (`user` is then the caller's own
-    /// user, who owns the CDR). `None`: the call is for `user`.
-    pub pstn_destination: Option<String>,
-    /// The caller's video stream, if the INVITE offered one.
-    pub video_offer: Option<MediaDescription>,
-    /// End an answered call when no media crosses it for this long (`None`: never).
-    pub media_timeout: Option<Duration>,
-}
+use crate::trunk::{CallOutcome, GetTrunkState, TrunkActor};
+use crate::user::{Answered, Lookup, PresenceChanged, UserActor, UserView, Watch};
 
 /// What every call needs from the node, shared by the SIP driver and device sessions.
 pub struct CallEnv {
@@ -79,6 +39,8 @@ pub struct CallEnv {
     pub ring_timeout: Duration,
     /// Media timeout of answered calls (`None`: never).
     pub media_timeout: Option<Duration>,
+    /// The node's call handles.
+    pub handles: Arc<Sequence>,
 }
 
 impl std::fmt::Debug for CallEnv {
@@ -89,89 +51,81 @@ impl std::fmt::Debug for CallEnv {
     }
 }
 
-/// Why the caller's device hears that its call ended, by SIP-style cause.
-fn ended_reason(code: u16) -> &'static str {
-    match code {
-        486 | 600 | 603 => "rejected",
-        487 => "cancelled",
-        408 | 480 => "unavailable",
-        _ => "failed",
-    }
+/// Everything a call actor needs at birth.
+pub struct CallSetup {
+    /// What the core is born with.
+    pub spec: CallSpec,
+    /// The actor of the user whose presence routes the call (the callee; for a PSTN
+    /// number dialled by a device, the caller's own user).
+    pub callee: Addr<UserActor>,
+    /// The dialling device's session, for calls dialled from an IM device.
+    pub caller_device: Option<Addr<PresenceSession>>,
+    /// The node.
+    pub env: Arc<CallEnv>,
+}
+
+/// Relay resources a call holds.
+#[derive(Default)]
+struct Media {
+    caller_port: Option<u16>,
+    trunk_port: Option<u16>,
+    video_port: Option<u16>,
+    roq: Vec<(SessionId, u64)>,
+    stats: Arc<FlowStats>,
+    /// The flow clock when the media was bridged (idle time counts from there).
+    since_ms: u64,
 }
 
 /// One call.
 pub struct CallActor {
-    s: CallSetup,
     core: CallCore,
-    devices: HashMap<u64, Addr<PresenceSession>>,
-    trunk_port: Option<u16>,
-    trunk_media: Option<MediaDescription>,
-    caller_port: Option<u16>,
-    roq: Vec<(u64, u64)>,
-    stats: Arc<FlowStats>,
-    answered_at: Option<SystemTime>,
+    callee: Addr<UserActor>,
+    caller_device: Option<Addr<PresenceSession>>,
+    env: Arc<CallEnv>,
+    /// The callee's device sessions from the last lookup.
+    sessions: HashMap<SessionId, Addr<PresenceSession>>,
+    media: Media,
     timer: Option<SpawnHandle>,
-    /// When the presence change that triggered the last re-route happened.
-    reroute_at: Option<Instant>,
-    /// Device names by session (for the answer history).
-    device_names: HashMap<u64, String>,
-    /// Sessions in predicted order at routing time (to measure prediction quality).
-    predicted: Vec<u64>,
-    /// Whether a rule (not the default policy) routed this call.
-    by_rule: bool,
-    pstn_fallback: bool,
-    answered_by: Option<String>,
-    stats_swapped: bool,
-    /// Sessions of the callee's devices that take video.
-    video_devices: Vec<u64>,
-    video_port: Option<u16>,
+    /// Whether the SIP driver has been told where this call's events go.
+    sip_registered: bool,
 }
 
 impl CallActor {
     /// A call actor; start it with [`Actor::start`].
     pub fn new(setup: CallSetup) -> Self {
-        let core = CallCore::new(setup.ring_timeout);
         Self {
-            s: setup,
-            core,
-            devices: HashMap::new(),
-            trunk_port: None,
-            trunk_media: None,
-            caller_port: None,
-            roq: Vec::new(),
-            stats: Arc::default(),
-            answered_at: None,
+            sip_registered: setup.spec.origin == Origin::Sip,
+            core: CallCore::new(setup.spec),
+            callee: setup.callee,
+            caller_device: setup.caller_device,
+            env: setup.env,
+            sessions: HashMap::new(),
+            media: Media::default(),
             timer: None,
-            reroute_at: None,
-            device_names: HashMap::new(),
-            predicted: Vec::new(),
-            by_rule: false,
-            pstn_fallback: true,
-            answered_by: None,
-            stats_swapped: false,
-            video_devices: Vec::new(),
-            video_port: None,
         }
     }
 
-    /// Tells the dialling device (IM-originated calls) something.
-    fn to_caller_device(&self, msg: ToDevice) -> bool {
-        match &self.s.caller_device {
-            Some((_, addr)) => {
-                addr.do_send(msg);
-                true
-            }
-            None => false,
-        }
+    fn call_handle(&self) -> CallHandle {
+        self.core.spec().handle
     }
 
-    fn sip(&self, cmd: SipLegCmd) {
-        self.s.sip.do_send(SipCommand {
-            call: self.s.handle,
+    fn sip(&mut self, cmd: SipLegCmd, ctx: &mut Context<Self>) {
+        let events = (!self.sip_registered).then(|| ctx.address().recipient::<ToCall>());
+        self.sip_registered = true;
+        self.env.sip.do_send(SipCommand {
+            call: self.call_handle(),
             cmd,
+            events,
         });
     }
 
+    fn to_device(&self, session: SessionId, msg: ToDevice) {
+        if let Some(dev) = self.sessions.get(&session) {
+            dev.do_send(msg);
+        }
+    }
+
+    /// Drains the core, then re-arms its timer.
     fn drive(&mut self, ctx: &mut Context<Self>) {
         while let Some(action) = self.core.poll_action() {
             self.perform(action, ctx);
@@ -190,427 +144,348 @@ impl CallActor {
     }
 
     fn perform(&mut self, action: Action, ctx: &mut Context<Self>) {
+        let call_id = self.core.call_id();
         match action {
-            Action::OfferDevice(session) => {
-                if let Some(dev) = self.devices.get(&session) {
-                    dev.do_send(ToDevice::Offer {
-                        call_id: self.s.call_id.clone(),
-                        from: self.s.caller.clone(),
-                        from_name: self.s.caller_name.clone(),
-                        to: self.s.called.clone(),
-                        video: self.s.video_offer.is_some()
-                            && self.video_devices.contains(&session),
-                        call: ctx.address().recipient(),
-                    });
-                } else {
-                    self.core.handle_leg_failed(
-                        Instant::now(),
-                        LegId::Device(session),
-                        LegFailure::Failed(480),
-                    );
-                }
-            }
-            Action::StartTrunk(target) => match self.s.media.allocate_port() {
-                Ok(port) => {
-                    self.trunk_port = Some(port);
-                    let mut pts = self.s.offer.g711_formats();
-                    if pts.is_empty() {
-                        pts.push(parley_codecs::g711::PT_PCMU);
-                    }
-                    let body = sdp::write(
-                        self.s.media.local_ip(),
-                        port,
-                        &pts,
-                        self.s.offer.telephone_event(),
-                        self.s.handle,
-                    );
-                    self.sip(SipLegCmd::TrunkInvite {
-                        to: target.unwrap_or_else(|| self.s.called.clone()),
-                        from: self.s.caller.clone(),
-                        from_name: self.s.caller_name.clone(),
-                        sdp: body,
-                        events: ctx.address().recipient(),
-                    });
-                }
-                Err(e) => {
-                    metrics::counter!(m::MEDIA_SETUP_FAILURES_TOTAL, "reason" => e.reason())
-                        .increment(1);
-                    tracing::warn!(call = %self.s.call_id, error = %e, "no relay port for the trunk leg");
-                    self.core.handle_leg_failed(
-                        Instant::now(),
-                        LegId::Trunk,
-                        LegFailure::Failed(503),
-                    );
-                }
-            },
-            Action::CallerRinging => {
-                metrics::histogram!(m::CALL_RINGING_SECONDS)
-                    .record(self.s.started.elapsed().as_secs_f64());
-                if !self.to_caller_device(ToDevice::Ringing {
-                    call_id: self.s.call_id.clone(),
-                }) {
-                    self.sip(SipLegCmd::CallerRinging);
-                }
-            }
-            Action::Connect(leg) => {
-                if let Err(e) = self.connect(leg) {
-                    metrics::counter!(m::MEDIA_SETUP_FAILURES_TOTAL, "reason" => e.reason())
-                        .increment(1);
-                    tracing::warn!(call = %self.s.call_id, error = %e, "media setup failed");
-                    self.core.handle_connect_failed(503);
-                } else {
-                    self.watch_media(ctx);
-                }
-            }
-            Action::RejectCaller(code) => {
-                let ended = ToDevice::Ended {
-                    call_id: self.s.call_id.clone(),
-                    reason: ended_reason(code),
-                };
-                if !self.to_caller_device(ended) {
-                    self.sip(SipLegCmd::CallerReject(code));
-                }
-            }
-            Action::ByeCaller => {
-                if !self.to_caller_device(ToDevice::Ended {
-                    call_id: self.s.call_id.clone(),
-                    reason: "remote_hangup",
-                }) {
-                    self.sip(SipLegCmd::CallerBye);
-                }
-            }
-            Action::Withdraw(leg, reason) | Action::Hangup(leg, reason) => match leg {
-                LegId::Device(s) => {
-                    if let Some(dev) = self.devices.get(&s) {
-                        dev.do_send(ToDevice::Ended {
-                            call_id: self.s.call_id.clone(),
-                            reason,
-                        });
-                    }
-                }
-                LegId::Trunk if matches!(action, Action::Withdraw(..)) => {
-                    self.sip(SipLegCmd::TrunkCancel)
-                }
-                LegId::Trunk => self.sip(SipLegCmd::TrunkBye),
-            },
-            Action::Finish { disposition, cause } => self.finish(disposition, cause, ctx),
-        }
-    }
-
-    fn connect(&mut self, leg: LegId) -> Result<(), crate::messages::MediaError> {
-        self.learn_answer(leg);
-        if let Some((caller_session, caller_addr)) = self.s.caller_device.clone() {
-            let LegId::Device(session) = leg else {
-                // Device to PSTN: the caller's RoQ flow bridged with the trunk-side port.
-                let (Some(tport), Some(tm)) = (self.trunk_port, self.trunk_media.as_ref()) else {
-                    return Err(crate::messages::MediaError::Unavailable);
-                };
-                let flow = self.s.media.next_flow_id();
-                let trunk_side = (tport, std::net::SocketAddr::new(tm.addr, tm.port));
-                // The relay counts the UDP side as "caller": swap when writing the CDR.
-                self.stats_swapped = true;
-                self.s
-                    .media
-                    .bridge_roq(trunk_side, caller_session, flow, self.stats.clone())?;
-                self.roq.push((caller_session, flow));
-                let pt = tm.first_g711().unwrap_or(parley_codecs::g711::PT_PCMU);
-                caller_addr.do_send(ToDevice::Connected {
-                    call_id: self.s.call_id.clone(),
-                    flow_id: flow,
-                    payload_type: pt,
-                    video_flow_id: None,
-                });
-                self.answered_at = Some(SystemTime::now());
-                metrics::histogram!(m::CALL_SETUP_SECONDS)
-                    .record(self.s.started.elapsed().as_secs_f64());
-                return Ok(());
-            };
-            // Device to device: RoQ on both sides, PCMU (every Parley client sends G.711).
-            let (a, b) = (self.s.media.next_flow_id(), self.s.media.next_flow_id());
-            self.s
-                .media
-                .bridge_roq_roq((caller_session, a), (session, b), self.stats.clone())?;
-            self.roq.extend([(caller_session, a), (session, b)]);
-            let pt = parley_codecs::g711::PT_PCMU;
-            if let Some(dev) = self.devices.get(&session) {
-                dev.do_send(ToDevice::Connected {
-                    call_id: self.s.call_id.clone(),
-                    flow_id: b,
-                    payload_type: pt,
-                    video_flow_id: None,
-                });
-            }
-            caller_addr.do_send(ToDevice::Connected {
-                call_id: self.s.call_id.clone(),
-                flow_id: a,
-                payload_type: pt,
-                video_flow_id: None,
-            });
-            self.answered_at = Some(SystemTime::now());
-            metrics::histogram!(m::CALL_SETUP_SECONDS)
-                .record(self.s.started.elapsed().as_secs_f64());
-            return Ok(());
-        }
-        // Next to the trunk leg's port when there is one: both legs on one relay worker.
-        let port = match self.trunk_port {
-            Some(near) => self.s.media.allocate_port_near(near)?,
-            None => self.s.media.allocate_port()?,
-        };
-        self.caller_port = Some(port);
-        let caller = (
-            port,
-            std::net::SocketAddr::new(self.s.offer.addr, self.s.offer.port),
-        );
-        let mut video_answer = None;
-        let pt = match leg {
-            LegId::Device(session) => {
-                let pt = self
-                    .s
-                    .offer
-                    .first_g711()
-                    .unwrap_or(parley_codecs::g711::PT_PCMU);
-                let flow = self.s.media.next_flow_id();
-                self.s
-                    .media
-                    .bridge_roq(caller, session, flow, self.stats.clone())?;
-                self.roq.push((session, flow));
-                // Video rides on its own relay port and RoQ flow when both ends can.
-                let mut video_flow_id = None;
-                if let Some(v) = self.s.video_offer.clone()
-                    && self.video_devices.contains(&session)
-                {
-                    let vport = self.s.media.allocate_port_near(port)?;
-                    self.video_port = Some(vport);
-                    let vflow = self.s.media.next_flow_id();
-                    let vstats = Arc::new(FlowStats::default());
-                    self.s.media.bridge_roq(
-                        (vport, std::net::SocketAddr::new(v.addr, v.port)),
-                        session,
-                        vflow,
-                        vstats,
-                    )?;
-                    self.roq.push((session, vflow));
-                    video_flow_id = Some(vflow);
-                    video_answer = Some(sdp::VideoAnswer {
-                        port: vport,
-                        formats: v.formats.clone(),
-                    });
-                }
-                if let Some(dev) = self.devices.get(&session) {
-                    dev.do_send(ToDevice::Connected {
-                        call_id: self.s.call_id.clone(),
-                        flow_id: flow,
-                        payload_type: pt,
-                        video_flow_id,
-                    });
-                }
-                pt
-            }
-            LegId::Trunk => {
-                let (Some(tport), Some(tm)) = (self.trunk_port, self.trunk_media.as_ref()) else {
-                    return Err(crate::messages::MediaError::Unavailable);
-                };
-                self.s.media.bridge_udp(
-                    caller,
-                    (tport, std::net::SocketAddr::new(tm.addr, tm.port)),
-                    self.stats.clone(),
-                )?;
-                tm.first_g711().unwrap_or(parley_codecs::g711::PT_PCMU)
-            }
-        };
-        self.answered_at = Some(SystemTime::now());
-        metrics::histogram!(m::CALL_SETUP_SECONDS).record(self.s.started.elapsed().as_secs_f64());
-        let mut body = sdp::write(
-            self.s.media.local_ip(),
-            port,
-            &[pt],
-            self.s.offer.telephone_event(),
-            self.s.handle,
-        );
-        if self.s.video_offer.is_some() {
-            // RFC 3264: every offered stream gets an m-line in the answer; port 0 refuses it.
-            sdp::append_video(
-                &mut body,
-                &video_answer.unwrap_or(sdp::VideoAnswer {
-                    port: 0,
-                    formats: Vec::new(),
+            Action::Lookup => self.lookup(ctx),
+            Action::WatchPresence => self.callee.do_send(Watch {
+                call: self.call_handle(),
+                to: ctx.address().recipient::<PresenceChanged>().downgrade(),
+            }),
+            Action::OfferDevice { session, video } => match self.sessions.get(&session) {
+                Some(dev) => dev.do_send(ToDevice::Offer {
+                    call_id,
+                    from: self.core.spec().caller.clone(),
+                    from_name: self.core.spec().caller_name.clone(),
+                    to: self.core.spec().called.clone(),
+                    video,
+                    call: ctx.address().recipient(),
                 }),
-            );
+                // The device left between the lookup and the offer.
+                None => self.core.handle_device(
+                    Instant::now(),
+                    session,
+                    parley_core::call::DeviceLegEvent::Gone,
+                ),
+            },
+            Action::StartTrunk(offer) => self.start_trunk(offer, ctx),
+            Action::CallerRinging => match &self.caller_device {
+                Some(dev) => dev.do_send(ToDevice::Ringing { call_id }),
+                None => self.sip(SipLegCmd::CallerRinging, ctx),
+            },
+            Action::Connect(plan) => {
+                if let Err(e) = self.connect(plan, ctx) {
+                    metrics::counter!(m::MEDIA_SETUP_FAILURES_TOTAL, "reason" => e.reason())
+                        .increment(1);
+                    tracing::warn!(call = %call_id, error = %e, "media setup failed");
+                    self.core.handle_connect_failed(Instant::now(), 503);
+                }
+            }
+            Action::RejectCaller(code) => match &self.caller_device {
+                Some(dev) => dev.do_send(ToDevice::Ended {
+                    call_id,
+                    reason: device_end_reason(code),
+                }),
+                None => self.sip(SipLegCmd::CallerReject(code), ctx),
+            },
+            Action::ByeCaller => match &self.caller_device {
+                Some(dev) => dev.do_send(ToDevice::Ended {
+                    call_id,
+                    reason: "remote_hangup",
+                }),
+                None => self.sip(SipLegCmd::CallerBye, ctx),
+            },
+            Action::Withdraw(LegId::Device(s), reason)
+            | Action::Hangup(LegId::Device(s), reason) => {
+                self.to_device(s, ToDevice::Ended { call_id, reason })
+            }
+            Action::Withdraw(LegId::Trunk, _) => self.sip(SipLegCmd::TrunkCancel, ctx),
+            Action::Hangup(LegId::Trunk, _) => self.sip(SipLegCmd::TrunkBye, ctx),
+            Action::TrunkHealth(outcome) => {
+                if let Some(t) = &self.env.trunk {
+                    t.do_send(CallOutcome(outcome));
+                }
+            }
+            Action::Answered { device, rank } => {
+                metrics::counter!(m::ANSWERED_RANK_TOTAL, "rank" => rank).increment(1);
+                tracing::info!(call = %call_id, device = %device, rank, "answered");
+                self.callee.do_send(Answered {
+                    device,
+                    at: SystemTime::now(),
+                });
+            }
+            Action::Repoint(side, addr) => {
+                let port = match side {
+                    MediaSide::Caller => self.media.caller_port,
+                    MediaSide::CallerVideo => self.media.video_port,
+                    MediaSide::Trunk => self.media.trunk_port,
+                };
+                if let Some(port) = port
+                    && let Err(e) = self.env.media.repoint(port, addr)
+                {
+                    tracing::warn!(call = %call_id, port, error = ?e, "relay could not follow the media move");
+                }
+            }
+            Action::SampleMedia => {
+                let idle = self.media.stats.idle_ms(self.media.since_ms);
+                self.core
+                    .handle_media_idle(Instant::now(), Duration::from_millis(idle));
+            }
+            Action::Observe(o) => self.observe(o, &call_id),
+            Action::Finish { disposition, cause } => {
+                let ports: Vec<u16> = [
+                    self.media.caller_port,
+                    self.media.trunk_port,
+                    self.media.video_port,
+                ]
+                .into_iter()
+                .flatten()
+                .collect();
+                self.env
+                    .media
+                    .release(&ports, &std::mem::take(&mut self.media.roq));
+                let cdr = self.core.cdr(
+                    self.media.stats.caller_to_callee.load(Ordering::Relaxed),
+                    self.media.stats.callee_to_caller.load(Ordering::Relaxed),
+                );
+                let route = cdr.route.as_str();
+                metrics::counter!(m::CALLS_TOTAL, "disposition" => disposition.as_str(), "route" => route)
+                    .increment(1);
+                tracing::info!(call = %call_id, sip_call_id = %cdr.sip_call_id, disposition = disposition.as_str(), cause, route, "call finished");
+                self.env.cdr.submit(cdr);
+                // Every SIP dialog of the call (the caller's, or a trunk leg a device
+                // dialled) is forgotten once its transactions end.
+                if self.sip_registered {
+                    self.sip(SipLegCmd::Done, ctx);
+                }
+                ctx.stop();
+            }
         }
-        self.sip(SipLegCmd::CallerAnswer { sdp: body });
-        Ok(())
     }
 
-    /// The callee's devices, preferences and history, and the trunk state.
-    fn lookup(&self) -> impl std::future::Future<Output = (UserView, bool)> + use<> {
-        let user = self.s.user.addr.clone();
-        let trunk = self.s.trunk.clone();
-        let caller = self.s.caller.clone();
-        async move {
+    fn observe(&self, o: Observation, call_id: &str) {
+        match o {
+            Observation::Routed { plan, rule } => {
+                let by = if rule.is_some() { "rule" } else { "default" };
+                metrics::counter!(m::ROUTE_DECISIONS_TOTAL, "route" => plan, "by" => by)
+                    .increment(1);
+                match rule {
+                    Some(r) => tracing::info!(call = %call_id, rule = %r, plan, "routed by rule"),
+                    None => tracing::debug!(call = %call_id, plan, "routed by default policy"),
+                }
+            }
+            Observation::Rerouted { route, reroutes } => {
+                metrics::counter!(m::REROUTES_TOTAL).increment(1);
+                tracing::info!(call = %call_id, route = route.as_str(), reroutes, "re-routed while ringing");
+            }
+            Observation::RerouteRinging { since } => {
+                metrics::histogram!(m::REROUTE_SECONDS).record(since.elapsed().as_secs_f64());
+            }
+            Observation::CallerRinging { after } => {
+                metrics::histogram!(m::CALL_RINGING_SECONDS).record(after.as_secs_f64());
+            }
+            Observation::Connected { after } => {
+                metrics::histogram!(m::CALL_SETUP_SECONDS).record(after.as_secs_f64());
+            }
+            Observation::MediaTimedOut { idle } => {
+                tracing::warn!(call = %call_id, idle_ms = idle.as_millis() as u64, "no media: ending the call");
+                metrics::counter!(m::MEDIA_TIMEOUTS_TOTAL).increment(1);
+            }
+        }
+    }
+
+    /// Asks the callee's actor for its view and the trunk for its state.
+    fn lookup(&mut self, ctx: &mut Context<Self>) {
+        let user = self.callee.clone();
+        let trunk = self.env.trunk.clone();
+        let caller = self.core.spec().caller.clone();
+        let fetch = async move {
             let view = user.send(Lookup { caller }).await.unwrap_or_default();
             let trunk_up = match trunk {
                 Some(t) => t.send(GetTrunkState).await.map(|s| s.up).unwrap_or(false),
                 None => false,
             };
             (view, trunk_up)
-        }
+        };
+        ctx.wait(
+            fetch
+                .into_actor(self)
+                .map(|(view, trunk_up): (UserView, bool), act, ctx| {
+                    act.sessions.extend(view.sessions);
+                    let now_unix = SystemTime::now()
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs());
+                    act.core
+                        .handle_lookup(Instant::now(), view.callee, trunk_up, now_unix);
+                    act.drive(ctx);
+                }),
+        );
     }
 
-    /// Remembers the devices' session actors and evaluates the user's rules.
-    fn decide(&mut self, view: UserView, trunk_up: bool) -> (Plan, Option<String>) {
-        let states: Vec<_> = view.devices.iter().map(|(d, _)| d.clone()).collect();
-        for (d, a) in view.devices {
-            if d.video && !self.video_devices.contains(&d.session) {
-                self.video_devices.push(d.session);
+    fn start_trunk(&mut self, offer: TrunkOffer, ctx: &mut Context<Self>) {
+        match self.env.media.allocate_port() {
+            Ok(port) => {
+                self.media.trunk_port = Some(port);
+                let body = sdp::write(
+                    self.env.media.local_ip(),
+                    port,
+                    &offer.formats,
+                    offer.telephone_event,
+                    self.call_handle(),
+                );
+                let spec = self.core.spec();
+                let cmd = SipLegCmd::TrunkInvite {
+                    to: offer.to,
+                    from: spec.caller.clone(),
+                    from_name: spec.caller_name.clone(),
+                    sdp: body,
+                };
+                self.sip(cmd, ctx);
             }
-            self.device_names.insert(d.session, d.device.clone());
-            self.devices.entry(d.session).or_insert(a);
-        }
-        self.predicted = rules::predict(&states, &view.history)
-            .iter()
-            .map(|d| d.session)
-            .collect();
-        let now_unix = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let ctx = CallContext {
-            devices: &states,
-            history: &view.history,
-            caller: &self.s.caller,
-            caller_known: view.caller_known,
-            media: if self.s.video_offer.is_some() {
-                Media::Video
-            } else {
-                Media::Audio
-            },
-            voice_network_up: trunk_up,
-            now_unix,
-        };
-        self.pstn_fallback = view.prefs.pstn_fallback;
-        rules::plan(&view.prefs, &ctx)
-    }
-
-    /// Records who answered: the CDR, the user's answer history, and how the prediction did.
-    fn learn_answer(&mut self, leg: LegId) {
-        let LegId::Device(session) = leg else {
-            self.answered_by = Some("pstn".into());
-            return;
-        };
-        let Some(name) = self.device_names.get(&session).cloned() else {
-            return;
-        };
-        let rank = match self.predicted.iter().position(|s| *s == session) {
-            Some(0) => "1",
-            Some(1) => "2",
-            Some(_) => "3+",
-            None => "unranked",
-        };
-        metrics::counter!(m::ANSWERED_RANK_TOTAL, "rank" => rank).increment(1);
-        tracing::info!(call = %self.s.call_id, device = %name, rank, "answered");
-        self.s.user.addr.do_send(Answered {
-            device: name.clone(),
-            at: SystemTime::now(),
-        });
-        self.answered_by = Some(name);
-    }
-
-    /// While the call is answered, checks once a second that media still flows; a call
-    /// whose media stopped for the media timeout is ended (a gateway that vanished without a
-    /// BYE must not hold a relay port and a "call in progress" forever).
-    fn watch_media(&mut self, ctx: &mut Context<Self>) {
-        let Some(limit) = self.s.media_timeout else {
-            return;
-        };
-        let since = crate::messages::flow_clock_ms();
-        let check = Duration::from_secs(1).min(limit);
-        ctx.run_interval(check, move |act, ctx| {
-            if act.core.answered_leg().is_none() {
-                return;
+            Err(e) => {
+                metrics::counter!(m::MEDIA_SETUP_FAILURES_TOTAL, "reason" => e.reason())
+                    .increment(1);
+                tracing::warn!(call = %self.core.call_id(), error = %e, "no relay port for the trunk leg");
+                self.core.handle_trunk_unavailable(Instant::now());
             }
-            let idle = act.stats.idle_ms(since);
-            if idle >= limit.as_millis() as u64 {
-                tracing::warn!(call = %act.s.call_id, idle_ms = idle, "no media: ending the call");
-                metrics::counter!(m::MEDIA_TIMEOUTS_TOTAL).increment(1);
-                act.core.handle_media_timeout();
-                act.drive(ctx);
-            }
-        });
-    }
-
-    fn trunk_outcome(&self, outcome: ProbeOutcome) {
-        if let Some(t) = &self.s.trunk {
-            t.do_send(CallOutcome(outcome));
         }
     }
 
-    /// A SIP peer moved its media mid-call (re-INVITE): the relay re-latches that port and
-    /// keeps the stream toward the other side continuous.
-    fn media_moved(&mut self, port: Option<u16>, addr: std::net::SocketAddr) {
-        let Some(port) = port else {
-            return; // not bridged yet: nothing to move
+    /// Wires the media as the core planned it, then answers the caller and tells the devices.
+    fn connect(&mut self, plan: MediaPlan, ctx: &mut Context<Self>) -> Result<(), MediaError> {
+        let call_id = self.core.call_id();
+        let media = self.env.media.clone();
+        let stats = self.media.stats.clone();
+        self.media.since_ms = crate::messages::flow_clock_ms();
+        match plan {
+            MediaPlan::DeviceToTrunk { caller, trunk, pt } => {
+                let tport = self.media.trunk_port.ok_or(MediaError::Unavailable)?;
+                let flow = media.next_flow_id();
+                media.bridge_roq((tport, trunk), caller, flow, stats)?;
+                self.media.roq.push((caller, flow));
+                self.tell_caller_device(ToDevice::Connected {
+                    call_id,
+                    flow_id: flow,
+                    payload_type: pt,
+                    video_flow_id: None,
+                });
+            }
+            MediaPlan::DeviceToDevice { caller, callee, pt } => {
+                let (a, b) = (media.next_flow_id(), media.next_flow_id());
+                media.bridge_roq_roq((caller, a), (callee, b), stats)?;
+                self.media.roq.extend([(caller, a), (callee, b)]);
+                self.to_device(
+                    callee,
+                    ToDevice::Connected {
+                        call_id: call_id.clone(),
+                        flow_id: b,
+                        payload_type: pt,
+                        video_flow_id: None,
+                    },
+                );
+                self.tell_caller_device(ToDevice::Connected {
+                    call_id,
+                    flow_id: a,
+                    payload_type: pt,
+                    video_flow_id: None,
+                });
+            }
+            MediaPlan::SipToDevice {
+                caller,
+                session,
+                pt,
+                telephone_event,
+                video,
+                video_offered,
+            } => {
+                let port = self.caller_port()?;
+                let flow = media.next_flow_id();
+                media.bridge_roq((port, caller), session, flow, stats)?;
+                self.media.roq.push((session, flow));
+                let mut video_answer = None;
+                let mut video_flow_id = None;
+                if let Some(v) = video {
+                    let vport = media.allocate_port_near(port)?;
+                    self.media.video_port = Some(vport);
+                    let vflow = media.next_flow_id();
+                    media.bridge_roq((vport, v.caller), session, vflow, Arc::default())?;
+                    self.media.roq.push((session, vflow));
+                    video_flow_id = Some(vflow);
+                    video_answer = Some(sdp::VideoAnswer {
+                        port: vport,
+                        formats: v.formats,
+                    });
+                }
+                self.to_device(
+                    session,
+                    ToDevice::Connected {
+                        call_id,
+                        flow_id: flow,
+                        payload_type: pt,
+                        video_flow_id,
+                    },
+                );
+                self.answer_caller(port, pt, telephone_event, video_offered, video_answer, ctx);
+            }
+            MediaPlan::SipToTrunk {
+                caller,
+                trunk,
+                pt,
+                telephone_event,
+                video_offered,
+            } => {
+                let tport = self.media.trunk_port.ok_or(MediaError::Unavailable)?;
+                let port = self.caller_port()?;
+                media.bridge_udp((port, caller), (tport, trunk), stats)?;
+                self.answer_caller(port, pt, telephone_event, video_offered, None, ctx);
+            }
+        }
+        Ok(())
+    }
+
+    /// The caller's relay port, next to the trunk leg's when there is one (both legs on
+    /// one relay worker).
+    fn caller_port(&mut self) -> Result<u16, MediaError> {
+        let port = match self.media.trunk_port {
+            Some(near) => self.env.media.allocate_port_near(near)?,
+            None => self.env.media.allocate_port()?,
         };
-        if let Err(e) = self.s.media.repoint(port, addr) {
-            tracing::warn!(call = %self.s.call_id, port, error = ?e, "relay could not follow the media move");
+        self.media.caller_port = Some(port);
+        Ok(port)
+    }
+
+    fn tell_caller_device(&self, msg: ToDevice) {
+        if let Some(dev) = &self.caller_device {
+            dev.do_send(msg);
         }
     }
 
-    fn leg_ringing(&mut self, leg: LegId) {
-        if let Some(at) = self.reroute_at.take() {
-            metrics::histogram!(m::REROUTE_SECONDS).record(at.elapsed().as_secs_f64());
+    fn answer_caller(
+        &mut self,
+        port: u16,
+        pt: u8,
+        telephone_event: Option<u8>,
+        video_offered: bool,
+        video: Option<sdp::VideoAnswer>,
+        ctx: &mut Context<Self>,
+    ) {
+        let mut body = sdp::write(
+            self.env.media.local_ip(),
+            port,
+            &[pt],
+            telephone_event,
+            self.call_handle(),
+        );
+        if video_offered {
+            // RFC 3264: every offered stream gets an m-line in the answer; port 0 refuses it.
+            sdp::append_video(
+                &mut body,
+                &video.unwrap_or(sdp::VideoAnswer {
+                    port: 0,
+                    formats: Vec::new(),
+                }),
+            );
         }
-        self.core.handle_leg_ringing(leg);
-    }
-
-    fn finish(&mut self, disposition: Disposition, cause: u16, ctx: &mut Context<Self>) {
-        let ports: Vec<u16> = self
-            .caller_port
-            .into_iter()
-            .chain(self.trunk_port)
-            .chain(self.video_port)
-            .collect();
-        self.s.media.release(&ports, &std::mem::take(&mut self.roq));
-        let route = self.core.route();
-        metrics::counter!(m::CALLS_TOTAL, "disposition" => disposition.as_str(), "route" => route)
-            .increment(1);
-        self.s.cdr.submit(CdrRecord {
-            call_id: self.s.call_id.clone(),
-            sip_call_id: self.s.sip_call_id.clone(),
-            tenant: self.s.user.tenant.clone(),
-            user: self.s.user.user.clone(),
-            caller: self.s.caller.clone(),
-            caller_name: self.s.caller_name.clone(),
-            called: self.s.called.clone(),
-            route: route.into(),
-            start: self.s.started_wall,
-            answer: self.answered_at,
-            end: SystemTime::now(),
-            disposition: disposition.as_str().into(),
-            cause,
-            packets_in: if self.stats_swapped {
-                &self.stats.callee_to_caller
-            } else {
-                &self.stats.caller_to_callee
-            }
-            .load(Ordering::Relaxed),
-            packets_out: if self.stats_swapped {
-                &self.stats.caller_to_callee
-            } else {
-                &self.stats.callee_to_caller
-            }
-            .load(Ordering::Relaxed),
-            direction: if self.s.pstn_destination.is_some() {
-                "out"
-            } else {
-                "in"
-            },
-            answered_by: self.answered_by.clone(),
-        });
-        tracing::info!(call = %self.s.call_id, sip_call_id = %self.s.sip_call_id, disposition = disposition.as_str(), cause, route, "call finished");
-        if self.s.caller_device.is_none() {
-            self.sip(SipLegCmd::Done);
-        }
-        ctx.stop();
+        self.sip(SipLegCmd::CallerAnswer { sdp: body }, ctx);
     }
 }
 
@@ -619,50 +494,7 @@ impl Actor for CallActor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         metrics::gauge!(m::CALLS_ACTIVE).increment(1.0);
-        if let Some(number) = self.s.pstn_destination.clone() {
-            // A device dials a PSTN number: straight to the trunk, if the voice network is up.
-            let trunk = self.s.trunk.clone();
-            let up = async move {
-                match trunk {
-                    Some(t) => t.send(GetTrunkState).await.map(|s| s.up).unwrap_or(false),
-                    None => false,
-                }
-            };
-            ctx.wait(up.into_actor(self).map(move |up, act, ctx| {
-                let plan = if up {
-                    Plan::Dial(number)
-                } else {
-                    Plan::Unavailable
-                };
-                tracing::info!(call = %act.s.call_id, ?plan, "device dials the PSTN");
-                act.core.handle_plan(Instant::now(), plan, false);
-                act.drive(ctx);
-            }));
-            return;
-        }
-        ctx.wait(self.lookup().into_actor(self).map(|(view, trunk_up), act, ctx| {
-            let (plan, rule) = act.decide(view, trunk_up);
-            let label = match &plan {
-                Plan::Ring(_) => "ring",
-                Plan::Forward(_) | Plan::Dial(_) => "forward",
-                Plan::Reject(_) => "reject",
-                Plan::Unavailable => "none",
-            };
-            metrics::counter!(m::ROUTE_DECISIONS_TOTAL, "route" => label, "by" => if rule.is_some() { "rule" } else { "default" }).increment(1);
-            if let Some(r) = &rule {
-                tracing::info!(call = %act.s.call_id, rule = %r, ?plan, "routed by rule");
-            } else {
-                tracing::debug!(call = %act.s.call_id, ?plan, "routed by default policy");
-            }
-            act.by_rule = rule.is_some();
-            let fallback = act.pstn_fallback && trunk_up;
-            act.core.handle_plan(Instant::now(), plan, fallback);
-            act.drive(ctx);
-            if act.core.is_ringing() {
-                // While it rings, every presence change of the callee re-evaluates the route.
-                act.s.user.addr.do_send(Watch(ctx.address().recipient::<PresenceChanged>().downgrade()));
-            }
-        }));
+        self.drive(ctx);
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
@@ -673,80 +505,16 @@ impl Actor for CallActor {
 impl Handler<FromDevice> for CallActor {
     type Result = ();
     fn handle(&mut self, msg: FromDevice, ctx: &mut Context<Self>) {
-        if self
-            .s
-            .caller_device
-            .as_ref()
-            .is_some_and(|(s, _)| *s == msg.session)
-        {
-            // The dialling device hung up (or went away).
-            if matches!(msg.event, DeviceLegEvent::Hangup | DeviceLegEvent::Gone) {
-                if self.core.answered_leg().is_some() {
-                    self.core.handle_caller_gone(Disposition::Answered, 200);
-                } else {
-                    self.core.handle_caller_cancel();
-                }
-                self.drive(ctx);
-            }
-            return;
-        }
-        let leg = LegId::Device(msg.session);
-        let answered = self.core.answered_leg() == Some(leg);
-        match msg.event {
-            DeviceLegEvent::Delivered => self.leg_ringing(leg),
-            DeviceLegEvent::Answer => self.core.handle_leg_answered(leg),
-            DeviceLegEvent::Reject => {
-                self.core
-                    .handle_leg_failed(Instant::now(), leg, LegFailure::Declined(603))
-            }
-            DeviceLegEvent::Hangup | DeviceLegEvent::Gone if answered => {
-                self.core.handle_leg_hangup(Instant::now(), leg)
-            }
-            DeviceLegEvent::Hangup => {
-                self.core
-                    .handle_leg_failed(Instant::now(), leg, LegFailure::Declined(603))
-            }
-            DeviceLegEvent::Gone => {
-                self.core
-                    .handle_leg_failed(Instant::now(), leg, LegFailure::Failed(480))
-            }
-        }
+        self.core
+            .handle_device(Instant::now(), msg.session, msg.event);
         self.drive(ctx);
     }
 }
 
-impl Handler<SipEvent> for CallActor {
+impl Handler<ToCall> for CallActor {
     type Result = ();
-    fn handle(&mut self, msg: SipEvent, ctx: &mut Context<Self>) {
-        match msg {
-            SipEvent::CallerCancel => self.core.handle_caller_cancel(),
-            SipEvent::CallerBye => self.core.handle_caller_gone(Disposition::Answered, 200),
-            SipEvent::CallerAckTimeout => self.core.handle_caller_gone(Disposition::Failed, 408),
-            SipEvent::TrunkRinging => self.leg_ringing(LegId::Trunk),
-            SipEvent::TrunkAnswered(md) => {
-                self.trunk_outcome(ProbeOutcome::Answered(200));
-                self.trunk_media = Some(md);
-                self.core.handle_leg_answered(LegId::Trunk);
-            }
-            SipEvent::TrunkFailed(code) => {
-                match code {
-                    408 => self.trunk_outcome(ProbeOutcome::Timeout),
-                    503 => self.trunk_outcome(ProbeOutcome::Answered(503)),
-                    _ => {}
-                }
-                let why = if matches!(code, 486 | 600 | 603) {
-                    LegFailure::Declined(code)
-                } else {
-                    LegFailure::Failed(code)
-                };
-                self.core
-                    .handle_leg_failed(Instant::now(), LegId::Trunk, why);
-            }
-            SipEvent::TrunkBye => self.core.handle_leg_hangup(Instant::now(), LegId::Trunk),
-            SipEvent::CallerMediaMoved(addr) => self.media_moved(self.caller_port, addr),
-            SipEvent::TrunkMediaMoved(addr) => self.media_moved(self.trunk_port, addr),
-            SipEvent::CallerVideoMoved(addr) => self.media_moved(self.video_port, addr),
-        }
+    fn handle(&mut self, msg: ToCall, ctx: &mut Context<Self>) {
+        self.core.handle_sip(Instant::now(), msg.0);
         self.drive(ctx);
     }
 }
@@ -754,27 +522,7 @@ impl Handler<SipEvent> for CallActor {
 impl Handler<PresenceChanged> for CallActor {
     type Result = ();
     fn handle(&mut self, msg: PresenceChanged, ctx: &mut Context<Self>) {
-        if !self.core.is_ringing() {
-            return;
-        }
-        if self.core.has_more_steps() {
-            return; // a sequential plan follows its own steps
-        }
-        ctx.wait(self.lookup().into_actor(self).map(move |(view, trunk_up), act, ctx| {
-            let (plan, _) = act.decide(view, trunk_up);
-            let legs = match plan {
-                Plan::Ring(steps) if steps.len() == 1 => steps.into_iter().flat_map(|s| s.legs).collect(),
-                Plan::Unavailable => Vec::new(),
-                // Several steps, forwarding, rejection: not a re-route; keep ringing.
-                _ => return act.drive(ctx),
-            };
-            let label = if legs.iter().any(|l| matches!(l, LegId::Device(_))) { "im" } else if legs.is_empty() { "none" } else { "pstn" };
-            if act.core.handle_reroute(legs) {
-                metrics::counter!(m::REROUTES_TOTAL).increment(1);
-                act.reroute_at = Some(msg.at);
-                tracing::info!(call = %act.s.call_id, route = label, reroutes = act.core.reroutes(), "re-routed while ringing");
-            }
-            act.drive(ctx);
-        }));
+        self.core.handle_presence_changed(msg.at);
+        self.drive(ctx);
     }
 }

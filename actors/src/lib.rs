@@ -1,9 +1,9 @@
-//! Parley's control plane: actors and the pure logic they drive.
+//! Parley's control plane: the actors that drive the pure logic of `parley-core`.
 //!
-//! Every user, call, device session and trunk is an actix actor. The logic that decides
-//! things is written as plain state machines and functions with no I/O — the routing
-//! policy ([`router`]) and the call ([`call::CallCore`]) — and the actors are thin drivers
-//! that perform their actions. This crate opens no socket: it reaches the SIP stack, the
+//! Every user, call, device session and trunk is an actix actor, and each is a shell: it
+//! turns messages into inputs of a core state machine ([`parley_core::call::CallCore`],
+//! [`parley_core::presence::UserPresence`], [`parley_core::trunk::TrunkHealth`]) and the
+//! core's outputs into sends. This crate opens no socket: it reaches the SIP stack, the
 //! device connections, the media relay and the CDR store through messages
 //! ([`messages::SipCommand`], [`messages::ToDevice`]) and small traits
 //! ([`messages::MediaPlane`], [`messages::CdrSink`]) that the switch implements.
@@ -13,20 +13,17 @@
 //! runtime, so actor state needs no locks.
 //!
 //! ```
-//! use parley_actors::router::{route, DeviceState, Preferences, Route};
-//! use parley_codecs::control::Status;
-//! let desk = DeviceState { session: 1, device: "desk".into(), status: Status::Available, idle_ms: 0, note: None, video: false };
-//! assert_eq!(route(&[desk], &Preferences::default(), true), Route::Devices(vec![1]));
-//! assert_eq!(route(&[], &Preferences::default(), true), Route::Trunk);
+//! use parley_actors::registry::Registry;
+//! use parley_core::directory::Directory;
+//! // The cores see the registry as a directory of plain identities.
+//! let registry = Registry::default();
+//! assert!(registry.by_number("+15550100001").is_none());
 //! ```
 
-pub mod call;
 mod call_actor;
 pub mod messages;
 pub mod metrics;
 pub mod registry;
-pub mod router;
-pub mod rules;
 pub mod session;
 pub mod trunk;
 pub mod user;

@@ -4,13 +4,13 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::time::SystemTime;
 
 use actix::prelude::*;
-use parley_codecs::sdp::MediaDescription;
 
-/// Id of a device session (one QUIC connection after login).
-pub type SessionId = u64;
+pub use parley_core::call::DeviceLegEvent;
+pub use parley_core::cdr::CdrRecord;
+pub use parley_core::ids::{CallHandle, SessionId};
+pub use parley_core::sip::{SipEvent, SipLegCmd};
 
 /// From a call actor to a device session.
 #[derive(Message, Debug, Clone)]
@@ -56,21 +56,6 @@ pub enum ToDevice {
     },
 }
 
-/// What a device did about a call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceLegEvent {
-    /// The offer reached the device: it is ringing.
-    Delivered,
-    /// The user answered.
-    Answer,
-    /// The user declined.
-    Reject,
-    /// The user hung up.
-    Hangup,
-    /// The device disconnected.
-    Gone,
-}
-
 /// From a device session to a call actor.
 #[derive(Message, Debug, Clone, Copy)]
 #[rtype(result = "()")]
@@ -81,17 +66,6 @@ pub struct FromDevice {
     pub event: DeviceLegEvent,
 }
 
-/// Handle of a call (in the SIP driver and in call ids `c-N`).
-pub type CallHandle = u64;
-
-static CALL_HANDLES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-
-/// A new call handle, unique in this process (SIP- and IM-originated calls share them, so
-/// call ids never collide).
-pub fn next_call_handle() -> CallHandle {
-    CALL_HANDLES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-}
-
 /// From a call actor to the SIP driver.
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "()")]
@@ -100,69 +74,15 @@ pub struct SipCommand {
     pub call: CallHandle,
     /// What to do.
     pub cmd: SipLegCmd,
-}
-
-/// A SIP action on one of the call's dialogs.
-#[derive(Debug, Clone)]
-pub enum SipLegCmd {
-    /// 180 Ringing to the caller.
-    CallerRinging,
-    /// 200 OK with this SDP answer to the caller.
-    CallerAnswer {
-        /// SDP body.
-        sdp: String,
-    },
-    /// Final error response to the caller's INVITE.
-    CallerReject(u16),
-    /// BYE to the caller.
-    CallerBye,
-    /// INVITE toward the trunk.
-    TrunkInvite {
-        /// Number to call.
-        to: String,
-        /// Caller number/URI to present.
-        from: String,
-        /// Caller display name.
-        from_name: Option<String>,
-        /// SDP offer.
-        sdp: String,
-        /// Where this call's SIP events go (the driver learns calls it did not start this
-        /// way: calls dialled from IM devices).
-        events: Recipient<SipEvent>,
-    },
-    /// CANCEL the trunk INVITE.
-    TrunkCancel,
-    /// BYE to the trunk.
-    TrunkBye,
-    /// The call is over; forget its dialogs once their transactions end.
-    Done,
+    /// Where this call's SIP events go, given with the first command of a call the
+    /// driver did not start (calls dialled from IM devices start with a trunk INVITE).
+    pub events: Option<Recipient<ToCall>>,
 }
 
 /// From the SIP driver to a call actor.
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "()")]
-pub enum SipEvent {
-    /// The caller cancelled.
-    CallerCancel,
-    /// The caller hung up.
-    CallerBye,
-    /// The caller never acknowledged our 200 OK.
-    CallerAckTimeout,
-    /// The trunk leg rings (180/183).
-    TrunkRinging,
-    /// The trunk leg answered with this SDP.
-    TrunkAnswered(MediaDescription),
-    /// The trunk leg failed with this status (408 for a timeout).
-    TrunkFailed(u16),
-    /// The trunk hung up.
-    TrunkBye,
-    /// The caller's re-INVITE moved its media to this address.
-    CallerMediaMoved(SocketAddr),
-    /// The trunk's re-INVITE moved its media to this address.
-    TrunkMediaMoved(SocketAddr),
-    /// The caller's re-INVITE moved its video stream to this address.
-    CallerVideoMoved(SocketAddr),
-}
+pub struct ToCall(pub SipEvent);
 
 /// Packet counters of one bridged media stream, bumped by the relay once per batch.
 #[derive(Debug, Default)]
@@ -280,46 +200,6 @@ pub trait MediaPlane: Send + Sync + 'static {
     fn repoint(&self, port: u16, peer: SocketAddr) -> Result<(), MediaError>;
     /// Removes every flow on these ports and these RoQ flows, and frees the ports.
     fn release(&self, ports: &[u16], roq: &[(SessionId, u64)]);
-}
-
-/// A finished call, as written to the CDR store.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CdrRecord {
-    /// Parley call id.
-    pub call_id: String,
-    /// The gateway's SIP Call-ID.
-    pub sip_call_id: String,
-    /// Tenant of the called user.
-    pub tenant: String,
-    /// Called user.
-    pub user: String,
-    /// Caller's E.164 number, or SIP URI when not a telephone number.
-    pub caller: String,
-    /// Caller's display name.
-    pub caller_name: Option<String>,
-    /// Dialled number (E.164).
-    pub called: String,
-    /// `im`, `pstn` or `none`.
-    pub route: String,
-    /// INVITE received.
-    pub start: SystemTime,
-    /// Answered, if it was.
-    pub answer: Option<SystemTime>,
-    /// Ended.
-    pub end: SystemTime,
-    /// `ANSWERED`, `CANCELLED`, ...
-    pub disposition: String,
-    /// SIP cause.
-    pub cause: u16,
-    /// RTP/RTCP packets caller → callee.
-    pub packets_in: u64,
-    /// RTP/RTCP packets callee → caller.
-    pub packets_out: u64,
-    /// Who answered: the device name, or `pstn`.
-    pub answered_by: Option<String>,
-    /// `in`: a call to `user` (the caller is the other party); `out`: `user` dialled
-    /// `called` (the called number is the other party).
-    pub direction: &'static str,
 }
 
 /// Where finished calls go. Must not lose a record.

@@ -7,41 +7,38 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use actix::prelude::*;
 use parley_codecs::control::{ClientMsg, ServerMsg};
+use parley_core::call::{CallSpec, Origin};
+use parley_core::dial::{self, DialTarget};
+use parley_core::directory::UserIdentity;
+use parley_core::ids::{Sequence, call_id};
+use parley_core::rules::{Preferences, RulesError};
 use tokio::sync::mpsc;
 
-use crate::messages::next_call_handle;
 use crate::messages::{DeviceLegEvent, FromDevice, SessionId, ToDevice};
 use crate::metrics as m;
 use crate::registry::Registry;
-use crate::rules::{Preferences, RulesError};
 use crate::user::{
     Attach, Deliver, Detach, GetPreferences, PresenceUpdate, SetCapabilities, SetPreferences,
     Subscribe, Unsubscribe, UserActor,
 };
 use crate::{CallActor, CallEnv, CallSetup};
 
-/// Server chat message ids, unique per node.
-static CHAT_IDS: AtomicU64 = AtomicU64::new(1);
-
 /// Who a session belongs to and where it can find other users (same tenant only).
 #[derive(Clone, Debug)]
 pub struct SessionOwner {
-    /// Tenant.
-    pub tenant: String,
-    /// User name.
-    pub user: String,
+    /// The user (tenant, name, own E.164 number presented as the caller of dialled calls).
+    pub id: UserIdentity,
     /// The user's actor.
     pub addr: Addr<UserActor>,
-    /// Every live user (lookups are restricted to `tenant`).
+    /// Every live user (lookups are restricted to the user's tenant).
     pub registry: Arc<Registry>,
-    /// The user's own E.164 number (presented as the caller of calls this device dials).
-    pub number: String,
     /// What calls dialled from this device need; `None` disables dialling.
     pub calls: Option<Arc<CallEnv>>,
+    /// The node's chat message ids.
+    pub chat_ids: Arc<Sequence>,
     /// Where the device connects from.
     pub remote: Option<std::net::SocketAddr>,
 }
@@ -86,7 +83,7 @@ impl PresenceSession {
 
     fn subscribe(&mut self, users: Vec<String>, ctx: &mut Context<Self>) {
         for u in users {
-            match self.owner.registry.by_name(&self.owner.tenant, &u) {
+            match self.owner.registry.user_by_name(&self.owner.id.tenant, &u) {
                 Some(r) => {
                     r.addr.do_send(Subscribe {
                         session: self.id,
@@ -102,7 +99,7 @@ impl PresenceSession {
     fn unsubscribe(&mut self, users: Vec<String>) {
         for u in users {
             if self.watching.remove(&u)
-                && let Some(r) = self.owner.registry.by_name(&self.owner.tenant, &u)
+                && let Some(r) = self.owner.registry.user_by_name(&self.owner.id.tenant, &u)
             {
                 r.addr.do_send(Unsubscribe(self.id));
             }
@@ -113,99 +110,55 @@ impl PresenceSession {
         let Some(env) = self.owner.calls.clone() else {
             return self.error("unavailable", "dialling is not enabled on this node".into());
         };
-        // A user of the tenant by name, or any Parley user by number (numbers are public).
-        let callee = self
-            .owner
-            .registry
-            .by_name(&self.owner.tenant, &to)
-            .or_else(|| self.owner.registry.by_number(&to));
-        let callee = match callee {
-            Some(c) => c,
-            // Not a Parley user: a PSTN number goes out through the trunk.
-            None if is_e164(&to) && env.trunk.is_some() => {
-                return self.dial_pstn(to, &env, ctx);
+        let target = dial::resolve(
+            &self.owner.id,
+            &to,
+            &*self.owner.registry,
+            env.trunk.is_some(),
+        );
+        let (user, called, pstn_destination) = match target {
+            Ok(DialTarget::User(u)) => {
+                let number = u.number.clone();
+                (u, number, None)
             }
-            None => {
-                return self.error(
-                    "unknown_destination",
-                    format!("{to} is neither a user of your tenant nor an E.164 number"),
-                );
-            }
+            Ok(DialTarget::Pstn(n)) => (self.owner.id.clone(), n.clone(), Some(n)),
+            Err(e) => return self.error(e.code(), e.to_string()),
         };
-        if callee.tenant == self.owner.tenant && callee.user == self.owner.user {
+        // The callee's actor, for its presence; the caller's own for a PSTN number.
+        let Some(callee) = self.owner.registry.actor(&user) else {
             return self.error(
-                "unknown_destination",
-                "a device cannot call its own user".into(),
+                "unavailable",
+                format!("{} is not active on this node", user.user),
             );
-        }
-        let handle = next_call_handle();
-        let call_id = format!("c-{handle}");
-        let offer = device_offer();
-        let setup = CallSetup {
+        };
+        let handle = env.handles.next();
+        let call_id = call_id(handle);
+        let spec = CallSpec {
             handle,
-            call_id: call_id.clone(),
             sip_call_id: call_id.clone(),
-            called: callee.number.clone(),
-            user: callee,
-            caller: self.owner.number.clone(),
-            caller_name: Some(self.owner.user.clone()),
-            offer,
-            trunk: env.trunk.clone(),
-            sip: env.sip.clone(),
-            media: env.media.clone(),
-            cdr: env.cdr.clone(),
+            user,
+            origin: Origin::Device(self.id),
+            caller: self.owner.id.number.clone(),
+            caller_name: Some(self.owner.id.user.clone()),
+            called,
+            pstn_destination,
+            offer: dial::device_offer(),
+            video_offer: None,
             ring_timeout: env.ring_timeout,
+            media_timeout: env.media_timeout,
             started: std::time::Instant::now(),
             started_wall: std::time::SystemTime::now(),
-            caller_device: Some((self.id, ctx.address())),
-            pstn_destination: None,
-            video_offer: None,
-            media_timeout: env.media_timeout,
         };
-        tracing::info!(session = self.id, user = %self.owner.user, %to, call = %call_id, "device dials");
-        let call = CallActor::new(setup).start();
+        tracing::info!(session = self.id, user = %self.owner.id.user, %to, call = %call_id, "device dials");
+        let call = CallActor::new(CallSetup {
+            spec,
+            callee,
+            caller_device: Some(ctx.address()),
+            env,
+        })
+        .start();
         self.calls.insert(call_id.clone(), call.recipient());
         self.send(ServerMsg::Dialing { call_id, to });
-    }
-
-    fn dial_pstn(&mut self, number: String, env: &CallEnv, ctx: &mut Context<Self>) {
-        let Some(me) = self
-            .owner
-            .registry
-            .by_name(&self.owner.tenant, &self.owner.user)
-        else {
-            return self.error("unavailable", "your user is not active on this node".into());
-        };
-        let handle = next_call_handle();
-        let call_id = format!("c-{handle}");
-        let setup = CallSetup {
-            handle,
-            call_id: call_id.clone(),
-            sip_call_id: call_id.clone(),
-            called: number.clone(),
-            user: me,
-            caller: self.owner.number.clone(),
-            caller_name: Some(self.owner.user.clone()),
-            offer: device_offer(),
-            trunk: env.trunk.clone(),
-            sip: env.sip.clone(),
-            media: env.media.clone(),
-            cdr: env.cdr.clone(),
-            ring_timeout: env.ring_timeout,
-            started: std::time::Instant::now(),
-            started_wall: std::time::SystemTime::now(),
-            caller_device: Some((self.id, ctx.address())),
-            pstn_destination: Some(number.clone()),
-            video_offer: None,
-            media_timeout: env.media_timeout,
-        };
-        tracing::info!(session = self.id, user = %self.owner.user, to = %number, call = %call_id, "device dials the PSTN");
-        let call = CallActor::new(setup).start();
-        self.calls.insert(call_id.clone(), call.recipient());
-        self.send(ServerMsg::Dialing {
-            call_id,
-            to: number,
-        });
     }
 
     fn get_preferences(&mut self, ctx: &mut Context<Self>) {
@@ -228,7 +181,7 @@ impl PresenceSession {
             .and_then(|p| p.validate().map(|()| p));
         match prefs {
             Ok(p) => {
-                tracing::info!(session = self.id, user = %self.owner.user, rules = p.rules.len(), "preferences changed by the user");
+                tracing::info!(session = self.id, user = %self.owner.id.user, rules = p.rules.len(), "preferences changed by the user");
                 let reply = ServerMsg::Preferences {
                     preferences: serde_json::to_value(&p).unwrap_or_default(),
                 };
@@ -254,7 +207,7 @@ impl PresenceSession {
                 ),
             );
         }
-        let Some(r) = self.owner.registry.by_name(&self.owner.tenant, &to) else {
+        let Some(r) = self.owner.registry.user_by_name(&self.owner.id.tenant, &to) else {
             metrics::counter!(m::CHAT_MESSAGES_TOTAL, "result" => "unknown_user").increment(1);
             return self.error("unknown_user", format!("no user {to} in your tenant"));
         };
@@ -263,9 +216,9 @@ impl PresenceSession {
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
         let deliver = Deliver {
-            from: self.owner.user.clone(),
+            from: self.owner.id.user.clone(),
             text,
-            id: CHAT_IDS.fetch_add(1, Ordering::Relaxed),
+            id: self.owner.chat_ids.next(),
             sent_at_ms,
         };
         ctx.spawn(
@@ -475,32 +428,4 @@ impl Handler<Disconnected> for PresenceSession {
     fn handle(&mut self, _: Disconnected, ctx: &mut Context<Self>) {
         ctx.stop();
     }
-}
-
-/// What a Parley device offers: G.711 over RoQ (the address is unused; media is RoQ).
-fn device_offer() -> parley_codecs::sdp::MediaDescription {
-    use parley_codecs::sdp::{Format, MediaDescription, MediaKind};
-    MediaDescription {
-        kind: MediaKind::Audio,
-        addr: std::net::Ipv4Addr::UNSPECIFIED.into(),
-        port: 0,
-        formats: vec![
-            Format {
-                pt: parley_codecs::g711::PT_PCMU,
-                name: "PCMU".into(),
-                clock: 8000,
-            },
-            Format {
-                pt: parley_codecs::g711::PT_PCMA,
-                name: "PCMA".into(),
-                clock: 8000,
-            },
-        ],
-    }
-}
-
-/// `+` followed by 4 to 15 digits.
-fn is_e164(s: &str) -> bool {
-    s.strip_prefix('+')
-        .is_some_and(|d| (4..=15).contains(&d.len()) && d.bytes().all(|b| b.is_ascii_digit()))
 }

@@ -8,98 +8,11 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use actix::prelude::*;
 
 use crate::metrics as m;
-
-/// How a trunk is probed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HealthPolicy {
-    /// Time between OPTIONS probes (zero disables probing).
-    pub interval: Duration,
-    /// A probe with no answer after this long counts as failed.
-    pub timeout: Duration,
-    /// Consecutive failures that mark the trunk down.
-    pub down_after: u32,
-    /// Consecutive successes that mark it up again.
-    pub up_after: u32,
-}
-
-impl Default for HealthPolicy {
-    fn default() -> Self {
-        Self {
-            interval: Duration::from_secs(10),
-            timeout: Duration::from_secs(2),
-            down_after: 2,
-            up_after: 2,
-        }
-    }
-}
-
-/// What a probe (or a call) learned about the trunk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProbeOutcome {
-    /// The trunk answered with this status. Anything but 503 proves it alive (a 404 or 405
-    /// to OPTIONS still means the trunk processes SIP).
-    Answered(u16),
-    /// No answer in time.
-    Timeout,
-}
-
-impl ProbeOutcome {
-    /// Whether this outcome counts as healthy.
-    pub fn is_ok(self) -> bool {
-        matches!(self, ProbeOutcome::Answered(code) if code != 503)
-    }
-}
-
-/// Up/down state with hysteresis. Sans-IO: outcomes in, state changes out.
-#[derive(Debug, Clone)]
-pub struct TrunkHealth {
-    policy: HealthPolicy,
-    up: bool,
-    fails: u32,
-    oks: u32,
-}
-
-impl TrunkHealth {
-    /// A trunk that starts up.
-    pub fn new(policy: HealthPolicy) -> Self {
-        Self {
-            policy,
-            up: true,
-            fails: 0,
-            oks: 0,
-        }
-    }
-
-    /// Whether calls may use the trunk.
-    pub fn is_up(&self) -> bool {
-        self.up
-    }
-
-    /// Feeds one outcome; returns the new state when it changed.
-    pub fn handle_outcome(&mut self, outcome: ProbeOutcome) -> Option<bool> {
-        if outcome.is_ok() {
-            self.fails = 0;
-            self.oks = self.oks.saturating_add(1);
-            if !self.up && self.oks >= self.policy.up_after.max(1) {
-                self.up = true;
-                return Some(true);
-            }
-        } else {
-            self.oks = 0;
-            self.fails = self.fails.saturating_add(1);
-            if self.up && self.fails >= self.policy.down_after.max(1) {
-                self.up = false;
-                return Some(false);
-            }
-        }
-        None
-    }
-}
+pub use parley_core::trunk::{HealthPolicy, ProbeOutcome, TrunkHealth};
 
 /// Ask the SIP driver to send an OPTIONS probe to `dest`; the outcome comes back to `reply`.
 #[derive(Message, Debug, Clone)]
@@ -255,36 +168,5 @@ impl Handler<CallOutcome> for TrunkActor {
     type Result = ();
     fn handle(&mut self, c: CallOutcome, _: &mut Context<Self>) {
         self.record(c.0, "call");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use ProbeOutcome::*;
-
-    #[test]
-    fn hysteresis() {
-        let mut h = TrunkHealth::new(HealthPolicy {
-            down_after: 2,
-            up_after: 3,
-            ..Default::default()
-        });
-        let rows: Vec<(ProbeOutcome, Option<bool>, bool)> = vec![
-            (Answered(200), None, true),
-            (Timeout, None, true),
-            (Answered(200), None, true), // a success resets the failure count
-            (Timeout, None, true),
-            (Answered(503), Some(false), false), // second consecutive failure: down
-            (Timeout, None, false),
-            (Answered(404), None, false), // any answer but 503 is alive
-            (Answered(200), None, false),
-            (Answered(200), Some(true), true), // third consecutive success: up
-            (Answered(200), None, true),
-        ];
-        for (i, (o, change, up)) in rows.into_iter().enumerate() {
-            assert_eq!(h.handle_outcome(o), change, "row {i}");
-            assert_eq!(h.is_up(), up, "row {i}");
-        }
     }
 }

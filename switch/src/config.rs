@@ -175,8 +175,8 @@ impl TrunkConfig {
         ))
     }
     /// The trunk's health-check policy.
-    pub fn health_policy(&self) -> parley_actors::trunk::HealthPolicy {
-        parley_actors::trunk::HealthPolicy {
+    pub fn health_policy(&self) -> parley_core::trunk::HealthPolicy {
+        parley_core::trunk::HealthPolicy {
             interval: Duration::from_millis(self.probe_interval_ms),
             timeout: Duration::from_millis(self.probe_timeout_ms),
             down_after: self.down_after,

@@ -7,9 +7,11 @@ use std::time::Duration;
 
 use actix::Actor;
 use parley_actors::registry::{Registry, UserRef};
-use parley_actors::rules::Preferences;
 use parley_actors::trunk::TrunkActor;
 use parley_actors::user::{AddressBookChanged, PreferencesSink, SeedHistory, UserActor};
+use parley_core::directory::UserIdentity;
+use parley_core::ids::Sequence;
+use parley_core::rules::Preferences;
 use serde::Serialize;
 
 use crate::config::{Config, TrunkConfig};
@@ -68,9 +70,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             store.address_book(&u.tenant, &u.user).await?,
         ));
         registry.insert(UserRef {
-            tenant: u.tenant,
-            user: u.user,
-            number: u.number,
+            id: UserIdentity {
+                tenant: u.tenant,
+                user: u.user,
+                number: u.number,
+            },
             addr,
         });
     }
@@ -103,6 +107,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("sip.listen {}: {e}", cfg.sip.listen))?,
     );
     let sip_addr = sip_socket.local_addr()?;
+    let handles = Arc::new(Sequence::new());
     let core = SipCore::new(
         CoreConfig {
             local: sip_addr,
@@ -113,8 +118,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 t1: Duration::from_millis(cfg.sip.t1_ms),
                 ..Default::default()
             },
+            rng_seed: rand::random(),
         },
         registry.clone(),
+        handles.clone(),
     );
     let sip = SipDriver::new(
         sip_socket,
@@ -126,6 +133,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             trunk: trunk.clone(),
             ring_timeout: cfg.ring_timeout(),
             media_timeout: cfg.media_timeout(),
+            handles: handles.clone(),
         },
     )
     .start();
@@ -162,7 +170,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             trunk: trunk.clone(),
             ring_timeout: cfg.ring_timeout(),
             media_timeout: cfg.media_timeout(),
+            handles,
         })),
+        chat_ids: Arc::new(Sequence::new()),
     });
     actix_rt::spawn(quic::serve(endpoint.clone(), im));
 

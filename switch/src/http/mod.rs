@@ -12,8 +12,8 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
 
 use parley_actors::registry::{Registry, UserRef};
-use parley_actors::rules::Preferences;
 use parley_actors::user::{GetPreferences, GetPresence, SetPreferences};
+use parley_core::rules::Preferences;
 
 use crate::store::Store;
 
@@ -145,7 +145,7 @@ fn live_user(
 ) -> Result<(String, UserRef), Box<Response>> {
     authorised(s, headers)?;
     let tenant = tenant.unwrap_or_else(|| "demo".into());
-    let u = s.registry.by_name(&tenant, user).ok_or_else(|| {
+    let u = s.registry.user_by_name(&tenant, user).ok_or_else(|| {
         Box::new(error(
             StatusCode::NOT_FOUND,
             "unknown_user",

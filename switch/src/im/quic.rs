@@ -39,6 +39,8 @@ pub struct ImContext {
     pub next_session: AtomicU64,
     /// What calls dialled from devices need.
     pub calls: Option<Arc<parley_actors::CallEnv>>,
+    /// The node's chat message ids.
+    pub chat_ids: Arc<parley_core::ids::Sequence>,
     /// The runtime QUIC runs on (see [`QuicRuntime`]); device datagram readers run there.
     pub quic: tokio::runtime::Handle,
 }
@@ -218,7 +220,7 @@ async fn handle_connection(conn: quinn::Connection, ctx: Arc<ImContext>) {
         Ok(Some(row)) => row,
         Ok(None) => {
             // Tenant label only for tenants we know, to keep the label set bounded.
-            let label = if ctx.registry.by_name(&tenant, &user).is_some() {
+            let label = if ctx.registry.user_by_name(&tenant, &user).is_some() {
                 tenant.clone()
             } else {
                 "unknown".into()
@@ -245,7 +247,7 @@ async fn handle_connection(conn: quinn::Connection, ctx: Arc<ImContext>) {
             .await;
         }
     };
-    let Some(user_ref) = ctx.registry.by_name(&row.tenant, &row.user) else {
+    let Some(user_ref) = ctx.registry.user_by_name(&row.tenant, &row.user) else {
         return fatal(
             &conn,
             &mut send,
@@ -272,12 +274,11 @@ async fn handle_connection(conn: quinn::Connection, ctx: Arc<ImContext>) {
     }
     ctx.relay.register_session(session_id, conn.clone());
     let owner = SessionOwner {
-        tenant: row.tenant.clone(),
-        user: row.user.clone(),
+        id: user_ref.id.clone(),
         addr: user_ref.addr.clone(),
         registry: ctx.registry.clone(),
-        number: row.number.clone(),
         calls: ctx.calls.clone(),
+        chat_ids: ctx.chat_ids.clone(),
         remote: Some(remote),
     };
     let session = PresenceSession::new(session_id, device, owner, tx.clone()).start();

@@ -5,11 +5,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix::Actor;
 use bytes::Bytes;
-use parley_actors::messages::{SipEvent, SipLegCmd};
-use parley_actors::registry::{Registry, UserRef};
-use parley_actors::user::UserActor;
+use parley_core::directory::{StaticDirectory, UserIdentity};
+use parley_core::ids::Sequence;
+use parley_core::sip::{SipEvent, SipLegCmd};
 use sipx_sip::Timers;
 
 use super::core::{CoreConfig, Output, SipCore};
@@ -18,13 +17,11 @@ const GW: &str = "127.0.0.1:5070";
 const TRUNK: &str = "127.0.0.1:5080";
 
 fn core() -> SipCore {
-    let registry = Arc::new(Registry::default());
-    registry.insert(UserRef {
+    let directory = StaticDirectory(vec![UserIdentity {
         tenant: "demo".into(),
         user: "alice".into(),
         number: "+15550100001".into(),
-        addr: UserActor::new("alice").start(),
-    });
+    }]);
     SipCore::new(
         CoreConfig {
             local: "127.0.0.1:5060".parse().unwrap(),
@@ -32,8 +29,10 @@ fn core() -> SipCore {
             region: "US".into(),
             timers: Timers::default(),
             trunk_auth: None,
+            rng_seed: [7; 32],
         },
-        registry,
+        Arc::new(directory),
+        Arc::new(Sequence::new()),
     )
 }
 
@@ -92,25 +91,9 @@ fn to_tag_of(msg: &str) -> String {
     to.split("tag=").nth(1).unwrap().trim().to_owned()
 }
 
-/// Swallows SIP events (the core's outputs are what these tests look at).
-struct Sink;
-
-impl actix::Actor for Sink {
-    type Context = actix::Context<Self>;
-}
-
-impl actix::Handler<SipEvent> for Sink {
-    type Result = ();
-    fn handle(&mut self, _: SipEvent, _: &mut actix::Context<Self>) {}
-}
-
-fn with_system(f: impl FnOnce()) {
-    actix::System::new().block_on(async move { f() });
-}
-
 #[test]
 fn invite_gets_100_and_one_call_even_when_retransmitted() {
-    with_system(|| {
+    {
         let (mut c, t0, gw) = (core(), Instant::now(), GW.parse().unwrap());
         c.handle_datagram(t0, gw, invite("a1", "+15550100001"));
         let (tx, _, new) = drain(&mut c);
@@ -129,12 +112,12 @@ fn invite_gets_100_and_one_call_even_when_retransmitted() {
             "retransmission answered from the transaction"
         );
         assert_eq!(new, 0, "no second call");
-    });
+    }
 }
 
 #[test]
 fn answer_is_retransmitted_with_backoff_until_ack() {
-    with_system(|| {
+    {
         let (mut c, t0, gw) = (core(), Instant::now(), GW.parse().unwrap());
         c.handle_datagram(t0, gw, invite("a2", "15550100001"));
         drain(&mut c);
@@ -177,12 +160,12 @@ fn answer_is_retransmitted_with_backoff_until_ack() {
                 "nothing after the ACK: {tx:?} {ev:?}"
             );
         }
-    });
+    }
 }
 
 #[test]
 fn missing_ack_times_out_after_64_t1() {
-    with_system(|| {
+    {
         let (mut c, t0, gw) = (core(), Instant::now(), GW.parse().unwrap());
         c.handle_datagram(t0, gw, invite("a3", "+15550100001"));
         c.handle_command(
@@ -200,12 +183,12 @@ fn missing_ack_times_out_after_64_t1() {
             drain(&mut c).1.as_slice(),
             [SipEvent::CallerAckTimeout]
         ));
-    });
+    }
 }
 
 #[test]
 fn cancel_gets_200_then_487_which_is_retransmitted_until_ack() {
-    with_system(|| {
+    {
         let (mut c, t0, gw) = (core(), Instant::now(), GW.parse().unwrap());
         c.handle_datagram(t0, gw, invite("a4", "+15550100001"));
         drain(&mut c);
@@ -231,12 +214,12 @@ fn cancel_gets_200_then_487_which_is_retransmitted_until_ack() {
         );
         c.handle_timeout(t0 + Duration::from_secs(5));
         assert!(drain(&mut c).0.is_empty(), "ACK stopped Timer G");
-    });
+    }
 }
 
 #[test]
 fn bye_from_gateway_is_answered_and_reported() {
-    with_system(|| {
+    {
         let (mut c, t0, gw) = (core(), Instant::now(), GW.parse().unwrap());
         c.handle_datagram(t0, gw, invite("a5", "+15550100001"));
         c.handle_command(
@@ -271,12 +254,12 @@ fn bye_from_gateway_is_answered_and_reported() {
             first_lines(&drain(&mut c).0),
             vec!["SIP/2.0 481 Call/Transaction Does Not Exist"]
         );
-    });
+    }
 }
 
 #[test]
 fn we_send_bye_to_the_gateway_with_swapped_tags() {
-    with_system(|| {
+    {
         let (mut c, t0, gw) = (core(), Instant::now(), GW.parse().unwrap());
         c.handle_datagram(t0, gw, invite("a6", "+15550100001"));
         c.handle_command(
@@ -316,12 +299,12 @@ fn we_send_bye_to_the_gateway_with_swapped_tags() {
             first_lines(&drain(&mut c).0),
             vec!["BYE sip:gw@127.0.0.1:5070 SIP/2.0"]
         );
-    });
+    }
 }
 
 #[test]
 fn trunk_leg_invite_retransmits_rings_answers_and_acks() {
-    with_system(|| {
+    {
         let (mut c, t0, gw) = (core(), Instant::now(), GW.parse().unwrap());
         let trunk: SocketAddr = TRUNK.parse().unwrap();
         c.handle_datagram(t0, gw, invite("a7", "+15550100001"));
@@ -334,7 +317,6 @@ fn trunk_leg_invite_retransmits_rings_answers_and_acks() {
                 from: "+15557770001".into(),
                 from_name: Some("Gw".into()),
                 sdp: "v=0\r\n".into(),
-                events: Sink.start().recipient(),
             },
         );
         let (tx, _, _) = drain(&mut c);
@@ -385,12 +367,12 @@ fn trunk_leg_invite_retransmits_rings_answers_and_acks() {
         let (tx, ev, _) = drain(&mut c);
         assert_eq!(first_lines(&tx), vec!["ACK sip:uas@127.0.0.1:5080 SIP/2.0"]);
         assert!(ev.is_empty());
-    });
+    }
 }
 
 #[test]
 fn bad_requests_get_400_404_488_and_options_200() {
-    with_system(|| {
+    {
         let (mut c, t0, gw) = (core(), Instant::now(), GW.parse().unwrap());
         let bad = String::from_utf8(in_dialog("INVITE", "b1", "z9hG4bK-b1", None, 1).to_vec())
             .unwrap()
@@ -424,12 +406,12 @@ fn bad_requests_get_400_404_488_and_options_200() {
         assert_eq!(first_lines(&tx), vec!["SIP/2.0 503 Service Unavailable"]);
         assert!(tx[0].1.contains("Retry-After: 30"));
         assert_eq!(new, 0);
-    });
+    }
 }
 
 #[test]
 fn options_probes_report_answers_and_timeouts() {
-    with_system(|| {
+    {
         let (mut c, t0) = (core(), Instant::now());
         let trunk: SocketAddr = TRUNK.parse().unwrap();
         let id = c.send_probe(t0, trunk);
@@ -466,7 +448,7 @@ fn options_probes_report_answers_and_timeouts() {
         assert!(probes.is_empty());
         c.handle_timeout(t0 + Duration::from_secs(33));
         assert_eq!(drain_all(&mut c).3, vec![(id2, None)]);
-    });
+    }
 }
 
 fn reinvite(call_id: &str, to_tag: &str, cseq: u32, sdp: &str) -> Bytes {
@@ -500,7 +482,7 @@ fn answered_call(c: &mut SipCore, t0: Instant, call_id: &str, ours: &str) -> Str
 
 #[test]
 fn reinvite_moves_media_holds_and_refuses_other_codecs() {
-    with_system(|| {
+    {
         let (mut c, t0, gw) = (core(), Instant::now(), GW.parse().unwrap());
         let ours = parley_codecs::sdp::write([127, 0, 0, 1].into(), 4000, &[0], None, 9);
         let tag = answered_call(&mut c, t0, "r1", &ours);
@@ -564,12 +546,12 @@ fn reinvite_moves_media_holds_and_refuses_other_codecs() {
             first_lines(&drain(&mut c).0),
             vec!["SIP/2.0 481 Call/Transaction Does Not Exist"]
         );
-    });
+    }
 }
 
 #[test]
 fn trunk_reinvite_moving_its_media_is_answered_and_reported() {
-    with_system(|| {
+    {
         let (mut c, t0, gw) = (core(), Instant::now(), GW.parse().unwrap());
         let trunk: SocketAddr = TRUNK.parse().unwrap();
         c.handle_datagram(t0, gw, invite("t1", "+15550100001"));
@@ -583,7 +565,6 @@ fn trunk_reinvite_moving_its_media_is_answered_and_reported() {
                 from: "+15557770001".into(),
                 from_name: None,
                 sdp: ours.clone(),
-                events: Sink.start().recipient(),
             },
         );
         let (tx, _, _) = drain(&mut c);
@@ -626,13 +607,13 @@ fn trunk_reinvite_moving_its_media_is_answered_and_reported() {
             matches!(ev.as_slice(), [SipEvent::TrunkMediaMoved(a)] if *a == "127.0.0.1:7100".parse().unwrap()),
             "{ev:?}"
         );
-    });
+    }
 }
 
 #[test]
 fn reinvite_moving_the_video_stream_is_reported_apart() {
     use parley_codecs::sdp::{Format, VideoAnswer, append_video, write};
-    with_system(|| {
+    {
         let (mut c, t0, gw) = (core(), Instant::now(), GW.parse().unwrap());
         // We answered audio and video (relay ports 4000 and 4010).
         let mut ours = write([127, 0, 0, 1].into(), 4000, &[0], None, 3);
@@ -659,5 +640,5 @@ fn reinvite_moving_the_video_stream_is_reported_apart() {
             matches!(ev.as_slice(), [SipEvent::CallerVideoMoved(a)] if *a == "127.0.0.1:6102".parse().unwrap()),
             "{ev:?}"
         );
-    });
+    }
 }

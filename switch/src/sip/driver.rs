@@ -8,10 +8,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use actix::prelude::*;
 use bytes::Bytes;
-use parley_actors::messages::{CallHandle, CdrSink, MediaPlane, SipCommand, SipEvent, SipLegCmd};
+use parley_actors::messages::{CallHandle, CdrSink, MediaPlane, SipCommand, SipLegCmd, ToCall};
 use parley_actors::registry::Registry;
 use parley_actors::trunk::{ProbeOutcome, ProbeResult, SendProbe, TrunkActor};
-use parley_actors::{CallActor, CallSetup};
+use parley_actors::{CallActor, CallEnv, CallSetup};
+use parley_core::call::{CallSpec, Origin};
+use parley_core::ids::{Sequence, call_id};
 use tokio::net::UdpSocket;
 
 use super::core::{Output, SipCore};
@@ -30,6 +32,8 @@ pub struct DriverDeps {
     pub ring_timeout: Duration,
     /// Media timeout of answered calls.
     pub media_timeout: Option<Duration>,
+    /// The node's call handles (shared with the SIP core and IM-dialled calls).
+    pub handles: Arc<Sequence>,
 }
 
 /// The actor.
@@ -37,7 +41,10 @@ pub struct SipDriver {
     socket: Arc<UdpSocket>,
     core: SipCore,
     deps: DriverDeps,
-    calls: HashMap<CallHandle, Recipient<SipEvent>>,
+    /// What calls started here need, with this driver as their SIP side (made once the
+    /// driver has an address).
+    env: Option<Arc<CallEnv>>,
+    calls: HashMap<CallHandle, Recipient<ToCall>>,
     probes: HashMap<u64, (u64, Recipient<ProbeResult>)>,
     timer: Option<(Instant, SpawnHandle)>,
 }
@@ -49,6 +56,7 @@ impl SipDriver {
             socket,
             core,
             deps,
+            env: None,
             calls: HashMap::new(),
             probes: HashMap::new(),
             timer: None,
@@ -70,7 +78,7 @@ impl SipDriver {
                 }
                 Output::Event(h, ev) => {
                     if let Some(a) = self.calls.get(&h) {
-                        a.do_send(ev);
+                        a.do_send(ToCall(ev));
                     }
                 }
                 Output::ProbeResult { id, code } => {
@@ -80,29 +88,35 @@ impl SipDriver {
                     }
                 }
                 Output::NewCall(nc) => {
-                    let setup = CallSetup {
+                    let (Some(env), Some(callee)) =
+                        (self.env.clone(), self.deps.registry.actor(&nc.user))
+                    else {
+                        continue;
+                    };
+                    let spec = CallSpec {
                         handle: nc.handle,
-                        call_id: format!("c-{}", nc.handle),
                         sip_call_id: nc.sip_call_id,
                         user: nc.user,
+                        origin: Origin::Sip,
                         caller: nc.caller,
                         caller_name: nc.caller_name,
                         called: nc.called,
+                        pstn_destination: None,
                         offer: nc.offer,
-                        trunk: self.deps.trunk.clone(),
-                        sip: ctx.address().recipient(),
-                        media: self.deps.media.clone(),
-                        cdr: self.deps.cdr.clone(),
+                        video_offer: nc.video,
                         ring_timeout: self.deps.ring_timeout,
                         media_timeout: self.deps.media_timeout,
                         started: Instant::now(),
                         started_wall: SystemTime::now(),
-                        caller_device: None,
-                        pstn_destination: None,
-                        video_offer: nc.video,
                     };
-                    self.calls
-                        .insert(nc.handle, CallActor::new(setup).start().recipient());
+                    tracing::debug!(call = %call_id(nc.handle), "new call from a gateway");
+                    let call = CallActor::new(CallSetup {
+                        spec,
+                        callee,
+                        caller_device: None,
+                        env,
+                    });
+                    self.calls.insert(nc.handle, call.start().recipient());
                 }
             }
         }
@@ -133,6 +147,15 @@ impl Actor for SipDriver {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        self.env = Some(Arc::new(CallEnv {
+            sip: ctx.address().recipient(),
+            media: self.deps.media.clone(),
+            cdr: self.deps.cdr.clone(),
+            trunk: self.deps.trunk.clone(),
+            ring_timeout: self.deps.ring_timeout,
+            media_timeout: self.deps.media_timeout,
+            handles: self.deps.handles.clone(),
+        }));
         let socket = self.socket.clone();
         // One receive buffer reused for many datagrams: each message is split off as a
         // `Bytes` view and the buffer is refilled in 256 KiB chunks.
@@ -168,14 +191,11 @@ impl StreamHandler<Datagram> for SipDriver {
 impl Handler<SipCommand> for SipDriver {
     type Result = ();
     fn handle(&mut self, c: SipCommand, ctx: &mut Context<Self>) {
-        match &c.cmd {
-            SipLegCmd::Done => {
-                self.calls.remove(&c.call);
-            }
-            SipLegCmd::TrunkInvite { events, .. } => {
-                self.calls.entry(c.call).or_insert_with(|| events.clone());
-            }
-            _ => {}
+        if let Some(events) = &c.events {
+            self.calls.entry(c.call).or_insert_with(|| events.clone());
+        }
+        if matches!(c.cmd, SipLegCmd::Done) {
+            self.calls.remove(&c.call);
         }
         self.core.handle_command(Instant::now(), c.call, c.cmd);
         self.flush(ctx);

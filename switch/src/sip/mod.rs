@@ -14,6 +14,7 @@
 
 pub mod core;
 pub mod driver;
+pub mod error;
 mod msg;
 
 #[cfg(test)]

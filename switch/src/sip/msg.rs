@@ -1,22 +1,21 @@
 //! Small helpers over `sipx-sip` messages.
 
 use bytes::Bytes;
+
+use super::error::SipError;
 use rand::Rng;
 use sipx_sip::headers::{Address, CallId, Contact, From, To};
-use sipx_sip::{CSeq, HeaderName, Request, Response, ResponseBuilder, StatusCode};
+use sipx_sip::{
+    CSeq, HeaderName, Method, Request, RequestBuilder, Response, ResponseBuilder, StatusCode, Uri,
+};
 
-/// A random token for tags and branches.
-pub fn token(len: usize) -> String {
+/// A random token for tags and branches, drawn from `rng` (the core's seeded generator:
+/// tags must be unguessable, since they authenticate in-dialog requests).
+pub fn token(rng: &mut impl Rng, len: usize) -> String {
     const CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    let mut rng = rand::rng();
     (0..len)
         .map(|_| CHARS[rng.random_range(0..CHARS.len())] as char)
         .collect()
-}
-
-/// A new RFC 3261 branch.
-pub fn branch() -> String {
-    format!("z9hG4bK{}", token(16))
 }
 
 /// Header value as a string (lossy).
@@ -59,28 +58,28 @@ pub fn contact_uri(headers: &sipx_sip::Headers) -> Option<sipx_sip::Uri> {
 }
 
 /// Checks that a request carries what every transaction and dialog needs; `Err` names the
-/// first fault (used as the 400 reason and as a metric label).
-pub fn validate_request(req: &Request) -> Result<(), &'static str> {
+/// first fault.
+pub fn validate_request(req: &Request) -> Result<(), SipError> {
     if !matches!(req.headers.typed::<sipx_sip::Via>(), Some(Ok(_))) {
-        return Err("bad Via");
+        return Err(SipError::BadHeader("Via"));
     }
     if from_addr(&req.headers).is_none() {
-        return Err("bad From");
+        return Err(SipError::BadHeader("From"));
     }
     if !matches!(req.headers.typed::<To>(), Some(Ok(_))) {
-        return Err("bad To");
+        return Err(SipError::BadHeader("To"));
     }
     if call_id(&req.headers).is_none() {
-        return Err("bad Call-ID");
+        return Err(SipError::BadHeader("Call-ID"));
     }
     match cseq(&req.headers) {
         Some(c) if c.method == req.method => {}
-        _ => return Err("bad CSeq"),
+        _ => return Err(SipError::BadHeader("CSeq")),
     }
     if let Some(mf) = req.headers.typed::<sipx_sip::headers::MaxForwards>()
         && mf.is_err()
     {
-        return Err("bad Max-Forwards");
+        return Err(SipError::BadHeader("Max-Forwards"));
     }
     Ok(())
 }
@@ -144,4 +143,46 @@ pub fn reason(code: u16) -> &'static str {
         603 => "Decline",
         _ => "Unknown",
     }
+}
+
+#[allow(clippy::too_many_arguments)]
+/// A request outside any transaction of ours (BYE, ACK, OPTIONS, INVITE toward the trunk).
+pub fn build_request(
+    method: Method,
+    uri: Uri,
+    via: &str,
+    from: &str,
+    to: &str,
+    call_id: &str,
+    cseq: u32,
+    contact: &str,
+    route: &[String],
+    sdp: Option<&str>,
+) -> Option<Request> {
+    let mut b = RequestBuilder::new(method.clone(), uri)
+        .header(HeaderName::Via, via.to_owned())
+        .ok()?
+        .max_forwards(70)
+        .header(HeaderName::From, from.to_owned())
+        .ok()?
+        .header(HeaderName::To, to.to_owned())
+        .ok()?
+        .header(HeaderName::CallId, call_id.to_owned())
+        .ok()?
+        .cseq(cseq, &method)
+        .ok()?;
+    for r in route {
+        b = b.header(HeaderName::Route, r.clone()).ok()?;
+    }
+    if method != Method::Ack || sdp.is_some() {
+        b = b.header(HeaderName::Contact, format!("<{contact}>")).ok()?;
+    }
+    b = b.header(HeaderName::UserAgent, "Parley/0.1").ok()?;
+    if let Some(body) = sdp {
+        b = b
+            .header(HeaderName::ContentType, "application/sdp")
+            .ok()?
+            .body(Bytes::from(body.to_owned()));
+    }
+    Some(b.build())
 }

@@ -106,7 +106,7 @@ async fn write_batch(store: &Store, registry: &Registry, batch: &[CdrRecord]) {
     users.sort_unstable();
     users.dedup();
     for (tenant, user) in users {
-        let Some(u) = registry.by_name(tenant, user) else {
+        let Some(u) = registry.user_by_name(tenant, user) else {
             continue;
         };
         match store.address_book(tenant, user).await {

@@ -11,8 +11,8 @@ use std::str::FromStr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use parley_actors::messages::CdrRecord;
 use parley_codecs::control::AddressBookEntry;
+use parley_core::cdr::CdrRecord;
 use serde::Serialize;
 use sqlx::Row;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
@@ -238,13 +238,7 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         for c in cdrs {
             insert_cdr(&mut *tx, c).await?;
-            // The other party: the caller of calls to the user, the called number of calls
-            // the user dialled.
-            let (party, name) = if c.direction == "out" {
-                (&c.called, None)
-            } else {
-                (&c.caller, c.caller_name.as_deref())
-            };
+            let (party, name) = c.other_party();
             add_contact(&mut *tx, &c.tenant, &c.user, party, name, c.end).await?;
         }
         tx.commit().await?;
@@ -418,7 +412,7 @@ async fn insert_cdr<'e>(
     .bind(&c.caller)
     .bind(&c.caller_name)
     .bind(&c.called)
-    .bind(&c.route)
+    .bind(c.route.as_str())
     .bind(unix_ms(c.start))
     .bind(c.answer.map(unix_ms))
     .bind(unix_ms(c.end))
@@ -426,12 +420,12 @@ async fn insert_cdr<'e>(
     .bind(c.answer.map(rfc3339))
     .bind(rfc3339(c.end))
     .bind(duration)
-    .bind(&c.disposition)
+    .bind(c.disposition.as_str())
     .bind(i64::from(c.cause))
     .bind(c.packets_in as i64)
     .bind(c.packets_out as i64)
     .bind(&c.answered_by)
-    .bind(c.direction)
+    .bind(c.direction.as_str())
     .execute(ex)
     .await?;
     Ok(())

@@ -25,7 +25,7 @@ use std::time::Duration;
 use parley_codecs::control::Status;
 use serde::{Deserialize, Serialize};
 
-use crate::call::LegId;
+pub use crate::plan::{LegId, Plan, Step};
 use crate::router::{self, DeviceState, Route};
 
 /// Most rules per user.
@@ -305,30 +305,6 @@ pub struct CallContext<'a> {
     pub now_unix: u64,
 }
 
-/// A step of a plan: legs rung together, and how long before the next step.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Step {
-    /// Legs to ring in parallel.
-    pub legs: Vec<LegId>,
-    /// Time before the next step (none: until the ring timeout).
-    pub timeout: Option<Duration>,
-}
-
-/// What to do with a call.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Plan {
-    /// Ring these steps in order.
-    Ring(Vec<Step>),
-    /// Forward to this number through the trunk.
-    Forward(String),
-    /// A PSTN number dialled from an IM device, through the trunk.
-    Dial(String),
-    /// Refuse with this SIP status.
-    Reject(u16),
-    /// Nowhere to ring: 480.
-    Unavailable,
-}
-
 /// The plan for a call, and which rule made it (`None`: the default policy).
 ///
 /// A video call rings only devices that declared video, unless the user allows audio
@@ -472,7 +448,7 @@ fn matches(c: &Conditions, offset_min: i32, ctx: &CallContext<'_>) -> bool {
     if !c.status.is_empty()
         && !c
             .status
-            .contains(&crate::user::aggregate(ctx.devices.iter()).status)
+            .contains(&crate::presence::aggregate(ctx.devices.iter()).status)
     {
         return false;
     }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use parley_codecs::control::Status::{self, *};
 
 use super::*;
-use crate::call::LegId::{Device, Trunk};
+use crate::plan::LegId::{Device, Trunk};
 
 fn dev(session: u64, name: &str, status: Status, idle_ms: u64) -> DeviceState {
     DeviceState {

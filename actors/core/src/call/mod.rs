@@ -1,0 +1,691 @@
+//! The call state machine: one caller leg, one or more outbound legs.
+//!
+//! Sans-IO in the str0m/quinn-proto manner: `handle_*` feed events in (time as an
+//! argument), [`CallCore::poll_action`] drains what the driver must do, and
+//! [`CallCore::poll_timeout`] says when to call [`CallCore::handle_timeout`] next. The core
+//! makes every decision of a call — where it rings (through [`crate::rules`]), re-routing,
+//! how leg failures are classified and when the PSTN line is the fallback, how the
+//! answered call's media is wired ([`media::plan_media`]), the media watchdog, the CDR —
+//! and the driver (the call actor) only performs I/O: SIP commands, device messages, relay
+//! calls, the CDR sink.
+//!
+//! Drain order: after any `handle_*`, drain [`CallCore::poll_action`] until `None`, then
+//! re-arm the timer from [`CallCore::poll_timeout`].
+
+mod legs;
+pub mod media;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant, SystemTime};
+
+use parley_codecs::sdp::MediaDescription;
+
+use crate::cdr::{CallRoute, CdrRecord, Direction, Disposition};
+use crate::directory::UserIdentity;
+use crate::ids::{CallHandle, SessionId, call_id};
+use crate::plan::{LegId, Plan};
+use crate::presence::CalleeView;
+use crate::rules::{self, CallContext, Media};
+use crate::sip::SipEvent;
+use crate::trunk::{ProbeOutcome, call_outcome};
+use legs::Legs;
+pub use legs::MAX_REROUTES;
+pub use media::{MediaPlan, Origin, VideoPlan};
+
+/// Why a ringing leg stopped ringing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LegFailure {
+    /// The callee declined on that device / the trunk answered 486, 600, 603.
+    Declined(u16),
+    /// The device disconnected, or the trunk failed (timeout, 4xx/5xx other than busy).
+    Failed(u16),
+}
+
+impl LegFailure {
+    /// How a final failure status from the trunk counts: busy and decline are the callee's
+    /// answer, anything else is a failure of the route.
+    pub fn of_trunk(code: u16) -> Self {
+        if matches!(code, 486 | 600 | 603) {
+            LegFailure::Declined(code)
+        } else {
+            LegFailure::Failed(code)
+        }
+    }
+}
+
+/// What a device did about a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceLegEvent {
+    /// The offer reached the device: it is ringing.
+    Delivered,
+    /// The user answered.
+    Answer,
+    /// The user declined.
+    Reject,
+    /// The user hung up.
+    Hangup,
+    /// The device disconnected.
+    Gone,
+}
+
+/// The INVITE toward the trunk, as the call decides it; the driver adds the relay port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrunkOffer {
+    /// Number to call: the user's own line or a forwarding/dialled number.
+    pub to: String,
+    /// G.711 payload types to offer.
+    pub formats: Vec<u8>,
+    /// Telephone-event payload type to offer.
+    pub telephone_event: Option<u8>,
+}
+
+/// Something the driver should record (metrics, logs); never changes the call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Observation {
+    /// The callee's rules (or the default policy) decided.
+    Routed {
+        /// `ring`, `forward`, `reject` or `none` ([`Plan::label`]).
+        plan: &'static str,
+        /// The rule that decided; `None`: the default policy.
+        rule: Option<String>,
+    },
+    /// A presence change re-routed the ringing call.
+    Rerouted {
+        /// Where it rings now.
+        route: CallRoute,
+        /// Re-routes so far.
+        reroutes: u32,
+    },
+    /// A leg started by a re-route rings; `since` is when the presence change happened.
+    RerouteRinging {
+        /// The presence change.
+        since: Instant,
+    },
+    /// The caller hears ringback; `after` the INVITE.
+    CallerRinging {
+        /// Time since the call started.
+        after: Duration,
+    },
+    /// The call was answered `after` the INVITE.
+    Connected {
+        /// Time since the call started.
+        after: Duration,
+    },
+    /// No media crossed the answered call for this long: it ends.
+    MediaTimedOut {
+        /// How long the media was idle.
+        idle: Duration,
+    },
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Fetch the callee's [`CalleeView`] and the trunk state, then call
+    /// [`CallCore::handle_lookup`].
+    Lookup,
+    /// Tell the callee's presence that this ringing call watches it (presence changes
+    /// then come in as [`CallCore::handle_presence_changed`]).
+    WatchPresence,
+    /// Offer the call to a device (with video when both ends take it).
+    OfferDevice {
+        /// The device.
+        session: SessionId,
+        /// Whether the offer carries video.
+        video: bool,
+    },
+    /// Reserve a relay port and send this INVITE to the trunk; a port shortage comes back
+    /// as [`CallCore::handle_trunk_unavailable`].
+    StartTrunk(TrunkOffer),
+    /// Send 180 Ringing to the caller (a device caller hears `call_ringing`).
+    CallerRinging,
+    /// Wire the answered call's media as planned, answer the caller and tell the devices;
+    /// a failure comes back as [`CallCore::handle_connect_failed`].
+    Connect(MediaPlan),
+    /// Send a final error response to the caller (a device caller gets `call_ended` with
+    /// [`device_end_reason`]).
+    RejectCaller(u16),
+    /// Send BYE to the caller (a device caller gets `call_ended`, `remote_hangup`).
+    ByeCaller,
+    /// Stop a ringing leg (device: withdraw the offer; trunk: CANCEL).
+    Withdraw(LegId, &'static str),
+    /// End an answered leg (device: call ended; trunk: BYE).
+    Hangup(LegId, &'static str),
+    /// Feed the trunk's health with what this call learned.
+    TrunkHealth(ProbeOutcome),
+    /// A device of the callee answered: the answer history learns it. `rank` is where
+    /// prediction had put it (`1`, `2`, `3+`, `unranked`).
+    Answered {
+        /// Device name.
+        device: String,
+        /// Prediction rank label.
+        rank: &'static str,
+    },
+    /// A SIP peer moved its media (re-INVITE): re-point that relay port.
+    Repoint(MediaSide, std::net::SocketAddr),
+    /// Report how long the answered call's media has been idle through
+    /// [`CallCore::handle_media_idle`].
+    SampleMedia,
+    /// Record this.
+    Observe(Observation),
+    /// The call is over: release media, write [`CallCore::cdr`], stop.
+    Finish {
+        /// CDR disposition.
+        disposition: Disposition,
+        /// SIP cause code sent to or received from the caller.
+        cause: u16,
+    },
+}
+
+/// Which relay port a SIP peer's media move concerns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MediaSide {
+    /// The caller's audio.
+    Caller,
+    /// The caller's video.
+    CallerVideo,
+    /// The trunk's audio.
+    Trunk,
+}
+
+/// What a device caller hears when its call ends with a SIP-style cause.
+pub fn device_end_reason(code: u16) -> &'static str {
+    match code {
+        486 | 600 | 603 => "rejected",
+        487 => "cancelled",
+        408 | 480 => "unavailable",
+        _ => "failed",
+    }
+}
+
+/// Everything a call knows at birth.
+#[derive(Debug, Clone)]
+pub struct CallSpec {
+    /// The call's handle (its Parley call id is `c-<handle>`).
+    pub handle: CallHandle,
+    /// The gateway's Call-ID (the Parley call id for dialled calls).
+    pub sip_call_id: String,
+    /// The user who owns the CDR: the callee, or for a PSTN number dialled by a device,
+    /// the caller's own user.
+    pub user: UserIdentity,
+    /// Who placed the call.
+    pub origin: Origin,
+    /// Caller number (E.164) or URI.
+    pub caller: String,
+    /// Caller display name.
+    pub caller_name: Option<String>,
+    /// Dialled number (E.164).
+    pub called: String,
+    /// For a device dialling a PSTN number: that number.
+    pub pstn_destination: Option<String>,
+    /// The caller's audio offer.
+    pub offer: MediaDescription,
+    /// The caller's video offer.
+    pub video_offer: Option<MediaDescription>,
+    /// Give up ringing after this long.
+    pub ring_timeout: Duration,
+    /// End an answered call when no media crosses it for this long.
+    pub media_timeout: Option<Duration>,
+    /// When the call started.
+    pub started: Instant,
+    /// The same instant on the wall clock (CDR times are `started_wall` plus elapsed
+    /// monotonic time, so a clock step mid-call cannot make a negative duration).
+    pub started_wall: SystemTime,
+}
+
+/// How often an answered call's media is sampled (at most; less when the timeout is
+/// shorter).
+const MEDIA_CHECK: Duration = Duration::from_secs(1);
+
+/// One call.
+#[derive(Debug)]
+pub struct CallCore {
+    spec: CallSpec,
+    legs: Legs,
+    /// The trunk's answer, once it answered.
+    trunk_media: Option<MediaDescription>,
+    /// Device names by session (for the answer history and the CDR).
+    device_names: HashMap<SessionId, String>,
+    /// Sessions in predicted order at routing time (to measure prediction quality).
+    predicted: Vec<SessionId>,
+    /// Sessions of the callee's devices that take video.
+    video_devices: Vec<SessionId>,
+    pstn_fallback: bool,
+    /// A presence change waits for its lookup: when it happened.
+    reroute_pending: Option<Instant>,
+    /// The last re-route's presence change, until one of its new legs rings.
+    reroute_at: Option<Instant>,
+    answered_at: Option<Instant>,
+    answered_by: Option<String>,
+    counts_swapped: bool,
+    media_check: Option<Instant>,
+    ended_at: Option<Instant>,
+    actions: VecDeque<Action>,
+}
+
+impl CallCore {
+    /// A new call; its first action is [`Action::Lookup`].
+    pub fn new(spec: CallSpec) -> Self {
+        let mut actions = VecDeque::new();
+        actions.push_back(Action::Lookup);
+        Self {
+            legs: Legs::new(spec.ring_timeout),
+            spec,
+            trunk_media: None,
+            device_names: HashMap::new(),
+            predicted: Vec::new(),
+            video_devices: Vec::new(),
+            pstn_fallback: true,
+            reroute_pending: None,
+            reroute_at: None,
+            answered_at: None,
+            answered_by: None,
+            counts_swapped: false,
+            media_check: None,
+            ended_at: None,
+            actions,
+        }
+    }
+
+    /// What the call was born with.
+    pub fn spec(&self) -> &CallSpec {
+        &self.spec
+    }
+
+    /// The Parley call id.
+    pub fn call_id(&self) -> String {
+        call_id(self.spec.handle)
+    }
+
+    /// Where the legs started last went.
+    pub fn route(&self) -> CallRoute {
+        self.legs.route()
+    }
+
+    /// The leg that answered, once answered.
+    pub fn answered_leg(&self) -> Option<LegId> {
+        self.legs.answered_leg()
+    }
+
+    /// Whether the call has finished.
+    pub fn is_ended(&self) -> bool {
+        self.legs.is_ended()
+    }
+
+    /// Whether the call is still ringing (re-routing applies).
+    pub fn is_ringing(&self) -> bool {
+        self.legs.is_ringing()
+    }
+
+    /// Re-routes so far.
+    pub fn reroutes(&self) -> u32 {
+        self.legs.reroutes()
+    }
+
+    /// The callee's view and the trunk state arrived (for the first routing, or for a
+    /// re-route after a presence change). `now_unix` is the wall clock in seconds, for the
+    /// rules' time windows.
+    pub fn handle_lookup(&mut self, now: Instant, view: CalleeView, trunk_up: bool, now_unix: u64) {
+        if let Some(number) = self.spec.pstn_destination.clone() {
+            // A device dials a PSTN number: straight to the trunk, if the voice network is up.
+            if self.legs.is_routing() {
+                let plan = if trunk_up {
+                    Plan::Dial(number)
+                } else {
+                    Plan::Unavailable
+                };
+                self.legs.handle_plan(now, plan, false);
+                self.pump(now);
+            }
+            return;
+        }
+        if self.legs.is_routing() {
+            let (plan, rule) = self.decide(&view, trunk_up, now_unix);
+            self.actions.push_back(Action::Observe(Observation::Routed {
+                plan: plan.label(),
+                rule,
+            }));
+            let fallback = self.pstn_fallback && trunk_up;
+            self.legs.handle_plan(now, plan, fallback);
+            self.pump(now);
+            if self.legs.is_ringing() {
+                // While it rings, every presence change of the callee re-evaluates the route.
+                self.actions.push_back(Action::WatchPresence);
+            }
+            return;
+        }
+        let Some(changed_at) = self.reroute_pending.take() else {
+            return;
+        };
+        if !self.legs.is_ringing() || self.legs.has_more_steps() {
+            return;
+        }
+        let (plan, _) = self.decide(&view, trunk_up, now_unix);
+        let legs = match plan {
+            Plan::Ring(steps) if steps.len() == 1 => {
+                steps.into_iter().flat_map(|s| s.legs).collect()
+            }
+            Plan::Unavailable => Vec::new(),
+            // Several steps, forwarding, rejection: not a re-route; keep ringing.
+            _ => return,
+        };
+        if self.legs.handle_reroute(legs) {
+            self.reroute_at = Some(changed_at);
+            self.actions
+                .push_back(Action::Observe(Observation::Rerouted {
+                    route: self.legs.route(),
+                    reroutes: self.legs.reroutes(),
+                }));
+            self.pump(now);
+        }
+    }
+
+    /// The callee's presence changed at `at`. A ringing call that follows a single-step
+    /// plan asks for a fresh view ([`Action::Lookup`]); a sequential plan follows its own
+    /// steps, and an answered call stays put.
+    pub fn handle_presence_changed(&mut self, at: Instant) {
+        if self.legs.is_ringing() && !self.legs.has_more_steps() && self.reroute_pending.is_none() {
+            self.reroute_pending = Some(at);
+            self.actions.push_back(Action::Lookup);
+        }
+    }
+
+    /// A device (the dialling device, or one the call was offered to) did something.
+    pub fn handle_device(&mut self, now: Instant, session: SessionId, event: DeviceLegEvent) {
+        if self.spec.origin == Origin::Device(session) {
+            // The dialling device hung up (or went away).
+            if matches!(event, DeviceLegEvent::Hangup | DeviceLegEvent::Gone) {
+                if self.legs.answered_leg().is_some() {
+                    self.legs.handle_caller_gone(Disposition::Answered, 200);
+                } else {
+                    self.legs.handle_caller_cancel();
+                }
+            }
+            return self.pump(now);
+        }
+        let leg = LegId::Device(session);
+        let answered = self.legs.answered_leg() == Some(leg);
+        match event {
+            DeviceLegEvent::Delivered => self.leg_ringing(leg),
+            DeviceLegEvent::Answer => self.legs.handle_leg_answered(leg),
+            // Rejecting, or hanging up an offer that rings, is the user's "no".
+            DeviceLegEvent::Reject => {
+                self.legs
+                    .handle_leg_failed(now, leg, LegFailure::Declined(603))
+            }
+            DeviceLegEvent::Hangup | DeviceLegEvent::Gone if answered => {
+                self.legs.handle_leg_hangup(now, leg)
+            }
+            DeviceLegEvent::Hangup => {
+                self.legs
+                    .handle_leg_failed(now, leg, LegFailure::Declined(603))
+            }
+            DeviceLegEvent::Gone => self
+                .legs
+                .handle_leg_failed(now, leg, LegFailure::Failed(480)),
+        }
+        self.pump(now);
+    }
+
+    /// The SIP core reported something about the caller's dialog or the trunk leg.
+    pub fn handle_sip(&mut self, now: Instant, event: SipEvent) {
+        match event {
+            SipEvent::CallerCancel => self.legs.handle_caller_cancel(),
+            SipEvent::CallerBye => self.legs.handle_caller_gone(Disposition::Answered, 200),
+            // RFC 3261 §13.3.1.4: a UAS whose 2xx is never acknowledged ends the dialog
+            // with a BYE; the caller may still think the call is up.
+            SipEvent::CallerAckTimeout => self.legs.handle_ack_timeout(),
+            SipEvent::TrunkRinging => self.leg_ringing(LegId::Trunk),
+            SipEvent::TrunkAnswered(md) => {
+                self.actions
+                    .push_back(Action::TrunkHealth(ProbeOutcome::Answered(200)));
+                self.trunk_media = Some(md);
+                self.legs.handle_leg_answered(LegId::Trunk);
+            }
+            SipEvent::TrunkFailed(code) => {
+                if let Some(outcome) = call_outcome(code) {
+                    self.actions.push_back(Action::TrunkHealth(outcome));
+                }
+                self.legs
+                    .handle_leg_failed(now, LegId::Trunk, LegFailure::of_trunk(code));
+            }
+            SipEvent::TrunkBye => self.legs.handle_leg_hangup(now, LegId::Trunk),
+            SipEvent::CallerMediaMoved(a) => self.repoint(MediaSide::Caller, a),
+            SipEvent::TrunkMediaMoved(a) => self.repoint(MediaSide::Trunk, a),
+            SipEvent::CallerVideoMoved(a) => self.repoint(MediaSide::CallerVideo, a),
+        }
+        self.pump(now);
+    }
+
+    /// The trunk leg could not start: no relay port for it.
+    pub fn handle_trunk_unavailable(&mut self, now: Instant) {
+        self.legs
+            .handle_leg_failed(now, LegId::Trunk, LegFailure::Failed(503));
+        self.pump(now);
+    }
+
+    /// The answered leg's media could not be wired: end that leg and fail the call.
+    pub fn handle_connect_failed(&mut self, now: Instant, code: u16) {
+        self.media_check = None;
+        self.legs.handle_connect_failed(code);
+        self.pump(now);
+    }
+
+    /// The answered call's media has been idle for `idle` (answer to
+    /// [`Action::SampleMedia`]).
+    pub fn handle_media_idle(&mut self, now: Instant, idle: Duration) {
+        let Some(limit) = self.spec.media_timeout else {
+            return;
+        };
+        if self.legs.answered_leg().is_none() {
+            return;
+        }
+        if idle >= limit {
+            self.actions
+                .push_back(Action::Observe(Observation::MediaTimedOut { idle }));
+            self.legs.handle_media_timeout();
+        } else {
+            self.media_check = Some(now + MEDIA_CHECK.min(limit));
+        }
+        self.pump(now);
+    }
+
+    /// When [`Self::handle_timeout`] must next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match (self.legs.poll_timeout(), self.media_check) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Time passed.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some(at) = self.media_check
+            && now >= at
+        {
+            self.media_check = None;
+            self.actions.push_back(Action::SampleMedia);
+        }
+        self.legs.handle_timeout(now);
+        self.pump(now);
+    }
+
+    /// Next thing to do.
+    #[must_use]
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// The CDR of the finished call, with the relay's packet counts of its audio stream
+    /// (`relay_caller_side`: packets from the relay's first side, `relay_callee_side`: the
+    /// other way).
+    pub fn cdr(&self, relay_caller_side: u64, relay_callee_side: u64) -> CdrRecord {
+        let (packets_in, packets_out) = if self.counts_swapped {
+            (relay_callee_side, relay_caller_side)
+        } else {
+            (relay_caller_side, relay_callee_side)
+        };
+        let wall =
+            |at: Instant| self.spec.started_wall + at.saturating_duration_since(self.spec.started);
+        CdrRecord {
+            call_id: self.call_id(),
+            sip_call_id: self.spec.sip_call_id.clone(),
+            tenant: self.spec.user.tenant.clone(),
+            user: self.spec.user.user.clone(),
+            caller: self.spec.caller.clone(),
+            caller_name: self.spec.caller_name.clone(),
+            called: self.spec.called.clone(),
+            route: self.legs.route(),
+            start: self.spec.started_wall,
+            answer: self.answered_at.map(wall),
+            end: self.ended_at.map_or(self.spec.started_wall, wall),
+            disposition: self.legs.disposition().unwrap_or(Disposition::Failed),
+            cause: self.legs.cause(),
+            packets_in,
+            packets_out,
+            answered_by: self.answered_by.clone(),
+            direction: if self.spec.pstn_destination.is_some() {
+                Direction::Out
+            } else {
+                Direction::In
+            },
+        }
+    }
+
+    fn leg_ringing(&mut self, leg: LegId) {
+        if let Some(since) = self.reroute_at.take() {
+            self.actions
+                .push_back(Action::Observe(Observation::RerouteRinging { since }));
+        }
+        self.legs.handle_leg_ringing(leg);
+    }
+
+    fn repoint(&mut self, side: MediaSide, addr: std::net::SocketAddr) {
+        // Not bridged yet: nothing to move (the answer's SDP is read when it is).
+        if self.legs.answered_leg().is_some() {
+            self.actions.push_back(Action::Repoint(side, addr));
+        }
+    }
+
+    /// Evaluates the callee's rules on `view`; remembers its devices for offers, the
+    /// answer history and prediction quality.
+    fn decide(
+        &mut self,
+        view: &CalleeView,
+        trunk_up: bool,
+        now_unix: u64,
+    ) -> (Plan, Option<String>) {
+        for d in &view.devices {
+            if d.video && !self.video_devices.contains(&d.session) {
+                self.video_devices.push(d.session);
+            }
+            self.device_names.insert(d.session, d.device.clone());
+        }
+        self.predicted = rules::predict(&view.devices, &view.history)
+            .iter()
+            .map(|d| d.session)
+            .collect();
+        let ctx = CallContext {
+            devices: &view.devices,
+            history: &view.history,
+            caller: &self.spec.caller,
+            caller_known: view.caller_known,
+            media: if self.spec.video_offer.is_some() {
+                Media::Video
+            } else {
+                Media::Audio
+            },
+            voice_network_up: trunk_up,
+            now_unix,
+        };
+        self.pstn_fallback = view.prefs.pstn_fallback;
+        rules::plan(&view.prefs, &ctx)
+    }
+
+    /// Turns the leg machine's decisions into the driver's actions, with what the call
+    /// knows added (offers with video, trunk INVITEs with formats, media plans).
+    fn pump(&mut self, now: Instant) {
+        while let Some(step) = self.legs.poll() {
+            let action = match step {
+                legs::Out::Offer(session) => Action::OfferDevice {
+                    session,
+                    video: self.spec.video_offer.is_some() && self.video_devices.contains(&session),
+                },
+                legs::Out::StartTrunk(target) => Action::StartTrunk(TrunkOffer {
+                    to: target.unwrap_or_else(|| self.spec.called.clone()),
+                    formats: media::trunk_formats(&self.spec.offer),
+                    telephone_event: self.spec.offer.telephone_event(),
+                }),
+                legs::Out::CallerRinging => {
+                    self.actions
+                        .push_back(Action::Observe(Observation::CallerRinging {
+                            after: now.saturating_duration_since(self.spec.started),
+                        }));
+                    Action::CallerRinging
+                }
+                legs::Out::Connect(leg) => match self.connect(now, leg) {
+                    Ok(plan) => Action::Connect(plan),
+                    Err(_) => {
+                        self.legs.handle_connect_failed(503);
+                        continue;
+                    }
+                },
+                legs::Out::RejectCaller(code) => Action::RejectCaller(code),
+                legs::Out::ByeCaller => Action::ByeCaller,
+                legs::Out::Withdraw(leg, why) => Action::Withdraw(leg, why),
+                legs::Out::Hangup(leg, why) => Action::Hangup(leg, why),
+                legs::Out::Finish { disposition, cause } => {
+                    self.ended_at = Some(now);
+                    self.media_check = None;
+                    Action::Finish { disposition, cause }
+                }
+            };
+            self.actions.push_back(action);
+        }
+    }
+
+    /// The answered leg: who answered (history, prediction), and the media plan.
+    fn connect(&mut self, now: Instant, leg: LegId) -> Result<MediaPlan, media::MediaPlanError> {
+        let takes_video = matches!(leg, LegId::Device(s) if self.video_devices.contains(&s));
+        let plan = media::plan_media(
+            self.spec.origin,
+            leg,
+            &self.spec.offer,
+            self.spec.video_offer.as_ref(),
+            self.trunk_media.as_ref(),
+            takes_video,
+        )?;
+        self.answered_at = Some(now);
+        self.counts_swapped = plan.counts_swapped();
+        self.actions
+            .push_back(Action::Observe(Observation::Connected {
+                after: now.saturating_duration_since(self.spec.started),
+            }));
+        match leg {
+            LegId::Trunk => self.answered_by = Some("pstn".into()),
+            LegId::Device(session) => {
+                if let Some(name) = self.device_names.get(&session).cloned() {
+                    let rank = match self.predicted.iter().position(|s| *s == session) {
+                        Some(0) => "1",
+                        Some(1) => "2",
+                        Some(_) => "3+",
+                        None => "unranked",
+                    };
+                    // Calls between users answer on the callee's device: the callee's
+                    // history learns; a device caller's own session is never ranked.
+                    self.actions.push_back(Action::Answered {
+                        device: name.clone(),
+                        rank,
+                    });
+                    self.answered_by = Some(name);
+                }
+            }
+        }
+        if let Some(limit) = self.spec.media_timeout {
+            self.media_check = Some(now + MEDIA_CHECK.min(limit));
+        }
+        Ok(plan)
+    }
+}

@@ -1,0 +1,117 @@
+//! The B2BUA's pairing: each call joins the caller's dialog (UAS side) and the trunk leg
+//! (UAC side) under one handle. Requests inside a dialog find their call by Call-ID;
+//! commands from the call go to the leg they name; a finished call's dialogs are kept a
+//! while to absorb retransmissions, then reaped.
+
+use std::time::Instant;
+
+use parley_core::ids::CallHandle;
+use parley_core::sip::{SipEvent, SipLegCmd};
+use sipx_sip::{Request, TransactionKey};
+
+use super::caller::CallerLeg;
+use super::timers::TimerKind;
+use super::trunk::TrunkLeg;
+use super::{Output, SipCore, msg};
+
+/// Which dialog of a call a Call-ID names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Side {
+    /// The caller's dialog (we are its UAS).
+    Caller,
+    /// The trunk leg (we are its UAC).
+    Trunk,
+}
+
+/// Why we started a client transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Purpose {
+    /// The INVITE of a trunk leg.
+    TrunkInvite,
+    /// Its CANCEL.
+    TrunkCancel,
+    /// A BYE on either dialog.
+    Bye,
+    /// An OPTIONS health probe, by probe id.
+    Probe(u64),
+}
+
+/// One call's dialogs.
+#[derive(Debug)]
+pub(super) struct Call {
+    /// `None` for calls dialled from an IM device (only the trunk leg is SIP).
+    pub(super) caller: Option<CallerLeg>,
+    pub(super) trunk: Option<TrunkLeg>,
+    /// The call actor is done with it; kept only to absorb retransmissions.
+    pub(super) done: bool,
+}
+
+impl SipCore {
+    /// A command from a call actor.
+    pub fn handle_command(&mut self, now: Instant, handle: CallHandle, cmd: SipLegCmd) {
+        match cmd {
+            SipLegCmd::CallerRinging => self.caller_response(now, handle, 180, None),
+            SipLegCmd::CallerAnswer { sdp } => self.caller_response(now, handle, 200, Some(&sdp)),
+            SipLegCmd::CallerReject(code) => self.caller_response(now, handle, code, None),
+            SipLegCmd::CallerBye => self.send_caller_bye(now, handle),
+            SipLegCmd::TrunkInvite {
+                to,
+                from,
+                from_name,
+                sdp,
+            } => self.send_trunk_invite(now, handle, &to, &from, from_name.as_deref(), &sdp),
+            SipLegCmd::TrunkCancel => self.send_trunk_cancel(now, handle),
+            SipLegCmd::TrunkBye => self.send_trunk_bye(now, handle),
+            SipLegCmd::Done => {
+                if let Some(c) = self.calls.get_mut(&handle) {
+                    c.done = true;
+                    if let Some(leg) = c.caller.as_mut() {
+                        leg.retx_deadline = None;
+                    }
+                }
+                // Keep the dialog a while to absorb retransmissions, then forget it.
+                self.timers
+                    .set(now + self.cfg.timers.timeout(), TimerKind::Reap(handle));
+            }
+        }
+    }
+
+    pub(super) fn on_bye(&mut self, now: Instant, key: &TransactionKey, req: &Request) {
+        let found = msg::call_id(&req.headers).and_then(|cid| self.by_call_id.get(&cid).copied());
+        match found {
+            Some((h, side)) => {
+                self.respond(now, key, req, 200, None);
+                if let Some(call) = self.calls.get_mut(&h)
+                    && !call.done
+                {
+                    let ev = match side {
+                        Side::Caller => {
+                            if let Some(leg) = call.caller.as_mut() {
+                                leg.acked = true;
+                            }
+                            SipEvent::CallerBye
+                        }
+                        Side::Trunk => SipEvent::TrunkBye,
+                    };
+                    self.out.push_back(Output::Event(h, ev));
+                }
+            }
+            None => self.respond(now, key, req, 481, None),
+        }
+    }
+
+    pub(super) fn reap(&mut self, h: CallHandle) {
+        if let Some(call) = self.calls.remove(&h) {
+            if let Some(cid) = call
+                .caller
+                .as_ref()
+                .and_then(|c| msg::call_id(&c.invite.headers))
+            {
+                self.by_call_id.remove(&cid);
+            }
+            if let Some(t) = call.trunk {
+                self.by_call_id.remove(&t.call_id);
+            }
+        }
+    }
+}

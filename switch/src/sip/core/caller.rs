@@ -1,0 +1,298 @@
+//! The caller's dialog: we are the UAS of the gateway's INVITE. 100 Trying at once, a
+//! new call for the number's user, then what the call decides — 180, the 200 with our
+//! SDP (retransmitted until its ACK, RFC 3261 §13.3.1.4), a final error, or our BYE.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parley_codecs::sdp;
+use parley_core::ids::CallHandle;
+use parley_core::sip::SipEvent;
+use sipx_sip::{HeaderName, Message, Method, Request, TransactionKey, Uri};
+
+use super::b2bua::{Call, Purpose, Side};
+use super::reinvite::MediaState;
+use super::timers::TimerKind;
+use super::{NewCall, Output, SipCore, msg};
+use crate::metrics as m;
+use crate::numbers;
+use crate::sip::error::SipError;
+
+/// Our UAS side of the caller's dialog.
+#[derive(Debug)]
+pub(super) struct CallerLeg {
+    pub(super) invite: Request,
+    pub(super) key: TransactionKey,
+    pub(super) src: SocketAddr,
+    pub(super) local_tag: String,
+    pub(super) final_sent: bool,
+    pub(super) ok: Option<Bytes>,
+    pub(super) acked: bool,
+    pub(super) retx_interval: Duration,
+    pub(super) retx_deadline: Option<Instant>,
+    pub(super) local_cseq: u32,
+    pub(super) remote_target: Option<Uri>,
+    /// Set once we answered 200 with SDP.
+    pub(super) media: Option<MediaState>,
+    /// Which 200 is being retransmitted (bumped by each re-INVITE's 200).
+    pub(super) retx_gen: u32,
+    /// CSeq of the INVITE whose 200 awaits its ACK (a late ACK of an earlier one does
+    /// not stop a re-INVITE's 200).
+    pub(super) ack_cseq: u32,
+}
+
+impl SipCore {
+    pub(super) fn on_invite(&mut self, now: Instant, key: &TransactionKey, req: Request) {
+        if msg::to_tag(&req.headers).is_some() {
+            self.on_reinvite(now, key, &req);
+            return;
+        }
+        if self.draining {
+            metrics::counter!(m::SIP_REJECTED_OVERLOAD_TOTAL).increment(1);
+            let tag = self.token(10);
+            if let Some(r) = msg::response(&req, 503, Some(&tag), None, None) {
+                let mut r = r;
+                if let Ok(h) = sipx_sip::Header::build(HeaderName::RetryAfter, "30") {
+                    r.headers.push(h);
+                }
+                let outputs = self.layer.send_response(key, r);
+                self.run_tx(now, key, outputs, false);
+            }
+            return;
+        }
+        let Some(src) = self.dests.get(key).copied() else {
+            return;
+        };
+        // 100 Trying at once: stops the gateway's INVITE retransmissions while we route.
+        if let Some(r) = msg::response(&req, 100, None, None, None) {
+            let outputs = self.layer.send_response(key, r);
+            self.run_tx(now, key, outputs, false);
+        }
+        let dialled = req
+            .uri
+            .user()
+            .map(|u| String::from_utf8_lossy(u).into_owned())
+            .unwrap_or_default();
+        let Some(called) = numbers::to_e164(&dialled, &self.cfg.region) else {
+            self.respond(now, key, &req, 404, None);
+            return;
+        };
+        let Some(user) = self.directory.by_number(&called) else {
+            self.respond(now, key, &req, 404, None);
+            return;
+        };
+        let body = String::from_utf8_lossy(req.body()).into_owned();
+        let (offer, video) = match sdp::parse_offer(&body) {
+            Ok((o, v)) if o.first_g711().is_some() && o.port != 0 => (o, v),
+            Ok(_) | Err(_) => {
+                metrics::counter!(m::SIP_PARSE_ERRORS_TOTAL, "reason" => SipError::BadSdp.metric_reason()).increment(1);
+                self.respond(now, key, &req, SipError::BadSdp.status(), None);
+                return;
+            }
+        };
+        let Some(from) = msg::from_addr(&req.headers) else {
+            return;
+        };
+        let caller_name = from
+            .display_name
+            .as_ref()
+            .map(|d| String::from_utf8_lossy(d).into_owned())
+            .filter(|s| !s.is_empty());
+        let from_user = from
+            .uri
+            .user()
+            .map(|u| String::from_utf8_lossy(u).into_owned())
+            .unwrap_or_default();
+        let caller = numbers::to_e164(&from_user, &self.cfg.region).unwrap_or_else(|| {
+            let host = from.uri.host().map(|h| h.to_string()).unwrap_or_default();
+            if from_user.is_empty() {
+                format!("sip:{host}")
+            } else {
+                format!("sip:{from_user}@{host}")
+            }
+        });
+        let Some(sip_call_id) = msg::call_id(&req.headers) else {
+            return;
+        };
+        let handle = self.handles.next();
+        let ack_cseq = msg::cseq(&req.headers).map_or(0, |c| c.sequence);
+        let local_tag = self.token(12);
+        let caller_leg = CallerLeg {
+            remote_target: msg::contact_uri(&req.headers),
+            invite: req,
+            key: key.clone(),
+            src,
+            local_tag,
+            final_sent: false,
+            ok: None,
+            acked: false,
+            retx_interval: self.cfg.timers.t1,
+            retx_deadline: None,
+            local_cseq: 1,
+            media: None,
+            retx_gen: 0,
+            ack_cseq,
+        };
+        self.calls.insert(
+            handle,
+            Call {
+                caller: Some(caller_leg),
+                trunk: None,
+                done: false,
+            },
+        );
+        self.by_call_id
+            .insert(sip_call_id.clone(), (handle, Side::Caller));
+        self.out.push_back(Output::NewCall(Box::new(NewCall {
+            handle,
+            sip_call_id,
+            user,
+            caller,
+            caller_name,
+            called,
+            offer,
+            video,
+        })));
+    }
+
+    pub(super) fn on_ack(&mut self, req: &Request) {
+        let Some(cid) = msg::call_id(&req.headers) else {
+            return;
+        };
+        if let Some((h, Side::Caller)) = self.by_call_id.get(&cid).copied()
+            && let Some(leg) = self.calls.get_mut(&h).and_then(|c| c.caller.as_mut())
+            && msg::cseq(&req.headers).is_none_or(|c| c.sequence == leg.ack_cseq)
+        {
+            leg.acked = true;
+        }
+    }
+
+    pub(super) fn caller_response(
+        &mut self,
+        now: Instant,
+        h: CallHandle,
+        code: u16,
+        sdp: Option<&str>,
+    ) {
+        let contact = self.contact();
+        let Some(call) = self.calls.get_mut(&h) else {
+            return;
+        };
+        let Some(leg) = call.caller.as_mut() else {
+            return;
+        };
+        if leg.final_sent {
+            return;
+        }
+        let Some(resp) =
+            msg::response(&leg.invite, code, Some(&leg.local_tag), Some(&contact), sdp)
+        else {
+            return;
+        };
+        let key = leg.key.clone();
+        if code >= 200 {
+            leg.final_sent = true;
+        }
+        if code == 200 {
+            if let Some(local) = sdp {
+                leg.media = Some(MediaState::new(local, leg.invite.body()));
+            }
+            leg.ok = Some(Message::Response(resp.clone()).to_bytes());
+            leg.retx_interval = self.cfg.timers.t1;
+            leg.retx_deadline = Some(now + self.cfg.timers.timeout());
+            let generation = leg.retx_gen;
+            self.timers
+                .set(now + self.cfg.timers.t1, TimerKind::Retx200(h, generation));
+        }
+        let outputs = self.layer.send_response(&key, resp);
+        self.run_tx(now, &key, outputs, false);
+    }
+
+    pub(super) fn retransmit_200(&mut self, now: Instant, h: CallHandle, generation: u32) {
+        let t2 = self.cfg.timers.t2;
+        let Some(call) = self.calls.get_mut(&h) else {
+            return;
+        };
+        let Some(leg) = call.caller.as_mut() else {
+            return;
+        };
+        let (Some(deadline), Some(ok), false) = (leg.retx_deadline, leg.ok.clone(), leg.acked)
+        else {
+            return;
+        };
+        if generation != leg.retx_gen {
+            return; // superseded by a re-INVITE's 200
+        }
+        if now >= deadline {
+            leg.retx_deadline = None;
+            if !call.done {
+                self.out
+                    .push_back(Output::Event(h, SipEvent::CallerAckTimeout));
+            }
+            return;
+        }
+        leg.retx_interval = (leg.retx_interval * 2).min(t2);
+        let (src, next) = (leg.src, now + leg.retx_interval);
+        metrics::counter!(m::SIP_RETRANSMISSIONS_TOTAL).increment(1);
+        self.out.push_back(Output::Transmit {
+            dest: src,
+            data: ok,
+        });
+        self.timers.set(next, TimerKind::Retx200(h, generation));
+    }
+
+    pub(super) fn send_caller_bye(&mut self, now: Instant, h: CallHandle) {
+        let via = self.via();
+        let contact = self.contact();
+        let Some(call) = self.calls.get_mut(&h) else {
+            return;
+        };
+        let Some(leg) = call.caller.as_mut() else {
+            return;
+        };
+        leg.local_cseq += 1;
+        leg.retx_deadline = None;
+        let inv = &leg.invite;
+        let Some(target) = leg
+            .remote_target
+            .clone()
+            .or_else(|| msg::from_addr(&inv.headers).map(|a| a.uri))
+        else {
+            return;
+        };
+        let (Some(from), Some(to), Some(cid)) = (
+            msg::header_str(&inv.headers, &HeaderName::To),
+            msg::header_str(&inv.headers, &HeaderName::From),
+            msg::call_id(&inv.headers),
+        ) else {
+            return;
+        };
+        let from = if msg::to_tag(&inv.headers).is_some() {
+            from
+        } else {
+            format!("{from};tag={}", leg.local_tag)
+        };
+        let route: Vec<String> = inv
+            .headers
+            .get_all(&HeaderName::RecordRoute)
+            .map(|h| String::from_utf8_lossy(&h.value()).into_owned())
+            .collect();
+        let (cseq, dest) = (leg.local_cseq, leg.src);
+        let Some(req) = msg::build_request(
+            Method::Bye,
+            target,
+            &via,
+            &from,
+            &to,
+            &cid,
+            cseq,
+            &contact,
+            &route,
+            None,
+        ) else {
+            return;
+        };
+        self.send_request(now, h, req, dest, Purpose::Bye);
+    }
+}

@@ -1,0 +1,348 @@
+//! The sans-IO B2BUA core.
+//!
+//! Inputs: [`SipCore::handle_datagram`], [`SipCore::handle_command`],
+//! [`SipCore::handle_timeout`], each with the current time. Outputs: drain
+//! [`SipCore::poll_output`] after every input; ask [`SipCore::poll_timeout`] when to call
+//! `handle_timeout` next. No socket, no clock, no actor, no hidden random source (tags and
+//! branches come from a generator seeded through [`CoreConfig::rng_seed`], call handles
+//! from the node's [`Sequence`]): the same code runs under the
+//! [`super::driver::SipDriver`] actor and under unit tests on a virtual clock.
+//!
+//! One file per concern: `transactions` (glue to `sipx-sip`), `caller` (the caller's
+//! dialog), `trunk` and `auth` (the trunk leg), `b2bua` (pairing the two, commands,
+//! reaping), `reinvite`, `cancel`, `probe` (OPTIONS), `timers`.
+
+mod auth;
+mod b2bua;
+mod caller;
+mod cancel;
+mod probe;
+mod reinvite;
+mod timers;
+mod transactions;
+mod trunk;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use parley_codecs::sdp::MediaDescription;
+use parley_core::directory::{Directory, UserIdentity};
+use parley_core::ids::{CallHandle, Sequence};
+use parley_core::sip::SipEvent;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use sipx_sip::transaction::Dispatch;
+use sipx_sip::{
+    Limits, Message, Method, Reliability, Request, Timers, TransactionKey, TransactionLayer,
+    TuEvent,
+};
+
+use self::b2bua::{Call, Purpose, Side};
+use self::timers::TimerTable;
+use super::error::SipError;
+use super::msg;
+use crate::metrics as m;
+
+/// Something the driver must do.
+#[derive(Debug)]
+pub enum Output {
+    /// Send these bytes.
+    Transmit {
+        /// Destination.
+        dest: SocketAddr,
+        /// The SIP message.
+        data: Bytes,
+    },
+    /// Deliver an event to a call's actor.
+    Event(CallHandle, SipEvent),
+    /// A new inbound call was accepted (100 Trying already sent): start its actor.
+    NewCall(Box<NewCall>),
+    /// An OPTIONS probe ended: the final status, or `None` when nothing answered.
+    ProbeResult {
+        /// The id [`SipCore::send_probe`] returned.
+        id: u64,
+        /// Final status code, if any.
+        code: Option<u16>,
+    },
+}
+
+/// A new inbound call.
+#[derive(Debug, Clone)]
+pub struct NewCall {
+    /// Handle for commands and events.
+    pub handle: CallHandle,
+    /// The gateway's Call-ID.
+    pub sip_call_id: String,
+    /// Called user.
+    pub user: UserIdentity,
+    /// Caller number (E.164) or URI.
+    pub caller: String,
+    /// Caller display name.
+    pub caller_name: Option<String>,
+    /// Dialled number (E.164).
+    pub called: String,
+    /// The caller's audio offer.
+    pub offer: MediaDescription,
+    /// The caller's video offer, if any.
+    pub video: Option<MediaDescription>,
+}
+
+/// Settings of the core.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// Our SIP address (Via, Contact).
+    pub local: SocketAddr,
+    /// The trunk toward the PSTN, if any.
+    pub trunk: Option<SocketAddr>,
+    /// Region for numbers without `+`.
+    pub region: String,
+    /// Transaction timers.
+    pub timers: Timers,
+    /// Digest credentials for the trunk, answered when it challenges our INVITE (401/407).
+    pub trunk_auth: Option<sipx_sip::auth::Credentials>,
+    /// Seed of the generator behind tags, branches and Call-IDs (the node seeds it from
+    /// the OS; a test fixes it).
+    pub rng_seed: [u8; 32],
+}
+
+/// The B2BUA core.
+pub struct SipCore {
+    cfg: CoreConfig,
+    directory: Arc<dyn Directory>,
+    handles: Arc<Sequence>,
+    rng: StdRng,
+    layer: TransactionLayer,
+    limits: Limits,
+    timers: TimerTable,
+    dests: HashMap<TransactionKey, SocketAddr>,
+    purposes: HashMap<TransactionKey, (CallHandle, Purpose)>,
+    calls: HashMap<CallHandle, Call>,
+    by_call_id: HashMap<String, (CallHandle, Side)>,
+
+    next_probe: u64,
+    draining: bool,
+    out: VecDeque<Output>,
+}
+
+impl std::fmt::Debug for SipCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SipCore")
+            .field("calls", &self.calls.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn method_label(m: &Method) -> &'static str {
+    match m {
+        Method::Invite => "INVITE",
+        Method::Ack => "ACK",
+        Method::Bye => "BYE",
+        Method::Cancel => "CANCEL",
+        Method::Options => "OPTIONS",
+        Method::Register => "REGISTER",
+        _ => "OTHER",
+    }
+}
+
+impl SipCore {
+    /// A core with no calls: users are found in `directory`, call handles drawn from
+    /// `handles` (shared with calls dialled from IM devices, so call ids never collide).
+    pub fn new(cfg: CoreConfig, directory: Arc<dyn Directory>, handles: Arc<Sequence>) -> Self {
+        Self {
+            layer: TransactionLayer::new(cfg.timers),
+            rng: StdRng::from_seed(cfg.rng_seed),
+            cfg,
+            directory,
+            handles,
+            limits: Limits::datagram(),
+            timers: TimerTable::default(),
+            dests: HashMap::new(),
+            purposes: HashMap::new(),
+            calls: HashMap::new(),
+            by_call_id: HashMap::new(),
+
+            next_probe: 0,
+            draining: false,
+            out: VecDeque::new(),
+        }
+    }
+
+    /// Stop accepting new calls (they get 503 with Retry-After).
+    pub fn set_draining(&mut self, draining: bool) {
+        self.draining = draining;
+    }
+
+    /// Calls whose dialogs are still tracked.
+    pub fn live_calls(&self) -> usize {
+        self.calls.values().filter(|c| !c.done).count()
+    }
+
+    /// Next output.
+    #[must_use]
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// When to call [`Self::handle_timeout`].
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.next()
+    }
+
+    fn contact(&self) -> String {
+        format!("sip:parley@{}", self.cfg.local)
+    }
+
+    fn via(&mut self) -> String {
+        let branch = self.branch();
+        format!("SIP/2.0/UDP {};branch={branch};rport", self.cfg.local)
+    }
+
+    /// A random token for tags, from the core's generator.
+    fn token(&mut self, len: usize) -> String {
+        msg::token(&mut self.rng, len)
+    }
+
+    /// A new RFC 3261 branch.
+    fn branch(&mut self) -> String {
+        format!("z9hG4bK{}", self.token(16))
+    }
+
+    fn transmit(&mut self, dest: SocketAddr, msg: &Message) {
+        if let Message::Response(r) = msg {
+            let code = r.status.code();
+            metrics::counter!(m::SIP_RESPONSES_TOTAL, "code" => code.to_string(), "direction" => "sent").increment(1);
+        }
+        self.out.push_back(Output::Transmit {
+            dest,
+            data: msg.to_bytes(),
+        });
+    }
+
+    /// A datagram arrived.
+    pub fn handle_datagram(&mut self, now: Instant, src: SocketAddr, data: Bytes) {
+        if data.iter().all(|b| b.is_ascii_whitespace()) {
+            return; // RFC 5626 keep-alive
+        }
+        let message = match sipx_sip::parse_datagram(data, &self.limits) {
+            Ok(m) => m,
+            Err(e) => {
+                let e = SipError::Unparseable(e.to_string());
+                metrics::counter!(m::SIP_PARSE_ERRORS_TOTAL, "reason" => e.metric_reason())
+                    .increment(1);
+                tracing::debug!(%src, error = %e, "dropped unparseable SIP datagram");
+                return;
+            }
+        };
+        match message {
+            Message::Request(req) => {
+                metrics::counter!(m::SIP_REQUESTS_TOTAL, "method" => method_label(&req.method))
+                    .increment(1);
+                if let Err(e) = msg::validate_request(&req) {
+                    metrics::counter!(m::SIP_PARSE_ERRORS_TOTAL, "reason" => e.metric_reason())
+                        .increment(1);
+                    tracing::info!(%src, error = %e, "malformed SIP request");
+                    if req.method != Method::Ack
+                        && let Some(r) = msg::response(&req, e.status(), None, None, None)
+                    {
+                        self.transmit(src, &Message::Response(r));
+                    }
+                    return;
+                }
+                if let Some(Ok(mf)) = req.headers.typed::<sipx_sip::headers::MaxForwards>()
+                    && mf.0 == 0
+                    && req.method != Method::Ack
+                {
+                    if let Some(r) =
+                        msg::response(&req, SipError::TooManyHops.status(), None, None, None)
+                    {
+                        self.transmit(src, &Message::Response(r));
+                    }
+                    return;
+                }
+                match self
+                    .layer
+                    .receive(Message::Request(req), Reliability::Unreliable)
+                {
+                    Dispatch::Created { key, outputs } => {
+                        self.dests.insert(key.clone(), src);
+                        self.run_tx(now, &key, outputs, false);
+                    }
+                    Dispatch::Matched { key, outputs } => self.run_tx(now, &key, outputs, true),
+                    Dispatch::Unmatched(m) => {
+                        if let Message::Request(r) = *m {
+                            if r.method == Method::Ack {
+                                self.on_ack(&r);
+                            } else if let Some(resp) = msg::response(&r, 400, None, None, None) {
+                                self.transmit(src, &Message::Response(resp));
+                            }
+                        }
+                    }
+                }
+            }
+            Message::Response(resp) => {
+                metrics::counter!(m::SIP_RESPONSES_TOTAL, "code" => resp.status.code().to_string(), "direction" => "received").increment(1);
+                match self
+                    .layer
+                    .receive(Message::Response(resp), Reliability::Unreliable)
+                {
+                    Dispatch::Matched { key, outputs } | Dispatch::Created { key, outputs } => {
+                        self.run_tx(now, &key, outputs, false)
+                    }
+                    Dispatch::Unmatched(m) => {
+                        if let Message::Response(r) = *m {
+                            self.on_stray_response(&r);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn handle_tu(&mut self, now: Instant, key: &TransactionKey, ev: TuEvent) {
+        match ev {
+            TuEvent::Request(req) => match req.method {
+                Method::Invite => self.on_invite(now, key, *req),
+                Method::Bye => self.on_bye(now, key, &req),
+                Method::Cancel => self.on_cancel(now, key, &req),
+                Method::Options => self.respond(now, key, &req, 200, None),
+                Method::Register | Method::Subscribe | Method::Publish => {
+                    self.respond(now, key, &req, 405, None)
+                }
+                _ => self.respond(now, key, &req, 501, None),
+            },
+            TuEvent::Ack(req) => self.on_ack(&req),
+            TuEvent::Response(resp) => self.on_response(now, key, &resp),
+            TuEvent::Timeout | TuEvent::TransportError => match self.purposes.get(key).copied() {
+                Some((h, Purpose::TrunkInvite)) if !self.trunk_leg_abandoned(h) => {
+                    self.out
+                        .push_back(Output::Event(h, SipEvent::TrunkFailed(408)));
+                }
+                Some((_, Purpose::Probe(id))) => {
+                    self.out.push_back(Output::ProbeResult { id, code: None })
+                }
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+
+    fn respond(
+        &mut self,
+        now: Instant,
+        key: &TransactionKey,
+        req: &Request,
+        code: u16,
+        tag: Option<&str>,
+    ) {
+        let contact = self.contact();
+        let fresh = self.token(10);
+        if let Some(r) = msg::response(req, code, Some(tag.unwrap_or(&fresh)), Some(&contact), None)
+        {
+            let outputs = self.layer.send_response(key, r);
+            self.run_tx(now, key, outputs, false);
+        }
+    }
+}
