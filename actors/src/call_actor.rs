@@ -21,7 +21,6 @@ use crate::messages::{
     ToCall, ToDevice,
 };
 use crate::metrics as m;
-use crate::session::PresenceSession;
 use crate::trunk::{CallOutcome, GetTrunkState, TrunkActor};
 use crate::user::{Answered, Lookup, PresenceChanged, UserActor, UserView, Watch};
 
@@ -59,7 +58,7 @@ pub struct CallSetup {
     /// number dialled by a device, the caller's own user).
     pub callee: Addr<UserActor>,
     /// The dialling device's session, for calls dialled from an IM device.
-    pub caller_device: Option<Addr<PresenceSession>>,
+    pub caller_device: Option<Recipient<ToDevice>>,
     /// The node.
     pub env: Arc<CallEnv>,
 }
@@ -80,10 +79,10 @@ struct Media {
 pub struct CallActor {
     core: CallCore,
     callee: Addr<UserActor>,
-    caller_device: Option<Addr<PresenceSession>>,
+    caller_device: Option<Recipient<ToDevice>>,
     env: Arc<CallEnv>,
     /// The callee's device sessions from the last lookup.
-    sessions: HashMap<SessionId, Addr<PresenceSession>>,
+    sessions: HashMap<SessionId, Recipient<ToDevice>>,
     media: Media,
     timer: Option<SpawnHandle>,
     /// Whether the SIP driver has been told where this call's events go.

@@ -56,6 +56,11 @@ pub enum ToDevice {
     },
 }
 
+/// Send this message to the device as is.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct Push(pub parley_codecs::control::ServerMsg);
+
 /// From a device session to a call actor.
 #[derive(Message, Debug, Clone, Copy)]
 #[rtype(result = "()")]

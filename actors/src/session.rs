@@ -17,12 +17,12 @@ use parley_core::ids::{Sequence, call_id};
 use parley_core::rules::{Preferences, RulesError};
 use tokio::sync::mpsc;
 
-use crate::messages::{DeviceLegEvent, FromDevice, SessionId, ToDevice};
+use crate::messages::{DeviceLegEvent, FromDevice, Push, SessionId, ToDevice};
 use crate::metrics as m;
 use crate::registry::Registry;
 use crate::user::{
-    Attach, Deliver, Detach, GetPreferences, PresenceUpdate, SetCapabilities, SetPreferences,
-    Subscribe, Unsubscribe, UserActor,
+    Attach, Deliver, Detach, DeviceLink, GetPreferences, PresenceUpdate, SetCapabilities,
+    SetPreferences, Subscribe, Unsubscribe, UserActor,
 };
 use crate::{CallActor, CallEnv, CallSetup};
 
@@ -87,7 +87,7 @@ impl PresenceSession {
                 Some(r) => {
                     r.addr.do_send(Subscribe {
                         session: self.id,
-                        addr: ctx.address().downgrade(),
+                        addr: ctx.address().recipient::<Push>().downgrade(),
                     });
                     self.watching.insert(u);
                 }
@@ -153,7 +153,7 @@ impl PresenceSession {
         let call = CallActor::new(CallSetup {
             spec,
             callee,
-            caller_device: Some(ctx.address()),
+            caller_device: Some(ctx.address().recipient()),
             env,
         })
         .start();
@@ -279,7 +279,10 @@ impl Actor for PresenceSession {
         self.user.do_send(Attach {
             session: self.id,
             device: self.device.clone(),
-            addr: ctx.address(),
+            link: DeviceLink {
+                push: ctx.address().recipient(),
+                calls: ctx.address().recipient(),
+            },
             remote: self.owner.remote,
         });
     }
@@ -307,11 +310,6 @@ pub struct FromClient(pub ClientMsg);
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Disconnected;
-
-/// Send this message to the device as is.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Push(pub ServerMsg);
 
 impl Handler<FromClient> for PresenceSession {
     type Result = ();

@@ -6,16 +6,15 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
+use actix::WeakRecipient;
 use actix::prelude::*;
-use actix::{WeakAddr, WeakRecipient};
 use parley_codecs::control::{AddressBookEntry, ServerMsg, Status};
 use parley_core::ids::CallHandle;
 use parley_core::presence::{CalleeView, PresenceOutput, PresenceView, UserPresence};
 use parley_core::rules::Preferences;
 
-use crate::messages::SessionId;
+use crate::messages::{Push, SessionId, ToDevice};
 use crate::metrics as m;
-use crate::session::{PresenceSession, Push};
 
 /// Where changed preferences are persisted (implemented by the switch's store).
 pub trait PreferencesSink: Send + Sync + 'static {
@@ -33,11 +32,11 @@ impl std::fmt::Debug for dyn PreferencesSink {
 #[derive(Debug)]
 pub struct UserActor {
     core: UserPresence,
-    devices: BTreeMap<SessionId, Addr<PresenceSession>>,
+    devices: BTreeMap<SessionId, DeviceLink>,
     /// Ringing calls watching presence, by handle.
     watchers: HashMap<CallHandle, WeakRecipient<PresenceChanged>>,
     /// Sessions of other users subscribed to this user's presence.
-    subscribers: HashMap<SessionId, WeakAddr<PresenceSession>>,
+    subscribers: HashMap<SessionId, WeakRecipient<Push>>,
     prefs_sink: Option<Arc<dyn PreferencesSink>>,
 }
 
@@ -79,7 +78,7 @@ impl UserActor {
                 PresenceOutput::Publish { sessions, update } => {
                     let mut sent = 0u64;
                     for s in sessions {
-                        match self.subscribers.get(&s).and_then(WeakAddr::upgrade) {
+                        match self.subscribers.get(&s).and_then(WeakRecipient::upgrade) {
                             Some(a) => {
                                 a.do_send(Push(update.clone()));
                                 sent += 1;
@@ -107,8 +106,17 @@ impl Actor for UserActor {
 pub struct UserView {
     /// Devices, preferences, history, whether the caller is known.
     pub callee: CalleeView,
-    /// The devices' session actors.
-    pub sessions: HashMap<SessionId, Addr<PresenceSession>>,
+    /// Where each device's call messages go.
+    pub sessions: HashMap<SessionId, Recipient<ToDevice>>,
+}
+
+/// Where a device session takes messages.
+#[derive(Debug, Clone)]
+pub struct DeviceLink {
+    /// Messages sent to the device as they are (chat, presence, address book).
+    pub push: Recipient<Push>,
+    /// Call offers and their outcome.
+    pub calls: Recipient<ToDevice>,
 }
 
 /// Ask for [`PresenceView`].
@@ -153,7 +161,11 @@ impl Handler<Lookup> for UserActor {
     fn handle(&mut self, m: Lookup, _: &mut Context<Self>) -> Self::Result {
         MessageResult(UserView {
             callee: self.core.callee_view(&m.caller, SystemTime::now()),
-            sessions: self.devices.iter().map(|(s, a)| (*s, a.clone())).collect(),
+            sessions: self
+                .devices
+                .iter()
+                .map(|(s, l)| (*s, l.calls.clone()))
+                .collect(),
         })
     }
 }
@@ -240,8 +252,8 @@ pub struct Watch {
 pub struct Subscribe {
     /// The subscriber's session id.
     pub session: SessionId,
-    /// The subscriber's session actor.
-    pub addr: WeakAddr<PresenceSession>,
+    /// Where the subscriber's updates go.
+    pub addr: WeakRecipient<Push>,
 }
 
 /// Ends a [`Subscribe`].
@@ -271,8 +283,8 @@ pub struct Attach {
     pub session: SessionId,
     /// Device name.
     pub device: String,
-    /// The session actor.
-    pub addr: Addr<PresenceSession>,
+    /// Where the session takes messages.
+    pub link: DeviceLink,
     /// Where the device connects from.
     pub remote: Option<std::net::SocketAddr>,
 }
@@ -346,8 +358,8 @@ impl Handler<Deliver> for UserActor {
             id: m.id,
             sent_at_ms: m.sent_at_ms,
         };
-        for addr in self.devices.values() {
-            addr.do_send(Push(msg.clone()));
+        for link in self.devices.values() {
+            link.push.do_send(Push(msg.clone()));
         }
         self.devices.len() as u32
     }
@@ -356,7 +368,7 @@ impl Handler<Deliver> for UserActor {
 impl Handler<Attach> for UserActor {
     type Result = ();
     fn handle(&mut self, m: Attach, _: &mut Context<Self>) {
-        self.devices.insert(m.session, m.addr);
+        self.devices.insert(m.session, m.link);
         self.core.handle_attach(m.session, m.device, m.remote);
         self.fan_out();
     }
@@ -385,8 +397,8 @@ impl Handler<AddressBookChanged> for UserActor {
     fn handle(&mut self, m: AddressBookChanged, _: &mut Context<Self>) {
         self.core
             .handle_address_book(m.0.iter().map(|e| e.address.clone()));
-        for addr in self.devices.values() {
-            addr.do_send(Push(ServerMsg::AddressBook {
+        for link in self.devices.values() {
+            link.push.do_send(Push(ServerMsg::AddressBook {
                 entries: m.0.clone(),
             }));
         }

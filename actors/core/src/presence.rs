@@ -15,50 +15,11 @@ use std::time::{Duration, SystemTime};
 use parley_codecs::control::{ServerMsg, Status};
 
 use crate::ids::{CallHandle, SessionId};
-use crate::router::DeviceState;
+pub use crate::router::{Aggregate, DeviceState, aggregate};
 use crate::rules::Preferences;
 
 /// Answer history halves in weight every week: recent habits count more.
 pub const HISTORY_HALF_LIFE: Duration = Duration::from_secs(7 * 24 * 3600);
-
-/// A user's presence as others see it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Aggregate {
-    /// Best device status.
-    pub status: Status,
-    /// That device's note.
-    pub note: Option<String>,
-    /// Connected devices.
-    pub devices: u32,
-}
-
-fn rank(s: Status) -> u8 {
-    match s {
-        Status::Available => 4,
-        Status::Busy => 3,
-        Status::Away => 2,
-        Status::DoNotDisturb => 1,
-        Status::Offline => 0,
-    }
-}
-
-/// Aggregates device presence: the best status wins (available > busy > away > do not
-/// disturb > offline); no device means offline.
-pub fn aggregate<'a>(devices: impl Iterator<Item = &'a DeviceState>) -> Aggregate {
-    let mut best: Option<&DeviceState> = None;
-    let mut n = 0;
-    for d in devices {
-        n += 1;
-        if best.is_none_or(|b| rank(d.status) > rank(b.status)) {
-            best = Some(d);
-        }
-    }
-    Aggregate {
-        status: best.map_or(Status::Offline, |b| b.status),
-        note: best.and_then(|b| b.note.clone()),
-        devices: n,
-    }
-}
 
 /// `score` as of `at`, seen from `now`: halves every [`HISTORY_HALF_LIFE`].
 pub fn decay(score: f64, at: SystemTime, now: SystemTime) -> f64 {

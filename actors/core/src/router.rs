@@ -37,6 +37,45 @@ impl Default for Preferences {
     }
 }
 
+/// A user's presence as others see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Aggregate {
+    /// Best device status.
+    pub status: Status,
+    /// That device's note.
+    pub note: Option<String>,
+    /// Connected devices.
+    pub devices: u32,
+}
+
+fn rank(s: Status) -> u8 {
+    match s {
+        Status::Available => 4,
+        Status::Busy => 3,
+        Status::Away => 2,
+        Status::DoNotDisturb => 1,
+        Status::Offline => 0,
+    }
+}
+
+/// Aggregates device presence: the best status wins (available > busy > away > do not
+/// disturb > offline); no device means offline.
+pub fn aggregate<'a>(devices: impl Iterator<Item = &'a DeviceState>) -> Aggregate {
+    let mut best: Option<&DeviceState> = None;
+    let mut n = 0;
+    for d in devices {
+        n += 1;
+        if best.is_none_or(|b| rank(d.status) > rank(b.status)) {
+            best = Some(d);
+        }
+    }
+    Aggregate {
+        status: best.map_or(Status::Offline, |b| b.status),
+        note: best.and_then(|b| b.note.clone()),
+        devices: n,
+    }
+}
+
 /// Where to ring.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {

@@ -448,7 +448,7 @@ fn matches(c: &Conditions, offset_min: i32, ctx: &CallContext<'_>) -> bool {
     if !c.status.is_empty()
         && !c
             .status
-            .contains(&crate::presence::aggregate(ctx.devices.iter()).status)
+            .contains(&router::aggregate(ctx.devices.iter()).status)
     {
         return false;
     }

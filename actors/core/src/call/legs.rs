@@ -5,7 +5,6 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use super::LegFailure;
 use crate::cdr::{CallRoute, Disposition};
 use crate::plan::{LegId, Plan, Step};
 #[cfg(test)]
@@ -19,6 +18,27 @@ enum PlanKind {
 
 /// Most re-routes one call may go through.
 pub const MAX_REROUTES: u32 = 8;
+
+/// Why a ringing leg stopped ringing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LegFailure {
+    /// The callee declined on that device / the trunk answered 486, 600, 603.
+    Declined(u16),
+    /// The device disconnected, or the trunk failed (timeout, 4xx/5xx other than busy).
+    Failed(u16),
+}
+
+impl LegFailure {
+    /// How a final failure status from the trunk counts: busy and decline are the callee's
+    /// answer, anything else is a failure of the route.
+    pub fn of_trunk(code: u16) -> Self {
+        if matches!(code, 486 | 600 | 603) {
+            LegFailure::Declined(code)
+        } else {
+            LegFailure::Failed(code)
+        }
+    }
+}
 
 /// What the leg machine decided.
 #[derive(Debug, Clone, PartialEq, Eq)]

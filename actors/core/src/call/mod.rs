@@ -12,228 +12,32 @@
 //! Drain order: after any `handle_*`, drain [`CallCore::poll_action`] until `None`, then
 //! re-arm the timer from [`CallCore::poll_timeout`].
 
+mod io;
 mod legs;
 pub mod media;
 #[cfg(test)]
 mod tests;
 
 use std::collections::{HashMap, VecDeque};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use parley_codecs::sdp::MediaDescription;
 
 use crate::cdr::{CallRoute, CdrRecord, Direction, Disposition};
-use crate::directory::UserIdentity;
-use crate::ids::{CallHandle, SessionId, call_id};
+
+use crate::ids::{SessionId, call_id};
 use crate::plan::{LegId, Plan};
 use crate::presence::CalleeView;
 use crate::rules::{self, CallContext, Media};
 use crate::sip::SipEvent;
 use crate::trunk::{ProbeOutcome, call_outcome};
+pub use io::{
+    Action, CallSpec, DeviceLegEvent, MediaSide, Observation, TrunkOffer, device_end_reason,
+};
+pub use legs::LegFailure;
 use legs::Legs;
 pub use legs::MAX_REROUTES;
 pub use media::{MediaPlan, Origin, VideoPlan};
-
-/// Why a ringing leg stopped ringing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LegFailure {
-    /// The callee declined on that device / the trunk answered 486, 600, 603.
-    Declined(u16),
-    /// The device disconnected, or the trunk failed (timeout, 4xx/5xx other than busy).
-    Failed(u16),
-}
-
-impl LegFailure {
-    /// How a final failure status from the trunk counts: busy and decline are the callee's
-    /// answer, anything else is a failure of the route.
-    pub fn of_trunk(code: u16) -> Self {
-        if matches!(code, 486 | 600 | 603) {
-            LegFailure::Declined(code)
-        } else {
-            LegFailure::Failed(code)
-        }
-    }
-}
-
-/// What a device did about a call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceLegEvent {
-    /// The offer reached the device: it is ringing.
-    Delivered,
-    /// The user answered.
-    Answer,
-    /// The user declined.
-    Reject,
-    /// The user hung up.
-    Hangup,
-    /// The device disconnected.
-    Gone,
-}
-
-/// The INVITE toward the trunk, as the call decides it; the driver adds the relay port.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TrunkOffer {
-    /// Number to call: the user's own line or a forwarding/dialled number.
-    pub to: String,
-    /// G.711 payload types to offer.
-    pub formats: Vec<u8>,
-    /// Telephone-event payload type to offer.
-    pub telephone_event: Option<u8>,
-}
-
-/// Something the driver should record (metrics, logs); never changes the call.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Observation {
-    /// The callee's rules (or the default policy) decided.
-    Routed {
-        /// `ring`, `forward`, `reject` or `none` ([`Plan::label`]).
-        plan: &'static str,
-        /// The rule that decided; `None`: the default policy.
-        rule: Option<String>,
-    },
-    /// A presence change re-routed the ringing call.
-    Rerouted {
-        /// Where it rings now.
-        route: CallRoute,
-        /// Re-routes so far.
-        reroutes: u32,
-    },
-    /// A leg started by a re-route rings; `since` is when the presence change happened.
-    RerouteRinging {
-        /// The presence change.
-        since: Instant,
-    },
-    /// The caller hears ringback; `after` the INVITE.
-    CallerRinging {
-        /// Time since the call started.
-        after: Duration,
-    },
-    /// The call was answered `after` the INVITE.
-    Connected {
-        /// Time since the call started.
-        after: Duration,
-    },
-    /// No media crossed the answered call for this long: it ends.
-    MediaTimedOut {
-        /// How long the media was idle.
-        idle: Duration,
-    },
-}
-
-/// What the driver must do.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
-    /// Fetch the callee's [`CalleeView`] and the trunk state, then call
-    /// [`CallCore::handle_lookup`].
-    Lookup,
-    /// Tell the callee's presence that this ringing call watches it (presence changes
-    /// then come in as [`CallCore::handle_presence_changed`]).
-    WatchPresence,
-    /// Offer the call to a device (with video when both ends take it).
-    OfferDevice {
-        /// The device.
-        session: SessionId,
-        /// Whether the offer carries video.
-        video: bool,
-    },
-    /// Reserve a relay port and send this INVITE to the trunk; a port shortage comes back
-    /// as [`CallCore::handle_trunk_unavailable`].
-    StartTrunk(TrunkOffer),
-    /// Send 180 Ringing to the caller (a device caller hears `call_ringing`).
-    CallerRinging,
-    /// Wire the answered call's media as planned, answer the caller and tell the devices;
-    /// a failure comes back as [`CallCore::handle_connect_failed`].
-    Connect(MediaPlan),
-    /// Send a final error response to the caller (a device caller gets `call_ended` with
-    /// [`device_end_reason`]).
-    RejectCaller(u16),
-    /// Send BYE to the caller (a device caller gets `call_ended`, `remote_hangup`).
-    ByeCaller,
-    /// Stop a ringing leg (device: withdraw the offer; trunk: CANCEL).
-    Withdraw(LegId, &'static str),
-    /// End an answered leg (device: call ended; trunk: BYE).
-    Hangup(LegId, &'static str),
-    /// Feed the trunk's health with what this call learned.
-    TrunkHealth(ProbeOutcome),
-    /// A device of the callee answered: the answer history learns it. `rank` is where
-    /// prediction had put it (`1`, `2`, `3+`, `unranked`).
-    Answered {
-        /// Device name.
-        device: String,
-        /// Prediction rank label.
-        rank: &'static str,
-    },
-    /// A SIP peer moved its media (re-INVITE): re-point that relay port.
-    Repoint(MediaSide, std::net::SocketAddr),
-    /// Report how long the answered call's media has been idle through
-    /// [`CallCore::handle_media_idle`].
-    SampleMedia,
-    /// Record this.
-    Observe(Observation),
-    /// The call is over: release media, write [`CallCore::cdr`], stop.
-    Finish {
-        /// CDR disposition.
-        disposition: Disposition,
-        /// SIP cause code sent to or received from the caller.
-        cause: u16,
-    },
-}
-
-/// Which relay port a SIP peer's media move concerns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MediaSide {
-    /// The caller's audio.
-    Caller,
-    /// The caller's video.
-    CallerVideo,
-    /// The trunk's audio.
-    Trunk,
-}
-
-/// What a device caller hears when its call ends with a SIP-style cause.
-pub fn device_end_reason(code: u16) -> &'static str {
-    match code {
-        486 | 600 | 603 => "rejected",
-        487 => "cancelled",
-        408 | 480 => "unavailable",
-        _ => "failed",
-    }
-}
-
-/// Everything a call knows at birth.
-#[derive(Debug, Clone)]
-pub struct CallSpec {
-    /// The call's handle (its Parley call id is `c-<handle>`).
-    pub handle: CallHandle,
-    /// The gateway's Call-ID (the Parley call id for dialled calls).
-    pub sip_call_id: String,
-    /// The user who owns the CDR: the callee, or for a PSTN number dialled by a device,
-    /// the caller's own user.
-    pub user: UserIdentity,
-    /// Who placed the call.
-    pub origin: Origin,
-    /// Caller number (E.164) or URI.
-    pub caller: String,
-    /// Caller display name.
-    pub caller_name: Option<String>,
-    /// Dialled number (E.164).
-    pub called: String,
-    /// For a device dialling a PSTN number: that number.
-    pub pstn_destination: Option<String>,
-    /// The caller's audio offer.
-    pub offer: MediaDescription,
-    /// The caller's video offer.
-    pub video_offer: Option<MediaDescription>,
-    /// Give up ringing after this long.
-    pub ring_timeout: Duration,
-    /// End an answered call when no media crosses it for this long.
-    pub media_timeout: Option<Duration>,
-    /// When the call started.
-    pub started: Instant,
-    /// The same instant on the wall clock (CDR times are `started_wall` plus elapsed
-    /// monotonic time, so a clock step mid-call cannot make a negative duration).
-    pub started_wall: SystemTime,
-}
 
 /// How often an answered call's media is sampled (at most; less when the timeout is
 /// shorter).

@@ -10,6 +10,7 @@ use parley_codecs::control::Status;
 use parley_codecs::sdp::{Format, MediaDescription, MediaKind};
 
 use super::*;
+use crate::directory::UserIdentity;
 use crate::router::DeviceState;
 use crate::rules::Preferences;
 

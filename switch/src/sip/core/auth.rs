@@ -7,7 +7,7 @@ use bytes::Bytes;
 use parley_core::ids::CallHandle;
 use sipx_sip::{HeaderName, Method, RequestBuilder, Response};
 
-use super::b2bua::Purpose;
+use super::state::Purpose;
 use super::{SipCore, msg};
 
 impl SipCore {

@@ -9,42 +9,9 @@ use parley_core::ids::CallHandle;
 use parley_core::sip::{SipEvent, SipLegCmd};
 use sipx_sip::{Request, TransactionKey};
 
-use super::caller::CallerLeg;
+use super::state::Side;
 use super::timers::TimerKind;
-use super::trunk::TrunkLeg;
 use super::{Output, SipCore, msg};
-
-/// Which dialog of a call a Call-ID names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Side {
-    /// The caller's dialog (we are its UAS).
-    Caller,
-    /// The trunk leg (we are its UAC).
-    Trunk,
-}
-
-/// Why we started a client transaction.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Purpose {
-    /// The INVITE of a trunk leg.
-    TrunkInvite,
-    /// Its CANCEL.
-    TrunkCancel,
-    /// A BYE on either dialog.
-    Bye,
-    /// An OPTIONS health probe, by probe id.
-    Probe(u64),
-}
-
-/// One call's dialogs.
-#[derive(Debug)]
-pub(super) struct Call {
-    /// `None` for calls dialled from an IM device (only the trunk leg is SIP).
-    pub(super) caller: Option<CallerLeg>,
-    pub(super) trunk: Option<TrunkLeg>,
-    /// The call actor is done with it; kept only to absorb retransmissions.
-    pub(super) done: bool,
-}
 
 impl SipCore {
     /// A command from a call actor.

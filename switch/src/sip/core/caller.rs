@@ -2,45 +2,20 @@
 //! new call for the number's user, then what the call decides — 180, the 200 with our
 //! SDP (retransmitted until its ACK, RFC 3261 §13.3.1.4), a final error, or our BYE.
 
-use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use bytes::Bytes;
 use parley_codecs::sdp;
 use parley_core::ids::CallHandle;
 use parley_core::sip::SipEvent;
-use sipx_sip::{HeaderName, Message, Method, Request, TransactionKey, Uri};
+use sipx_sip::{HeaderName, Message, Method, Request, TransactionKey};
 
-use super::b2bua::{Call, Purpose, Side};
-use super::reinvite::MediaState;
+use super::state::MediaState;
+use super::state::{Call, CallerLeg, Purpose, Side};
 use super::timers::TimerKind;
 use super::{NewCall, Output, SipCore, msg};
 use crate::metrics as m;
 use crate::numbers;
 use crate::sip::error::SipError;
-
-/// Our UAS side of the caller's dialog.
-#[derive(Debug)]
-pub(super) struct CallerLeg {
-    pub(super) invite: Request,
-    pub(super) key: TransactionKey,
-    pub(super) src: SocketAddr,
-    pub(super) local_tag: String,
-    pub(super) final_sent: bool,
-    pub(super) ok: Option<Bytes>,
-    pub(super) acked: bool,
-    pub(super) retx_interval: Duration,
-    pub(super) retx_deadline: Option<Instant>,
-    pub(super) local_cseq: u32,
-    pub(super) remote_target: Option<Uri>,
-    /// Set once we answered 200 with SDP.
-    pub(super) media: Option<MediaState>,
-    /// Which 200 is being retransmitted (bumped by each re-INVITE's 200).
-    pub(super) retx_gen: u32,
-    /// CSeq of the INVITE whose 200 awaits its ACK (a late ACK of an earlier one does
-    /// not stop a re-INVITE's 200).
-    pub(super) ack_cseq: u32,
-}
 
 impl SipCore {
     pub(super) fn on_invite(&mut self, now: Instant, key: &TransactionKey, req: Request) {

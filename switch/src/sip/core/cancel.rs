@@ -6,7 +6,7 @@ use std::time::Instant;
 use parley_core::sip::SipEvent;
 use sipx_sip::{Request, TransactionKey};
 
-use super::b2bua::Side;
+use super::state::Side;
 use super::{Output, SipCore, msg};
 
 impl SipCore {

@@ -18,6 +18,7 @@ mod caller;
 mod cancel;
 mod probe;
 mod reinvite;
+mod state;
 mod timers;
 mod transactions;
 mod trunk;
@@ -40,8 +41,8 @@ use sipx_sip::{
     TuEvent,
 };
 
-use self::b2bua::{Call, Purpose, Side};
-use self::timers::TimerTable;
+use self::state::{Call, Purpose, Side};
+use self::timers::{TimerKind, TimerTable};
 use super::error::SipError;
 use super::msg;
 use crate::metrics as m;
@@ -343,6 +344,20 @@ impl SipCore {
         {
             let outputs = self.layer.send_response(key, r);
             self.run_tx(now, key, outputs, false);
+        }
+    }
+
+    /// Time passed: fires every timer due.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(kind) = self.timers.pop_due(now) {
+            match kind {
+                TimerKind::Txn(key, timer) => {
+                    let outputs = self.layer.on_timer(&key, timer);
+                    self.run_tx(now, &key, outputs, true);
+                }
+                TimerKind::Retx200(h, generation) => self.retransmit_200(now, h, generation),
+                TimerKind::Reap(h) => self.reap(h),
+            }
         }
     }
 }

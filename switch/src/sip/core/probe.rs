@@ -7,7 +7,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use sipx_sip::{Method, Uri};
 
-use super::b2bua::Purpose;
+use super::state::Purpose;
 use super::{Output, SipCore, msg};
 
 impl SipCore {

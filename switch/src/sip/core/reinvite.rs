@@ -10,44 +10,11 @@ use parley_codecs::sdp;
 use parley_core::sip::SipEvent;
 use sipx_sip::{Message, Request, TransactionKey};
 
-use super::b2bua::Side;
+use super::state::Side;
 use super::timers::TimerKind;
 use super::{Output, SipCore, msg};
 use crate::metrics as m;
 use crate::sip::error::SipError;
-
-/// The media of an established dialog, as re-offers (re-INVITE) see it.
-#[derive(Debug, Clone)]
-pub(super) struct MediaState {
-    /// Our current description (answer or offer); its `o=` line carries the version.
-    pub(super) local_sdp: String,
-    /// Where the peer last said it receives audio.
-    pub(super) remote: Option<SocketAddr>,
-    /// Where the peer last said it receives video.
-    pub(super) remote_video: Option<SocketAddr>,
-}
-
-impl MediaState {
-    pub(super) fn new(local_sdp: &str, remote_sdp: &[u8]) -> Self {
-        let remote = sdp::parse_offer(&String::from_utf8_lossy(remote_sdp)).ok();
-        Self {
-            local_sdp: local_sdp.to_owned(),
-            remote: remote
-                .as_ref()
-                .map(|(a, _)| SocketAddr::new(a.addr, a.port)),
-            remote_video: remote
-                .and_then(|(_, v)| v)
-                .map(|v| SocketAddr::new(v.addr, v.port)),
-        }
-    }
-
-    /// Whether our description relays a video stream (an accepted `m=video`).
-    fn has_video(&self) -> bool {
-        self.local_sdp
-            .lines()
-            .any(|l| l.starts_with("m=video ") && !l.starts_with("m=video 0 "))
-    }
-}
 
 impl SipCore {
     /// A re-INVITE in an established dialog (RFC 3261 §14.2): hold/resume, a session

@@ -9,8 +9,6 @@ use std::time::Instant;
 use parley_core::ids::CallHandle;
 use sipx_sip::{Timer, TransactionKey};
 
-use super::SipCore;
-
 /// What a timer does when it fires.
 #[derive(Debug)]
 pub(super) enum TimerKind {
@@ -72,21 +70,5 @@ impl TimerTable {
             self.index.remove(&(key.clone(), *timer));
         }
         Some(kind)
-    }
-}
-
-impl SipCore {
-    /// Time passed: fires every timer due.
-    pub fn handle_timeout(&mut self, now: Instant) {
-        while let Some(kind) = self.timers.pop_due(now) {
-            match kind {
-                TimerKind::Txn(key, timer) => {
-                    let outputs = self.layer.on_timer(&key, timer);
-                    self.run_tx(now, &key, outputs, true);
-                }
-                TimerKind::Retx200(h, generation) => self.retransmit_200(now, h, generation),
-                TimerKind::Reap(h) => self.reap(h),
-            }
-        }
     }
 }

@@ -10,7 +10,7 @@ use sipx_sip::transaction::Output as TxOut;
 use sipx_sip::{Reliability, Request, TransactionKey};
 
 use super::SipCore;
-use super::b2bua::Purpose;
+use super::state::Purpose;
 use super::timers::TimerKind;
 use crate::metrics as m;
 

@@ -14,25 +14,9 @@ use sipx_sip::{
     HeaderName, Message, Method, Request, RequestBuilder, Response, TransactionKey, Uri,
 };
 
-use super::b2bua::{Call, Purpose, Side};
-use super::reinvite::MediaState;
+use super::state::MediaState;
+use super::state::{Call, Purpose, Side, TrunkLeg};
 use super::{Output, SipCore, msg};
-
-/// Our UAC side toward the trunk.
-#[derive(Debug)]
-pub(super) struct TrunkLeg {
-    pub(super) call_id: String,
-    pub(super) invite: Request,
-    pub(super) dest: SocketAddr,
-    pub(super) to_value: Option<String>,
-    pub(super) remote_target: Option<Uri>,
-    pub(super) answered: bool,
-    pub(super) cancelled: bool,
-    /// Whether we already answered a digest challenge (one try per leg, no 401 loops).
-    pub(super) auth_tried: bool,
-    /// Set once the trunk answered 200 with SDP.
-    pub(super) media: Option<MediaState>,
-}
 
 impl SipCore {
     pub(super) fn send_trunk_invite(
