@@ -10,8 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use actix::prelude::*;
 use parley_codecs::sdp;
 use parley_core::call::{
-    Action, CallCore, CallSpec, MediaPlan, MediaSide, Observation, Origin, TrunkOffer,
-    device_end_reason,
+    Action, CallCore, CallSpec, EndReason, MediaPlan, MediaSide, Observation, Origin, TrunkOffer,
 };
 use parley_core::ids::{CallHandle, Sequence};
 use parley_core::plan::LegId;
@@ -126,7 +125,7 @@ impl CallActor {
 
     /// Drains the core, then re-arms its timer.
     fn drive(&mut self, ctx: &mut Context<Self>) {
-        while let Some(action) = self.core.poll_action() {
+        while let Some(action) = self.core.poll_output() {
             self.perform(action, ctx);
         }
         if let Some(h) = self.timer.take() {
@@ -182,21 +181,25 @@ impl CallActor {
             Action::RejectCaller(code) => match &self.caller_device {
                 Some(dev) => dev.do_send(ToDevice::Ended {
                     call_id,
-                    reason: device_end_reason(code),
+                    reason: EndReason::of_cause(code).as_str(),
                 }),
                 None => self.sip(SipLegCmd::CallerReject(code), ctx),
             },
             Action::ByeCaller => match &self.caller_device {
                 Some(dev) => dev.do_send(ToDevice::Ended {
                     call_id,
-                    reason: "remote_hangup",
+                    reason: EndReason::RemoteHangup.as_str(),
                 }),
                 None => self.sip(SipLegCmd::CallerBye, ctx),
             },
             Action::Withdraw(LegId::Device(s), reason)
-            | Action::Hangup(LegId::Device(s), reason) => {
-                self.to_device(s, ToDevice::Ended { call_id, reason })
-            }
+            | Action::Hangup(LegId::Device(s), reason) => self.to_device(
+                s,
+                ToDevice::Ended {
+                    call_id,
+                    reason: reason.as_str(),
+                },
+            ),
             Action::Withdraw(LegId::Trunk, _) => self.sip(SipLegCmd::TrunkCancel, ctx),
             Action::Hangup(LegId::Trunk, _) => self.sip(SipLegCmd::TrunkBye, ctx),
             Action::TrunkHealth(outcome) => {

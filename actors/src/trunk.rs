@@ -1,15 +1,14 @@
-//! The trunk actor: one per configured SIP trunk toward the PSTN (the "voice network").
-//!
-//! It owns the trunk's health, which the router reads. Health comes from SIP OPTIONS
-//! probes (sent through the SIP driver, [`SendProbe`]) and from real calls that the trunk
-//! refuses with 503 or never answers. The decision is the pure [`TrunkHealth`] machine:
-//! `down_after` consecutive failures mark the trunk down, `up_after` consecutive successes
-//! bring it back.
+//! The trunk actor: one per configured SIP trunk toward the PSTN (the "voice network"),
+//! the shell around a [`TrunkMonitor`]. Health comes from SIP OPTIONS probes (sent
+//! through the SIP driver, [`SendProbe`]) and from real calls; the monitor decides when to
+//! probe, which answers count and whether the trunk is up. The actor sends the probes,
+//! keeps the timer and exports the metrics.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::time::Instant;
 
 use actix::prelude::*;
+use parley_core::trunk::{TrunkMonitor, TrunkOutput};
 
 use crate::metrics as m;
 pub use parley_core::trunk::{HealthPolicy, ProbeOutcome, TrunkHealth};
@@ -46,11 +45,9 @@ pub struct CallOutcome(pub ProbeOutcome);
 pub struct TrunkActor {
     name: String,
     addr: SocketAddr,
-    health: TrunkHealth,
-    policy: HealthPolicy,
+    monitor: TrunkMonitor,
     prober: Option<Recipient<SendProbe>>,
-    seq: u64,
-    pending: HashMap<u64, SpawnHandle>,
+    timer: Option<SpawnHandle>,
 }
 
 impl TrunkActor {
@@ -64,48 +61,54 @@ impl TrunkActor {
         Self {
             name,
             addr,
-            health: TrunkHealth::new(policy),
-            policy,
+            monitor: TrunkMonitor::new(policy, prober.is_some(), Instant::now()),
             prober,
-            seq: 0,
-            pending: HashMap::new(),
+            timer: None,
         }
     }
 
-    fn record(&mut self, outcome: ProbeOutcome, source: &'static str) {
-        let result = if outcome.is_ok() { "ok" } else { "fail" };
-        metrics::counter!(m::TRUNK_PROBES_TOTAL, "trunk" => self.name.clone(), "source" => source, "result" => result).increment(1);
-        if let Some(up) = self.health.handle_outcome(outcome) {
-            metrics::gauge!(m::TRUNK_UP, "trunk" => self.name.clone()).set(if up {
-                1.0
-            } else {
-                0.0
-            });
-            if up {
-                tracing::info!(trunk = %self.name, addr = %self.addr, "trunk up");
-            } else {
-                tracing::warn!(trunk = %self.name, addr = %self.addr, ?outcome, "trunk down: calls go over the packet network");
+    /// Performs what the monitor decided, then re-arms its timer.
+    fn drive(&mut self, ctx: &mut Context<Self>) {
+        while let Some(out) = self.monitor.poll_output() {
+            match out {
+                TrunkOutput::SendProbe(seq) => {
+                    if let Some(p) = &self.prober {
+                        p.do_send(SendProbe {
+                            dest: self.addr,
+                            seq,
+                            reply: ctx.address().recipient(),
+                        });
+                    }
+                }
+                TrunkOutput::Counted { source, ok } => {
+                    let result = if ok { "ok" } else { "fail" };
+                    metrics::counter!(m::TRUNK_PROBES_TOTAL, "trunk" => self.name.clone(), "source" => source.as_str(), "result" => result).increment(1);
+                }
+                TrunkOutput::Changed { up, outcome } => {
+                    metrics::gauge!(m::TRUNK_UP, "trunk" => self.name.clone()).set(if up {
+                        1.0
+                    } else {
+                        0.0
+                    });
+                    if up {
+                        tracing::info!(trunk = %self.name, addr = %self.addr, "trunk up");
+                    } else {
+                        tracing::warn!(trunk = %self.name, addr = %self.addr, ?outcome, "trunk down: calls go over the packet network");
+                    }
+                }
             }
         }
-    }
-
-    fn probe(&mut self, ctx: &mut Context<Self>) {
-        let Some(prober) = self.prober.clone() else {
-            return;
-        };
-        self.seq += 1;
-        let seq = self.seq;
-        prober.do_send(SendProbe {
-            dest: self.addr,
-            seq,
-            reply: ctx.address().recipient(),
-        });
-        let timer = ctx.run_later(self.policy.timeout, move |act, _| {
-            if act.pending.remove(&seq).is_some() {
-                act.record(ProbeOutcome::Timeout, "options");
-            }
-        });
-        self.pending.insert(seq, timer);
+        if let Some(h) = self.timer.take() {
+            ctx.cancel_future(h);
+        }
+        if let Some(at) = self.monitor.poll_timeout() {
+            let after = at.saturating_duration_since(Instant::now());
+            self.timer = Some(ctx.run_later(after, |act, ctx| {
+                act.timer = None;
+                act.monitor.handle_timeout(Instant::now());
+                act.drive(ctx);
+            }));
+        }
     }
 }
 
@@ -119,10 +122,7 @@ impl Actor for TrunkActor {
                 metrics::counter!(m::TRUNK_PROBES_TOTAL, "trunk" => self.name.clone(), "source" => source, "result" => result).increment(0);
             }
         }
-        if self.prober.is_some() && !self.policy.interval.is_zero() {
-            self.probe(ctx);
-            ctx.run_interval(self.policy.interval, |act, ctx| act.probe(ctx));
-        }
+        self.drive(ctx);
     }
 }
 
@@ -148,7 +148,7 @@ impl Handler<GetTrunkState> for TrunkActor {
         TrunkState {
             name: self.name.clone(),
             addr: self.addr,
-            up: self.health.is_up(),
+            up: self.monitor.is_up(),
         }
     }
 }
@@ -156,17 +156,15 @@ impl Handler<GetTrunkState> for TrunkActor {
 impl Handler<ProbeResult> for TrunkActor {
     type Result = ();
     fn handle(&mut self, r: ProbeResult, ctx: &mut Context<Self>) {
-        // A result after our own timeout already counted as a failure: ignore it.
-        if let Some(timer) = self.pending.remove(&r.seq) {
-            ctx.cancel_future(timer);
-            self.record(r.outcome, "options");
-        }
+        self.monitor.handle_probe_result(r.seq, r.outcome);
+        self.drive(ctx);
     }
 }
 
 impl Handler<CallOutcome> for TrunkActor {
     type Result = ();
-    fn handle(&mut self, c: CallOutcome, _: &mut Context<Self>) {
-        self.record(c.0, "call");
+    fn handle(&mut self, c: CallOutcome, ctx: &mut Context<Self>) {
+        self.monitor.handle_call_outcome(c.0);
+        self.drive(ctx);
     }
 }

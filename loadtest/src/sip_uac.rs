@@ -4,7 +4,7 @@
 //! [`Uac`] owns the state of every call it places. It opens no socket and reads no clock:
 //! the driver feeds it datagrams ([`Uac::handle_datagram`]) and time
 //! ([`Uac::handle_timeout`]), starts calls ([`Uac::start_call`]), and drains
-//! [`Uac::poll_transmit`] (datagrams to send) and [`Uac::poll_event`] (what happened to the
+//! [`Uac::poll_output`] (datagrams to send, then what happened to the
 //! calls) until both are empty; [`Uac::poll_timeout`] says when to call again.
 //!
 //! Per call: INVITE with a PCMU offer, retransmitted on RFC 3261 Timer A (T1 doubling)
@@ -154,6 +154,15 @@ pub enum Event {
         /// How it ended.
         outcome: Outcome,
     },
+}
+
+/// What the UAC asks its driver to do.
+#[derive(Debug)]
+pub enum Output {
+    /// Send a datagram.
+    Transmit(Transmit),
+    /// Something happened to a call.
+    Event(Event),
 }
 
 /// A datagram to send.
@@ -316,16 +325,14 @@ impl Uac {
         self.counters
     }
 
-    /// The next datagram to send.
+    /// The next thing to do: datagrams to send come before call events, so that a
+    /// driver which stops draining at an event has already sent what the event follows.
     #[must_use]
-    pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.out.pop_front()
-    }
-
-    /// The next call event.
-    #[must_use]
-    pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+    pub fn poll_output(&mut self) -> Option<Output> {
+        if let Some(t) = self.out.pop_front() {
+            return Some(Output::Transmit(t));
+        }
+        self.events.pop_front().map(Output::Event)
     }
 
     /// When [`Self::handle_timeout`] should next be called (possibly early: stale timers

@@ -7,7 +7,49 @@ const TARGET: &str = "127.0.0.1:5060";
 const SDP_ANSWER: &str = "v=0\r\no=uas 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\n\
                           t=0 0\r\nm=audio 40000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n";
 
-fn uac(answer_timeout: Duration) -> Uac {
+/// A UAC whose outputs are sorted into datagrams and events as they are drained, so a
+/// test can read either without losing the other.
+struct TestUac {
+    u: Uac,
+    tx: std::collections::VecDeque<Transmit>,
+    ev: std::collections::VecDeque<Event>,
+}
+
+impl TestUac {
+    fn pull(&mut self) {
+        while let Some(o) = self.u.poll_output() {
+            match o {
+                Output::Transmit(t) => self.tx.push_back(t),
+                Output::Event(e) => self.ev.push_back(e),
+            }
+        }
+    }
+
+    fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.pull();
+        self.tx.pop_front()
+    }
+
+    fn poll_event(&mut self) -> Option<Event> {
+        self.pull();
+        self.ev.pop_front()
+    }
+}
+
+impl std::ops::Deref for TestUac {
+    type Target = Uac;
+    fn deref(&self) -> &Uac {
+        &self.u
+    }
+}
+
+impl std::ops::DerefMut for TestUac {
+    fn deref_mut(&mut self) -> &mut Uac {
+        &mut self.u
+    }
+}
+
+fn uac(answer_timeout: Duration) -> TestUac {
     let mut cfg = UacConfig::new(
         LOCAL.parse().unwrap(),
         TARGET.parse().unwrap(),
@@ -15,7 +57,11 @@ fn uac(answer_timeout: Duration) -> Uac {
     );
     cfg.answer_timeout = answer_timeout;
     cfg.parse_sdp = true;
-    Uac::new(cfg, "testrun")
+    TestUac {
+        u: Uac::new(cfg, "testrun"),
+        tx: Default::default(),
+        ev: Default::default(),
+    }
 }
 
 fn target() -> SocketAddr {
@@ -26,13 +72,13 @@ fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
 
-fn sent(u: &mut Uac) -> Vec<String> {
+fn sent(u: &mut TestUac) -> Vec<String> {
     std::iter::from_fn(|| u.poll_transmit())
         .map(|t| String::from_utf8(t.data.to_vec()).unwrap())
         .collect()
 }
 
-fn events(u: &mut Uac) -> Vec<Event> {
+fn events(u: &mut TestUac) -> Vec<Event> {
     std::iter::from_fn(|| u.poll_event()).collect()
 }
 
@@ -73,7 +119,7 @@ fn feed(u: &mut Uac, at: Instant, data: Bytes) {
 }
 
 /// Starts a call and has it answered at `t0 + 50ms`; returns the INVITE and ACK.
-fn answered(u: &mut Uac, t0: Instant, hold: Duration) -> (String, String) {
+fn answered(u: &mut TestUac, t0: Instant, hold: Duration) -> (String, String) {
     u.start_call(t0, "+15550100001", hold, 4000);
     let invite = sent(u).remove(0);
     let ok = reply(

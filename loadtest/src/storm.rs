@@ -42,7 +42,7 @@ use crate::fleet::{Fleet, FleetConfig, FleetError};
 use crate::plan::{Hold, Numbers, Schedule};
 use crate::replay::Script;
 use crate::report::{Collector, MediaSample, Report, Summary, process_cpu_time};
-use crate::sip_uac::{CallNo, DISCARD_PORT, Event, Uac, UacConfig};
+use crate::sip_uac::{CallNo, DISCARD_PORT, Event, Output, Uac, UacConfig};
 
 /// Calls started per loop turn at most, so that a backlog (after `--max-concurrent` held
 /// calls back, or a stall) cannot keep the loop from reading the socket.
@@ -215,6 +215,7 @@ pub async fn run_until(
     };
     let mut driver = Driver {
         uac: Uac::new(uac_cfg, run_token),
+        pending_events: std::collections::VecDeque::new(),
         socket,
         stats: Collector::new(cfg.media),
         schedule,
@@ -281,6 +282,8 @@ struct MediaState {
 struct Driver {
     cfg: StormConfig,
     uac: Uac,
+    /// Events drained with the datagrams, handled once those are sent.
+    pending_events: std::collections::VecDeque<Event>,
     socket: UdpSocket,
     stats: Collector,
     schedule: Schedule,
@@ -488,15 +491,20 @@ impl Driver {
     }
 
     async fn flush(&mut self) {
-        while let Some(t) = self.uac.poll_transmit() {
-            if self.socket.send_to(&t.data, t.dest).await.is_err() {
-                self.stats.send_error();
+        while let Some(out) = self.uac.poll_output() {
+            match out {
+                Output::Transmit(t) => {
+                    if self.socket.send_to(&t.data, t.dest).await.is_err() {
+                        self.stats.send_error();
+                    }
+                }
+                Output::Event(ev) => self.pending_events.push_back(ev),
             }
         }
     }
 
     fn take_events(&mut self) {
-        while let Some(ev) = self.uac.poll_event() {
+        while let Some(ev) = self.pending_events.pop_front() {
             match ev {
                 Event::Ringing { pdd, .. } => self.stats.ringing(pdd),
                 Event::Answered { call, setup, media } => {

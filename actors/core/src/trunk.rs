@@ -4,7 +4,8 @@
 //! 503 or never answers. [`TrunkHealth`] is the pure decision: `down_after` consecutive
 //! failures mark the trunk down, `up_after` consecutive successes bring it back.
 
-use std::time::Duration;
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
 
 /// How a trunk is probed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +106,140 @@ impl TrunkHealth {
     }
 }
 
+/// Where a health outcome came from (metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutcomeSource {
+    /// An OPTIONS probe.
+    Options,
+    /// A real call.
+    Call,
+}
+
+impl OutcomeSource {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutcomeSource::Options => "options",
+            OutcomeSource::Call => "call",
+        }
+    }
+}
+
+/// What the trunk's driver must do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrunkOutput {
+    /// Send OPTIONS probe number `seq`; its answer comes back through
+    /// [`TrunkMonitor::handle_probe_result`].
+    SendProbe(u64),
+    /// An outcome was counted (metrics).
+    Counted {
+        /// Probe or call.
+        source: OutcomeSource,
+        /// Whether it counted as healthy.
+        ok: bool,
+    },
+    /// The trunk went up or down because of `outcome`.
+    Changed {
+        /// The new state.
+        up: bool,
+        /// The outcome that tipped it.
+        outcome: ProbeOutcome,
+    },
+}
+
+/// The trunk's health over time: when to probe, which probe answers still count, and
+/// the up/down state. Sans-IO: time in, probes and state changes out.
+#[derive(Debug)]
+pub struct TrunkMonitor {
+    health: TrunkHealth,
+    policy: HealthPolicy,
+    next_probe: Option<Instant>,
+    /// Probes in flight and when each counts as unanswered.
+    pending: BTreeMap<u64, Instant>,
+    seq: u64,
+    out: VecDeque<TrunkOutput>,
+}
+
+impl TrunkMonitor {
+    /// A trunk that starts up. With `probing` (and a non-zero interval) the first probe is
+    /// due at once, then every interval.
+    pub fn new(policy: HealthPolicy, probing: bool, now: Instant) -> Self {
+        Self {
+            health: TrunkHealth::new(policy),
+            policy,
+            next_probe: (probing && !policy.interval.is_zero()).then_some(now),
+            pending: BTreeMap::new(),
+            seq: 0,
+            out: VecDeque::new(),
+        }
+    }
+
+    /// Whether calls may use the trunk.
+    pub fn is_up(&self) -> bool {
+        self.health.is_up()
+    }
+
+    /// A probe was answered (or failed) before its deadline; a late answer is ignored,
+    /// since its timeout already counted.
+    pub fn handle_probe_result(&mut self, seq: u64, outcome: ProbeOutcome) {
+        if self.pending.remove(&seq).is_some() {
+            self.record(outcome, OutcomeSource::Options);
+        }
+    }
+
+    /// A real call taught something about the trunk ([`call_outcome`]).
+    pub fn handle_call_outcome(&mut self, outcome: ProbeOutcome) {
+        self.record(outcome, OutcomeSource::Call);
+    }
+
+    /// Time passed: unanswered probes count as failures, a due probe is sent.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let expired: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(s, _)| *s)
+            .collect();
+        for seq in expired {
+            self.pending.remove(&seq);
+            self.record(ProbeOutcome::Timeout, OutcomeSource::Options);
+        }
+        if let Some(at) = self.next_probe
+            && at <= now
+        {
+            self.seq += 1;
+            self.pending.insert(self.seq, now + self.policy.timeout);
+            self.out.push_back(TrunkOutput::SendProbe(self.seq));
+            self.next_probe = Some(now + self.policy.interval);
+        }
+    }
+
+    /// When [`Self::handle_timeout`] must next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let pending = self.pending.values().min().copied();
+        match (self.next_probe, pending) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Next thing to do.
+    #[must_use]
+    pub fn poll_output(&mut self) -> Option<TrunkOutput> {
+        self.out.pop_front()
+    }
+
+    fn record(&mut self, outcome: ProbeOutcome, source: OutcomeSource) {
+        self.out.push_back(TrunkOutput::Counted {
+            source,
+            ok: outcome.is_ok(),
+        });
+        if let Some(up) = self.health.handle_outcome(outcome) {
+            self.out.push_back(TrunkOutput::Changed { up, outcome });
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,6 +258,72 @@ mod tests {
         for (code, want) in rows {
             assert_eq!(call_outcome(code), want, "{code}");
         }
+    }
+
+    fn drain(m: &mut TrunkMonitor) -> Vec<TrunkOutput> {
+        std::iter::from_fn(|| m.poll_output()).collect()
+    }
+
+    #[test]
+    fn probes_go_out_every_interval_and_unanswered_ones_count_as_failures() {
+        let t0 = Instant::now();
+        let policy = HealthPolicy::default(); // 10 s interval, 2 s timeout, 2 down, 2 up
+        let mut m = TrunkMonitor::new(policy, true, t0);
+        assert_eq!(m.poll_timeout(), Some(t0));
+        m.handle_timeout(t0);
+        assert_eq!(drain(&mut m), [TrunkOutput::SendProbe(1)]);
+        assert_eq!(m.poll_timeout(), Some(t0 + Duration::from_secs(2)));
+        m.handle_probe_result(1, Answered(200));
+        let ok = TrunkOutput::Counted {
+            source: OutcomeSource::Options,
+            ok: true,
+        };
+        let fail = TrunkOutput::Counted {
+            source: OutcomeSource::Options,
+            ok: false,
+        };
+        assert_eq!(drain(&mut m), [ok]);
+        // Two probes nobody answers: the trunk goes down on the second timeout.
+        for (i, at) in [10u64, 20].into_iter().enumerate() {
+            m.handle_timeout(t0 + Duration::from_secs(at));
+            assert_eq!(drain(&mut m), [TrunkOutput::SendProbe(2 + i as u64)]);
+            m.handle_timeout(t0 + Duration::from_secs(at + 2));
+            let mut want = vec![fail];
+            if i == 1 {
+                want.push(TrunkOutput::Changed {
+                    up: false,
+                    outcome: Timeout,
+                });
+            }
+            assert_eq!(drain(&mut m), want);
+        }
+        assert!(!m.is_up());
+        // An answer after its own timeout is ignored; a call's 2xx counts.
+        m.handle_probe_result(3, Answered(200));
+        assert_eq!(drain(&mut m), []);
+        m.handle_call_outcome(Answered(200));
+        m.handle_call_outcome(Answered(200));
+        let call_ok = TrunkOutput::Counted {
+            source: OutcomeSource::Call,
+            ok: true,
+        };
+        assert_eq!(
+            drain(&mut m),
+            [
+                call_ok,
+                call_ok,
+                TrunkOutput::Changed {
+                    up: true,
+                    outcome: Answered(200)
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn without_a_prober_nothing_is_scheduled() {
+        let m = TrunkMonitor::new(HealthPolicy::default(), false, Instant::now());
+        assert_eq!(m.poll_timeout(), None);
     }
 
     #[test]

@@ -414,7 +414,7 @@ fn options_probes_report_answers_and_timeouts() {
     {
         let (mut c, t0) = (core(), Instant::now());
         let trunk: SocketAddr = TRUNK.parse().unwrap();
-        let id = c.send_probe(t0, trunk);
+        let id = c.handle_probe(t0, trunk);
         let (tx, _, _, probes) = drain_all(&mut c);
         assert!(probes.is_empty());
         assert_eq!(tx[0].0, trunk);
@@ -440,7 +440,7 @@ fn options_probes_report_answers_and_timeouts() {
         assert_eq!(drain_all(&mut c).3, vec![(id, Some(200))]);
 
         // Nobody answers: Timer E retransmits, Timer F (64*T1) gives up.
-        let id2 = c.send_probe(t0, trunk);
+        let id2 = c.handle_probe(t0, trunk);
         drain_all(&mut c);
         c.handle_timeout(t0 + Duration::from_millis(500));
         let (tx, _, _, probes) = drain_all(&mut c);

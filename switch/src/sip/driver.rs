@@ -218,7 +218,7 @@ impl Handler<Drain> for SipDriver {
 impl Handler<SendProbe> for SipDriver {
     type Result = ();
     fn handle(&mut self, p: SendProbe, ctx: &mut Context<Self>) {
-        let id = self.core.send_probe(Instant::now(), p.dest);
+        let id = self.core.handle_probe(Instant::now(), p.dest);
         self.probes.insert(id, (p.seq, p.reply));
         self.flush(ctx);
     }

@@ -242,7 +242,7 @@ impl World {
 
     /// Sends an OPTIONS probe to the trunk, as the trunk actor does every interval.
     pub fn probe_trunk(&mut self) {
-        let id = self.sip.send_probe(self.now, TRUNK.parse().unwrap());
+        let id = self.sip.handle_probe(self.now, TRUNK.parse().unwrap());
         self.probes.insert(id, ());
         self.settle();
     }
@@ -303,7 +303,7 @@ impl World {
             }
             let handles: Vec<CallHandle> = self.calls.keys().copied().collect();
             for h in handles {
-                while let Some(a) = self.calls.get_mut(&h).and_then(CallCore::poll_action) {
+                while let Some(a) = self.calls.get_mut(&h).and_then(CallCore::poll_output) {
                     moved = true;
                     self.perform(h, a);
                 }
@@ -464,7 +464,7 @@ impl World {
                 s,
                 DeviceMsg::Ended {
                     call: cid,
-                    reason: reason.into(),
+                    reason: reason.as_str().into(),
                 },
             ),
             Action::Withdraw(LegId::Trunk, _) => self.command(h, SipLegCmd::TrunkCancel),

@@ -102,14 +102,14 @@ pub enum Action {
     /// a failure comes back as [`CallCore::handle_connect_failed`].
     Connect(MediaPlan),
     /// Send a final error response to the caller (a device caller gets `call_ended` with
-    /// [`device_end_reason`]).
+    /// [`EndReason::of_cause`]).
     RejectCaller(u16),
     /// Send BYE to the caller (a device caller gets `call_ended`, `remote_hangup`).
     ByeCaller,
     /// Stop a ringing leg (device: withdraw the offer; trunk: CANCEL).
-    Withdraw(LegId, &'static str),
+    Withdraw(LegId, EndReason),
     /// End an answered leg (device: call ended; trunk: BYE).
-    Hangup(LegId, &'static str),
+    Hangup(LegId, EndReason),
     /// Feed the trunk's health with what this call learned.
     TrunkHealth(ProbeOutcome),
     /// A device of the callee answered: the answer history learns it. `rank` is where
@@ -147,13 +147,56 @@ pub enum MediaSide {
     Trunk,
 }
 
-/// What a device caller hears when its call ends with a SIP-style cause.
-pub fn device_end_reason(code: u16) -> &'static str {
-    match code {
-        486 | 600 | 603 => "rejected",
-        487 => "cancelled",
-        408 | 480 => "unavailable",
-        _ => "failed",
+/// Why a device's part in a call ended: the `reason` of `call_ended` (`docs/protocol.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    /// Another leg answered first.
+    AnsweredElsewhere,
+    /// A presence change or the next step of the plan moved the call elsewhere.
+    Rerouted,
+    /// The caller cancelled.
+    Cancelled,
+    /// Nobody answered in time.
+    Timeout,
+    /// The other side hung up.
+    RemoteHangup,
+    /// No media crossed the call for the media timeout.
+    MediaTimeout,
+    /// The relay could not carry the call's media.
+    MediaUnavailable,
+    /// The callee declined (a dialled call).
+    Rejected,
+    /// The callee cannot be reached now (a dialled call).
+    Unavailable,
+    /// Signalling failed (a dialled call).
+    Failed,
+}
+
+impl EndReason {
+    /// The wire form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::AnsweredElsewhere => "answered_elsewhere",
+            EndReason::Rerouted => "rerouted",
+            EndReason::Cancelled => "cancelled",
+            EndReason::Timeout => "timeout",
+            EndReason::RemoteHangup => "remote_hangup",
+            EndReason::MediaTimeout => "media_timeout",
+            EndReason::MediaUnavailable => "media_unavailable",
+            EndReason::Rejected => "rejected",
+            EndReason::Unavailable => "unavailable",
+            EndReason::Failed => "failed",
+        }
+    }
+
+    /// What a device caller hears when its call ends with a SIP-style cause.
+    pub fn of_cause(code: u16) -> Self {
+        match code {
+            486 | 600 | 603 => EndReason::Rejected,
+            487 => EndReason::Cancelled,
+            408 | 480 => EndReason::Unavailable,
+            _ => EndReason::Failed,
+        }
     }
 }
 

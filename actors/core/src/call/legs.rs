@@ -5,6 +5,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use super::io::EndReason;
 use crate::cdr::{CallRoute, Disposition};
 use crate::plan::{LegId, Plan, Step};
 #[cfg(test)]
@@ -57,9 +58,9 @@ pub enum Out {
     /// Send BYE to the caller.
     ByeCaller,
     /// Stop a ringing leg (device: withdraw the offer; trunk: CANCEL).
-    Withdraw(LegId, &'static str),
+    Withdraw(LegId, EndReason),
     /// End an answered leg (device: call ended; trunk: BYE).
-    Hangup(LegId, &'static str),
+    Hangup(LegId, EndReason),
     /// The call is over: release media, write the CDR, stop.
     Finish {
         /// CDR disposition.
@@ -268,13 +269,13 @@ impl Legs {
             // Answered too late (cancelled, or another leg won): end that leg.
             if self.answered_leg() != Some(leg) {
                 self.actions
-                    .push_back(Out::Hangup(leg, "answered_elsewhere"));
+                    .push_back(Out::Hangup(leg, EndReason::AnsweredElsewhere));
             }
             return;
         }
         for other in self.ringing.drain(..).filter(|l| *l != leg) {
             self.actions
-                .push_back(Out::Withdraw(other, "answered_elsewhere"));
+                .push_back(Out::Withdraw(other, EndReason::AnsweredElsewhere));
         }
         self.state = State::Answered(leg);
         self.deadline = None;
@@ -358,7 +359,8 @@ impl Legs {
         self.route = label;
         let old = std::mem::take(&mut self.ringing);
         for leg in old.iter().filter(|l| !wanted.contains(l)) {
-            self.actions.push_back(Out::Withdraw(*leg, "rerouted"));
+            self.actions
+                .push_back(Out::Withdraw(*leg, EndReason::Rerouted));
         }
         for leg in wanted.iter().filter(|l| !old.contains(l)) {
             match leg {
@@ -389,7 +391,7 @@ impl Legs {
     /// The caller sent CANCEL while the call rang.
     pub fn handle_caller_cancel(&mut self) {
         if self.state == State::Ringing || self.state == State::Routing {
-            self.withdraw_all("cancelled");
+            self.withdraw_all(EndReason::Cancelled);
             self.actions.push_back(Out::RejectCaller(487));
             self.finish(Disposition::Cancelled, 487);
         }
@@ -399,11 +401,12 @@ impl Legs {
     pub fn handle_caller_gone(&mut self, disposition: Disposition, cause: u16) {
         match self.state {
             State::Answered(leg) => {
-                self.actions.push_back(Out::Hangup(leg, "remote_hangup"));
+                self.actions
+                    .push_back(Out::Hangup(leg, EndReason::RemoteHangup));
                 self.finish(disposition, cause);
             }
             State::Ringing | State::Routing => {
-                self.withdraw_all("cancelled");
+                self.withdraw_all(EndReason::Cancelled);
                 self.finish(Disposition::Cancelled, cause);
             }
             State::Ended => {}
@@ -416,7 +419,8 @@ impl Legs {
     pub fn handle_ack_timeout(&mut self) {
         match self.state {
             State::Answered(leg) => {
-                self.actions.push_back(Out::Hangup(leg, "remote_hangup"));
+                self.actions
+                    .push_back(Out::Hangup(leg, EndReason::RemoteHangup));
                 self.actions.push_back(Out::ByeCaller);
                 self.finish(Disposition::Failed, 408);
             }
@@ -440,7 +444,7 @@ impl Legs {
     pub fn handle_connect_failed(&mut self, code: u16) {
         if let State::Answered(leg) = self.state {
             self.actions
-                .push_back(Out::Hangup(leg, "media_unavailable"));
+                .push_back(Out::Hangup(leg, EndReason::MediaUnavailable));
             self.actions.push_back(Out::RejectCaller(code));
             self.finish(Disposition::Failed, code);
         }
@@ -450,7 +454,8 @@ impl Legs {
     /// caller gets a BYE, the leg is hung up); the CDR stays `ANSWERED` with cause 408.
     pub fn handle_media_timeout(&mut self) {
         if let State::Answered(leg) = self.state {
-            self.actions.push_back(Out::Hangup(leg, "media_timeout"));
+            self.actions
+                .push_back(Out::Hangup(leg, EndReason::MediaTimeout));
             self.actions.push_back(Out::ByeCaller);
             self.finish(Disposition::Answered, 408);
         }
@@ -473,13 +478,13 @@ impl Legs {
             // Nobody answered in this step: on to the next one (the current legs stop).
             self.step_deadline = None;
             if !self.steps.is_empty() {
-                self.withdraw_all("rerouted");
+                self.withdraw_all(EndReason::Rerouted);
                 if !self.next_step(now) {
                     self.finish_failed(480, Disposition::NoAnswer);
                 }
             } else {
                 // The last step had its own timeout: the plan is exhausted.
-                self.withdraw_all("timeout");
+                self.withdraw_all(EndReason::Timeout);
                 self.finish_failed(480, Disposition::NoAnswer);
             }
             return;
@@ -488,7 +493,7 @@ impl Legs {
             && now >= d
             && self.state == State::Ringing
         {
-            self.withdraw_all("timeout");
+            self.withdraw_all(EndReason::Timeout);
             self.actions.push_back(Out::RejectCaller(480));
             self.finish(Disposition::NoAnswer, 480);
         }
@@ -496,11 +501,11 @@ impl Legs {
 
     /// Next decision.
     #[must_use]
-    pub fn poll(&mut self) -> Option<Out> {
+    pub fn poll_output(&mut self) -> Option<Out> {
         self.actions.pop_front()
     }
 
-    fn withdraw_all(&mut self, reason: &'static str) {
+    fn withdraw_all(&mut self, reason: EndReason) {
         for leg in self.ringing.drain(..) {
             self.actions.push_back(Out::Withdraw(leg, reason));
         }

@@ -9,7 +9,7 @@ fn devs(s: &[u64]) -> Vec<LegId> {
 }
 
 fn drain(c: &mut Legs) -> Vec<Out> {
-    std::iter::from_fn(|| c.poll()).collect()
+    std::iter::from_fn(|| c.poll_output()).collect()
 }
 
 fn start(route: Route, fallback: bool) -> (Legs, Instant) {
@@ -30,7 +30,7 @@ fn device_answers() {
     assert_eq!(
         drain(&mut c),
         vec![
-            Withdraw(LegId::Device(1), "answered_elsewhere"),
+            Withdraw(LegId::Device(1), EndReason::AnsweredElsewhere),
             Connect(LegId::Device(2))
         ]
     );
@@ -38,13 +38,13 @@ fn device_answers() {
     c.handle_leg_answered(LegId::Device(1));
     assert_eq!(
         drain(&mut c),
-        vec![Hangup(LegId::Device(1), "answered_elsewhere")]
+        vec![Hangup(LegId::Device(1), EndReason::AnsweredElsewhere)]
     );
     c.handle_caller_gone(Disposition::Answered, 200);
     assert_eq!(
         drain(&mut c),
         vec![
-            Hangup(LegId::Device(2), "remote_hangup"),
+            Hangup(LegId::Device(2), EndReason::RemoteHangup),
             Finish {
                 disposition: Disposition::Answered,
                 cause: 200
@@ -80,7 +80,7 @@ fn cancel_while_ringing() {
     assert_eq!(
         drain(&mut c),
         vec![
-            Withdraw(LegId::Device(1), "cancelled"),
+            Withdraw(LegId::Device(1), EndReason::Cancelled),
             RejectCaller(487),
             Finish {
                 disposition: Disposition::Cancelled,
@@ -92,7 +92,7 @@ fn cancel_while_ringing() {
     c.handle_leg_answered(LegId::Device(1));
     assert_eq!(
         drain(&mut c),
-        vec![Hangup(LegId::Device(1), "answered_elsewhere")]
+        vec![Hangup(LegId::Device(1), EndReason::AnsweredElsewhere)]
     );
 }
 
@@ -161,7 +161,7 @@ fn ring_timeout_on_virtual_clock() {
     assert_eq!(
         drain(&mut c),
         vec![
-            Withdraw(LegId::Trunk, "timeout"),
+            Withdraw(LegId::Trunk, EndReason::Timeout),
             RejectCaller(480),
             Finish {
                 disposition: Disposition::NoAnswer,
@@ -202,7 +202,7 @@ fn reroute_moves_the_offer_and_keeps_ringback() {
     assert!(c.handle_reroute(devs(&[2])));
     assert_eq!(
         drain(&mut c),
-        vec![Withdraw(LegId::Device(1), "rerouted"), Offer(2)]
+        vec![Withdraw(LegId::Device(1), EndReason::Rerouted), Offer(2)]
     );
     c.handle_leg_ringing(LegId::Device(2));
     assert_eq!(drain(&mut c), vec![], "no second 180");
@@ -221,7 +221,7 @@ fn reroute_adds_a_device_and_cancels_the_trunk() {
     assert!(c.handle_reroute(devs(&[5])));
     assert_eq!(
         drain(&mut c),
-        vec![Withdraw(LegId::Trunk, "rerouted"), Offer(5)]
+        vec![Withdraw(LegId::Trunk, EndReason::Rerouted), Offer(5)]
     );
     assert_eq!(c.route(), CallRoute::Im);
     // The trunk is not tried a second time; with nothing else to ring the call keeps
@@ -240,7 +240,7 @@ fn reroute_to_nowhere_fails_the_call_and_declined_devices_are_not_reoffered() {
     assert_eq!(
         drain(&mut c),
         vec![
-            Withdraw(LegId::Device(2), "rerouted"),
+            Withdraw(LegId::Device(2), EndReason::Rerouted),
             RejectCaller(480),
             Finish {
                 disposition: Disposition::Unavailable,
@@ -296,7 +296,7 @@ fn sequential_steps_advance_on_their_timeout() {
     assert_eq!(
         drain(&mut c),
         vec![
-            Withdraw(LegId::Device(1), "rerouted"),
+            Withdraw(LegId::Device(1), EndReason::Rerouted),
             Offer(2),
             StartTrunk(None)
         ]
@@ -310,7 +310,7 @@ fn sequential_steps_advance_on_their_timeout() {
     assert_eq!(
         drain(&mut c),
         vec![
-            Withdraw(LegId::Device(2), "answered_elsewhere"),
+            Withdraw(LegId::Device(2), EndReason::AnsweredElsewhere),
             Connect(LegId::Trunk)
         ]
     );
@@ -357,13 +357,13 @@ fn last_step_with_a_timeout_ends_as_no_answer() {
     c.handle_timeout(t0 + Duration::from_secs(5));
     assert_eq!(
         drain(&mut c),
-        vec![Withdraw(LegId::Device(1), "rerouted"), Offer(2)]
+        vec![Withdraw(LegId::Device(1), EndReason::Rerouted), Offer(2)]
     );
     c.handle_timeout(t0 + Duration::from_secs(10));
     assert_eq!(
         drain(&mut c),
         vec![
-            Withdraw(LegId::Device(2), "timeout"),
+            Withdraw(LegId::Device(2), EndReason::Timeout),
             RejectCaller(480),
             Finish {
                 disposition: Disposition::NoAnswer,
@@ -406,7 +406,7 @@ fn media_timeout_ends_an_answered_call_only() {
     assert_eq!(
         drain(&mut c),
         vec![
-            Hangup(LegId::Device(1), "media_timeout"),
+            Hangup(LegId::Device(1), EndReason::MediaTimeout),
             ByeCaller,
             Finish {
                 disposition: Disposition::Answered,
@@ -425,7 +425,7 @@ fn an_unacknowledged_answer_ends_both_sides_with_a_bye() {
     assert_eq!(
         drain(&mut c),
         vec![
-            Hangup(LegId::Device(1), "remote_hangup"),
+            Hangup(LegId::Device(1), EndReason::RemoteHangup),
             ByeCaller,
             Finish {
                 disposition: Disposition::Failed,

@@ -1,7 +1,7 @@
 //! The call state machine: one caller leg, one or more outbound legs.
 //!
 //! Sans-IO in the str0m/quinn-proto manner: `handle_*` feed events in (time as an
-//! argument), [`CallCore::poll_action`] drains what the driver must do, and
+//! argument), [`CallCore::poll_output`] drains what the driver must do, and
 //! [`CallCore::poll_timeout`] says when to call [`CallCore::handle_timeout`] next. The core
 //! makes every decision of a call — where it rings (through [`crate::rules`]), re-routing,
 //! how leg failures are classified and when the PSTN line is the fallback, how the
@@ -9,7 +9,7 @@
 //! and the driver (the call actor) only performs I/O: SIP commands, device messages, relay
 //! calls, the CDR sink.
 //!
-//! Drain order: after any `handle_*`, drain [`CallCore::poll_action`] until `None`, then
+//! Drain order: after any `handle_*`, drain [`CallCore::poll_output`] until `None`, then
 //! re-arm the timer from [`CallCore::poll_timeout`].
 
 mod io;
@@ -31,9 +31,7 @@ use crate::presence::CalleeView;
 use crate::rules::{self, CallContext, Media};
 use crate::sip::SipEvent;
 use crate::trunk::{ProbeOutcome, call_outcome};
-pub use io::{
-    Action, CallSpec, DeviceLegEvent, MediaSide, Observation, TrunkOffer, device_end_reason,
-};
+pub use io::{Action, CallSpec, DeviceLegEvent, EndReason, MediaSide, Observation, TrunkOffer};
 pub use legs::LegFailure;
 use legs::Legs;
 pub use legs::MAX_REROUTES;
@@ -318,7 +316,7 @@ impl CallCore {
 
     /// Next thing to do.
     #[must_use]
-    pub fn poll_action(&mut self) -> Option<Action> {
+    pub fn poll_output(&mut self) -> Option<Action> {
         self.actions.pop_front()
     }
 
@@ -411,7 +409,7 @@ impl CallCore {
     /// Turns the leg machine's decisions into the driver's actions, with what the call
     /// knows added (offers with video, trunk INVITEs with formats, media plans).
     fn pump(&mut self, now: Instant) {
-        while let Some(step) = self.legs.poll() {
+        while let Some(step) = self.legs.poll_output() {
             let action = match step {
                 legs::Out::Offer(session) => Action::OfferDevice {
                     session,

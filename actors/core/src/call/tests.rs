@@ -79,13 +79,13 @@ fn view(devices: Vec<DeviceState>) -> CalleeView {
 
 /// Actions, without observations (they are checked where a test is about them).
 fn drain(c: &mut CallCore) -> Vec<Action> {
-    std::iter::from_fn(|| c.poll_action())
+    std::iter::from_fn(|| c.poll_output())
         .filter(|a| !matches!(a, Action::Observe(_)))
         .collect()
 }
 
 fn drain_all(c: &mut CallCore) -> Vec<Action> {
-    std::iter::from_fn(|| c.poll_action()).collect()
+    std::iter::from_fn(|| c.poll_output()).collect()
 }
 
 const NOW_UNIX: u64 = 1_800_000_000;
@@ -165,7 +165,7 @@ fn the_trunk_is_offered_the_callers_codecs_and_its_answer_wires_udp_to_udp() {
     assert_eq!(
         drain(&mut c),
         vec![
-            Action::Hangup(LegId::Trunk, "remote_hangup"),
+            Action::Hangup(LegId::Trunk, EndReason::RemoteHangup),
             Action::Finish {
                 disposition: Disposition::Answered,
                 cause: 200
@@ -306,7 +306,7 @@ fn a_presence_change_asks_for_a_lookup_and_reroutes_from_it() {
                 route: CallRoute::Im,
                 reroutes: 1
             }),
-            Action::Withdraw(LegId::Device(1), "rerouted"),
+            Action::Withdraw(LegId::Device(1), EndReason::Rerouted),
             Action::OfferDevice {
                 session: 2,
                 video: false
@@ -380,7 +380,7 @@ fn the_media_watchdog_samples_once_a_second_and_ends_an_idle_call() {
             Action::Observe(Observation::MediaTimedOut {
                 idle: Duration::from_secs(5)
             }),
-            Action::Hangup(LegId::Device(1), "media_timeout"),
+            Action::Hangup(LegId::Device(1), EndReason::MediaTimeout),
             Action::ByeCaller,
             Action::Finish {
                 disposition: Disposition::Answered,
@@ -404,7 +404,7 @@ fn a_missing_ack_ends_the_call_with_a_bye_to_the_caller() {
     assert_eq!(
         drain(&mut c),
         vec![
-            Action::Hangup(LegId::Device(1), "remote_hangup"),
+            Action::Hangup(LegId::Device(1), EndReason::RemoteHangup),
             Action::ByeCaller,
             Action::Finish {
                 disposition: Disposition::Failed,
@@ -446,7 +446,7 @@ fn a_device_dialling_the_pstn_goes_to_the_trunk_only_when_it_is_up() {
             assert_eq!(
                 drain(&mut c),
                 vec![
-                    Action::Hangup(LegId::Trunk, "remote_hangup"),
+                    Action::Hangup(LegId::Trunk, EndReason::RemoteHangup),
                     Action::Finish {
                         disposition: Disposition::Answered,
                         cause: 200
@@ -486,7 +486,7 @@ fn a_dialling_device_that_hangs_up_while_it_rings_cancels() {
     assert_eq!(
         drain(&mut c),
         vec![
-            Action::Withdraw(LegId::Device(1), "cancelled"),
+            Action::Withdraw(LegId::Device(1), EndReason::Cancelled),
             Action::RejectCaller(487),
             Action::Finish {
                 disposition: Disposition::Cancelled,
@@ -494,7 +494,7 @@ fn a_dialling_device_that_hangs_up_while_it_rings_cancels() {
             }
         ]
     );
-    assert_eq!(device_end_reason(487), "cancelled");
+    assert_eq!(EndReason::of_cause(487), EndReason::Cancelled);
 }
 
 #[test]

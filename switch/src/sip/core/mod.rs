@@ -63,7 +63,7 @@ pub enum Output {
     NewCall(Box<NewCall>),
     /// An OPTIONS probe ended: the final status, or `None` when nothing answered.
     ProbeResult {
-        /// The id [`SipCore::send_probe`] returned.
+        /// The id [`SipCore::handle_probe`] returned.
         id: u64,
         /// Final status code, if any.
         code: Option<u16>,

@@ -13,7 +13,7 @@ use super::{Output, SipCore, msg};
 impl SipCore {
     /// Sends an OPTIONS probe to `dest` (a trunk health check); the outcome comes out as
     /// [`Output::ProbeResult`] with the returned id.
-    pub fn send_probe(&mut self, now: Instant, dest: SocketAddr) -> u64 {
+    pub fn handle_probe(&mut self, now: Instant, dest: SocketAddr) -> u64 {
         self.next_probe += 1;
         let id = self.next_probe;
         let via = self.via();
