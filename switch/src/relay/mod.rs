@@ -191,6 +191,7 @@ pub struct Relay {
     next_flow: AtomicU64,
     conns: dashmap::DashMap<SessionId, quinn::Connection>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    _gro: socket::GroKeeper,
 }
 
 impl std::fmt::Debug for Relay {
@@ -255,6 +256,7 @@ impl Relay {
             next_flow: AtomicU64::new(1),
             conns: dashmap::DashMap::new(),
             threads: Mutex::new(threads),
+            _gro: socket::GroKeeper::new(),
         }))
     }
 

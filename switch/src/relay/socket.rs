@@ -9,6 +9,40 @@ use std::sync::{Arc, Mutex};
 
 use quinn::udp::UdpSocketState;
 
+/// Keeps the kernel's "UDP GRO in use" state set for the relay's lifetime.
+///
+/// quinn-udp probes GRO support with a throwaway socket (`[::]:0`, `UDP_GRO` on, closed)
+/// for every `UdpSocketState` it creates, i.e. for every relay port. Enabling `UDP_GRO` on
+/// the first socket of a kind flips a kernel static key, which patches kernel text on
+/// every CPU (IPIs), and closing the last one flips it back: measured on this project's
+/// 2-vCPU VMs, that was ~1 ms of node CPU per call at 400–500 calls/s (`perf`:
+/// `static_key_slow_inc` under `udp_lib_setsockopt`, `static_key_slow_dec` under
+/// `udpv6_destroy_sock`; `docs/BENCHMARKS.md`). One GRO-enabled loopback socket of each
+/// family held open keeps the key set, so the probe costs a plain increment. Best effort:
+/// a family the host lacks is skipped.
+#[derive(Debug)]
+pub(crate) struct GroKeeper(#[allow(dead_code)] Vec<UdpSocket>);
+
+impl GroKeeper {
+    pub(crate) fn new() -> Self {
+        let mut held = Vec::new();
+        for addr in ["[::1]:0", "127.0.0.1:0"] {
+            let Ok(socket) = UdpSocket::bind(addr) else {
+                continue;
+            };
+            let on = nix::sys::socket::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&socket),
+                nix::sys::socket::sockopt::UdpGroSegment,
+                &true,
+            );
+            if on.is_ok() {
+                held.push(socket);
+            }
+        }
+        Self(held)
+    }
+}
+
 /// The free-port pool (even RTP ports; each reserves the RTCP port above it), shared by
 /// the control plane (which takes) and the RTP sockets (which give back when closed).
 pub(crate) type FreePorts = Arc<Mutex<VecDeque<u16>>>;
