@@ -37,6 +37,8 @@ pub struct CallEnv {
     pub ring_timeout: Duration,
     /// Media timeout of answered calls (`None`: never).
     pub media_timeout: Option<Duration>,
+    /// How long a device has to acknowledge an offer (`None`: the ring timeout).
+    pub offer_ack_timeout: Option<Duration>,
     /// The node's call handles.
     pub handles: Arc<Sequence>,
 }
@@ -227,6 +229,7 @@ impl CallActor {
                     tracing::warn!(call = %call_id, port, error = ?e, "relay could not follow the media move");
                 }
             }
+            Action::DropDevice(session) => self.to_device(session, ToDevice::Unresponsive),
             Action::SampleMedia => {
                 let idle = self.media.stats.idle_ms(self.media.since_ms);
                 self.core
@@ -287,6 +290,10 @@ impl CallActor {
             }
             Observation::Connected { after } => {
                 metrics::histogram!(m::CALL_SETUP_SECONDS).record(after.as_secs_f64());
+            }
+            Observation::OfferUnacknowledged { session } => {
+                metrics::counter!(m::OFFERS_UNACKNOWLEDGED_TOTAL).increment(1);
+                tracing::warn!(call = %call_id, session, "offer not acknowledged: the call routes on");
             }
             Observation::MediaTimedOut { idle } => {
                 tracing::warn!(call = %call_id, idle_ms = idle.as_millis() as u64, "no media: ending the call");

@@ -47,6 +47,8 @@ pub enum ToDevice {
         /// RoQ flow id of the video stream, if the call has one for this device.
         video_flow_id: Option<u64>,
     },
+    /// The device left an offer unacknowledged: it is presumed lost; close its session.
+    Unresponsive,
     /// The offer is withdrawn or the call is over.
     Ended {
         /// Parley call id.

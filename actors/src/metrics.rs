@@ -29,6 +29,9 @@ pub const PRESENCE_FANOUT_TOTAL: &str = "parley_presence_fanout_total";
 pub const CHAT_MESSAGES_TOTAL: &str = "parley_chat_messages_total";
 /// Answered calls ended because no media crossed them for the media timeout.
 pub const MEDIA_TIMEOUTS_TOTAL: &str = "parley_media_timeouts_total";
+/// Call offers a device never acknowledged: the device was presumed lost, its connection
+/// closed, and the call routed on.
+pub const OFFERS_UNACKNOWLEDGED_TOTAL: &str = "parley_offers_unacknowledged_total";
 /// Calls or legs refused 503 because the relay could not give them media, by `reason`
 /// (`ports_exhausted`: the port range or a worker's cap; `unavailable`: out of file
 /// descriptors, relay stopped).
@@ -114,6 +117,11 @@ pub fn describe() {
         ANSWERED_RANK_TOTAL,
         Unit::Count,
         "Answered device calls by the predicted rank of the answering device"
+    );
+    describe_counter!(
+        OFFERS_UNACKNOWLEDGED_TOTAL,
+        Unit::Count,
+        "Call offers a device never acknowledged (device presumed lost, call routed on)"
     );
     describe_counter!(
         MEDIA_TIMEOUTS_TOTAL,

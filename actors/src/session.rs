@@ -41,6 +41,9 @@ pub struct SessionOwner {
     pub chat_ids: Arc<Sequence>,
     /// Where the device connects from.
     pub remote: Option<std::net::SocketAddr>,
+    /// Closes the device's connection (the session asks for it when the device is
+    /// presumed lost).
+    pub close: Arc<tokio::sync::Notify>,
 }
 
 /// A device session.
@@ -146,6 +149,7 @@ impl PresenceSession {
             video_offer: None,
             ring_timeout: env.ring_timeout,
             media_timeout: env.media_timeout,
+            offer_ack_timeout: env.offer_ack_timeout,
             started: std::time::Instant::now(),
             started_wall: std::time::SystemTime::now(),
         };
@@ -345,6 +349,9 @@ impl Handler<FromClient> for PresenceSession {
                     note,
                 });
             }
+            ClientMsg::Ringing { call_id } => {
+                self.forward_to_call(&call_id, DeviceLegEvent::Delivered, true)
+            }
             ClientMsg::Answer { call_id } => {
                 self.forward_to_call(&call_id, DeviceLegEvent::Answer, true)
             }
@@ -366,7 +373,7 @@ impl Handler<FromClient> for PresenceSession {
 
 impl Handler<ToDevice> for PresenceSession {
     type Result = ();
-    fn handle(&mut self, msg: ToDevice, _: &mut Context<Self>) {
+    fn handle(&mut self, msg: ToDevice, ctx: &mut Context<Self>) {
         match msg {
             ToDevice::Offer {
                 call_id,
@@ -376,17 +383,15 @@ impl Handler<ToDevice> for PresenceSession {
                 video,
                 call,
             } => {
-                self.calls.insert(call_id.clone(), call.clone());
+                // The device's `ringing` acknowledges the offer (and tells the call it
+                // rings); a device that never sends it is presumed lost.
+                self.calls.insert(call_id.clone(), call);
                 self.send(ServerMsg::IncomingCall {
                     call_id,
                     from,
                     from_name,
                     to,
                     video,
-                });
-                call.do_send(FromDevice {
-                    session: self.id,
-                    event: DeviceLegEvent::Delivered,
                 });
             }
             ToDevice::Ringing { call_id } => self.send(ServerMsg::CallRinging { call_id }),
@@ -402,6 +407,16 @@ impl Handler<ToDevice> for PresenceSession {
                     payload_type,
                     video_flow_id,
                 });
+            }
+            ToDevice::Unresponsive => {
+                tracing::warn!(session = self.id, user = %self.owner.id.user, "device left a call offer unacknowledged: closing its connection");
+                self.send(ServerMsg::Error {
+                    code: "unresponsive".into(),
+                    message: "a call offer was not acknowledged in time".into(),
+                    fatal: true,
+                });
+                self.owner.close.notify_one();
+                ctx.stop();
             }
             ToDevice::Ended { call_id, reason } => {
                 self.calls.remove(&call_id);

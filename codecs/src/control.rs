@@ -54,6 +54,12 @@ pub enum ClientMsg {
         #[serde(default)]
         note: Option<String>,
     },
+    /// The device got an `incoming_call` and is ringing; every offer must be acknowledged
+    /// this way within the node's offer timeout, or the node treats the device as lost.
+    Ringing {
+        /// The call id from `incoming_call`.
+        call_id: String,
+    },
     /// Answer an incoming call offered to this device.
     Answer {
         /// The call id from `incoming_call`.

@@ -688,6 +688,13 @@ impl Behaviour {
         match msg {
             ServerMsg::IncomingCall { call_id, .. } => {
                 bump(&self.stats.calls_offered);
+                // Acknowledge at once: a node withdraws offers a device leaves unacknowledged.
+                let ack = ClientMsg::Ringing {
+                    call_id: call_id.clone(),
+                };
+                if write_msg(&self.writer, &ack).await.is_err() {
+                    return false;
+                }
                 if self.cfg.reject {
                     return self.reject(call_id).await;
                 }
@@ -977,6 +984,13 @@ mod tests {
                 video: false,
             };
             mock::send(&mut tx, &offer).await;
+            assert_eq!(
+                mock::recv(&mut rx).await,
+                ClientMsg::Ringing {
+                    call_id: "c-1".into()
+                },
+                "the offer is acknowledged first"
+            );
             assert_eq!(
                 mock::recv(&mut rx).await,
                 ClientMsg::Answer {

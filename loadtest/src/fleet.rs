@@ -432,6 +432,10 @@ impl UserTask {
                 }
                 Step::Event(d, Some(msg)) => match msg {
                     ServerMsg::IncomingCall { call_id, .. } => {
+                        let ack = ClientMsg::Ringing {
+                            call_id: call_id.clone(),
+                        };
+                        let _ = self.devs[d].send(ack).await;
                         offered[d].insert(call_id.clone());
                         if let Some(&(t0, to)) = churned.get(&call_id)
                             && to == d

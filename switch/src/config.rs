@@ -47,6 +47,10 @@ pub struct SipConfig {
     /// SIP timer T1 in milliseconds (RFC 3261 round-trip estimate; 64*T1 is the
     /// transaction timeout). Lower it only on networks known to be fast.
     pub t1_ms: u64,
+    /// Whether BYE, re-INVITE, ACK and CANCEL in a gateway's dialog must come from the
+    /// address the dialog's INVITE came from (besides carrying both dialog tags). Turn it
+    /// off only for gateways behind load balancers that spread a dialog over addresses.
+    pub dialog_source_check: bool,
 }
 
 /// `[quic]`
@@ -57,6 +61,11 @@ pub struct QuicConfig {
     pub listen: SocketAddr,
     /// Seconds a new connection has to log in.
     pub login_timeout_secs: u64,
+    /// Seconds of silence after which a device's connection is dropped (the QUIC idle
+    /// timeout) and its presence goes. The node keeps idle connections alive with QUIC
+    /// PINGs every third of it, so a live device never hits it; a device that lost its
+    /// network does, within this bound.
+    pub idle_timeout_secs: u64,
     /// Receive and send buffer of the QUIC socket, bytes (`SO_RCVBUF`/`SO_SNDBUF`, capped
     /// by `net.core.rmem_max`/`wmem_max`; a warning is logged when capped). All devices'
     /// datagrams share this one socket: the default 4 MiB absorbs ~20 ms of 1,000 device
@@ -123,6 +132,10 @@ pub struct CallsConfig {
     /// Seconds without any media on an answered call before Parley ends it (BYE to both
     /// sides, CDR cause 408); 0 disables.
     pub media_timeout_secs: u64,
+    /// Milliseconds a device has to acknowledge a call offer (`ringing`) before the call
+    /// treats it as lost — withdraws it, routes on to the next device or the PSTN line —
+    /// and its connection is closed; 0 waits for the ring timeout instead.
+    pub offer_ack_timeout_ms: u64,
 }
 
 /// `[[trunks]]`
@@ -221,6 +234,7 @@ impl Default for SipConfig {
             listen: ([127, 0, 0, 1], 5060).into(),
             default_region: "US".into(),
             t1_ms: 500,
+            dialog_source_check: true,
         }
     }
 }
@@ -230,6 +244,7 @@ impl Default for QuicConfig {
         Self {
             listen: ([127, 0, 0, 1], 4433).into(),
             login_timeout_secs: 10,
+            idle_timeout_secs: 10,
             socket_buffer_bytes: 4 << 20,
             threads: 1,
         }
@@ -266,6 +281,7 @@ impl Default for CallsConfig {
         Self {
             ring_timeout_secs: 60,
             media_timeout_secs: 60,
+            offer_ack_timeout_ms: 3000,
         }
     }
 }
@@ -425,6 +441,9 @@ impl Config {
         if self.calls.ring_timeout_secs == 0 {
             return Err(bad("calls.ring_timeout_secs", "must be at least 1"));
         }
+        if !(3..=600).contains(&self.quic.idle_timeout_secs) {
+            return Err(bad("quic.idle_timeout_secs", "must be between 3 and 600"));
+        }
         for (i, u) in self.users.iter().enumerate() {
             if crate::numbers::to_e164(&u.number, &self.sip.default_region).is_none() {
                 return Err(bad(
@@ -439,6 +458,12 @@ impl Config {
     /// Ring timeout as a duration.
     pub fn ring_timeout(&self) -> Duration {
         Duration::from_secs(self.calls.ring_timeout_secs)
+    }
+
+    /// How long a device has to acknowledge an offer, if bounded.
+    pub fn offer_ack_timeout(&self) -> Option<Duration> {
+        (self.calls.offer_ack_timeout_ms > 0)
+            .then(|| Duration::from_millis(self.calls.offer_ack_timeout_ms))
     }
 
     /// Media timeout of answered calls, if enabled.

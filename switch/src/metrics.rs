@@ -16,6 +16,10 @@ pub const SIP_PARSE_ERRORS_TOTAL: &str = "parley_sip_parse_errors_total";
 pub const SIP_SEND_ERRORS_TOTAL: &str = "parley_sip_send_errors_total";
 /// SIP retransmissions sent by our transactions.
 pub const SIP_RETRANSMISSIONS_TOTAL: &str = "parley_sip_retransmissions_total";
+/// Requests that name no dialog or transaction of ours (481/482), by `method` (`BYE`,
+/// `CANCEL`, `INVITE`: re-INVITE or merged request). A steady rate means a peer with
+/// stale state — or someone probing Call-IDs.
+pub const SIP_UNMATCHED_REQUESTS_TOTAL: &str = "parley_sip_unmatched_requests_total";
 /// INVITEs refused with 503 while draining or overloaded.
 pub const SIP_REJECTED_OVERLOAD_TOTAL: &str = "parley_sip_overload_rejections_total";
 /// Packets relayed, by `path` (`udp_udp`, `udp_roq`, `roq_udp`, `roq_roq`).
@@ -91,10 +95,14 @@ fn register_zeroes() {
     counter!(SIP_RETRANSMISSIONS_TOTAL).increment(0);
     counter!(SIP_SEND_ERRORS_TOTAL).increment(0);
     counter!(SIP_REJECTED_OVERLOAD_TOTAL).increment(0);
+    for method in ["BYE", "CANCEL", "INVITE"] {
+        counter!(SIP_UNMATCHED_REQUESTS_TOTAL, "method" => method).increment(0);
+    }
     counter!(ADDRESS_BOOK_UPDATES_TOTAL).increment(0);
     counter!(a::DEVICE_QUEUE_DROPS_TOTAL).increment(0);
     counter!(a::REROUTES_TOTAL).increment(0);
     counter!(a::MEDIA_TIMEOUTS_TOTAL).increment(0);
+    counter!(a::OFFERS_UNACKNOWLEDGED_TOTAL).increment(0);
     for r in ["ports_exhausted", "unavailable"] {
         counter!(a::MEDIA_SETUP_FAILURES_TOTAL, "reason" => r).increment(0);
     }
@@ -122,6 +130,11 @@ fn register_zeroes() {
 }
 
 fn describe() {
+    describe_counter!(
+        SIP_UNMATCHED_REQUESTS_TOTAL,
+        Unit::Count,
+        "Requests that matched no dialog or transaction (answered 481/482), by method"
+    );
     describe_counter!(
         SIP_REQUESTS_TOTAL,
         Unit::Count,

@@ -119,6 +119,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 ..Default::default()
             },
             rng_seed: rand::random(),
+            dialog_source_check: cfg.sip.dialog_source_check,
         },
         registry.clone(),
         handles.clone(),
@@ -133,6 +134,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             trunk: trunk.clone(),
             ring_timeout: cfg.ring_timeout(),
             media_timeout: cfg.media_timeout(),
+            offer_ack_timeout: cfg.offer_ack_timeout(),
             handles: handles.clone(),
         },
     )
@@ -149,7 +151,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let (cert, key) = cert::load_or_generate(&cfg.data_dir)?;
     let quic_rt = QuicThreads::start(cfg.quic.threads)?;
     let endpoint = quic::bind_endpoint(
-        quic::server_config(cert, key)?,
+        quic::server_config(cert, key, Duration::from_secs(cfg.quic.idle_timeout_secs))?,
         cfg.quic.listen,
         cfg.quic.socket_buffer_bytes,
         quic_rt.handle(),
@@ -170,6 +172,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             trunk: trunk.clone(),
             ring_timeout: cfg.ring_timeout(),
             media_timeout: cfg.media_timeout(),
+            offer_ack_timeout: cfg.offer_ack_timeout(),
             handles,
         })),
         chat_ids: Arc::new(Sequence::new()),

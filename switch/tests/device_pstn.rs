@@ -79,6 +79,17 @@ async fn device_dials_a_pstn_number_through_the_trunk() {
     );
     // The dialled number is now in alice's address book.
     assert_eq!(node.address_book("alice")[0]["address"], "+15551230000");
+
+    // The call released its trunk leg in the SIP core: a clean stop finds no call up and
+    // does not wait out the 30-s drain deadline.
+    drop(alice);
+    let (status, log) = node.stop_with_log();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("parley stopped"), "{log}");
+    assert!(
+        !log.contains("drain deadline reached"),
+        "a finished device-dialled call still held the drain:\n{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

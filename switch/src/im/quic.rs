@@ -72,10 +72,12 @@ impl quinn::Runtime for QuicRuntime {
     }
 }
 
-/// Builds the server config.
+/// Builds the server config. `idle` is the QUIC idle timeout: a device silent that long
+/// is gone. The node PINGs every third of it, so a live but quiet device never reaches it.
 pub fn server_config(
     cert: rustls::pki_types::CertificateDer<'static>,
     key: rustls::pki_types::PrivateKeyDer<'static>,
+    idle: Duration,
 ) -> anyhow::Result<quinn::ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
@@ -86,7 +88,8 @@ pub fn server_config(
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
-    transport.max_idle_timeout(Some(Duration::from_secs(30).try_into()?));
+    transport.max_idle_timeout(Some(idle.try_into()?));
+    transport.keep_alive_interval(Some(idle / 3));
     transport.max_concurrent_uni_streams(0u32.into());
     transport.max_concurrent_bidi_streams(1u32.into());
     cfg.transport_config(Arc::new(transport));
@@ -273,6 +276,7 @@ async fn handle_connection(conn: quinn::Connection, ctx: Arc<ImContext>) {
         Err(e) => tracing::error!(error = %e, "address book read failed"),
     }
     ctx.relay.register_session(session_id, conn.clone());
+    let close = Arc::new(tokio::sync::Notify::new());
     let owner = SessionOwner {
         id: user_ref.id.clone(),
         addr: user_ref.addr.clone(),
@@ -280,6 +284,7 @@ async fn handle_connection(conn: quinn::Connection, ctx: Arc<ImContext>) {
         calls: ctx.calls.clone(),
         chat_ids: ctx.chat_ids.clone(),
         remote: Some(remote),
+        close: close.clone(),
     };
     let session = PresenceSession::new(session_id, device, owner, tx.clone()).start();
 
@@ -307,7 +312,15 @@ async fn handle_connection(conn: quinn::Connection, ctx: Arc<ImContext>) {
     });
 
     loop {
-        match read_frame(&mut recv).await {
+        let frame = tokio::select! {
+            f = read_frame(&mut recv) => f,
+            // The session gave the device up (it left a call offer unacknowledged).
+            () = close.notified() => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                break;
+            }
+        };
+        match frame {
             Ok(Some(body)) => match control::decode::<ClientMsg>(&body) {
                 Ok(msg) => session.do_send(FromClient(msg)),
                 Err(e) => {

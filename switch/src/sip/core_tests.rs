@@ -13,10 +13,10 @@ use sipx_sip::Timers;
 
 use super::core::{CoreConfig, Output, SipCore};
 
-const GW: &str = "127.0.0.1:5070";
-const TRUNK: &str = "127.0.0.1:5080";
+pub(super) const GW: &str = "127.0.0.1:5070";
+pub(super) const TRUNK: &str = "127.0.0.1:5080";
 
-fn core() -> SipCore {
+pub(super) fn core() -> SipCore {
     let directory = StaticDirectory(vec![UserIdentity {
         tenant: "demo".into(),
         user: "alice".into(),
@@ -30,13 +30,14 @@ fn core() -> SipCore {
             timers: Timers::default(),
             trunk_auth: None,
             rng_seed: [7; 32],
+            dialog_source_check: true,
         },
         Arc::new(directory),
         Arc::new(Sequence::new()),
     )
 }
 
-fn invite(call_id: &str, to: &str) -> Bytes {
+pub(super) fn invite(call_id: &str, to: &str) -> Bytes {
     let sdp = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 6000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n";
     Bytes::from(format!(
         "INVITE sip:{to}@127.0.0.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP {GW};branch=z9hG4bK-{call_id}\r\nFrom: \"Gw\" <sip:+15557770001@127.0.0.1>;tag=gw1\r\nTo: <sip:{to}@127.0.0.1>\r\nCall-ID: {call_id}\r\nCSeq: 1 INVITE\r\nContact: <sip:gw@{GW}>\r\nMax-Forwards: 70\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{sdp}",
@@ -44,7 +45,13 @@ fn invite(call_id: &str, to: &str) -> Bytes {
     ))
 }
 
-fn in_dialog(method: &str, call_id: &str, branch: &str, to_tag: Option<&str>, cseq: u32) -> Bytes {
+pub(super) fn in_dialog(
+    method: &str,
+    call_id: &str,
+    branch: &str,
+    to_tag: Option<&str>,
+    cseq: u32,
+) -> Bytes {
     let tag = to_tag.map(|t| format!(";tag={t}")).unwrap_or_default();
     Bytes::from(format!(
         "{method} sip:+15550100001@127.0.0.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP {GW};branch={branch}\r\nFrom: \"Gw\" <sip:+15557770001@127.0.0.1>;tag=gw1\r\nTo: <sip:+15550100001@127.0.0.1>{tag}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
@@ -52,20 +59,20 @@ fn in_dialog(method: &str, call_id: &str, branch: &str, to_tag: Option<&str>, cs
 }
 
 /// Drains outputs: (transmitted messages with destinations, events, new calls).
-fn drain(c: &mut SipCore) -> (Vec<(SocketAddr, String)>, Vec<SipEvent>, usize) {
+pub(super) fn drain(c: &mut SipCore) -> (Vec<(SocketAddr, String)>, Vec<SipEvent>, usize) {
     let (tx, ev, new, probes) = drain_all(c);
     assert!(probes.is_empty(), "unexpected probe results {probes:?}");
     (tx, ev, new)
 }
 
-type Drained = (
+pub(super) type Drained = (
     Vec<(SocketAddr, String)>,
     Vec<SipEvent>,
     usize,
     Vec<(u64, Option<u16>)>,
 );
 
-fn drain_all(c: &mut SipCore) -> Drained {
+pub(super) fn drain_all(c: &mut SipCore) -> Drained {
     let (mut tx, mut ev, mut new, mut probes) = (Vec::new(), Vec::new(), 0, Vec::new());
     while let Some(o) = c.poll_output() {
         match o {
@@ -80,13 +87,13 @@ fn drain_all(c: &mut SipCore) -> Drained {
     (tx, ev, new, probes)
 }
 
-fn first_lines(tx: &[(SocketAddr, String)]) -> Vec<&str> {
+pub(super) fn first_lines(tx: &[(SocketAddr, String)]) -> Vec<&str> {
     tx.iter()
         .map(|(_, m)| m.lines().next().unwrap_or(""))
         .collect()
 }
 
-fn to_tag_of(msg: &str) -> String {
+pub(super) fn to_tag_of(msg: &str) -> String {
     let to = msg.lines().find(|l| l.starts_with("To:")).unwrap();
     to.split("tag=").nth(1).unwrap().trim().to_owned()
 }
@@ -451,20 +458,20 @@ fn options_probes_report_answers_and_timeouts() {
     }
 }
 
-fn reinvite(call_id: &str, to_tag: &str, cseq: u32, sdp: &str) -> Bytes {
+pub(super) fn reinvite(call_id: &str, to_tag: &str, cseq: u32, sdp: &str) -> Bytes {
     Bytes::from(format!(
         "INVITE sip:parley@127.0.0.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP {GW};branch=z9hG4bK-re{cseq}\r\nFrom: \"Gw\" <sip:+15557770001@127.0.0.1>;tag=gw1\r\nTo: <sip:+15550100001@127.0.0.1>;tag={to_tag}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} INVITE\r\nContact: <sip:gw@{GW}>\r\nMax-Forwards: 70\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{sdp}",
         sdp.len()
     ))
 }
 
-fn body_of(msg: &str) -> &str {
+pub(super) fn body_of(msg: &str) -> &str {
     msg.split("\r\n\r\n").nth(1).unwrap_or("")
 }
 
 /// A gateway call `call_id` answered with our description `ours` and acknowledged (call
 /// handle 1, at `t0`); returns our To tag.
-fn answered_call(c: &mut SipCore, t0: Instant, call_id: &str, ours: &str) -> String {
+pub(super) fn answered_call(c: &mut SipCore, t0: Instant, call_id: &str, ours: &str) -> String {
     let gw = GW.parse().unwrap();
     c.handle_datagram(t0, gw, invite(call_id, "+15550100001"));
     drain(c);

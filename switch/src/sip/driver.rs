@@ -32,6 +32,8 @@ pub struct DriverDeps {
     pub ring_timeout: Duration,
     /// Media timeout of answered calls.
     pub media_timeout: Option<Duration>,
+    /// How long a device has to acknowledge an offer.
+    pub offer_ack_timeout: Option<Duration>,
     /// The node's call handles (shared with the SIP core and IM-dialled calls).
     pub handles: Arc<Sequence>,
 }
@@ -106,6 +108,7 @@ impl SipDriver {
                         video_offer: nc.video,
                         ring_timeout: self.deps.ring_timeout,
                         media_timeout: self.deps.media_timeout,
+                        offer_ack_timeout: self.deps.offer_ack_timeout,
                         started: Instant::now(),
                         started_wall: SystemTime::now(),
                     };
@@ -154,6 +157,7 @@ impl Actor for SipDriver {
             trunk: self.deps.trunk.clone(),
             ring_timeout: self.deps.ring_timeout,
             media_timeout: self.deps.media_timeout,
+            offer_ack_timeout: self.deps.offer_ack_timeout,
             handles: self.deps.handles.clone(),
         }));
         let socket = self.socket.clone();

@@ -19,3 +19,5 @@ mod msg;
 
 #[cfg(test)]
 mod core_tests;
+#[cfg(test)]
+mod dialog_tests;

@@ -133,6 +133,7 @@ pub fn reason(code: u16) -> &'static str {
         408 => "Request Timeout",
         480 => "Temporarily Unavailable",
         481 => "Call/Transaction Does Not Exist",
+        482 => "Loop Detected",
         483 => "Too Many Hops",
         486 => "Busy Here",
         487 => "Request Terminated",

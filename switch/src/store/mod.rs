@@ -87,6 +87,10 @@ pub struct CdrRow {
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: SqlitePool,
+    /// An Argon2id hash of a random password, with the parameters of real ones: a login
+    /// for a user that does not exist is verified against it, so that the work (and the
+    /// time) of the answer is the same as for a wrong password.
+    decoy: std::sync::Arc<str>,
 }
 
 fn rfc3339(t: SystemTime) -> String {
@@ -133,7 +137,21 @@ impl Store {
                     .await?;
             }
         }
-        Ok(Self { pool })
+        let decoy = tokio::task::spawn_blocking(|| {
+            let mut raw = [0u8; 16];
+            rand::Rng::fill(&mut rand::rng(), &mut raw);
+            let salt = SaltString::encode_b64(&raw)?;
+            argon2::Argon2::default()
+                .hash_password(&raw, &salt)
+                .map(|h| h.to_string())
+        })
+        .await
+        .map_err(|e| StoreError::Hash(e.to_string()))?
+        .map_err(|e| StoreError::Hash(e.to_string()))?;
+        Ok(Self {
+            pool,
+            decoy: decoy.into(),
+        })
     }
 
     /// Adds a user if absent (the password is hashed only then).
@@ -196,24 +214,27 @@ impl Store {
             .collect())
     }
 
-    /// Checks a password; `Ok(None)` for an unknown user or a wrong password.
+    /// Checks a password; `Ok(None)` for an unknown tenant, an unknown user or a wrong
+    /// password — after the same Argon2 work in all three cases (an unknown user's
+    /// password is checked against a decoy hash), so neither the answer nor its timing
+    /// tells which users exist.
     pub async fn verify(
         &self,
         tenant: &str,
         user: &str,
         password: &str,
     ) -> Result<Option<UserRow>, StoreError> {
-        let Some(row) = sqlx::query(
+        let row = sqlx::query(
             "SELECT tenant, user, number, password_hash FROM users WHERE tenant = ? AND user = ?",
         )
         .bind(tenant)
         .bind(user)
         .fetch_optional(&self.pool)
-        .await?
-        else {
-            return Ok(None);
+        .await?;
+        let hash: String = match &row {
+            Some(r) => r.get("password_hash"),
+            None => self.decoy.to_string(),
         };
-        let hash: String = row.get("password_hash");
         let pw = password.to_owned();
         let ok = tokio::task::spawn_blocking(move || {
             PasswordHash::new(&hash).is_ok_and(|h| {
@@ -224,6 +245,9 @@ impl Store {
         })
         .await
         .unwrap_or(false);
+        let Some(row) = row else {
+            return Ok(None);
+        };
         Ok(ok.then(|| UserRow {
             tenant: row.get("tenant"),
             user: row.get("user"),
@@ -468,3 +492,44 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("cdrs", "answered_by", "TEXT"),
     ("cdrs", "direction", "TEXT NOT NULL DEFAULT 'in'"),
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::Store;
+
+    #[tokio::test]
+    async fn unknown_tenant_unknown_user_and_wrong_password_look_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        store
+            .ensure_user("demo", "alice", "+15550100001", "right")
+            .await
+            .unwrap();
+        assert!(
+            store
+                .verify("demo", "alice", "right")
+                .await
+                .unwrap()
+                .is_some()
+        );
+        for (tenant, user, pw) in [
+            ("demo", "alice", "wrong"),
+            ("demo", "mallory", "right"),
+            ("nowhere", "alice", "right"),
+        ] {
+            assert!(
+                store.verify(tenant, user, pw).await.unwrap().is_none(),
+                "{tenant}/{user}"
+            );
+        }
+        // The decoy an unknown user is checked against is a real Argon2id hash with the
+        // parameters of stored ones, so the work is the same.
+        let stored: String = sqlx::query_scalar("SELECT password_hash FROM users")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        let params = |h: &str| h.split('$').take(4).collect::<Vec<_>>().join("$");
+        assert_eq!(params(&store.decoy), params(&stored));
+        assert!(store.decoy.starts_with("$argon2id$"));
+    }
+}

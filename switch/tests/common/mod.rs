@@ -271,6 +271,23 @@ password = "demo"
             .unwrap_or_else(|e| panic!("device login failed: {e}\n{}", self.log()))
     }
 
+    /// Sends SIGTERM, waits for the exit, and returns it with the node's whole log.
+    #[allow(dead_code)]
+    pub fn stop_with_log(mut self) -> (std::process::ExitStatus, String) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(40);
+        let status = loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "node did not stop");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        (status, self.log())
+    }
+
     /// Sends SIGTERM and waits for a clean exit.
     pub fn stop(mut self) -> std::process::ExitStatus {
         let _ = Command::new("kill")

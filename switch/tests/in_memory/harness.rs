@@ -53,6 +53,8 @@ pub struct Device {
     pub user: String,
     pub inbox: Vec<DeviceMsg>,
     offered: Vec<CallHandle>,
+    /// A device that lost its network: nothing reaches it, it acknowledges nothing.
+    pub lost: bool,
 }
 
 /// An address-book entry, as the CDR writer upserts it.
@@ -88,6 +90,9 @@ pub struct World {
     /// How long the media has been idle, as the relay would report it.
     pub media_idle: Duration,
     next_port: u16,
+    pending_drops: Vec<SessionId>,
+    /// Devices the node closed as lost.
+    pub dropped: Vec<SessionId>,
 }
 
 impl World {
@@ -116,6 +121,7 @@ impl World {
                 timers: Timers::default(),
                 trunk_auth: None,
                 rng_seed: [3; 32],
+                dialog_source_check: true,
             },
             Arc::new(directory),
             handles,
@@ -149,6 +155,8 @@ impl World {
             wired: Vec::new(),
             media_idle: Duration::ZERO,
             next_port: 20_000,
+            pending_drops: Vec::new(),
+            dropped: Vec::new(),
         }
     }
 
@@ -208,9 +216,20 @@ impl World {
         self.settle();
     }
 
+    /// The device loses its network (a phone in a tunnel, `kill -9`): no close reaches
+    /// the node, and it acknowledges nothing from now on.
+    pub fn lose(&mut self, session: SessionId) {
+        self.devices.get_mut(&session).unwrap().lost = true;
+    }
+
     /// The device's connection is gone: presence forgets it and every call it was part of
     /// hears `Gone`, as when its session actor stops.
     pub fn disconnect(&mut self, session: SessionId) {
+        self.disconnect_now(session);
+        self.settle();
+    }
+
+    fn disconnect_now(&mut self, session: SessionId) {
         let dev = self.devices.remove(&session).expect("known device");
         self.users
             .get_mut(&dev.user)
@@ -221,7 +240,6 @@ impl World {
                 c.handle_device(self.now, session, DeviceLegEvent::Gone);
             }
         }
-        self.settle();
     }
 
     /// A datagram from the gateway.
@@ -308,6 +326,12 @@ impl World {
                     self.perform(h, a);
                 }
             }
+            for s in std::mem::take(&mut self.pending_drops) {
+                moved = true;
+                if self.devices.contains_key(&s) {
+                    self.disconnect_now(s);
+                }
+            }
             if !moved {
                 return;
             }
@@ -346,6 +370,7 @@ impl World {
                     video_offer: nc.video,
                     ring_timeout: Duration::from_secs(30),
                     media_timeout: Some(Duration::from_secs(10)),
+                    offer_ack_timeout: Some(Duration::from_secs(3)),
                     started: self.now,
                     started_wall: self.wall(),
                 };
@@ -398,11 +423,13 @@ impl World {
                     .handle_lookup(now, view, up, unix);
             }
             Action::WatchPresence => self.users.get_mut(&user).unwrap().handle_watch(h),
+            Action::OfferDevice { session, .. }
+                if self.devices.get(&session).is_some_and(|d| d.lost) => {}
             Action::OfferDevice { session, video } => match self.devices.get_mut(&session) {
                 Some(d) => {
                     d.inbox.push(DeviceMsg::Offer { call: cid, video });
                     d.offered.push(h);
-                    // The session actor acknowledges delivery at once.
+                    // The device acknowledges the offer at once (`ringing`).
                     self.calls.get_mut(&h).unwrap().handle_device(
                         now,
                         session,
@@ -480,6 +507,11 @@ impl World {
                     .handle_answer(device, wall);
             }
             Action::Repoint(..) => {}
+            Action::DropDevice(session) => {
+                // The session closes the connection; presence and its calls follow.
+                self.dropped.push(session);
+                self.pending_drops.push(session);
+            }
             Action::SampleMedia => {
                 let idle = self.media_idle;
                 self.calls.get_mut(&h).unwrap().handle_media_idle(now, idle);

@@ -8,6 +8,7 @@ mod harness;
 mod basic;
 mod cancel;
 mod disconnect;
+mod lost_device;
 mod missing_ack;
 mod reroute;
 mod sequential;

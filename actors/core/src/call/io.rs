@@ -75,6 +75,11 @@ pub enum Observation {
         /// How long the media was idle.
         idle: Duration,
     },
+    /// A device never acknowledged its offer: presumed lost, the call routes on.
+    OfferUnacknowledged {
+        /// The device.
+        session: SessionId,
+    },
 }
 
 /// What the driver must do.
@@ -127,6 +132,10 @@ pub enum Action {
     SampleMedia,
     /// Record this.
     Observe(Observation),
+    /// A device did not acknowledge an offer within the offer timeout: its connection is
+    /// presumed lost (a phone that lost its network sends no close). Close it, so that its
+    /// presence goes and no later call rings it; this call has already routed on.
+    DropDevice(SessionId),
     /// The call is over: release media, write [`CallCore::cdr`], stop.
     Finish {
         /// CDR disposition.
@@ -228,6 +237,9 @@ pub struct CallSpec {
     pub ring_timeout: Duration,
     /// End an answered call when no media crosses it for this long.
     pub media_timeout: Option<Duration>,
+    /// How long a device has to acknowledge an offer (`ringing`) before the call treats
+    /// it as gone (`None`: wait for the ring timeout).
+    pub offer_ack_timeout: Option<Duration>,
     /// When the call started.
     pub started: Instant,
     /// The same instant on the wall clock (CDR times are `started_wall` plus elapsed

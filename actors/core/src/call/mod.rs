@@ -63,6 +63,8 @@ pub struct CallCore {
     answered_by: Option<String>,
     counts_swapped: bool,
     media_check: Option<Instant>,
+    /// Offers not acknowledged yet, and when each counts as lost.
+    unacked: HashMap<SessionId, Instant>,
     ended_at: Option<Instant>,
     actions: VecDeque<Action>,
 }
@@ -86,6 +88,7 @@ impl CallCore {
             answered_by: None,
             counts_swapped: false,
             media_check: None,
+            unacked: HashMap::new(),
             ended_at: None,
             actions,
         }
@@ -208,6 +211,8 @@ impl CallCore {
             return self.pump(now);
         }
         let leg = LegId::Device(session);
+        // Whatever the device says, it is alive: its offer is acknowledged.
+        self.unacked.remove(&session);
         let answered = self.legs.answered_leg() == Some(leg);
         match event {
             DeviceLegEvent::Delivered => self.leg_ringing(leg),
@@ -296,10 +301,14 @@ impl CallCore {
 
     /// When [`Self::handle_timeout`] must next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        match (self.legs.poll_timeout(), self.media_check) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [
+            self.legs.poll_timeout(),
+            self.media_check,
+            self.unacked.values().min().copied(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Time passed.
@@ -309,6 +318,23 @@ impl CallCore {
         {
             self.media_check = None;
             self.actions.push_back(Action::SampleMedia);
+        }
+        let mut lost: Vec<SessionId> = self
+            .unacked
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(s, _)| *s)
+            .collect();
+        lost.sort_unstable();
+        for session in lost {
+            self.unacked.remove(&session);
+            self.actions
+                .push_back(Action::Observe(Observation::OfferUnacknowledged {
+                    session,
+                }));
+            self.actions.push_back(Action::DropDevice(session));
+            self.legs
+                .handle_leg_failed(now, LegId::Device(session), LegFailure::Failed(480));
         }
         self.legs.handle_timeout(now);
         self.pump(now);
@@ -411,10 +437,16 @@ impl CallCore {
     fn pump(&mut self, now: Instant) {
         while let Some(step) = self.legs.poll_output() {
             let action = match step {
-                legs::Out::Offer(session) => Action::OfferDevice {
-                    session,
-                    video: self.spec.video_offer.is_some() && self.video_devices.contains(&session),
-                },
+                legs::Out::Offer(session) => {
+                    if let Some(t) = self.spec.offer_ack_timeout {
+                        self.unacked.insert(session, now + t);
+                    }
+                    Action::OfferDevice {
+                        session,
+                        video: self.spec.video_offer.is_some()
+                            && self.video_devices.contains(&session),
+                    }
+                }
                 legs::Out::StartTrunk(target) => Action::StartTrunk(TrunkOffer {
                     to: target.unwrap_or_else(|| self.spec.called.clone()),
                     formats: media::trunk_formats(&self.spec.offer),
@@ -436,11 +468,17 @@ impl CallCore {
                 },
                 legs::Out::RejectCaller(code) => Action::RejectCaller(code),
                 legs::Out::ByeCaller => Action::ByeCaller,
-                legs::Out::Withdraw(leg, why) => Action::Withdraw(leg, why),
+                legs::Out::Withdraw(leg, why) => {
+                    if let LegId::Device(s) = leg {
+                        self.unacked.remove(&s);
+                    }
+                    Action::Withdraw(leg, why)
+                }
                 legs::Out::Hangup(leg, why) => Action::Hangup(leg, why),
                 legs::Out::Finish { disposition, cause } => {
                     self.ended_at = Some(now);
                     self.media_check = None;
+                    self.unacked.clear();
                     Action::Finish { disposition, cause }
                 }
             };

@@ -52,6 +52,7 @@ fn spec(origin: Origin, t0: Instant) -> CallSpec {
         video_offer: None,
         ring_timeout: Duration::from_secs(30),
         media_timeout: Some(Duration::from_secs(5)),
+        offer_ack_timeout: Some(Duration::from_secs(3)),
         started: t0,
         started_wall: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
     }
@@ -508,4 +509,53 @@ fn media_moves_before_the_answer_are_ignored() {
     drain(&mut c);
     c.handle_sip(t0, SipEvent::TrunkMediaMoved(a));
     assert_eq!(drain(&mut c), vec![Action::Repoint(MediaSide::Trunk, a)]);
+}
+
+#[test]
+fn a_device_that_never_acknowledges_its_offer_is_dropped_and_the_call_routes_on() {
+    let (mut c, t0) = routed(
+        Origin::Sip,
+        vec![dev(1, "desk", Status::Available, false)],
+        true,
+    );
+    assert_eq!(
+        drain(&mut c),
+        vec![
+            Action::OfferDevice {
+                session: 1,
+                video: false
+            },
+            Action::WatchPresence
+        ]
+    );
+    assert_eq!(c.poll_timeout(), Some(t0 + Duration::from_secs(3)));
+    c.handle_timeout(t0 + Duration::from_secs(3));
+    assert_eq!(
+        drain_all(&mut c),
+        vec![
+            Action::Observe(Observation::OfferUnacknowledged { session: 1 }),
+            Action::DropDevice(1),
+            Action::StartTrunk(TrunkOffer {
+                to: "+15550100001".into(),
+                formats: vec![0],
+                telephone_event: Some(101),
+            }),
+        ],
+        "the PSTN line rings within the offer timeout"
+    );
+}
+
+#[test]
+fn an_acknowledged_offer_rings_until_the_ring_timeout() {
+    let (mut c, t0) = routed(
+        Origin::Sip,
+        vec![dev(1, "desk", Status::Available, false)],
+        true,
+    );
+    drain(&mut c);
+    c.handle_device(t0 + Duration::from_millis(40), 1, DeviceLegEvent::Delivered);
+    assert_eq!(drain(&mut c), vec![Action::CallerRinging]);
+    assert_eq!(c.poll_timeout(), Some(t0 + Duration::from_secs(30)));
+    c.handle_timeout(t0 + Duration::from_secs(10));
+    assert_eq!(drain(&mut c), vec![]);
 }

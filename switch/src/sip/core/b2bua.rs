@@ -12,6 +12,7 @@ use sipx_sip::{Request, TransactionKey};
 use super::state::Side;
 use super::timers::TimerKind;
 use super::{Output, SipCore, msg};
+use crate::metrics as m;
 
 impl SipCore {
     /// A command from a call actor.
@@ -44,8 +45,8 @@ impl SipCore {
     }
 
     pub(super) fn on_bye(&mut self, now: Instant, key: &TransactionKey, req: &Request) {
-        let found = msg::call_id(&req.headers).and_then(|cid| self.by_call_id.get(&cid).copied());
-        match found {
+        let src = self.dests.get(key).copied();
+        match self.match_dialog(req, src) {
             Some((h, side)) => {
                 self.respond(now, key, req, 200, None);
                 if let Some(call) = self.calls.get_mut(&h)
@@ -63,21 +64,28 @@ impl SipCore {
                     self.out.push_back(Output::Event(h, ev));
                 }
             }
-            None => self.respond(now, key, req, 481, None),
+            None => {
+                metrics::counter!(m::SIP_UNMATCHED_REQUESTS_TOTAL, "method" => "BYE").increment(1);
+                tracing::info!(?src, "BYE matches no dialog: 481");
+                self.respond(now, key, req, 481, None)
+            }
         }
     }
 
     pub(super) fn reap(&mut self, h: CallHandle) {
         if let Some(call) = self.calls.remove(&h) {
-            if let Some(cid) = call
-                .caller
-                .as_ref()
-                .and_then(|c| msg::call_id(&c.invite.headers))
+            if let Some(c) = call.caller.as_ref()
+                && let (Some(cid), Some(tag)) = (
+                    msg::call_id(&c.invite.headers),
+                    super::dialogs::from_tag(&c.invite.headers),
+                )
             {
-                self.by_call_id.remove(&cid);
+                self.dialogs.remove(&(cid, tag));
             }
-            if let Some(t) = call.trunk {
-                self.by_call_id.remove(&t.call_id);
+            if let Some(t) = call.trunk
+                && let Some(tag) = super::dialogs::from_tag(&t.invite.headers)
+            {
+                self.dialogs.remove(&(t.call_id, tag));
             }
         }
     }

@@ -2,6 +2,7 @@
 //! new call for the number's user, then what the call decides — 180, the 200 with our
 //! SDP (retransmitted until its ACK, RFC 3261 §13.3.1.4), a final error, or our BYE.
 
+use std::net::SocketAddr;
 use std::time::Instant;
 
 use parley_codecs::sdp;
@@ -39,6 +40,31 @@ impl SipCore {
         let Some(src) = self.dests.get(key).copied() else {
             return;
         };
+        let (Some(sip_call_id), Some(from_tag)) = (
+            msg::call_id(&req.headers),
+            super::dialogs::from_tag(&req.headers),
+        ) else {
+            // RFC 3261 §8.1.1.3: a From tag is mandatory; without one no dialog can be
+            // told apart from another with the same Call-ID.
+            self.respond(
+                now,
+                key,
+                &req,
+                SipError::BadHeader("From tag").status(),
+                None,
+            );
+            return;
+        };
+        if self
+            .dialogs
+            .contains_key(&(sip_call_id.clone(), from_tag.clone()))
+        {
+            // The same Call-ID and From tag on a new transaction: a merged request (RFC
+            // 3261 §8.2.2.2), never a second call over the first.
+            metrics::counter!(m::SIP_UNMATCHED_REQUESTS_TOTAL, "method" => "INVITE").increment(1);
+            self.respond(now, key, &req, 482, None);
+            return;
+        }
         // 100 Trying at once: stops the gateway's INVITE retransmissions while we route.
         if let Some(r) = msg::response(&req, 100, None, None, None) {
             let outputs = self.layer.send_response(key, r);
@@ -87,9 +113,6 @@ impl SipCore {
                 format!("sip:{from_user}@{host}")
             }
         });
-        let Some(sip_call_id) = msg::call_id(&req.headers) else {
-            return;
-        };
         let handle = self.handles.next();
         let ack_cseq = msg::cseq(&req.headers).map_or(0, |c| c.sequence);
         let local_tag = self.token(12);
@@ -117,8 +140,8 @@ impl SipCore {
                 done: false,
             },
         );
-        self.by_call_id
-            .insert(sip_call_id.clone(), (handle, Side::Caller));
+        self.dialogs
+            .insert((sip_call_id.clone(), from_tag), (handle, Side::Caller));
         self.out.push_back(Output::NewCall(Box::new(NewCall {
             handle,
             sip_call_id,
@@ -131,11 +154,10 @@ impl SipCore {
         })));
     }
 
-    pub(super) fn on_ack(&mut self, req: &Request) {
-        let Some(cid) = msg::call_id(&req.headers) else {
-            return;
-        };
-        if let Some((h, Side::Caller)) = self.by_call_id.get(&cid).copied()
+    /// An ACK from `src`: it stops our 200's retransmission only inside the matched
+    /// dialog, and only for the INVITE (CSeq) it acknowledges.
+    pub(super) fn on_ack(&mut self, req: &Request, src: Option<SocketAddr>) {
+        if let Some((h, Side::Caller)) = self.match_dialog(req, src)
             && let Some(leg) = self.calls.get_mut(&h).and_then(|c| c.caller.as_mut())
             && msg::cseq(&req.headers).is_none_or(|c| c.sequence == leg.ack_cseq)
         {

@@ -16,6 +16,7 @@ mod auth;
 mod b2bua;
 mod caller;
 mod cancel;
+mod dialogs;
 mod probe;
 mod reinvite;
 mod state;
@@ -107,6 +108,10 @@ pub struct CoreConfig {
     /// Seed of the generator behind tags, branches and Call-IDs (the node seeds it from
     /// the OS; a test fixes it).
     pub rng_seed: [u8; 32],
+    /// Whether requests inside a gateway's dialog (and its CANCEL) must come from the
+    /// address the dialog was set up from. Off only for gateways behind load balancers
+    /// that spread one dialog over several addresses.
+    pub dialog_source_check: bool,
 }
 
 /// The B2BUA core.
@@ -121,7 +126,7 @@ pub struct SipCore {
     dests: HashMap<TransactionKey, SocketAddr>,
     purposes: HashMap<TransactionKey, (CallHandle, Purpose)>,
     calls: HashMap<CallHandle, Call>,
-    by_call_id: HashMap<String, (CallHandle, Side)>,
+    dialogs: HashMap<dialogs::DialogKey, (CallHandle, Side)>,
 
     next_probe: u64,
     draining: bool,
@@ -163,7 +168,7 @@ impl SipCore {
             dests: HashMap::new(),
             purposes: HashMap::new(),
             calls: HashMap::new(),
-            by_call_id: HashMap::new(),
+            dialogs: HashMap::new(),
 
             next_probe: 0,
             draining: false,
@@ -275,7 +280,7 @@ impl SipCore {
                     Dispatch::Unmatched(m) => {
                         if let Message::Request(r) = *m {
                             if r.method == Method::Ack {
-                                self.on_ack(&r);
+                                self.on_ack(&r, Some(src));
                             } else if let Some(resp) = msg::response(&r, 400, None, None, None) {
                                 self.transmit(src, &Message::Response(resp));
                             }
@@ -314,7 +319,10 @@ impl SipCore {
                 }
                 _ => self.respond(now, key, &req, 501, None),
             },
-            TuEvent::Ack(req) => self.on_ack(&req),
+            TuEvent::Ack(req) => {
+                let src = self.dests.get(key).copied();
+                self.on_ack(&req, src)
+            }
             TuEvent::Response(resp) => self.on_response(now, key, &resp),
             TuEvent::Timeout | TuEvent::TransportError => match self.purposes.get(key).copied() {
                 Some((h, Purpose::TrunkInvite)) if !self.trunk_leg_abandoned(h) => {

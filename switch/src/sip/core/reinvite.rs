@@ -24,8 +24,10 @@ impl SipCore {
     /// keeps the stream continuous. A re-offer without the negotiated codec gets 488 and
     /// the call goes on unchanged.
     pub(super) fn on_reinvite(&mut self, now: Instant, key: &TransactionKey, req: &Request) {
-        let found = msg::call_id(&req.headers).and_then(|cid| self.by_call_id.get(&cid).copied());
-        let Some((h, side)) = found else {
+        let src = self.dests.get(key).copied();
+        let Some((h, side)) = self.match_dialog(req, src) else {
+            metrics::counter!(m::SIP_UNMATCHED_REQUESTS_TOTAL, "method" => "INVITE").increment(1);
+            tracing::info!(?src, "re-INVITE matches no dialog: 481");
             self.respond(now, key, req, 481, None);
             return;
         };

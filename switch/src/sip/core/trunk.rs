@@ -47,10 +47,10 @@ impl SipCore {
         let display = from_name
             .map(|n| format!("\"{}\" ", n.replace(['"', '\\', '\r', '\n'], "")))
             .unwrap_or_default();
+        let tag = self.token(12);
         let from_hdr = format!(
-            "{display}<sip:{from_user}@{}>;tag={}",
-            self.cfg.local.ip(),
-            self.token(12)
+            "{display}<sip:{from_user}@{}>;tag={tag}",
+            self.cfg.local.ip()
         );
         let to_hdr = format!("<sip:{to}@{trunk}>");
         let cid = format!("{}@parley", self.token(20));
@@ -88,7 +88,7 @@ impl SipCore {
                 media: None,
             });
         }
-        self.by_call_id.insert(cid, (h, Side::Trunk));
+        self.dialogs.insert((cid, tag), (h, Side::Trunk));
         self.send_request(now, h, req, trunk, Purpose::TrunkInvite);
     }
 
@@ -274,8 +274,9 @@ impl SipCore {
         if !is_invite_2xx {
             return;
         }
-        if let Some((h, Side::Trunk)) =
-            msg::call_id(&resp.headers).and_then(|c| self.by_call_id.get(&c).copied())
+        if let Some((h, Side::Trunk)) = self
+            .trunk_dialog_of_response(&resp.headers)
+            .map(|h| (h, Side::Trunk))
         {
             self.send_trunk_ack(h);
         }
