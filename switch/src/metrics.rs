@@ -83,7 +83,16 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
 fn register_zeroes() {
     use metrics::{counter, gauge};
     use parley_actors::metrics as a;
-    for r in ["unparseable", "bad_header", "bad_sdp"] {
+    for r in [
+        "unparseable",
+        "bad_header",
+        "bad_version",
+        "bad_scheme",
+        "bad_extension",
+        "bad_content_type",
+        "too_many_hops",
+        "bad_sdp",
+    ] {
         counter!(SIP_PARSE_ERRORS_TOTAL, "reason" => r).increment(0);
     }
     for k in ["fatal", "control", "datagram"] {

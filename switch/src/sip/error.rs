@@ -5,12 +5,36 @@
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum SipError {
-    /// The datagram is not a SIP message (dropped: there is nothing to answer).
+    /// The datagram is not a SIP message. Answered 400 when its headers still say where
+    /// to (a request with a readable Via), dropped otherwise.
     #[error("unparseable SIP message: {0}")]
     Unparseable(String),
-    /// A header every transaction and dialog needs is missing or malformed.
+    /// A header every transaction and dialog needs is missing or malformed, repeated where
+    /// one is allowed, or a header we read (Contact, Date) does not parse.
     #[error("bad {0}")]
     BadHeader(&'static str),
+    /// The request-line names a SIP version other than 2.0 (RFC 3261 §8.2.2; 505).
+    #[error("unsupported SIP version")]
+    Version,
+    /// The Request-URI carries headers (`?…`; RFC 3261 §19.1.1 forbids it).
+    #[error("Request-URI with headers")]
+    UriHeaders,
+    /// The CSeq method differs from the request-line's.
+    #[error("CSeq method does not match the request")]
+    CSeqMismatch,
+    /// The Request-URI's scheme is not sip, sips or tel (RFC 3261 §8.2.2.1; 416).
+    #[error("unsupported Request-URI scheme")]
+    UnsupportedScheme,
+    /// `Require` names extensions we do not support (RFC 3261 §8.2.2.3; 420 with
+    /// `Unsupported`).
+    #[error("unsupported extensions required: {}", .0.join(", "))]
+    BadExtension(Vec<String>),
+    /// The body is not SDP (RFC 3261 §8.2.3; 415 with `Accept: application/sdp`).
+    #[error("unsupported body type")]
+    UnsupportedMediaType,
+    /// `Accept` rules out SDP, the only body we answer with (RFC 3261 §21.4.7; 406).
+    #[error("our answer (SDP) is not acceptable to the caller")]
+    NotAcceptable,
     /// Max-Forwards reached zero.
     #[error("too many hops")]
     TooManyHops,
@@ -23,7 +47,15 @@ impl SipError {
     /// The status a request with this fault is answered with.
     pub fn status(&self) -> u16 {
         match self {
-            SipError::Unparseable(_) | SipError::BadHeader(_) => 400,
+            SipError::Unparseable(_)
+            | SipError::BadHeader(_)
+            | SipError::UriHeaders
+            | SipError::CSeqMismatch => 400,
+            SipError::Version => 505,
+            SipError::UnsupportedScheme => 416,
+            SipError::BadExtension(_) => 420,
+            SipError::UnsupportedMediaType => 415,
+            SipError::NotAcceptable => 406,
             SipError::TooManyHops => 483,
             SipError::BadSdp => 488,
         }
@@ -33,9 +65,24 @@ impl SipError {
     pub fn metric_reason(&self) -> &'static str {
         match self {
             SipError::Unparseable(_) => "unparseable",
-            SipError::BadHeader(_) => "bad_header",
+            SipError::BadHeader(_) | SipError::UriHeaders | SipError::CSeqMismatch => "bad_header",
+            SipError::Version => "bad_version",
+            SipError::UnsupportedScheme => "bad_scheme",
+            SipError::BadExtension(_) => "bad_extension",
+            SipError::UnsupportedMediaType | SipError::NotAcceptable => "bad_content_type",
             SipError::TooManyHops => "too_many_hops",
             SipError::BadSdp => "bad_sdp",
+        }
+    }
+
+    /// Headers the response must carry besides the usual ones (RFC 3261 §20.40, §21.4.13).
+    pub fn extra_headers(&self) -> Vec<(&'static str, String)> {
+        match self {
+            SipError::BadExtension(tags) => vec![("Unsupported", tags.join(", "))],
+            SipError::UnsupportedMediaType | SipError::NotAcceptable => {
+                vec![("Accept", "application/sdp".into())]
+            }
+            _ => Vec::new(),
         }
     }
 }

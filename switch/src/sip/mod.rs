@@ -16,8 +16,11 @@ pub mod core;
 pub mod driver;
 pub mod error;
 mod msg;
+pub mod validate;
 
 #[cfg(test)]
 mod core_tests;
 #[cfg(test)]
 mod dialog_tests;
+#[cfg(test)]
+mod rfc4475_tests;

@@ -57,33 +57,6 @@ pub fn contact_uri(headers: &sipx_sip::Headers) -> Option<sipx_sip::Uri> {
         .map(|c| c.0.uri)
 }
 
-/// Checks that a request carries what every transaction and dialog needs; `Err` names the
-/// first fault.
-pub fn validate_request(req: &Request) -> Result<(), SipError> {
-    if !matches!(req.headers.typed::<sipx_sip::Via>(), Some(Ok(_))) {
-        return Err(SipError::BadHeader("Via"));
-    }
-    if from_addr(&req.headers).is_none() {
-        return Err(SipError::BadHeader("From"));
-    }
-    if !matches!(req.headers.typed::<To>(), Some(Ok(_))) {
-        return Err(SipError::BadHeader("To"));
-    }
-    if call_id(&req.headers).is_none() {
-        return Err(SipError::BadHeader("Call-ID"));
-    }
-    match cseq(&req.headers) {
-        Some(c) if c.method == req.method => {}
-        _ => return Err(SipError::BadHeader("CSeq")),
-    }
-    if let Some(mf) = req.headers.typed::<sipx_sip::headers::MaxForwards>()
-        && mf.is_err()
-    {
-        return Err(SipError::BadHeader("Max-Forwards"));
-    }
-    Ok(())
-}
-
 /// Builds a response to `req`, adding `to_tag` to To if it has none.
 pub fn response(
     req: &Request,
@@ -128,6 +101,10 @@ pub fn reason(code: u16) -> &'static str {
         183 => "Session Progress",
         200 => "OK",
         400 => "Bad Request",
+        406 => "Not Acceptable",
+        415 => "Unsupported Media Type",
+        416 => "Unsupported URI Scheme",
+        420 => "Bad Extension",
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
@@ -141,6 +118,7 @@ pub fn reason(code: u16) -> &'static str {
         500 => "Server Internal Error",
         501 => "Not Implemented",
         503 => "Service Unavailable",
+        505 => "Version Not Supported",
         603 => "Decline",
         _ => "Unknown",
     }
@@ -186,4 +164,127 @@ pub fn build_request(
             .body(Bytes::from(body.to_owned()));
     }
     Some(b.build())
+}
+
+/// The response to a request refused for `err`, with the headers the status calls for.
+/// When the request's headers are too odd for the response builder (RFC 4475 `intmeth`,
+/// `insuf`), the response is put together from the request's header values as they are,
+/// so that every request that can be answered is.
+pub fn error_response(req: &Request, err: &SipError, tag: &str) -> Bytes {
+    let code = err.status();
+    let built = response(req, code, Some(tag), None, None).and_then(|mut r| {
+        for (name, value) in err.extra_headers() {
+            let name = HeaderName::parse(&Bytes::from_static(name.as_bytes()));
+            r.headers.push(sipx_sip::Header::build(name, value).ok()?);
+        }
+        Some(sipx_sip::Message::Response(r).to_bytes())
+    });
+    built.unwrap_or_else(|| {
+        let lines = req
+            .headers
+            .iter()
+            .map(|h| (h.name().to_string(), h.value().to_vec()));
+        raw_response(lines, code, tag, &err.extra_headers())
+    })
+}
+
+/// A response with no extra headers, from the request's header values as they are.
+pub fn plain_response(req: &Request, code: u16, tag: &str) -> Bytes {
+    let lines = req
+        .headers
+        .iter()
+        .map(|h| (h.name().to_string(), h.value().to_vec()));
+    raw_response(lines, code, tag, &[])
+}
+
+/// A 400 for a datagram that does not parse as SIP, if it looks like a request whose
+/// headers still say where the answer goes (a Via); `None` for anything else (a
+/// response, or junk). Header lines are read as raw `name: value` pairs.
+pub fn unparseable_response(data: &[u8], tag: &str) -> Option<Bytes> {
+    let text = data;
+    let head_end = find(text, b"\r\n\r\n")
+        .or_else(|| find(text, b"\n\n"))
+        .unwrap_or(text.len());
+    let head = &text[..head_end];
+    let mut lines = head
+        .split(|b| *b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    let start = lines.next()?;
+    if start.starts_with(b"SIP/") || !start.windows(4).any(|w| w.eq_ignore_ascii_case(b"sip/")) {
+        return None;
+    }
+    let mut headers: Vec<(String, Vec<u8>)> = Vec::new();
+    for line in lines {
+        if line.first().is_some_and(|b| *b == b' ' || *b == b'\t') {
+            // A folded continuation of the previous header (RFC 3261 §7.3.1).
+            if let Some((_, v)) = headers.last_mut() {
+                v.push(b' ');
+                v.extend_from_slice(trim(line));
+            }
+            continue;
+        }
+        let Some(colon) = line.iter().position(|b| *b == b':') else {
+            continue;
+        };
+        let name = String::from_utf8_lossy(trim(&line[..colon])).into_owned();
+        headers.push((name, trim(&line[colon + 1..]).to_vec()));
+    }
+    let has_via = headers
+        .iter()
+        .any(|(n, _)| n.eq_ignore_ascii_case("via") || n.eq_ignore_ascii_case("v"));
+    has_via.then(|| raw_response(headers.into_iter(), 400, tag, &[]))
+}
+
+/// A response from raw header values: every Via, From, To (tagged), Call-ID and CSeq,
+/// compact names understood.
+fn raw_response(
+    headers: impl Iterator<Item = (String, Vec<u8>)>,
+    code: u16,
+    tag: &str,
+    extra: &[(&'static str, String)],
+) -> Bytes {
+    let mut out = format!("SIP/2.0 {code} {}\r\n", reason(code)).into_bytes();
+    for (name, value) in headers {
+        let canonical = match name.to_ascii_lowercase().as_str() {
+            "via" | "v" => "Via",
+            "from" | "f" => "From",
+            "to" | "t" => "To",
+            "call-id" | "i" => "Call-ID",
+            "cseq" => "CSeq",
+            _ => continue,
+        };
+        // Header values cannot carry a line break into our response.
+        let value: Vec<u8> = value
+            .into_iter()
+            .filter(|b| *b != b'\r' && *b != b'\n')
+            .collect();
+        out.extend_from_slice(canonical.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(&value);
+        if canonical == "To" && find(&value, b";tag=").is_none() && code > 100 {
+            out.extend_from_slice(format!(";tag={tag}").as_bytes());
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+    for (name, value) in extra {
+        out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+    }
+    out.extend_from_slice(b"Server: Parley/0.1\r\nContent-Length: 0\r\n\r\n");
+    Bytes::from(out)
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn trim(b: &[u8]) -> &[u8] {
+    let start = b
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(b.len());
+    let end = b
+        .iter()
+        .rposition(|c| !c.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
+    &b[start..end.max(start)]
 }

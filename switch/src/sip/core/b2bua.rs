@@ -75,11 +75,9 @@ impl SipCore {
     pub(super) fn reap(&mut self, h: CallHandle) {
         if let Some(call) = self.calls.remove(&h) {
             if let Some(c) = call.caller.as_ref()
-                && let (Some(cid), Some(tag)) = (
-                    msg::call_id(&c.invite.headers),
-                    super::dialogs::from_tag(&c.invite.headers),
-                )
+                && let Some(cid) = msg::call_id(&c.invite.headers)
             {
+                let tag = super::dialogs::from_tag(&c.invite.headers).unwrap_or_default();
                 self.dialogs.remove(&(cid, tag));
             }
             if let Some(t) = call.trunk

@@ -40,21 +40,12 @@ impl SipCore {
         let Some(src) = self.dests.get(key).copied() else {
             return;
         };
-        let (Some(sip_call_id), Some(from_tag)) = (
-            msg::call_id(&req.headers),
-            super::dialogs::from_tag(&req.headers),
-        ) else {
-            // RFC 3261 §8.1.1.3: a From tag is mandatory; without one no dialog can be
-            // told apart from another with the same Call-ID.
-            self.respond(
-                now,
-                key,
-                &req,
-                SipError::BadHeader("From tag").status(),
-                None,
-            );
+        let Some(sip_call_id) = msg::call_id(&req.headers) else {
             return;
         };
+        // An RFC 2543 peer sends no From tag (RFC 4475 §3.4.1): its tag is empty (RFC
+        // 3261 §12.2.2 treats a missing tag as null).
+        let from_tag = super::dialogs::from_tag(&req.headers).unwrap_or_default();
         if self
             .dialogs
             .contains_key(&(sip_call_id.clone(), from_tag.clone()))

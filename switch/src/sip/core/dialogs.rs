@@ -36,7 +36,10 @@ impl SipCore {
         src: Option<SocketAddr>,
     ) -> Option<(CallHandle, Side)> {
         let cid = msg::call_id(&req.headers)?;
-        let (from, to) = (from_tag(&req.headers)?, msg::to_tag(&req.headers)?);
+        let (from, to) = (
+            from_tag(&req.headers).unwrap_or_default(),
+            msg::to_tag(&req.headers)?,
+        );
         if let Some(&(h, Side::Caller)) = self.dialogs.get(&(cid.clone(), from.clone())) {
             let leg = self.calls.get(&h)?.caller.as_ref()?;
             let from_gateway = !self.cfg.dialog_source_check || src == Some(leg.src);
@@ -58,7 +61,7 @@ impl SipCore {
         src: Option<SocketAddr>,
     ) -> Option<CallHandle> {
         let cid = msg::call_id(&req.headers)?;
-        let from = from_tag(&req.headers)?;
+        let from = from_tag(&req.headers).unwrap_or_default();
         let &(h, side) = self.dialogs.get(&(cid, from))?;
         if side != Side::Caller {
             return None;

@@ -45,7 +45,7 @@ use sipx_sip::{
 use self::state::{Call, Purpose, Side};
 use self::timers::{TimerKind, TimerTable};
 use super::error::SipError;
-use super::msg;
+use super::{msg, validate};
 use crate::metrics as m;
 
 /// Something the driver must do.
@@ -227,18 +227,30 @@ impl SipCore {
         });
     }
 
+    /// Sends a response built outside the transaction layer (a stateless refusal).
+    fn transmit_raw(&mut self, dest: SocketAddr, code: u16, data: Bytes) {
+        metrics::counter!(m::SIP_RESPONSES_TOTAL, "code" => code.to_string(), "direction" => "sent").increment(1);
+        self.out.push_back(Output::Transmit { dest, data });
+    }
+
     /// A datagram arrived.
     pub fn handle_datagram(&mut self, now: Instant, src: SocketAddr, data: Bytes) {
         if data.iter().all(|b| b.is_ascii_whitespace()) {
             return; // RFC 5626 keep-alive
         }
-        let message = match sipx_sip::parse_datagram(data, &self.limits) {
+        let message = match sipx_sip::parse_datagram(data.clone(), &self.limits) {
             Ok(m) => m,
             Err(e) => {
                 let e = SipError::Unparseable(e.to_string());
                 metrics::counter!(m::SIP_PARSE_ERRORS_TOTAL, "reason" => e.metric_reason())
                     .increment(1);
-                tracing::debug!(%src, error = %e, "dropped unparseable SIP datagram");
+                tracing::debug!(%src, error = %e, "unparseable SIP datagram");
+                // A request whose Via can still be read gets its 400 (RFC 4475 §3.1.2);
+                // anything else is dropped.
+                let tag = self.token(10);
+                if let Some(answer) = msg::unparseable_response(&data, &tag) {
+                    self.transmit_raw(src, 400, answer);
+                }
                 return;
             }
         };
@@ -246,25 +258,22 @@ impl SipCore {
             Message::Request(req) => {
                 metrics::counter!(m::SIP_REQUESTS_TOTAL, "method" => method_label(&req.method))
                     .increment(1);
-                if let Err(e) = msg::validate_request(&req) {
+                let check =
+                    validate::check_request(&req).and_then(|()| match req
+                        .headers
+                        .typed::<sipx_sip::headers::MaxForwards>(
+                    ) {
+                        Some(Ok(mf)) if mf.0 == 0 => Err(SipError::TooManyHops),
+                        _ => Ok(()),
+                    });
+                if let Err(e) = check {
                     metrics::counter!(m::SIP_PARSE_ERRORS_TOTAL, "reason" => e.metric_reason())
                         .increment(1);
-                    tracing::info!(%src, error = %e, "malformed SIP request");
-                    if req.method != Method::Ack
-                        && let Some(r) = msg::response(&req, e.status(), None, None, None)
-                    {
-                        self.transmit(src, &Message::Response(r));
-                    }
-                    return;
-                }
-                if let Some(Ok(mf)) = req.headers.typed::<sipx_sip::headers::MaxForwards>()
-                    && mf.0 == 0
-                    && req.method != Method::Ack
-                {
-                    if let Some(r) =
-                        msg::response(&req, SipError::TooManyHops.status(), None, None, None)
-                    {
-                        self.transmit(src, &Message::Response(r));
+                    tracing::info!(%src, method = method_label(&req.method), error = %e, status = e.status(), "SIP request refused");
+                    if req.method != Method::Ack {
+                        let tag = self.token(10);
+                        let answer = msg::error_response(&req, &e, &tag);
+                        self.transmit_raw(src, e.status(), answer);
                     }
                     return;
                 }
@@ -348,10 +357,20 @@ impl SipCore {
     ) {
         let contact = self.contact();
         let fresh = self.token(10);
-        if let Some(r) = msg::response(req, code, Some(tag.unwrap_or(&fresh)), Some(&contact), None)
-        {
-            let outputs = self.layer.send_response(key, r);
-            self.run_tx(now, key, outputs, false);
+        let tag = tag.unwrap_or(&fresh);
+        match msg::response(req, code, Some(tag), Some(&contact), None) {
+            Some(r) => {
+                let outputs = self.layer.send_response(key, r);
+                self.run_tx(now, key, outputs, false);
+            }
+            // Headers too odd for the builder (RFC 4475 `intmeth`): answered from their
+            // values as they are, outside the transaction.
+            None => {
+                if let Some(dest) = self.dests.get(key).copied() {
+                    let data = msg::plain_response(req, code, tag);
+                    self.transmit_raw(dest, code, data);
+                }
+            }
         }
     }
 
