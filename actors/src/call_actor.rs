@@ -503,6 +503,8 @@ impl Actor for CallActor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         metrics::gauge!(m::CALLS_ACTIVE).increment(1.0);
+        // The CDR row exists from the first moment: a crash cannot lose the call.
+        self.env.cdr.submit(self.core.cdr_opening());
         self.drive(ctx);
     }
 

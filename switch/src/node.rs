@@ -40,6 +40,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)?;
     let prometheus = m::install()?;
     let store = Store::open(&cfg.data_dir).await?;
+    // Calls that were up when the node last died have an open CDR row: close it.
+    let cut = store.close_interrupted(None).await?;
+    if cut > 0 {
+        tracing::warn!(
+            calls = cut,
+            "closed the CDRs of calls cut by the last stop (disposition INTERRUPTED)"
+        );
+    }
     for u in &cfg.users {
         let number = numbers::to_e164(&u.number, &cfg.sip.default_region)
             .unwrap_or_else(|| u.number.clone());
@@ -243,6 +251,18 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     relay.stop();
     // Every CDR queued by now is written before we exit (bounded, in case the disk hangs).
     let _ = tokio::time::timeout(Duration::from_secs(5), cdr_queue.flush()).await;
+    // Calls the drain deadline cut still have their opening rows: they end now.
+    match store
+        .close_interrupted(Some(std::time::SystemTime::now()))
+        .await
+    {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(
+            calls = n,
+            "CDRs of calls cut by the drain deadline closed as INTERRUPTED"
+        ),
+        Err(e) => tracing::error!(error = %e, "closing the CDRs of cut calls failed"),
+    }
     drop(cdr_task);
     let _ = std::fs::remove_file(cfg.data_dir.join("node.json"));
     drop(quic_rt);

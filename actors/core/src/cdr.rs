@@ -19,6 +19,11 @@ pub enum Disposition {
     Unavailable,
     /// Signalling failed (e.g. the caller never acknowledged the answer).
     Failed,
+    /// The call is still up: the row written when it started, completed when it ends.
+    InProgress,
+    /// The node stopped (drain deadline) or crashed while the call was up; the row was
+    /// closed at shutdown or at the next start.
+    Interrupted,
 }
 
 impl Disposition {
@@ -31,6 +36,8 @@ impl Disposition {
             Disposition::Rejected => "REJECTED",
             Disposition::Unavailable => "UNAVAILABLE",
             Disposition::Failed => "FAILED",
+            Disposition::InProgress => "IN_PROGRESS",
+            Disposition::Interrupted => "INTERRUPTED",
         }
     }
 }
@@ -142,6 +149,8 @@ mod tests {
             (Disposition::Rejected, "REJECTED"),
             (Disposition::Unavailable, "UNAVAILABLE"),
             (Disposition::Failed, "FAILED"),
+            (Disposition::InProgress, "IN_PROGRESS"),
+            (Disposition::Interrupted, "INTERRUPTED"),
         ];
         for (d, s) in all {
             assert_eq!(d.as_str(), s);

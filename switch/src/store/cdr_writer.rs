@@ -78,15 +78,17 @@ pub fn start(store: Store, registry: Arc<Registry>) -> (CdrQueue, tokio::task::J
 }
 
 async fn write_batch(store: &Store, registry: &Registry, batch: &[CdrRecord]) {
+    // Counted are finished calls' CDRs (a call's opening row is not a CDR yet).
+    let is_final = |c: &CdrRecord| c.disposition != parley_core::cdr::Disposition::InProgress;
     let written = match store.record_calls(batch).await {
-        Ok(()) => batch.len(),
+        Ok(()) => batch.iter().filter(|c| is_final(c)).count(),
         Err(e) => {
             // One bad row must not take the batch with it: write the rest one by one.
             tracing::warn!(error = %e, rows = batch.len(), "CDR batch failed; retrying row by row");
             let mut ok = 0;
             for cdr in batch {
                 match store.record_calls(std::slice::from_ref(cdr)).await {
-                    Ok(()) => ok += 1,
+                    Ok(()) => ok += usize::from(is_final(cdr)),
                     Err(e) => {
                         metrics::counter!(m::CDR_WRITES_TOTAL, "result" => "error").increment(1);
                         tracing::error!(call = %cdr.call_id, sip_call_id = %cdr.sip_call_id, error = %e, "CDR write failed: {cdr:?}");
@@ -98,9 +100,10 @@ async fn write_batch(store: &Store, registry: &Registry, batch: &[CdrRecord]) {
     };
     metrics::counter!(m::CDR_WRITES_TOTAL, "result" => "ok").increment(written as u64);
     metrics::counter!(m::ADDRESS_BOOK_UPDATES_TOTAL).increment(written as u64);
-    // Push each changed book once per batch.
+    // Push each changed book once per batch (a call's opening row changes no book).
     let mut users: Vec<(&str, &str)> = batch
         .iter()
+        .filter(|c| c.disposition != parley_core::cdr::Disposition::InProgress)
         .map(|c| (c.tenant.as_str(), c.user.as_str()))
         .collect();
     users.sort_unstable();

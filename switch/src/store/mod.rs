@@ -12,7 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use parley_codecs::control::AddressBookEntry;
-use parley_core::cdr::CdrRecord;
+use parley_core::cdr::{CdrRecord, Disposition};
 use serde::Serialize;
 use sqlx::Row;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
@@ -81,6 +81,29 @@ pub struct CdrRow {
     pub answered_by: Option<String>,
     /// `in` (a call to `user`) or `out` (`user` dialled `called`).
     pub direction: String,
+}
+
+impl Store {
+    /// Closes the rows of calls that were up when the node stopped or crashed:
+    /// disposition `INTERRUPTED`, ended at `end` (shutdown: now) or, when the end is
+    /// unknown (after a crash), at their start. Returns how many.
+    pub async fn close_interrupted(&self, end: Option<SystemTime>) -> Result<u64, StoreError> {
+        let (end_ms, end_time) = match end {
+            Some(t) => (Some(unix_ms(t)), Some(rfc3339(t))),
+            None => (None, None),
+        };
+        let done = sqlx::query(
+            "UPDATE cdrs SET disposition = 'INTERRUPTED', \
+             end_ms = COALESCE(?1, start_ms), end_time = COALESCE(?2, start_time), \
+             duration_secs = CASE WHEN answer_ms IS NULL OR ?1 IS NULL THEN 0 ELSE (?1 - answer_ms) / 1000.0 END \
+             WHERE disposition = 'IN_PROGRESS'",
+        )
+        .bind(end_ms)
+        .bind(end_time)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
 }
 
 /// The node's database.
@@ -261,7 +284,15 @@ impl Store {
     pub async fn record_calls(&self, cdrs: &[CdrRecord]) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         for c in cdrs {
-            insert_cdr(&mut *tx, c).await?;
+            if c.disposition == Disposition::InProgress {
+                insert_cdr(&mut *tx, c).await?;
+                continue;
+            }
+            // The call's opening row (same call id and start) is completed; a call that
+            // never had one (written by an older node) gets its row now.
+            if complete_cdr(&mut *tx, c).await? == 0 {
+                insert_cdr(&mut *tx, c).await?;
+            }
             let (party, name) = c.other_party();
             add_contact(&mut *tx, &c.tenant, &c.user, party, name, c.end).await?;
         }
@@ -277,7 +308,7 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<CdrRow>, StoreError> {
         let rows = sqlx::query(
-            "SELECT * FROM cdrs WHERE (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR user = ?2) ORDER BY end_ms DESC, rowid DESC LIMIT ?3",
+            "SELECT * FROM cdrs WHERE (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR user = ?2) AND disposition != 'IN_PROGRESS' ORDER BY end_ms DESC, rowid DESC LIMIT ?3",
         )
         .bind(tenant)
         .bind(user)
@@ -412,6 +443,42 @@ impl Store {
     }
 }
 
+/// Completes a call's opening row; the number of rows changed (0 or 1).
+async fn complete_cdr<'e>(
+    ex: impl sqlx::SqliteExecutor<'e>,
+    c: &CdrRecord,
+) -> Result<u64, StoreError> {
+    let duration = match c.answer {
+        Some(a) => c
+            .end
+            .duration_since(a)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0),
+        None => 0.0,
+    };
+    let done = sqlx::query(
+        "UPDATE cdrs SET route = ?, answer_ms = ?, end_ms = ?, answer_time = ?, end_time = ?, \
+         duration_secs = ?, disposition = ?, sip_cause = ?, packets_in = ?, packets_out = ?, answered_by = ? \
+         WHERE call_id = ? AND start_ms = ? AND disposition = 'IN_PROGRESS'",
+    )
+    .bind(c.route.as_str())
+    .bind(c.answer.map(unix_ms))
+    .bind(unix_ms(c.end))
+    .bind(c.answer.map(rfc3339))
+    .bind(rfc3339(c.end))
+    .bind(duration)
+    .bind(c.disposition.as_str())
+    .bind(i64::from(c.cause))
+    .bind(c.packets_in as i64)
+    .bind(c.packets_out as i64)
+    .bind(&c.answered_by)
+    .bind(&c.call_id)
+    .bind(unix_ms(c.start))
+    .execute(ex)
+    .await?;
+    Ok(done.rows_affected())
+}
+
 async fn insert_cdr<'e>(
     ex: impl sqlx::SqliteExecutor<'e>,
     c: &CdrRecord,
@@ -531,5 +598,73 @@ mod tests {
         let params = |h: &str| h.split('$').take(4).collect::<Vec<_>>().join("$");
         assert_eq!(params(&store.decoy), params(&stored));
         assert!(store.decoy.starts_with("$argon2id$"));
+    }
+
+    fn cdr(call: &str, disposition: parley_core::cdr::Disposition) -> parley_core::cdr::CdrRecord {
+        use parley_core::cdr::{CallRoute, CdrRecord, Direction};
+        let start =
+            std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
+        CdrRecord {
+            call_id: call.into(),
+            sip_call_id: format!("{call}@gw"),
+            tenant: "demo".into(),
+            user: "alice".into(),
+            caller: "+15557770001".into(),
+            caller_name: None,
+            called: "+15550100001".into(),
+            route: CallRoute::Im,
+            start,
+            answer: Some(start + std::time::Duration::from_secs(1)),
+            end: start + std::time::Duration::from_secs(5),
+            disposition,
+            cause: 200,
+            packets_in: 10,
+            packets_out: 11,
+            answered_by: Some("desk".into()),
+            direction: Direction::In,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_calls_opening_row_is_completed_once_or_closed_as_interrupted() {
+        use parley_core::cdr::Disposition::{Answered, InProgress};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        let opening = |call| parley_core::cdr::CdrRecord {
+            disposition: InProgress,
+            answer: None,
+            ..cdr(call, InProgress)
+        };
+        store
+            .record_calls(&[opening("c-1"), opening("c-2")])
+            .await
+            .unwrap();
+        assert!(
+            store.cdrs(None, None, 10).await.unwrap().is_empty(),
+            "open rows are not listed"
+        );
+        // c-1 ends: its row is completed, not duplicated; the caller joins the book once.
+        store.record_calls(&[cdr("c-1", Answered)]).await.unwrap();
+        let rows = store.cdrs(None, None, 10).await.unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            (rows[0].disposition.as_str(), rows[0].packets_out),
+            ("ANSWERED", 11)
+        );
+        assert_eq!(store.address_book("demo", "alice").await.unwrap().len(), 1);
+        // c-2 was up when the node died: the next start closes it.
+        assert_eq!(store.close_interrupted(None).await.unwrap(), 1);
+        assert_eq!(
+            store.close_interrupted(None).await.unwrap(),
+            0,
+            "closed once"
+        );
+        let rows = store.cdrs(None, None, 10).await.unwrap();
+        let c2 = rows.iter().find(|r| r.call_id == "c-2").unwrap();
+        assert_eq!(c2.disposition, "INTERRUPTED");
+        assert_eq!(
+            c2.end_time, c2.start_time,
+            "after a crash the end is unknown"
+        );
     }
 }

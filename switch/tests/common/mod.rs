@@ -121,7 +121,17 @@ password = "demo"
         );
         let cfg_path = dir.path().join("parley.toml");
         std::fs::write(&cfg_path, cfg).unwrap();
-        let log = std::fs::File::create(dir.path().join("node.log")).unwrap();
+        Self::spawn(dir, trunk_port, token)
+    }
+
+    /// Starts `parley run` on the configuration in `dir` and waits for its `node.json`.
+    fn spawn(dir: tempfile::TempDir, trunk_port: u16, token: String) -> Node {
+        let cfg_path = dir.path().join("parley.toml");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.path().join("node.log"))
+            .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_parley"))
             .args(["run", "--config"])
             .arg(&cfg_path)
@@ -158,6 +168,20 @@ password = "demo"
             dir,
             token,
         }
+    }
+
+    /// Kills the node with SIGKILL (no drain, nothing flushed, `node.json` left behind)
+    /// and starts it again on the same data directory and configuration.
+    #[allow(dead_code)]
+    pub fn crash_and_restart(mut self) -> Node {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(self.data_dir().join("node.json"));
+        // Move the directory out: `Node`'s Drop only kills the (dead) child.
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
+        let (trunk_port, token) = (self.trunk.port(), self.token.clone());
+        drop(self);
+        Self::spawn(dir, trunk_port, token)
     }
 
     pub fn data_dir(&self) -> PathBuf {

@@ -382,6 +382,18 @@ impl CallCore {
         }
     }
 
+    /// The row written when the call starts (`IN_PROGRESS`), so that a call cut by a crash
+    /// still leaves a CDR; [`Self::cdr`] completes it.
+    pub fn cdr_opening(&self) -> CdrRecord {
+        CdrRecord {
+            disposition: Disposition::InProgress,
+            cause: 0,
+            answer: None,
+            end: self.spec.started_wall,
+            ..self.cdr(0, 0)
+        }
+    }
+
     fn leg_ringing(&mut self, leg: LegId) {
         if let Some(since) = self.reroute_at.take() {
             self.actions
