@@ -142,3 +142,48 @@ async fn im_login_is_required_and_checked() {
     let ok = node.device(node.device_config("alice", "desk")).await;
     assert_eq!(ok.number(), "+15550100001");
 }
+
+/// Protocol §2: after login, a length prefix over the limit gets a fatal `bad_message`
+/// before the close, as before login.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_over_long_frame_after_login_gets_bad_message_then_the_close() {
+    use parley_codecs::control::{self, ClientMsg, ServerMsg};
+    let node = Node::start();
+    let endpoint = parley_load::device::client_endpoint(node.quic).unwrap();
+    let conn = endpoint
+        .connect_with(
+            parley_load::device::client_config(&node.cert()).unwrap(),
+            node.quic,
+            "localhost",
+        )
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let mut buf = bytes::BytesMut::new();
+    let login = ClientMsg::Login {
+        tenant: "demo".into(),
+        user: "alice".into(),
+        password: "demo".into(),
+        device: "raw".into(),
+    };
+    control::encode(&login, &mut buf);
+    send.write_all(&buf).await.unwrap();
+    // A length prefix of 16 MiB, far over the 64 KiB limit.
+    send.write_all(&(16u32 << 20).to_be_bytes()).await.unwrap();
+    let mut last = None;
+    loop {
+        let mut header = [0u8; 4];
+        if recv.read_exact(&mut header).await.is_err() {
+            break; // the close
+        }
+        let mut body = vec![0u8; control::frame_len(header).unwrap()];
+        recv.read_exact(&mut body).await.unwrap();
+        last = Some(control::decode::<ServerMsg>(&body).unwrap());
+    }
+    assert!(
+        matches!(last, Some(ServerMsg::Error { ref code, fatal: true, .. }) if code == "bad_message"),
+        "the last message before the close: {last:?}\n{}",
+        node.log()
+    );
+}

@@ -142,18 +142,28 @@ pub async fn serve(endpoint: quinn::Endpoint, ctx: Arc<ImContext>) {
     }
 }
 
-async fn read_frame(recv: &mut RecvStream) -> Result<Option<Vec<u8>>, String> {
+/// Why a control frame could not be read.
+#[derive(Debug)]
+enum FrameError {
+    /// The length prefix is over the protocol limit: the client's fault, answered with a
+    /// fatal `bad_message` (protocol §2).
+    Framing(String),
+    /// The stream broke (reset, connection lost): nothing to answer.
+    Stream(String),
+}
+
+async fn read_frame(recv: &mut RecvStream) -> Result<Option<Vec<u8>>, FrameError> {
     let mut header = [0u8; 4];
     match recv.read_exact(&mut header).await {
         Ok(()) => {}
         Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(e) => return Err(e.to_string()),
+        Err(e) => return Err(FrameError::Stream(e.to_string())),
     }
-    let len = control::frame_len(header).map_err(|e| e.to_string())?;
+    let len = control::frame_len(header).map_err(|e| FrameError::Framing(e.to_string()))?;
     let mut body = vec![0u8; len];
     recv.read_exact(&mut body)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| FrameError::Stream(e.to_string()))?;
     Ok(Some(body))
 }
 
@@ -190,7 +200,12 @@ async fn handle_connection(conn: quinn::Connection, ctx: Arc<ImContext>) {
     let login = tokio::time::timeout(ctx.login_timeout, read_frame(&mut recv)).await;
     let body = match login {
         Ok(Ok(Some(b))) => b,
-        Ok(Err(e)) => return fatal(&conn, &mut send, "bad_message", e).await,
+        Ok(Err(FrameError::Framing(e))) => return fatal(&conn, &mut send, "bad_message", e).await,
+        Ok(Err(FrameError::Stream(e))) => {
+            tracing::debug!(%remote, error = %e, "control stream broke before login");
+            conn.close(2u32.into(), b"control stream closed");
+            return;
+        }
         Ok(Ok(None)) | Err(_) => {
             return fatal(
                 &conn,
@@ -336,7 +351,19 @@ async fn handle_connection(conn: quinn::Connection, ctx: Arc<ImContext>) {
                 }
             },
             Ok(None) => break,
-            Err(e) => {
+            // An over-long length prefix after login is answered like one before it
+            // (protocol §2): a fatal `bad_message`, then the close.
+            Err(FrameError::Framing(e)) => {
+                metrics::counter!(m::IM_PROTOCOL_ERRORS_TOTAL, "kind" => "control").increment(1);
+                let _ = tx.try_send(ServerMsg::Error {
+                    code: "bad_message".into(),
+                    message: e,
+                    fatal: true,
+                });
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                break;
+            }
+            Err(FrameError::Stream(e)) => {
                 tracing::debug!(session = session_id, error = %e, "control stream ended");
                 break;
             }
