@@ -55,6 +55,8 @@ pub struct PresenceSession {
     out: mpsc::Sender<ServerMsg>,
     calls: HashMap<String, Recipient<FromDevice>>,
     watching: HashSet<String>,
+    /// The `id` of the request being handled.
+    request: Option<u64>,
 }
 
 impl PresenceSession {
@@ -73,14 +75,22 @@ impl PresenceSession {
             out,
             calls: HashMap::new(),
             watching: HashSet::new(),
+            request: None,
         }
     }
 
+    /// A non-fatal error answering the request being handled (its `id`, if it had one).
     fn error(&self, code: &str, message: String) {
+        self.error_for(self.request, code, message);
+    }
+
+    /// A non-fatal error answering request `id` (for answers that come later).
+    fn error_for(&self, id: Option<u64>, code: &str, message: String) {
         self.send(ServerMsg::Error {
             code: code.into(),
             message,
             fatal: false,
+            id,
         });
     }
 
@@ -166,20 +176,19 @@ impl PresenceSession {
     }
 
     fn get_preferences(&mut self, ctx: &mut Context<Self>) {
-        ctx.spawn(
-            self.user
-                .send(GetPreferences)
-                .into_actor(self)
-                .map(|res, act, _| match res {
-                    Ok(p) => act.send(ServerMsg::Preferences {
-                        preferences: serde_json::to_value(p.as_ref()).unwrap_or_default(),
-                    }),
-                    Err(_) => act.error("unavailable", "user actor unavailable".into()),
+        let id = self.request;
+        ctx.spawn(self.user.send(GetPreferences).into_actor(self).map(
+            move |res, act, _| match res {
+                Ok(p) => act.send(ServerMsg::Preferences {
+                    preferences: serde_json::to_value(p.as_ref()).unwrap_or_default(),
                 }),
-        );
+                Err(_) => act.error_for(id, "unavailable", "user actor unavailable".into()),
+            },
+        ));
     }
 
     fn set_preferences(&mut self, value: serde_json::Value, ctx: &mut Context<Self>) {
+        let id = self.request;
         let prefs = serde_json::from_value::<Preferences>(value)
             .map_err(|e| RulesError::Syntax(e.to_string()))
             .and_then(|p| p.validate().map(|()| p));
@@ -192,7 +201,7 @@ impl PresenceSession {
                 ctx.spawn(self.user.send(SetPreferences(p)).into_actor(self).map(
                     move |res, act, _| match res {
                         Ok(()) => act.send(reply),
-                        Err(_) => act.error("unavailable", "user actor unavailable".into()),
+                        Err(_) => act.error_for(id, "unavailable", "user actor unavailable".into()),
                     },
                 ));
             }
@@ -266,11 +275,7 @@ impl PresenceSession {
                 session: self.id,
                 event,
             }),
-            None => self.send(ServerMsg::Error {
-                code: "unknown_call".into(),
-                message: format!("no call {call_id} on this device"),
-                fatal: false,
-            }),
+            None => self.error("unknown_call", format!("no call {call_id} on this device")),
         }
     }
 }
@@ -305,10 +310,15 @@ impl Actor for PresenceSession {
     }
 }
 
-/// A control message from the device (after login).
+/// A control message from the device (after login), with the request `id` it carried.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct FromClient(pub ClientMsg);
+pub struct FromClient {
+    /// The message.
+    pub msg: ClientMsg,
+    /// Its request id, echoed by any `error` that answers it.
+    pub id: Option<u64>,
+}
 
 /// The device's connection closed.
 #[derive(Message)]
@@ -318,7 +328,8 @@ pub struct Disconnected;
 impl Handler<FromClient> for PresenceSession {
     type Result = ();
     fn handle(&mut self, msg: FromClient, ctx: &mut Context<Self>) {
-        match msg.0 {
+        self.request = msg.id;
+        match msg.msg {
             ClientMsg::Subscribe { users } => self.subscribe(users, ctx),
             ClientMsg::Unsubscribe { users } => self.unsubscribe(users),
             ClientMsg::Chat { to, text, id } => self.chat(to, text, id, ctx),
@@ -362,11 +373,10 @@ impl Handler<FromClient> for PresenceSession {
                 self.forward_to_call(&call_id, DeviceLegEvent::Hangup, false)
             }
             ClientMsg::Ping { id } => self.send(ServerMsg::Pong { id }),
-            ClientMsg::Login { .. } => self.send(ServerMsg::Error {
-                code: "already_logged_in".into(),
-                message: "login is accepted once per connection".into(),
-                fatal: false,
-            }),
+            ClientMsg::Login { .. } => self.error(
+                "already_logged_in",
+                "login is accepted once per connection".into(),
+            ),
         }
     }
 }
@@ -414,6 +424,7 @@ impl Handler<ToDevice> for PresenceSession {
                     code: "unresponsive".into(),
                     message: "a call offer was not acknowledged in time".into(),
                     fatal: true,
+                    id: None,
                 });
                 self.owner.close.notify_one();
                 ctx.stop();

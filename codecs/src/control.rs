@@ -160,6 +160,9 @@ pub enum ServerMsg {
         message: String,
         /// Whether the connection is closed after this.
         fatal: bool,
+        /// The `id` of the request this error answers, when it carried one.
+        #[serde(default)]
+        id: Option<u64>,
     },
     /// A call is ringing this device.
     IncomingCall {
@@ -275,6 +278,29 @@ pub fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, CodecError> {
     serde_json::from_slice(body).map_err(|e| CodecError::Control(e.to_string()))
 }
 
+/// Decodes a client request and the `id` it carries, if any: every request may carry an
+/// integer `id`, which the server's `error` for that request echoes. (`chat` and `ping`
+/// have an `id` of their own that is also their request id.) On failure the `id` is still
+/// returned when it could be read, so the `bad_message` can name the request too.
+pub fn decode_request(body: &[u8]) -> (Result<ClientMsg, CodecError>, Option<u64>) {
+    let mut value: serde_json::Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => return (Err(CodecError::Control(e.to_string())), None),
+    };
+    let id = value.get("id").and_then(serde_json::Value::as_u64);
+    if let Some(obj) = value.as_object_mut() {
+        let own = matches!(
+            obj.get("type").and_then(serde_json::Value::as_str),
+            Some("chat" | "ping")
+        );
+        if !own && id.is_some() {
+            obj.remove("id");
+        }
+    }
+    let msg = serde_json::from_value(value).map_err(|e| CodecError::Control(e.to_string()));
+    (msg, id)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -306,6 +332,34 @@ mod tests {
             s,
             r#"{"type":"call_connected","call_id":"c1","flow_id":4,"payload_type":0}"#
         );
+    }
+
+    #[test]
+    fn every_request_may_carry_an_id() {
+        let rows: Vec<(&str, Option<u64>, bool)> = vec![
+            (
+                r#"{"type":"subscribe","users":["bob"],"id":42}"#,
+                Some(42),
+                true,
+            ),
+            (r#"{"type":"subscribe","users":["bob"]}"#, None, true),
+            (r#"{"type":"ping","id":7}"#, Some(7), true),
+            (
+                r#"{"type":"chat","to":"bob","text":"hi","id":9}"#,
+                Some(9),
+                true,
+            ),
+            // A bad request still names itself when its id can be read.
+            (r#"{"type":"subscribe","id":5}"#, Some(5), false),
+            (r#"{"type":"nonsense","id":6}"#, Some(6), false),
+            (r#"not json"#, None, false),
+        ];
+        for (json, id, ok) in rows {
+            let (msg, got) = decode_request(json.as_bytes());
+            assert_eq!((msg.is_ok(), got), (ok, id), "{json}");
+        }
+        let (msg, _) = decode_request(br#"{"type":"ping","id":7}"#);
+        assert_eq!(msg.unwrap(), ClientMsg::Ping { id: 7 });
     }
 
     #[test]

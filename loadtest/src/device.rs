@@ -937,6 +937,7 @@ mod tests {
                 code: "auth_failed".into(),
                 message: "no".into(),
                 fatal: true,
+                id: None,
             };
             mock::send(&mut tx, &err).await;
             let _ = tx.finish();

@@ -657,8 +657,10 @@ fn print_event(msg: &ServerMsg) {
             code,
             message,
             fatal,
+            id,
         } => println!(
-            "error {code}: {message}{}",
+            "error {code}: {message}{}{}",
+            id.map(|i| format!(" (request {i})")).unwrap_or_default(),
             if *fatal { " (fatal)" } else { "" }
         ),
         ServerMsg::LoginOk { .. } | ServerMsg::Pong { .. } => {}

@@ -85,7 +85,7 @@ async fn reject_rule_set_from_the_im_client() {
         .wait_for(T, |m| matches!(m, ServerMsg::Error { .. }))
         .await;
     assert!(
-        matches!(err, Some(ServerMsg::Error { ref code, ref message, fatal: false }) if code == "bad_preferences" && message.contains("rules[0]")),
+        matches!(err, Some(ServerMsg::Error { ref code, ref message, fatal: false, .. }) if code == "bad_preferences" && message.contains("rules[0]")),
         "{err:?}"
     );
 

@@ -181,6 +181,7 @@ async fn fatal(conn: &quinn::Connection, send: &mut SendStream, code: &str, mess
             code: code.into(),
             message,
             fatal: true,
+            id: None,
         },
     )
     .await;
@@ -216,7 +217,7 @@ async fn handle_connection(conn: quinn::Connection, ctx: Arc<ImContext>) {
             .await;
         }
     };
-    let (tenant, user, password, device) = match control::decode::<ClientMsg>(&body) {
+    let (tenant, user, password, device) = match control::decode_request(&body).0 {
         Ok(ClientMsg::Login {
             tenant,
             user,
@@ -336,15 +337,16 @@ async fn handle_connection(conn: quinn::Connection, ctx: Arc<ImContext>) {
             }
         };
         match frame {
-            Ok(Some(body)) => match control::decode::<ClientMsg>(&body) {
-                Ok(msg) => session.do_send(FromClient(msg)),
-                Err(e) => {
+            Ok(Some(body)) => match control::decode_request(&body) {
+                (Ok(msg), id) => session.do_send(FromClient { msg, id }),
+                (Err(e), id) => {
                     metrics::counter!(m::IM_PROTOCOL_ERRORS_TOTAL, "kind" => "control")
                         .increment(1);
                     let _ = tx.try_send(ServerMsg::Error {
                         code: "bad_message".into(),
                         message: e.to_string(),
                         fatal: true,
+                        id,
                     });
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     break;
@@ -359,6 +361,7 @@ async fn handle_connection(conn: quinn::Connection, ctx: Arc<ImContext>) {
                     code: "bad_message".into(),
                     message: e,
                     fatal: true,
+                    id: None,
                 });
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 break;
