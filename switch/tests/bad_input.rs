@@ -117,17 +117,7 @@ async fn im_login_is_required_and_checked() {
     );
 
     // Something other than login first: the node refuses and closes.
-    let endpoint = parley_load::device::client_endpoint(node.quic).unwrap();
-    let conn = endpoint
-        .connect_with(
-            parley_load::device::client_config(&node.cert()).unwrap(),
-            node.quic,
-            "localhost",
-        )
-        .unwrap()
-        .await
-        .unwrap();
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let (_conn, mut send, mut recv) = control_stream(&node).await;
     let mut buf = bytes::BytesMut::new();
     parley_codecs::control::encode(&parley_codecs::control::ClientMsg::Ping { id: 1 }, &mut buf);
     send.write_all(&buf).await.unwrap();
@@ -152,17 +142,7 @@ async fn im_login_is_required_and_checked() {
 async fn an_over_long_frame_after_login_gets_bad_message_then_the_close() {
     use parley_codecs::control::{self, ClientMsg, ServerMsg};
     let node = Node::start();
-    let endpoint = parley_load::device::client_endpoint(node.quic).unwrap();
-    let conn = endpoint
-        .connect_with(
-            parley_load::device::client_config(&node.cert()).unwrap(),
-            node.quic,
-            "localhost",
-        )
-        .unwrap()
-        .await
-        .unwrap();
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let (_conn, mut send, mut recv) = control_stream(&node).await;
     let mut buf = bytes::BytesMut::new();
     let login = ClientMsg::Login {
         tenant: "demo".into(),
@@ -196,17 +176,7 @@ async fn an_over_long_frame_after_login_gets_bad_message_then_the_close() {
 async fn errors_name_the_request_they_answer() {
     use parley_codecs::control::{self, ServerMsg};
     let node = Node::start();
-    let endpoint = parley_load::device::client_endpoint(node.quic).unwrap();
-    let conn = endpoint
-        .connect_with(
-            parley_load::device::client_config(&node.cert()).unwrap(),
-            node.quic,
-            "localhost",
-        )
-        .unwrap()
-        .await
-        .unwrap();
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let (_conn, mut send, mut recv) = control_stream(&node).await;
     for json in [
         r#"{"type":"login","tenant":"demo","user":"alice","password":"demo","device":"raw","id":1}"#,
         r#"{"type":"subscribe","users":["nobody"],"id":42}"#,
@@ -238,4 +208,20 @@ async fn errors_name_the_request_they_answer() {
         "{}",
         node.log()
     );
+}
+
+/// A raw QUIC connection to the node and its control stream (no login sent).
+async fn control_stream(node: &Node) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
+    let endpoint = parley_load::device::client_endpoint(node.quic).unwrap();
+    let conn = endpoint
+        .connect_with(
+            parley_load::device::client_config(&node.cert()).unwrap(),
+            node.quic,
+            "localhost",
+        )
+        .unwrap()
+        .await
+        .unwrap();
+    let (send, recv) = conn.open_bi().await.unwrap();
+    (conn, send, recv)
 }

@@ -17,6 +17,11 @@ pub(super) const GW: &str = "127.0.0.1:5070";
 pub(super) const TRUNK: &str = "127.0.0.1:5080";
 
 pub(super) fn core() -> SipCore {
+    core_with(true)
+}
+
+/// A core with alice, the trunk and the given dialog source check.
+pub(super) fn core_with(dialog_source_check: bool) -> SipCore {
     let directory = StaticDirectory(vec![UserIdentity {
         tenant: "demo".into(),
         user: "alice".into(),
@@ -30,7 +35,7 @@ pub(super) fn core() -> SipCore {
             timers: Timers::default(),
             trunk_auth: None,
             rng_seed: [7; 32],
-            dialog_source_check: true,
+            dialog_source_check,
         },
         Arc::new(directory),
         Arc::new(Sequence::new()),

@@ -4,19 +4,12 @@
 //! stranger got 481 and the call saw nothing, then shows the legitimate request works.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use parley_core::directory::{StaticDirectory, UserIdentity};
-use parley_core::ids::Sequence;
 use parley_core::sip::{SipEvent, SipLegCmd};
-use sipx_sip::Timers;
 
-use super::core::{CoreConfig, SipCore};
-use super::core_tests::{
-    GW, TRUNK, answered_call, drain, first_lines, in_dialog, invite, reinvite,
-};
+use super::core_tests::{GW, answered_call, drain, first_lines, in_dialog, invite, reinvite};
 
 const STRANGER: &str = "127.0.0.1:6666";
 
@@ -193,24 +186,7 @@ fn an_invite_reusing_a_live_call_id_and_from_tag_is_refused_as_merged() {
 
 #[test]
 fn without_the_source_check_a_dialog_may_move_between_addresses() {
-    let directory = StaticDirectory(vec![UserIdentity {
-        tenant: "demo".into(),
-        user: "alice".into(),
-        number: "+15550100001".into(),
-    }]);
-    let mut c = SipCore::new(
-        CoreConfig {
-            local: "127.0.0.1:5060".parse().unwrap(),
-            trunk: Some(TRUNK.parse().unwrap()),
-            region: "US".into(),
-            timers: Timers::default(),
-            trunk_auth: None,
-            rng_seed: [7; 32],
-            dialog_source_check: false,
-        },
-        Arc::new(directory),
-        Arc::new(Sequence::new()),
-    );
+    let mut c = super::core_tests::core_with(false);
     let t0 = Instant::now();
     let tag = answered_call(&mut c, t0, "h6", &ours());
     // Behind a load balancer the BYE comes from another address: accepted, but the

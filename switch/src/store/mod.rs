@@ -443,19 +443,19 @@ impl Store {
     }
 }
 
+/// Seconds from answer to end (0 for unanswered calls).
+fn talk_secs(c: &CdrRecord) -> f64 {
+    c.answer
+        .and_then(|a| c.end.duration_since(a).ok())
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
 /// Completes a call's opening row; the number of rows changed (0 or 1).
 async fn complete_cdr<'e>(
     ex: impl sqlx::SqliteExecutor<'e>,
     c: &CdrRecord,
 ) -> Result<u64, StoreError> {
-    let duration = match c.answer {
-        Some(a) => c
-            .end
-            .duration_since(a)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0),
-        None => 0.0,
-    };
+    let duration = talk_secs(c);
     let done = sqlx::query(
         "UPDATE cdrs SET route = ?, answer_ms = ?, end_ms = ?, answer_time = ?, end_time = ?, \
          duration_secs = ?, disposition = ?, sip_cause = ?, packets_in = ?, packets_out = ?, answered_by = ? \
@@ -483,14 +483,7 @@ async fn insert_cdr<'e>(
     ex: impl sqlx::SqliteExecutor<'e>,
     c: &CdrRecord,
 ) -> Result<(), StoreError> {
-    let duration = match c.answer {
-        Some(a) => c
-            .end
-            .duration_since(a)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0),
-        None => 0.0,
-    };
+    let duration = talk_secs(c);
     sqlx::query(
         "INSERT INTO cdrs (call_id, sip_call_id, tenant, user, caller, caller_name, called, route, start_ms, answer_ms, end_ms, \
          start_time, answer_time, end_time, duration_secs, disposition, sip_cause, packets_in, packets_out, answered_by, direction) \
