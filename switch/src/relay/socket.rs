@@ -15,7 +15,8 @@ use quinn::udp::UdpSocketState;
 /// for every `UdpSocketState` it creates, i.e. for every relay port. Enabling `UDP_GRO` on
 /// the first socket of a kind flips a kernel static key, which patches kernel text on
 /// every CPU (IPIs), and closing the last one flips it back: measured on this project's
-/// 2-vCPU VMs, that was ~1 ms of node CPU per call at 400–500 calls/s (`perf`:
+/// 2-vCPU VMs, holding the key set saved 0.3–0.5 ms of node CPU per call at 400–500
+/// calls/s (`perf`:
 /// `static_key_slow_inc` under `udp_lib_setsockopt`, `static_key_slow_dec` under
 /// `udpv6_destroy_sock`; `docs/BENCHMARKS.md`). One GRO-enabled loopback socket of each
 /// family held open keeps the key set, so the probe costs a plain increment. Best effort:

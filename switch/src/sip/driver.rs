@@ -93,6 +93,13 @@ impl SipDriver {
                     let (Some(env), Some(callee)) =
                         (self.env.clone(), self.deps.registry.actor(&nc.user))
                     else {
+                        // No actor to run the call: refuse it and let the core forget it,
+                        // rather than leave the INVITE ringing forever.
+                        tracing::error!(user = %nc.user.user, "no user actor for a new call: 500");
+                        let now = Instant::now();
+                        self.core
+                            .handle_command(now, nc.handle, SipLegCmd::CallerReject(500));
+                        self.core.handle_command(now, nc.handle, SipLegCmd::Done);
                         continue;
                     };
                     let spec = CallSpec {

@@ -58,6 +58,21 @@ fn every_torture_message_gets_what_the_rfc_names() {
             .filter_map(|(_, m)| m.strip_prefix("SIP/2.0 "))
             .filter_map(|m| m.get(..3)?.parse::<u16>().ok())
             .find(|code| *code >= 200);
+        // Whatever the message did, it leaves nothing behind once the timers ran out.
+        let mut now = Instant::now();
+        while let Some(at) = c.poll_timeout() {
+            now = now.max(at);
+            c.handle_timeout(now);
+            drain(&mut c);
+        }
+        if c.transactions() != (0, 0) || c.live_calls_tracked() != 0 {
+            wrong.push(format!(
+                "{}: left {:?} transactions and {} calls behind",
+                case.name,
+                c.transactions(),
+                c.live_calls_tracked()
+            ));
+        }
         let want = expected(case.name);
         if got != want {
             wrong.push(format!(

@@ -181,7 +181,17 @@ impl SipCore {
         self.draining = draining;
     }
 
+    /// Transactions in flight, as (client, server): every one must end, whatever arrives.
+    pub fn transactions(&self) -> (usize, usize) {
+        self.layer.len()
+    }
+
     /// Calls whose dialogs are still tracked.
+    pub fn live_calls_tracked(&self) -> usize {
+        self.calls.len()
+    }
+
+    /// Calls whose call actor is not done with them.
     pub fn live_calls(&self) -> usize {
         self.calls.values().filter(|c| !c.done).count()
     }
@@ -370,6 +380,12 @@ impl SipCore {
                     let data = msg::plain_response(req, code, tag);
                     self.transmit_raw(dest, code, data);
                 }
+                // The transaction got no response it can hold, so it would wait forever:
+                // drop it (a retransmission is answered afresh).
+                self.layer.abandon(key);
+                self.dests.remove(key);
+                self.purposes.remove(key);
+                self.timers.clear_transaction(key);
             }
         }
     }
