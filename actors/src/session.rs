@@ -220,6 +220,20 @@ impl PresenceSession {
                 ),
             );
         }
+        // Control characters other than tab and line breaks are refused: besides being no
+        // text, each one takes six bytes in JSON, so they could make the delivered frame
+        // larger than the protocol limit.
+        if text
+            .chars()
+            .any(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
+        {
+            metrics::counter!(m::CHAT_MESSAGES_TOTAL, "result" => "rejected").increment(1);
+            return self.error(
+                "bad_message",
+                "chat text must not hold control characters (other than tab and line breaks)"
+                    .into(),
+            );
+        }
         let Some(r) = self.owner.registry.user_by_name(&self.owner.id.tenant, &to) else {
             metrics::counter!(m::CHAT_MESSAGES_TOTAL, "result" => "unknown_user").increment(1);
             return self.error("unknown_user", format!("no user {to} in your tenant"));

@@ -8,7 +8,7 @@ use std::time::{Instant, SystemTime};
 
 use actix::WeakRecipient;
 use actix::prelude::*;
-use parley_codecs::control::{AddressBookEntry, ServerMsg, Status};
+use parley_codecs::control::{self, AddressBookEntry, ServerMsg, Status};
 use parley_core::ids::CallHandle;
 use parley_core::presence::{CalleeView, PresenceOutput, PresenceView, UserPresence};
 use parley_core::rules::Preferences;
@@ -308,10 +308,22 @@ pub struct PresenceUpdate {
     pub note: Option<String>,
 }
 
-/// The user's address book changed; push it to every device.
+/// The user's whole address book as stored (at start-up): it tells routing which callers
+/// are known. Devices get it at login.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct AddressBookChanged(pub Vec<AddressBookEntry>);
+pub struct AddressBookLoaded(pub Vec<AddressBookEntry>);
+
+/// A change to the user's address book; routing learns it and every device gets it as
+/// `address_book_update` frames.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AddressBookChanged {
+    /// Entries added or updated, newest first.
+    pub upserted: Vec<AddressBookEntry>,
+    /// Addresses evicted.
+    pub removed: Vec<String>,
+}
 
 impl Handler<Watch> for UserActor {
     type Result = ();
@@ -392,15 +404,28 @@ impl Handler<PresenceUpdate> for UserActor {
     }
 }
 
+impl Handler<AddressBookLoaded> for UserActor {
+    type Result = ();
+    fn handle(&mut self, m: AddressBookLoaded, _: &mut Context<Self>) {
+        self.core
+            .handle_address_book(m.0.into_iter().map(|e| (e.address, e.known)));
+    }
+}
+
 impl Handler<AddressBookChanged> for UserActor {
     type Result = ();
     fn handle(&mut self, m: AddressBookChanged, _: &mut Context<Self>) {
-        self.core
-            .handle_address_book(m.0.iter().map(|e| e.address.clone()));
-        for link in self.devices.values() {
-            link.push.do_send(Push(ServerMsg::AddressBook {
-                entries: m.0.clone(),
-            }));
+        self.core.handle_address_book_change(
+            m.upserted.iter().map(|e| (e.address.clone(), e.known)),
+            m.removed.iter().cloned(),
+        );
+        if self.devices.is_empty() {
+            return;
+        }
+        for frame in control::address_book_update_frames(m.upserted, m.removed) {
+            for link in self.devices.values() {
+                link.push.do_send(Push(frame.clone()));
+            }
         }
     }
 }

@@ -139,7 +139,19 @@ pub struct AddressBookEntry {
     pub call_count: u64,
     /// Last call, RFC 3339.
     pub last_seen: String,
+    /// The party counts as known for routing rules (`caller_known`): the user placed a
+    /// call to it or answered one from it. Calls it made that were rejected, missed or
+    /// cancelled do not make it known.
+    #[serde(default)]
+    pub known: bool,
 }
+
+/// Longest address an address book keeps, bytes (longer parties are not added: no real
+/// number or SIP URI comes near it, and it bounds every entry's size in a frame).
+pub const MAX_BOOK_ADDRESS_BYTES: usize = 256;
+/// Longest display name an address book keeps, bytes (longer ones are cut at a character
+/// boundary).
+pub const MAX_BOOK_NAME_BYTES: usize = 128;
 
 /// Messages from Parley to an IM device.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -187,7 +199,7 @@ pub enum ServerMsg {
         /// RTP payload type in use (0 PCMU, 8 PCMA).
         payload_type: u8,
         /// RoQ flow id of the video stream, when the call has one.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[serde(default)]
         video_flow_id: Option<u64>,
     },
     /// The call ended (or the offer to this device was withdrawn).
@@ -197,10 +209,26 @@ pub enum ServerMsg {
         /// Why (`remote_hangup`, `answered_elsewhere`, `cancelled`, `timeout`, `media_unavailable`, `rerouted`).
         reason: String,
     },
-    /// The whole address book of the user.
+    /// The user's address book, in pages that each fit a frame: the page at `offset` 0
+    /// replaces the device's book, later pages append; the book is complete once `total`
+    /// entries have arrived.
     AddressBook {
         /// Entries, most recent first.
         entries: Vec<AddressBookEntry>,
+        /// Position of this page's first entry in the book.
+        #[serde(default)]
+        offset: u64,
+        /// Entries in the whole book.
+        #[serde(default)]
+        total: u64,
+    },
+    /// A change to the address book: entries added or updated (newest first), and
+    /// addresses removed (evicted to keep the book within its limit).
+    AddressBookUpdate {
+        /// Entries added or changed, replacing any entry with the same address.
+        entries: Vec<AddressBookEntry>,
+        /// Addresses no longer in the book.
+        removed: Vec<String>,
     },
     /// Reply to `ping`.
     Pong {
@@ -255,13 +283,142 @@ pub enum ServerMsg {
     },
 }
 
-/// Appends one framed message.
-pub fn encode<T: Serialize>(msg: &T, out: &mut BytesMut) {
+/// Appends one framed message; refuses (and appends nothing) when its body would exceed
+/// [`MAX_FRAME`], which the peer would take for a protocol violation.
+pub fn encode<T: Serialize>(msg: &T, out: &mut BytesMut) -> Result<(), CodecError> {
     // Serialising these plain data enums cannot fail (no maps with non-string keys).
-    let json = serde_json::to_vec(msg).unwrap_or_default();
+    let json = serde_json::to_vec(msg).map_err(|e| CodecError::Control(e.to_string()))?;
+    if json.len() > MAX_FRAME {
+        return Err(CodecError::FrameTooLarge(json.len()));
+    }
     out.reserve(4 + json.len());
     out.put_u32(json.len() as u32);
     out.put_slice(&json);
+    Ok(())
+}
+
+/// Bytes of a frame kept for the envelope around a page's items (type, offsets, commas).
+const PAGE_ENVELOPE: usize = 512;
+
+/// Splits `items` into runs whose JSON fits one frame next to the envelope.
+fn pages<T: Serialize>(items: Vec<T>) -> Vec<Vec<T>> {
+    let budget = MAX_FRAME - PAGE_ENVELOPE;
+    let mut out = Vec::new();
+    let mut page = Vec::new();
+    let mut used = 0;
+    for item in items {
+        let size = serde_json::to_vec(&item).map_or(budget, |j| j.len()) + 1;
+        if !page.is_empty() && used + size > budget {
+            out.push(std::mem::take(&mut page));
+            used = 0;
+        }
+        used += size;
+        page.push(item);
+    }
+    if !page.is_empty() {
+        out.push(page);
+    }
+    out
+}
+
+/// The whole book as `address_book` frames, each within [`MAX_FRAME`] (one empty page for
+/// an empty book).
+pub fn address_book_frames(entries: Vec<AddressBookEntry>) -> Vec<ServerMsg> {
+    let total = entries.len() as u64;
+    let mut offset = 0;
+    let mut frames: Vec<ServerMsg> = pages(entries)
+        .into_iter()
+        .map(|entries| {
+            let page = ServerMsg::AddressBook {
+                offset,
+                total,
+                entries,
+            };
+            if let ServerMsg::AddressBook { entries, .. } = &page {
+                offset += entries.len() as u64;
+            }
+            page
+        })
+        .collect();
+    if frames.is_empty() {
+        frames.push(ServerMsg::AddressBook {
+            entries: Vec::new(),
+            offset: 0,
+            total: 0,
+        });
+    }
+    frames
+}
+
+/// A change to the book as `address_book_update` frames, each within [`MAX_FRAME`].
+pub fn address_book_update_frames(
+    entries: Vec<AddressBookEntry>,
+    removed: Vec<String>,
+) -> Vec<ServerMsg> {
+    let mut frames: Vec<ServerMsg> = pages(removed)
+        .into_iter()
+        .map(|removed| ServerMsg::AddressBookUpdate {
+            entries: Vec::new(),
+            removed,
+        })
+        .collect();
+    frames.extend(
+        pages(entries)
+            .into_iter()
+            .map(|entries| ServerMsg::AddressBookUpdate {
+                entries,
+                removed: Vec::new(),
+            }),
+    );
+    frames
+}
+
+/// A client's copy of its address book, kept from `address_book` pages and
+/// `address_book_update` frames.
+#[derive(Debug, Clone, Default)]
+pub struct AddressBookMirror {
+    entries: Vec<AddressBookEntry>,
+    total: u64,
+}
+
+impl AddressBookMirror {
+    /// Applies a server message; `false` when it is not about the address book.
+    pub fn apply(&mut self, msg: &ServerMsg) -> bool {
+        match msg {
+            ServerMsg::AddressBook {
+                entries,
+                offset,
+                total,
+            } => {
+                if *offset == 0 {
+                    self.entries.clear();
+                }
+                self.entries.extend(entries.iter().cloned());
+                self.total = *total;
+                true
+            }
+            ServerMsg::AddressBookUpdate { entries, removed } => {
+                self.entries.retain(|e| {
+                    !removed.contains(&e.address) && !entries.iter().any(|n| n.address == e.address)
+                });
+                // Updates are the newest entries: they go first, in their order.
+                self.entries.splice(0..0, entries.iter().cloned());
+                self.total = self.entries.len() as u64;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The entries, most recent first.
+    pub fn entries(&self) -> &[AddressBookEntry] {
+        &self.entries
+    }
+
+    /// Whether every page of the last full book has arrived.
+    pub fn is_complete(&self) -> bool {
+        self.entries.len() as u64 >= self.total
+    }
 }
 
 /// Reads the frame length from a 4-byte header, enforcing [`MAX_FRAME`].
@@ -330,7 +487,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             s,
-            r#"{"type":"call_connected","call_id":"c1","flow_id":4,"payload_type":0}"#
+            r#"{"type":"call_connected","call_id":"c1","flow_id":4,"payload_type":0,"video_flow_id":null}"#
         );
     }
 
@@ -365,7 +522,7 @@ mod tests {
     #[test]
     fn framing_roundtrip_and_limits() {
         let mut buf = BytesMut::new();
-        encode(&ClientMsg::Ping { id: 9 }, &mut buf);
+        encode(&ClientMsg::Ping { id: 9 }, &mut buf).unwrap();
         let len = frame_len(buf[..4].try_into().unwrap()).unwrap();
         assert_eq!(len, buf.len() - 4);
         assert_eq!(
@@ -375,5 +532,161 @@ mod tests {
         assert!(frame_len((MAX_FRAME as u32 + 1).to_be_bytes()).is_err());
         assert!(decode::<ClientMsg>(b"{\"type\":\"nope\"}").is_err());
         assert!(decode::<ClientMsg>(b"\xff\xfe").is_err());
+    }
+
+    fn entry(address: String, name: Option<String>) -> AddressBookEntry {
+        AddressBookEntry {
+            address,
+            name,
+            call_count: 1,
+            last_seen: "2026-12-02T05:00:00Z".into(),
+            known: false,
+        }
+    }
+
+    #[test]
+    fn encode_refuses_a_frame_over_the_limit() {
+        let mut buf = BytesMut::new();
+        let big = ServerMsg::AddressBook {
+            entries: (0..2000)
+                .map(|i| entry(format!("+1555{i:07}"), Some("x".repeat(100))))
+                .collect(),
+            offset: 0,
+            total: 2000,
+        };
+        assert!(matches!(
+            encode(&big, &mut buf),
+            Err(CodecError::FrameTooLarge(n)) if n > MAX_FRAME
+        ));
+        assert!(buf.is_empty(), "nothing is appended");
+    }
+
+    #[test]
+    fn a_large_book_goes_in_pages_that_each_fit_a_frame_and_rebuild_it() {
+        // Worst case for escaping: names of control characters (6 bytes each in JSON) at
+        // the name limit, addresses at the address limit.
+        let book: Vec<AddressBookEntry> = (0..1500)
+            .map(|i| {
+                let mut address = format!("sip:{i}@");
+                address.push_str(&"a".repeat(MAX_BOOK_ADDRESS_BYTES - address.len()));
+                entry(address, Some("\u{1}".repeat(MAX_BOOK_NAME_BYTES)))
+            })
+            .collect();
+        let frames = address_book_frames(book.clone());
+        assert!(frames.len() > 10, "{} frames", frames.len());
+        let mut mirror = AddressBookMirror::default();
+        for (n, f) in frames.iter().enumerate() {
+            let mut buf = BytesMut::new();
+            encode(f, &mut buf).unwrap_or_else(|e| panic!("frame {n}: {e}"));
+            assert!(buf.len() - 4 <= MAX_FRAME);
+            let back: ServerMsg = decode(&buf[4..]).unwrap();
+            assert!(mirror.apply(&back));
+            assert_eq!(
+                mirror.is_complete(),
+                n + 1 == frames.len(),
+                "after frame {n}"
+            );
+        }
+        assert_eq!(mirror.entries(), &book[..]);
+        // An empty book is one empty page.
+        assert_eq!(
+            address_book_frames(Vec::new()),
+            vec![ServerMsg::AddressBook {
+                entries: Vec::new(),
+                offset: 0,
+                total: 0
+            }]
+        );
+        // A new full book replaces the old one.
+        assert!(mirror.apply(&address_book_frames(vec![entry("+1".into(), None)])[0]));
+        assert_eq!(mirror.entries().len(), 1);
+    }
+
+    #[test]
+    fn updates_replace_remove_and_go_first() {
+        let mut mirror = AddressBookMirror::default();
+        mirror.apply(
+            &address_book_frames(vec![
+                entry("+1".into(), None),
+                entry("+2".into(), None),
+                entry("+3".into(), None),
+            ])[0],
+        );
+        let mut bumped = entry("+3".into(), Some("Carol".into()));
+        bumped.call_count = 2;
+        let frames = address_book_update_frames(
+            vec![bumped.clone(), entry("+4".into(), None)],
+            vec!["+2".into()],
+        );
+        for f in &frames {
+            let mut buf = BytesMut::new();
+            encode(f, &mut buf).unwrap();
+            assert!(mirror.apply(f));
+        }
+        let got: Vec<&str> = mirror
+            .entries()
+            .iter()
+            .map(|e| e.address.as_str())
+            .collect();
+        assert_eq!(got, ["+3", "+4", "+1"]);
+        assert_eq!(mirror.entries()[0], bumped);
+        assert!(mirror.is_complete());
+        // Many removals still fit frames.
+        let removed: Vec<String> = (0..5000)
+            .map(|i| format!("sip:{i}@{}", "b".repeat(200)))
+            .collect();
+        let frames = address_book_update_frames(Vec::new(), removed);
+        assert!(frames.len() > 1);
+        for f in &frames {
+            encode(f, &mut BytesMut::new()).unwrap();
+        }
+        assert!(!mirror.apply(&ServerMsg::Pong { id: 1 }));
+    }
+
+    #[test]
+    fn optional_fields_the_server_sends_are_present_as_null() {
+        // protocol.md §2: "Optional fields sent by the server are always present, with
+        // `null` when absent."
+        let rows = [
+            (
+                ServerMsg::CallConnected {
+                    call_id: "c1".into(),
+                    flow_id: 1,
+                    payload_type: 0,
+                    video_flow_id: None,
+                },
+                "video_flow_id",
+            ),
+            (
+                ServerMsg::IncomingCall {
+                    call_id: "c1".into(),
+                    from: "+1".into(),
+                    from_name: None,
+                    to: "+2".into(),
+                    video: false,
+                },
+                "from_name",
+            ),
+            (
+                ServerMsg::Error {
+                    code: "x".into(),
+                    message: "y".into(),
+                    fatal: false,
+                    id: None,
+                },
+                "id",
+            ),
+            (
+                ServerMsg::AddressBookUpdate {
+                    entries: vec![entry("+1".into(), None)],
+                    removed: Vec::new(),
+                },
+                "name",
+            ),
+        ];
+        for (msg, field) in rows {
+            let json = serde_json::to_string(&msg).unwrap();
+            assert!(json.contains(&format!("\"{field}\":null")), "{json}");
+        }
     }
 }

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use parley_codecs::control::{self, AddressBookEntry, ClientMsg, ServerMsg};
+use parley_codecs::control::{self, AddressBookEntry, AddressBookMirror, ClientMsg, ServerMsg};
 use parley_codecs::g711;
 use parley_codecs::roq;
 use parley_codecs::rtp::{self, Kind, RTP_HEADER_LEN, RtpView};
@@ -232,7 +232,7 @@ async fn write_msg(writer: &SharedWriter, msg: &ClientMsg) -> Result<(), DeviceE
     let mut w = writer.lock().await;
     let Writer { send, buf } = &mut *w;
     buf.clear();
-    control::encode(msg, buf);
+    control::encode(msg, buf).map_err(|e| DeviceError::Protocol(e.to_string()))?;
     send.write_all(buf).await.map_err(|_| DeviceError::Closed)
 }
 
@@ -260,7 +260,7 @@ pub struct Device {
     writer: SharedWriter,
     cmd_tx: mpsc::UnboundedSender<Cmd>,
     events: mpsc::UnboundedReceiver<ServerMsg>,
-    book: Arc<StdMutex<Vec<AddressBookEntry>>>,
+    book: Arc<StdMutex<AddressBookMirror>>,
     tasks: Vec<AbortOnDrop>,
 }
 
@@ -422,7 +422,7 @@ impl Device {
         session: u64,
     ) -> Device {
         let stats = Arc::new(DeviceStats::default());
-        let book = Arc::new(StdMutex::new(Vec::new()));
+        let book = Arc::new(StdMutex::new(AddressBookMirror::default()));
         let (ev_tx, events) = mpsc::unbounded_channel();
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
 
@@ -525,9 +525,17 @@ impl Device {
         }
     }
 
-    /// The latest address book the node pushed (empty before the first).
+    /// The address book as the node's pages and updates built it (empty before the first).
     pub fn address_book(&self) -> Vec<AddressBookEntry> {
-        self.book.lock().map(|b| b.clone()).unwrap_or_default()
+        self.book
+            .lock()
+            .map(|b| b.entries().to_vec())
+            .unwrap_or_default()
+    }
+
+    /// Whether every page of the book sent at login has arrived.
+    pub fn address_book_complete(&self) -> bool {
+        self.book.lock().is_ok_and(|b| b.is_complete())
     }
 
     /// Closes the QUIC connection abruptly (no hang-ups first), as a crashing device would.
@@ -563,7 +571,7 @@ async fn control_reader(
     mut recv: quinn::RecvStream,
     events: mpsc::UnboundedSender<ServerMsg>,
     cmds: mpsc::UnboundedSender<Cmd>,
-    book: Arc<StdMutex<Vec<AddressBookEntry>>>,
+    book: Arc<StdMutex<AddressBookMirror>>,
     conn: quinn::Connection,
 ) {
     let mut body = Vec::with_capacity(1024);
@@ -585,10 +593,8 @@ async fn control_reader(
                 continue;
             }
         };
-        if let ServerMsg::AddressBook { entries } = &msg
-            && let Ok(mut b) = book.lock()
-        {
-            b.clone_from(entries);
+        if let Ok(mut b) = book.lock() {
+            b.apply(&msg);
         }
         let _ = cmds.send(Cmd::Server(msg.clone()));
         // The application may have stopped reading events; that is fine.
@@ -899,7 +905,7 @@ mod tests {
 
         pub async fn send(send: &mut quinn::SendStream, msg: &ServerMsg) {
             let mut buf = BytesMut::new();
-            control::encode(msg, &mut buf);
+            control::encode(msg, &mut buf).unwrap();
             send.write_all(&buf).await.unwrap();
         }
 
@@ -974,7 +980,10 @@ mod tests {
                     name: Some("Bob".into()),
                     call_count: 1,
                     last_seen: "2025-11-28T14:02:11Z".into(),
+                    known: true,
                 }],
+                offset: 0,
+                total: 1,
             };
             mock::send(&mut tx, &book).await;
             let offer = ServerMsg::IncomingCall {

@@ -650,8 +650,30 @@ fn print_event(msg: &ServerMsg) {
             ..
         } => println!("connected {call_id} flow {flow_id} payload type {payload_type}"),
         ServerMsg::CallEnded { call_id, reason } => println!("ended {call_id} ({reason})"),
-        ServerMsg::AddressBook { entries } => {
-            println!("address book: {} entries", entries.len());
+        ServerMsg::AddressBook {
+            entries,
+            offset,
+            total,
+        } => {
+            println!(
+                "address book: entries {}-{} of {total}",
+                offset + 1,
+                offset + entries.len() as u64
+            );
+        }
+        ServerMsg::AddressBookUpdate { entries, removed } => {
+            for e in entries {
+                println!(
+                    "address book: {} ({}) calls {}{}",
+                    e.address,
+                    e.name.as_deref().unwrap_or("-"),
+                    e.call_count,
+                    if e.known { ", known" } else { "" }
+                );
+            }
+            for a in removed {
+                println!("address book: {a} removed");
+            }
         }
         ServerMsg::Error {
             code,

@@ -30,6 +30,8 @@ pub struct Config {
     pub relay: RelayConfig,
     /// Call handling.
     pub calls: CallsConfig,
+    /// Personal address books.
+    pub address_book: AddressBookConfig,
     /// SIP trunks toward the PSTN.
     pub trunks: Vec<TrunkConfig>,
     /// Users of the built-in user store.
@@ -138,6 +140,25 @@ pub struct CallsConfig {
     pub offer_ack_timeout_ms: u64,
 }
 
+/// `[address_book]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AddressBookConfig {
+    /// Most entries one user's book holds. A new party beyond it evicts the least valuable
+    /// entry: parties the user never called or answered go first, then the least called,
+    /// then the oldest; so callers that were only ever rejected or missed cannot push out
+    /// the user's real contacts.
+    pub max_entries: usize,
+}
+
+impl Default for AddressBookConfig {
+    fn default() -> Self {
+        Self {
+            max_entries: crate::store::DEFAULT_BOOK_LIMIT,
+        }
+    }
+}
+
 /// `[[trunks]]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -222,6 +243,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             relay: RelayConfig::default(),
             calls: CallsConfig::default(),
+            address_book: AddressBookConfig::default(),
             trunks: Vec::new(),
             users: Vec::new(),
         }
@@ -440,6 +462,12 @@ impl Config {
         }
         if self.calls.ring_timeout_secs == 0 {
             return Err(bad("calls.ring_timeout_secs", "must be at least 1"));
+        }
+        if !(1..=100_000).contains(&self.address_book.max_entries) {
+            return Err(bad(
+                "address_book.max_entries",
+                "must be between 1 and 100000",
+            ));
         }
         if !(3..=600).contains(&self.quic.idle_timeout_secs) {
             return Err(bad("quic.idle_timeout_secs", "must be between 3 and 600"));

@@ -45,6 +45,12 @@ pub const SIP_REINVITES_TOTAL: &str = "parley_sip_reinvites_total";
 pub const CDR_WRITES_TOTAL: &str = "parley_cdr_writes_total";
 /// Address book entries added or updated.
 pub const ADDRESS_BOOK_UPDATES_TOTAL: &str = "parley_address_book_updates_total";
+/// Address book entries evicted to keep a book within `[address_book] max_entries`.
+pub const ADDRESS_BOOK_EVICTIONS_TOTAL: &str = "parley_address_book_evictions_total";
+/// Parties not added to an address book (address empty or over 256 bytes).
+pub const ADDRESS_BOOK_REFUSED_TOTAL: &str = "parley_address_book_refused_total";
+/// Messages to devices not sent because their frame would exceed the protocol limit.
+pub const IM_FRAMES_REFUSED_TOTAL: &str = "parley_im_frames_refused_total";
 /// IM logins, by `tenant` and `result`.
 pub const AUTH_RESULTS_TOTAL: &str = "parley_auth_results_total";
 /// Malformed IM control messages or datagrams, by `kind`.
@@ -108,6 +114,9 @@ fn register_zeroes() {
         counter!(SIP_UNMATCHED_REQUESTS_TOTAL, "method" => method).increment(0);
     }
     counter!(ADDRESS_BOOK_UPDATES_TOTAL).increment(0);
+    counter!(ADDRESS_BOOK_EVICTIONS_TOTAL).increment(0);
+    counter!(ADDRESS_BOOK_REFUSED_TOTAL).increment(0);
+    counter!(IM_FRAMES_REFUSED_TOTAL).increment(0);
     counter!(a::DEVICE_QUEUE_DROPS_TOTAL).increment(0);
     counter!(a::REROUTES_TOTAL).increment(0);
     counter!(a::MEDIA_TIMEOUTS_TOTAL).increment(0);
@@ -219,6 +228,21 @@ fn describe() {
         ADDRESS_BOOK_UPDATES_TOTAL,
         Unit::Count,
         "Address book entries added or updated"
+    );
+    describe_counter!(
+        ADDRESS_BOOK_EVICTIONS_TOTAL,
+        Unit::Count,
+        "Address book entries evicted to keep a book within address_book.max_entries (never-known parties first)"
+    );
+    describe_counter!(
+        ADDRESS_BOOK_REFUSED_TOTAL,
+        Unit::Count,
+        "Parties not added to an address book (address empty or longer than 256 bytes)"
+    );
+    describe_counter!(
+        IM_FRAMES_REFUSED_TOTAL,
+        Unit::Count,
+        "Messages to IM devices not sent because their frame would exceed the 64 KiB protocol limit"
     );
     describe_counter!(
         AUTH_RESULTS_TOTAL,

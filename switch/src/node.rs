@@ -8,7 +8,7 @@ use std::time::Duration;
 use actix::Actor;
 use parley_actors::registry::{Registry, UserRef};
 use parley_actors::trunk::TrunkActor;
-use parley_actors::user::{AddressBookChanged, PreferencesSink, SeedHistory, UserActor};
+use parley_actors::user::{AddressBookLoaded, PreferencesSink, SeedHistory, UserActor};
 use parley_core::directory::UserIdentity;
 use parley_core::ids::Sequence;
 use parley_core::rules::Preferences;
@@ -39,7 +39,9 @@ pub struct NodeInfo {
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)?;
     let prometheus = m::install()?;
-    let store = Store::open(&cfg.data_dir).await?;
+    let store = Store::open(&cfg.data_dir)
+        .await?
+        .with_book_limit(cfg.address_book.max_entries);
     // Calls that were up when the node last died have an open CDR row: close it.
     let cut = store.close_interrupted(None).await?;
     if cut > 0 {
@@ -74,7 +76,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         addr.do_send(SeedHistory(
             store.answer_history(&u.tenant, &u.user, 500).await?,
         ));
-        addr.do_send(AddressBookChanged(
+        addr.do_send(AddressBookLoaded(
             store.address_book(&u.tenant, &u.user).await?,
         ));
         registry.insert(UserRef {

@@ -119,7 +119,8 @@ async fn im_login_is_required_and_checked() {
     // Something other than login first: the node refuses and closes.
     let (_conn, mut send, mut recv) = control_stream(&node).await;
     let mut buf = bytes::BytesMut::new();
-    parley_codecs::control::encode(&parley_codecs::control::ClientMsg::Ping { id: 1 }, &mut buf);
+    parley_codecs::control::encode(&parley_codecs::control::ClientMsg::Ping { id: 1 }, &mut buf)
+        .unwrap();
     send.write_all(&buf).await.unwrap();
     let mut header = [0u8; 4];
     recv.read_exact(&mut header).await.unwrap();
@@ -150,7 +151,7 @@ async fn an_over_long_frame_after_login_gets_bad_message_then_the_close() {
         password: "demo".into(),
         device: "raw".into(),
     };
-    control::encode(&login, &mut buf);
+    control::encode(&login, &mut buf).unwrap();
     send.write_all(&buf).await.unwrap();
     // A length prefix of 16 MiB, far over the 64 KiB limit.
     send.write_all(&(16u32 << 20).to_be_bytes()).await.unwrap();

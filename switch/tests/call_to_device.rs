@@ -72,7 +72,7 @@ async fn sipp_calls_reach_the_logged_in_device_with_media() {
     assert_eq!(book[0]["call_count"], u64::from(calls));
     // The device received the updated book.
     let pushed = device
-        .wait_for(Duration::from_secs(5), |m| matches!(m, ServerMsg::AddressBook { entries } if entries.first().is_some_and(|e| e.call_count == u64::from(calls))))
+        .wait_for(Duration::from_secs(5), |m| matches!(m, ServerMsg::AddressBookUpdate { entries, .. } if entries.first().is_some_and(|e| e.call_count == u64::from(calls))))
         .await;
     assert!(
         pushed.is_some(),

@@ -122,6 +122,22 @@ async fn subscribers_see_aggregate_presence_and_chat_reaches_every_device() {
         matches!(err, Some(ServerMsg::Error { ref code, .. }) if code == "unknown_user"),
         "{err:?}"
     );
+    for (text, id) in [("", 9), ("bell\u{7}", 10)] {
+        bob.send(ClientMsg::Chat {
+            to: "alice".into(),
+            text: text.into(),
+            id,
+        })
+        .await
+        .unwrap();
+        let err = bob
+            .wait_for(T, |m| matches!(m, ServerMsg::Error { .. }))
+            .await;
+        assert!(
+            matches!(err, Some(ServerMsg::Error { ref code, fatal: false, id: Some(i), .. }) if code == "bad_message" && i == id),
+            "{text:?}: {err:?}"
+        );
+    }
 
     // Operators see each device, with its network location.
     let (st, body) = node.get("/api/v1/users/alice/presence", true);

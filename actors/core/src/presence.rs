@@ -233,9 +233,30 @@ impl UserPresence {
             .insert(device, (decay(score, last, at) + 1.0, at.max(last)));
     }
 
-    /// The addresses now in the user's address book.
-    pub fn handle_address_book(&mut self, addresses: impl IntoIterator<Item = String>) {
-        self.known = addresses.into_iter().collect();
+    /// The user's whole address book, as (address, known) pairs: only known parties
+    /// (called by the user, or answered) make `caller_known` true.
+    pub fn handle_address_book(&mut self, entries: impl IntoIterator<Item = (String, bool)>) {
+        self.known.clear();
+        self.handle_address_book_change(entries, std::iter::empty());
+    }
+
+    /// A change to the address book: entries added or updated as (address, known), and
+    /// addresses removed.
+    pub fn handle_address_book_change(
+        &mut self,
+        upserted: impl IntoIterator<Item = (String, bool)>,
+        removed: impl IntoIterator<Item = String>,
+    ) {
+        for a in removed {
+            self.known.remove(&a);
+        }
+        for (a, known) in upserted {
+            if known {
+                self.known.insert(a);
+            } else {
+                self.known.remove(&a);
+            }
+        }
     }
 
     /// New preferences (already validated).
@@ -427,12 +448,23 @@ mod tests {
     #[test]
     fn callee_view_knows_the_caller_from_the_address_book() {
         let mut p = UserPresence::new("alice", Preferences::default());
-        p.handle_address_book(["+15557770001".to_owned()]);
+        p.handle_address_book([
+            ("+15557770001".to_owned(), true),
+            ("+15557770003".to_owned(), false),
+        ]);
         p.handle_attach(3, "desk".into(), Some("127.0.0.1:4000".parse().unwrap()));
         p.handle_capabilities(3, true);
         let now = SystemTime::UNIX_EPOCH;
         assert!(p.callee_view("+15557770001", now).caller_known);
         assert!(!p.callee_view("+15557770002", now).caller_known);
+        // In the book after a rejected or missed call only: still not known.
+        assert!(!p.callee_view("+15557770003", now).caller_known);
+        p.handle_address_book_change(
+            [("+15557770003".to_owned(), true)],
+            ["+15557770001".to_owned()],
+        );
+        assert!(p.callee_view("+15557770003", now).caller_known);
+        assert!(!p.callee_view("+15557770001", now).caller_known);
         let v = p.callee_view("x", now);
         assert_eq!(v.devices.len(), 1);
         assert!(v.devices[0].video);

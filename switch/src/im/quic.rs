@@ -169,8 +169,26 @@ async fn read_frame(recv: &mut RecvStream) -> Result<Option<Vec<u8>>, FrameError
 
 async fn write_msg(send: &mut SendStream, msg: &ServerMsg) -> Result<(), quinn::WriteError> {
     let mut buf = BytesMut::new();
-    control::encode(msg, &mut buf);
+    if let Err(e) = control::encode(msg, &mut buf) {
+        // The device would take an over-long frame for a protocol violation: it is not
+        // sent. Pages and length limits keep every message the node builds within it.
+        metrics::counter!(m::IM_FRAMES_REFUSED_TOTAL).increment(1);
+        tracing::error!(error = %e, kind = msg_kind(msg), "message to device not sent");
+        return Ok(());
+    }
     send.write_all(&buf).await
+}
+
+/// The `type` of a server message, for logs.
+fn msg_kind(msg: &ServerMsg) -> &'static str {
+    match msg {
+        ServerMsg::AddressBook { .. } => "address_book",
+        ServerMsg::AddressBookUpdate { .. } => "address_book_update",
+        ServerMsg::Chat { .. } => "chat",
+        ServerMsg::Preferences { .. } => "preferences",
+        ServerMsg::Error { .. } => "error",
+        _ => "other",
+    }
 }
 
 async fn fatal(conn: &quinn::Connection, send: &mut SendStream, code: &str, message: String) {
@@ -287,7 +305,9 @@ async fn handle_connection(conn: quinn::Connection, ctx: Arc<ImContext>) {
     });
     match ctx.store.address_book(&row.tenant, &row.user).await {
         Ok(entries) => {
-            let _ = tx.try_send(ServerMsg::AddressBook { entries });
+            for page in control::address_book_frames(entries) {
+                let _ = tx.try_send(page);
+            }
         }
         Err(e) => tracing::error!(error = %e, "address book read failed"),
     }

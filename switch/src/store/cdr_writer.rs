@@ -1,5 +1,6 @@
-//! The CDR writer: takes finished calls from call actors, writes the CDR, grows the called
-//! user's address book and pushes the new book to the user's devices.
+//! The CDR writer: takes finished calls from call actors, writes the CDR, grows the
+//! user's address book and sends what changed in it to the user actor (routing's known
+//! callers, and `address_book_update` frames to the user's devices).
 //!
 //! The queue is unbounded on purpose: a CDR is never dropped; the writer is the only
 //! consumer and SQLite keeps up with thousands of rows a second.
@@ -80,41 +81,39 @@ pub fn start(store: Store, registry: Arc<Registry>) -> (CdrQueue, tokio::task::J
 async fn write_batch(store: &Store, registry: &Registry, batch: &[CdrRecord]) {
     // Counted are finished calls' CDRs (a call's opening row is not a CDR yet).
     let is_final = |c: &CdrRecord| c.disposition != parley_core::cdr::Disposition::InProgress;
-    let written = match store.record_calls(batch).await {
-        Ok(()) => batch.iter().filter(|c| is_final(c)).count(),
+    let (written, changes) = match store.record_calls(batch).await {
+        Ok(changes) => (batch.iter().filter(|c| is_final(c)).count(), changes),
         Err(e) => {
             // One bad row must not take the batch with it: write the rest one by one.
             tracing::warn!(error = %e, rows = batch.len(), "CDR batch failed; retrying row by row");
             let mut ok = 0;
+            let mut changes = Vec::new();
             for cdr in batch {
                 match store.record_calls(std::slice::from_ref(cdr)).await {
-                    Ok(()) => ok += usize::from(is_final(cdr)),
+                    Ok(c) => {
+                        ok += usize::from(is_final(cdr));
+                        changes.extend(c);
+                    }
                     Err(e) => {
                         metrics::counter!(m::CDR_WRITES_TOTAL, "result" => "error").increment(1);
                         tracing::error!(call = %cdr.call_id, sip_call_id = %cdr.sip_call_id, error = %e, "CDR write failed: {cdr:?}");
                     }
                 }
             }
-            ok
+            (ok, changes)
         }
     };
     metrics::counter!(m::CDR_WRITES_TOTAL, "result" => "ok").increment(written as u64);
-    metrics::counter!(m::ADDRESS_BOOK_UPDATES_TOTAL).increment(written as u64);
-    // Push each changed book once per batch (a call's opening row changes no book).
-    let mut users: Vec<(&str, &str)> = batch
-        .iter()
-        .filter(|c| c.disposition != parley_core::cdr::Disposition::InProgress)
-        .map(|c| (c.tenant.as_str(), c.user.as_str()))
-        .collect();
-    users.sort_unstable();
-    users.dedup();
-    for (tenant, user) in users {
-        let Some(u) = registry.user_by_name(tenant, user) else {
+    // Each changed book learns its change once per batch (row-by-row retries may name a
+    // book more than once; the deltas then simply follow each other).
+    for change in changes {
+        metrics::counter!(m::ADDRESS_BOOK_UPDATES_TOTAL).increment(change.upserted.len() as u64);
+        let Some(u) = registry.user_by_name(&change.tenant, &change.user) else {
             continue;
         };
-        match store.address_book(tenant, user).await {
-            Ok(book) => u.addr.do_send(AddressBookChanged(book)),
-            Err(e) => tracing::error!(error = %e, "address book read failed"),
-        }
+        u.addr.do_send(AddressBookChanged {
+            upserted: change.upserted,
+            removed: change.removed,
+        });
     }
 }

@@ -114,6 +114,66 @@ pub struct Store {
     /// for a user that does not exist is verified against it, so that the work (and the
     /// time) of the answer is the same as for a wrong password.
     decoy: std::sync::Arc<str>,
+    /// Most entries one user's address book holds (`[address_book] max_entries`).
+    book_limit: i64,
+}
+
+/// Default of `[address_book] max_entries`.
+pub const DEFAULT_BOOK_LIMIT: usize = 1000;
+
+/// What one batch of CDRs changed in one user's address book.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BookChange {
+    /// Tenant of the book's owner.
+    pub tenant: String,
+    /// The book's owner.
+    pub user: String,
+    /// Entries added or updated, newest first (each address once).
+    pub upserted: Vec<AddressBookEntry>,
+    /// Addresses evicted to keep the book within its limit.
+    pub removed: Vec<String>,
+}
+
+impl BookChange {
+    fn upsert(&mut self, e: AddressBookEntry) {
+        self.removed.retain(|a| *a != e.address);
+        self.upserted.retain(|o| o.address != e.address);
+        self.upserted.insert(0, e);
+    }
+
+    fn remove(&mut self, address: String) {
+        self.upserted.retain(|o| o.address != address);
+        if !self.removed.contains(&address) {
+            self.removed.push(address);
+        }
+    }
+}
+
+fn book_entry(r: &sqlx::sqlite::SqliteRow) -> AddressBookEntry {
+    let ms: i64 = r.get("last_seen_ms");
+    let count: i64 = r.get("call_count");
+    let known: i64 = r.get("known_calls");
+    AddressBookEntry {
+        address: r.get("address"),
+        name: r.get("name"),
+        call_count: count.max(0) as u64,
+        last_seen: rfc3339(UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64)),
+        known: known > 0,
+    }
+}
+
+/// A display name cut to [`MAX_BOOK_NAME_BYTES`](parley_codecs::control::MAX_BOOK_NAME_BYTES)
+/// at a character boundary.
+fn book_name(name: &str) -> &str {
+    let max = parley_codecs::control::MAX_BOOK_NAME_BYTES;
+    if name.len() <= max {
+        return name;
+    }
+    let mut end = max;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    &name[..end]
 }
 
 fn rfc3339(t: SystemTime) -> String {
@@ -174,7 +234,14 @@ impl Store {
         Ok(Self {
             pool,
             decoy: decoy.into(),
+            book_limit: DEFAULT_BOOK_LIMIT as i64,
         })
+    }
+
+    /// Sets the most entries one user's address book holds.
+    pub fn with_book_limit(mut self, max_entries: usize) -> Self {
+        self.book_limit = i64::try_from(max_entries.max(1)).unwrap_or(i64::MAX);
+        self
     }
 
     /// Adds a user if absent (the password is hashed only then).
@@ -278,11 +345,12 @@ impl Store {
         }))
     }
 
-    /// Writes finished calls in one transaction: each CDR, and each caller into the called
-    /// user's address book. One commit per batch keeps SQLite's fsyncs and the driver's
-    /// thread hand-offs off the per-call path.
-    pub async fn record_calls(&self, cdrs: &[CdrRecord]) -> Result<(), StoreError> {
+    /// Writes finished calls in one transaction: each CDR, and each other party into the
+    /// user's address book; returns what changed in each book. One commit per batch keeps
+    /// SQLite's fsyncs and the driver's thread hand-offs off the per-call path.
+    pub async fn record_calls(&self, cdrs: &[CdrRecord]) -> Result<Vec<BookChange>, StoreError> {
         let mut tx = self.pool.begin().await?;
+        let mut changes: Vec<BookChange> = Vec::new();
         for c in cdrs {
             if c.disposition == Disposition::InProgress {
                 insert_cdr(&mut *tx, c).await?;
@@ -294,10 +362,46 @@ impl Store {
                 insert_cdr(&mut *tx, c).await?;
             }
             let (party, name) = c.other_party();
-            add_contact(&mut *tx, &c.tenant, &c.user, party, name, c.end).await?;
+            // A party becomes known when the user called it or took its call; a caller that
+            // was rejected, missed or cancelled stays unknown however often it calls.
+            let known = c.direction == parley_core::cdr::Direction::Out || c.answer.is_some();
+            let (entry, evicted) = add_contact(
+                &mut tx,
+                self.book_limit,
+                (&c.tenant, &c.user),
+                party,
+                name,
+                c.end,
+                known,
+            )
+            .await?;
+            if entry.is_none() && evicted.is_empty() {
+                continue;
+            }
+            let at = match changes
+                .iter()
+                .position(|b| b.tenant == c.tenant && b.user == c.user)
+            {
+                Some(i) => i,
+                None => {
+                    changes.push(BookChange {
+                        tenant: c.tenant.clone(),
+                        user: c.user.clone(),
+                        upserted: Vec::new(),
+                        removed: Vec::new(),
+                    });
+                    changes.len() - 1
+                }
+            };
+            if let Some(entry) = entry {
+                changes[at].upsert(entry);
+            }
+            for address in evicted {
+                changes[at].remove(address);
+            }
         }
         tx.commit().await?;
-        Ok(())
+        Ok(changes)
     }
 
     /// CDRs, newest first, optionally for one tenant/user.
@@ -338,18 +442,6 @@ impl Store {
                 direction: r.get("direction"),
             })
             .collect())
-    }
-
-    /// Adds a party to a user's address book, or bumps its call count.
-    pub async fn add_contact(
-        &self,
-        tenant: &str,
-        user: &str,
-        address: &str,
-        name: Option<&str>,
-        when: SystemTime,
-    ) -> Result<(), StoreError> {
-        add_contact(&self.pool, tenant, user, address, name, when).await
     }
 
     /// A user's stored routing preferences (JSON), if any.
@@ -420,26 +512,12 @@ impl Store {
         tenant: &str,
         user: &str,
     ) -> Result<Vec<AddressBookEntry>, StoreError> {
-        let rows = sqlx::query("SELECT address, name, call_count, last_seen_ms FROM address_book WHERE tenant = ? AND user = ? ORDER BY last_seen_ms DESC, address")
+        let rows = sqlx::query("SELECT address, name, call_count, last_seen_ms, known_calls FROM address_book WHERE tenant = ? AND user = ? ORDER BY last_seen_ms DESC, address")
             .bind(tenant)
             .bind(user)
             .fetch_all(&self.pool)
             .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| {
-                let ms: i64 = r.get("last_seen_ms");
-                let count: i64 = r.get("call_count");
-                AddressBookEntry {
-                    address: r.get("address"),
-                    name: r.get("name"),
-                    call_count: count.max(0) as u64,
-                    last_seen: rfc3339(
-                        UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64),
-                    ),
-                }
-            })
-            .collect())
+        Ok(rows.iter().map(book_entry).collect())
     }
 }
 
@@ -515,34 +593,77 @@ async fn insert_cdr<'e>(
     Ok(())
 }
 
-async fn add_contact<'e>(
-    ex: impl sqlx::SqliteExecutor<'e>,
-    tenant: &str,
-    user: &str,
+/// Adds a party to a user's address book, or bumps its call count; when that makes the
+/// book exceed `limit`, evicts the least valuable entries (never-known ones first, then
+/// the least called, then the oldest). Returns the entry as it now stands and the evicted
+/// addresses; no entry for a party too long to keep, or one that was itself the least
+/// valuable in a full book.
+async fn add_contact(
+    tx: &mut sqlx::SqliteConnection,
+    limit: i64,
+    (tenant, user): (&str, &str),
     address: &str,
     name: Option<&str>,
     when: SystemTime,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO address_book (tenant, user, address, name, call_count, last_seen_ms) VALUES (?, ?, ?, ?, 1, ?) \
+    known: bool,
+) -> Result<(Option<AddressBookEntry>, Vec<String>), StoreError> {
+    if address.is_empty() || address.len() > parley_codecs::control::MAX_BOOK_ADDRESS_BYTES {
+        metrics::counter!(crate::metrics::ADDRESS_BOOK_REFUSED_TOTAL).increment(1);
+        return Ok((None, Vec::new()));
+    }
+    let row = sqlx::query(
+        "INSERT INTO address_book (tenant, user, address, name, call_count, last_seen_ms, known_calls) VALUES (?, ?, ?, ?, 1, ?, ?) \
          ON CONFLICT (tenant, user, address) DO UPDATE SET call_count = call_count + 1, \
-         name = COALESCE(excluded.name, address_book.name), last_seen_ms = MAX(last_seen_ms, excluded.last_seen_ms)",
+         name = COALESCE(excluded.name, address_book.name), last_seen_ms = MAX(last_seen_ms, excluded.last_seen_ms), \
+         known_calls = known_calls + excluded.known_calls \
+         RETURNING address, name, call_count, last_seen_ms, known_calls",
     )
     .bind(tenant)
     .bind(user)
     .bind(address)
-    .bind(name)
+    .bind(name.map(book_name))
     .bind(unix_ms(when))
-    .execute(ex)
+    .bind(i64::from(known))
+    .fetch_one(&mut *tx)
     .await?;
-    Ok(())
+    let entry = book_entry(&row);
+    let mut evicted = Vec::new();
+    if entry.call_count == 1 {
+        // A new entry: the book may now be over its limit.
+        let size: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM address_book WHERE tenant = ? AND user = ?")
+                .bind(tenant)
+                .bind(user)
+                .fetch_one(&mut *tx)
+                .await?;
+        if size > limit {
+            evicted = sqlx::query_scalar(
+                "DELETE FROM address_book WHERE rowid IN (SELECT rowid FROM address_book \
+                 WHERE tenant = ? AND user = ? \
+                 ORDER BY known_calls > 0, call_count, last_seen_ms, address LIMIT ?) RETURNING address",
+            )
+            .bind(tenant)
+            .bind(user)
+            .bind(size - limit)
+            .fetch_all(&mut *tx)
+            .await?;
+            metrics::counter!(crate::metrics::ADDRESS_BOOK_EVICTIONS_TOTAL)
+                .increment(evicted.len() as u64);
+        }
+    }
+    if evicted.contains(&entry.address) {
+        // The new party was itself the least valuable: it is not in the book.
+        evicted.retain(|a| *a != entry.address);
+        return Ok((None, evicted));
+    }
+    Ok((Some(entry), evicted))
 }
 
 const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS users (tenant TEXT NOT NULL, user TEXT NOT NULL, number TEXT NOT NULL, password_hash TEXT NOT NULL, PRIMARY KEY (tenant, user))",
     "CREATE TABLE IF NOT EXISTS cdrs (call_id TEXT NOT NULL, sip_call_id TEXT NOT NULL, tenant TEXT NOT NULL, user TEXT NOT NULL, caller TEXT NOT NULL, caller_name TEXT, called TEXT NOT NULL, route TEXT NOT NULL, start_ms INTEGER NOT NULL, answer_ms INTEGER, end_ms INTEGER NOT NULL, start_time TEXT NOT NULL, answer_time TEXT, end_time TEXT NOT NULL, duration_secs REAL NOT NULL, disposition TEXT NOT NULL, sip_cause INTEGER NOT NULL, packets_in INTEGER NOT NULL, packets_out INTEGER NOT NULL, answered_by TEXT, direction TEXT NOT NULL DEFAULT 'in')",
     "CREATE INDEX IF NOT EXISTS cdrs_user ON cdrs (tenant, user, end_ms)",
-    "CREATE TABLE IF NOT EXISTS address_book (tenant TEXT NOT NULL, user TEXT NOT NULL, address TEXT NOT NULL, name TEXT, call_count INTEGER NOT NULL, last_seen_ms INTEGER NOT NULL, PRIMARY KEY (tenant, user, address))",
+    "CREATE TABLE IF NOT EXISTS address_book (tenant TEXT NOT NULL, user TEXT NOT NULL, address TEXT NOT NULL, name TEXT, call_count INTEGER NOT NULL, last_seen_ms INTEGER NOT NULL, known_calls INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (tenant, user, address))",
     "CREATE TABLE IF NOT EXISTS preferences (tenant TEXT NOT NULL, user TEXT NOT NULL, json TEXT NOT NULL, updated_ms INTEGER NOT NULL, PRIMARY KEY (tenant, user))",
 ];
 
@@ -551,6 +672,7 @@ const SCHEMA: &[&str] = &[
 const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("cdrs", "answered_by", "TEXT"),
     ("cdrs", "direction", "TEXT NOT NULL DEFAULT 'in'"),
+    ("address_book", "known_calls", "INTEGER NOT NULL DEFAULT 0"),
 ];
 
 #[cfg(test)]
