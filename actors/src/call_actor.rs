@@ -20,7 +20,7 @@ use crate::messages::{
     ToCall, ToDevice,
 };
 use crate::metrics as m;
-use crate::trunk::{CallOutcome, GetTrunkState, TrunkActor};
+use crate::trunk::TrunkSet;
 use crate::user::{Answered, Lookup, PresenceChanged, UserActor, UserView, Watch};
 
 /// What every call needs from the node, shared by the SIP driver and device sessions.
@@ -31,8 +31,8 @@ pub struct CallEnv {
     pub media: Arc<dyn MediaPlane>,
     /// The CDR writer.
     pub cdr: Arc<dyn CdrSink>,
-    /// The trunk toward users' PSTN lines, if any.
-    pub trunk: Option<Addr<TrunkActor>>,
+    /// The trunks toward the PSTN and the number plan over them.
+    pub trunks: Arc<TrunkSet>,
     /// Ring timeout.
     pub ring_timeout: Duration,
     /// Media timeout of answered calls (`None`: never).
@@ -204,11 +204,7 @@ impl CallActor {
             ),
             Action::Withdraw(LegId::Trunk, _) => self.sip(SipLegCmd::TrunkCancel, ctx),
             Action::Hangup(LegId::Trunk, _) => self.sip(SipLegCmd::TrunkBye, ctx),
-            Action::TrunkHealth(outcome) => {
-                if let Some(t) = &self.env.trunk {
-                    t.do_send(CallOutcome(outcome));
-                }
-            }
+            Action::TrunkHealth(trunk, outcome) => self.env.trunks.call_outcome(trunk, outcome),
             Action::Answered { device, rank } => {
                 metrics::counter!(m::ANSWERED_RANK_TOTAL, "rank" => rank).increment(1);
                 tracing::info!(call = %call_id, device = %device, rank, "answered");
@@ -295,6 +291,22 @@ impl CallActor {
                 metrics::counter!(m::OFFERS_UNACKNOWLEDGED_TOTAL).increment(1);
                 tracing::warn!(call = %call_id, session, "offer not acknowledged: the call routes on");
             }
+            Observation::TrunkAttempt { trunk, code } => {
+                let result = match code {
+                    200..=299 => "answered",
+                    c if parley_core::numberplan::fails_over(c) => "failed",
+                    _ => "rejected",
+                };
+                let name = self.env.trunks.name(trunk).to_owned();
+                metrics::counter!(m::TRUNK_CALLS_TOTAL, "trunk" => name, "result" => result)
+                    .increment(1);
+            }
+            Observation::TrunkFailover { from, to, code } => {
+                let (from, to) = (self.env.trunks.name(from), self.env.trunks.name(to));
+                tracing::warn!(call = %call_id, from, to, code, "trunk failed: trying the next one");
+                metrics::counter!(m::TRUNK_FAILOVERS_TOTAL, "trunk" => from.to_owned())
+                    .increment(1);
+            }
             Observation::MediaTimedOut { idle } => {
                 tracing::warn!(call = %call_id, idle_ms = idle.as_millis() as u64, "no media: ending the call");
                 metrics::counter!(m::MEDIA_TIMEOUTS_TOTAL).increment(1);
@@ -302,36 +314,35 @@ impl CallActor {
         }
     }
 
-    /// Asks the callee's actor for its view and the trunk for its state.
+    /// Asks the callee's actor for its view; the trunks' state is read when it arrives.
     fn lookup(&mut self, ctx: &mut Context<Self>) {
         let user = self.callee.clone();
-        let trunk = self.env.trunk.clone();
         let caller = self.core.spec().caller.clone();
-        let fetch = async move {
-            let view = user.send(Lookup { caller }).await.unwrap_or_default();
-            let trunk_up = match trunk {
-                Some(t) => t.send(GetTrunkState).await.map(|s| s.up).unwrap_or(false),
-                None => false,
-            };
-            (view, trunk_up)
-        };
         ctx.wait(
-            fetch
+            async move { user.send(Lookup { caller }).await.unwrap_or_default() }
                 .into_actor(self)
-                .map(|(view, trunk_up): (UserView, bool), act, ctx| {
+                .map(|view: UserView, act, ctx| {
                     act.sessions.extend(view.sessions);
                     let now_unix = SystemTime::now()
                         .duration_since(SystemTime::UNIX_EPOCH)
                         .map_or(0, |d| d.as_secs());
+                    // Calls draw their weighted trunk order from their handle: spread, and
+                    // the same on a re-route of one call.
+                    let trunks = act.env.trunks.snapshot(act.core.spec().handle);
                     act.core
-                        .handle_lookup(Instant::now(), view.callee, trunk_up, now_unix);
+                        .handle_lookup(Instant::now(), view.callee, trunks, now_unix);
                     act.drive(ctx);
                 }),
         );
     }
 
     fn start_trunk(&mut self, offer: TrunkOffer, ctx: &mut Context<Self>) {
-        match self.env.media.allocate_port() {
+        // After a failover the leg keeps its relay port.
+        let port = match self.media.trunk_port {
+            Some(p) => Ok(p),
+            None => self.env.media.allocate_port(),
+        };
+        match port {
             Ok(port) => {
                 self.media.trunk_port = Some(port);
                 let body = sdp::write(
@@ -343,6 +354,7 @@ impl CallActor {
                 );
                 let spec = self.core.spec();
                 let cmd = SipLegCmd::TrunkInvite {
+                    trunk: offer.trunk,
                     to: offer.to,
                     from: spec.caller.clone(),
                     from_name: spec.caller_name.clone(),

@@ -23,6 +23,12 @@ pub const DEVICE_QUEUE_DROPS_TOTAL: &str = "parley_device_queue_drops_total";
 pub const TRUNK_UP: &str = "parley_trunk_up";
 /// Trunk health observations, by `trunk`, `source` (`options`, `call`) and `result`.
 pub const TRUNK_PROBES_TOTAL: &str = "parley_trunk_probes_total";
+/// Final answers of trunks to calls' INVITEs, by `trunk` and `result` (`answered`;
+/// `failed`: 408, 5xx or no answer, the call fails over when another trunk can take it;
+/// `rejected`: the callee's answer — busy, declined, not found).
+pub const TRUNK_CALLS_TOTAL: &str = "parley_trunk_calls_total";
+/// Calls that moved on from a failed trunk to the next one, by the failed `trunk`.
+pub const TRUNK_FAILOVERS_TOTAL: &str = "parley_trunk_failovers_total";
 /// Presence updates pushed to subscribed devices.
 pub const PRESENCE_FANOUT_TOTAL: &str = "parley_presence_fanout_total";
 /// Chat messages accepted, by `result` (`delivered`, `offline`, `unknown_user`, `rejected`).
@@ -117,6 +123,16 @@ pub fn describe() {
         ANSWERED_RANK_TOTAL,
         Unit::Count,
         "Answered device calls by the predicted rank of the answering device"
+    );
+    describe_counter!(
+        TRUNK_CALLS_TOTAL,
+        Unit::Count,
+        "Final answers of a trunk to calls' INVITEs, by trunk and result (answered; failed: 408/5xx/no answer; rejected: busy, declined, not found)"
+    );
+    describe_counter!(
+        TRUNK_FAILOVERS_TOTAL,
+        Unit::Count,
+        "Calls that failed over from this trunk (408/5xx/no answer) to the next one of their number's trunk group"
     );
     describe_counter!(
         OFFERS_UNACKNOWLEDGED_TOTAL,

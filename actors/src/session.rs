@@ -127,7 +127,7 @@ impl PresenceSession {
             &self.owner.id,
             &to,
             &*self.owner.registry,
-            env.trunk.is_some(),
+            !env.trunks.is_empty(),
         );
         let (user, called, pstn_destination) = match target {
             Ok(DialTarget::User(u)) => {

@@ -5,9 +5,12 @@
 //! keeps the timer and exports the metrics.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use actix::prelude::*;
+use parley_core::numberplan::{NumberPlan, TrunkId, TrunkSnapshot};
 use parley_core::trunk::{TrunkMonitor, TrunkOutput};
 
 use crate::metrics as m;
@@ -45,9 +48,72 @@ pub struct CallOutcome(pub ProbeOutcome);
 pub struct TrunkActor {
     name: String,
     addr: SocketAddr,
+    policy: HealthPolicy,
     monitor: TrunkMonitor,
     prober: Option<Recipient<SendProbe>>,
     timer: Option<SpawnHandle>,
+    /// Up or down, as calls read it (see [`TrunkSet`]).
+    up: Arc<AtomicBool>,
+}
+
+/// Every trunk of the node, and the number plan over them: what a call reads when it
+/// routes. The up/down flags are shared with the trunk actors (which set them), so a
+/// call's lookup reads them without a message per trunk.
+#[derive(Debug, Default)]
+pub struct TrunkSet {
+    plan: Arc<NumberPlan>,
+    trunks: Vec<TrunkEntry>,
+}
+
+/// One trunk of a [`TrunkSet`].
+#[derive(Debug)]
+struct TrunkEntry {
+    addr: Addr<TrunkActor>,
+    up: Arc<AtomicBool>,
+}
+
+impl TrunkSet {
+    /// The trunks (in [`TrunkId`] order, as in `plan`) with their actors' addresses and
+    /// shared up flags (from [`TrunkActor::up_flag`]).
+    pub fn new(plan: NumberPlan, trunks: Vec<(Addr<TrunkActor>, Arc<AtomicBool>)>) -> Self {
+        Self {
+            plan: Arc::new(plan),
+            trunks: trunks
+                .into_iter()
+                .map(|(addr, up)| TrunkEntry { addr, up })
+                .collect(),
+        }
+    }
+
+    /// Whether the node has no trunk at all.
+    pub fn is_empty(&self) -> bool {
+        self.trunks.is_empty()
+    }
+
+    /// A trunk's name.
+    pub fn name(&self, id: TrunkId) -> &str {
+        self.plan.name(id)
+    }
+
+    /// What a call routing now sees; `seed` draws its weighted order.
+    pub fn snapshot(&self, seed: u64) -> TrunkSnapshot {
+        TrunkSnapshot {
+            plan: self.plan.clone(),
+            up: self
+                .trunks
+                .iter()
+                .map(|t| t.up.load(Ordering::Relaxed))
+                .collect(),
+            seed,
+        }
+    }
+
+    /// Feeds a trunk's health with what a call learned.
+    pub fn call_outcome(&self, id: TrunkId, outcome: ProbeOutcome) {
+        if let Some(t) = self.trunks.get(id) {
+            t.addr.do_send(CallOutcome(outcome));
+        }
+    }
 }
 
 impl TrunkActor {
@@ -61,10 +127,24 @@ impl TrunkActor {
         Self {
             name,
             addr,
+            policy,
             monitor: TrunkMonitor::new(policy, prober.is_some(), Instant::now()),
             prober,
             timer: None,
+            up: Arc::new(AtomicBool::new(true)),
         }
+    }
+
+    /// Probes through `prober` (for an actor created before its prober existed).
+    pub fn with_prober(mut self, prober: Recipient<SendProbe>) -> Self {
+        self.monitor = TrunkMonitor::new(self.policy, true, Instant::now());
+        self.prober = Some(prober);
+        self
+    }
+
+    /// The flag this actor keeps equal to its up/down state, for a [`TrunkSet`].
+    pub fn up_flag(&self) -> Arc<AtomicBool> {
+        self.up.clone()
     }
 
     /// Performs what the monitor decided, then re-arms its timer.
@@ -85,6 +165,7 @@ impl TrunkActor {
                     metrics::counter!(m::TRUNK_PROBES_TOTAL, "trunk" => self.name.clone(), "source" => source.as_str(), "result" => result).increment(1);
                 }
                 TrunkOutput::Changed { up, outcome } => {
+                    self.up.store(up, Ordering::Relaxed);
                     metrics::gauge!(m::TRUNK_UP, "trunk" => self.name.clone()).set(if up {
                         1.0
                     } else {
@@ -117,39 +198,16 @@ impl Actor for TrunkActor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         metrics::gauge!(m::TRUNK_UP, "trunk" => self.name.clone()).set(1.0);
+        for result in ["answered", "failed", "rejected"] {
+            metrics::counter!(m::TRUNK_CALLS_TOTAL, "trunk" => self.name.clone(), "result" => result).increment(0);
+        }
+        metrics::counter!(m::TRUNK_FAILOVERS_TOTAL, "trunk" => self.name.clone()).increment(0);
         for source in ["options", "call"] {
             for result in ["ok", "fail"] {
                 metrics::counter!(m::TRUNK_PROBES_TOTAL, "trunk" => self.name.clone(), "source" => source, "result" => result).increment(0);
             }
         }
         self.drive(ctx);
-    }
-}
-
-/// Whether the trunk can take calls, and where it is.
-#[derive(Message)]
-#[rtype(result = "TrunkState")]
-pub struct GetTrunkState;
-
-/// Reply to [`GetTrunkState`].
-#[derive(Debug, Clone, MessageResponse)]
-pub struct TrunkState {
-    /// Trunk name.
-    pub name: String,
-    /// Signalling address.
-    pub addr: SocketAddr,
-    /// Whether calls may be routed to it.
-    pub up: bool,
-}
-
-impl Handler<GetTrunkState> for TrunkActor {
-    type Result = TrunkState;
-    fn handle(&mut self, _: GetTrunkState, _: &mut Context<Self>) -> TrunkState {
-        TrunkState {
-            name: self.name.clone(),
-            addr: self.addr,
-            up: self.monitor.is_up(),
-        }
     }
 }
 

@@ -34,6 +34,8 @@ pub struct Config {
     pub address_book: AddressBookConfig,
     /// SIP trunks toward the PSTN.
     pub trunks: Vec<TrunkConfig>,
+    /// Number prefix → trunk group. Empty: every trunk serves every number.
+    pub number_plan: Vec<NumberPlanConfig>,
     /// Users of the built-in user store.
     pub users: Vec<UserConfig>,
 }
@@ -186,6 +188,28 @@ pub struct TrunkConfig {
     /// Digest password (with `username`).
     #[serde(default)]
     pub password: Option<String>,
+    /// Trunks of a number's group are tried lowest priority first; a call fails over to
+    /// the next on 408, 5xx or no answer.
+    #[serde(default = "default_priority")]
+    pub priority: u32,
+    /// Among trunks of equal priority, calls are shared in proportion to weight (1–1000).
+    #[serde(default = "default_priority")]
+    pub weight: u32,
+}
+
+/// `[[number_plan]]`: numbers starting with `prefix` go to the trunks named in `trunks`
+/// (the longest matching prefix wins; a number no row matches has no trunk).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NumberPlanConfig {
+    /// E.164 prefix: `+` and digits (`+44`, `+1212`), or `""` for every other number.
+    pub prefix: String,
+    /// Names of the trunks in the group.
+    pub trunks: Vec<String>,
+}
+
+fn default_priority() -> u32 {
+    1
 }
 
 fn default_probe_interval_ms() -> u64 {
@@ -198,6 +222,31 @@ fn default_probe_timeout_ms() -> u64 {
 
 fn default_probe_threshold() -> u32 {
     2
+}
+
+impl Config {
+    /// The number plan over `trunks` (trunk ids are their positions in the list).
+    pub fn number_plan(&self) -> parley_core::numberplan::NumberPlan {
+        use parley_core::numberplan::{NumberPlan, NumberRoute, TrunkSpec};
+        let id = |name: &String| self.trunks.iter().position(|t| t.name == *name);
+        NumberPlan::new(
+            self.trunks
+                .iter()
+                .map(|t| TrunkSpec {
+                    name: t.name.clone(),
+                    priority: t.priority,
+                    weight: t.weight,
+                })
+                .collect(),
+            self.number_plan
+                .iter()
+                .map(|r| NumberRoute {
+                    prefix: r.prefix.clone(),
+                    trunks: r.trunks.iter().filter_map(id).collect(),
+                })
+                .collect(),
+        )
+    }
 }
 
 impl TrunkConfig {
@@ -245,6 +294,7 @@ impl Default for Config {
             calls: CallsConfig::default(),
             address_book: AddressBookConfig::default(),
             trunks: Vec::new(),
+            number_plan: Vec::new(),
             users: Vec::new(),
         }
     }
@@ -367,6 +417,8 @@ impl Config {
                 up_after: default_probe_threshold(),
                 username: None,
                 password: None,
+                priority: default_priority(),
+                weight: default_priority(),
             }],
             users,
             ..Self::default()
@@ -438,6 +490,18 @@ impl Config {
             return Err(bad("http.admin_token", "required unless demo = true"));
         }
         for (i, t) in self.trunks.iter().enumerate() {
+            if self.trunks[..i].iter().any(|o| o.name == t.name) {
+                return Err(bad(
+                    &format!("trunks[{i}].name"),
+                    "trunk names must be unique",
+                ));
+            }
+            if !(1..=1000).contains(&t.weight) {
+                return Err(bad(
+                    &format!("trunks[{i}].weight"),
+                    "must be between 1 and 1000",
+                ));
+            }
             if t.probe_interval_ms > 0 && t.probe_timeout_ms == 0 {
                 return Err(bad(
                     &format!("trunks[{i}].probe_timeout_ms"),
@@ -454,6 +518,32 @@ impl Config {
                 return Err(bad(
                     &format!("trunks[{i}].down_after"),
                     "down_after and up_after must be at least 1",
+                ));
+            }
+        }
+        for (i, r) in self.number_plan.iter().enumerate() {
+            let digits = r.prefix.strip_prefix('+');
+            if !r.prefix.is_empty() && digits.is_none_or(|d| !d.bytes().all(|b| b.is_ascii_digit()))
+            {
+                return Err(bad(
+                    &format!("number_plan[{i}].prefix"),
+                    "must be + and digits (E.164), or \"\" for every other number",
+                ));
+            }
+            if self.number_plan[..i].iter().any(|o| o.prefix == r.prefix) {
+                return Err(bad(&format!("number_plan[{i}].prefix"), "appears twice"));
+            }
+            if r.trunks.is_empty() {
+                return Err(bad(&format!("number_plan[{i}].trunks"), "names no trunk"));
+            }
+            if let Some(unknown) = r
+                .trunks
+                .iter()
+                .find(|n| !self.trunks.iter().any(|t| t.name == **n))
+            {
+                return Err(bad(
+                    &format!("number_plan[{i}].trunks"),
+                    &format!("no trunk named {unknown:?}"),
                 ));
             }
         }
@@ -532,5 +622,48 @@ mod tests {
         let cfg = Config::parse(text, Path::new("parley.example.toml")).unwrap();
         assert_eq!(cfg.users.len(), 3);
         assert_eq!(cfg.trunks[0].name, "pstn");
+    }
+
+    #[test]
+    fn trunks_and_the_number_plan_are_checked_and_named() {
+        let p = Path::new("t.toml");
+        let trunks = "demo = true\n[[trunks]]\nname = \"a\"\naddress = \"127.0.0.1:5080\"\n\
+                      [[trunks]]\nname = \"b\"\naddress = \"127.0.0.1:5082\"\npriority = 2\n";
+        let rows = [
+            (
+                "[[number_plan]]\nprefix = \"44\"\ntrunks = [\"a\"]\n",
+                "number_plan[0].prefix",
+            ),
+            (
+                "[[number_plan]]\nprefix = \"+44\"\ntrunks = [\"c\"]\n",
+                "number_plan[0].trunks",
+            ),
+            (
+                "[[number_plan]]\nprefix = \"+44\"\ntrunks = []\n",
+                "number_plan[0].trunks",
+            ),
+            (
+                "[[number_plan]]\nprefix = \"+4\"\ntrunks = [\"a\"]\n[[number_plan]]\nprefix = \"+4\"\ntrunks = [\"b\"]\n",
+                "number_plan[1].prefix",
+            ),
+        ];
+        for (plan, key) in rows {
+            let e = Config::parse(&format!("{trunks}{plan}"), p)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{plan}: {e}");
+        }
+        let dup = "demo = true\n[[trunks]]\nname = \"a\"\naddress = \"127.0.0.1:5080\"\n\
+                   [[trunks]]\nname = \"a\"\naddress = \"127.0.0.1:5082\"\n";
+        let e = Config::parse(dup, p).unwrap_err().to_string();
+        assert!(e.contains("trunks[1].name"), "{e}");
+        let cfg = Config::parse(
+            &format!("{trunks}[[number_plan]]\nprefix = \"+44\"\ntrunks = [\"b\"]\n[[number_plan]]\nprefix = \"\"\ntrunks = [\"a\", \"b\"]\n"),
+            p,
+        )
+        .unwrap();
+        let plan = cfg.number_plan();
+        assert_eq!(plan.group("+447700900123"), vec![1]);
+        assert_eq!(plan.candidates("+15550100", &[true, true], 3), vec![0, 1]);
     }
 }

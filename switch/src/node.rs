@@ -14,7 +14,7 @@ use parley_core::ids::Sequence;
 use parley_core::rules::Preferences;
 use serde::Serialize;
 
-use crate::config::{Config, TrunkConfig};
+use crate::config::Config;
 use crate::im::{cert, quic};
 use crate::relay::{Relay, RelaySettings};
 use crate::sip::core::{CoreConfig, SipCore};
@@ -103,13 +103,22 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let (cdr_queue, cdr_task) = cdr_writer::start(store.clone(), registry.clone());
     let cdr_sink: Arc<dyn parley_actors::messages::CdrSink> = Arc::new(cdr_queue.clone());
 
-    // The trunk actor probes through the SIP driver and the driver's calls read the trunk's
-    // state: create the trunk's context first so each can hold the other's address.
-    let trunk_cfg = cfg.trunks.first().cloned();
-    let trunk_ctx = trunk_cfg
-        .as_ref()
-        .map(|_| actix::Context::<TrunkActor>::new());
-    let trunk = trunk_ctx.as_ref().map(actix::AsyncContext::address);
+    // Trunk actors probe through the SIP driver and the driver's calls read the trunks'
+    // state: create their contexts first so each side can hold the other's address.
+    let trunk_ctxs: Vec<actix::Context<TrunkActor>> =
+        cfg.trunks.iter().map(|_| actix::Context::new()).collect();
+    let mut trunk_actors = Vec::new();
+    let mut trunk_refs = Vec::new();
+    for (ctx, t) in trunk_ctxs.iter().zip(&cfg.trunks) {
+        // The prober is the SIP driver, set below once it exists.
+        let actor = TrunkActor::new(t.name.clone(), t.address, t.health_policy(), None);
+        trunk_refs.push((actix::AsyncContext::address(ctx), actor.up_flag()));
+        trunk_actors.push(actor);
+    }
+    let trunks = Arc::new(parley_actors::trunk::TrunkSet::new(
+        cfg.number_plan(),
+        trunk_refs,
+    ));
 
     let sip_socket = Arc::new(
         tokio::net::UdpSocket::bind(cfg.sip.listen)
@@ -121,8 +130,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let core = SipCore::new(
         CoreConfig {
             local: sip_addr,
-            trunk: trunk_cfg.as_ref().map(|t| t.address),
-            trunk_auth: trunk_cfg.as_ref().and_then(TrunkConfig::credentials),
+            trunks: cfg
+                .trunks
+                .iter()
+                .map(|t| crate::sip::core::TrunkTarget {
+                    addr: t.address,
+                    auth: t.credentials(),
+                })
+                .collect(),
             region: cfg.sip.default_region.clone(),
             timers: sipx_sip::Timers {
                 t1: Duration::from_millis(cfg.sip.t1_ms),
@@ -141,7 +156,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             registry: registry.clone(),
             media: relay.clone(),
             cdr: cdr_sink.clone(),
-            trunk: trunk.clone(),
+            trunks: trunks.clone(),
             ring_timeout: cfg.ring_timeout(),
             media_timeout: cfg.media_timeout(),
             offer_ack_timeout: cfg.offer_ack_timeout(),
@@ -149,13 +164,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         },
     )
     .start();
-    if let (Some(ctx), Some(t)) = (trunk_ctx, trunk_cfg.as_ref()) {
-        ctx.run(TrunkActor::new(
-            t.name.clone(),
-            t.address,
-            t.health_policy(),
-            Some(sip.clone().recipient()),
-        ));
+    for (ctx, actor) in trunk_ctxs.into_iter().zip(trunk_actors) {
+        ctx.run(actor.with_prober(sip.clone().recipient()));
     }
 
     let (cert, key) = cert::load_or_generate(&cfg.data_dir)?;
@@ -179,7 +189,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             sip: sip.clone().recipient(),
             media: relay.clone(),
             cdr: cdr_sink.clone(),
-            trunk: trunk.clone(),
+            trunks,
             ring_timeout: cfg.ring_timeout(),
             media_timeout: cfg.media_timeout(),
             offer_ack_timeout: cfg.offer_ack_timeout(),

@@ -1,20 +1,28 @@
 //! Voice-network failover: the trunk is health-checked with SIP OPTIONS; when it stops
 //! answering, calls that would ring the PSTN line ring the user's IM device instead, and
-//! when it recovers they go back to the PSTN line.
+//! when it recovers they go back to the PSTN line. Another trunk that stays up but cannot
+//! reach the user's number (number plan: it serves `+44` only) changes nothing.
 
 mod common;
 
-use common::{Node, SippUas, sipp_uac, wait_metric};
+use common::{Node, SippUas, free_udp_port, sipp_uac, wait_metric};
 use parley_codecs::control::{ClientMsg, Status};
 
 const TRUNK_UP: &str = "parley_trunk_up{trunk=\"pstn\"}";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trunk_down_sends_calls_over_the_packet_network_and_back() {
+    let uk_port = free_udp_port();
+    let probes = "probe_interval_ms = 200\nprobe_timeout_ms = 300\ndown_after = 2\nup_after = 2";
     let node = Node::start_configured(
         "t1_ms = 50",
-        "probe_interval_ms = 200\nprobe_timeout_ms = 300\ndown_after = 2\nup_after = 2",
+        &format!(
+            "{probes}\n[[trunks]]\nname = \"uk\"\naddress = \"127.0.0.1:{uk_port}\"\n{probes}\n\
+             [[number_plan]]\nprefix = \"+44\"\ntrunks = [\"uk\"]\n\
+             [[number_plan]]\nprefix = \"\"\ntrunks = [\"pstn\"]"
+        ),
     );
+    let _uk = SippUas::start_on(&node, uk_port, &["-sn", "uas"]);
     // Alice is signed in but away: with the voice network up her calls go to her PSTN line.
     let device = node.device(node.device_config("alice", "desk")).await;
     device
@@ -50,6 +58,7 @@ async fn trunk_down_sends_calls_over_the_packet_network_and_back() {
         "trunk never marked down\n{}",
         node.log()
     );
+    assert_eq!(node.metric("parley_trunk_up{trunk=\"uk\"}"), 1.0);
     let run = sipp_uac(&node, &["-sn", "uac"], "+15550100001", 1, 1, &["-d", "300"]).await;
     assert_eq!(
         run.code,

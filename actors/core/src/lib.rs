@@ -11,7 +11,8 @@
 //!   ringing, fallback to the PSTN line, media wiring, the media watchdog);
 //! - [`presence::UserPresence`]: one user's devices, aggregate presence and the fan-out
 //!   of changes to ringing calls and subscribers;
-//! - [`trunk::TrunkHealth`]: whether the voice network is up;
+//! - [`trunk::TrunkHealth`]: whether the voice network is up; [`numberplan`]: which
+//!   trunks reach a number, in the order to try them;
 //! - [`dial`]: where a call dialled from an IM device goes;
 //! - [`cdr`], [`sip`], [`ids`], [`directory`]: the shapes the cores exchange.
 //!
@@ -32,6 +33,7 @@ pub mod cdr;
 pub mod dial;
 pub mod directory;
 pub mod ids;
+pub mod numberplan;
 pub mod plan;
 pub mod presence;
 pub mod router;

@@ -19,8 +19,11 @@ pub enum SipLegCmd {
     CallerReject(u16),
     /// BYE to the caller.
     CallerBye,
-    /// INVITE toward the trunk.
+    /// INVITE toward a trunk (again after a failover: a new INVITE to the next trunk
+    /// replaces the failed leg).
     TrunkInvite {
+        /// Which trunk ([`crate::numberplan::TrunkId`]).
+        trunk: crate::numberplan::TrunkId,
         /// Number to call.
         to: String,
         /// Caller number/URI to present.

@@ -21,10 +21,12 @@ fuzz_target!(|data: &[u8]| {
     let mut core = SipCore::new(
         CoreConfig {
             local: "127.0.0.1:5060".parse().unwrap(),
-            trunk: Some("127.0.0.1:5080".parse().unwrap()),
+            trunks: vec![parley_switch::sip::core::TrunkTarget {
+                addr: "127.0.0.1:5080".parse().unwrap(),
+                auth: None,
+            }],
             region: "US".into(),
             timers: sipx_sip::Timers::default(),
-            trunk_auth: None,
             rng_seed: [1; 32],
             dialog_source_check: true,
         },

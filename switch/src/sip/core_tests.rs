@@ -30,10 +30,12 @@ pub(super) fn core_with(dialog_source_check: bool) -> SipCore {
     SipCore::new(
         CoreConfig {
             local: "127.0.0.1:5060".parse().unwrap(),
-            trunk: Some(TRUNK.parse().unwrap()),
+            trunks: vec![crate::sip::core::TrunkTarget {
+                addr: TRUNK.parse().unwrap(),
+                auth: None,
+            }],
             region: "US".into(),
             timers: Timers::default(),
-            trunk_auth: None,
             rng_seed: [7; 32],
             dialog_source_check,
         },
@@ -325,6 +327,7 @@ fn trunk_leg_invite_retransmits_rings_answers_and_acks() {
             t0,
             1,
             SipLegCmd::TrunkInvite {
+                trunk: 0,
                 to: "+15550100001".into(),
                 from: "+15557770001".into(),
                 from_name: Some("Gw".into()),
@@ -573,6 +576,7 @@ fn trunk_reinvite_moving_its_media_is_answered_and_reported() {
             t0,
             1,
             SipLegCmd::TrunkInvite {
+                trunk: 0,
                 to: "+15550100001".into(),
                 from: "+15557770001".into(),
                 from_name: None,

@@ -10,7 +10,7 @@ use actix::prelude::*;
 use bytes::Bytes;
 use parley_actors::messages::{CallHandle, CdrSink, MediaPlane, SipCommand, SipLegCmd, ToCall};
 use parley_actors::registry::Registry;
-use parley_actors::trunk::{ProbeOutcome, ProbeResult, SendProbe, TrunkActor};
+use parley_actors::trunk::{ProbeOutcome, ProbeResult, SendProbe, TrunkSet};
 use parley_actors::{CallActor, CallEnv, CallSetup};
 use parley_core::call::{CallSpec, Origin};
 use parley_core::ids::{Sequence, call_id};
@@ -26,8 +26,8 @@ pub struct DriverDeps {
     pub media: Arc<dyn MediaPlane>,
     /// The CDR writer.
     pub cdr: Arc<dyn CdrSink>,
-    /// The PSTN trunk actor.
-    pub trunk: Option<Addr<TrunkActor>>,
+    /// The trunks toward the PSTN.
+    pub trunks: Arc<TrunkSet>,
     /// Ring timeout.
     pub ring_timeout: Duration,
     /// Media timeout of answered calls.
@@ -161,7 +161,7 @@ impl Actor for SipDriver {
             sip: ctx.address().recipient(),
             media: self.deps.media.clone(),
             cdr: self.deps.cdr.clone(),
-            trunk: self.deps.trunk.clone(),
+            trunks: self.deps.trunks.clone(),
             ring_timeout: self.deps.ring_timeout,
             media_timeout: self.deps.media_timeout,
             offer_ack_timeout: self.deps.offer_ack_timeout,

@@ -492,6 +492,11 @@ pub struct SippUas(Child);
 
 impl SippUas {
     pub fn start(node: &Node, scenario_args: &[&str]) -> SippUas {
+        Self::start_on(node, node.trunk.port(), scenario_args)
+    }
+
+    /// As [`SippUas::start`], listening on `port` (a second trunk).
+    pub fn start_on(node: &Node, port: u16, scenario_args: &[&str]) -> SippUas {
         let media = free_port_block(4).to_string();
         let child = Command::new(sipp_bin())
             .args(scenario_args)
@@ -499,7 +504,7 @@ impl SippUas {
                 "-i",
                 "127.0.0.1",
                 "-p",
-                &node.trunk.port().to_string(),
+                &port.to_string(),
                 "-mp",
                 &media,
                 "-rtp_echo",

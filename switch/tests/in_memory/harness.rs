@@ -116,10 +116,12 @@ impl World {
         let sip = SipCore::new(
             CoreConfig {
                 local: NODE.parse().unwrap(),
-                trunk: Some(TRUNK.parse().unwrap()),
+                trunks: vec![parley_switch::sip::core::TrunkTarget {
+                    addr: TRUNK.parse().unwrap(),
+                    auth: None,
+                }],
                 region: "US".into(),
                 timers: Timers::default(),
-                trunk_auth: None,
                 rng_seed: [3; 32],
                 dialog_source_check: true,
             },
@@ -411,7 +413,8 @@ impl World {
             Action::Lookup => {
                 let caller = self.calls[&h].spec().caller.clone();
                 let view = self.users[&user].callee_view(&caller, self.wall());
-                let up = self.trunk.is_up();
+                let mut trunks = parley_core::numberplan::TrunkSnapshot::single();
+                trunks.up = vec![self.trunk.is_up()];
                 let unix = self
                     .wall()
                     .duration_since(SystemTime::UNIX_EPOCH)
@@ -420,7 +423,7 @@ impl World {
                 self.calls
                     .get_mut(&h)
                     .unwrap()
-                    .handle_lookup(now, view, up, unix);
+                    .handle_lookup(now, view, trunks, unix);
             }
             Action::WatchPresence => self.users.get_mut(&user).unwrap().handle_watch(h),
             Action::OfferDevice { session, .. }
@@ -453,6 +456,7 @@ impl World {
                 );
                 let spec = self.calls[&h].spec();
                 let cmd = SipLegCmd::TrunkInvite {
+                    trunk: offer.trunk,
                     to: offer.to,
                     from: spec.caller.clone(),
                     from_name: spec.caller_name.clone(),
@@ -496,7 +500,7 @@ impl World {
             ),
             Action::Withdraw(LegId::Trunk, _) => self.command(h, SipLegCmd::TrunkCancel),
             Action::Hangup(LegId::Trunk, _) => self.command(h, SipLegCmd::TrunkBye),
-            Action::TrunkHealth(o) => {
+            Action::TrunkHealth(_, o) => {
                 self.trunk.handle_outcome(o);
             }
             Action::Answered { device, .. } => {

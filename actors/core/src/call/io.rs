@@ -9,6 +9,7 @@ use super::media::{MediaPlan, Origin};
 use crate::cdr::{CallRoute, Disposition};
 use crate::directory::UserIdentity;
 use crate::ids::{CallHandle, SessionId};
+use crate::numberplan::TrunkId;
 use crate::plan::LegId;
 use crate::trunk::ProbeOutcome;
 
@@ -30,6 +31,8 @@ pub enum DeviceLegEvent {
 /// The INVITE toward the trunk, as the call decides it; the driver adds the relay port.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TrunkOffer {
+    /// The trunk to send it to.
+    pub trunk: TrunkId,
     /// Number to call: the user's own line or a forwarding/dialled number.
     pub to: String,
     /// G.711 payload types to offer.
@@ -75,6 +78,23 @@ pub enum Observation {
         /// How long the media was idle.
         idle: Duration,
     },
+    /// A trunk gave its final answer to this call's INVITE (`code` 200 when it answered;
+    /// 408 when it never answered).
+    TrunkAttempt {
+        /// The trunk.
+        trunk: TrunkId,
+        /// Its final status.
+        code: u16,
+    },
+    /// The call moved on from a trunk that failed (408, 5xx) to the next one.
+    TrunkFailover {
+        /// The trunk that failed.
+        from: TrunkId,
+        /// The trunk tried now.
+        to: TrunkId,
+        /// How `from` failed.
+        code: u16,
+    },
     /// A device never acknowledged its offer: presumed lost, the call routes on.
     OfferUnacknowledged {
         /// The device.
@@ -85,8 +105,8 @@ pub enum Observation {
 /// What the driver must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// Fetch the callee's [`CalleeView`] and the trunk state, then call
-    /// [`CallCore::handle_lookup`].
+    /// Fetch the callee's [`CalleeView`] and the trunks' state ([`TrunkSnapshot`]), then
+    /// call [`CallCore::handle_lookup`].
     Lookup,
     /// Tell the callee's presence that this ringing call watches it (presence changes
     /// then come in as [`CallCore::handle_presence_changed`]).
@@ -98,8 +118,9 @@ pub enum Action {
         /// Whether the offer carries video.
         video: bool,
     },
-    /// Reserve a relay port and send this INVITE to the trunk; a port shortage comes back
-    /// as [`CallCore::handle_trunk_unavailable`].
+    /// Reserve a relay port (or keep the one this call's trunk leg already has: after a
+    /// failover) and send this INVITE to the offer's trunk; a port shortage comes back as
+    /// [`CallCore::handle_trunk_unavailable`].
     StartTrunk(TrunkOffer),
     /// Send 180 Ringing to the caller (a device caller hears `call_ringing`).
     CallerRinging,
@@ -115,8 +136,8 @@ pub enum Action {
     Withdraw(LegId, EndReason),
     /// End an answered leg (device: call ended; trunk: BYE).
     Hangup(LegId, EndReason),
-    /// Feed the trunk's health with what this call learned.
-    TrunkHealth(ProbeOutcome),
+    /// Feed a trunk's health with what this call learned.
+    TrunkHealth(TrunkId, ProbeOutcome),
     /// A device of the callee answered: the answer history learns it. `rank` is where
     /// prediction had put it (`1`, `2`, `3+`, `unranked`).
     Answered {

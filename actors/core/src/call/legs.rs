@@ -282,6 +282,11 @@ impl Legs {
         self.actions.push_back(Out::Connect(leg));
     }
 
+    /// Whether `leg` is ringing now (not answered, withdrawn or failed).
+    pub fn is_leg_ringing(&self, leg: LegId) -> bool {
+        self.state == State::Ringing && self.ringing.contains(&leg)
+    }
+
     /// A ringing leg stopped ringing without answering.
     pub fn handle_leg_failed(&mut self, now: Instant, leg: LegId, why: LegFailure) {
         if let State::Answered(a) = self.state {

@@ -26,6 +26,7 @@ use parley_codecs::sdp::MediaDescription;
 use crate::cdr::{CallRoute, CdrRecord, Direction, Disposition};
 
 use crate::ids::{SessionId, call_id};
+use crate::numberplan::{TrunkId, TrunkSnapshot, fails_over};
 use crate::plan::{LegId, Plan};
 use crate::presence::CalleeView;
 use crate::rules::{self, CallContext, Media};
@@ -66,6 +67,12 @@ pub struct CallCore {
     /// Offers not acknowledged yet, and when each counts as lost.
     unacked: HashMap<SessionId, Instant>,
     ended_at: Option<Instant>,
+    /// The trunks as the last lookup saw them.
+    trunks: TrunkSnapshot,
+    /// The trunk leg's current INVITE (which trunk, which number).
+    trunk_offer: Option<TrunkOffer>,
+    /// Trunks to fail over to, in order.
+    trunk_next: VecDeque<TrunkId>,
     actions: VecDeque<Action>,
 }
 
@@ -90,6 +97,9 @@ impl CallCore {
             media_check: None,
             unacked: HashMap::new(),
             ended_at: None,
+            trunks: TrunkSnapshot::none(),
+            trunk_offer: None,
+            trunk_next: VecDeque::new(),
             actions,
         }
     }
@@ -129,10 +139,24 @@ impl CallCore {
         self.legs.reroutes()
     }
 
-    /// The callee's view and the trunk state arrived (for the first routing, or for a
+    /// The callee's view and the trunks' state arrived (for the first routing, or for a
     /// re-route after a presence change). `now_unix` is the wall clock in seconds, for the
-    /// rules' time windows.
-    pub fn handle_lookup(&mut self, now: Instant, view: CalleeView, trunk_up: bool, now_unix: u64) {
+    /// rules' time windows. The voice network counts as up when a trunk that can reach
+    /// the callee's line (or the dialled number) is up.
+    pub fn handle_lookup(
+        &mut self,
+        now: Instant,
+        view: CalleeView,
+        trunks: TrunkSnapshot,
+        now_unix: u64,
+    ) {
+        let line = self
+            .spec
+            .pstn_destination
+            .as_deref()
+            .unwrap_or(&self.spec.called);
+        let trunk_up = trunks.reachable(line);
+        self.trunks = trunks;
         if let Some(number) = self.spec.pstn_destination.clone() {
             // A device dials a PSTN number: straight to the trunk, if the voice network is up.
             if self.legs.is_routing() {
@@ -246,17 +270,23 @@ impl CallCore {
             SipEvent::CallerAckTimeout => self.legs.handle_ack_timeout(),
             SipEvent::TrunkRinging => self.leg_ringing(LegId::Trunk),
             SipEvent::TrunkAnswered(md) => {
-                self.actions
-                    .push_back(Action::TrunkHealth(ProbeOutcome::Answered(200)));
+                if let Some(trunk) = self.trunk_offer.as_ref().map(|o| o.trunk) {
+                    self.actions
+                        .push_back(Action::TrunkHealth(trunk, ProbeOutcome::Answered(200)));
+                    self.actions
+                        .push_back(Action::Observe(Observation::TrunkAttempt {
+                            trunk,
+                            code: 200,
+                        }));
+                }
                 self.trunk_media = Some(md);
                 self.legs.handle_leg_answered(LegId::Trunk);
             }
             SipEvent::TrunkFailed(code) => {
-                if let Some(outcome) = call_outcome(code) {
-                    self.actions.push_back(Action::TrunkHealth(outcome));
+                if !self.trunk_failover(code) {
+                    self.legs
+                        .handle_leg_failed(now, LegId::Trunk, LegFailure::of_trunk(code));
                 }
-                self.legs
-                    .handle_leg_failed(now, LegId::Trunk, LegFailure::of_trunk(code));
             }
             SipEvent::TrunkBye => self.legs.handle_leg_hangup(now, LegId::Trunk),
             SipEvent::CallerMediaMoved(a) => self.repoint(MediaSide::Caller, a),
@@ -264,6 +294,40 @@ impl CallCore {
             SipEvent::CallerVideoMoved(a) => self.repoint(MediaSide::CallerVideo, a),
         }
         self.pump(now);
+    }
+
+    /// The trunk leg's INVITE failed with `code`: counts it against the trunk and, when
+    /// the failure is the trunk's (408, 5xx) and another trunk can take the call, sends
+    /// it there. Returns whether the leg goes on.
+    fn trunk_failover(&mut self, code: u16) -> bool {
+        let Some(mut offer) = self.trunk_offer.clone() else {
+            return false;
+        };
+        let from = offer.trunk;
+        if let Some(outcome) = call_outcome(code) {
+            self.actions.push_back(Action::TrunkHealth(from, outcome));
+        }
+        self.actions
+            .push_back(Action::Observe(Observation::TrunkAttempt {
+                trunk: from,
+                code,
+            }));
+        if !fails_over(code) || !self.legs.is_leg_ringing(LegId::Trunk) {
+            return false;
+        }
+        let Some(to) = self.trunk_next.pop_front() else {
+            return false;
+        };
+        offer.trunk = to;
+        self.actions
+            .push_back(Action::Observe(Observation::TrunkFailover {
+                from,
+                to,
+                code,
+            }));
+        self.actions.push_back(Action::StartTrunk(offer.clone()));
+        self.trunk_offer = Some(offer);
+        true
     }
 
     /// The trunk leg could not start: no relay port for it.
@@ -459,11 +523,25 @@ impl CallCore {
                             && self.video_devices.contains(&session),
                     }
                 }
-                legs::Out::StartTrunk(target) => Action::StartTrunk(TrunkOffer {
-                    to: target.unwrap_or_else(|| self.spec.called.clone()),
-                    formats: media::trunk_formats(&self.spec.offer),
-                    telephone_event: self.spec.offer.telephone_event(),
-                }),
+                legs::Out::StartTrunk(target) => {
+                    let to = target.unwrap_or_else(|| self.spec.called.clone());
+                    let mut candidates: VecDeque<TrunkId> = self.trunks.candidates(&to).into();
+                    let Some(trunk) = candidates.pop_front() else {
+                        // No trunk that reaches this number is up (or none serves it).
+                        self.legs
+                            .handle_leg_failed(now, LegId::Trunk, LegFailure::Failed(503));
+                        continue;
+                    };
+                    self.trunk_next = candidates;
+                    let offer = TrunkOffer {
+                        trunk,
+                        to,
+                        formats: media::trunk_formats(&self.spec.offer),
+                        telephone_event: self.spec.offer.telephone_event(),
+                    };
+                    self.trunk_offer = Some(offer.clone());
+                    Action::StartTrunk(offer)
+                }
                 legs::Out::CallerRinging => {
                     self.actions
                         .push_back(Action::Observe(Observation::CallerRinging {
@@ -516,7 +594,11 @@ impl CallCore {
                 after: now.saturating_duration_since(self.spec.started),
             }));
         match leg {
-            LegId::Trunk => self.answered_by = Some("pstn".into()),
+            LegId::Trunk => {
+                // The trunk that carried the call, by name.
+                let trunk = self.trunk_offer.as_ref().map(|o| o.trunk);
+                self.answered_by = Some(trunk.map_or("pstn", |t| self.trunks.plan.name(t)).into());
+            }
             LegId::Device(session) => {
                 if let Some(name) = self.device_names.get(&session).cloned() {
                     let rank = match self.predicted.iter().position(|s| *s == session) {

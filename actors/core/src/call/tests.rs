@@ -11,6 +11,7 @@ use parley_codecs::sdp::{Format, MediaDescription, MediaKind};
 
 use super::*;
 use crate::directory::UserIdentity;
+use crate::numberplan::{NumberPlan, TrunkSpec};
 use crate::router::DeviceState;
 use crate::rules::Preferences;
 
@@ -91,11 +92,18 @@ fn drain_all(c: &mut CallCore) -> Vec<Action> {
 
 const NOW_UNIX: u64 = 1_800_000_000;
 
+/// One trunk (`pstn`, id 0) serving every number, up or down.
+fn trunks(up: bool) -> TrunkSnapshot {
+    let mut t = TrunkSnapshot::single();
+    t.up = vec![up];
+    t
+}
+
 fn routed(origin: Origin, devices: Vec<DeviceState>, trunk_up: bool) -> (CallCore, Instant) {
     let t0 = Instant::now();
     let mut c = CallCore::new(spec(origin, t0));
     assert_eq!(drain(&mut c), vec![Action::Lookup]);
-    c.handle_lookup(t0, view(devices), trunk_up, NOW_UNIX);
+    c.handle_lookup(t0, view(devices), trunks(trunk_up), NOW_UNIX);
     (c, t0)
 }
 
@@ -107,7 +115,7 @@ fn a_lookup_routes_the_call_and_a_ringing_call_watches_presence() {
     c.handle_lookup(
         t0,
         view(vec![dev(1, "desk", Status::Available, false)]),
-        true,
+        trunks(true),
         NOW_UNIX,
     );
     assert_eq!(
@@ -125,7 +133,7 @@ fn a_lookup_routes_the_call_and_a_ringing_call_watches_presence() {
         ]
     );
     // A second answer to the same lookup changes nothing.
-    c.handle_lookup(t0, view(vec![]), true, NOW_UNIX);
+    c.handle_lookup(t0, view(vec![]), trunks(true), NOW_UNIX);
     assert_eq!(drain(&mut c), vec![]);
 }
 
@@ -136,6 +144,7 @@ fn the_trunk_is_offered_the_callers_codecs_and_its_answer_wires_udp_to_udp() {
         drain(&mut c),
         vec![
             Action::StartTrunk(TrunkOffer {
+                trunk: 0,
                 to: "+15550100001".into(),
                 formats: vec![0],
                 telephone_event: Some(101),
@@ -152,7 +161,7 @@ fn the_trunk_is_offered_the_callers_codecs_and_its_answer_wires_udp_to_udp() {
     assert_eq!(
         drain(&mut c),
         vec![
-            Action::TrunkHealth(ProbeOutcome::Answered(200)),
+            Action::TrunkHealth(0, ProbeOutcome::Answered(200)),
             Action::Connect(MediaPlan::SipToTrunk {
                 caller: "127.0.0.1:6000".parse().unwrap(),
                 trunk: "127.0.0.1:7000".parse().unwrap(),
@@ -214,7 +223,7 @@ fn trunk_failures_are_classified_and_feed_its_health() {
         drain(&mut c);
         c.handle_sip(t0, SipEvent::TrunkFailed(code));
         let mut want = Vec::new();
-        want.extend(health.map(Action::TrunkHealth));
+        want.extend(health.map(|h| Action::TrunkHealth(0, h)));
         want.push(Action::RejectCaller(cause));
         want.push(Action::Finish { disposition, cause });
         assert_eq!(drain(&mut c), want, "trunk answered {code}");
@@ -239,7 +248,7 @@ fn a_device_answer_is_ranked_and_wired_with_video_when_both_take_it() {
         dev(1, "desk", Status::Available, true),
         dev(2, "mobile", Status::Available, false),
     ];
-    c.handle_lookup(t0, view(devices), true, NOW_UNIX);
+    c.handle_lookup(t0, view(devices), trunks(true), NOW_UNIX);
     // A video call rings only the device that takes video.
     assert_eq!(
         drain(&mut c),
@@ -297,7 +306,7 @@ fn a_presence_change_asks_for_a_lookup_and_reroutes_from_it() {
             dev(1, "desk", Status::DoNotDisturb, false),
             dev(2, "mobile", Status::Available, false),
         ]),
-        false,
+        trunks(false),
         NOW_UNIX,
     );
     assert_eq!(
@@ -424,12 +433,13 @@ fn a_device_dialling_the_pstn_goes_to_the_trunk_only_when_it_is_up() {
         s.offer = crate::dial::device_offer();
         let mut c = CallCore::new(s);
         drain(&mut c);
-        c.handle_lookup(t0, CalleeView::default(), up, NOW_UNIX);
+        c.handle_lookup(t0, CalleeView::default(), trunks(up), NOW_UNIX);
         let acts = drain(&mut c);
         if want_first {
             assert_eq!(
                 acts,
                 vec![Action::StartTrunk(TrunkOffer {
+                    trunk: 0,
                     to: "+441632960000".into(),
                     formats: vec![0, 8],
                     telephone_event: None,
@@ -536,6 +546,7 @@ fn a_device_that_never_acknowledges_its_offer_is_dropped_and_the_call_routes_on(
             Action::Observe(Observation::OfferUnacknowledged { session: 1 }),
             Action::DropDevice(1),
             Action::StartTrunk(TrunkOffer {
+                trunk: 0,
                 to: "+15550100001".into(),
                 formats: vec![0],
                 telephone_event: Some(101),
@@ -558,4 +569,172 @@ fn an_acknowledged_offer_rings_until_the_ring_timeout() {
     assert_eq!(c.poll_timeout(), Some(t0 + Duration::from_secs(30)));
     c.handle_timeout(t0 + Duration::from_secs(10));
     assert_eq!(drain(&mut c), vec![]);
+}
+
+/// Three trunks for `+1`: `a` and `b` at priority 1 (weights 1 and 0-ish), `backup` at 2;
+/// `uk` alone for `+44`.
+fn three_trunks(up: [bool; 4]) -> TrunkSnapshot {
+    let t = |name: &str, priority, weight| TrunkSpec {
+        name: name.into(),
+        priority,
+        weight,
+    };
+    TrunkSnapshot {
+        plan: Arc::new(NumberPlan::new(
+            vec![t("a", 1, 1), t("b", 2, 1), t("backup", 3, 1), t("uk", 1, 1)],
+            vec![
+                crate::numberplan::NumberRoute {
+                    prefix: "+1".into(),
+                    trunks: vec![0, 1, 2],
+                },
+                crate::numberplan::NumberRoute {
+                    prefix: "+44".into(),
+                    trunks: vec![3],
+                },
+            ],
+        )),
+        up: up.to_vec(),
+        seed: 5,
+    }
+}
+
+fn offer_to(trunk: TrunkId) -> Action {
+    Action::StartTrunk(TrunkOffer {
+        trunk,
+        to: "+15550100001".into(),
+        formats: vec![0],
+        telephone_event: Some(101),
+    })
+}
+
+#[test]
+fn a_trunk_that_fails_with_5xx_or_no_answer_hands_the_call_to_the_next() {
+    let t0 = Instant::now();
+    let mut c = CallCore::new(spec(Origin::Sip, t0));
+    drain(&mut c);
+    c.handle_lookup(t0, view(vec![]), three_trunks([true; 4]), NOW_UNIX);
+    assert_eq!(drain(&mut c), vec![offer_to(0), Action::WatchPresence]);
+    c.handle_sip(t0, SipEvent::TrunkRinging);
+    assert_eq!(drain(&mut c), vec![Action::CallerRinging]);
+    // a answers 503: counted against a, the call goes to b; the caller keeps ringing.
+    c.handle_sip(t0, SipEvent::TrunkFailed(503));
+    assert_eq!(
+        drain_all(&mut c),
+        vec![
+            Action::TrunkHealth(0, ProbeOutcome::Answered(503)),
+            Action::Observe(Observation::TrunkAttempt {
+                trunk: 0,
+                code: 503
+            }),
+            Action::Observe(Observation::TrunkFailover {
+                from: 0,
+                to: 1,
+                code: 503
+            }),
+            offer_to(1),
+        ]
+    );
+    // b never answers (408): on to the backup, which answers.
+    c.handle_sip(t0, SipEvent::TrunkFailed(408));
+    assert_eq!(
+        drain(&mut c),
+        vec![Action::TrunkHealth(1, ProbeOutcome::Timeout), offer_to(2)]
+    );
+    c.handle_sip(t0, SipEvent::TrunkAnswered(audio(7000)));
+    let acts = drain(&mut c);
+    assert_eq!(acts[0], Action::TrunkHealth(2, ProbeOutcome::Answered(200)));
+    assert!(matches!(acts[1], Action::Connect(_)), "{acts:?}");
+    c.handle_sip(t0 + Duration::from_secs(3), SipEvent::CallerBye);
+    drain(&mut c);
+    assert_eq!(c.cdr(0, 0).answered_by.as_deref(), Some("backup"));
+}
+
+#[test]
+fn the_callees_own_answer_does_not_fail_over_and_the_last_trunk_ends_the_call() {
+    for (code, disposition, cause) in [
+        (486, Disposition::Rejected, 486),
+        (404, Disposition::Unavailable, 480),
+    ] {
+        let t0 = Instant::now();
+        let mut c = CallCore::new(spec(Origin::Sip, t0));
+        drain(&mut c);
+        c.handle_lookup(t0, view(vec![]), three_trunks([true; 4]), NOW_UNIX);
+        drain(&mut c);
+        c.handle_sip(t0, SipEvent::TrunkFailed(code));
+        assert_eq!(
+            drain(&mut c),
+            vec![
+                Action::RejectCaller(cause),
+                Action::Finish { disposition, cause }
+            ],
+            "{code}"
+        );
+    }
+    // Only a is up for +1: its 503 ends the call (b and the backup are down).
+    let t0 = Instant::now();
+    let mut c = CallCore::new(spec(Origin::Sip, t0));
+    drain(&mut c);
+    c.handle_lookup(
+        t0,
+        view(vec![]),
+        three_trunks([true, false, false, true]),
+        NOW_UNIX,
+    );
+    assert_eq!(drain(&mut c), vec![offer_to(0), Action::WatchPresence]);
+    c.handle_sip(t0, SipEvent::TrunkFailed(503));
+    assert_eq!(
+        drain(&mut c),
+        vec![
+            Action::TrunkHealth(0, ProbeOutcome::Answered(503)),
+            Action::RejectCaller(480),
+            Action::Finish {
+                disposition: Disposition::Unavailable,
+                cause: 480
+            }
+        ]
+    );
+}
+
+#[test]
+fn the_voice_network_is_down_for_a_number_when_no_trunk_that_reaches_it_is_up() {
+    // Every +1 trunk is down, the +44 one is up: a call to a +1 user with a device rings
+    // the device (the voice-network-down default), and its PSTN line is not tried.
+    let t0 = Instant::now();
+    let mut c = CallCore::new(spec(Origin::Sip, t0));
+    drain(&mut c);
+    c.handle_lookup(
+        t0,
+        view(vec![dev(1, "desk", Status::Away, false)]),
+        three_trunks([false, false, false, true]),
+        NOW_UNIX,
+    );
+    assert_eq!(
+        drain(&mut c),
+        vec![
+            Action::OfferDevice {
+                session: 1,
+                video: false
+            },
+            Action::WatchPresence
+        ]
+    );
+    // With no device and no trunk for the number, the call is unavailable at once.
+    let mut c = CallCore::new(spec(Origin::Sip, t0));
+    drain(&mut c);
+    c.handle_lookup(
+        t0,
+        view(vec![]),
+        three_trunks([false, false, false, true]),
+        NOW_UNIX,
+    );
+    assert_eq!(
+        drain(&mut c),
+        vec![
+            Action::RejectCaller(480),
+            Action::Finish {
+                disposition: Disposition::Unavailable,
+                cause: 480
+            }
+        ]
+    );
 }

@@ -19,7 +19,15 @@ impl SipCore {
         h: CallHandle,
         resp: &Response,
     ) -> bool {
-        let Some(creds) = self.cfg.trunk_auth.clone() else {
+        let trunk = self
+            .calls
+            .get(&h)
+            .and_then(|c| c.trunk.as_ref())
+            .map(|t| t.trunk);
+        let Some(creds) = trunk
+            .and_then(|t| self.cfg.trunks.get(t))
+            .and_then(|t| t.auth.clone())
+        else {
             return false;
         };
         let mut challenges = Vec::new();

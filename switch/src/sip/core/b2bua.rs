@@ -23,11 +23,14 @@ impl SipCore {
             SipLegCmd::CallerReject(code) => self.caller_response(now, handle, code, None),
             SipLegCmd::CallerBye => self.send_caller_bye(now, handle),
             SipLegCmd::TrunkInvite {
+                trunk,
                 to,
                 from,
                 from_name,
                 sdp,
-            } => self.send_trunk_invite(now, handle, &to, &from, from_name.as_deref(), &sdp),
+            } => {
+                self.send_trunk_invite(now, handle, trunk, (&to, &from, from_name.as_deref()), &sdp)
+            }
             SipLegCmd::TrunkCancel => self.send_trunk_cancel(now, handle),
             SipLegCmd::TrunkBye => self.send_trunk_bye(now, handle),
             SipLegCmd::Done => {

@@ -97,14 +97,12 @@ pub struct NewCall {
 pub struct CoreConfig {
     /// Our SIP address (Via, Contact).
     pub local: SocketAddr,
-    /// The trunk toward the PSTN, if any.
-    pub trunk: Option<SocketAddr>,
+    /// The trunks toward the PSTN, by [`parley_core::numberplan::TrunkId`].
+    pub trunks: Vec<TrunkTarget>,
     /// Region for numbers without `+`.
     pub region: String,
     /// Transaction timers.
     pub timers: Timers,
-    /// Digest credentials for the trunk, answered when it challenges our INVITE (401/407).
-    pub trunk_auth: Option<sipx_sip::auth::Credentials>,
     /// Seed of the generator behind tags, branches and Call-IDs (the node seeds it from
     /// the OS; a test fixes it).
     pub rng_seed: [u8; 32],
@@ -112,6 +110,15 @@ pub struct CoreConfig {
     /// address the dialog was set up from. Off only for gateways behind load balancers
     /// that spread one dialog over several addresses.
     pub dialog_source_check: bool,
+}
+
+/// Where one trunk is, and how to answer its challenges.
+#[derive(Debug, Clone)]
+pub struct TrunkTarget {
+    /// Its SIP address.
+    pub addr: SocketAddr,
+    /// Digest credentials, answered when it challenges our INVITE (401/407).
+    pub auth: Option<sipx_sip::auth::Credentials>,
 }
 
 /// The B2BUA core.

@@ -67,6 +67,10 @@ pub(super) struct CallerLeg {
 /// Our UAC side toward the trunk.
 #[derive(Debug)]
 pub(super) struct TrunkLeg {
+    /// Which configured trunk the INVITE went to.
+    pub(super) trunk: parley_core::numberplan::TrunkId,
+    /// Our From tag: with `call_id`, the leg's dialog key.
+    pub(super) local_tag: String,
     pub(super) call_id: String,
     pub(super) invite: Request,
     pub(super) dest: SocketAddr,

@@ -23,12 +23,11 @@ impl SipCore {
         &mut self,
         now: Instant,
         h: CallHandle,
-        to: &str,
-        from: &str,
-        from_name: Option<&str>,
+        trunk_id: parley_core::numberplan::TrunkId,
+        (to, from, from_name): (&str, &str, Option<&str>),
         body: &str,
     ) {
-        let Some(trunk) = self.cfg.trunk else {
+        let Some(trunk) = self.cfg.trunks.get(trunk_id).map(|t| t.addr) else {
             self.out
                 .push_back(Output::Event(h, SipEvent::TrunkFailed(503)));
             return;
@@ -70,6 +69,10 @@ impl SipCore {
                 .push_back(Output::Event(h, SipEvent::TrunkFailed(500)));
             return;
         };
+        // A failover replaces the failed leg: its dialog (never established) goes with it.
+        if let Some(old) = self.calls.get_mut(&h).and_then(|c| c.trunk.take()) {
+            self.dialogs.remove(&(old.call_id, old.local_tag));
+        }
         let call = self.calls.entry(h).or_insert_with(|| Call {
             caller: None,
             trunk: None,
@@ -77,6 +80,8 @@ impl SipCore {
         });
         {
             call.trunk = Some(TrunkLeg {
+                trunk: trunk_id,
+                local_tag: tag.clone(),
                 call_id: cid.clone(),
                 invite: req.clone(),
                 dest: trunk,
@@ -116,6 +121,12 @@ impl SipCore {
         let Some(leg) = call.trunk.as_mut() else {
             return;
         };
+        // After a failover, answers of the failed trunk's transaction are not this leg's.
+        if msg::header_str(&resp.headers, &HeaderName::CallId).as_deref()
+            != Some(leg.call_id.as_str())
+        {
+            return;
+        }
         match code {
             100 => {}
             101..=199 => {
@@ -159,7 +170,14 @@ impl SipCore {
                 }
             }
             401 | 407
-                if !done && !leg.cancelled && !leg.auth_tried && self.cfg.trunk_auth.is_some() =>
+                if !done
+                    && !leg.cancelled
+                    && !leg.auth_tried
+                    && self
+                        .cfg
+                        .trunks
+                        .get(leg.trunk)
+                        .is_some_and(|t| t.auth.is_some()) =>
             {
                 leg.auth_tried = true;
                 if !self.retry_with_credentials(now, h, resp) {
