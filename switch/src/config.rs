@@ -32,6 +32,8 @@ pub struct Config {
     pub calls: CallsConfig,
     /// Personal address books.
     pub address_book: AddressBookConfig,
+    /// Login throttling and caps on connections not logged in yet.
+    pub login: LoginConfig,
     /// SIP trunks toward the PSTN.
     pub trunks: Vec<TrunkConfig>,
     /// Number prefix → trunk group. Empty: every trunk serves every number.
@@ -140,6 +142,53 @@ pub struct CallsConfig {
     /// treats it as lost — withdraws it, routes on to the next device or the PSTN line —
     /// and its connection is closed; 0 waits for the ring timeout instead.
     pub offer_ack_timeout_ms: u64,
+}
+
+/// `[login]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoginConfig {
+    /// Failed logins from one source address (any user names) before further attempts
+    /// from it are refused with `rate_limited`; it earns one attempt back every
+    /// `window_secs / failures_per_source`.
+    pub failures_per_source: u32,
+    /// Failed logins for one user name (from any address; existing or not) before further
+    /// attempts for it are refused, even with the right password.
+    pub failures_per_user: u32,
+    /// Seconds in which a throttled bucket refills completely.
+    pub window_secs: u64,
+    /// Connections from one address that have not logged in yet (handshaking or before
+    /// `login`); more are refused at once, before their handshake.
+    pub pending_per_source: u32,
+    /// Connections from all addresses that have not logged in yet.
+    pub pending_total: u32,
+}
+
+impl Default for LoginConfig {
+    fn default() -> Self {
+        let d = parley_core::admission::LoginLimits::default();
+        Self {
+            failures_per_source: d.failures_per_source,
+            failures_per_user: d.failures_per_user,
+            window_secs: d.window.as_secs(),
+            pending_per_source: d.pending_per_source,
+            pending_total: d.pending_total,
+        }
+    }
+}
+
+impl LoginConfig {
+    /// As the guard takes them.
+    pub fn limits(&self) -> parley_core::admission::LoginLimits {
+        parley_core::admission::LoginLimits {
+            failures_per_source: self.failures_per_source,
+            failures_per_user: self.failures_per_user,
+            window: Duration::from_secs(self.window_secs),
+            pending_per_source: self.pending_per_source,
+            pending_total: self.pending_total,
+            ..Default::default()
+        }
+    }
 }
 
 /// `[address_book]`
@@ -293,6 +342,7 @@ impl Default for Config {
             relay: RelayConfig::default(),
             calls: CallsConfig::default(),
             address_book: AddressBookConfig::default(),
+            login: LoginConfig::default(),
             trunks: Vec::new(),
             number_plan: Vec::new(),
             users: Vec::new(),
@@ -552,6 +602,19 @@ impl Config {
         }
         if self.calls.ring_timeout_secs == 0 {
             return Err(bad("calls.ring_timeout_secs", "must be at least 1"));
+        }
+        for (key, v) in [
+            ("login.failures_per_source", self.login.failures_per_source),
+            ("login.failures_per_user", self.login.failures_per_user),
+            ("login.pending_per_source", self.login.pending_per_source),
+            ("login.pending_total", self.login.pending_total),
+        ] {
+            if v == 0 {
+                return Err(bad(key, "must be at least 1"));
+            }
+        }
+        if !(1..=86_400).contains(&self.login.window_secs) {
+            return Err(bad("login.window_secs", "must be between 1 and 86400"));
         }
         if !(1..=100_000).contains(&self.address_book.max_entries) {
             return Err(bad(

@@ -55,6 +55,9 @@ pub const IM_FRAMES_REFUSED_TOTAL: &str = "parley_im_frames_refused_total";
 pub const AUTH_RESULTS_TOTAL: &str = "parley_auth_results_total";
 /// Malformed IM control messages or datagrams, by `kind`.
 pub const IM_PROTOCOL_ERRORS_TOTAL: &str = "parley_im_protocol_errors_total";
+/// QUIC connections refused before their handshake, by `reason` (`pending_per_source`,
+/// `pending_total`: too many connections not logged in yet).
+pub const IM_CONNECTIONS_REFUSED_TOTAL: &str = "parley_im_connections_refused_total";
 
 /// Installs the global recorder and returns the handle that renders `/metrics`.
 pub fn install() -> anyhow::Result<PrometheusHandle> {
@@ -103,6 +106,9 @@ fn register_zeroes() {
     }
     for k in ["fatal", "control", "datagram"] {
         counter!(IM_PROTOCOL_ERRORS_TOTAL, "kind" => k).increment(0);
+    }
+    for r in ["pending_per_source", "pending_total"] {
+        counter!(IM_CONNECTIONS_REFUSED_TOTAL, "reason" => r).increment(0);
     }
     for r in ["ok", "error"] {
         counter!(CDR_WRITES_TOTAL, "result" => r).increment(0);
@@ -248,6 +254,11 @@ fn describe() {
         AUTH_RESULTS_TOTAL,
         Unit::Count,
         "IM device logins by tenant and result"
+    );
+    describe_counter!(
+        IM_CONNECTIONS_REFUSED_TOTAL,
+        Unit::Count,
+        "QUIC connections refused before their handshake: too many not logged in yet, from one address or in all"
     );
     describe_counter!(
         IM_PROTOCOL_ERRORS_TOTAL,

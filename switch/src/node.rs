@@ -185,6 +185,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         login_timeout: Duration::from_secs(cfg.quic.login_timeout_secs),
         next_session: AtomicU64::new(1),
         quic: quic_rt.handle(),
+        guard: std::sync::Mutex::new(parley_core::admission::LoginGuard::new(cfg.login.limits())),
         calls: Some(Arc::new(parley_actors::CallEnv {
             sip: sip.clone().recipient(),
             media: relay.clone(),

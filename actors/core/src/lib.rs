@@ -13,7 +13,8 @@
 //!   of changes to ringing calls and subscribers;
 //! - [`trunk::TrunkHealth`]: whether the voice network is up; [`numberplan`]: which
 //!   trunks reach a number, in the order to try them;
-//! - [`dial`]: where a call dialled from an IM device goes;
+//! - [`dial`]: where a call dialled from an IM device goes; [`admission`]: who may try
+//!   to log in, and how often;
 //! - [`cdr`], [`sip`], [`ids`], [`directory`]: the shapes the cores exchange.
 //!
 //! This crate depends on no actor framework and no runtime, which is what guarantees
@@ -28,6 +29,7 @@
 //! assert_eq!(route(&[], &Preferences::default(), true), Route::Trunk);
 //! ```
 
+pub mod admission;
 pub mod call;
 pub mod cdr;
 pub mod dial;

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::Actor;
 use bytes::BytesMut;
@@ -15,6 +15,7 @@ use parley_actors::registry::Registry;
 use parley_actors::session::{Disconnected, FromClient, PresenceSession, SessionOwner};
 use parley_codecs::control::{self, ClientMsg, ServerMsg};
 use parley_codecs::roq;
+use parley_core::admission::{LoginGuard, Refusal};
 use quinn::{RecvStream, SendStream};
 use tokio::sync::mpsc;
 
@@ -43,6 +44,38 @@ pub struct ImContext {
     pub chat_ids: Arc<parley_core::ids::Sequence>,
     /// The runtime QUIC runs on (see [`QuicRuntime`]); device datagram readers run there.
     pub quic: tokio::runtime::Handle,
+    /// Login throttling and the cap on connections not logged in yet.
+    pub guard: std::sync::Mutex<LoginGuard>,
+}
+
+impl ImContext {
+    fn guard(&self) -> std::sync::MutexGuard<'_, LoginGuard> {
+        // The guard's state stays consistent whatever panicked while holding it.
+        self.guard
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A connection counted as not logged in yet; settled once, when it logs in or goes.
+struct Pending {
+    ctx: Arc<ImContext>,
+    ip: std::net::IpAddr,
+    settled: bool,
+}
+
+impl Pending {
+    fn settle(&mut self) {
+        if !std::mem::replace(&mut self.settled, true) {
+            self.ctx.guard().handle_settled(self.ip);
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.settle();
+    }
 }
 
 /// Runs quinn's drivers — the endpoint's socket I/O and every connection's packet
@@ -132,10 +165,23 @@ pub fn bind_endpoint(
 /// (`actix_rt::spawn`): sessions are actors.
 pub async fn serve(endpoint: quinn::Endpoint, ctx: Arc<ImContext>) {
     while let Some(incoming) = endpoint.accept().await {
+        let ip = incoming.remote_address().ip();
+        // Refused before the handshake costs any crypto.
+        if let Err(r) = ctx.guard().handle_connect(ip) {
+            metrics::counter!(m::IM_CONNECTIONS_REFUSED_TOTAL, "reason" => r.as_str()).increment(1);
+            tracing::debug!(%ip, reason = r.as_str(), "QUIC connection refused");
+            incoming.refuse();
+            continue;
+        }
+        let pending = Pending {
+            ctx: ctx.clone(),
+            ip,
+            settled: false,
+        };
         let ctx = ctx.clone();
         actix_rt::spawn(async move {
             match incoming.await {
-                Ok(conn) => handle_connection(conn, ctx).await,
+                Ok(conn) => handle_connection(conn, ctx, pending).await,
                 Err(e) => tracing::debug!(error = %e, "QUIC handshake failed"),
             }
         });
@@ -209,7 +255,7 @@ async fn fatal(conn: &quinn::Connection, send: &mut SendStream, code: &str, mess
     conn.close(1u32.into(), code.as_bytes());
 }
 
-async fn handle_connection(conn: quinn::Connection, ctx: Arc<ImContext>) {
+async fn handle_connection(conn: quinn::Connection, ctx: Arc<ImContext>, mut pending: Pending) {
     let remote = conn.remote_address();
     let accepted = tokio::time::timeout(ctx.login_timeout, conn.accept_bi()).await;
     let Ok(Ok((mut send, mut recv))) = accepted else {
@@ -253,9 +299,35 @@ async fn handle_connection(conn: quinn::Connection, ctx: Arc<ImContext>) {
         }
         Err(e) => return fatal(&conn, &mut send, "bad_message", e.to_string()).await,
     };
+    // Throttled before any hashing: the answer is the same whether the user exists.
+    let checked = ctx
+        .guard()
+        .check_login(Instant::now(), remote.ip(), &tenant, &user);
+    if let Err(refusal) = checked {
+        metrics::counter!(m::AUTH_RESULTS_TOTAL, "tenant" => "unknown", "result" => "throttled")
+            .increment(1);
+        let (whom, after) = match refusal {
+            Refusal::SourceThrottled(d) => ("from your address", d),
+            Refusal::UserThrottled(d) => ("for this user", d),
+            Refusal::PendingPerSource | Refusal::PendingTotal => ("", Duration::ZERO),
+        };
+        tracing::info!(%remote, %tenant, %user, reason = refusal.as_str(), "IM login throttled");
+        return fatal(
+            &conn,
+            &mut send,
+            "rate_limited",
+            format!(
+                "too many failed logins {whom}; retry in {} s",
+                after.as_secs().max(1)
+            ),
+        )
+        .await;
+    }
     let row = match ctx.store.verify(&tenant, &user, &password).await {
         Ok(Some(row)) => row,
         Ok(None) => {
+            ctx.guard()
+                .handle_failure(Instant::now(), remote.ip(), &tenant, &user);
             // Tenant label only for tenants we know, to keep the label set bounded.
             let label = if ctx.registry.user_by_name(&tenant, &user).is_some() {
                 tenant.clone()
@@ -293,6 +365,7 @@ async fn handle_connection(conn: quinn::Connection, ctx: Arc<ImContext>) {
         )
         .await;
     };
+    pending.settle();
     metrics::counter!(m::AUTH_RESULTS_TOTAL, "tenant" => row.tenant.clone(), "result" => "ok")
         .increment(1);
     let session_id = ctx.next_session.fetch_add(1, Ordering::Relaxed);
