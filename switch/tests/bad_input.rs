@@ -213,16 +213,7 @@ async fn errors_name_the_request_they_answer() {
 
 /// A raw QUIC connection to the node and its control stream (no login sent).
 async fn control_stream(node: &Node) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
-    let endpoint = parley_load::device::client_endpoint(node.quic).unwrap();
-    let conn = endpoint
-        .connect_with(
-            parley_load::device::client_config(&node.cert()).unwrap(),
-            node.quic,
-            "localhost",
-        )
-        .unwrap()
-        .await
-        .unwrap();
+    let conn = node.quic_connection().await.unwrap();
     let (send, recv) = conn.open_bi().await.unwrap();
     (conn, send, recv)
 }

@@ -101,17 +101,7 @@ async fn failed_logins_are_throttled_per_user_name_and_per_source_alike_for_stra
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_that_do_not_log_in_are_capped_per_source() {
     let node = Node::start_full("", "", "[login]\npending_per_source = 2");
-    let endpoint = parley_load::device::client_endpoint(node.quic).unwrap();
-    let connect = || async {
-        endpoint
-            .connect_with(
-                parley_load::device::client_config(&node.cert()).unwrap(),
-                node.quic,
-                "localhost",
-            )
-            .unwrap()
-            .await
-    };
+    let connect = || node.quic_connection();
     // Two connections that say nothing.
     let first = connect().await.unwrap();
     let _second = connect().await.unwrap();

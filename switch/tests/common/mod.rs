@@ -274,6 +274,20 @@ password = "demo"
         std::fs::read(self.data_dir().join("quic-cert.der")).unwrap()
     }
 
+    /// A raw QUIC connection to the node (handshake done, nothing sent).
+    #[allow(dead_code)]
+    pub async fn quic_connection(&self) -> Result<quinn::Connection, quinn::ConnectionError> {
+        let endpoint = parley_load::device::client_endpoint(self.quic).expect("client endpoint");
+        endpoint
+            .connect_with(
+                parley_load::device::client_config(&self.cert()).expect("client config"),
+                self.quic,
+                "localhost",
+            )
+            .expect("connect")
+            .await
+    }
+
     pub fn device_config(&self, user: &str, device: &str) -> DeviceConfig {
         DeviceConfig {
             target: self.quic,
