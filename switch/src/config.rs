@@ -48,6 +48,15 @@ pub struct Config {
 pub struct SipConfig {
     /// UDP listen address.
     pub listen: SocketAddr,
+    /// TCP listen address for SIP over TCP (RFC 3261 §18); off when absent.
+    pub tcp_listen: Option<SocketAddr>,
+    /// Seconds a SIP connection may carry nothing before it is closed.
+    pub tcp_idle_timeout_secs: u64,
+    /// Milliseconds a peer has to finish a message it began sending on a connection
+    /// (slow-sender defence); also the timeout for opening a connection.
+    pub tcp_message_timeout_ms: u64,
+    /// Most SIP connections open at once (inbound and outbound); more are refused.
+    pub tcp_max_connections: usize,
     /// Default region for numbers without a `+` (ISO 3166 code, e.g. `US`).
     pub default_region: String,
     /// SIP timer T1 in milliseconds (RFC 3261 round-trip estimate; 64*T1 is the
@@ -216,8 +225,11 @@ impl Default for AddressBookConfig {
 pub struct TrunkConfig {
     /// Name (used in logs, metrics and CDRs).
     pub name: String,
-    /// SIP address of the trunk (UDP).
+    /// SIP address of the trunk.
     pub address: SocketAddr,
+    /// How to reach it: `udp` (default) or `tcp`.
+    #[serde(default)]
+    pub transport: TrunkTransport,
     /// Milliseconds between SIP OPTIONS health probes (0 disables probing).
     #[serde(default = "default_probe_interval_ms")]
     pub probe_interval_ms: u64,
@@ -246,6 +258,27 @@ pub struct TrunkConfig {
     pub weight: u32,
 }
 
+/// A trunk's transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrunkTransport {
+    /// SIP over UDP.
+    #[default]
+    Udp,
+    /// SIP over TCP (one connection, opened on demand and reused).
+    Tcp,
+}
+
+impl TrunkTransport {
+    /// As the SIP core names it.
+    pub fn transport(self) -> crate::sip::core::Transport {
+        match self {
+            TrunkTransport::Udp => crate::sip::core::Transport::Udp,
+            TrunkTransport::Tcp => crate::sip::core::Transport::Tcp,
+        }
+    }
+}
+
 /// `[[number_plan]]`: numbers starting with `prefix` go to the trunks named in `trunks`
 /// (the longest matching prefix wins; a number no row matches has no trunk).
 #[derive(Debug, Clone, Deserialize)]
@@ -271,6 +304,18 @@ fn default_probe_timeout_ms() -> u64 {
 
 fn default_probe_threshold() -> u32 {
     2
+}
+
+impl SipConfig {
+    /// Limits and timeouts of SIP connections.
+    pub fn stream_settings(&self) -> crate::sip::stream::StreamSettings {
+        crate::sip::stream::StreamSettings {
+            idle_timeout: Duration::from_secs(self.tcp_idle_timeout_secs),
+            message_timeout: Duration::from_millis(self.tcp_message_timeout_ms),
+            max_connections: self.tcp_max_connections,
+            ..Default::default()
+        }
+    }
 }
 
 impl Config {
@@ -357,6 +402,10 @@ impl Default for SipConfig {
             default_region: "US".into(),
             t1_ms: 500,
             dialog_source_check: true,
+            tcp_listen: None,
+            tcp_idle_timeout_secs: 600,
+            tcp_message_timeout_ms: 5000,
+            tcp_max_connections: 1024,
         }
     }
 }
@@ -467,6 +516,7 @@ impl Config {
                 up_after: default_probe_threshold(),
                 username: None,
                 password: None,
+                transport: TrunkTransport::Udp,
                 priority: default_priority(),
                 weight: default_priority(),
             }],
@@ -596,6 +646,21 @@ impl Config {
                     &format!("no trunk named {unknown:?}"),
                 ));
             }
+        }
+        if !(1..=86_400).contains(&self.sip.tcp_idle_timeout_secs) {
+            return Err(bad(
+                "sip.tcp_idle_timeout_secs",
+                "must be between 1 and 86400",
+            ));
+        }
+        if !(100..=60_000).contains(&self.sip.tcp_message_timeout_ms) {
+            return Err(bad(
+                "sip.tcp_message_timeout_ms",
+                "must be between 100 and 60000",
+            ));
+        }
+        if self.sip.tcp_max_connections == 0 {
+            return Err(bad("sip.tcp_max_connections", "must be at least 1"));
         }
         if !(10..=5000).contains(&self.sip.t1_ms) {
             return Err(bad("sip.t1_ms", "must be between 10 and 5000"));

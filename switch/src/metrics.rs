@@ -14,6 +14,15 @@ pub const SIP_RESPONSES_TOTAL: &str = "parley_sip_responses_total";
 pub const SIP_PARSE_ERRORS_TOTAL: &str = "parley_sip_parse_errors_total";
 /// SIP datagrams the socket refused to send.
 pub const SIP_SEND_ERRORS_TOTAL: &str = "parley_sip_send_errors_total";
+/// SIP connections (TCP) open now.
+pub const SIP_CONNECTIONS: &str = "parley_sip_connections";
+/// SIP connections refused or not opened because `sip.tcp_max_connections` are open, by
+/// `transport`.
+pub const SIP_CONNECTIONS_REFUSED_TOTAL: &str = "parley_sip_connections_refused_total";
+/// SIP connections closed, by `transport` and `reason` (`closed` by the peer, `idle`,
+/// `slow`: a message not completed in time, `framing`: unparseable stream, `error`,
+/// `dropped`: closed by the node).
+pub const SIP_CONNECTIONS_CLOSED_TOTAL: &str = "parley_sip_connections_closed_total";
 /// SIP retransmissions sent by our transactions.
 pub const SIP_RETRANSMISSIONS_TOTAL: &str = "parley_sip_retransmissions_total";
 /// Requests that name no dialog or transaction of ours (481/482), by `method` (`BYE`,
@@ -115,6 +124,11 @@ fn register_zeroes() {
     }
     counter!(SIP_RETRANSMISSIONS_TOTAL).increment(0);
     counter!(SIP_SEND_ERRORS_TOTAL).increment(0);
+    metrics::gauge!(SIP_CONNECTIONS).set(0.0);
+    counter!(SIP_CONNECTIONS_REFUSED_TOTAL, "transport" => "tcp").increment(0);
+    for r in ["closed", "idle", "slow", "framing", "error", "dropped"] {
+        counter!(SIP_CONNECTIONS_CLOSED_TOTAL, "transport" => "tcp", "reason" => r).increment(0);
+    }
     counter!(SIP_REJECTED_OVERLOAD_TOTAL).increment(0);
     for method in ["BYE", "CANCEL", "INVITE"] {
         counter!(SIP_UNMATCHED_REQUESTS_TOTAL, "method" => method).increment(0);
@@ -173,6 +187,21 @@ fn describe() {
         SIP_PARSE_ERRORS_TOTAL,
         Unit::Count,
         "SIP datagrams rejected as malformed, by reason"
+    );
+    metrics::describe_gauge!(
+        SIP_CONNECTIONS,
+        Unit::Count,
+        "SIP connections (TCP) open now"
+    );
+    describe_counter!(
+        SIP_CONNECTIONS_REFUSED_TOTAL,
+        Unit::Count,
+        "SIP connections refused or not opened because sip.tcp_max_connections are open"
+    );
+    describe_counter!(
+        SIP_CONNECTIONS_CLOSED_TOTAL,
+        Unit::Count,
+        "SIP connections closed, by transport and reason (closed, idle, slow, framing, error, dropped)"
     );
     describe_counter!(
         SIP_SEND_ERRORS_TOTAL,

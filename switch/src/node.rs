@@ -27,6 +27,8 @@ use crate::{http, metrics as m, numbers};
 pub struct NodeInfo {
     /// SIP UDP address.
     pub sip: SocketAddr,
+    /// SIP TCP address, when SIP over TCP is on.
+    pub sip_tcp: Option<SocketAddr>,
     /// QUIC address.
     pub quic: SocketAddr,
     /// HTTP address.
@@ -126,15 +128,30 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("sip.listen {}: {e}", cfg.sip.listen))?,
     );
     let sip_addr = sip_socket.local_addr()?;
+    let sip_tcp = match cfg.sip.tcp_listen {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .map_err(|e| anyhow::anyhow!("sip.tcp_listen {a}: {e}"))?,
+        ),
+        None => None,
+    };
+    let sip_tcp_addr = sip_tcp
+        .as_ref()
+        .map(tokio::net::TcpListener::local_addr)
+        .transpose()?;
     let handles = Arc::new(Sequence::new());
     let core = SipCore::new(
         CoreConfig {
             local: sip_addr,
+            local_tcp: sip_tcp_addr,
+            local_tls: None,
             trunks: cfg
                 .trunks
                 .iter()
                 .map(|t| crate::sip::core::TrunkTarget {
                     addr: t.address,
+                    transport: t.transport.transport(),
                     auth: t.credentials(),
                 })
                 .collect(),
@@ -161,6 +178,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             media_timeout: cfg.media_timeout(),
             offer_ack_timeout: cfg.offer_ack_timeout(),
             handles: handles.clone(),
+            tcp: sip_tcp,
+            stream: cfg.sip.stream_settings(),
         },
     )
     .start();
@@ -230,6 +249,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let info = NodeInfo {
         sip: sip_addr,
+        sip_tcp: sip_tcp_addr,
         quic: quic_addr,
         http: http_addr,
         pid: std::process::id(),
@@ -238,8 +258,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         cfg.data_dir.join("node.json"),
         serde_json::to_vec_pretty(&info)?,
     )?;
+    let tcp = sip_tcp_addr
+        .map(|a| format!(" sip=tcp:{a}"))
+        .unwrap_or_default();
     println!(
-        "parley ready: sip=udp:{sip_addr} quic={quic_addr} http=http://{http_addr} data={}",
+        "parley ready: sip=udp:{sip_addr}{tcp} quic={quic_addr} http=http://{http_addr} data={}",
         cfg.data_dir.display()
     );
     tracing::info!(sip = %sip_addr, quic = %quic_addr, http = %http_addr, "parley ready");

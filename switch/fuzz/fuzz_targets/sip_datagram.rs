@@ -21,8 +21,11 @@ fuzz_target!(|data: &[u8]| {
     let mut core = SipCore::new(
         CoreConfig {
             local: "127.0.0.1:5060".parse().unwrap(),
+            local_tcp: None,
+            local_tls: None,
             trunks: vec![parley_switch::sip::core::TrunkTarget {
                 addr: "127.0.0.1:5080".parse().unwrap(),
+                transport: parley_switch::sip::core::Transport::Udp,
                 auth: None,
             }],
             region: "US".into(),

@@ -30,8 +30,11 @@ pub(super) fn core_with(dialog_source_check: bool) -> SipCore {
     SipCore::new(
         CoreConfig {
             local: "127.0.0.1:5060".parse().unwrap(),
+            local_tcp: None,
+            local_tls: None,
             trunks: vec![crate::sip::core::TrunkTarget {
                 addr: TRUNK.parse().unwrap(),
+                transport: crate::sip::core::Transport::Udp,
                 auth: None,
             }],
             region: "US".into(),
@@ -83,7 +86,7 @@ pub(super) fn drain_all(c: &mut SipCore) -> Drained {
     let (mut tx, mut ev, mut new, mut probes) = (Vec::new(), Vec::new(), 0, Vec::new());
     while let Some(o) = c.poll_output() {
         match o {
-            Output::Transmit { dest, data } => {
+            Output::Transmit { dest, data, .. } => {
                 tx.push((dest, String::from_utf8_lossy(&data).into_owned()))
             }
             Output::Event(_, e) => ev.push(e),

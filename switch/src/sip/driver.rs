@@ -15,8 +15,12 @@ use parley_actors::{CallActor, CallEnv, CallSetup};
 use parley_core::call::{CallSpec, Origin};
 use parley_core::ids::{Sequence, call_id};
 use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
 
-use super::core::{Output, SipCore};
+use super::core::{Output, SipCore, Transport};
+use super::stream::{
+    self, ConnectionCount, StreamClosed, StreamMessage, StreamOpened, StreamSettings,
+};
 
 /// What the driver needs besides the core.
 pub struct DriverDeps {
@@ -36,6 +40,10 @@ pub struct DriverDeps {
     pub offer_ack_timeout: Option<Duration>,
     /// The node's call handles (shared with the SIP core and IM-dialled calls).
     pub handles: Arc<Sequence>,
+    /// The SIP over TCP listener, when on.
+    pub tcp: Option<tokio::net::TcpListener>,
+    /// Limits and timeouts of SIP connections.
+    pub stream: StreamSettings,
 }
 
 /// The actor.
@@ -49,6 +57,9 @@ pub struct SipDriver {
     calls: HashMap<CallHandle, Recipient<ToCall>>,
     probes: HashMap<u64, (u64, Recipient<ProbeResult>)>,
     timer: Option<(Instant, SpawnHandle)>,
+    /// Live SIP connections by transport and remote end: (id, outgoing queue).
+    conns: HashMap<(Transport, SocketAddr), (u64, mpsc::Sender<Bytes>)>,
+    conn_count: Arc<ConnectionCount>,
 }
 
 impl SipDriver {
@@ -62,13 +73,62 @@ impl SipDriver {
             calls: HashMap::new(),
             probes: HashMap::new(),
             timer: None,
+            conns: HashMap::new(),
+            conn_count: Arc::new(ConnectionCount::default()),
+        }
+    }
+
+    /// Queues `data` on the connection to `dest`, opening one when there is none.
+    fn send_stream(
+        &mut self,
+        transport: Transport,
+        dest: SocketAddr,
+        data: Bytes,
+        ctx: &mut Context<Self>,
+    ) {
+        let key = (transport, dest);
+        if !self.conns.contains_key(&key) {
+            if transport != Transport::Tcp {
+                tracing::warn!(%dest, transport = transport.as_str(), "no connection to send on");
+                metrics::counter!(crate::metrics::SIP_SEND_ERRORS_TOTAL).increment(1);
+                return;
+            }
+            let Some(slot) = self.conn_count.try_take(self.deps.stream.max_connections) else {
+                metrics::counter!(crate::metrics::SIP_CONNECTIONS_REFUSED_TOTAL, "transport" => transport.as_str())
+                    .increment(1);
+                metrics::counter!(crate::metrics::SIP_SEND_ERRORS_TOTAL).increment(1);
+                tracing::warn!(%dest, "SIP connection not opened: too many connections");
+                return;
+            };
+            let id = stream::next_id();
+            let (tx, rx) = mpsc::channel(self.deps.stream.queue);
+            self.conns.insert(key, (id, tx));
+            actix_rt::spawn(stream::connect_tcp(
+                dest,
+                id,
+                rx,
+                ctx.address(),
+                self.deps.stream,
+                slot,
+            ));
+        }
+        if let Some((_, tx)) = self.conns.get(&key)
+            && tx.try_send(data).is_err()
+        {
+            metrics::counter!(crate::metrics::SIP_SEND_ERRORS_TOTAL).increment(1);
+            tracing::warn!(%dest, transport = transport.as_str(), "SIP connection queue full or closed: message dropped");
         }
     }
 
     fn flush(&mut self, ctx: &mut Context<Self>) {
         while let Some(out) = self.core.poll_output() {
             match out {
-                Output::Transmit { dest, data } => {
+                Output::Transmit {
+                    dest,
+                    transport: transport @ (Transport::Tcp | Transport::Tls),
+                    data,
+                } => self.send_stream(transport, dest, data, ctx),
+                Output::Transmit { dest, data, .. } => {
                     // A direct non-blocking sendto: tokio's try_send_to reports WouldBlock
                     // until the socket has been seen writable once, which would drop the
                     // first messages (a UDP send only blocks when the buffer is full).
@@ -167,6 +227,14 @@ impl Actor for SipDriver {
             offer_ack_timeout: self.deps.offer_ack_timeout,
             handles: self.deps.handles.clone(),
         }));
+        if let Some(listener) = self.deps.tcp.take() {
+            actix_rt::spawn(stream::accept_tcp(
+                listener,
+                ctx.address(),
+                self.deps.stream,
+                self.conn_count.clone(),
+            ));
+        }
         let socket = self.socket.clone();
         // One receive buffer reused for many datagrams: each message is split off as a
         // `Bytes` view and the buffer is refilled in 256 KiB chunks.
@@ -210,6 +278,32 @@ impl Handler<SipCommand> for SipDriver {
         }
         self.core.handle_command(Instant::now(), c.call, c.cmd);
         self.flush(ctx);
+    }
+}
+
+impl Handler<StreamMessage> for SipDriver {
+    type Result = ();
+    fn handle(&mut self, m: StreamMessage, ctx: &mut Context<Self>) {
+        self.core
+            .handle_stream_message(Instant::now(), m.peer, m.transport, m.msg);
+        self.flush(ctx);
+    }
+}
+
+impl Handler<StreamOpened> for SipDriver {
+    type Result = ();
+    fn handle(&mut self, m: StreamOpened, _: &mut Context<Self>) {
+        self.conns.insert((m.transport, m.peer), (m.id, m.tx));
+    }
+}
+
+impl Handler<StreamClosed> for SipDriver {
+    type Result = ();
+    fn handle(&mut self, m: StreamClosed, _: &mut Context<Self>) {
+        let key = (m.transport, m.peer);
+        if self.conns.get(&key).is_some_and(|(id, _)| *id == m.id) {
+            self.conns.remove(&key);
+        }
     }
 }
 

@@ -1,11 +1,12 @@
-//! SIP toward gateways and trunks: a B2BUA over UDP.
+//! SIP toward gateways and trunks: a B2BUA over UDP and TCP.
 //!
 //! - [`core::SipCore`] is sans-IO: datagrams, commands and time go in; datagrams to send,
 //!   call events and new calls come out. Transactions (RFC 3261 §17 with RFC 6026) are
 //!   `sipx-sip`'s `TransactionLayer`; dialogs, 2xx retransmission and the B2BUA glue are
 //!   ours.
 //! - [`driver::SipDriver`] is the actor that owns the socket and the clock and performs
-//!   what the core asks.
+//!   what the core asks; [`stream`] runs its TCP connections (framing by Content-Length
+//!   with `sipx-sip`'s `StreamParser`, connection reuse, idle and slow-sender timeouts).
 //!
 //! Why `sipx-sip`: a sans-IO SIP parser and transaction layer with parse limits and the RFC
 //! 4475 torture corpus in its tests; it matches our architecture (no socket, no clock), so
@@ -16,6 +17,7 @@ pub mod core;
 pub mod driver;
 pub mod error;
 mod msg;
+pub mod stream;
 pub mod validate;
 
 #[cfg(test)]

@@ -46,6 +46,9 @@ pub struct Node {
     child: Child,
     pub dir: tempfile::TempDir,
     pub sip: SocketAddr,
+    /// SIP over TCP, when the configuration turned it on.
+    #[allow(dead_code)]
+    pub sip_tcp: Option<SocketAddr>,
     pub quic: SocketAddr,
     pub http: SocketAddr,
     pub trunk: SocketAddr,
@@ -161,6 +164,7 @@ password = "demo"
         let addr = |k: &str| json[k].as_str().unwrap().parse().unwrap();
         Node {
             sip: addr("sip"),
+            sip_tcp: json["sip_tcp"].as_str().and_then(|s| s.parse().ok()),
             quic: addr("quic"),
             http: addr("http"),
             trunk: ([127, 0, 0, 1], trunk_port).into(),
@@ -427,13 +431,26 @@ pub fn sipp_uac(
     rate: u32,
     extra: &[&str],
 ) -> impl std::future::Future<Output = SippRun> + Send + 'static {
+    sipp_uac_to(node, node.sip, scenario_args, number, calls, rate, extra)
+}
+
+/// As [`sipp_uac`], toward `target` (the node's TCP listener, with `-t t1` in `extra`).
+pub fn sipp_uac_to(
+    node: &Node,
+    target: SocketAddr,
+    scenario_args: &[&str],
+    number: &str,
+    calls: u32,
+    rate: u32,
+    extra: &[&str],
+) -> impl std::future::Future<Output = SippRun> + Send + 'static {
     let dir = node.dir.path().to_path_buf();
     let port = free_udp_port().to_string();
     let media = free_port_block(40).to_string();
     let stat = dir.join(format!("uac-{port}.csv"));
     let mut cmd = tokio::process::Command::new(sipp_bin());
     cmd.args(scenario_args)
-        .arg(node.sip.to_string())
+        .arg(target.to_string())
         .args([
             "-s",
             number,

@@ -116,8 +116,11 @@ impl World {
         let sip = SipCore::new(
             CoreConfig {
                 local: NODE.parse().unwrap(),
+                local_tcp: None,
+                local_tls: None,
                 trunks: vec![parley_switch::sip::core::TrunkTarget {
                     addr: TRUNK.parse().unwrap(),
+                    transport: parley_switch::sip::core::Transport::Udp,
                     auth: None,
                 }],
                 region: "US".into(),
@@ -343,7 +346,7 @@ impl World {
 
     fn sip_output(&mut self, out: Output) {
         match out {
-            Output::Transmit { dest, data } => {
+            Output::Transmit { dest, data, .. } => {
                 let text = String::from_utf8_lossy(&data).into_owned();
                 if dest == GW.parse::<SocketAddr>().unwrap() {
                     self.gateway.push_back(text);

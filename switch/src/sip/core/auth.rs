@@ -45,7 +45,15 @@ impl SipCore {
             tracing::warn!("trunk challenge without a usable Digest offer");
             return false;
         };
-        let via = self.via();
+        let Some(transport) = self
+            .calls
+            .get(&h)
+            .and_then(|c| c.trunk.as_ref())
+            .map(|t| t.dest.transport)
+        else {
+            return false;
+        };
+        let via = self.via(transport);
         let cnonce = self.token(16);
         let Some(leg) = self.calls.get_mut(&h).and_then(|c| c.trunk.as_mut()) else {
             return false;

@@ -2,7 +2,7 @@
 //! new call for the number's user, then what the call decides — 180, the 200 with our
 //! SDP (retransmitted until its ACK, RFC 3261 §13.3.1.4), a final error, or our BYE.
 
-use std::net::SocketAddr;
+use super::Peer;
 use std::time::Instant;
 
 use parley_codecs::sdp;
@@ -147,13 +147,18 @@ impl SipCore {
 
     /// An ACK from `src`: it stops our 200's retransmission only inside the matched
     /// dialog, and only for the INVITE (CSeq) it acknowledges.
-    pub(super) fn on_ack(&mut self, req: &Request, src: Option<SocketAddr>) {
+    pub(super) fn on_ack(&mut self, req: &Request, src: Option<Peer>) {
         if let Some((h, Side::Caller)) = self.match_dialog(req, src)
             && let Some(leg) = self.calls.get_mut(&h).and_then(|c| c.caller.as_mut())
             && msg::cseq(&req.headers).is_none_or(|c| c.sequence == leg.ack_cseq)
         {
             leg.acked = true;
         }
+    }
+
+    /// The transport of a call's caller dialog.
+    fn caller_transport(&self, h: CallHandle) -> Option<super::Transport> {
+        Some(self.calls.get(&h)?.caller.as_ref()?.src.transport)
     }
 
     pub(super) fn caller_response(
@@ -163,7 +168,10 @@ impl SipCore {
         code: u16,
         sdp: Option<&str>,
     ) {
-        let contact = self.contact();
+        let Some(transport) = self.caller_transport(h) else {
+            return;
+        };
+        let contact = self.contact(transport);
         let Some(call) = self.calls.get_mut(&h) else {
             return;
         };
@@ -222,17 +230,23 @@ impl SipCore {
         }
         leg.retx_interval = (leg.retx_interval * 2).min(t2);
         let (src, next) = (leg.src, now + leg.retx_interval);
+        // Also over a connection: RFC 3261 §13.3.1.4, the 2xx is retransmitted end to end
+        // whatever the transport, as hops beyond the peer may be UDP.
         metrics::counter!(m::SIP_RETRANSMISSIONS_TOTAL).increment(1);
         self.out.push_back(Output::Transmit {
-            dest: src,
+            dest: src.addr,
+            transport: src.transport,
             data: ok,
         });
         self.timers.set(next, TimerKind::Retx200(h, generation));
     }
 
     pub(super) fn send_caller_bye(&mut self, now: Instant, h: CallHandle) {
-        let via = self.via();
-        let contact = self.contact();
+        let Some(transport) = self.caller_transport(h) else {
+            return;
+        };
+        let via = self.via(transport);
+        let contact = self.contact(transport);
         let Some(call) = self.calls.get_mut(&h) else {
             return;
         };

@@ -10,7 +10,7 @@
 //! gateway's From tag) and ours on the trunk side (our From tag), so two dialogs that
 //! share a Call-ID never overwrite each other.
 
-use std::net::SocketAddr;
+use super::Peer;
 
 use parley_core::ids::CallHandle;
 use sipx_sip::{Request, TransactionKey};
@@ -33,7 +33,7 @@ impl SipCore {
     pub(super) fn match_dialog(
         &self,
         req: &Request,
-        src: Option<SocketAddr>,
+        src: Option<Peer>,
     ) -> Option<(CallHandle, Side)> {
         let cid = msg::call_id(&req.headers)?;
         let (from, to) = (
@@ -42,7 +42,8 @@ impl SipCore {
         );
         if let Some(&(h, Side::Caller)) = self.dialogs.get(&(cid.clone(), from.clone())) {
             let leg = self.calls.get(&h)?.caller.as_ref()?;
-            let from_gateway = !self.cfg.dialog_source_check || src == Some(leg.src);
+            let from_gateway =
+                !self.cfg.dialog_source_check || src.is_some_and(|s| s.same_origin(&leg.src));
             return (to == leg.local_tag && from_gateway).then_some((h, Side::Caller));
         }
         if let Some(&(h, Side::Trunk)) = self.dialogs.get(&(cid, to)) {
@@ -55,11 +56,7 @@ impl SipCore {
 
     /// The call whose ringing INVITE a CANCEL cancels: same transaction (branch and
     /// sent-by of the top Via), same From tag and Call-ID, and from the gateway's address.
-    pub(super) fn match_cancel(
-        &self,
-        req: &Request,
-        src: Option<SocketAddr>,
-    ) -> Option<CallHandle> {
+    pub(super) fn match_cancel(&self, req: &Request, src: Option<Peer>) -> Option<CallHandle> {
         let cid = msg::call_id(&req.headers)?;
         let from = from_tag(&req.headers).unwrap_or_default();
         let &(h, side) = self.dialogs.get(&(cid, from))?;
@@ -68,7 +65,8 @@ impl SipCore {
         }
         let leg = self.calls.get(&h)?.caller.as_ref()?;
         let invite = TransactionKey::for_cancelled_invite(req)?;
-        let from_gateway = !self.cfg.dialog_source_check || src == Some(leg.src);
+        let from_gateway =
+            !self.cfg.dialog_source_check || src.is_some_and(|s| s.same_origin(&leg.src));
         (invite == leg.key && from_gateway).then_some(h)
     }
 

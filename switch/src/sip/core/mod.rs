@@ -1,6 +1,7 @@
 //! The sans-IO B2BUA core.
 //!
-//! Inputs: [`SipCore::handle_datagram`], [`SipCore::handle_command`],
+//! Inputs: [`SipCore::handle_datagram`] (UDP), [`SipCore::handle_stream_message`]
+//! (a message framed off a TCP or TLS connection), [`SipCore::handle_command`],
 //! [`SipCore::handle_timeout`], each with the current time. Outputs: drain
 //! [`SipCore::poll_output`] after every input; ask [`SipCore::poll_timeout`] when to call
 //! `handle_timeout` next. No socket, no clock, no actor, no hidden random source (tags and
@@ -48,13 +49,95 @@ use super::error::SipError;
 use super::{msg, validate};
 use crate::metrics as m;
 
+/// A SIP transport (RFC 3261 §18).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Transport {
+    /// Datagrams: the core retransmits.
+    #[default]
+    Udp,
+    /// A TCP connection: reliable, framed by Content-Length.
+    Tcp,
+    /// TLS over TCP (RFC 3261 §26.2, hop by hop).
+    Tls,
+}
+
+impl Transport {
+    /// The Via transport token.
+    pub fn via_token(self) -> &'static str {
+        match self {
+            Transport::Udp => "UDP",
+            Transport::Tcp => "TCP",
+            Transport::Tls => "TLS",
+        }
+    }
+
+    /// The metric/config label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
+        }
+    }
+
+    /// Whether the transport delivers reliably (no retransmission by transactions).
+    pub fn is_reliable(self) -> bool {
+        self != Transport::Udp
+    }
+
+    pub(super) fn reliability(self) -> Reliability {
+        if self.is_reliable() {
+            Reliability::Reliable
+        } else {
+            Reliability::Unreliable
+        }
+    }
+}
+
+/// Where a message came from or goes: an address and the transport to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Peer {
+    /// The remote address (for a connection, its remote end).
+    pub addr: SocketAddr,
+    /// The transport.
+    pub transport: Transport,
+}
+
+impl Peer {
+    /// A UDP peer.
+    pub fn udp(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            transport: Transport::Udp,
+        }
+    }
+
+    /// Whether a request from `self` comes from the peer a dialog was set up from: the
+    /// same address and port on UDP; on a connection the same host and transport (a peer
+    /// may open a new connection, from a new port, for a later request).
+    pub fn same_origin(&self, other: &Peer) -> bool {
+        match (self.transport, other.transport) {
+            (Transport::Udp, Transport::Udp) => self.addr == other.addr,
+            (a, b) => a == b && self.addr.ip() == other.addr.ip(),
+        }
+    }
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.transport.as_str(), self.addr)
+    }
+}
+
 /// Something the driver must do.
 #[derive(Debug)]
 pub enum Output {
     /// Send these bytes.
     Transmit {
-        /// Destination.
+        /// Destination (on a connection: the remote end of the one to use, or to open).
         dest: SocketAddr,
+        /// How to reach it.
+        transport: Transport,
         /// The SIP message.
         data: Bytes,
     },
@@ -95,8 +178,12 @@ pub struct NewCall {
 /// Settings of the core.
 #[derive(Debug, Clone)]
 pub struct CoreConfig {
-    /// Our SIP address (Via, Contact).
+    /// Our SIP address (Via, Contact) on UDP.
     pub local: SocketAddr,
+    /// Our TCP listener's address, when SIP over TCP is on.
+    pub local_tcp: Option<SocketAddr>,
+    /// Our TLS listener's address, when SIP over TLS is on.
+    pub local_tls: Option<SocketAddr>,
     /// The trunks toward the PSTN, by [`parley_core::numberplan::TrunkId`].
     pub trunks: Vec<TrunkTarget>,
     /// Region for numbers without `+`.
@@ -117,6 +204,8 @@ pub struct CoreConfig {
 pub struct TrunkTarget {
     /// Its SIP address.
     pub addr: SocketAddr,
+    /// How to reach it.
+    pub transport: Transport,
     /// Digest credentials, answered when it challenges our INVITE (401/407).
     pub auth: Option<sipx_sip::auth::Credentials>,
 }
@@ -130,7 +219,7 @@ pub struct SipCore {
     layer: TransactionLayer,
     limits: Limits,
     timers: TimerTable,
-    dests: HashMap<TransactionKey, SocketAddr>,
+    dests: HashMap<TransactionKey, Peer>,
     purposes: HashMap<TransactionKey, (CallHandle, Purpose)>,
     calls: HashMap<CallHandle, Call>,
     dialogs: HashMap<dialogs::DialogKey, (CallHandle, Side)>,
@@ -214,13 +303,30 @@ impl SipCore {
         self.timers.next()
     }
 
-    fn contact(&self) -> String {
-        format!("sip:parley@{}", self.cfg.local)
+    /// Our address on `transport` (the UDP one when that listener is off).
+    fn local(&self, transport: Transport) -> SocketAddr {
+        match transport {
+            Transport::Udp => self.cfg.local,
+            Transport::Tcp => self.cfg.local_tcp.unwrap_or(self.cfg.local),
+            Transport::Tls => self.cfg.local_tls.unwrap_or(self.cfg.local),
+        }
     }
 
-    fn via(&mut self) -> String {
+    fn contact(&self, transport: Transport) -> String {
+        let local = self.local(transport);
+        match transport {
+            Transport::Udp => format!("sip:parley@{local}"),
+            t => format!("sip:parley@{local};transport={}", t.as_str()),
+        }
+    }
+
+    fn via(&mut self, transport: Transport) -> String {
         let branch = self.branch();
-        format!("SIP/2.0/UDP {};branch={branch};rport", self.cfg.local)
+        format!(
+            "SIP/2.0/{} {};branch={branch};rport",
+            transport.via_token(),
+            self.local(transport)
+        )
     }
 
     /// A random token for tags, from the core's generator.
@@ -233,21 +339,45 @@ impl SipCore {
         format!("z9hG4bK{}", self.token(16))
     }
 
-    fn transmit(&mut self, dest: SocketAddr, msg: &Message) {
+    fn transmit(&mut self, dest: Peer, msg: &Message) {
         if let Message::Response(r) = msg {
             let code = r.status.code();
             metrics::counter!(m::SIP_RESPONSES_TOTAL, "code" => code.to_string(), "direction" => "sent").increment(1);
         }
         self.out.push_back(Output::Transmit {
-            dest,
+            dest: dest.addr,
+            transport: dest.transport,
             data: msg.to_bytes(),
         });
     }
 
     /// Sends a response built outside the transaction layer (a stateless refusal).
-    fn transmit_raw(&mut self, dest: SocketAddr, code: u16, data: Bytes) {
+    fn transmit_raw(&mut self, dest: Peer, code: u16, data: Bytes) {
         metrics::counter!(m::SIP_RESPONSES_TOTAL, "code" => code.to_string(), "direction" => "sent").increment(1);
-        self.out.push_back(Output::Transmit { dest, data });
+        self.out.push_back(Output::Transmit {
+            dest: dest.addr,
+            transport: dest.transport,
+            data,
+        });
+    }
+
+    /// A message framed off a TCP or TLS connection from `src` (the connection's remote
+    /// end). Framing errors are the connection's: the driver closes it.
+    pub fn handle_stream_message(
+        &mut self,
+        now: Instant,
+        src: SocketAddr,
+        transport: Transport,
+        message: Message,
+    ) {
+        self.handle_message(
+            now,
+            Peer {
+                addr: src,
+                transport,
+            },
+            message,
+        );
     }
 
     /// A datagram arrived.
@@ -266,11 +396,16 @@ impl SipCore {
                 // anything else is dropped.
                 let tag = self.token(10);
                 if let Some(answer) = msg::unparseable_response(&data, &tag) {
-                    self.transmit_raw(src, 400, answer);
+                    self.transmit_raw(Peer::udp(src), 400, answer);
                 }
                 return;
             }
         };
+        self.handle_message(now, Peer::udp(src), message);
+    }
+
+    fn handle_message(&mut self, now: Instant, src: Peer, message: Message) {
+        let reliability = src.transport.reliability();
         match message {
             Message::Request(req) => {
                 metrics::counter!(m::SIP_REQUESTS_TOTAL, "method" => method_label(&req.method))
@@ -294,10 +429,7 @@ impl SipCore {
                     }
                     return;
                 }
-                match self
-                    .layer
-                    .receive(Message::Request(req), Reliability::Unreliable)
-                {
+                match self.layer.receive(Message::Request(req), reliability) {
                     Dispatch::Created { key, outputs } => {
                         self.dests.insert(key.clone(), src);
                         self.run_tx(now, &key, outputs, false);
@@ -316,10 +448,7 @@ impl SipCore {
             }
             Message::Response(resp) => {
                 metrics::counter!(m::SIP_RESPONSES_TOTAL, "code" => resp.status.code().to_string(), "direction" => "received").increment(1);
-                match self
-                    .layer
-                    .receive(Message::Response(resp), Reliability::Unreliable)
-                {
+                match self.layer.receive(Message::Response(resp), reliability) {
                     Dispatch::Matched { key, outputs } | Dispatch::Created { key, outputs } => {
                         self.run_tx(now, &key, outputs, false)
                     }
@@ -372,7 +501,7 @@ impl SipCore {
         code: u16,
         tag: Option<&str>,
     ) {
-        let contact = self.contact();
+        let contact = self.contact(self.dests.get(key).map_or(Transport::Udp, |p| p.transport));
         let fresh = self.token(10);
         let tag = tag.unwrap_or(&fresh);
         match msg::response(req, code, Some(tag), Some(&contact), None) {

@@ -110,7 +110,7 @@ impl SipCore {
             self.out
                 .push_back(Output::Event(h, SipEvent::CallerVideoMoved(addr)));
         }
-        let contact = self.contact();
+        let contact = self.contact(src.map_or(super::Transport::Udp, |p| p.transport));
         let Some(resp) = msg::response(req, 200, None, Some(&contact), Some(&answer)) else {
             return;
         };

@@ -46,7 +46,7 @@ pub(super) struct Call {
 pub(super) struct CallerLeg {
     pub(super) invite: Request,
     pub(super) key: TransactionKey,
-    pub(super) src: SocketAddr,
+    pub(super) src: super::Peer,
     pub(super) local_tag: String,
     pub(super) final_sent: bool,
     pub(super) ok: Option<Bytes>,
@@ -73,7 +73,7 @@ pub(super) struct TrunkLeg {
     pub(super) local_tag: String,
     pub(super) call_id: String,
     pub(super) invite: Request,
-    pub(super) dest: SocketAddr,
+    pub(super) dest: super::Peer,
     pub(super) to_value: Option<String>,
     pub(super) remote_target: Option<Uri>,
     pub(super) answered: bool,

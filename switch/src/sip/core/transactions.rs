@@ -2,16 +2,15 @@
 //! outputs (send, arm or clear a timer, hand a message to us, end) is carried out here,
 //! and client transactions are started here.
 
-use std::net::SocketAddr;
 use std::time::Instant;
 
 use parley_core::ids::CallHandle;
 use sipx_sip::transaction::Output as TxOut;
-use sipx_sip::{Reliability, Request, TransactionKey};
+use sipx_sip::{Request, TransactionKey};
 
-use super::SipCore;
 use super::state::Purpose;
 use super::timers::TimerKind;
+use super::{Peer, SipCore};
 use crate::metrics as m;
 
 impl SipCore {
@@ -52,10 +51,11 @@ impl SipCore {
         now: Instant,
         h: CallHandle,
         req: Request,
-        dest: SocketAddr,
+        dest: Peer,
         purpose: Purpose,
     ) {
-        let Some((key, outputs)) = self.layer.send_request(req, Reliability::Unreliable) else {
+        let Some((key, outputs)) = self.layer.send_request(req, dest.transport.reliability())
+        else {
             tracing::error!("could not create a client transaction");
             return;
         };

@@ -3,7 +3,6 @@
 //! retransmitted), CANCEL while it rings and BYE once it answered. A digest challenge is
 //! answered once per leg (`auth.rs`).
 
-use std::net::SocketAddr;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -16,7 +15,7 @@ use sipx_sip::{
 
 use super::state::MediaState;
 use super::state::{Call, Purpose, Side, TrunkLeg};
-use super::{Output, SipCore, msg};
+use super::{Output, Peer, SipCore, msg};
 
 impl SipCore {
     pub(super) fn send_trunk_invite(
@@ -27,14 +26,22 @@ impl SipCore {
         (to, from, from_name): (&str, &str, Option<&str>),
         body: &str,
     ) {
-        let Some(trunk) = self.cfg.trunks.get(trunk_id).map(|t| t.addr) else {
+        let Some(peer) = self.cfg.trunks.get(trunk_id).map(|t| Peer {
+            addr: t.addr,
+            transport: t.transport,
+        }) else {
             self.out
                 .push_back(Output::Event(h, SipEvent::TrunkFailed(503)));
             return;
         };
-        let via = self.via();
-        let contact = self.contact();
-        let Ok(uri) = Uri::parse(Bytes::from(format!("sip:{to}@{trunk}"))) else {
+        let trunk = peer.addr;
+        let via = self.via(peer.transport);
+        let contact = self.contact(peer.transport);
+        let param = match peer.transport {
+            super::Transport::Udp => String::new(),
+            t => format!(";transport={}", t.as_str()),
+        };
+        let Ok(uri) = Uri::parse(Bytes::from(format!("sip:{to}@{trunk}{param}"))) else {
             self.out
                 .push_back(Output::Event(h, SipEvent::TrunkFailed(484)));
             return;
@@ -84,7 +91,7 @@ impl SipCore {
                 local_tag: tag.clone(),
                 call_id: cid.clone(),
                 invite: req.clone(),
-                dest: trunk,
+                dest: peer,
                 to_value: None,
                 remote_target: None,
                 answered: false,
@@ -94,7 +101,7 @@ impl SipCore {
             });
         }
         self.dialogs.insert((cid, tag), (h, Side::Trunk));
-        self.send_request(now, h, req, trunk, Purpose::TrunkInvite);
+        self.send_request(now, h, req, peer, Purpose::TrunkInvite);
     }
 
     pub(super) fn on_response(&mut self, now: Instant, key: &TransactionKey, resp: &Response) {
@@ -239,9 +246,10 @@ impl SipCore {
         &mut self,
         h: CallHandle,
         method: Method,
-    ) -> Option<(Request, SocketAddr)> {
-        let via = self.via();
-        let contact = self.contact();
+    ) -> Option<(Request, Peer)> {
+        let transport = self.calls.get(&h)?.trunk.as_ref()?.dest.transport;
+        let via = self.via(transport);
+        let contact = self.contact(transport);
         let leg = self.calls.get(&h)?.trunk.as_ref()?;
         let inv = &leg.invite;
         let target = leg.remote_target.clone().unwrap_or_else(|| inv.uri.clone());
