@@ -57,6 +57,13 @@ pub struct SipConfig {
     pub tcp_message_timeout_ms: u64,
     /// Most SIP connections open at once (inbound and outbound); more are refused.
     pub tcp_max_connections: usize,
+    /// TCP listen address for SIP over TLS; off when absent.
+    pub tls_listen: Option<SocketAddr>,
+    /// PEM certificate chain of the TLS listener (required with `tls_listen` unless
+    /// `demo = true`, which generates a self-signed pair in the data directory).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of the TLS listener.
+    pub tls_key: Option<PathBuf>,
     /// Default region for numbers without a `+` (ISO 3166 code, e.g. `US`).
     pub default_region: String,
     /// SIP timer T1 in milliseconds (RFC 3261 round-trip estimate; 64*T1 is the
@@ -227,9 +234,17 @@ pub struct TrunkConfig {
     pub name: String,
     /// SIP address of the trunk.
     pub address: SocketAddr,
-    /// How to reach it: `udp` (default) or `tcp`.
+    /// How to reach it: `udp` (default), `tcp` or `tls`.
     #[serde(default)]
     pub transport: TrunkTransport,
+    /// With `transport = "tls"`: PEM file of the CA certificates (or the trunk's own
+    /// self-signed certificate) to trust.
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
+    /// With `transport = "tls"`: the name (or IP address) the trunk's certificate must
+    /// carry; by default the address's IP.
+    #[serde(default)]
+    pub tls_server_name: Option<String>,
     /// Milliseconds between SIP OPTIONS health probes (0 disables probing).
     #[serde(default = "default_probe_interval_ms")]
     pub probe_interval_ms: u64,
@@ -267,6 +282,8 @@ pub enum TrunkTransport {
     Udp,
     /// SIP over TCP (one connection, opened on demand and reused).
     Tcp,
+    /// SIP over TLS (likewise; the trunk's certificate verified against `tls_ca`).
+    Tls,
 }
 
 impl TrunkTransport {
@@ -275,6 +292,7 @@ impl TrunkTransport {
         match self {
             TrunkTransport::Udp => crate::sip::core::Transport::Udp,
             TrunkTransport::Tcp => crate::sip::core::Transport::Tcp,
+            TrunkTransport::Tls => crate::sip::core::Transport::Tls,
         }
     }
 }
@@ -406,6 +424,9 @@ impl Default for SipConfig {
             tcp_idle_timeout_secs: 600,
             tcp_message_timeout_ms: 5000,
             tcp_max_connections: 1024,
+            tls_listen: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -517,6 +538,8 @@ impl Config {
                 username: None,
                 password: None,
                 transport: TrunkTransport::Udp,
+                tls_ca: None,
+                tls_server_name: None,
                 priority: default_priority(),
                 weight: default_priority(),
             }],
@@ -596,6 +619,12 @@ impl Config {
                     "trunk names must be unique",
                 ));
             }
+            if t.transport == TrunkTransport::Tls && t.tls_ca.is_none() {
+                return Err(bad(
+                    &format!("trunks[{i}].tls_ca"),
+                    "required with transport = \"tls\" (the CA certificates to trust, PEM)",
+                ));
+            }
             if !(1..=1000).contains(&t.weight) {
                 return Err(bad(
                     &format!("trunks[{i}].weight"),
@@ -657,6 +686,15 @@ impl Config {
             return Err(bad(
                 "sip.tcp_message_timeout_ms",
                 "must be between 100 and 60000",
+            ));
+        }
+        if self.sip.tls_listen.is_some()
+            && !self.demo
+            && (self.sip.tls_cert.is_none() || self.sip.tls_key.is_none())
+        {
+            return Err(bad(
+                "sip.tls_cert",
+                "tls_cert and tls_key are required with tls_listen unless demo = true",
             ));
         }
         if self.sip.tcp_max_connections == 0 {

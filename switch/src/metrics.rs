@@ -125,10 +125,14 @@ fn register_zeroes() {
     counter!(SIP_RETRANSMISSIONS_TOTAL).increment(0);
     counter!(SIP_SEND_ERRORS_TOTAL).increment(0);
     metrics::gauge!(SIP_CONNECTIONS).set(0.0);
-    counter!(SIP_CONNECTIONS_REFUSED_TOTAL, "transport" => "tcp").increment(0);
-    for r in ["closed", "idle", "slow", "framing", "error", "dropped"] {
-        counter!(SIP_CONNECTIONS_CLOSED_TOTAL, "transport" => "tcp", "reason" => r).increment(0);
+    for t in ["tcp", "tls"] {
+        counter!(SIP_CONNECTIONS_REFUSED_TOTAL, "transport" => t).increment(0);
+        for r in ["closed", "idle", "slow", "framing", "error", "dropped"] {
+            counter!(SIP_CONNECTIONS_CLOSED_TOTAL, "transport" => t, "reason" => r).increment(0);
+        }
     }
+    counter!(SIP_CONNECTIONS_CLOSED_TOTAL, "transport" => "tls", "reason" => "handshake")
+        .increment(0);
     counter!(SIP_REJECTED_OVERLOAD_TOTAL).increment(0);
     for method in ["BYE", "CANCEL", "INVITE"] {
         counter!(SIP_UNMATCHED_REQUESTS_TOTAL, "method" => method).increment(0);
@@ -201,7 +205,7 @@ fn describe() {
     describe_counter!(
         SIP_CONNECTIONS_CLOSED_TOTAL,
         Unit::Count,
-        "SIP connections closed, by transport and reason (closed, idle, slow, framing, error, dropped)"
+        "SIP connections closed, by transport and reason (closed, idle, slow, framing, error, dropped; handshake: TLS handshake failed)"
     );
     describe_counter!(
         SIP_SEND_ERRORS_TOTAL,

@@ -29,6 +29,8 @@ pub struct NodeInfo {
     pub sip: SocketAddr,
     /// SIP TCP address, when SIP over TCP is on.
     pub sip_tcp: Option<SocketAddr>,
+    /// SIP TLS address, when SIP over TLS is on.
+    pub sip_tls: Option<SocketAddr>,
     /// QUIC address.
     pub quic: SocketAddr,
     /// HTTP address.
@@ -140,12 +142,40 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .as_ref()
         .map(tokio::net::TcpListener::local_addr)
         .transpose()?;
+    let sip_tls = match cfg.sip.tls_listen {
+        Some(a) => {
+            let (cert, key) = match (&cfg.sip.tls_cert, &cfg.sip.tls_key) {
+                (Some(c), Some(k)) => (c.clone(), k.clone()),
+                _ => crate::sip::tls::demo_pair(&cfg.data_dir)?,
+            };
+            let config = crate::sip::tls::server_config(&cert, &key)
+                .map_err(|e| anyhow::anyhow!("sip.tls_cert: {e:#}"))?;
+            let listener = tokio::net::TcpListener::bind(a)
+                .await
+                .map_err(|e| anyhow::anyhow!("sip.tls_listen {a}: {e}"))?;
+            Some((listener, config))
+        }
+        None => None,
+    };
+    let sip_tls_addr = sip_tls.as_ref().map(|(l, _)| l.local_addr()).transpose()?;
+    let mut tls_clients = std::collections::HashMap::new();
+    for (i, t) in cfg.trunks.iter().enumerate() {
+        if let (crate::config::TrunkTransport::Tls, Some(ca)) = (t.transport, &t.tls_ca) {
+            let name = t
+                .tls_server_name
+                .clone()
+                .unwrap_or_else(|| t.address.ip().to_string());
+            let client = crate::sip::tls::client(ca, &name)
+                .map_err(|e| anyhow::anyhow!("trunks[{i}].tls_ca: {e:#}"))?;
+            tls_clients.insert(t.address, client);
+        }
+    }
     let handles = Arc::new(Sequence::new());
     let core = SipCore::new(
         CoreConfig {
             local: sip_addr,
             local_tcp: sip_tcp_addr,
-            local_tls: None,
+            local_tls: sip_tls_addr,
             trunks: cfg
                 .trunks
                 .iter()
@@ -180,6 +210,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             handles: handles.clone(),
             tcp: sip_tcp,
             stream: cfg.sip.stream_settings(),
+            tls: sip_tls,
+            tls_clients,
         },
     )
     .start();
@@ -250,6 +282,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let info = NodeInfo {
         sip: sip_addr,
         sip_tcp: sip_tcp_addr,
+        sip_tls: sip_tls_addr,
         quic: quic_addr,
         http: http_addr,
         pid: std::process::id(),
@@ -260,7 +293,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     )?;
     let tcp = sip_tcp_addr
         .map(|a| format!(" sip=tcp:{a}"))
-        .unwrap_or_default();
+        .unwrap_or_default()
+        + &sip_tls_addr
+            .map(|a| format!(" sip=tls:{a}"))
+            .unwrap_or_default();
     println!(
         "parley ready: sip=udp:{sip_addr}{tcp} quic={quic_addr} http=http://{http_addr} data={}",
         cfg.data_dir.display()

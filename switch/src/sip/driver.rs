@@ -44,6 +44,10 @@ pub struct DriverDeps {
     pub tcp: Option<tokio::net::TcpListener>,
     /// Limits and timeouts of SIP connections.
     pub stream: StreamSettings,
+    /// The SIP over TLS listener and its server configuration, when on.
+    pub tls: Option<(tokio::net::TcpListener, Arc<rustls::ServerConfig>)>,
+    /// How to open TLS connections, by peer (trunks with `transport = "tls"`).
+    pub tls_clients: HashMap<SocketAddr, stream::TlsClient>,
 }
 
 /// The actor.
@@ -88,11 +92,19 @@ impl SipDriver {
     ) {
         let key = (transport, dest);
         if !self.conns.contains_key(&key) {
-            if transport != Transport::Tcp {
-                tracing::warn!(%dest, transport = transport.as_str(), "no connection to send on");
-                metrics::counter!(crate::metrics::SIP_SEND_ERRORS_TOTAL).increment(1);
-                return;
-            }
+            let tls = match transport {
+                Transport::Tls => match self.deps.tls_clients.get(&dest) {
+                    Some(c) => Some(c.clone()),
+                    None => {
+                        // Not a trunk of ours: a TLS peer is only reached over its own
+                        // connection.
+                        tracing::warn!(%dest, "no TLS connection to send on");
+                        metrics::counter!(crate::metrics::SIP_SEND_ERRORS_TOTAL).increment(1);
+                        return;
+                    }
+                },
+                _ => None,
+            };
             let Some(slot) = self.conn_count.try_take(self.deps.stream.max_connections) else {
                 metrics::counter!(crate::metrics::SIP_CONNECTIONS_REFUSED_TOTAL, "transport" => transport.as_str())
                     .increment(1);
@@ -103,14 +115,25 @@ impl SipDriver {
             let id = stream::next_id();
             let (tx, rx) = mpsc::channel(self.deps.stream.queue);
             self.conns.insert(key, (id, tx));
-            actix_rt::spawn(stream::connect_tcp(
-                dest,
-                id,
-                rx,
-                ctx.address(),
-                self.deps.stream,
-                slot,
-            ));
+            match tls {
+                Some(client) => actix_rt::spawn(stream::connect_tls(
+                    dest,
+                    client,
+                    id,
+                    rx,
+                    ctx.address(),
+                    self.deps.stream,
+                    slot,
+                )),
+                None => actix_rt::spawn(stream::connect_tcp(
+                    dest,
+                    id,
+                    rx,
+                    ctx.address(),
+                    self.deps.stream,
+                    slot,
+                )),
+            };
         }
         if let Some((_, tx)) = self.conns.get(&key)
             && tx.try_send(data).is_err()
@@ -230,6 +253,15 @@ impl Actor for SipDriver {
         if let Some(listener) = self.deps.tcp.take() {
             actix_rt::spawn(stream::accept_tcp(
                 listener,
+                ctx.address(),
+                self.deps.stream,
+                self.conn_count.clone(),
+            ));
+        }
+        if let Some((listener, config)) = self.deps.tls.take() {
+            actix_rt::spawn(stream::accept_tls(
+                listener,
+                tokio_rustls::TlsAcceptor::from(config),
                 ctx.address(),
                 self.deps.stream,
                 self.conn_count.clone(),

@@ -1,4 +1,5 @@
-//! SIP over connections (RFC 3261 §18): TCP now, and any byte stream (TLS) the same way.
+//! SIP over connections (RFC 3261 §18): TCP, and TLS (rustls through `tokio-rustls`,
+//! RFC 3261 §26.2, hop by hop) the same way.
 //!
 //! Each connection is a task on the SIP thread's runtime: it frames messages off the byte
 //! stream with `sipx-sip`'s [`StreamParser`] (Content-Length framing, size limits checked
@@ -177,6 +178,114 @@ pub async fn accept_tcp(
             settings,
             slot,
         ));
+    }
+}
+
+/// Accepts TLS connections on `listener` for `driver` (the handshake bounded by the
+/// message timeout), until the listener fails.
+pub async fn accept_tls(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    driver: Addr<SipDriver>,
+    settings: StreamSettings,
+    count: Arc<ConnectionCount>,
+) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "SIP TLS accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Some(slot) = count.try_take(settings.max_connections) else {
+            metrics::counter!(m::SIP_CONNECTIONS_REFUSED_TOTAL, "transport" => "tls").increment(1);
+            tracing::warn!(%peer, "SIP TLS connection refused: too many connections");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let driver = driver.clone();
+        actix_rt::spawn(async move {
+            let tls = match tokio::time::timeout(settings.message_timeout, acceptor.accept(stream))
+                .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::info!(%peer, error = %e, "SIP TLS handshake failed");
+                    ended("handshake", Transport::Tls);
+                    return;
+                }
+                Err(_) => {
+                    tracing::info!(%peer, "SIP TLS handshake timed out");
+                    ended("handshake", Transport::Tls);
+                    return;
+                }
+            };
+            let id = next_id();
+            let (tx, rx) = mpsc::channel(settings.queue);
+            driver.do_send(StreamOpened {
+                peer,
+                transport: Transport::Tls,
+                id,
+                tx,
+            });
+            serve(tls, peer, Transport::Tls, id, rx, driver, settings, slot).await;
+        });
+    }
+}
+
+/// Where and how to open a TLS connection: the client configuration (trusted roots) and
+/// the name the peer's certificate must carry.
+#[derive(Clone, Debug)]
+pub struct TlsClient {
+    /// rustls client configuration.
+    pub config: Arc<rustls::ClientConfig>,
+    /// The server name (or IP address) to verify.
+    pub name: rustls::pki_types::ServerName<'static>,
+}
+
+/// Opens an outbound TLS connection to `peer` and serves it.
+pub async fn connect_tls(
+    peer: SocketAddr,
+    client: TlsClient,
+    id: u64,
+    rx: mpsc::Receiver<Bytes>,
+    driver: Addr<SipDriver>,
+    settings: StreamSettings,
+    slot: Slot,
+) {
+    let connector = tokio_rustls::TlsConnector::from(client.config);
+    let opened = tokio::time::timeout(settings.message_timeout, async {
+        let tcp = tokio::net::TcpStream::connect(peer).await?;
+        let _ = tcp.set_nodelay(true);
+        connector.connect(client.name, tcp).await
+    })
+    .await;
+    match opened {
+        Ok(Ok(tls)) => {
+            tracing::debug!(%peer, "SIP TLS connection opened");
+            serve(tls, peer, Transport::Tls, id, rx, driver, settings, slot).await;
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(%peer, error = %e, "SIP TLS connect failed");
+            ended("handshake", Transport::Tls);
+            driver.do_send(StreamClosed {
+                peer,
+                transport: Transport::Tls,
+                id,
+            });
+        }
+        Err(_) => {
+            tracing::warn!(%peer, "SIP TLS connect timed out");
+            ended("handshake", Transport::Tls);
+            driver.do_send(StreamClosed {
+                peer,
+                transport: Transport::Tls,
+                id,
+            });
+        }
     }
 }
 

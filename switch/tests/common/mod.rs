@@ -49,6 +49,9 @@ pub struct Node {
     /// SIP over TCP, when the configuration turned it on.
     #[allow(dead_code)]
     pub sip_tcp: Option<SocketAddr>,
+    /// SIP over TLS, when the configuration turned it on.
+    #[allow(dead_code)]
+    pub sip_tls: Option<SocketAddr>,
     pub quic: SocketAddr,
     pub http: SocketAddr,
     pub trunk: SocketAddr,
@@ -165,6 +168,7 @@ password = "demo"
         Node {
             sip: addr("sip"),
             sip_tcp: json["sip_tcp"].as_str().and_then(|s| s.parse().ok()),
+            sip_tls: json["sip_tls"].as_str().and_then(|s| s.parse().ok()),
             quic: addr("quic"),
             http: addr("http"),
             trunk: ([127, 0, 0, 1], trunk_port).into(),
