@@ -136,7 +136,35 @@ pub fn next_id() -> u64 {
     NEXT_ID.fetch_add(1, Ordering::Relaxed)
 }
 
-/// Accepts TCP connections on `listener` for `driver`, until the listener fails.
+/// The next connection on `listener` that fits under the cap (others are closed at once).
+async fn accept_one(
+    listener: &tokio::net::TcpListener,
+    transport: Transport,
+    settings: StreamSettings,
+    count: &Arc<ConnectionCount>,
+) -> (tokio::net::TcpStream, SocketAddr, Slot) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                // Out of file descriptors and the like: back off, keep serving.
+                tracing::warn!(error = %e, transport = transport.as_str(), "SIP accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Some(slot) = count.try_take(settings.max_connections) else {
+            metrics::counter!(m::SIP_CONNECTIONS_REFUSED_TOTAL, "transport" => transport.as_str())
+                .increment(1);
+            tracing::warn!(%peer, transport = transport.as_str(), "SIP connection refused: too many connections");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        return (stream, peer, slot);
+    }
+}
+
+/// Accepts TCP connections on `listener` for `driver`.
 pub async fn accept_tcp(
     listener: tokio::net::TcpListener,
     driver: Addr<SipDriver>,
@@ -144,22 +172,7 @@ pub async fn accept_tcp(
     count: Arc<ConnectionCount>,
 ) {
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                // Out of file descriptors and the like: back off, keep serving.
-                tracing::warn!(error = %e, "SIP TCP accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let Some(slot) = count.try_take(settings.max_connections) else {
-            metrics::counter!(m::SIP_CONNECTIONS_REFUSED_TOTAL, "transport" => "tcp").increment(1);
-            tracing::warn!(%peer, "SIP connection refused: too many connections");
-            drop(stream);
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
+        let (stream, peer, slot) = accept_one(&listener, Transport::Tcp, settings, &count).await;
         let id = next_id();
         let (tx, rx) = mpsc::channel(settings.queue);
         driver.do_send(StreamOpened {
@@ -182,7 +195,7 @@ pub async fn accept_tcp(
 }
 
 /// Accepts TLS connections on `listener` for `driver` (the handshake bounded by the
-/// message timeout), until the listener fails.
+/// message timeout).
 pub async fn accept_tls(
     listener: tokio::net::TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
@@ -191,20 +204,7 @@ pub async fn accept_tls(
     count: Arc<ConnectionCount>,
 ) {
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "SIP TLS accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let Some(slot) = count.try_take(settings.max_connections) else {
-            metrics::counter!(m::SIP_CONNECTIONS_REFUSED_TOTAL, "transport" => "tls").increment(1);
-            tracing::warn!(%peer, "SIP TLS connection refused: too many connections");
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
+        let (stream, peer, slot) = accept_one(&listener, Transport::Tls, settings, &count).await;
         let acceptor = acceptor.clone();
         let driver = driver.clone();
         actix_rt::spawn(async move {
