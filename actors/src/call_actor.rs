@@ -39,6 +39,8 @@ pub struct CallEnv {
     pub media_timeout: Option<Duration>,
     /// How long a device has to acknowledge an offer (`None`: the ring timeout).
     pub offer_ack_timeout: Option<Duration>,
+    /// Calls ringing one user beyond which new ones get 486 (`None`: unbounded).
+    pub max_ringing: Option<usize>,
     /// The node's call handles.
     pub handles: Arc<Sequence>,
 }
@@ -173,6 +175,10 @@ impl CallActor {
                 None => self.sip(SipLegCmd::CallerRinging, ctx),
             },
             Action::Connect(plan) => {
+                // Answered: no longer ringing the callee.
+                self.callee.do_send(crate::user::Unwatch {
+                    call: self.call_handle(),
+                });
                 if let Err(e) = self.connect(plan, ctx) {
                     metrics::counter!(m::MEDIA_SETUP_FAILURES_TOTAL, "reason" => e.reason())
                         .increment(1);
@@ -306,6 +312,10 @@ impl CallActor {
                 tracing::warn!(call = %call_id, from, to, code, "trunk failed: trying the next one");
                 metrics::counter!(m::TRUNK_FAILOVERS_TOTAL, "trunk" => from.to_owned())
                     .increment(1);
+            }
+            Observation::TooManyRinging { ringing } => {
+                metrics::counter!(m::CALLS_REFUSED_BUSY_TOTAL).increment(1);
+                tracing::info!(call = %call_id, ringing, "callee has too many calls ringing: 486");
             }
             Observation::MediaTimedOut { idle } => {
                 tracing::warn!(call = %call_id, idle_ms = idle.as_millis() as u64, "no media: ending the call");

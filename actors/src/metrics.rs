@@ -29,6 +29,9 @@ pub const TRUNK_PROBES_TOTAL: &str = "parley_trunk_probes_total";
 pub const TRUNK_CALLS_TOTAL: &str = "parley_trunk_calls_total";
 /// Calls that moved on from a failed trunk to the next one, by the failed `trunk`.
 pub const TRUNK_FAILOVERS_TOTAL: &str = "parley_trunk_failovers_total";
+/// Calls refused 486 because the callee already had `[calls] max_ringing_per_user`
+/// calls ringing.
+pub const CALLS_REFUSED_BUSY_TOTAL: &str = "parley_calls_refused_ringing_cap_total";
 /// Presence updates pushed to subscribed devices.
 pub const PRESENCE_FANOUT_TOTAL: &str = "parley_presence_fanout_total";
 /// Chat messages accepted, by `result` (`delivered`, `offline`, `unknown_user`, `rejected`).
@@ -123,6 +126,11 @@ pub fn describe() {
         ANSWERED_RANK_TOTAL,
         Unit::Count,
         "Answered device calls by the predicted rank of the answering device"
+    );
+    describe_counter!(
+        CALLS_REFUSED_BUSY_TOTAL,
+        Unit::Count,
+        "Calls refused 486 because the callee already had calls.max_ringing_per_user calls ringing"
     );
     describe_counter!(
         TRUNK_CALLS_TOTAL,

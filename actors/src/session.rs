@@ -160,6 +160,7 @@ impl PresenceSession {
             ring_timeout: env.ring_timeout,
             media_timeout: env.media_timeout,
             offer_ack_timeout: env.offer_ack_timeout,
+            max_ringing: env.max_ringing,
             started: std::time::Instant::now(),
             started_wall: std::time::SystemTime::now(),
         };

@@ -59,6 +59,19 @@ impl UserActor {
         self
     }
 
+    /// Forgets watching calls that ended (their actors are gone), so a user who is called
+    /// often but never changes presence holds no dead watchers.
+    fn prune_watchers(&mut self) {
+        let core = &mut self.core;
+        self.watchers.retain(|h, w| {
+            let live = w.upgrade().is_some();
+            if !live {
+                core.handle_unwatch(*h);
+            }
+            live
+        });
+    }
+
     /// Performs what the core decided; forgets watchers and subscribers that are gone.
     fn fan_out(&mut self) {
         while let Some(out) = self.core.poll_output() {
@@ -159,6 +172,8 @@ pub struct Lookup {
 impl Handler<Lookup> for UserActor {
     type Result = MessageResult<Lookup>;
     fn handle(&mut self, m: Lookup, _: &mut Context<Self>) -> Self::Result {
+        // The view counts the calls ringing this user: forget those that ended.
+        self.prune_watchers();
         MessageResult(UserView {
             callee: self.core.callee_view(&m.caller, SystemTime::now()),
             sessions: self
@@ -246,6 +261,15 @@ pub struct Watch {
     pub to: WeakRecipient<PresenceChanged>,
 }
 
+/// The call stopped ringing (it was answered): it no longer watches, nor counts as
+/// ringing this user.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Unwatch {
+    /// The call.
+    pub call: CallHandle,
+}
+
 /// A device session of another user subscribes to this user's presence.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -328,18 +352,17 @@ pub struct AddressBookChanged {
 impl Handler<Watch> for UserActor {
     type Result = ();
     fn handle(&mut self, m: Watch, _: &mut Context<Self>) {
-        // Calls that ended since the last change are forgotten here too, so a user who is
-        // called often but never changes presence holds no dead watchers.
-        let core = &mut self.core;
-        self.watchers.retain(|h, w| {
-            let live = w.upgrade().is_some();
-            if !live {
-                core.handle_unwatch(*h);
-            }
-            live
-        });
+        self.prune_watchers();
         self.watchers.insert(m.call, m.to);
         self.core.handle_watch(m.call);
+    }
+}
+
+impl Handler<Unwatch> for UserActor {
+    type Result = ();
+    fn handle(&mut self, m: Unwatch, _: &mut Context<Self>) {
+        self.watchers.remove(&m.call);
+        self.core.handle_unwatch(m.call);
     }
 }
 

@@ -57,6 +57,17 @@ pub struct SipConfig {
     pub tcp_message_timeout_ms: u64,
     /// Most SIP connections open at once (inbound and outbound); more are refused.
     pub tcp_max_connections: usize,
+    /// SIP server transactions in flight beyond which new requests are refused (503 with
+    /// Retry-After, answered without keeping any state).
+    pub max_server_transactions: usize,
+    /// Server transactions in flight from one source address beyond which its new
+    /// requests are refused the same way, so one source cannot take the whole table;
+    /// 0: unbounded (a gateway at 1,000 calls/s holds ~32,000: 64*T1 each).
+    pub max_transactions_per_source: usize,
+    /// Live calls from one source address beyond which its new INVITEs get 503 with
+    /// Retry-After; 0: unbounded (a gateway carrying more calls than this from one
+    /// address needs it raised).
+    pub max_calls_per_source: usize,
     /// TCP listen address for SIP over TLS; off when absent.
     pub tls_listen: Option<SocketAddr>,
     /// PEM certificate chain of the TLS listener (required with `tls_listen` unless
@@ -158,6 +169,9 @@ pub struct CallsConfig {
     /// treats it as lost — withdraws it, routes on to the next device or the PSTN line —
     /// and its connection is closed; 0 waits for the ring timeout instead.
     pub offer_ack_timeout_ms: u64,
+    /// Calls ringing one user at once beyond which a new call to them is refused 486 Busy
+    /// Here (a flood of calls cannot pile up on a user's devices); 0: unbounded.
+    pub max_ringing_per_user: usize,
 }
 
 /// `[login]`
@@ -424,6 +438,9 @@ impl Default for SipConfig {
             tcp_idle_timeout_secs: 600,
             tcp_message_timeout_ms: 5000,
             tcp_max_connections: 1024,
+            max_server_transactions: 50_000,
+            max_transactions_per_source: 40_000,
+            max_calls_per_source: 2_000,
             tls_listen: None,
             tls_cert: None,
             tls_key: None,
@@ -474,6 +491,7 @@ impl Default for CallsConfig {
             ring_timeout_secs: 60,
             media_timeout_secs: 60,
             offer_ack_timeout_ms: 3000,
+            max_ringing_per_user: 200,
         }
     }
 }
@@ -697,6 +715,9 @@ impl Config {
                 "tls_cert and tls_key are required with tls_listen unless demo = true",
             ));
         }
+        if self.sip.max_server_transactions < 16 {
+            return Err(bad("sip.max_server_transactions", "must be at least 16"));
+        }
         if self.sip.tcp_max_connections == 0 {
             return Err(bad("sip.tcp_max_connections", "must be at least 1"));
         }
@@ -742,6 +763,11 @@ impl Config {
     /// Ring timeout as a duration.
     pub fn ring_timeout(&self) -> Duration {
         Duration::from_secs(self.calls.ring_timeout_secs)
+    }
+
+    /// Calls ringing one user beyond which new ones are refused, if bounded.
+    pub fn max_ringing(&self) -> Option<usize> {
+        (self.calls.max_ringing_per_user > 0).then_some(self.calls.max_ringing_per_user)
     }
 
     /// How long a device has to acknowledge an offer, if bounded.

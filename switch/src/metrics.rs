@@ -14,6 +14,8 @@ pub const SIP_RESPONSES_TOTAL: &str = "parley_sip_responses_total";
 pub const SIP_PARSE_ERRORS_TOTAL: &str = "parley_sip_parse_errors_total";
 /// SIP datagrams the socket refused to send.
 pub const SIP_SEND_ERRORS_TOTAL: &str = "parley_sip_send_errors_total";
+/// SIP transactions in flight, by `kind` (`server`, `client`).
+pub const SIP_TRANSACTIONS: &str = "parley_sip_transactions";
 /// SIP connections (TCP) open now.
 pub const SIP_CONNECTIONS: &str = "parley_sip_connections";
 /// SIP connections refused or not opened because `sip.tcp_max_connections` are open, by
@@ -29,7 +31,9 @@ pub const SIP_RETRANSMISSIONS_TOTAL: &str = "parley_sip_retransmissions_total";
 /// `CANCEL`, `INVITE`: re-INVITE or merged request). A steady rate means a peer with
 /// stale state — or someone probing Call-IDs.
 pub const SIP_UNMATCHED_REQUESTS_TOTAL: &str = "parley_sip_unmatched_requests_total";
-/// INVITEs refused with 503 while draining or overloaded.
+/// Requests refused with 503 + Retry-After, by `reason` (`draining`; `transactions`: the
+/// server-transaction cap; `transactions_per_source`: a source's share of it;
+/// `calls_per_source`: the source's live-call cap).
 pub const SIP_REJECTED_OVERLOAD_TOTAL: &str = "parley_sip_overload_rejections_total";
 /// Packets relayed, by `path` (`udp_udp`, `udp_roq`, `roq_udp`, `roq_roq`).
 pub const RELAY_PACKETS_TOTAL: &str = "parley_relay_packets_total";
@@ -133,7 +137,14 @@ fn register_zeroes() {
     }
     counter!(SIP_CONNECTIONS_CLOSED_TOTAL, "transport" => "tls", "reason" => "handshake")
         .increment(0);
-    counter!(SIP_REJECTED_OVERLOAD_TOTAL).increment(0);
+    for r in [
+        "draining",
+        "transactions",
+        "transactions_per_source",
+        "calls_per_source",
+    ] {
+        counter!(SIP_REJECTED_OVERLOAD_TOTAL, "reason" => r).increment(0);
+    }
     for method in ["BYE", "CANCEL", "INVITE"] {
         counter!(SIP_UNMATCHED_REQUESTS_TOTAL, "method" => method).increment(0);
     }
@@ -145,6 +156,7 @@ fn register_zeroes() {
     counter!(a::REROUTES_TOTAL).increment(0);
     counter!(a::MEDIA_TIMEOUTS_TOTAL).increment(0);
     counter!(a::OFFERS_UNACKNOWLEDGED_TOTAL).increment(0);
+    counter!(a::CALLS_REFUSED_BUSY_TOTAL).increment(0);
     for r in ["ports_exhausted", "unavailable"] {
         counter!(a::MEDIA_SETUP_FAILURES_TOTAL, "reason" => r).increment(0);
     }
@@ -197,6 +209,11 @@ fn describe() {
         Unit::Count,
         "SIP connections (TCP) open now"
     );
+    metrics::describe_gauge!(
+        SIP_TRANSACTIONS,
+        Unit::Count,
+        "SIP transactions in flight, by kind (server, client)"
+    );
     describe_counter!(
         SIP_CONNECTIONS_REFUSED_TOTAL,
         Unit::Count,
@@ -220,7 +237,7 @@ fn describe() {
     describe_counter!(
         SIP_REJECTED_OVERLOAD_TOTAL,
         Unit::Count,
-        "INVITEs answered 503 while draining"
+        "Requests answered 503 with Retry-After: draining, server-transaction cap, live calls per source cap"
     );
     describe_counter!(
         RELAY_PACKETS_TOTAL,

@@ -22,7 +22,7 @@ async fn a_gateway_over_tcp_reaches_the_device_and_both_sides_can_hang_up() {
     let mut cfg = node.device_config("alice", "desk");
     cfg.hangup_after = None;
     let _device = node.device(cfg).await;
-    // SIPp hangs up: 3 calls over one TCP connection.
+    // SIPp hangs up: 3 calls over one TCP connection (`-t t1`).
     let pcmu = scenario(node.dir.path(), "uac_pcmu.xml");
     let run = sipp_uac_to(
         &node,
@@ -41,7 +41,25 @@ async fn a_gateway_over_tcp_reaches_the_device_and_both_sides_can_hang_up() {
         run.output,
         node.log()
     );
-    let cdrs = node.wait_cdrs(3);
+    // One connection per call (`-t tn`): 2 more calls, each on its own connection.
+    let run = sipp_uac_to(
+        &node,
+        tcp(&node),
+        &["-sf", pcmu.to_str().unwrap()],
+        "+15550100001",
+        2,
+        2,
+        &["-t", "tn", "-max_socket", "100", "-d", "1000"],
+    )
+    .await;
+    assert_eq!(
+        (run.code, run.successful, run.failed),
+        (0, 2, 0),
+        "{}\n{}",
+        run.output,
+        node.log()
+    );
+    let cdrs = node.wait_cdrs(5);
     for c in &cdrs {
         assert_eq!(c["disposition"], "ANSWERED", "{c}");
         assert!(c["packets_in"].as_i64().unwrap() >= 20, "media flowed: {c}");
@@ -76,7 +94,7 @@ async fn a_gateway_over_tcp_reaches_the_device_and_both_sides_can_hang_up() {
         run.output,
         node.log()
     );
-    assert_eq!(node.wait_cdrs(4)[0]["disposition"], "ANSWERED");
+    assert_eq!(node.wait_cdrs(6)[0]["disposition"], "ANSWERED");
     // SIPp closed its connection when it ended.
     assert_eq!(
         wait_metric(&node, "parley_sip_connections ", |v| v == 0.0),

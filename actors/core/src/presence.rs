@@ -38,6 +38,8 @@ pub struct CalleeView {
     pub history: HashMap<String, f64>,
     /// Whether the caller is in the user's address book.
     pub caller_known: bool,
+    /// Calls ringing this user now (watching their presence).
+    pub ringing: usize,
 }
 
 /// One device's presence as operators see it.
@@ -280,6 +282,7 @@ impl UserPresence {
                 .map(|(d, (score, at))| (d.clone(), decay(*score, *at, now)))
                 .collect(),
             caller_known: self.known.contains(caller),
+            ringing: self.watchers.len(),
         }
     }
 

@@ -38,6 +38,8 @@ pub struct DriverDeps {
     pub media_timeout: Option<Duration>,
     /// How long a device has to acknowledge an offer.
     pub offer_ack_timeout: Option<Duration>,
+    /// Calls ringing one user beyond which new ones get 486.
+    pub max_ringing: Option<usize>,
     /// The node's call handles (shared with the SIP core and IM-dialled calls).
     pub handles: Arc<Sequence>,
     /// The SIP over TCP listener, when on.
@@ -144,6 +146,9 @@ impl SipDriver {
     }
 
     fn flush(&mut self, ctx: &mut Context<Self>) {
+        let (client, server) = self.core.transactions();
+        metrics::gauge!(crate::metrics::SIP_TRANSACTIONS, "kind" => "client").set(client as f64);
+        metrics::gauge!(crate::metrics::SIP_TRANSACTIONS, "kind" => "server").set(server as f64);
         while let Some(out) = self.core.poll_output() {
             match out {
                 Output::Transmit {
@@ -199,6 +204,7 @@ impl SipDriver {
                         ring_timeout: self.deps.ring_timeout,
                         media_timeout: self.deps.media_timeout,
                         offer_ack_timeout: self.deps.offer_ack_timeout,
+                        max_ringing: self.deps.max_ringing,
                         started: Instant::now(),
                         started_wall: SystemTime::now(),
                     };
@@ -248,6 +254,7 @@ impl Actor for SipDriver {
             ring_timeout: self.deps.ring_timeout,
             media_timeout: self.deps.media_timeout,
             offer_ack_timeout: self.deps.offer_ack_timeout,
+            max_ringing: self.deps.max_ringing,
             handles: self.deps.handles.clone(),
         }));
         if let Some(listener) = self.deps.tcp.take() {

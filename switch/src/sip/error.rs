@@ -41,7 +41,14 @@ pub enum SipError {
     /// The SDP offer has no audio we can relay.
     #[error("no usable audio in the SDP offer")]
     BadSdp,
+    /// Over a capacity limit (transactions, calls from the source): 503 with
+    /// `Retry-After` (RFC 3261 §21.5.4).
+    #[error("overloaded")]
+    Overloaded,
 }
+
+/// Seconds a peer refused for overload is told to wait (`Retry-After`).
+pub const OVERLOAD_RETRY_AFTER_SECS: u32 = 5;
 
 impl SipError {
     /// The status a request with this fault is answered with.
@@ -58,6 +65,7 @@ impl SipError {
             SipError::NotAcceptable => 406,
             SipError::TooManyHops => 483,
             SipError::BadSdp => 488,
+            SipError::Overloaded => 503,
         }
     }
 
@@ -72,6 +80,7 @@ impl SipError {
             SipError::UnsupportedMediaType | SipError::NotAcceptable => "bad_content_type",
             SipError::TooManyHops => "too_many_hops",
             SipError::BadSdp => "bad_sdp",
+            SipError::Overloaded => "overloaded",
         }
     }
 
@@ -82,6 +91,7 @@ impl SipError {
             SipError::UnsupportedMediaType | SipError::NotAcceptable => {
                 vec![("Accept", "application/sdp".into())]
             }
+            SipError::Overloaded => vec![("Retry-After", OVERLOAD_RETRY_AFTER_SECS.to_string())],
             _ => Vec::new(),
         }
     }

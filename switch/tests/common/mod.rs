@@ -192,6 +192,18 @@ password = "demo"
         Self::spawn(dir, trunk_port, token)
     }
 
+    /// The node process's resident memory, KiB (`VmRSS`).
+    #[allow(dead_code)]
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }
@@ -434,7 +446,7 @@ pub fn sipp_uac(
     calls: u32,
     rate: u32,
     extra: &[&str],
-) -> impl std::future::Future<Output = SippRun> + Send + 'static {
+) -> impl std::future::Future<Output = SippRun> + Send + use<> {
     sipp_uac_to(node, node.sip, scenario_args, number, calls, rate, extra)
 }
 
@@ -447,7 +459,7 @@ pub fn sipp_uac_to(
     calls: u32,
     rate: u32,
     extra: &[&str],
-) -> impl std::future::Future<Output = SippRun> + Send + 'static {
+) -> impl std::future::Future<Output = SippRun> + Send + use<> {
     let dir = node.dir.path().to_path_buf();
     let port = free_udp_port().to_string();
     let media = free_port_block(40).to_string();

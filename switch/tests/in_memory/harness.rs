@@ -127,6 +127,9 @@ impl World {
                 timers: Timers::default(),
                 rng_seed: [3; 32],
                 dialog_source_check: true,
+                max_server_transactions: 10_000,
+                max_calls_per_source: 0,
+                max_transactions_per_source: 0,
             },
             Arc::new(directory),
             handles,
@@ -376,6 +379,7 @@ impl World {
                     ring_timeout: Duration::from_secs(30),
                     media_timeout: Some(Duration::from_secs(10)),
                     offer_ack_timeout: Some(Duration::from_secs(3)),
+                    max_ringing: None,
                     started: self.now,
                     started_wall: self.wall(),
                 };

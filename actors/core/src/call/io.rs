@@ -95,6 +95,11 @@ pub enum Observation {
         /// How `from` failed.
         code: u16,
     },
+    /// The callee already had `ringing` calls ringing: this one was refused 486.
+    TooManyRinging {
+        /// Calls ringing the callee.
+        ringing: usize,
+    },
     /// A device never acknowledged its offer: presumed lost, the call routes on.
     OfferUnacknowledged {
         /// The device.
@@ -261,6 +266,9 @@ pub struct CallSpec {
     /// How long a device has to acknowledge an offer (`ringing`) before the call treats
     /// it as gone (`None`: wait for the ring timeout).
     pub offer_ack_timeout: Option<Duration>,
+    /// Calls already ringing the callee beyond which this one is refused 486 Busy Here
+    /// (`None`: unbounded): a flood of calls to one user cannot pile up on their devices.
+    pub max_ringing: Option<usize>,
     /// When the call started.
     pub started: Instant,
     /// The same instant on the wall clock (CDR times are `started_wall` plus elapsed

@@ -171,6 +171,17 @@ impl CallCore {
             return;
         }
         if self.legs.is_routing() {
+            if let Some(max) = self.spec.max_ringing
+                && view.ringing >= max
+            {
+                self.actions
+                    .push_back(Action::Observe(Observation::TooManyRinging {
+                        ringing: view.ringing,
+                    }));
+                self.legs.handle_plan(now, Plan::Reject(486), false);
+                self.pump(now);
+                return;
+            }
             let (plan, rule) = self.decide(&view, trunk_up, now_unix);
             self.actions.push_back(Action::Observe(Observation::Routed {
                 plan: plan.label(),

@@ -54,6 +54,7 @@ fn spec(origin: Origin, t0: Instant) -> CallSpec {
         ring_timeout: Duration::from_secs(30),
         media_timeout: Some(Duration::from_secs(5)),
         offer_ack_timeout: Some(Duration::from_secs(3)),
+        max_ringing: Some(2),
         started: t0,
         started_wall: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
     }
@@ -76,6 +77,7 @@ fn view(devices: Vec<DeviceState>) -> CalleeView {
         prefs: Arc::new(Preferences::default()),
         history: HashMap::new(),
         caller_known: false,
+        ringing: 0,
     }
 }
 
@@ -737,4 +739,35 @@ fn the_voice_network_is_down_for_a_number_when_no_trunk_that_reaches_it_is_up() 
             }
         ]
     );
+}
+
+#[test]
+fn a_callee_with_too_many_calls_ringing_is_busy() {
+    let t0 = Instant::now();
+    let mut c = CallCore::new(spec(Origin::Sip, t0));
+    drain(&mut c);
+    let mut v = view(vec![dev(1, "desk", Status::Available, false)]);
+    v.ringing = 2; // the spec's cap
+    c.handle_lookup(t0, v, trunks(true), NOW_UNIX);
+    assert_eq!(
+        drain_all(&mut c),
+        vec![
+            Action::Observe(Observation::TooManyRinging { ringing: 2 }),
+            Action::RejectCaller(486),
+            Action::Finish {
+                disposition: Disposition::Rejected,
+                cause: 486
+            }
+        ]
+    );
+    // One below the cap rings as usual.
+    let mut c = CallCore::new(spec(Origin::Sip, t0));
+    drain(&mut c);
+    let mut v = view(vec![dev(1, "desk", Status::Available, false)]);
+    v.ringing = 1;
+    c.handle_lookup(t0, v, trunks(true), NOW_UNIX);
+    assert!(drain(&mut c).contains(&Action::OfferDevice {
+        session: 1,
+        video: false
+    }));
 }

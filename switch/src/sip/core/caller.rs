@@ -25,21 +25,32 @@ impl SipCore {
             return;
         }
         if self.draining {
-            metrics::counter!(m::SIP_REJECTED_OVERLOAD_TOTAL).increment(1);
-            let tag = self.token(10);
-            if let Some(r) = msg::response(&req, 503, Some(&tag), None, None) {
-                let mut r = r;
-                if let Ok(h) = sipx_sip::Header::build(HeaderName::RetryAfter, "30") {
-                    r.headers.push(h);
-                }
-                let outputs = self.layer.send_response(key, r);
-                self.run_tx(now, key, outputs, false);
-            }
+            metrics::counter!(m::SIP_REJECTED_OVERLOAD_TOTAL, "reason" => "draining").increment(1);
+            // Come back after the drain: another node, or this one restarted.
+            self.respond_overloaded(now, key, &req, 30);
             return;
         }
         let Some(src) = self.dests.get(key).copied() else {
             return;
         };
+        let cap = self.cfg.max_calls_per_source;
+        if cap > 0
+            && self
+                .calls
+                .values()
+                .filter(|c| !c.done)
+                .filter_map(|c| c.caller.as_ref())
+                .filter(|l| l.src.addr.ip() == src.addr.ip())
+                .count()
+                >= cap
+        {
+            metrics::counter!(m::SIP_REJECTED_OVERLOAD_TOTAL, "reason" => "calls_per_source")
+                .increment(1);
+            tracing::debug!(%src, cap, "INVITE refused: the source's live-call cap");
+            // Statelessly: a flood must not pile up transactions retransmitting 503s.
+            self.refuse_statelessly(key, &req, &SipError::Overloaded);
+            return;
+        }
         let Some(sip_call_id) = msg::call_id(&req.headers) else {
             return;
         };
@@ -143,6 +154,19 @@ impl SipCore {
             offer,
             video,
         })));
+    }
+
+    /// 503 with `Retry-After: secs`, through the INVITE's transaction.
+    fn respond_overloaded(&mut self, now: Instant, key: &TransactionKey, req: &Request, secs: u32) {
+        let tag = self.token(10);
+        if let Some(mut r) = msg::response(req, 503, Some(&tag), None, None) {
+            let after = secs.to_string();
+            if let Ok(h) = sipx_sip::Header::build(HeaderName::RetryAfter, after) {
+                r.headers.push(h);
+            }
+            let outputs = self.layer.send_response(key, r);
+            self.run_tx(now, key, outputs, false);
+        }
     }
 
     /// An ACK from `src`: it stops our 200's retransmission only inside the matched

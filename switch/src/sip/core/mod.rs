@@ -129,6 +129,45 @@ impl std::fmt::Display for Peer {
     }
 }
 
+/// Server transactions in flight per source address.
+#[derive(Debug, Default)]
+struct SourceCounts {
+    cap: usize,
+    by_key: HashMap<TransactionKey, std::net::IpAddr>,
+    by_ip: HashMap<std::net::IpAddr, usize>,
+}
+
+impl SourceCounts {
+    fn new(cap: usize) -> Self {
+        Self {
+            cap,
+            ..Self::default()
+        }
+    }
+
+    /// Whether `ip` holds its share of transactions already.
+    fn over(&self, ip: std::net::IpAddr) -> bool {
+        self.cap > 0 && self.by_ip.get(&ip).is_some_and(|n| *n >= self.cap)
+    }
+
+    fn add(&mut self, key: &TransactionKey, ip: std::net::IpAddr) {
+        if self.by_key.insert(key.clone(), ip).is_none() {
+            *self.by_ip.entry(ip).or_insert(0) += 1;
+        }
+    }
+
+    fn remove(&mut self, key: &TransactionKey) {
+        if let Some(ip) = self.by_key.remove(key)
+            && let Some(n) = self.by_ip.get_mut(&ip)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.by_ip.remove(&ip);
+            }
+        }
+    }
+}
+
 /// Something the driver must do.
 #[derive(Debug)]
 pub enum Output {
@@ -193,6 +232,15 @@ pub struct CoreConfig {
     /// Seed of the generator behind tags, branches and Call-IDs (the node seeds it from
     /// the OS; a test fixes it).
     pub rng_seed: [u8; 32],
+    /// Server transactions in flight beyond which a new request is refused statelessly
+    /// (503, Retry-After) and forgotten at once.
+    pub max_server_transactions: usize,
+    /// Server transactions in flight from one source address beyond which its new
+    /// requests are refused like those over `max_server_transactions` (0: unbounded).
+    pub max_transactions_per_source: usize,
+    /// Live calls from one source address beyond which its new INVITEs get 503 with
+    /// Retry-After (0: unbounded).
+    pub max_calls_per_source: usize,
     /// Whether requests inside a gateway's dialog (and its CANCEL) must come from the
     /// address the dialog was set up from. Off only for gateways behind load balancers
     /// that spread one dialog over several addresses.
@@ -220,6 +268,8 @@ pub struct SipCore {
     limits: Limits,
     timers: TimerTable,
     dests: HashMap<TransactionKey, Peer>,
+    /// Server transactions in flight per source address.
+    sources: SourceCounts,
     purposes: HashMap<TransactionKey, (CallHandle, Purpose)>,
     calls: HashMap<CallHandle, Call>,
     dialogs: HashMap<dialogs::DialogKey, (CallHandle, Side)>,
@@ -253,6 +303,7 @@ impl SipCore {
     /// A core with no calls: users are found in `directory`, call handles drawn from
     /// `handles` (shared with calls dialled from IM devices, so call ids never collide).
     pub fn new(cfg: CoreConfig, directory: Arc<dyn Directory>, handles: Arc<Sequence>) -> Self {
+        let share = cfg.max_transactions_per_source;
         Self {
             layer: TransactionLayer::new(cfg.timers),
             rng: StdRng::from_seed(cfg.rng_seed),
@@ -262,6 +313,7 @@ impl SipCore {
             limits: Limits::datagram(),
             timers: TimerTable::default(),
             dests: HashMap::new(),
+            sources: SourceCounts::new(share),
             purposes: HashMap::new(),
             calls: HashMap::new(),
             dialogs: HashMap::new(),
@@ -430,8 +482,35 @@ impl SipCore {
                     return;
                 }
                 match self.layer.receive(Message::Request(req), reliability) {
+                    Dispatch::Created { key, outputs }
+                        if self.layer.len().1 > self.cfg.max_server_transactions
+                            || self.sources.over(src.addr.ip()) =>
+                    {
+                        // Over a cap: answered without a transaction, so a flood holds
+                        // no state (a retransmission is answered afresh). One source
+                        // cannot take the whole table: it has its own share.
+                        let reason = if self.layer.len().1 > self.cfg.max_server_transactions {
+                            "transactions"
+                        } else {
+                            "transactions_per_source"
+                        };
+                        metrics::counter!(m::SIP_REJECTED_OVERLOAD_TOTAL, "reason" => reason)
+                            .increment(1);
+                        self.layer.abandon(&key);
+                        for o in outputs {
+                            if let sipx_sip::transaction::Output::ToTu(ev) = o
+                                && let TuEvent::Request(r) = *ev
+                                && r.method != Method::Ack
+                            {
+                                let tag = self.token(10);
+                                let answer = msg::error_response(&r, &SipError::Overloaded, &tag);
+                                self.transmit_raw(src, 503, answer);
+                            }
+                        }
+                    }
                     Dispatch::Created { key, outputs } => {
                         self.dests.insert(key.clone(), src);
+                        self.sources.add(&key, src.addr.ip());
                         self.run_tx(now, &key, outputs, false);
                     }
                     Dispatch::Matched { key, outputs } => self.run_tx(now, &key, outputs, true),
@@ -518,12 +597,28 @@ impl SipCore {
                 }
                 // The transaction got no response it can hold, so it would wait forever:
                 // drop it (a retransmission is answered afresh).
-                self.layer.abandon(key);
-                self.dests.remove(key);
-                self.purposes.remove(key);
-                self.timers.clear_transaction(key);
+                self.forget_transaction(key);
             }
         }
+    }
+
+    /// Answers `req` with `err` outside its transaction and forgets the transaction: no
+    /// state is kept for it (a retransmission is answered afresh).
+    fn refuse_statelessly(&mut self, key: &TransactionKey, req: &Request, err: &SipError) {
+        if let Some(dest) = self.dests.get(key).copied() {
+            let tag = self.token(10);
+            let answer = msg::error_response(req, err, &tag);
+            self.transmit_raw(dest, err.status(), answer);
+        }
+        self.forget_transaction(key);
+    }
+
+    fn forget_transaction(&mut self, key: &TransactionKey) {
+        self.layer.abandon(key);
+        self.dests.remove(key);
+        self.sources.remove(key);
+        self.purposes.remove(key);
+        self.timers.clear_transaction(key);
     }
 
     /// Time passed: fires every timer due.

@@ -38,6 +38,7 @@ impl SipCore {
                 TxOut::ToTu(ev) => self.handle_tu(now, key, *ev),
                 TxOut::Terminated(_) => {
                     self.dests.remove(key);
+                    self.sources.remove(key);
                     self.purposes.remove(key);
                     self.timers.clear_transaction(key);
                 }
