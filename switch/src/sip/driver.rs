@@ -17,10 +17,11 @@ use parley_core::ids::{Sequence, call_id};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
-use super::core::{Output, SipCore, Transport};
+use super::core::{Output, SipCore};
 use super::stream::{
     self, ConnectionCount, StreamClosed, StreamMessage, StreamOpened, StreamSettings,
 };
+use super::transport::Transport;
 
 /// What the driver needs besides the core.
 pub struct DriverDeps {
@@ -84,6 +85,16 @@ impl SipDriver {
         }
     }
 
+    /// Where this driver's connections report to.
+    fn sink(&self, ctx: &Context<Self>) -> stream::Sink {
+        let me = ctx.address();
+        stream::Sink {
+            msg: me.clone().recipient(),
+            opened: me.clone().recipient(),
+            closed: me.recipient(),
+        }
+    }
+
     /// Queues `data` on the connection to `dest`, opening one when there is none.
     fn send_stream(
         &mut self,
@@ -123,7 +134,7 @@ impl SipDriver {
                     client,
                     id,
                     rx,
-                    ctx.address(),
+                    self.sink(ctx),
                     self.deps.stream,
                     slot,
                 )),
@@ -131,7 +142,7 @@ impl SipDriver {
                     dest,
                     id,
                     rx,
-                    ctx.address(),
+                    self.sink(ctx),
                     self.deps.stream,
                     slot,
                 )),
@@ -260,7 +271,7 @@ impl Actor for SipDriver {
         if let Some(listener) = self.deps.tcp.take() {
             actix_rt::spawn(stream::accept_tcp(
                 listener,
-                ctx.address(),
+                self.sink(ctx),
                 self.deps.stream,
                 self.conn_count.clone(),
             ));
@@ -269,7 +280,7 @@ impl Actor for SipDriver {
             actix_rt::spawn(stream::accept_tls(
                 listener,
                 tokio_rustls::TlsAcceptor::from(config),
-                ctx.address(),
+                self.sink(ctx),
                 self.deps.stream,
                 self.conn_count.clone(),
             ));

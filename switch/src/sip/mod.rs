@@ -21,6 +21,7 @@ pub mod error;
 mod msg;
 pub mod stream;
 pub mod tls;
+pub mod transport;
 pub mod validate;
 
 #[cfg(test)]

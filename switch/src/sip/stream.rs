@@ -3,7 +3,7 @@
 //!
 //! Each connection is a task on the SIP thread's runtime: it frames messages off the byte
 //! stream with `sipx-sip`'s [`StreamParser`] (Content-Length framing, size limits checked
-//! before allocation) and hands each parsed message to the [`SipDriver`] actor, and it
+//! before allocation) and hands each parsed message to the SIP driver actor (through a [`Sink`]), and it
 //! writes what the driver queues for it. The driver keeps the table of live connections
 //! by remote address, so a response goes back over the connection its request came on and
 //! later requests to that peer reuse it (RFC 3261 §18.2.2); a message to a peer with no
@@ -26,8 +26,7 @@ use sipx_sip::{Limits, Message, StreamParser};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use super::core::Transport;
-use super::driver::SipDriver;
+use super::transport::Transport;
 use crate::metrics as m;
 
 /// Limits and timeouts of SIP connections.
@@ -90,6 +89,18 @@ pub struct StreamClosed {
     pub transport: Transport,
     /// Its id.
     pub id: u64,
+}
+
+/// Where connections report to (the SIP driver's recipients; recipients rather than its
+/// address, so this module does not depend on the driver's).
+#[derive(Clone)]
+pub struct Sink {
+    /// Messages framed off a connection.
+    pub msg: Recipient<StreamMessage>,
+    /// Connections accepted.
+    pub opened: Recipient<StreamOpened>,
+    /// Connections ended.
+    pub closed: Recipient<StreamClosed>,
 }
 
 /// Counts open connections against the cap.
@@ -167,7 +178,7 @@ async fn accept_one(
 /// Accepts TCP connections on `listener` for `driver`.
 pub async fn accept_tcp(
     listener: tokio::net::TcpListener,
-    driver: Addr<SipDriver>,
+    driver: Sink,
     settings: StreamSettings,
     count: Arc<ConnectionCount>,
 ) {
@@ -175,7 +186,7 @@ pub async fn accept_tcp(
         let (stream, peer, slot) = accept_one(&listener, Transport::Tcp, settings, &count).await;
         let id = next_id();
         let (tx, rx) = mpsc::channel(settings.queue);
-        driver.do_send(StreamOpened {
+        driver.opened.do_send(StreamOpened {
             peer,
             transport: Transport::Tcp,
             id,
@@ -199,7 +210,7 @@ pub async fn accept_tcp(
 pub async fn accept_tls(
     listener: tokio::net::TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
-    driver: Addr<SipDriver>,
+    driver: Sink,
     settings: StreamSettings,
     count: Arc<ConnectionCount>,
 ) {
@@ -225,7 +236,7 @@ pub async fn accept_tls(
             };
             let id = next_id();
             let (tx, rx) = mpsc::channel(settings.queue);
-            driver.do_send(StreamOpened {
+            driver.opened.do_send(StreamOpened {
                 peer,
                 transport: Transport::Tls,
                 id,
@@ -252,7 +263,7 @@ pub async fn connect_tls(
     client: TlsClient,
     id: u64,
     rx: mpsc::Receiver<Bytes>,
-    driver: Addr<SipDriver>,
+    driver: Sink,
     settings: StreamSettings,
     slot: Slot,
 ) {
@@ -271,7 +282,7 @@ pub async fn connect_tls(
         Ok(Err(e)) => {
             tracing::warn!(%peer, error = %e, "SIP TLS connect failed");
             ended("handshake", Transport::Tls);
-            driver.do_send(StreamClosed {
+            driver.closed.do_send(StreamClosed {
                 peer,
                 transport: Transport::Tls,
                 id,
@@ -280,7 +291,7 @@ pub async fn connect_tls(
         Err(_) => {
             tracing::warn!(%peer, "SIP TLS connect timed out");
             ended("handshake", Transport::Tls);
-            driver.do_send(StreamClosed {
+            driver.closed.do_send(StreamClosed {
                 peer,
                 transport: Transport::Tls,
                 id,
@@ -296,7 +307,7 @@ pub async fn connect_tcp(
     peer: SocketAddr,
     id: u64,
     rx: mpsc::Receiver<Bytes>,
-    driver: Addr<SipDriver>,
+    driver: Sink,
     settings: StreamSettings,
     slot: Slot,
 ) {
@@ -313,7 +324,7 @@ pub async fn connect_tcp(
         }
         Ok(Err(e)) => {
             tracing::warn!(%peer, error = %e, "SIP TCP connect failed");
-            driver.do_send(StreamClosed {
+            driver.closed.do_send(StreamClosed {
                 peer,
                 transport: Transport::Tcp,
                 id,
@@ -321,7 +332,7 @@ pub async fn connect_tcp(
         }
         Err(_) => {
             tracing::warn!(%peer, "SIP TCP connect timed out");
-            driver.do_send(StreamClosed {
+            driver.closed.do_send(StreamClosed {
                 peer,
                 transport: Transport::Tcp,
                 id,
@@ -344,7 +355,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     transport: Transport,
     id: u64,
     mut rx: mpsc::Receiver<Bytes>,
-    driver: Addr<SipDriver>,
+    driver: Sink,
     settings: StreamSettings,
     _slot: Slot,
 ) {
@@ -371,7 +382,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 match parser.push(&buf[..n]) {
                     Ok(msgs) => {
                         for msg in msgs {
-                            driver.do_send(StreamMessage { peer, transport, msg });
+                            driver.msg.do_send(StreamMessage { peer, transport, msg });
                         }
                     }
                     Err(e) => {
@@ -402,7 +413,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     };
     ended(reason, transport);
     let _ = write.shutdown().await;
-    driver.do_send(StreamClosed {
+    driver.closed.do_send(StreamClosed {
         peer,
         transport,
         id,

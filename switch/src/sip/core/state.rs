@@ -9,6 +9,8 @@ use bytes::Bytes;
 use parley_codecs::sdp;
 use sipx_sip::{Request, TransactionKey, Uri};
 
+use crate::sip::transport::Peer;
+
 /// Which dialog of a call a Call-ID names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Side {
@@ -46,7 +48,7 @@ pub(super) struct Call {
 pub(super) struct CallerLeg {
     pub(super) invite: Request,
     pub(super) key: TransactionKey,
-    pub(super) src: super::Peer,
+    pub(super) src: Peer,
     pub(super) local_tag: String,
     pub(super) final_sent: bool,
     pub(super) ok: Option<Bytes>,
@@ -73,7 +75,7 @@ pub(super) struct TrunkLeg {
     pub(super) local_tag: String,
     pub(super) call_id: String,
     pub(super) invite: Request,
-    pub(super) dest: super::Peer,
+    pub(super) dest: Peer,
     pub(super) to_value: Option<String>,
     pub(super) remote_target: Option<Uri>,
     pub(super) answered: bool,
