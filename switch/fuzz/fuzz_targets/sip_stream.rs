@@ -12,7 +12,7 @@ use libfuzzer_sys::fuzz_target;
 use parley_core::directory::{StaticDirectory, UserIdentity};
 use parley_core::ids::Sequence;
 use parley_switch::sip::core::{CoreConfig, SipCore, Transport, TrunkTarget};
-use sipx_sip::{Limits, StreamParser};
+use sipx_sip::StreamParser;
 
 fuzz_target!(|data: &[u8]| {
     let directory = StaticDirectory(vec![UserIdentity {
@@ -43,7 +43,7 @@ fuzz_target!(|data: &[u8]| {
     );
     let t0 = Instant::now();
     let gw = "127.0.0.1:5070".parse().unwrap();
-    let mut parser = StreamParser::new(Limits::stream());
+    let mut parser = StreamParser::new(parley_switch::sip::stream::limits());
     'stream: for (i, chunk) in data.split(|b| *b == 0).take(64).enumerate() {
         match parser.push(chunk) {
             Ok(msgs) => {

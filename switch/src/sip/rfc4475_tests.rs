@@ -143,12 +143,12 @@ fn every_ipv6_torture_message_is_answered() {
 /// (RFC 3261 §18.3), so that is every message without one, and invalid ones.
 #[test]
 fn every_torture_message_frames_the_same_split_at_every_byte_over_tcp() {
-    use sipx_sip::{Limits, StreamParser};
+    use sipx_sip::StreamParser;
 
     use super::core::Transport;
 
     fn frame(pieces: &[&[u8]]) -> (Result<Vec<Bytes>, String>, usize) {
-        let mut p = StreamParser::new(Limits::stream());
+        let mut p = StreamParser::new(crate::sip::stream::limits());
         let mut out = Vec::new();
         for piece in pieces {
             match p.push(piece) {
@@ -191,7 +191,7 @@ fn every_torture_message_frames_the_same_split_at_every_byte_over_tcp() {
                 let mut c = core();
                 let mut tx = Vec::new();
                 for m in msgs {
-                    let msg = sipx_sip::parse_datagram(m, &Limits::stream())
+                    let msg = sipx_sip::parse_datagram(m, &crate::sip::stream::limits())
                         .expect("what the stream parser framed parses");
                     c.handle_stream_message(
                         Instant::now(),

@@ -29,6 +29,14 @@ use tokio::sync::mpsc;
 use super::transport::Transport;
 use crate::metrics as m;
 
+/// Parse limits on a connection: the datagram ones (64 KiB a message). `sipx-sip`'s
+/// stream defaults allow 1 MiB, which over `max_connections` connections each holding a
+/// partial message would let peers pin a GiB; no SIP message a gateway or trunk sends
+/// comes near 64 KiB.
+pub fn limits() -> Limits {
+    Limits::datagram()
+}
+
 /// Limits and timeouts of SIP connections.
 #[derive(Debug, Clone, Copy)]
 pub struct StreamSettings {
@@ -360,7 +368,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     _slot: Slot,
 ) {
     let (mut read, mut write) = tokio::io::split(stream);
-    let mut parser = StreamParser::new(Limits::stream());
+    let mut parser = StreamParser::new(limits());
     let mut buf = vec![0u8; 16 * 1024];
     // When the partial message now buffered began arriving.
     let mut partial_since: Option<tokio::time::Instant> = None;
