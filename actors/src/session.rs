@@ -96,7 +96,7 @@ impl PresenceSession {
 
     fn subscribe(&mut self, users: Vec<String>, ctx: &mut Context<Self>) {
         for u in users {
-            match self.owner.registry.user_by_name(&self.owner.id.tenant, &u) {
+            match self.find_user(&u) {
                 Some(r) => {
                     r.addr.do_send(Subscribe {
                         session: self.id,
@@ -104,15 +104,26 @@ impl PresenceSession {
                     });
                     self.watching.insert(u);
                 }
-                None => self.error("unknown_user", format!("no user {u} in your tenant")),
+                None => self.error("unknown_user", format!("no user {u} you can reach")),
             }
         }
+    }
+
+    /// A user named by a device: `user` of the own tenant, or `user@tenant` of a tenant
+    /// both sides federate with (`None` for anyone else, whether they exist or not).
+    fn find_user(&self, name: &str) -> Option<crate::registry::UserRef> {
+        let own = &self.owner.id.tenant;
+        let (tenant, user) = parley_core::directory::split_name(own, name);
+        if !self.owner.registry.federated(own, tenant) {
+            return None;
+        }
+        self.owner.registry.user_by_name(tenant, user)
     }
 
     fn unsubscribe(&mut self, users: Vec<String>) {
         for u in users {
             if self.watching.remove(&u)
-                && let Some(r) = self.owner.registry.user_by_name(&self.owner.id.tenant, &u)
+                && let Some(r) = self.find_user(&u)
             {
                 r.addr.do_send(Unsubscribe(self.id));
             }
@@ -235,16 +246,22 @@ impl PresenceSession {
                     .into(),
             );
         }
-        let Some(r) = self.owner.registry.user_by_name(&self.owner.id.tenant, &to) else {
+        let Some(r) = self.find_user(&to) else {
             metrics::counter!(m::CHAT_MESSAGES_TOTAL, "result" => "unknown_user").increment(1);
-            return self.error("unknown_user", format!("no user {to} in your tenant"));
+            return self.error("unknown_user", format!("no user {to} you can reach"));
+        };
+        // A recipient of another tenant sees the sender as `user@tenant`.
+        let from = if r.id.tenant == self.owner.id.tenant {
+            self.owner.id.user.clone()
+        } else {
+            format!("{}@{}", self.owner.id.user, self.owner.id.tenant)
         };
         let sent_at_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
         let deliver = Deliver {
-            from: self.owner.id.user.clone(),
+            from,
             text,
             id: self.owner.chat_ids.next(),
             sent_at_ms,

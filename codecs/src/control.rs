@@ -38,10 +38,15 @@ pub enum ClientMsg {
         tenant: String,
         /// User name within the tenant.
         user: String,
-        /// Password (sent over the TLS 1.3 QUIC connection, verified against a hash).
+        /// Password (sent over the TLS 1.3 QUIC connection; verified against a hash, or,
+        /// for a tenant with a directory, by the tenant's auth agent). Empty with `token`.
+        #[serde(default)]
         password: String,
         /// A name for this device, unique per user (e.g. `desktop`).
         device: String,
+        /// A session token from an earlier `login_ok`, instead of the password.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
     },
     /// Presence of this device.
     Presence {
@@ -163,6 +168,13 @@ pub enum ServerMsg {
         number: String,
         /// Id of this device session.
         session: u64,
+        /// A session token: `login` with it (and no password) reconnects until it expires
+        /// or the directory ends it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
+        /// The user's display name, when the directory gives one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        display_name: Option<String>,
     },
     /// A request failed; `fatal` errors close the connection.
     Error {
@@ -286,9 +298,18 @@ pub enum ServerMsg {
 /// Appends one framed message; refuses (and appends nothing) when its body would exceed
 /// [`MAX_FRAME`], which the peer would take for a protocol violation.
 pub fn encode<T: Serialize>(msg: &T, out: &mut BytesMut) -> Result<(), CodecError> {
+    encode_within(msg, out, MAX_FRAME)
+}
+
+/// [`encode`] with another body limit (the agent protocol's frames are larger).
+pub(crate) fn encode_within<T: Serialize>(
+    msg: &T,
+    out: &mut BytesMut,
+    limit: usize,
+) -> Result<(), CodecError> {
     // Serialising these plain data enums cannot fail (no maps with non-string keys).
     let json = serde_json::to_vec(msg).map_err(|e| CodecError::Control(e.to_string()))?;
-    if json.len() > MAX_FRAME {
+    if json.len() > limit {
         return Err(CodecError::FrameTooLarge(json.len()));
     }
     out.reserve(4 + json.len());
@@ -423,8 +444,13 @@ impl AddressBookMirror {
 
 /// Reads the frame length from a 4-byte header, enforcing [`MAX_FRAME`].
 pub fn frame_len(header: [u8; 4]) -> Result<usize, CodecError> {
+    frame_len_within(header, MAX_FRAME)
+}
+
+/// [`frame_len`] with another body limit.
+pub(crate) fn frame_len_within(header: [u8; 4], limit: usize) -> Result<usize, CodecError> {
     let len = u32::from_be_bytes(header) as usize;
-    if len > MAX_FRAME {
+    if len > limit {
         return Err(CodecError::FrameTooLarge(len));
     }
     Ok(len)

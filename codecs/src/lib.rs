@@ -8,6 +8,7 @@
 //! - [`sdp`]: the SDP offer/answer subset a G.711 B2BUA needs (RFC 3264).
 //! - [`control`]: the JSON control messages of the Parley IM protocol and their
 //!   length-prefixed framing (`docs/protocol.md`).
+//! - [`agent`]: the node ↔ auth agent protocol of federated tenants (`docs/auth.md`).
 //!
 //! Library choices: SDP is parsed with Mozilla's `webrtc-sdp` (the parser Firefox ships,
 //! strict and fuzzed); answers are written by hand because the subset is tiny and must be
@@ -24,6 +25,7 @@
 //! assert_eq!((flow, payload.len()), (7, 4));
 //! ```
 
+pub mod agent;
 pub mod control;
 pub mod g711;
 pub mod roq;

@@ -395,13 +395,16 @@ impl Device {
                 user: cfg.user.clone(),
                 password: cfg.password.clone(),
                 device: cfg.device.clone(),
+                token: None,
             },
         )
         .await?;
         let mut body = Vec::new();
         read_frame(&mut recv, &mut body).await?;
         match control::decode::<ServerMsg>(&body) {
-            Ok(ServerMsg::LoginOk { number, session }) => Ok((conn, writer, recv, number, session)),
+            Ok(ServerMsg::LoginOk {
+                number, session, ..
+            }) => Ok((conn, writer, recv, number, session)),
             Ok(ServerMsg::Error { code, message, .. }) => {
                 Err(DeviceError::Auth(format!("{code}: {message}")))
             }
@@ -971,6 +974,8 @@ mod tests {
                 &ServerMsg::LoginOk {
                     number: "+15550100001".into(),
                     session: 7,
+                    token: None,
+                    display_name: None,
                 },
             )
             .await;

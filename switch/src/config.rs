@@ -40,6 +40,64 @@ pub struct Config {
     pub number_plan: Vec<NumberPlanConfig>,
     /// Users of the built-in user store.
     pub users: Vec<UserConfig>,
+    /// Federated authentication: the auth agent endpoint and its limits.
+    pub federation: FederationConfig,
+}
+
+/// `[federation]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FederationConfig {
+    /// Where auth agents connect (QUIC, mutual TLS). Unset: no agent endpoint (tenants
+    /// with a directory then refuse every login with `no_agent`). Demo mode listens on
+    /// 127.0.0.1:4434.
+    pub listen: Option<SocketAddr>,
+    /// How long a login waits for the agent's answer, ms.
+    pub request_timeout_ms: u64,
+    /// Logins of one tenant waiting for agents at once; more are refused `directory_busy`.
+    pub max_pending_per_tenant: usize,
+    /// After a tenant's last agent disconnected, seconds during which devices may still
+    /// reconnect with a session token (sessions already up are never cut for it).
+    pub no_agent_grace_secs: u64,
+    /// Lifetime of the certificates issued to agents, seconds (they renew when a quarter is
+    /// left).
+    pub agent_cert_secs: u64,
+    /// Lifetime of device session tokens, seconds.
+    pub session_token_secs: u64,
+    /// Lifetime of enrolment tokens, seconds.
+    pub enrolment_token_secs: u64,
+    /// Most users one tenant's directory may list.
+    pub max_directory_users: usize,
+}
+
+impl Default for FederationConfig {
+    fn default() -> Self {
+        let d = crate::federation::Settings::default();
+        Self {
+            listen: None,
+            request_timeout_ms: d.request_timeout.as_millis() as u64,
+            max_pending_per_tenant: d.max_pending_per_tenant,
+            no_agent_grace_secs: d.no_agent_grace.as_secs(),
+            agent_cert_secs: d.agent_cert_lifetime.as_secs(),
+            session_token_secs: d.session_token_lifetime.as_secs(),
+            enrolment_token_secs: crate::store::tenants::ENROLMENT_TOKEN_LIFETIME.as_secs(),
+            max_directory_users: d.max_directory_users,
+        }
+    }
+}
+
+impl FederationConfig {
+    /// As the federation takes them.
+    pub fn settings(&self) -> crate::federation::Settings {
+        crate::federation::Settings {
+            request_timeout: Duration::from_millis(self.request_timeout_ms.max(1)),
+            max_pending_per_tenant: self.max_pending_per_tenant.max(1),
+            no_agent_grace: Duration::from_secs(self.no_agent_grace_secs),
+            agent_cert_lifetime: Duration::from_secs(self.agent_cert_secs.max(60)),
+            session_token_lifetime: Duration::from_secs(self.session_token_secs),
+            max_directory_users: self.max_directory_users,
+        }
+    }
 }
 
 /// `[sip]`
@@ -423,6 +481,7 @@ impl Default for Config {
             trunks: Vec::new(),
             number_plan: Vec::new(),
             users: Vec::new(),
+            federation: FederationConfig::default(),
         }
     }
 }
@@ -562,6 +621,10 @@ impl Config {
                 weight: default_priority(),
             }],
             users,
+            federation: FederationConfig {
+                listen: Some(([127, 0, 0, 1], 4434).into()),
+                ..FederationConfig::default()
+            },
             ..Self::default()
         }
     }

@@ -11,7 +11,9 @@
 //! actix_rt::System::new().block_on(parley_switch::node::run(cfg)).unwrap();
 //! ```
 
+pub mod agent;
 pub mod config;
+pub mod federation;
 pub mod http;
 pub mod im;
 pub mod metrics;

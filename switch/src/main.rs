@@ -44,6 +44,240 @@ enum Cmd {
         /// The file.
         config: PathBuf,
     },
+    /// Manage tenants of a running node through its admin API: create one, issue
+    /// enrolment tokens for its auth agents, list and revoke agents, set federation rules.
+    Tenant {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        cmd: TenantCmd,
+    },
+    /// Run an auth agent: the process inside an enterprise network that checks its users'
+    /// passwords against the enterprise's LDAP / Active Directory for the node
+    /// (docs/auth.md). `enroll` once with a token from `parley tenant token`, then `run`.
+    AuthAgent {
+        #[command(subcommand)]
+        cmd: AgentCmd,
+    },
+}
+
+/// Where the node's admin API is.
+#[derive(clap::Args, Debug)]
+struct AdminArgs {
+    /// The node's HTTP address (default: from <data-dir>/node.json).
+    #[arg(long)]
+    node: Option<String>,
+    /// Admin token (default: <data-dir>/admin-token).
+    #[arg(long, env = "PARLEY_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// The running node's data directory.
+    #[arg(long, default_value = "parley-data")]
+    data_dir: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+enum TenantCmd {
+    /// Create a tenant (or change its region / directory flag).
+    Create {
+        /// Tenant name (a-z, 0-9, '.', '_', '-').
+        name: String,
+        /// ISO 3166 region for its users' directory numbers (e.g. FR, US).
+        #[arg(long)]
+        region: String,
+        /// Its users log in through auth agents against its directory.
+        #[arg(long)]
+        directory: bool,
+    },
+    /// List tenants.
+    List,
+    /// Issue a one-time enrolment token for an auth agent of a tenant.
+    Token {
+        /// Tenant name.
+        name: String,
+        /// Seconds the token stays usable (default: the node's federation.enrolment_token_secs).
+        #[arg(long)]
+        ttl_secs: Option<u64>,
+    },
+    /// List a tenant's agents.
+    Agents {
+        /// Tenant name.
+        name: String,
+    },
+    /// Revoke an agent: its connection is closed and refused from then on.
+    Revoke {
+        /// Agent id (from `agents`).
+        agent: String,
+    },
+    /// Set which tenants a tenant's users may reach (both sides must allow each other).
+    Federate {
+        /// Tenant name.
+        name: String,
+        /// Tenants allowed (none: no federation).
+        allow: Vec<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AgentCmd {
+    /// Enrol with the node: present the token once, generate a key pair, keep the
+    /// certificate the node signs.
+    Enroll {
+        /// The node's agent endpoint, host:port.
+        #[arg(long)]
+        node: String,
+        /// The enrolment token (`parley tenant token`).
+        #[arg(long, env = "PARLEY_ENROLMENT_TOKEN", hide_env_values = true)]
+        token: String,
+        /// Where to keep the key, certificate and node pin.
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// A name for this agent, shown to operators (default: the host name).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Serve the node's login requests (see auth-agent.example.toml).
+    Run {
+        /// The agent's TOML configuration.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+/// Calls the admin API.
+fn admin(
+    args: &AdminArgs,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> anyhow::Result<serde_json::Value> {
+    let base = match &args.node {
+        Some(n) if n.starts_with("http") => n.trim_end_matches('/').to_owned(),
+        Some(n) => format!("http://{n}"),
+        None => {
+            let p = args.data_dir.join("node.json");
+            let info: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&p).map_err(|e| {
+                    anyhow::anyhow!("{}: {e} (is the node running? or give --node)", p.display())
+                })?)?;
+            format!("http://{}", info["http"].as_str().unwrap_or_default())
+        }
+    };
+    let token = match &args.token {
+        Some(t) => t.clone(),
+        None => {
+            let p = args.data_dir.join("admin-token");
+            std::fs::read_to_string(&p)
+                .map_err(|e| anyhow::anyhow!("{}: {e} (or give --token)", p.display()))?
+                .trim()
+                .to_owned()
+        }
+    };
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let url = format!("{base}{path}");
+    let auth = format!("Bearer {token}");
+    let mut resp = match (method, body) {
+        ("GET", _) => agent.get(&url).header("Authorization", &auth).call()?,
+        ("POST", Some(b)) => agent
+            .post(&url)
+            .header("Authorization", &auth)
+            .send_json(b)?,
+        ("POST", None) => agent
+            .post(&url)
+            .header("Authorization", &auth)
+            .send_empty()?,
+        (_, b) => agent
+            .put(&url)
+            .header("Authorization", &auth)
+            .send_json(b.unwrap_or_default())?,
+    };
+    let status = resp.status().as_u16();
+    let text = resp.body_mut().read_to_string()?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+    if status >= 300 {
+        anyhow::bail!("{method} {path}: HTTP {status}: {value}");
+    }
+    Ok(value)
+}
+
+fn tenant(admin_args: &AdminArgs, cmd: TenantCmd) -> anyhow::Result<()> {
+    let out = match cmd {
+        TenantCmd::Create {
+            name,
+            region,
+            directory,
+        } => admin(
+            admin_args,
+            "POST",
+            "/api/v1/tenants",
+            Some(serde_json::json!({"name": name, "region": region, "directory": directory})),
+        )?,
+        TenantCmd::List => admin(admin_args, "GET", "/api/v1/tenants", None)?,
+        TenantCmd::Token { name, ttl_secs } => admin(
+            admin_args,
+            "POST",
+            &format!("/api/v1/tenants/{name}/enrolment-tokens"),
+            Some(serde_json::json!({"ttl_secs": ttl_secs})),
+        )?,
+        TenantCmd::Agents { name } => admin(
+            admin_args,
+            "GET",
+            &format!("/api/v1/tenants/{name}/agents"),
+            None,
+        )?,
+        TenantCmd::Revoke { agent } => admin(
+            admin_args,
+            "POST",
+            &format!("/api/v1/agents/{agent}/revoke"),
+            None,
+        )?,
+        TenantCmd::Federate { name, allow } => admin(
+            admin_args,
+            "PUT",
+            &format!("/api/v1/tenants/{name}/federation"),
+            Some(serde_json::json!({"allow": allow})),
+        )?,
+    };
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+fn auth_agent(cmd: AgentCmd) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    match cmd {
+        AgentCmd::Enroll {
+            node,
+            token,
+            state_dir,
+            name,
+        } => {
+            let name = name.unwrap_or_else(|| {
+                std::fs::read_to_string("/etc/hostname")
+                    .map(|h| h.trim().to_owned())
+                    .unwrap_or_else(|_| "agent".into())
+            });
+            let state = rt.block_on(parley_switch::agent::enroll(
+                &node, &token, &state_dir, &name,
+            ))?;
+            println!(
+                "enrolled: agent {} of tenant {} (state in {})",
+                state.agent_id,
+                state.tenant,
+                state_dir.display()
+            );
+            Ok(())
+        }
+        AgentCmd::Run { config } => {
+            let cfg = parley_switch::agent::AgentConfig::load(&config)?;
+            rt.block_on(parley_switch::agent::run(cfg))
+        }
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -57,6 +291,8 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().cmd {
+        Cmd::Tenant { admin, cmd } => tenant(&admin, cmd),
+        Cmd::AuthAgent { cmd } => auth_agent(cmd),
         Cmd::CheckConfig { config } => {
             Config::load(&config)?;
             println!("{}: ok", config.display());

@@ -66,6 +66,20 @@ pub const ADDRESS_BOOK_REFUSED_TOTAL: &str = "parley_address_book_refused_total"
 pub const IM_FRAMES_REFUSED_TOTAL: &str = "parley_im_frames_refused_total";
 /// IM logins, by `tenant` and `result`.
 pub const AUTH_RESULTS_TOTAL: &str = "parley_auth_results_total";
+/// Auth agents connected now, by `tenant` (directory tenants only).
+pub const AUTH_AGENTS_CONNECTED: &str = "parley_auth_agents_connected";
+/// Time from sending a login or check to an agent to its answer, by `tenant`.
+pub const AUTH_AGENT_REQUEST_SECONDS: &str = "parley_auth_agent_request_seconds";
+/// Agent TLS handshakes refused, by `reason` (`untrusted`: not from the agent CA;
+/// `revoked`: a revoked or unknown agent certificate).
+pub const AUTH_AGENT_HANDSHAKES_REFUSED_TOTAL: &str = "parley_auth_agent_handshakes_refused_total";
+/// Agent enrolments, by `result` (`ok`, `bad_token`, `bad_csr`, `store`).
+pub const AUTH_AGENT_ENROLMENTS_TOTAL: &str = "parley_auth_agent_enrolments_total";
+/// Users the last directory sync listed, by `tenant`.
+pub const DIRECTORY_USERS: &str = "parley_directory_users";
+/// Directory numbers the last sync of a tenant could not route to their user because
+/// another user (of any tenant) already has them, by `tenant`.
+pub const DIRECTORY_NUMBERS_REFUSED: &str = "parley_directory_numbers_refused";
 /// Malformed IM control messages or datagrams, by `kind`.
 pub const IM_PROTOCOL_ERRORS_TOTAL: &str = "parley_im_protocol_errors_total";
 /// QUIC connections refused before their handshake, by `reason` (`pending_per_source`,
@@ -178,6 +192,12 @@ fn register_zeroes() {
     let _ = metrics::histogram!(RELAY_FORWARD_SECONDS);
     for r in ["accepted", "moved", "rejected"] {
         counter!(SIP_REINVITES_TOTAL, "result" => r).increment(0);
+    }
+    for r in ["untrusted", "revoked"] {
+        counter!(AUTH_AGENT_HANDSHAKES_REFUSED_TOTAL, "reason" => r).increment(0);
+    }
+    for r in ["ok", "bad_token", "bad_csr"] {
+        counter!(AUTH_AGENT_ENROLMENTS_TOTAL, "result" => r).increment(0);
     }
     gauge!(a::CALLS_ACTIVE).set(0.0);
     gauge!(a::PRESENCE_SESSIONS_ACTIVE).set(0.0);
@@ -304,6 +324,36 @@ fn describe() {
         AUTH_RESULTS_TOTAL,
         Unit::Count,
         "IM device logins by tenant and result"
+    );
+    describe_gauge!(
+        AUTH_AGENTS_CONNECTED,
+        Unit::Count,
+        "Auth agents connected now, by tenant"
+    );
+    metrics::describe_histogram!(
+        AUTH_AGENT_REQUEST_SECONDS,
+        Unit::Seconds,
+        "Time from a login or token check sent to an auth agent to its answer, by tenant"
+    );
+    describe_counter!(
+        AUTH_AGENT_HANDSHAKES_REFUSED_TOTAL,
+        Unit::Count,
+        "Auth agent TLS handshakes refused, by reason (untrusted: not from the agent CA; revoked)"
+    );
+    describe_counter!(
+        AUTH_AGENT_ENROLMENTS_TOTAL,
+        Unit::Count,
+        "Auth agent enrolments, by result"
+    );
+    describe_gauge!(
+        DIRECTORY_NUMBERS_REFUSED,
+        Unit::Count,
+        "Directory numbers of the last sync not routed to their user: another user already has them"
+    );
+    describe_gauge!(
+        DIRECTORY_USERS,
+        Unit::Count,
+        "Users the last directory sync of a tenant listed"
     );
     describe_counter!(
         IM_CONNECTIONS_REFUSED_TOTAL,

@@ -15,10 +15,13 @@ use parley_core::rules::Preferences;
 use serde::Serialize;
 
 use crate::config::Config;
+use crate::federation::ca::AgentCa;
+use crate::federation::{Federation, UserSink};
 use crate::im::{cert, quic};
 use crate::relay::{Relay, RelaySettings};
 use crate::sip::core::{CoreConfig, SipCore};
 use crate::sip::driver::{Drain, DriverDeps, SipDriver};
+use crate::store::tenants::DirectoryUserRow;
 use crate::store::{Store, cdr_writer};
 use crate::{http, metrics as m, numbers};
 
@@ -35,6 +38,8 @@ pub struct NodeInfo {
     pub quic: SocketAddr,
     /// HTTP address.
     pub http: SocketAddr,
+    /// Auth agent endpoint, when `[federation] listen` is set.
+    pub agents: Option<SocketAddr>,
     /// Process id.
     pub pid: u32,
 }
@@ -62,7 +67,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             .await?;
     }
     let registry = Arc::new(Registry::default());
-    for u in store.users().await? {
+    let users = Arc::new(RegistryUsers {
+        registry: registry.clone(),
+        store: store.clone(),
+        directory: dashmap::DashSet::new(),
+    });
+    for (u, from_directory) in store.all_users().await? {
         let prefs = match store.preferences(&u.tenant, &u.user).await? {
             Some(json) => Preferences::from_json(&json).unwrap_or_else(|e| {
                 tracing::error!(tenant = %u.tenant, user = %u.user, error = %e, "stored preferences unusable; using defaults");
@@ -70,27 +80,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             }),
             None => Preferences::default(),
         };
-        let sink = Arc::new(StorePreferences {
-            store: store.clone(),
-            tenant: u.tenant.clone(),
-        });
-        let addr = UserActor::new(u.user.clone())
-            .with_preferences(prefs, sink)
-            .start();
+        let addr = users.spawn_actor(&u.tenant, &u.user, prefs);
         addr.do_send(SeedHistory(
             store.answer_history(&u.tenant, &u.user, 500).await?,
         ));
         addr.do_send(AddressBookLoaded(
             store.address_book(&u.tenant, &u.user).await?,
         ));
-        registry.insert(UserRef {
-            id: UserIdentity {
-                tenant: u.tenant,
-                user: u.user,
-                number: u.number,
-            },
-            addr,
-        });
+        users.insert(&u, addr, from_directory);
     }
 
     let relay = Relay::start(RelaySettings {
@@ -224,6 +221,32 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
 
     let (cert, key) = cert::load_or_generate(&cfg.data_dir)?;
+    let federation = Federation::load(
+        cfg.federation.settings(),
+        store.clone(),
+        AgentCa::load_or_generate(&cfg.data_dir)?,
+        &cert,
+        users.clone(),
+    )
+    .await?;
+    let agents_addr = match cfg.federation.listen {
+        Some(listen) => {
+            let server = crate::federation::endpoint::server_config(
+                cert.clone(),
+                key.clone_key(),
+                &federation,
+            )?;
+            let endpoint = quinn::Endpoint::server(server, listen)
+                .map_err(|e| anyhow::anyhow!("federation.listen {listen}: {e}"))?;
+            let addr = endpoint.local_addr()?;
+            actix_rt::spawn(crate::federation::endpoint::serve(
+                endpoint,
+                federation.clone(),
+            ));
+            Some(addr)
+        }
+        None => None,
+    };
     let quic_rt = QuicThreads::start(cfg.quic.threads)?;
     let endpoint = quic::bind_endpoint(
         quic::server_config(cert, key, Duration::from_secs(cfg.quic.idle_timeout_secs))?,
@@ -253,6 +276,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             handles,
         })),
         chat_ids: Arc::new(Sequence::new()),
+        federation: federation.clone(),
     });
     actix_rt::spawn(quic::serve(endpoint.clone(), im));
 
@@ -277,6 +301,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         store: store.clone(),
         admin_token,
         registry: registry.clone(),
+        federation: federation.clone(),
+        enrolment_token_lifetime: Duration::from_secs(cfg.federation.enrolment_token_secs),
     }));
     actix_rt::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -290,6 +316,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         sip_tls: sip_tls_addr,
         quic: quic_addr,
         http: http_addr,
+        agents: agents_addr,
         pid: std::process::id(),
     };
     std::fs::write(
@@ -301,6 +328,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .unwrap_or_default()
         + &sip_tls_addr
             .map(|a| format!(" sip=tls:{a}"))
+            .unwrap_or_default()
+        + &agents_addr
+            .map(|a| format!(" agents={a}"))
             .unwrap_or_default();
     println!(
         "parley ready: sip=udp:{sip_addr}{tcp} quic={quic_addr} http=http://{http_addr} data={}",
@@ -414,5 +444,74 @@ impl PreferencesSink for StorePreferences {
                 tracing::error!(%tenant, %user, error = %e, "saving preferences failed");
             }
         });
+    }
+}
+
+/// Directory users become node users: a user actor each, in the registry under every
+/// directory number (a number another user already has stays theirs).
+struct RegistryUsers {
+    registry: Arc<Registry>,
+    store: Store,
+    /// Users that came from a directory (syncs remove only these).
+    directory: dashmap::DashSet<(String, String)>,
+}
+
+impl RegistryUsers {
+    fn spawn_actor(&self, tenant: &str, user: &str, prefs: Preferences) -> actix::Addr<UserActor> {
+        let sink = Arc::new(StorePreferences {
+            store: self.store.clone(),
+            tenant: tenant.to_owned(),
+        });
+        UserActor::new(user.to_owned())
+            .with_preferences(prefs, sink)
+            .start()
+    }
+
+    fn insert(
+        &self,
+        u: &DirectoryUserRow,
+        addr: actix::Addr<UserActor>,
+        from_directory: bool,
+    ) -> Vec<String> {
+        if from_directory {
+            self.directory.insert((u.tenant.clone(), u.user.clone()));
+        }
+        let user = UserRef {
+            id: UserIdentity {
+                tenant: u.tenant.clone(),
+                user: u.user.clone(),
+                number: u.numbers.first().cloned().unwrap_or_default(),
+            },
+            addr,
+        };
+        self.registry
+            .upsert(user, &u.numbers, u.display_name.clone())
+    }
+}
+
+impl UserSink for RegistryUsers {
+    fn upsert(&self, u: &DirectoryUserRow) -> Vec<String> {
+        let addr = match self.registry.user_by_name(&u.tenant, &u.user) {
+            Some(existing) => existing.addr,
+            None => {
+                tracing::info!(tenant = %u.tenant, user = %u.user, numbers = ?u.numbers, "directory user added");
+                self.spawn_actor(&u.tenant, &u.user, Preferences::default())
+            }
+        };
+        self.insert(u, addr, true)
+    }
+
+    fn retain(&self, tenant: &str, keep: &std::collections::HashSet<String>) {
+        for user in self.registry.users_of(tenant) {
+            let key = (tenant.to_owned(), user.clone());
+            if !keep.contains(&user) && self.directory.remove(&key).is_some() {
+                tracing::info!(%tenant, %user, "directory user removed");
+                self.registry.remove(tenant, &user);
+            }
+        }
+    }
+
+    fn set_federation(&self, pairs: &[(String, String)]) {
+        self.registry.set_federation(pairs);
     }
 }

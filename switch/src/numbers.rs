@@ -21,6 +21,10 @@ pub fn to_e164(raw: &str, region: &str) -> Option<String> {
         vec![s.to_owned()]
     };
     for c in candidates {
+        // An international number is parsed without a region: with one, `phonenumber`
+        // strips that region's national prefix after the country code (+33 1… read with
+        // US gave +33 9…, losing the 1).
+        let region = if c.starts_with('+') { None } else { region };
         if let Ok(n) = phonenumber::parse(region, &c) {
             return Some(n.format().mode(phonenumber::Mode::E164).to_string());
         }
@@ -31,6 +35,21 @@ pub fn to_e164(raw: &str, region: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn foreign_numbers_normalise_the_same_from_any_region() {
+        for region in ["US", "FR"] {
+            assert_eq!(
+                to_e164("+33199999999", region).as_deref(),
+                Some("+33199999999"),
+                "{region}"
+            );
+        }
+        assert_eq!(
+            to_e164("+33 1 99 99 99 99", "FR").as_deref(),
+            Some("+33199999999")
+        );
+    }
 
     #[test]
     fn normalises() {

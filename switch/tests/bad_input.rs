@@ -150,6 +150,7 @@ async fn an_over_long_frame_after_login_gets_bad_message_then_the_close() {
         user: "alice".into(),
         password: "demo".into(),
         device: "raw".into(),
+        token: None,
     };
     control::encode(&login, &mut buf).unwrap();
     send.write_all(&buf).await.unwrap();

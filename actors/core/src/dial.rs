@@ -1,4 +1,5 @@
-//! Where a call dialled from an IM device goes: a user of the caller's tenant by name,
+//! Where a call dialled from an IM device goes: a user of the caller's tenant by name (or
+//! `user@tenant` of a tenant both sides federate with),
 //! any Parley user by number (numbers are public), or a PSTN number through the trunk.
 
 use std::net::Ipv4Addr;
@@ -44,8 +45,11 @@ pub fn resolve(
     directory: &dyn Directory,
     pstn: bool,
 ) -> Result<DialTarget, DialError> {
+    let (tenant, name) = crate::directory::split_name(&me.tenant, to);
     let callee = directory
-        .by_name(&me.tenant, to)
+        .federated(&me.tenant, tenant)
+        .then(|| directory.by_name(tenant, name))
+        .flatten()
         .or_else(|| directory.by_number(to));
     match callee {
         Some(c) if c.tenant == me.tenant && c.user == me.user => Err(DialError::OwnUser),

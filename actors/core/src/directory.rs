@@ -20,6 +20,20 @@ pub trait Directory: Send + Sync + 'static {
     fn by_number(&self, number: &str) -> Option<UserIdentity>;
     /// A user by tenant and name.
     fn by_name(&self, tenant: &str, user: &str) -> Option<UserIdentity>;
+    /// Whether users of tenant `from` may reach users of tenant `to` by name (the same
+    /// tenant, or a federation rule both tenants set).
+    fn federated(&self, from: &str, to: &str) -> bool {
+        from == to
+    }
+}
+
+/// Splits what a device named a user by: `user` (a user of `own` tenant) or
+/// `user@tenant` (a user of another tenant, reachable through a federation rule).
+pub fn split_name<'a>(own: &'a str, name: &'a str) -> (&'a str, &'a str) {
+    match name.rsplit_once('@') {
+        Some((u, t)) if !u.is_empty() && !t.is_empty() => (t, u),
+        _ => (own, name),
+    }
 }
 
 /// A fixed directory (tests, tools).

@@ -27,6 +27,10 @@ pub struct HttpState {
     pub admin_token: String,
     /// Live users (preferences are read and changed through their actors).
     pub registry: Arc<Registry>,
+    /// Tenants, agents, enrolment.
+    pub federation: Arc<crate::federation::Federation>,
+    /// Default lifetime of enrolment tokens.
+    pub enrolment_token_lifetime: std::time::Duration,
 }
 
 /// The router.
@@ -41,6 +45,20 @@ pub fn router(state: Arc<HttpState>) -> Router {
             get(get_preferences).put(put_preferences),
         )
         .route("/api/v1/users/{user}/presence", get(get_presence))
+        .route("/api/v1/tenants", get(list_tenants).post(create_tenant))
+        .route(
+            "/api/v1/tenants/{tenant}/enrolment-tokens",
+            axum::routing::post(create_enrolment_token),
+        )
+        .route("/api/v1/tenants/{tenant}/agents", get(list_agents))
+        .route(
+            "/api/v1/tenants/{tenant}/federation",
+            axum::routing::put(put_federation),
+        )
+        .route(
+            "/api/v1/agents/{id}/revoke",
+            axum::routing::post(revoke_agent),
+        )
         .with_state(state)
 }
 
@@ -212,5 +230,209 @@ async fn get_presence(
     match u.addr.send(GetPresence).await {
         Ok(p) => Json(p).into_response(),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e),
+    }
+}
+
+/// A tenant name: 1 to 64 of `a-z`, `0-9`, `.`, `_`, `-`.
+fn valid_tenant(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewTenant {
+    name: String,
+    /// ISO 3166 alpha-2 region for directory numbers.
+    region: String,
+    /// Users authenticate through auth agents.
+    #[serde(default)]
+    directory: bool,
+}
+
+async fn list_tenants(State(s): State<Arc<HttpState>>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorised(&s, &headers) {
+        return *r;
+    }
+    let list: Vec<_> = s
+        .federation
+        .tenants()
+        .into_iter()
+        .map(|(t, agents)| serde_json::json!({"name": t.name, "region": t.region, "directory": t.directory, "agents_connected": agents}))
+        .collect();
+    Json(list).into_response()
+}
+
+async fn create_tenant(
+    State(s): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    if let Err(r) = authorised(&s, &headers) {
+        return *r;
+    }
+    let t: NewTenant = match serde_json::from_str(&body) {
+        Ok(t) => t,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", e),
+    };
+    if !valid_tenant(&t.name) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_tenant",
+            "name: 1 to 64 of a-z, 0-9, '.', '_', '-'",
+        );
+    }
+    let region = t.region.to_ascii_uppercase();
+    if region.parse::<phonenumber::country::Id>().is_err() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_region",
+            format!("region {}: not an ISO 3166 alpha-2 code", t.region),
+        );
+    }
+    let row = crate::store::tenants::TenantRow {
+        name: t.name,
+        region,
+        directory: t.directory,
+    };
+    match s.federation.upsert_tenant(row.clone()).await {
+        Ok(()) => {
+            tracing::info!(tenant = %row.name, region = %row.region, directory = row.directory, "tenant created or updated through the admin API");
+            (StatusCode::CREATED, Json(row)).into_response()
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "database", e),
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct NewToken {
+    /// Seconds the token stays usable.
+    ttl_secs: Option<u64>,
+}
+
+fn known_tenant(s: &HttpState, tenant: &str) -> Result<(), Box<Response>> {
+    if s.federation.tenant(tenant).is_none() {
+        return Err(Box::new(error(
+            StatusCode::NOT_FOUND,
+            "unknown_tenant",
+            format!("no tenant {tenant}"),
+        )));
+    }
+    Ok(())
+}
+
+async fn create_enrolment_token(
+    State(s): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    Path(tenant): Path<String>,
+    body: String,
+) -> Response {
+    if let Err(r) = authorised(&s, &headers).and_then(|()| known_tenant(&s, &tenant)) {
+        return *r;
+    }
+    let req: NewToken = if body.trim().is_empty() {
+        NewToken::default()
+    } else {
+        match serde_json::from_str(&body) {
+            Ok(t) => t,
+            Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", e),
+        }
+    };
+    let ttl = req
+        .ttl_secs
+        .map_or(s.enrolment_token_lifetime, std::time::Duration::from_secs);
+    match s.federation.enrolment_token(&tenant, ttl).await {
+        Ok((token, expires)) => {
+            // The token itself is a secret: it is returned, never logged.
+            tracing::info!(%tenant, ttl_secs = ttl.as_secs(), "enrolment token created");
+            let expires = crate::store::rfc3339(expires);
+            (
+                StatusCode::CREATED,
+                Json(serde_json::json!({"tenant": tenant, "token": token, "expires": expires})),
+            )
+                .into_response()
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "database", e),
+    }
+}
+
+async fn list_agents(
+    State(s): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    Path(tenant): Path<String>,
+) -> Response {
+    if let Err(r) = authorised(&s, &headers).and_then(|()| known_tenant(&s, &tenant)) {
+        return *r;
+    }
+    match s.federation.agents(Some(&tenant)).await {
+        Ok(list) => Json(
+            list.into_iter()
+                .map(|(a, connected)| serde_json::json!({"id": a.id, "tenant": a.tenant, "name": a.name, "revoked": a.revoked, "connected": connected}))
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "database", e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FederationRule {
+    /// Tenants this tenant's users may reach (they must allow this one too).
+    allow: Vec<String>,
+}
+
+async fn put_federation(
+    State(s): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    Path(tenant): Path<String>,
+    body: String,
+) -> Response {
+    if let Err(r) = authorised(&s, &headers).and_then(|()| known_tenant(&s, &tenant)) {
+        return *r;
+    }
+    let rule: FederationRule = match serde_json::from_str(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", e),
+    };
+    if let Some(bad) = rule
+        .allow
+        .iter()
+        .find(|p| !valid_tenant(p) || **p == tenant)
+    {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_tenant",
+            format!("allow: {bad} is not another tenant's name"),
+        );
+    }
+    match s.federation.set_federation(&tenant, &rule.allow).await {
+        Ok(()) => {
+            tracing::info!(%tenant, allow = ?rule.allow, "federation rule set");
+            Json(serde_json::json!({"tenant": tenant, "allow": rule.allow})).into_response()
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "database", e),
+    }
+}
+
+async fn revoke_agent(
+    State(s): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Err(r) = authorised(&s, &headers) {
+        return *r;
+    }
+    match s.federation.revoke(&id).await {
+        Ok(true) => Json(serde_json::json!({"id": id, "revoked": true})).into_response(),
+        Ok(false) => error(
+            StatusCode::NOT_FOUND,
+            "unknown_agent",
+            format!("no agent {id}"),
+        ),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "database", e),
     }
 }

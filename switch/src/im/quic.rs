@@ -19,6 +19,7 @@ use parley_core::admission::{LoginGuard, Refusal};
 use quinn::{RecvStream, SendStream};
 use tokio::sync::mpsc;
 
+use crate::federation::{Federation, LoginFailure};
 use crate::metrics as m;
 use crate::relay::Relay;
 use crate::store::Store;
@@ -46,6 +47,76 @@ pub struct ImContext {
     pub quic: tokio::runtime::Handle,
     /// Login throttling and the cap on connections not logged in yet.
     pub guard: std::sync::Mutex<LoginGuard>,
+    /// Tenants with directories, their agents, session tokens.
+    pub federation: Arc<Federation>,
+}
+
+/// Who a login proved to be.
+#[derive(Debug)]
+struct LoggedIn {
+    tenant: String,
+    user: String,
+    display_name: Option<String>,
+    /// The directory's password stamp (session tokens end when it changes).
+    stamp: Option<String>,
+    /// Authenticated by the tenant's directory.
+    directory: bool,
+}
+
+/// Checks a login: a session token, the tenant's directory through an agent, or the
+/// built-in store.
+async fn authenticate(
+    ctx: &ImContext,
+    tenant: &str,
+    user: &str,
+    password: &str,
+    token: Option<&str>,
+) -> Result<LoggedIn, LoginFailure> {
+    let fed = &ctx.federation;
+    let directory = fed.directory_tenant(tenant);
+    if let Some(token) = token.filter(|t| !t.is_empty()) {
+        return match fed.redeem(tenant, user, token).await? {
+            Some(d) => Ok(LoggedIn {
+                tenant: d.row.tenant,
+                user: d.row.user,
+                display_name: d.row.display_name,
+                stamp: d.stamp,
+                directory: true,
+            }),
+            // A built-in user, or a directory tenant with no agent (within the grace).
+            None => Ok(LoggedIn {
+                tenant: tenant.to_owned(),
+                user: user.to_owned(),
+                display_name: None,
+                stamp: None,
+                directory: directory.is_some(),
+            }),
+        };
+    }
+    if let Some(t) = directory {
+        let d = fed.login(&t, user, password).await?;
+        return Ok(LoggedIn {
+            tenant: d.row.tenant,
+            user: d.row.user,
+            display_name: d.row.display_name,
+            stamp: d.stamp,
+            directory: true,
+        });
+    }
+    match ctx.store.verify(tenant, user, password).await {
+        Ok(Some(row)) => Ok(LoggedIn {
+            tenant: row.tenant,
+            user: row.user,
+            display_name: None,
+            stamp: None,
+            directory: false,
+        }),
+        Ok(None) => Err(LoginFailure::Denied),
+        Err(e) => {
+            tracing::error!(error = %e, "user store failed during login");
+            Err(LoginFailure::StoreUnavailable)
+        }
+    }
 }
 
 impl ImContext {
@@ -281,13 +352,14 @@ async fn handle_connection(conn: quinn::Connection, ctx: Arc<ImContext>, mut pen
             .await;
         }
     };
-    let (tenant, user, password, device) = match control::decode_request(&body).0 {
+    let (tenant, user, password, device, token) = match control::decode_request(&body).0 {
         Ok(ClientMsg::Login {
             tenant,
             user,
             password,
             device,
-        }) => (tenant, user, password, device),
+            token,
+        }) => (tenant, user, password, device, token),
         Ok(_) => {
             return fatal(
                 &conn,
@@ -323,40 +395,28 @@ async fn handle_connection(conn: quinn::Connection, ctx: Arc<ImContext>, mut pen
         )
         .await;
     }
-    let row = match ctx.store.verify(&tenant, &user, &password).await {
-        Ok(Some(row)) => row,
-        Ok(None) => {
-            ctx.guard()
-                .handle_failure(Instant::now(), remote.ip(), &tenant, &user);
+    let who = match authenticate(&ctx, &tenant, &user, &password, token.as_deref()).await {
+        Ok(who) => who,
+        Err(f) => {
+            if f.is_guess() {
+                ctx.guard()
+                    .handle_failure(Instant::now(), remote.ip(), &tenant, &user);
+            }
             // Tenant label only for tenants we know, to keep the label set bounded.
-            let label = if ctx.registry.user_by_name(&tenant, &user).is_some() {
+            let label = if ctx.federation.tenant(&tenant).is_some()
+                || ctx.registry.user_by_name(&tenant, &user).is_some()
+            {
                 tenant.clone()
             } else {
                 "unknown".into()
             };
-            metrics::counter!(m::AUTH_RESULTS_TOTAL, "tenant" => label, "result" => "denied")
+            metrics::counter!(m::AUTH_RESULTS_TOTAL, "tenant" => label, "result" => f.result())
                 .increment(1);
-            tracing::info!(%remote, %tenant, %user, "IM login denied");
-            return fatal(
-                &conn,
-                &mut send,
-                "auth_failed",
-                "bad tenant, user or password".into(),
-            )
-            .await;
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "user store failed during login");
-            return fatal(
-                &conn,
-                &mut send,
-                "auth_failed",
-                "user store unavailable".into(),
-            )
-            .await;
+            tracing::info!(%remote, %tenant, %user, result = f.result(), "IM login refused");
+            return fatal(&conn, &mut send, f.code(), f.message()).await;
         }
     };
-    let Some(user_ref) = ctx.registry.user_by_name(&row.tenant, &row.user) else {
+    let Some(user_ref) = ctx.registry.user_by_name(&who.tenant, &who.user) else {
         return fatal(
             &conn,
             &mut send,
@@ -365,6 +425,7 @@ async fn handle_connection(conn: quinn::Connection, ctx: Arc<ImContext>, mut pen
         )
         .await;
     };
+    let row = who;
     pending.settle();
     metrics::counter!(m::AUTH_RESULTS_TOTAL, "tenant" => row.tenant.clone(), "result" => "ok")
         .increment(1);
@@ -372,9 +433,14 @@ async fn handle_connection(conn: quinn::Connection, ctx: Arc<ImContext>, mut pen
     tracing::info!(%remote, tenant = %row.tenant, user = %row.user, %device, session = session_id, "IM device logged in");
 
     let (tx, mut rx) = mpsc::channel::<ServerMsg>(256);
+    let session_token = ctx
+        .federation
+        .issue_token(&row.tenant, &row.user, row.stamp.clone());
     let _ = tx.try_send(ServerMsg::LoginOk {
-        number: row.number.clone(),
+        number: user_ref.id.number.clone(),
         session: session_id,
+        token: (!session_token.is_empty()).then_some(session_token),
+        display_name: row.display_name.clone(),
     });
     match ctx.store.address_book(&row.tenant, &row.user).await {
         Ok(entries) => {
@@ -396,6 +462,11 @@ async fn handle_connection(conn: quinn::Connection, ctx: Arc<ImContext>, mut pen
         close: close.clone(),
     };
     let session = PresenceSession::new(session_id, device, owner, tx.clone()).start();
+    // A directory that locks, disables or removes the account closes this session.
+    let _tracked = row.directory.then(|| {
+        ctx.federation
+            .track_session(&row.tenant, &row.user, session_id, close.clone())
+    });
 
     let writer = tokio::spawn(async move {
         while let Some(msg) = rx.recv().await {

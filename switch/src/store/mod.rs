@@ -18,6 +18,7 @@ use sqlx::Row;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 
 pub mod cdr_writer;
+pub mod tenants;
 
 /// Storage errors.
 #[derive(Debug, thiserror::Error)]
@@ -176,7 +177,8 @@ fn book_name(name: &str) -> &str {
     &name[..end]
 }
 
-fn rfc3339(t: SystemTime) -> String {
+/// RFC 3339 with milliseconds, UTC.
+pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
@@ -660,11 +662,16 @@ async fn add_contact(
 }
 
 const SCHEMA: &[&str] = &[
-    "CREATE TABLE IF NOT EXISTS users (tenant TEXT NOT NULL, user TEXT NOT NULL, number TEXT NOT NULL, password_hash TEXT NOT NULL, PRIMARY KEY (tenant, user))",
+    "CREATE TABLE IF NOT EXISTS users (tenant TEXT NOT NULL, user TEXT NOT NULL, number TEXT NOT NULL, password_hash TEXT NOT NULL, display_name TEXT, numbers TEXT, source TEXT NOT NULL DEFAULT 'local', PRIMARY KEY (tenant, user))",
     "CREATE TABLE IF NOT EXISTS cdrs (call_id TEXT NOT NULL, sip_call_id TEXT NOT NULL, tenant TEXT NOT NULL, user TEXT NOT NULL, caller TEXT NOT NULL, caller_name TEXT, called TEXT NOT NULL, route TEXT NOT NULL, start_ms INTEGER NOT NULL, answer_ms INTEGER, end_ms INTEGER NOT NULL, start_time TEXT NOT NULL, answer_time TEXT, end_time TEXT NOT NULL, duration_secs REAL NOT NULL, disposition TEXT NOT NULL, sip_cause INTEGER NOT NULL, packets_in INTEGER NOT NULL, packets_out INTEGER NOT NULL, answered_by TEXT, direction TEXT NOT NULL DEFAULT 'in')",
     "CREATE INDEX IF NOT EXISTS cdrs_user ON cdrs (tenant, user, end_ms)",
     "CREATE TABLE IF NOT EXISTS address_book (tenant TEXT NOT NULL, user TEXT NOT NULL, address TEXT NOT NULL, name TEXT, call_count INTEGER NOT NULL, last_seen_ms INTEGER NOT NULL, known_calls INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (tenant, user, address))",
     "CREATE TABLE IF NOT EXISTS preferences (tenant TEXT NOT NULL, user TEXT NOT NULL, json TEXT NOT NULL, updated_ms INTEGER NOT NULL, PRIMARY KEY (tenant, user))",
+    "CREATE TABLE IF NOT EXISTS tenants (name TEXT PRIMARY KEY, region TEXT NOT NULL, directory INTEGER NOT NULL, created_ms INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS tenant_federation (tenant TEXT NOT NULL, peer TEXT NOT NULL, PRIMARY KEY (tenant, peer))",
+    "CREATE TABLE IF NOT EXISTS enrolment_tokens (hash TEXT PRIMARY KEY, tenant TEXT NOT NULL, expires_ms INTEGER NOT NULL, used INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS agents (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, name TEXT NOT NULL, revoked INTEGER NOT NULL, enrolled_ms INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS agent_certs (fingerprint TEXT PRIMARY KEY, agent_id TEXT NOT NULL, not_after_ms INTEGER NOT NULL)",
 ];
 
 /// Columns added after a table was first created: (table, column, type). Added at start-up
@@ -673,6 +680,9 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("cdrs", "answered_by", "TEXT"),
     ("cdrs", "direction", "TEXT NOT NULL DEFAULT 'in'"),
     ("address_book", "known_calls", "INTEGER NOT NULL DEFAULT 0"),
+    ("users", "display_name", "TEXT"),
+    ("users", "numbers", "TEXT"),
+    ("users", "source", "TEXT NOT NULL DEFAULT 'local'"),
 ];
 
 #[cfg(test)]

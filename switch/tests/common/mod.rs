@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use parley_load::device::{Device, DeviceConfig, MediaMode};
 
+pub mod ldap;
+
 /// A free UDP port on loopback (bound then released).
 pub fn free_udp_port() -> u16 {
     UdpSocket::bind("127.0.0.1:0")
@@ -54,6 +56,8 @@ pub struct Node {
     pub sip_tls: Option<SocketAddr>,
     pub quic: SocketAddr,
     pub http: SocketAddr,
+    /// The auth agent endpoint, when `[federation] listen` is set.
+    pub agents: Option<SocketAddr>,
     pub trunk: SocketAddr,
     pub token: String,
 }
@@ -86,6 +90,33 @@ impl Node {
         trunk_extra: &str,
         calls_extra: &str,
         relay_ports: u16,
+    ) -> Node {
+        Self::start_with_tail(sip_extra, trunk_extra, calls_extra, relay_ports, "")
+    }
+
+    /// A node with its auth agent endpoint on (`[federation]`, with `extra` keys there;
+    /// on a free port unless `extra` sets `listen`).
+    pub fn start_federated(extra: &str) -> Node {
+        Self::start_with_tail(
+            "",
+            "",
+            "",
+            200,
+            &if extra.contains("listen") {
+                format!("[federation]\n{extra}\n")
+            } else {
+                format!("[federation]\nlisten = \"127.0.0.1:0\"\n{extra}\n")
+            },
+        )
+    }
+
+    /// As [`Node::start_with_relay_ports`], with `tail` appended to the configuration.
+    pub fn start_with_tail(
+        sip_extra: &str,
+        trunk_extra: &str,
+        calls_extra: &str,
+        relay_ports: u16,
+        tail: &str,
     ) -> Node {
         let dir = tempfile::tempdir().expect("tempdir");
         let trunk_port = free_udp_port();
@@ -121,6 +152,7 @@ tenant = "demo"
 user = "bob"
 number = "+15550100002"
 password = "demo"
+{tail}
 "#,
             data = dir.path().join("data").display(),
             relay_max = relay + relay_ports - 1,
@@ -166,6 +198,7 @@ password = "demo"
         };
         let addr = |k: &str| json[k].as_str().unwrap().parse().unwrap();
         Node {
+            agents: json["agents"].as_str().and_then(|s| s.parse().ok()),
             sip: addr("sip"),
             sip_tcp: json["sip_tcp"].as_str().and_then(|s| s.parse().ok()),
             sip_tls: json["sip_tls"].as_str().and_then(|s| s.parse().ok()),
@@ -220,6 +253,16 @@ password = "demo"
     /// PUT a JSON body with the admin token; returns (status, body).
     pub fn put(&self, path: &str, body: &str) -> (u16, String) {
         self.http_request("PUT", path, Some(body), true)
+    }
+
+    /// POST a JSON body, with the admin token when `auth`; returns (status, body).
+    pub fn post(&self, path: &str, body: &str, auth: bool) -> (u16, String) {
+        self.http_request("POST", path, Some(body), auth)
+    }
+
+    /// Any request; returns (status, body).
+    pub fn request(&self, method: &str, path: &str, body: &str, auth: bool) -> (u16, String) {
+        self.http_request(method, path, Some(body), auth)
     }
 
     fn http_request(
