@@ -98,9 +98,11 @@ impl PresenceSession {
         for u in users {
             match self.find_user(&u) {
                 Some(r) => {
+                    let alias = (r.id.tenant != self.owner.id.tenant).then(|| u.clone());
                     r.addr.do_send(Subscribe {
                         session: self.id,
                         addr: ctx.address().recipient::<Push>().downgrade(),
+                        alias,
                     });
                     self.watching.insert(u);
                 }

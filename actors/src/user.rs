@@ -36,7 +36,8 @@ pub struct UserActor {
     /// Ringing calls watching presence, by handle.
     watchers: HashMap<CallHandle, WeakRecipient<PresenceChanged>>,
     /// Sessions of other users subscribed to this user's presence.
-    subscribers: HashMap<SessionId, WeakRecipient<Push>>,
+    /// Subscribers, with the name each knows this user by (`user@tenant` across tenants).
+    subscribers: HashMap<SessionId, (WeakRecipient<Push>, Option<String>)>,
     prefs_sink: Option<Arc<dyn PreferencesSink>>,
 }
 
@@ -91,9 +92,13 @@ impl UserActor {
                 PresenceOutput::Publish { sessions, update } => {
                     let mut sent = 0u64;
                     for s in sessions {
-                        match self.subscribers.get(&s).and_then(WeakRecipient::upgrade) {
-                            Some(a) => {
-                                a.do_send(Push(update.clone()));
+                        let sub = self
+                            .subscribers
+                            .get(&s)
+                            .and_then(|(w, alias)| Some((w.upgrade()?, alias)));
+                        match sub {
+                            Some((a, alias)) => {
+                                a.do_send(Push(aliased(update.clone(), alias.as_deref())));
                                 sent += 1;
                             }
                             None => {
@@ -278,6 +283,22 @@ pub struct Subscribe {
     pub session: SessionId,
     /// Where the subscriber's updates go.
     pub addr: WeakRecipient<Push>,
+    /// The name the subscriber knows this user by, when not the plain user name (a user
+    /// of another tenant is `user@tenant`): its presence updates carry that name.
+    pub alias: Option<String>,
+}
+
+/// A presence update as a subscriber that knows the user as `alias` sees it.
+fn aliased(
+    mut update: parley_codecs::control::ServerMsg,
+    alias: Option<&str>,
+) -> parley_codecs::control::ServerMsg {
+    if let (Some(a), parley_codecs::control::ServerMsg::PresenceUpdate { user, .. }) =
+        (alias, &mut update)
+    {
+        *user = a.to_owned();
+    }
+    update
 }
 
 /// Ends a [`Subscribe`].
@@ -370,8 +391,9 @@ impl Handler<Subscribe> for UserActor {
     type Result = ();
     fn handle(&mut self, m: Subscribe, _: &mut Context<Self>) {
         if let Some(a) = m.addr.upgrade() {
-            a.do_send(Push(self.core.handle_subscribe(m.session)));
-            self.subscribers.insert(m.session, m.addr);
+            let update = self.core.handle_subscribe(m.session);
+            a.do_send(Push(aliased(update, m.alias.as_deref())));
+            self.subscribers.insert(m.session, (m.addr, m.alias));
         }
     }
 }

@@ -193,6 +193,12 @@ fn register_zeroes() {
     for r in ["accepted", "moved", "rejected"] {
         counter!(SIP_REINVITES_TOTAL, "result" => r).increment(0);
     }
+    // Per-tenant series appear with the first directory tenant; these make the dashboard's
+    // queries resolve before that.
+    gauge!(AUTH_AGENTS_CONNECTED).set(0.0);
+    gauge!(DIRECTORY_USERS).set(0.0);
+    gauge!(DIRECTORY_NUMBERS_REFUSED).set(0.0);
+    let _ = metrics::histogram!(AUTH_AGENT_REQUEST_SECONDS);
     for r in ["untrusted", "revoked"] {
         counter!(AUTH_AGENT_HANDSHAKES_REFUSED_TOTAL, "reason" => r).increment(0);
     }

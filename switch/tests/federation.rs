@@ -93,6 +93,14 @@ fn acme_people() -> Vec<Person<'static>> {
             // Active Directory's ACCOUNTDISABLE bit (514 = NORMAL_ACCOUNT | DISABLE).
             extra: "userAccountControl: 514",
         },
+        Person {
+            uid: "dave",
+            cn: "Dave Directory",
+            password: "dave-pw",
+            phones: &["01 23 45 67 11"],
+            mobile: None,
+            extra: "",
+        },
     ]
 }
 
@@ -599,7 +607,7 @@ async fn tenants_are_isolated_unless_both_federate() {
     wait_for_metric(
         &node,
         "parley_directory_users{tenant=\"acme\"}",
-        |v| v == 4.0,
+        |v| v == 5.0,
         "acme synced",
     );
     assert_eq!(
@@ -699,9 +707,13 @@ async fn tenants_are_isolated_unless_both_federate() {
             users: vec!["gina@globex".into()],
         })
         .await;
-    alice
+    let update = alice
         .expect(|m| matches!(m, ServerMsg::PresenceUpdate { .. }))
         .await;
+    assert!(
+        matches!(&update, ServerMsg::PresenceUpdate { user, .. } if user == "gina@globex"),
+        "{update:?}"
+    );
     alice
         .send(ClientMsg::Chat {
             to: "gina@globex".into(),
@@ -714,6 +726,34 @@ async fn tenants_are_isolated_unless_both_federate() {
         matches!(&got, ServerMsg::Chat { from, text, .. } if from == "alice@acme" && text == "hello from acme"),
         "{got:?}"
     );
+
+    // A call between two users of one tenant: the callee's book names the caller as the
+    // directory does (not by the login name the call carried).
+    let mut cfg = node.device_config("dave", "desk");
+    cfg.tenant = "acme".into();
+    cfg.password = "dave-pw".into();
+    cfg.reject = true;
+    let _dave = node.device(cfg).await;
+    alice
+        .send(ClientMsg::Dial {
+            to: "+33123456711".into(),
+        })
+        .await;
+    alice
+        .expect(|m| matches!(m, ServerMsg::CallEnded { .. }))
+        .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (st, body) = node.get("/api/v1/users/dave/address-book?tenant=acme", true);
+        assert_eq!(st, 200, "{body}");
+        let book: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+        if let Some(e) = book.iter().find(|e| e["address"] == "+33123456789") {
+            assert_eq!(e["name"], "Alice Martin", "{e}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{book:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // Admin routes: the token is required, names are checked.
     for (method, path) in [
@@ -798,4 +838,132 @@ async fn agents_renew_their_certificates_before_expiry() {
     assert!(!agent.state_dir().join("agent-cert-0.pem").exists());
     wait_agents(&node, "acme", 1);
     assert!(logged_in(&node, "acme", "alice", "alice-pw").await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_directory_accounts_over_ldaps_and_starttls() {
+    let slapd = Slapd::start_tls(
+        "corp",
+        &[
+            Person {
+                uid: "ada",
+                cn: "Ada Lovelace",
+                password: "ada-pw",
+                phones: &["+44 20 7946 0000"],
+                mobile: None,
+                extra: "memberOf: cn=Sales,dc=corp,dc=test",
+            },
+            Person {
+                uid: "eve",
+                cn: "Eve Locked",
+                password: "eve-pw",
+                phones: &[],
+                mobile: None,
+                // AD: a non-zero lockoutTime is a locked account.
+                extra: "lockoutTime: 133000000000000000",
+            },
+        ],
+    );
+    let node = Node::start_federated("");
+    let ca = slapd.ca_file.clone().unwrap();
+    // A CA the directory's certificate does not chain to.
+    let other_ca = node.dir.path().join("other-ca.pem");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    std::fs::write(&other_ca, params.self_signed(&key).unwrap().pem()).unwrap();
+    let section = |url: &str, starttls: bool, ca: &std::path::Path| {
+        format!(
+            "kind = \"active_directory\"\nservers = [\"{url}\"]\nstarttls = {starttls}\nca_file = \"{}\"\nbind_dn = \"cn=svc,dc=corp,dc=test\"\nbind_password = \"{}\"\nbase = \"ou=people,dc=corp,dc=test\"\n",
+            ca.display(),
+            common::ldap::SERVICE_PW
+        )
+    };
+    let ldaps = slapd.ldaps_url.clone().unwrap();
+    let mut agents = Vec::new();
+    for (tenant, url, starttls, ca) in [
+        ("corp", ldaps.as_str(), false, &ca),
+        ("corp2", slapd.url.as_str(), true, &ca),
+        ("corp3", ldaps.as_str(), false, &other_ca),
+    ] {
+        let token = directory_tenant(&node, tenant, "GB");
+        agents.push(Agent::start(
+            &node,
+            &token,
+            &section(url, starttls, ca),
+            "sync_interval_secs = 0",
+        ));
+        wait_agents(&node, tenant, 1);
+    }
+    for tenant in ["corp", "corp2"] {
+        let (ok, ..) = login(&node, tenant, "ada", "ada-pw", None).await;
+        let ServerMsg::LoginOk {
+            number,
+            display_name,
+            ..
+        } = ok
+        else {
+            panic!("{tenant}: {ok:?}\n{}", node.log())
+        };
+        assert_eq!(number, "+442079460000");
+        assert_eq!(display_name.as_deref(), Some("Ada Lovelace"));
+        assert_eq!(refused(&node, tenant, "ada", "nope").await, "auth_failed");
+        assert_eq!(
+            refused(&node, tenant, "eve", "eve-pw").await,
+            "account_locked"
+        );
+    }
+    // A directory whose certificate the agent cannot verify is unreachable, not trusted.
+    assert_eq!(
+        refused(&node, "corp3", "ada", "ada-pw").await,
+        "directory_unavailable"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locking_an_account_in_the_directory_ends_its_sessions_and_tokens() {
+    let (slapd, node, _agent) = acme("", "sync_interval_secs = 1");
+    let (ok, _conn, _send, mut recv) = login(&node, "acme", "alice", "alice-pw", None).await;
+    let ServerMsg::LoginOk {
+        token: Some(token), ..
+    } = ok
+    else {
+        panic!("{ok:?}")
+    };
+    slapd.modify(&format!(
+        "dn: {}\nchangetype: modify\nadd: pwdAccountLockedTime\npwdAccountLockedTime: 000001010000Z\n",
+        slapd.dn("alice")
+    ));
+    // The next sync reports the lock: the node closes alice's live session.
+    let closed = tokio::time::timeout(Duration::from_secs(15), async {
+        let mut header = [0u8; 4];
+        loop {
+            match recv.read_exact(&mut header).await {
+                Ok(()) => {
+                    let len = control::frame_len(header).unwrap();
+                    let mut body = vec![0u8; len];
+                    if recv.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "session not closed\n{}", node.log());
+    assert!(
+        node.log().contains("directory ended the account"),
+        "{}",
+        node.log()
+    );
+    let (after, ..) = login(&node, "acme", "alice", "", Some(&token)).await;
+    assert!(
+        matches!(&after, ServerMsg::Error { code, .. } if code == "auth_failed"),
+        "{after:?}"
+    );
+    assert_eq!(
+        refused(&node, "acme", "alice", "alice-pw").await,
+        "account_locked"
+    );
 }

@@ -497,3 +497,23 @@ async fn renew(conn: &quinn::Connection, dir: &Path) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(old_cert);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_configuration_parses() {
+        let text = include_str!("../../../auth-agent.example.toml");
+        let cfg: AgentConfig = toml::from_str(text).unwrap();
+        assert_eq!(cfg.directory.kind, ldap::Kind::ActiveDirectory);
+        assert_eq!(cfg.directory.servers.len(), 2);
+    }
+
+    #[test]
+    fn config_errors_name_the_key_and_the_line() {
+        let text = "node = \"x:1\"\nstate_dir = \"/s\"\nbogus = 1\n[directory]\nservers = []\nbind_dn = \"\"\nbase = \"\"\n";
+        let e = toml::from_str::<AgentConfig>(text).unwrap_err().to_string();
+        assert!(e.contains("line 3") && e.contains("bogus"), "{e}");
+    }
+}

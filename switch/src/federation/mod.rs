@@ -354,6 +354,7 @@ impl Federation {
             fed.tenants.insert(t.name.clone(), Arc::new(Tenant::new(t)));
         }
         fed.reload_certs().await?;
+        fed.publish_agent_gauges();
         fed.users.set_federation(&fed.store.federation().await?);
         Ok(Arc::new(fed))
     }

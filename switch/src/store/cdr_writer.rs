@@ -81,7 +81,14 @@ pub fn start(store: Store, registry: Arc<Registry>) -> (CdrQueue, tokio::task::J
 async fn write_batch(store: &Store, registry: &Registry, batch: &[CdrRecord]) {
     // Counted are finished calls' CDRs (a call's opening row is not a CDR yet).
     let is_final = |c: &CdrRecord| c.disposition != parley_core::cdr::Disposition::InProgress;
-    let (written, changes) = match store.record_calls(batch).await {
+    // Parties that are users of the owner's tenant take their directory name.
+    let name = |tenant: &str, number: &str| {
+        let u = registry.user_by_number(number)?;
+        (u.id.tenant == tenant)
+            .then(|| registry.display_name_by_number(number))
+            .flatten()
+    };
+    let (written, changes) = match store.record_calls_named(batch, name).await {
         Ok(changes) => (batch.iter().filter(|c| is_final(c)).count(), changes),
         Err(e) => {
             // One bad row must not take the batch with it: write the rest one by one.
@@ -89,7 +96,10 @@ async fn write_batch(store: &Store, registry: &Registry, batch: &[CdrRecord]) {
             let mut ok = 0;
             let mut changes = Vec::new();
             for cdr in batch {
-                match store.record_calls(std::slice::from_ref(cdr)).await {
+                match store
+                    .record_calls_named(std::slice::from_ref(cdr), name)
+                    .await
+                {
                     Ok(c) => {
                         ok += usize::from(is_final(cdr));
                         changes.extend(c);

@@ -351,6 +351,17 @@ impl Store {
     /// user's address book; returns what changed in each book. One commit per batch keeps
     /// SQLite's fsyncs and the driver's thread hand-offs off the per-call path.
     pub async fn record_calls(&self, cdrs: &[CdrRecord]) -> Result<Vec<BookChange>, StoreError> {
+        self.record_calls_named(cdrs, |_, _| None).await
+    }
+
+    /// [`Store::record_calls`], with `directory_name(tenant, number)` naming parties that
+    /// are users of the book owner's own tenant (a directory's display name is preferred
+    /// to whatever name the call carried).
+    pub async fn record_calls_named(
+        &self,
+        cdrs: &[CdrRecord],
+        directory_name: impl Fn(&str, &str) -> Option<String>,
+    ) -> Result<Vec<BookChange>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let mut changes: Vec<BookChange> = Vec::new();
         for c in cdrs {
@@ -363,7 +374,9 @@ impl Store {
             if complete_cdr(&mut *tx, c).await? == 0 {
                 insert_cdr(&mut *tx, c).await?;
             }
-            let (party, name) = c.other_party();
+            let (party, carried) = c.other_party();
+            let directory = directory_name(&c.tenant, party);
+            let name = directory.as_deref().or(carried);
             // A party becomes known when the user called it or took its call; a caller that
             // was rejected, missed or cancelled stays unknown however often it calls.
             let known = c.direction == parley_core::cdr::Direction::Out || c.answer.is_some();

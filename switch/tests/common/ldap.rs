@@ -3,8 +3,9 @@
 //!
 //! Each [`Slapd`] is a private server on a free loopback port, built from a generated
 //! cn=config (`back_mdb`, the ppolicy overlay, the core/cosine/inetorgperson schemas and a
-//! small auxiliary class carrying Active Directory's account attributes, so one directory
-//! can hold both OpenLDAP- and AD-shaped accounts). Missing slapd fails the test: CI
+//! small auxiliary class `user` carrying Active Directory's account attributes, so one
+//! directory holds accounts both an `openldap` and an `active_directory` agent can read;
+//! optionally LDAPS and StartTLS with a certificate from a test CA). Missing slapd fails the test: CI
 //! installs Debian's `slapd` and `ldap-utils`.
 
 use std::io::Write;
@@ -64,13 +65,28 @@ pub struct Slapd {
     pub url: String,
     /// The suffix, e.g. `dc=acme,dc=test`.
     pub suffix: String,
+    /// `ldaps://127.0.0.1:PORT` when started with TLS.
+    pub ldaps_url: Option<String>,
+    /// The test CA's certificate (PEM) when started with TLS.
+    pub ca_file: Option<PathBuf>,
     port: u16,
+    tls_port: Option<u16>,
 }
 
 impl Slapd {
     /// Starts a directory under `dc=<org>,dc=test` with a service account
     /// `cn=svc,dc=<org>,dc=test` and the given people under `ou=people`.
     pub fn start(org: &str, people: &[Person<'_>]) -> Slapd {
+        Self::start_inner(org, people, false)
+    }
+
+    /// As [`Slapd::start`], also serving LDAPS ([`Slapd::ldaps_url`]) and StartTLS on the
+    /// plain port, with a certificate for 127.0.0.1 from a test CA ([`Slapd::ca_file`]).
+    pub fn start_tls(org: &str, people: &[Person<'_>]) -> Slapd {
+        Self::start_inner(org, people, true)
+    }
+
+    fn start_inner(org: &str, people: &[Person<'_>], tls: bool) -> Slapd {
         for p in [SLAPD, SLAPADD, LDAPMODIFY] {
             need(p);
         }
@@ -80,12 +96,37 @@ impl Slapd {
         let db = dir.path().join("db");
         std::fs::create_dir_all(&cfg).unwrap();
         std::fs::create_dir_all(&db).unwrap();
+        let tls_lines = if tls {
+            let ca_key = rcgen::KeyPair::generate().unwrap();
+            let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            ca_params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, "test directory CA");
+            ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+            let issuer = rcgen::Issuer::new(ca_params, ca_key);
+            let key = rcgen::KeyPair::generate().unwrap();
+            let params =
+                rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+                    .unwrap();
+            let cert = params.signed_by(&key, &issuer).unwrap();
+            std::fs::write(dir.path().join("ca.pem"), ca_cert.pem()).unwrap();
+            std::fs::write(dir.path().join("server.pem"), cert.pem()).unwrap();
+            std::fs::write(dir.path().join("server-key.pem"), key.serialize_pem()).unwrap();
+            format!(
+                "olcTLSCertificateFile: {}\nolcTLSCertificateKeyFile: {}\n",
+                dir.path().join("server.pem").display(),
+                dir.path().join("server-key.pem").display()
+            )
+        } else {
+            String::new()
+        };
         let config = format!(
             r#"dn: cn=config
 objectClass: olcGlobal
 cn: config
 olcPidFile: {pid}
-
+{tls_lines}
 dn: cn=module{{0}},cn=config
 objectClass: olcModuleList
 cn: module{{0}}
@@ -107,7 +148,9 @@ cn: parleytest
 olcAttributeTypes: ( 1.2.840.113556.1.4.221 NAME 'sAMAccountName' EQUALITY caseIgnoreMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.15 SINGLE-VALUE )
 olcAttributeTypes: ( 1.2.840.113556.1.4.8 NAME 'userAccountControl' EQUALITY integerMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.27 SINGLE-VALUE )
 olcAttributeTypes: ( 1.2.840.113556.1.4.96 NAME 'pwdLastSet' EQUALITY integerMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.27 SINGLE-VALUE )
-olcObjectClasses: ( 1.3.6.1.4.1.55555.1.1 NAME 'parleyADUser' AUXILIARY MAY ( sAMAccountName $ userAccountControl $ pwdLastSet ) )
+olcAttributeTypes: ( 1.2.840.113556.1.4.662 NAME 'lockoutTime' EQUALITY integerMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.27 SINGLE-VALUE )
+olcAttributeTypes: ( 1.2.840.113556.1.2.102 NAME 'memberOf' EQUALITY distinguishedNameMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.12 )
+olcObjectClasses: ( 1.3.6.1.4.1.55555.1.1 NAME 'user' AUXILIARY MAY ( sAMAccountName $ userAccountControl $ pwdLastSet $ lockoutTime $ memberOf ) )
 
 dn: olcDatabase={{1}}mdb,cn=config
 objectClass: olcDatabaseConfig
@@ -151,12 +194,16 @@ olcOverlay: {{0}}ppolicy
             .arg("-l")
             .arg(&data_path));
         let port = free_tcp_port();
+        let tls_port = tls.then(free_tcp_port);
         let mut s = Slapd {
             child: None,
-            dir,
             url: format!("ldap://127.0.0.1:{port}"),
+            ldaps_url: tls_port.map(|p| format!("ldaps://127.0.0.1:{p}")),
+            ca_file: tls.then(|| dir.path().join("ca.pem")),
+            dir,
             suffix,
             port,
+            tls_port,
         };
         s.resume();
         s
@@ -166,9 +213,13 @@ olcOverlay: {{0}}ppolicy
     pub fn resume(&mut self) {
         let cfg = self.dir.path().join("slapd.d");
         // -d 0: stay in the foreground (so the test owns the process), log nothing.
+        let mut urls = format!("ldap://127.0.0.1:{}/", self.port);
+        if let Some(p) = self.tls_port {
+            urls.push_str(&format!(" ldaps://127.0.0.1:{p}/"));
+        }
         let child = Command::new(SLAPD)
             .args(["-d", "0", "-h"])
-            .arg(format!("ldap://127.0.0.1:{}/", self.port))
+            .arg(urls)
             .arg("-F")
             .arg(&cfg)
             .stdout(Stdio::null())
@@ -185,6 +236,11 @@ olcOverlay: {{0}}ppolicy
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The server's process id (0 while paused).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
     }
 
     /// Stops the server (the directory is then unreachable).
@@ -234,7 +290,7 @@ impl Drop for Slapd {
 
 fn person_ldif(suffix: &str, p: &Person<'_>) -> String {
     let mut s = format!(
-        "dn: uid={uid},ou=people,{suffix}\nobjectClass: inetOrgPerson\nobjectClass: parleyADUser\nuid: {uid}\ncn: {cn}\nsn: {cn}\nuserPassword: {pw}\n",
+        "dn: uid={uid},ou=people,{suffix}\nobjectClass: inetOrgPerson\nobjectClass: user\nuid: {uid}\nsAMAccountName: {uid}\ncn: {cn}\ndisplayName: {cn}\nsn: {cn}\nuserPassword: {pw}\n",
         uid = p.uid,
         cn = p.cn,
         pw = p.password
@@ -348,6 +404,11 @@ impl Agent {
             .spawn()
             .expect("spawn auth agent");
         self.child = Some(child);
+    }
+
+    /// The agent's process id (0 while killed).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
     }
 
     /// SIGKILLs the agent.
