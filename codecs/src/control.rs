@@ -134,7 +134,7 @@ pub enum ClientMsg {
 pub const MAX_CHAT_BYTES: usize = 16 * 1024;
 
 /// One address book entry as the device sees it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct AddressBookEntry {
     /// E.164 number, or a SIP URI when the party had no telephone number.
     pub address: String,
@@ -149,6 +149,18 @@ pub struct AddressBookEntry {
     /// cancelled do not make it known.
     #[serde(default)]
     pub known: bool,
+    /// Calls from this party to the user (answered or not).
+    #[serde(default)]
+    pub incoming: u64,
+    /// Calls the user placed to this party.
+    #[serde(default)]
+    pub outgoing: u64,
+    /// Calls from this party nobody answered.
+    #[serde(default)]
+    pub missed: u64,
+    /// First call, RFC 3339.
+    #[serde(default)]
+    pub first_seen: String,
 }
 
 /// Longest address an address book keeps, bytes (longer parties are not added: no real
@@ -566,7 +578,7 @@ mod tests {
             name,
             call_count: 1,
             last_seen: "2026-12-02T05:00:00Z".into(),
-            known: false,
+            ..Default::default()
         }
     }
 

@@ -8,6 +8,7 @@
 //! - [`sdp`]: the SDP offer/answer subset a G.711 B2BUA needs (RFC 3264).
 //! - [`control`]: the JSON control messages of the Parley IM protocol and their
 //!   length-prefixed framing (`docs/protocol.md`).
+//! - [`cdr_csv`]: carrier CDR files (Asterisk, FreeSWITCH, generic CSV), row by row.
 //! - [`agent`]: the node ↔ auth agent protocol of federated tenants (`docs/auth.md`).
 //!
 //! Library choices: SDP is parsed with Mozilla's `webrtc-sdp` (the parser Firefox ships,
@@ -26,6 +27,7 @@
 //! ```
 
 pub mod agent;
+pub mod cdr_csv;
 pub mod control;
 pub mod g711;
 pub mod roq;

@@ -986,6 +986,7 @@ mod tests {
                     call_count: 1,
                     last_seen: "2025-11-28T14:02:11Z".into(),
                     known: true,
+                    ..Default::default()
                 }],
                 offset: 0,
                 total: 1,

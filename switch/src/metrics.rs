@@ -73,8 +73,12 @@ pub const AUTH_AGENT_REQUEST_SECONDS: &str = "parley_auth_agent_request_seconds"
 /// Agent TLS handshakes refused, by `reason` (`untrusted`: not from the agent CA;
 /// `revoked`: a revoked or unknown agent certificate).
 pub const AUTH_AGENT_HANDSHAKES_REFUSED_TOTAL: &str = "parley_auth_agent_handshakes_refused_total";
-/// Agent enrolments, by `result` (`ok`, `bad_token`, `bad_csr`, `store`).
+/// Agent enrolments, by `result` (`ok`, `bad_token`, `bad_csr`, `store`, `busy`: too many
+/// enrolling connections at once).
 pub const AUTH_AGENT_ENROLMENTS_TOTAL: &str = "parley_auth_agent_enrolments_total";
+/// Rows of imported carrier CDR files, by `result` (`imported`, `duplicate`: imported
+/// before; `unmatched`: no user of the tenant in it; `rejected`: unreadable).
+pub const CDR_IMPORT_ROWS_TOTAL: &str = "parley_cdr_import_rows_total";
 /// Users the last directory sync listed, by `tenant`.
 pub const DIRECTORY_USERS: &str = "parley_directory_users";
 /// Directory numbers the last sync of a tenant could not route to their user because
@@ -199,6 +203,9 @@ fn register_zeroes() {
     gauge!(DIRECTORY_USERS).set(0.0);
     gauge!(DIRECTORY_NUMBERS_REFUSED).set(0.0);
     let _ = metrics::histogram!(AUTH_AGENT_REQUEST_SECONDS);
+    for r in ["imported", "duplicate", "unmatched", "rejected"] {
+        counter!(CDR_IMPORT_ROWS_TOTAL, "result" => r).increment(0);
+    }
     for r in ["untrusted", "revoked"] {
         counter!(AUTH_AGENT_HANDSHAKES_REFUSED_TOTAL, "reason" => r).increment(0);
     }
@@ -350,6 +357,11 @@ fn describe() {
         AUTH_AGENT_ENROLMENTS_TOTAL,
         Unit::Count,
         "Auth agent enrolments, by result"
+    );
+    describe_counter!(
+        CDR_IMPORT_ROWS_TOTAL,
+        Unit::Count,
+        "Rows of imported carrier CDR files, by result"
     );
     describe_gauge!(
         DIRECTORY_NUMBERS_REFUSED,

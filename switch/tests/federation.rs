@@ -967,3 +967,49 @@ async fn locking_an_account_in_the_directory_ends_its_sessions_and_tokens() {
         "account_locked"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_creates_tenants_issues_tokens_and_sets_federation() {
+    let slapd = Slapd::start("acme", &acme_people());
+    let node = Node::start_federated("");
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_parley"))
+            .arg("tenant")
+            .arg("--data-dir")
+            .arg(node.data_dir())
+            .args(["--token", &node.token])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // The node is found through its data directory (node.json).
+    let (ok, out, err) = cli(&["create", "acme", "--region", "fr", "--directory"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("\"region\": \"FR\""), "{out}");
+    let (ok, out, err) = cli(&["token", "acme", "--ttl-secs", "600"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let token = v["token"].as_str().unwrap();
+    let _agent = Agent::start(
+        &node,
+        token,
+        &directory_section(&slapd, &[&slapd.url]),
+        "sync_interval_secs = 0",
+    );
+    wait_agents(&node, "acme", 1);
+    assert!(logged_in(&node, "acme", "alice", "alice-pw").await);
+    let (ok, out, _) = cli(&["list"]);
+    assert!(ok && out.contains("\"agents_connected\": 1"), "{out}");
+    let (ok, _, err) = cli(&["federate", "acme", "globex"]);
+    assert!(ok, "{err}");
+    // Errors are plain: an unknown tenant, a bad region.
+    let (ok, _, err) = cli(&["token", "nowhere"]);
+    assert!(!ok && err.contains("404"), "{err}");
+    let (ok, _, err) = cli(&["create", "x", "--region", "ZZ"]);
+    assert!(!ok && err.contains("bad_region"), "{err}");
+}

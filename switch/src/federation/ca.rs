@@ -160,6 +160,20 @@ mod tests {
                 .unwrap();
         }
         assert_ne!(issued.fingerprint, issued2.fingerprint);
+        // The node decides the subject: the agent's id and its tenant, whatever was asked.
+        use x509_parser::prelude::FromDer;
+        let der = super::super::pem_cert(&issued.pem).unwrap();
+        let (_, x) = x509_parser::certificate::X509Certificate::from_der(&der).unwrap();
+        let subject = x.subject();
+        let cn = subject.iter_common_name().next().unwrap().as_str().unwrap();
+        let o = subject
+            .iter_organization()
+            .next()
+            .unwrap()
+            .as_str()
+            .unwrap();
+        assert_eq!((cn, o), ("agent-1", "acme"));
+        assert!(!x.is_ca());
         assert!(
             ca.issue("not a csr", "acme", "a", Duration::from_secs(1))
                 .is_err()

@@ -28,6 +28,13 @@ const ENROL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Agent-initiated streams open at once per connection.
 const AGENT_STREAMS: u32 = 8;
 
+/// Connections without a client certificate (enrolling) handled at once; more are closed
+/// at once, so a flood of anonymous handshakes cannot hold the endpoint.
+const MAX_ENROLLING: usize = 32;
+
+/// Bytes of sync pages one sync may carry (the user count is bounded separately).
+const MAX_SYNC_BYTES: usize = 256 * 1024 * 1024;
+
 #[derive(Debug)]
 struct AgentVerifier {
     inner: Arc<dyn ClientCertVerifier>,
@@ -157,11 +164,12 @@ pub async fn write_frame<T: serde::Serialize>(
 /// Accepts agent connections until the endpoint closes. Runs on the actix arbiter:
 /// directory syncs create user actors.
 pub async fn serve(endpoint: quinn::Endpoint, fed: Arc<Federation>) {
+    let enrolling = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     while let Some(incoming) = endpoint.accept().await {
-        let fed = fed.clone();
+        let (fed, enrolling) = (fed.clone(), enrolling.clone());
         actix_rt::spawn(async move {
             match incoming.await {
-                Ok(conn) => handle_connection(conn, fed).await,
+                Ok(conn) => handle_connection(conn, fed, &enrolling).await,
                 Err(e) => tracing::info!(error = %e, "auth agent handshake failed"),
             }
         });
@@ -174,10 +182,23 @@ fn peer_cert(conn: &quinn::Connection) -> Option<CertificateDer<'static>> {
     certs.first().cloned()
 }
 
-async fn handle_connection(conn: quinn::Connection, fed: Arc<Federation>) {
+async fn handle_connection(
+    conn: quinn::Connection,
+    fed: Arc<Federation>,
+    enrolling: &std::sync::atomic::AtomicUsize,
+) {
+    use std::sync::atomic::Ordering;
     let remote = conn.remote_address();
     let Some(cert) = peer_cert(&conn) else {
-        return enrol(conn, fed).await;
+        if enrolling.fetch_add(1, Ordering::AcqRel) >= MAX_ENROLLING {
+            enrolling.fetch_sub(1, Ordering::AcqRel);
+            metrics::counter!(m::AUTH_AGENT_ENROLMENTS_TOTAL, "result" => "busy").increment(1);
+            conn.close(6u32.into(), b"too many enrolments at once");
+            return;
+        }
+        enrol(conn, fed).await;
+        enrolling.fetch_sub(1, Ordering::AcqRel);
+        return;
     };
     let Some(who) = fed
         .accepted_certs()
@@ -290,10 +311,15 @@ async fn agent_request(
         AgentRequest::SyncPage { users, last } => {
             let mut all = users;
             let mut done = last;
+            let mut bytes = body.len();
             while !done {
                 let body = read_frame(&mut recv)
                     .await?
                     .ok_or_else(|| anyhow::anyhow!("sync ended before its last page"))?;
+                bytes += body.len();
+                if bytes > MAX_SYNC_BYTES {
+                    anyhow::bail!("a sync of more than {MAX_SYNC_BYTES} bytes: dropped");
+                }
                 match agent::decode::<AgentRequest>(&body)? {
                     AgentRequest::SyncPage { users, last } => {
                         if all.len() + users.len() > fed.settings().max_directory_users {

@@ -18,6 +18,7 @@ use sqlx::Row;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 
 pub mod cdr_writer;
+pub mod import;
 pub mod tenants;
 
 /// Storage errors.
@@ -152,16 +153,54 @@ impl BookChange {
 
 fn book_entry(r: &sqlx::sqlite::SqliteRow) -> AddressBookEntry {
     let ms: i64 = r.get("last_seen_ms");
-    let count: i64 = r.get("call_count");
-    let known: i64 = r.get("known_calls");
+    let first: Option<i64> = r.get("first_seen_ms");
+    let count = |c: &str| r.get::<i64, _>(c).max(0) as u64;
+    let at = |ms: i64| rfc3339(UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64));
     AddressBookEntry {
         address: r.get("address"),
         name: r.get("name"),
-        call_count: count.max(0) as u64,
-        last_seen: rfc3339(UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64)),
-        known: known > 0,
+        call_count: count("call_count"),
+        last_seen: at(ms),
+        known: count("known_calls") > 0,
+        incoming: count("incoming_calls"),
+        outgoing: count("outgoing_calls"),
+        missed: count("missed_calls"),
+        first_seen: at(first.unwrap_or(ms)),
     }
 }
+
+/// Where an address book name came from; a name replaces one of a lower rank, and a
+/// newer one of the same rank (people's caller ids change).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum NameSource {
+    /// A caller id (CLID, SIP display name) or a directory.
+    CallerId = 1,
+    /// The user named the entry: nothing a call carries replaces it.
+    User = 2,
+}
+
+/// One call with a party, as an address book counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallKind {
+    /// The party called the user.
+    Incoming {
+        /// Someone answered.
+        answered: bool,
+    },
+    /// The user called the party.
+    Outgoing,
+}
+
+/// A party to add to a book.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Contact<'a> {
+    pub(crate) address: &'a str,
+    pub(crate) name: Option<&'a str>,
+    pub(crate) when: SystemTime,
+    pub(crate) kind: CallKind,
+}
+
+const BOOK_COLUMNS: &str = "address, name, call_count, last_seen_ms, known_calls, incoming_calls, outgoing_calls, missed_calls, first_seen_ms";
 
 /// A display name cut to [`MAX_BOOK_NAME_BYTES`](parley_codecs::control::MAX_BOOK_NAME_BYTES)
 /// at a character boundary.
@@ -377,19 +416,20 @@ impl Store {
             let (party, carried) = c.other_party();
             let directory = directory_name(&c.tenant, party);
             let name = directory.as_deref().or(carried);
-            // A party becomes known when the user called it or took its call; a caller that
-            // was rejected, missed or cancelled stays unknown however often it calls.
-            let known = c.direction == parley_core::cdr::Direction::Out || c.answer.is_some();
-            let (entry, evicted) = add_contact(
-                &mut tx,
-                self.book_limit,
-                (&c.tenant, &c.user),
-                party,
+            let kind = match c.direction {
+                parley_core::cdr::Direction::Out => CallKind::Outgoing,
+                parley_core::cdr::Direction::In => CallKind::Incoming {
+                    answered: c.answer.is_some(),
+                },
+            };
+            let contact = Contact {
+                address: party,
                 name,
-                c.end,
-                known,
-            )
-            .await?;
+                when: c.end,
+                kind,
+            };
+            let (entry, evicted) =
+                add_contact(&mut tx, self.book_limit, (&c.tenant, &c.user), contact).await?;
             if entry.is_none() && evicted.is_empty() {
                 continue;
             }
@@ -527,7 +567,10 @@ impl Store {
         tenant: &str,
         user: &str,
     ) -> Result<Vec<AddressBookEntry>, StoreError> {
-        let rows = sqlx::query("SELECT address, name, call_count, last_seen_ms, known_calls FROM address_book WHERE tenant = ? AND user = ? ORDER BY last_seen_ms DESC, address")
+        let rows = sqlx::query(
+            "SELECT address, name, call_count, last_seen_ms, known_calls, incoming_calls, outgoing_calls, \
+             missed_calls, first_seen_ms FROM address_book WHERE tenant = ? AND user = ? ORDER BY last_seen_ms DESC, address",
+        )
             .bind(tenant)
             .bind(user)
             .fetch_all(&self.pool)
@@ -613,34 +656,64 @@ async fn insert_cdr<'e>(
 /// the least called, then the oldest). Returns the entry as it now stands and the evicted
 /// addresses; no entry for a party too long to keep, or one that was itself the least
 /// valuable in a full book.
-async fn add_contact(
+/// Adds one call with a party to a user's book: counts by kind, first and last seen, the
+/// better name (a caller id beats none, a newer caller id an older one, a name the user
+/// set beats all).
+pub(crate) async fn add_contact(
     tx: &mut sqlx::SqliteConnection,
     limit: i64,
     (tenant, user): (&str, &str),
-    address: &str,
-    name: Option<&str>,
-    when: SystemTime,
-    known: bool,
+    c: Contact<'_>,
 ) -> Result<(Option<AddressBookEntry>, Vec<String>), StoreError> {
+    let address = c.address;
     if address.is_empty() || address.len() > parley_codecs::control::MAX_BOOK_ADDRESS_BYTES {
         metrics::counter!(crate::metrics::ADDRESS_BOOK_REFUSED_TOTAL).increment(1);
         return Ok((None, Vec::new()));
     }
-    let row = sqlx::query(
-        "INSERT INTO address_book (tenant, user, address, name, call_count, last_seen_ms, known_calls) VALUES (?, ?, ?, ?, 1, ?, ?) \
+    // A party becomes known when the user called it or took its call; a caller that was
+    // rejected, missed or cancelled stays unknown however often it calls.
+    let (known, incoming, outgoing, missed) = match c.kind {
+        CallKind::Outgoing => (1, 0, 1, 0),
+        CallKind::Incoming { answered: true } => (1, 1, 0, 0),
+        CallKind::Incoming { answered: false } => (0, 1, 0, 1),
+    };
+    let at = unix_ms(c.when);
+    let better = "excluded.name IS NOT NULL AND (excluded.name_source > address_book.name_source \
+                  OR (excluded.name_source = address_book.name_source AND excluded.name_source < 2 \
+                  AND excluded.last_seen_ms >= address_book.last_seen_ms))";
+    let sql = format!(
+        "INSERT INTO address_book (tenant, user, address, name, call_count, last_seen_ms, known_calls, \
+         incoming_calls, outgoing_calls, missed_calls, first_seen_ms, name_source) \
+         VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?) \
          ON CONFLICT (tenant, user, address) DO UPDATE SET call_count = call_count + 1, \
-         name = COALESCE(excluded.name, address_book.name), last_seen_ms = MAX(last_seen_ms, excluded.last_seen_ms), \
-         known_calls = known_calls + excluded.known_calls \
-         RETURNING address, name, call_count, last_seen_ms, known_calls",
-    )
-    .bind(tenant)
-    .bind(user)
-    .bind(address)
-    .bind(name.map(book_name))
-    .bind(unix_ms(when))
-    .bind(i64::from(known))
-    .fetch_one(&mut *tx)
-    .await?;
+         name = CASE WHEN {better} THEN excluded.name ELSE address_book.name END, \
+         name_source = CASE WHEN {better} THEN excluded.name_source ELSE address_book.name_source END, \
+         last_seen_ms = MAX(address_book.last_seen_ms, excluded.last_seen_ms), \
+         first_seen_ms = MIN(COALESCE(address_book.first_seen_ms, address_book.last_seen_ms), excluded.first_seen_ms), \
+         known_calls = known_calls + excluded.known_calls, \
+         incoming_calls = incoming_calls + excluded.incoming_calls, \
+         outgoing_calls = outgoing_calls + excluded.outgoing_calls, \
+         missed_calls = missed_calls + excluded.missed_calls \
+         RETURNING {BOOK_COLUMNS}"
+    );
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(tenant)
+        .bind(user)
+        .bind(address)
+        .bind(c.name.map(book_name))
+        .bind(at)
+        .bind(known)
+        .bind(incoming)
+        .bind(outgoing)
+        .bind(missed)
+        .bind(at)
+        .bind(if c.name.is_some() {
+            NameSource::CallerId as i64
+        } else {
+            0
+        })
+        .fetch_one(&mut *tx)
+        .await?;
     let entry = book_entry(&row);
     let mut evicted = Vec::new();
     if entry.call_count == 1 {
@@ -678,7 +751,8 @@ const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS users (tenant TEXT NOT NULL, user TEXT NOT NULL, number TEXT NOT NULL, password_hash TEXT NOT NULL, display_name TEXT, numbers TEXT, source TEXT NOT NULL DEFAULT 'local', PRIMARY KEY (tenant, user))",
     "CREATE TABLE IF NOT EXISTS cdrs (call_id TEXT NOT NULL, sip_call_id TEXT NOT NULL, tenant TEXT NOT NULL, user TEXT NOT NULL, caller TEXT NOT NULL, caller_name TEXT, called TEXT NOT NULL, route TEXT NOT NULL, start_ms INTEGER NOT NULL, answer_ms INTEGER, end_ms INTEGER NOT NULL, start_time TEXT NOT NULL, answer_time TEXT, end_time TEXT NOT NULL, duration_secs REAL NOT NULL, disposition TEXT NOT NULL, sip_cause INTEGER NOT NULL, packets_in INTEGER NOT NULL, packets_out INTEGER NOT NULL, answered_by TEXT, direction TEXT NOT NULL DEFAULT 'in')",
     "CREATE INDEX IF NOT EXISTS cdrs_user ON cdrs (tenant, user, end_ms)",
-    "CREATE TABLE IF NOT EXISTS address_book (tenant TEXT NOT NULL, user TEXT NOT NULL, address TEXT NOT NULL, name TEXT, call_count INTEGER NOT NULL, last_seen_ms INTEGER NOT NULL, known_calls INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (tenant, user, address))",
+    "CREATE TABLE IF NOT EXISTS address_book (tenant TEXT NOT NULL, user TEXT NOT NULL, address TEXT NOT NULL, name TEXT, call_count INTEGER NOT NULL, last_seen_ms INTEGER NOT NULL, known_calls INTEGER NOT NULL DEFAULT 0, incoming_calls INTEGER NOT NULL DEFAULT 0, outgoing_calls INTEGER NOT NULL DEFAULT 0, missed_calls INTEGER NOT NULL DEFAULT 0, first_seen_ms INTEGER, name_source INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (tenant, user, address))",
+    "CREATE TABLE IF NOT EXISTS carrier_cdrs (key TEXT PRIMARY KEY, tenant TEXT NOT NULL, src TEXT NOT NULL, src_name TEXT, dst TEXT NOT NULL, start_ms INTEGER NOT NULL, answer_ms INTEGER, end_ms INTEGER NOT NULL, disposition TEXT NOT NULL, format TEXT NOT NULL, imported_ms INTEGER NOT NULL)",
     "CREATE TABLE IF NOT EXISTS preferences (tenant TEXT NOT NULL, user TEXT NOT NULL, json TEXT NOT NULL, updated_ms INTEGER NOT NULL, PRIMARY KEY (tenant, user))",
     "CREATE TABLE IF NOT EXISTS tenants (name TEXT PRIMARY KEY, region TEXT NOT NULL, directory INTEGER NOT NULL, created_ms INTEGER NOT NULL)",
     "CREATE TABLE IF NOT EXISTS tenant_federation (tenant TEXT NOT NULL, peer TEXT NOT NULL, PRIMARY KEY (tenant, peer))",
@@ -693,6 +767,19 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("cdrs", "answered_by", "TEXT"),
     ("cdrs", "direction", "TEXT NOT NULL DEFAULT 'in'"),
     ("address_book", "known_calls", "INTEGER NOT NULL DEFAULT 0"),
+    (
+        "address_book",
+        "incoming_calls",
+        "INTEGER NOT NULL DEFAULT 0",
+    ),
+    (
+        "address_book",
+        "outgoing_calls",
+        "INTEGER NOT NULL DEFAULT 0",
+    ),
+    ("address_book", "missed_calls", "INTEGER NOT NULL DEFAULT 0"),
+    ("address_book", "first_seen_ms", "INTEGER"),
+    ("address_book", "name_source", "INTEGER NOT NULL DEFAULT 0"),
     ("users", "display_name", "TEXT"),
     ("users", "numbers", "TEXT"),
     ("users", "source", "TEXT NOT NULL DEFAULT 'local'"),

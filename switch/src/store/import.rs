@@ -1,0 +1,290 @@
+//! Importing carrier CDR files into the users' address books.
+//!
+//! A file is read row by row on a blocking thread (`parley_codecs::cdr_csv`, from any
+//! `Read`, e.g. an HTTP body bridged with `tokio_util::io::SyncIoBridge`), and applied in
+//! batches of [`BATCH`] rows, one transaction each, through a bounded channel: memory
+//! holds a few batches whatever the file's size.
+//!
+//! For each row of tenant `T` (numbers normalised to E.164 with `T`'s region, or kept as
+//! they are when they are not numbers): a destination that is the number of a user of
+//! `T` makes the row that user's incoming call; a source that is one makes it that user's
+//! outgoing call; both, for a call between two users. Users of other tenants are never
+//! touched, whatever numbers a file holds. Each row has a stable key (the file's call id,
+//! else a SHA-256 of its fields) in `carrier_cdrs`: importing a file again adds nothing.
+
+use std::collections::HashSet;
+use std::io::Read;
+use std::time::SystemTime;
+
+use parley_actors::registry::Registry;
+use parley_codecs::cdr_csv::{CarrierCdr, CdrReader, Format};
+use serde::Serialize;
+
+use super::{BookChange, CallKind, Contact, Store, StoreError, add_contact, unix_ms};
+
+/// Rows per transaction.
+pub const BATCH: usize = 2000;
+
+/// Rejections listed in a report (all are counted).
+pub const MAX_LISTED: usize = 1000;
+
+/// A row that was not imported.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Rejection {
+    /// Line in the file (1-based).
+    pub line: u64,
+    /// Why.
+    pub reason: String,
+}
+
+/// What an import did.
+#[derive(Debug, Clone, Serialize, Default, PartialEq, Eq)]
+pub struct ImportReport {
+    /// Rows read (blank lines aside).
+    pub rows: u64,
+    /// Rows that added calls to at least one book.
+    pub imported: u64,
+    /// Rows already imported before (same key).
+    pub duplicates: u64,
+    /// Rows involving no user of the tenant (kept out of every book).
+    pub unmatched: u64,
+    /// Rows that could not be read.
+    pub rejected: u64,
+    /// The first [`MAX_LISTED`] rejections.
+    pub rejections: Vec<Rejection>,
+    /// Users whose books changed.
+    pub users_touched: u64,
+}
+
+/// Progress callback's view: rows read so far.
+pub type Progress = std::sync::Arc<std::sync::atomic::AtomicU64>;
+
+/// Why an import stopped before the end.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    /// The header of a generic file does not fit the mapping.
+    #[error("{0}")]
+    Header(String),
+    /// The database failed (rows of earlier batches are in).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Reading the file failed.
+    #[error("reading the file: {0}")]
+    Read(String),
+}
+
+type Batch = Vec<(u64, Result<CarrierCdr, String>)>;
+
+/// Imports a file for `tenant` (whose numbers are normalised with `region`). Book
+/// changes go to the users' actors (online devices get the new entries).
+pub async fn import(
+    store: &Store,
+    registry: &Registry,
+    (tenant, region): (&str, &str),
+    format: Format,
+    reader: impl Read + Send + 'static,
+) -> Result<ImportReport, ImportError> {
+    let label = match &format {
+        Format::Asterisk => "asterisk",
+        Format::FreeSwitch => "freeswitch",
+        Format::Generic(_) => "generic",
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Batch, ImportError>>(4);
+    let reader_task = tokio::task::spawn_blocking(move || {
+        let mut file = match CdrReader::new(format, reader) {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = tx.blocking_send(Err(ImportError::Header(e.to_string())));
+                return;
+            }
+        };
+        let mut batch = Vec::with_capacity(BATCH);
+        while let Some((line, row)) = file.next() {
+            if let Err(e) = &row
+                && e.0.starts_with("read error")
+            {
+                let _ = tx.blocking_send(Err(ImportError::Read(e.0.clone())));
+                return;
+            }
+            batch.push((line, row.map_err(|e| e.0)));
+            if batch.len() == BATCH
+                && tx
+                    .blocking_send(Ok(std::mem::replace(&mut batch, Vec::with_capacity(BATCH))))
+                    .is_err()
+            {
+                return;
+            }
+        }
+        if !batch.is_empty() {
+            let _ = tx.blocking_send(Ok(batch));
+        }
+    });
+    let mut report = ImportReport::default();
+    let mut touched: HashSet<String> = HashSet::new();
+    let result = async {
+        while let Some(batch) = rx.recv().await {
+            let changes = apply(
+                store,
+                registry,
+                (tenant, region),
+                label,
+                batch?,
+                &mut report,
+            )
+            .await?;
+            for change in changes {
+                touched.insert(change.user.clone());
+                if let Some(u) = registry.user_by_name(&change.tenant, &change.user) {
+                    u.addr.do_send(parley_actors::user::AddressBookChanged {
+                        upserted: change.upserted,
+                        removed: change.removed,
+                    });
+                }
+            }
+        }
+        Ok::<(), ImportError>(())
+    }
+    .await;
+    drop(rx);
+    let _ = reader_task.await;
+    report.users_touched = touched.len() as u64;
+    result.map(|()| report)
+}
+
+/// The user of `tenant` whose number `n` is.
+fn user_of(registry: &Registry, tenant: &str, n: &str) -> Option<String> {
+    registry
+        .user_by_number(n)
+        .filter(|u| u.id.tenant == tenant)
+        .map(|u| u.id.user)
+}
+
+async fn apply(
+    store: &Store,
+    registry: &Registry,
+    (tenant, region): (&str, &str),
+    format: &str,
+    batch: Batch,
+    report: &mut ImportReport,
+) -> Result<Vec<BookChange>, StoreError> {
+    let mut tx = store.pool.begin().await?;
+    let mut changes: Vec<BookChange> = Vec::new();
+    let before = report.clone();
+    let now = unix_ms(SystemTime::now());
+    for (line, row) in batch {
+        report.rows += 1;
+        let row = match row {
+            Ok(r) => r,
+            Err(reason) => {
+                report.rejected += 1;
+                if report.rejections.len() < MAX_LISTED {
+                    report.rejections.push(Rejection { line, reason });
+                }
+                continue;
+            }
+        };
+        let norm = |n: &str| crate::numbers::to_e164(n, region).unwrap_or_else(|| n.to_owned());
+        let (src, dst) = (norm(&row.src), norm(&row.dst));
+        let callee = user_of(registry, tenant, &dst);
+        let caller = user_of(registry, tenant, &src);
+        if callee.is_none() && caller.is_none() {
+            report.unmatched += 1;
+            continue;
+        }
+        let key = format!("{tenant}:{format}:{}", row_key(&row));
+        let inserted = sqlx::query(
+            "INSERT OR IGNORE INTO carrier_cdrs (key, tenant, src, src_name, dst, start_ms, answer_ms, end_ms, disposition, format, imported_ms) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&key)
+        .bind(tenant)
+        .bind(&src)
+        .bind(&row.src_name)
+        .bind(&dst)
+        .bind(unix_ms(row.start))
+        .bind(row.answer.map(unix_ms))
+        .bind(unix_ms(row.end))
+        .bind(&row.disposition)
+        .bind(format)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            report.duplicates += 1;
+            continue;
+        }
+        report.imported += 1;
+        let mut sides = Vec::with_capacity(2);
+        if let Some(user) = callee {
+            let c = Contact {
+                address: &src,
+                name: row.src_name.as_deref(),
+                when: row.end,
+                kind: CallKind::Incoming {
+                    answered: row.answer.is_some(),
+                },
+            };
+            sides.push((user, c));
+        }
+        if let Some(user) = caller {
+            let c = Contact {
+                address: &dst,
+                name: None,
+                when: row.end,
+                kind: CallKind::Outgoing,
+            };
+            sides.push((user, c));
+        }
+        for (user, contact) in sides {
+            let (entry, evicted) =
+                add_contact(&mut tx, store.book_limit, (tenant, &user), contact).await?;
+            if entry.is_none() && evicted.is_empty() {
+                continue;
+            }
+            let at = match changes.iter().position(|b| b.user == user) {
+                Some(i) => i,
+                None => {
+                    changes.push(BookChange {
+                        tenant: tenant.to_owned(),
+                        user: user.clone(),
+                        upserted: Vec::new(),
+                        removed: Vec::new(),
+                    });
+                    changes.len() - 1
+                }
+            };
+            if let Some(e) = entry {
+                changes[at].upsert(e);
+            }
+            for a in evicted {
+                changes[at].remove(a);
+            }
+        }
+    }
+    tx.commit().await?;
+    for (result, now, then) in [
+        ("imported", report.imported, before.imported),
+        ("duplicate", report.duplicates, before.duplicates),
+        ("unmatched", report.unmatched, before.unmatched),
+        ("rejected", report.rejected, before.rejected),
+    ] {
+        metrics::counter!(crate::metrics::CDR_IMPORT_ROWS_TOTAL, "result" => result)
+            .increment(now - then);
+    }
+    Ok(changes)
+}
+
+/// The row's own id, or a SHA-256 of its fields (unit separator between them).
+fn row_key(row: &CarrierCdr) -> String {
+    // Ids are per call leg in some switches (Asterisk's uniqueid is the channel's): with
+    // the start and the destination, one row each.
+    if let Some(id) = &row.id {
+        return format!("id:{id}:{}:{}", unix_ms(row.start), row.dst);
+    }
+    let joined = row.fields.join("\u{1f}");
+    format!(
+        "sha256:{}",
+        crate::federation::hex(&crate::federation::fingerprint(joined.as_bytes()))
+    )
+}
