@@ -142,12 +142,12 @@ impl PresenceSession {
             &*self.owner.registry,
             !env.trunks.is_empty(),
         );
-        let (user, called, pstn_destination) = match target {
+        let (user, called, pstn_destination, dialled_by) = match target {
             Ok(DialTarget::User(u)) => {
                 let number = u.number.clone();
-                (u, number, None)
+                (u, number, None, Some(self.owner.id.clone()))
             }
-            Ok(DialTarget::Pstn(n)) => (self.owner.id.clone(), n.clone(), Some(n)),
+            Ok(DialTarget::Pstn(n)) => (self.owner.id.clone(), n.clone(), Some(n), None),
             Err(e) => return self.error(e.code(), e.to_string()),
         };
         // The callee's actor, for its presence; the caller's own for a PSTN number.
@@ -164,6 +164,7 @@ impl PresenceSession {
             sip_call_id: call_id.clone(),
             user,
             origin: Origin::Device(self.id),
+            dialled_by,
             caller: self.owner.id.number.clone(),
             caller_name: Some(self.owner.id.user.clone()),
             called,

@@ -52,6 +52,14 @@ enum Cmd {
         #[command(subcommand)]
         cmd: TenantCmd,
     },
+    /// Work with a running node's CDRs: import a carrier's CDR file into its users'
+    /// address books.
+    Cdr {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        cmd: CdrCmd,
+    },
     /// Run an auth agent: the process inside an enterprise network that checks its users'
     /// passwords against the enterprise's LDAP / Active Directory for the node
     /// (docs/auth.md). `enroll` once with a token from `parley tenant token`, then `run`.
@@ -118,6 +126,29 @@ enum TenantCmd {
 }
 
 #[derive(Subcommand, Debug)]
+enum CdrCmd {
+    /// Send a carrier CDR file to the node (streamed, with progress), which adds each call
+    /// to the address books of the tenant's users whose numbers it names; prints the
+    /// report (imported, duplicates, unmatched, rejected rows with line and reason).
+    /// Importing a file again adds nothing.
+    Import {
+        /// asterisk (Master.csv of cdr_csv), freeswitch (the default cdr_csv template), or
+        /// generic (a header row; name the columns with --column).
+        #[arg(long)]
+        format: String,
+        /// The tenant whose users the file's numbers are matched against.
+        #[arg(long, default_value = "demo")]
+        tenant: String,
+        /// For generic files: FIELD=HEADER, FIELD one of src, dst, start (required), name,
+        /// answer, end, duration, billsec, disposition, id. Repeat for each column.
+        #[arg(long = "column", value_name = "FIELD=HEADER")]
+        columns: Vec<String>,
+        /// The CSV file.
+        file: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum AgentCmd {
     /// Enrol with the node: present the token once, generate a key pair, keep the
     /// certificate the node signs.
@@ -143,13 +174,8 @@ enum AgentCmd {
     },
 }
 
-/// Calls the admin API.
-fn admin(
-    args: &AdminArgs,
-    method: &str,
-    path: &str,
-    body: Option<serde_json::Value>,
-) -> anyhow::Result<serde_json::Value> {
+/// The admin API's base URL and token.
+fn admin_target(args: &AdminArgs) -> anyhow::Result<(String, String)> {
     let base = match &args.node {
         Some(n) if n.starts_with("http") => n.trim_end_matches('/').to_owned(),
         Some(n) => format!("http://{n}"),
@@ -172,13 +198,43 @@ fn admin(
                 .to_owned()
         }
     };
-    let agent: ureq::Agent = ureq::Agent::config_builder()
+    Ok((base, token))
+}
+
+fn http_client() -> ureq::Agent {
+    ureq::Agent::config_builder()
         .http_status_as_error(false)
         .build()
-        .into();
+        .into()
+}
+
+/// Reads an admin API answer: JSON (or the text), an error above 299.
+fn admin_answer(
+    what: &str,
+    mut resp: ureq::http::Response<ureq::Body>,
+) -> anyhow::Result<serde_json::Value> {
+    let status = resp.status().as_u16();
+    let text = resp.body_mut().read_to_string()?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+    if status >= 300 {
+        anyhow::bail!("{what}: HTTP {status}: {value}");
+    }
+    Ok(value)
+}
+
+/// Calls the admin API.
+fn admin(
+    args: &AdminArgs,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> anyhow::Result<serde_json::Value> {
+    let (base, token) = admin_target(args)?;
+    let agent = http_client();
     let url = format!("{base}{path}");
     let auth = format!("Bearer {token}");
-    let mut resp = match (method, body) {
+    let resp = match (method, body) {
         ("GET", _) => agent.get(&url).header("Authorization", &auth).call()?,
         ("POST", Some(b)) => agent
             .post(&url)
@@ -193,14 +249,64 @@ fn admin(
             .header("Authorization", &auth)
             .send_json(b.unwrap_or_default())?,
     };
-    let status = resp.status().as_u16();
-    let text = resp.body_mut().read_to_string()?;
-    let value: serde_json::Value =
-        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
-    if status >= 300 {
-        anyhow::bail!("{method} {path}: HTTP {status}: {value}");
+    admin_answer(&format!("{method} {path}"), resp)
+}
+
+const IMPORT_FIELDS: &[&str] = &[
+    "src",
+    "dst",
+    "start",
+    "name",
+    "answer",
+    "end",
+    "duration",
+    "billsec",
+    "disposition",
+    "id",
+];
+
+fn cdr(admin_args: &AdminArgs, cmd: CdrCmd) -> anyhow::Result<()> {
+    let CdrCmd::Import {
+        format,
+        tenant,
+        columns,
+        file,
+    } = cmd;
+    let (base, token) = admin_target(admin_args)?;
+    let mut query = vec![("format", format.as_str()), ("tenant", tenant.as_str())];
+    for c in &columns {
+        let Some((field, header)) = c.split_once('=') else {
+            anyhow::bail!("--column {c:?}: expected FIELD=HEADER (e.g. src=caller)");
+        };
+        let Some(field) = IMPORT_FIELDS.iter().find(|f| **f == field) else {
+            anyhow::bail!(
+                "--column {c:?}: unknown field {field:?} (one of {})",
+                IMPORT_FIELDS.join(", ")
+            );
+        };
+        query.push((field, header));
     }
-    Ok(value)
+    let f = std::fs::File::open(&file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let len = f.metadata()?.len();
+    // Progress on stderr (drawn only on a terminal); the report goes to stdout.
+    let bar = indicatif::ProgressBar::new(len).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:40}] {binary_bytes}/{binary_total_bytes} ({binary_bytes_per_sec}, {eta} left)",
+        )?
+        .progress_chars("=> "),
+    );
+    bar.set_message(format!("importing {}", file.display()));
+    let mut body = bar.wrap_read(std::io::BufReader::with_capacity(256 * 1024, f));
+    let resp = http_client()
+        .post(format!("{base}/api/v1/cdrs/import"))
+        .query_pairs(query)
+        .header("Authorization", &format!("Bearer {token}"))
+        .header("Content-Type", "text/csv")
+        .send(ureq::SendBody::from_reader(&mut body))?;
+    bar.finish_and_clear();
+    let report = admin_answer(&format!("import of {}", file.display()), resp)?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
 }
 
 fn tenant(admin_args: &AdminArgs, cmd: TenantCmd) -> anyhow::Result<()> {
@@ -292,6 +398,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().cmd {
         Cmd::Tenant { admin, cmd } => tenant(&admin, cmd),
+        Cmd::Cdr { admin, cmd } => cdr(&admin, cmd),
         Cmd::AuthAgent { cmd } => auth_agent(cmd),
         Cmd::CheckConfig { config } => {
             Config::load(&config)?;

@@ -303,6 +303,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         registry: registry.clone(),
         federation: federation.clone(),
         enrolment_token_lifetime: Duration::from_secs(cfg.federation.enrolment_token_secs),
+        default_region: cfg.sip.default_region.clone(),
     }));
     actix_rt::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {

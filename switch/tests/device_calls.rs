@@ -85,8 +85,24 @@ async fn device_calls_device_with_media_both_ways() {
         c["packets_in"].as_i64().unwrap() >= 40 && c["packets_out"].as_i64().unwrap() >= 40,
         "{c}"
     );
-    // Bob's address book learned alice's number.
-    assert_eq!(node.address_book("bob")[0]["address"], "+15550100001");
+    // Bob's address book learned alice's number (an incoming call), and alice's learned
+    // bob's (the call her device dialled is her outgoing call).
+    let bob = &node.address_book("bob")[0];
+    assert_eq!(bob["address"], "+15550100001");
+    assert_eq!(
+        (&bob["incoming"], &bob["outgoing"]),
+        (&1.into(), &0.into()),
+        "{bob}"
+    );
+    let alice = &node.address_book("alice")[0];
+    assert_eq!(alice["address"], "+15550100002");
+    assert_eq!(
+        (&alice["incoming"], &alice["outgoing"]),
+        (&0.into(), &1.into()),
+        "{alice}"
+    );
+    assert_eq!(alice["name"], "bob", "{alice}");
+    assert_eq!(alice["known"], true, "{alice}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

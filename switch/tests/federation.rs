@@ -624,17 +624,46 @@ async fn tenants_are_isolated_unless_both_federate() {
     let mut cfg = node.device_config("gina", "phone");
     cfg.tenant = "globex".into();
     cfg.password = "gina-pw".into();
-    let _phone = node.device(cfg).await;
+    cfg.answer_after = None;
+    let mut phone = node.device(cfg).await;
+    let mut alice = Raw::new(&node, "acme", "alice", "alice-pw").await;
     let sc = scenario(node.dir.path(), "uac_pcmu.xml");
-    let run = sipp_uac(
+    let call = tokio::spawn(sipp_uac(
         &node,
         &["-sf", sc.to_str().unwrap()],
         "+33199999999",
         1,
         1,
         &["-d", "200"],
-    )
-    .await;
+    ));
+    let offer = phone
+        .wait_for(Duration::from_secs(10), |m| {
+            matches!(m, ServerMsg::IncomingCall { .. })
+        })
+        .await;
+    let Some(ServerMsg::IncomingCall { call_id, .. }) = offer else {
+        panic!("no offer: {offer:?}\n{}", node.log())
+    };
+    // A user of another tenant who knows the call id can neither take, refuse nor end it.
+    for msg in [
+        ClientMsg::Ringing {
+            call_id: call_id.clone(),
+        },
+        ClientMsg::Answer {
+            call_id: call_id.clone(),
+        },
+        ClientMsg::Reject {
+            call_id: call_id.clone(),
+        },
+        ClientMsg::Hangup {
+            call_id: call_id.clone(),
+        },
+    ] {
+        alice.send(msg.clone()).await;
+        assert_eq!(alice.error().await, "unknown_call", "{msg:?}");
+    }
+    phone.send(ClientMsg::Answer { call_id }).await.unwrap();
+    let run = call.await.unwrap();
     assert_eq!((run.successful, run.failed), (1, 0), "{}", run.output);
     let cdrs = node.wait_cdrs(1);
     assert!(
@@ -659,7 +688,6 @@ async fn tenants_are_isolated_unless_both_federate() {
         refused(&node, "acme", "gina", "gina-pw").await,
         "auth_failed"
     );
-    let mut alice = Raw::new(&node, "acme", "alice", "alice-pw").await;
     let mut gina = Raw::new(&node, "globex", "gina", "gina-pw").await;
 
     // Without a rule on both sides nothing of globex can be reached from acme.
@@ -754,6 +782,34 @@ async fn tenants_are_isolated_unless_both_federate() {
         assert!(std::time::Instant::now() < deadline, "{book:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    // Admin routes scope every read and write by tenant: globex's alice is not acme's.
+    let rules = r#"{"rules":[{"name":"globex only","then":{"action":"reject","code":480}}]}"#;
+    let (st, body) = node.put("/api/v1/users/alice/preferences?tenant=globex", rules);
+    assert_eq!(st, 200, "{body}");
+    let (st, body) = node.get("/api/v1/users/alice/preferences?tenant=acme", true);
+    assert_eq!(st, 200, "{body}");
+    assert!(!body.contains("globex only"), "{body}");
+    let (st, body) = node.get("/api/v1/users/alice/address-book?tenant=acme", true);
+    assert_eq!(st, 200, "{body}");
+    assert!(
+        body.contains("+33123456711"),
+        "acme alice called dave: {body}"
+    );
+    let (st, body) = node.get("/api/v1/users/alice/address-book?tenant=globex", true);
+    assert_eq!((st, body.as_str()), (200, "[]"));
+    let (st, body) = node.get("/api/v1/cdrs?tenant=globex", true);
+    assert_eq!(st, 200, "{body}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    assert!(
+        !rows.is_empty() && rows.iter().all(|r| r["tenant"] == "globex"),
+        "{rows:#?}"
+    );
+    assert_eq!(
+        node.get("/api/v1/users/mallory/presence?tenant=globex", true)
+            .0,
+        404
+    );
 
     // Admin routes: the token is required, names are checked.
     for (method, path) in [

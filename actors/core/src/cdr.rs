@@ -123,6 +123,9 @@ pub struct CdrRecord {
     pub answered_by: Option<String>,
     /// Which way the call went.
     pub direction: Direction,
+    /// For a call a user's device placed to another user: the caller, whose address book
+    /// records it as outgoing.
+    pub dialled_by: Option<crate::directory::UserIdentity>,
 }
 
 impl CdrRecord {

@@ -31,6 +31,8 @@ pub struct HttpState {
     pub federation: Arc<crate::federation::Federation>,
     /// Default lifetime of enrolment tokens.
     pub enrolment_token_lifetime: std::time::Duration,
+    /// Region of tenants without a tenant row (`[sip] default_region`).
+    pub default_region: String,
 }
 
 /// The router.
@@ -39,6 +41,7 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/api/v1/cdrs", get(cdrs))
+        .route("/api/v1/cdrs/import", axum::routing::post(import_cdrs))
         .route("/api/v1/users/{user}/address-book", get(address_book))
         .route(
             "/api/v1/users/{user}/preferences",
@@ -122,6 +125,141 @@ async fn cdrs(
     {
         Ok(rows) => Json(rows).into_response(),
         Err(e) => db_error(e),
+    }
+}
+
+/// `POST /api/v1/cdrs/import` parameters: the format, the tenant, and for `generic` the
+/// header names of the columns.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportQuery {
+    format: String,
+    tenant: Option<String>,
+    src: Option<String>,
+    dst: Option<String>,
+    start: Option<String>,
+    name: Option<String>,
+    answer: Option<String>,
+    end: Option<String>,
+    duration: Option<String>,
+    billsec: Option<String>,
+    disposition: Option<String>,
+    id: Option<String>,
+}
+
+impl ImportQuery {
+    fn format(self) -> Result<parley_codecs::cdr_csv::Format, String> {
+        use parley_codecs::cdr_csv::{Format, Mapping};
+        let mapping_given = [
+            &self.src,
+            &self.dst,
+            &self.start,
+            &self.name,
+            &self.answer,
+            &self.end,
+            &self.duration,
+            &self.billsec,
+            &self.disposition,
+            &self.id,
+        ]
+        .iter()
+        .any(|c| c.is_some());
+        match self.format.as_str() {
+            "asterisk" | "freeswitch" if mapping_given => Err(format!(
+                "column parameters are for format=generic; {} files have a fixed layout",
+                self.format
+            )),
+            "asterisk" => Ok(Format::Asterisk),
+            "freeswitch" => Ok(Format::FreeSwitch),
+            "generic" => {
+                let required = |v: Option<String>, key: &str| {
+                    v.filter(|v| !v.is_empty()).ok_or_else(|| {
+                        format!("format=generic needs `{key}` (the header name of that column)")
+                    })
+                };
+                Ok(Format::Generic(Box::new(Mapping {
+                    src: required(self.src, "src")?,
+                    dst: required(self.dst, "dst")?,
+                    start: required(self.start, "start")?,
+                    name: self.name,
+                    answer: self.answer,
+                    end: self.end,
+                    duration: self.duration,
+                    billsec: self.billsec,
+                    disposition: self.disposition,
+                    id: self.id,
+                })))
+            }
+            other => Err(format!(
+                "unknown format {other:?} (asterisk, freeswitch or generic)"
+            )),
+        }
+    }
+}
+
+/// Streams the body through the CSV reader into the tenant's users' address books; the
+/// answer is the import report.
+async fn import_cdrs(
+    State(s): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    query: Result<Query<ImportQuery>, axum::extract::rejection::QueryRejection>,
+    body: axum::body::Body,
+) -> Response {
+    use futures_util::TryStreamExt;
+    if let Err(r) = authorised(&s, &headers) {
+        return *r;
+    }
+    let q = match query {
+        Ok(Query(q)) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", e.body_text()),
+    };
+    let tenant = q.tenant.clone().unwrap_or_else(|| "demo".into());
+    let format = match q.format() {
+        Ok(f) => f,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", e),
+    };
+    let region = match s.federation.tenant(&tenant) {
+        Some(t) => t.row.region.clone(),
+        None if !s.registry.users_of(&tenant).is_empty() => s.default_region.clone(),
+        None => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "unknown_tenant",
+                format!("no tenant {tenant:?}"),
+            );
+        }
+    };
+    let stream = body
+        .into_data_stream()
+        .map_err(|e| std::io::Error::other(e.to_string()));
+    let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
+    let started = std::time::Instant::now();
+    tracing::info!(%tenant, "CDR import started");
+    match crate::store::import::import(&s.store, &s.registry, (&tenant, &region), format, reader)
+        .await
+    {
+        Ok(report) => {
+            tracing::info!(
+                %tenant,
+                rows = report.rows,
+                imported = report.imported,
+                duplicates = report.duplicates,
+                unmatched = report.unmatched,
+                rejected = report.rejected,
+                users_touched = report.users_touched,
+                secs = started.elapsed().as_secs_f64(),
+                "CDR import done"
+            );
+            Json(report).into_response()
+        }
+        Err(crate::store::import::ImportError::Header(e)) => {
+            error(StatusCode::BAD_REQUEST, "bad_header", e)
+        }
+        Err(crate::store::import::ImportError::Read(e)) => {
+            tracing::warn!(%tenant, error = %e, "CDR import stopped");
+            error(StatusCode::BAD_REQUEST, "read_error", e)
+        }
+        Err(crate::store::import::ImportError::Store(e)) => db_error(e),
     }
 }
 

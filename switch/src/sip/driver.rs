@@ -206,6 +206,7 @@ impl SipDriver {
                         sip_call_id: nc.sip_call_id,
                         user: nc.user,
                         origin: Origin::Sip,
+                        dialled_by: None,
                         caller: nc.caller,
                         caller_name: nc.caller_name,
                         called: nc.called,

@@ -20,7 +20,7 @@ use parley_actors::registry::Registry;
 use parley_codecs::cdr_csv::{CarrierCdr, CdrReader, Format};
 use serde::Serialize;
 
-use super::{BookChange, CallKind, Contact, Store, StoreError, add_contact, unix_ms};
+use super::{BookChange, CallKind, Contact, Store, StoreError, add_contact, note_change, unix_ms};
 
 /// Rows per transaction.
 pub const BATCH: usize = 2000;
@@ -193,8 +193,8 @@ async fn apply(
         }
         let key = format!("{tenant}:{format}:{}", row_key(&row));
         let inserted = sqlx::query(
-            "INSERT OR IGNORE INTO carrier_cdrs (key, tenant, src, src_name, dst, start_ms, answer_ms, end_ms, disposition, format, imported_ms) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO carrier_cdrs (key, tenant, src, src_name, dst, start_ms, answer_ms, end_ms, disposition, format, imported_ms) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
         )
         .bind(&key)
         .bind(tenant)
@@ -237,29 +237,8 @@ async fn apply(
             sides.push((user, c));
         }
         for (user, contact) in sides {
-            let (entry, evicted) =
-                add_contact(&mut tx, store.book_limit, (tenant, &user), contact).await?;
-            if entry.is_none() && evicted.is_empty() {
-                continue;
-            }
-            let at = match changes.iter().position(|b| b.user == user) {
-                Some(i) => i,
-                None => {
-                    changes.push(BookChange {
-                        tenant: tenant.to_owned(),
-                        user: user.clone(),
-                        upserted: Vec::new(),
-                        removed: Vec::new(),
-                    });
-                    changes.len() - 1
-                }
-            };
-            if let Some(e) = entry {
-                changes[at].upsert(e);
-            }
-            for a in evicted {
-                changes[at].remove(a);
-            }
+            let change = add_contact(&mut tx, store.book_limit, (tenant, &user), contact).await?;
+            note_change(&mut changes, (tenant, &user), change);
         }
     }
     tx.commit().await?;

@@ -216,6 +216,38 @@ fn book_name(name: &str) -> &str {
     &name[..end]
 }
 
+/// Adds what [`add_contact`] changed in one book to the batch's changes.
+pub(crate) fn note_change(
+    changes: &mut Vec<BookChange>,
+    (tenant, user): (&str, &str),
+    (entry, evicted): (Option<AddressBookEntry>, Vec<String>),
+) {
+    if entry.is_none() && evicted.is_empty() {
+        return;
+    }
+    let at = match changes
+        .iter()
+        .position(|b| b.tenant == tenant && b.user == user)
+    {
+        Some(i) => i,
+        None => {
+            changes.push(BookChange {
+                tenant: tenant.to_owned(),
+                user: user.to_owned(),
+                upserted: Vec::new(),
+                removed: Vec::new(),
+            });
+            changes.len() - 1
+        }
+    };
+    if let Some(entry) = entry {
+        changes[at].upsert(entry);
+    }
+    for address in evicted {
+        changes[at].remove(address);
+    }
+}
+
 /// RFC 3339 with milliseconds, UTC.
 pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
@@ -428,31 +460,30 @@ impl Store {
                 when: c.end,
                 kind,
             };
-            let (entry, evicted) =
+            let change =
                 add_contact(&mut tx, self.book_limit, (&c.tenant, &c.user), contact).await?;
-            if entry.is_none() && evicted.is_empty() {
-                continue;
-            }
-            let at = match changes
-                .iter()
-                .position(|b| b.tenant == c.tenant && b.user == c.user)
-            {
-                Some(i) => i,
-                None => {
-                    changes.push(BookChange {
-                        tenant: c.tenant.clone(),
-                        user: c.user.clone(),
-                        upserted: Vec::new(),
-                        removed: Vec::new(),
-                    });
-                    changes.len() - 1
-                }
-            };
-            if let Some(entry) = entry {
-                changes[at].upsert(entry);
-            }
-            for address in evicted {
-                changes[at].remove(address);
+            note_change(&mut changes, (&c.tenant, &c.user), change);
+            // A call one user's device placed to another is the caller's outgoing call.
+            if let Some(caller) = &c.dialled_by {
+                let callee_name = if caller.tenant == c.tenant {
+                    directory_name(&c.tenant, &c.called).unwrap_or_else(|| c.user.clone())
+                } else {
+                    format!("{}@{}", c.user, c.tenant)
+                };
+                let contact = Contact {
+                    address: &c.called,
+                    name: Some(&callee_name),
+                    when: c.end,
+                    kind: CallKind::Outgoing,
+                };
+                let change = add_contact(
+                    &mut tx,
+                    self.book_limit,
+                    (&caller.tenant, &caller.user),
+                    contact,
+                )
+                .await?;
+                note_change(&mut changes, (&caller.tenant, &caller.user), change);
             }
         }
         tx.commit().await?;
@@ -847,6 +878,7 @@ mod tests {
             packets_out: 11,
             answered_by: Some("desk".into()),
             direction: Direction::In,
+            dialled_by: None,
         }
     }
 

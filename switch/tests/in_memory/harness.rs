@@ -370,6 +370,7 @@ impl World {
                     sip_call_id: nc.sip_call_id,
                     user: nc.user.clone(),
                     origin: Origin::Sip,
+                    dialled_by: None,
                     caller: nc.caller,
                     caller_name: nc.caller_name,
                     called: nc.called,

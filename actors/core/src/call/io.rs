@@ -247,6 +247,10 @@ pub struct CallSpec {
     pub user: UserIdentity,
     /// Who placed the call.
     pub origin: Origin,
+    /// The Parley user whose device dialled another user (their book records the call as
+    /// outgoing; `user` records it as incoming). `None` for gateway calls and for PSTN
+    /// numbers dialled by a device (`user` is then the caller).
+    pub dialled_by: Option<UserIdentity>,
     /// Caller number (E.164) or URI.
     pub caller: String,
     /// Caller display name.

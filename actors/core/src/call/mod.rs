@@ -454,6 +454,7 @@ impl CallCore {
             } else {
                 Direction::In
             },
+            dialled_by: self.spec.dialled_by.clone(),
         }
     }
 

@@ -45,6 +45,7 @@ fn spec(origin: Origin, t0: Instant) -> CallSpec {
             number: "+15550100001".into(),
         },
         origin,
+        dialled_by: None,
         caller: "+15557770001".into(),
         caller_name: Some("Gw".into()),
         called: "+15550100001".into(),

@@ -1,0 +1,346 @@
+//! Carrier CDR import (`POST /api/v1/cdrs/import`, `parley cdr import`): files in each
+//! real layout, with the ugly cases carriers produce, end up in the right users' address
+//! books, once.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use parley_codecs::control::ServerMsg;
+
+/// The node's users: alice +15550100001 and bob +15550100002 (tenant demo, region US),
+/// olga +15550100009 of tenant `other`.
+fn node() -> Node {
+    Node::start_with_tail(
+        "",
+        "",
+        "",
+        200,
+        "[[users]]\ntenant = \"other\"\nuser = \"olga\"\nnumber = \"+15550100009\"\npassword = \"demo\"\n",
+    )
+}
+
+fn book(node: &Node, tenant: &str, user: &str) -> Vec<serde_json::Value> {
+    let (st, body) = node.get(
+        &format!("/api/v1/users/{user}/address-book?tenant={tenant}"),
+        true,
+    );
+    assert_eq!(st, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+fn entry<'a>(book: &'a [serde_json::Value], address: &str) -> &'a serde_json::Value {
+    book.iter()
+        .find(|e| e["address"] == address)
+        .unwrap_or_else(|| panic!("no {address} in {book:#?}"))
+}
+
+/// Counts of an entry: (incoming, outgoing, missed, call_count).
+fn counts(e: &serde_json::Value) -> (u64, u64, u64, u64) {
+    let n = |k: &str| e[k].as_u64().unwrap_or_else(|| panic!("{k} in {e}"));
+    (n("incoming"), n("outgoing"), n("missed"), n("call_count"))
+}
+
+/// Runs `parley cdr import` against the node; returns (exit ok, stdout JSON or stderr).
+fn cli_import(node: &Node, args: &[&str], file: &std::path::Path) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_parley"))
+        .args([
+            "cdr",
+            "--node",
+            &node.http.to_string(),
+            "--token",
+            &node.token,
+        ])
+        .arg("import")
+        .args(args)
+        .arg(file)
+        .output()
+        .unwrap();
+    if out.status.success() {
+        (true, String::from_utf8(out.stdout).unwrap())
+    } else {
+        (false, String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// A `Master.csv` as Asterisk's cdr_csv writes it (every field quoted, numbers not),
+/// with a BOM, CRLF line ends, a name with a comma and quotes, a field spanning two lines,
+/// a byte that is not UTF-8, a SIP URI caller, and two bad rows.
+fn master_csv() -> Vec<u8> {
+    let rows: Vec<Vec<u8>> = vec![
+        // Line 1: an outsider with a quoted, comma'd name calls bob (answered).
+        br#""","2125550142","+15550100002","from-pstn","""Doe, John"" <2125550142>","SIP/gw-00000001","PJSIP/bob-00000002","Dial","PJSIP/bob,30,""tT""","2026-11-30 09:00:00","2026-11-30 09:00:05","2026-11-30 09:03:05",185,180,"ANSWERED","DOCUMENTATION","1764493200.1","","","1764493200.1",1"#.to_vec(),
+        // Lines 2-3: a London caller nobody answered (alice); a userfield on two lines;
+        // lastdata holds Latin-1 bytes.
+        [
+            &br#""","+442071838750","+15550100001","from-pstn","""Caf"#[..],
+            &[0xe9][..],
+            &br#" London"" <+442071838750>","SIP/gw-00000003","","Dial","PJSIP/alice,20,caf"#[..],
+            &[0xe9][..],
+            &b"\",\"2026-11-30 10:00:00\",\"\",\"2026-11-30 10:00:20\",20,0,\"NO ANSWER\",\"DOCUMENTATION\",\"1764496800.3\",\"first line\r\nsecond line\""[..],
+        ]
+        .concat(),
+        // Line 4: a start time that is no time.
+        br##""","+442071838750","+15550100001","from-pstn","","SIP/gw-9","","Dial","","yesterday","","",0,0,"NO ANSWER","DOCUMENTATION","x.1","""##.to_vec(),
+        // Line 5: alice calls bob (a call between two users: in both books).
+        br##""","+15550100001","+15550100002","internal","""Alice"" <+15550100001>","PJSIP/alice-4","PJSIP/bob-5","Dial","PJSIP/bob","2026-11-30 11:00:00","2026-11-30 11:00:02","2026-11-30 11:01:02",62,60,"ANSWERED","DOCUMENTATION","1764500400.5","""##.to_vec(),
+        // Line 6: too few columns.
+        br#""","+15550100001","+15550100002","internal","short""#.to_vec(),
+        // Line 7: two outsiders (no book of the tenant).
+        br##""","+442071838751","+442071838752","from-pstn","","SIP/gw-6","","Dial","","2026-11-30 12:00:00","2026-11-30 12:00:01","2026-11-30 12:00:11",11,10,"ANSWERED","DOCUMENTATION","1764504000.6","""##.to_vec(),
+        // Line 8: a SIP caller with no number (src empty, the URI in the clid).
+        br##""","","+15550100001","from-sip","""Partner Desk"" <sip:desk@partner.example>","SIP/peer-7","PJSIP/alice-8","Dial","PJSIP/alice","2026-11-30 13:00:00","2026-11-30 13:00:03","2026-11-30 13:00:33",33,30,"ANSWERED","DOCUMENTATION","1764507600.7","""##.to_vec(),
+        // Line 9: olga's number (tenant `other`) calls bob: it is only an address in bob's book.
+        br##""","+15550100009","+15550100002","from-pstn","","SIP/gw-8","PJSIP/bob-9","Dial","","2026-11-30 14:00:00","2026-11-30 14:00:01","2026-11-30 14:00:31",31,30,"ANSWERED","DOCUMENTATION","1764511200.8","""##.to_vec(),
+    ];
+    let mut out = vec![0xef, 0xbb, 0xbf];
+    for r in rows {
+        out.extend_from_slice(&r);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+#[test]
+fn an_asterisk_file_fills_the_books_once_and_reports_each_bad_line() {
+    let node = node();
+    let file = node.dir.path().join("Master.csv");
+    std::fs::write(&file, master_csv()).unwrap();
+    let (ok, out) = cli_import(&node, &["--format", "asterisk"], &file);
+    assert!(ok, "{out}\n{}", node.log());
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["rows"], 8, "{report:#}");
+    assert_eq!(report["imported"], 5, "{report:#}");
+    assert_eq!(report["unmatched"], 1, "{report:#}");
+    assert_eq!(report["rejected"], 2, "{report:#}");
+    assert_eq!(report["users_touched"], 2, "{report:#}");
+    let rejections = report["rejections"].as_array().unwrap();
+    assert_eq!(rejections[0]["line"], 4, "{report:#}");
+    assert!(
+        rejections[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("bad start time \"yesterday\""),
+        "{report:#}"
+    );
+    assert_eq!(rejections[1]["line"], 6, "{report:#}");
+    assert!(
+        rejections[1]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("columns"),
+        "{report:#}"
+    );
+
+    let bob = book(&node, "demo", "bob");
+    let doe = entry(&bob, "+12125550142");
+    assert_eq!(doe["name"], "Doe, John", "{doe}");
+    assert_eq!(counts(doe), (1, 0, 0, 1));
+    assert_eq!(doe["first_seen"], "2026-11-30T09:03:05.000Z", "{doe}");
+    assert_eq!(counts(entry(&bob, "+15550100001")), (1, 0, 0, 1));
+    assert_eq!(counts(entry(&bob, "+15550100009")), (1, 0, 0, 1));
+    assert_eq!(bob.len(), 3, "{bob:#?}");
+
+    let alice = book(&node, "demo", "alice");
+    let london = entry(&alice, "+442071838750");
+    assert_eq!(london["name"], "Caf\u{fffd} London", "{london}");
+    assert_eq!(counts(london), (1, 0, 1, 1));
+    assert_eq!(counts(entry(&alice, "+15550100002")), (0, 1, 0, 1));
+    let desk = entry(&alice, "sip:desk@partner.example");
+    assert_eq!(desk["name"], "Partner Desk", "{desk}");
+    assert_eq!(alice.len(), 3, "{alice:#?}");
+    // Olga is of another tenant: a demo file never reaches her book.
+    assert_eq!(book(&node, "other", "olga").len(), 0);
+
+    // The same file again adds nothing.
+    let (ok, out) = cli_import(&node, &["--format", "asterisk"], &file);
+    assert!(ok, "{out}");
+    let again: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (
+            &again["imported"],
+            &again["duplicates"],
+            &again["users_touched"]
+        ),
+        (&0.into(), &5.into(), &0.into()),
+        "{again:#}"
+    );
+    assert_eq!(book(&node, "demo", "alice"), alice);
+    assert_eq!(book(&node, "demo", "bob"), bob);
+    assert_eq!(
+        node.metric("parley_cdr_import_rows_total{result=\"imported\"}"),
+        5.0
+    );
+    assert_eq!(
+        node.metric("parley_cdr_import_rows_total{result=\"duplicate\"}"),
+        5.0
+    );
+
+    // The tenant `other` imports the file that names demo's numbers: only olga's own
+    // call (line 9) is hers, and demo's books stay as they were.
+    let (ok, out) = cli_import(&node, &["--format", "asterisk", "--tenant", "other"], &file);
+    assert!(ok, "{out}");
+    let other: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (
+            &other["imported"],
+            &other["unmatched"],
+            &other["users_touched"]
+        ),
+        (&1.into(), &5.into(), &1.into()),
+        "{other:#}"
+    );
+    let olga = book(&node, "other", "olga");
+    assert_eq!(olga.len(), 1, "{olga:#?}");
+    assert_eq!(counts(entry(&olga, "+15550100002")), (0, 1, 0, 1));
+    assert_eq!(book(&node, "demo", "alice"), alice);
+    assert_eq!(book(&node, "demo", "bob"), bob);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_freeswitch_import_reaches_an_online_device() {
+    let node = node();
+    let mut device = node.device(node.device_config("alice", "desk")).await;
+    // The book page sent at login (empty) has arrived before the import.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !device.address_book_complete() {
+        assert!(std::time::Instant::now() < deadline, "no book at login");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(device.address_book().is_empty());
+    // FreeSWITCH's default cdr_csv template; the national number is alice's (region US),
+    // the second call was not answered.
+    let file = concat!(
+        "\"Carrier Desk\",\"+33 1 23 45 67 89\",\"5550100001\",\"default\",\"2026-11-30 09:00:00\",\"2026-11-30 09:00:04\",\"2026-11-30 09:01:04\",\"64\",\"60\",\"NORMAL_CLEARING\",\"6f1c9d1e-0001\",\"6f1c9d1e-0002\",\"\",\"PCMU\",\"PCMU\"\n",
+        "\"Carrier Desk\",\"+33123456789\",\"+15550100001\",\"default\",\"2026-11-30 10:00:00\",\"\",\"2026-11-30 10:00:30\",\"30\",\"0\",\"NO_ANSWER\",\"6f1c9d1e-0003\",\"\",\"\",\"PCMU\",\"PCMU\"\n",
+    );
+    let (st, body) = node.post("/api/v1/cdrs/import?format=freeswitch", file, true);
+    assert_eq!(st, 200, "{body}\n{}", node.log());
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (&report["imported"], &report["rejected"]),
+        (&2.into(), &0.into()),
+        "{report:#}"
+    );
+    // The device learns the entry without asking.
+    let update = device
+        .wait_for(Duration::from_secs(10), |m| {
+            matches!(m, ServerMsg::AddressBookUpdate { entries, .. }
+                if entries.iter().any(|e| e.address == "+33123456789"))
+        })
+        .await;
+    assert!(update.is_some(), "{}", node.log());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let book = device.address_book();
+        if let Some(e) = book.iter().find(|e| e.address == "+33123456789")
+            && e.call_count == 2
+        {
+            assert_eq!(e.name.as_deref(), Some("Carrier Desk"));
+            assert_eq!((e.incoming, e.outgoing, e.missed), (2, 0, 1), "{e:?}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{book:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[test]
+fn a_generic_file_maps_its_columns_and_bad_requests_say_what_is_wrong() {
+    let node = node();
+    let file = "Call Ref,Caller,Callee,Started (epoch),Seconds,Billed\n\
+                r1,+442071838750,+15550100002,1764493200,65,60\n\
+                r2,+442071838750,+15550100002,1764496800,20,0\n\
+                r3,+442071838750,+15550100002,not-a-time,20,0\n";
+    let base = "/api/v1/cdrs/import?format=generic&src=Caller&dst=Callee&start=Started%20(epoch)&duration=Seconds&billsec=Billed&id=Call%20Ref";
+    let (st, body) = node.post(base, file, true);
+    assert_eq!(st, 200, "{body}");
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (&report["imported"], &report["rejected"]),
+        (&2.into(), &1.into()),
+        "{report:#}"
+    );
+    assert_eq!(report["rejections"][0]["line"], 4, "{report:#}");
+    let bob = book(&node, "demo", "bob");
+    let e = entry(&bob, "+442071838750");
+    assert_eq!(counts(e), (2, 0, 1, 2), "{e}");
+    assert_eq!(e["name"], serde_json::Value::Null, "{e}");
+    // Through the CLI, with --column.
+    let path = node.dir.path().join("generic.csv");
+    std::fs::write(&path, file).unwrap();
+    let (ok, out) = cli_import(
+        &node,
+        &[
+            "--format",
+            "generic",
+            "--column",
+            "src=Caller",
+            "--column",
+            "dst=Callee",
+            "--column",
+            "start=Started (epoch)",
+            "--column",
+            "duration=Seconds",
+            "--column",
+            "billsec=Billed",
+            "--column",
+            "id=Call Ref",
+        ],
+        &path,
+    );
+    assert!(ok, "{out}");
+    let again: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(again["duplicates"], 2, "{again:#}");
+    let (ok, err) = cli_import(
+        &node,
+        &["--format", "generic", "--column", "from=Caller"],
+        &path,
+    );
+    assert!(!ok && err.contains("unknown field \"from\""), "{err}");
+
+    // Each bad request is refused with what is wrong, and imports nothing.
+    for (path, status, code, says) in [
+        (
+            "/api/v1/cdrs/import?format=generic&src=Caller&start=Started%20(epoch)",
+            400,
+            "bad_request",
+            "needs `dst`",
+        ),
+        (
+            "/api/v1/cdrs/import?format=generic&src=Caller&dst=To&start=Started%20(epoch)",
+            400,
+            "bad_header",
+            "no column \\\"To\\\"",
+        ),
+        (
+            "/api/v1/cdrs/import?format=xml",
+            400,
+            "bad_request",
+            "unknown format",
+        ),
+        (
+            "/api/v1/cdrs/import?format=asterisk&src=Caller",
+            400,
+            "bad_request",
+            "format=generic",
+        ),
+        ("/api/v1/cdrs/import", 400, "bad_request", "format"),
+        (
+            "/api/v1/cdrs/import?format=asterisk&tenant=nope",
+            404,
+            "unknown_tenant",
+            "nope",
+        ),
+    ] {
+        let (st, body) = node.post(path, file, true);
+        assert_eq!(st, status, "{path}: {body}");
+        assert!(
+            body.contains(&format!("\"error\":\"{code}\"")) && body.contains(says),
+            "{path}: {body}"
+        );
+    }
+    assert_eq!(node.post(base, file, false).0, 401);
+    assert_eq!(book(&node, "demo", "bob"), bob);
+}
