@@ -33,16 +33,17 @@ fn cpu(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-async fn login_once(endpoint: &quinn::Endpoint, node: &Node, cfg: &quinn::ClientConfig) -> bool {
-    let Ok(connecting) = endpoint.connect_with(cfg.clone(), node.quic, "localhost") else {
-        return false;
-    };
-    let Ok(conn) = connecting.await else {
-        return false;
-    };
-    let Ok((mut send, mut recv)) = conn.open_bi().await else {
-        return false;
-    };
+/// One login on a fresh connection; the failure's reason otherwise.
+async fn login_once(
+    endpoint: &quinn::Endpoint,
+    node: &Node,
+    cfg: &quinn::ClientConfig,
+) -> Result<(), String> {
+    let connecting = endpoint
+        .connect_with(cfg.clone(), node.quic, "localhost")
+        .map_err(|e| format!("connect: {e}"))?;
+    let conn = connecting.await.map_err(|e| format!("handshake: {e}"))?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| format!("stream: {e}"))?;
     let mut buf = bytes::BytesMut::new();
     control::encode(
         &ClientMsg::Login {
@@ -55,20 +56,24 @@ async fn login_once(endpoint: &quinn::Endpoint, node: &Node, cfg: &quinn::Client
         &mut buf,
     )
     .unwrap();
-    if send.write_all(&buf).await.is_err() {
-        return false;
-    }
+    send.write_all(&buf)
+        .await
+        .map_err(|e| format!("write: {e}"))?;
     let mut header = [0u8; 4];
-    if recv.read_exact(&mut header).await.is_err() {
-        return false;
-    }
+    recv.read_exact(&mut header)
+        .await
+        .map_err(|e| format!("read: {e}"))?;
     let mut body = vec![0u8; control::frame_len(header).unwrap_or(0)];
-    if recv.read_exact(&mut body).await.is_err() {
-        return false;
-    }
-    let ok = matches!(control::decode(&body), Ok(ServerMsg::LoginOk { .. }));
+    recv.read_exact(&mut body)
+        .await
+        .map_err(|e| format!("read: {e}"))?;
+    let answer = control::decode(&body);
     conn.close(0u32.into(), b"");
-    ok
+    match answer {
+        Ok(ServerMsg::LoginOk { .. }) => Ok(()),
+        Ok(ServerMsg::Error { code, .. }) => Err(format!("error {code}")),
+        other => Err(format!("answer {other:?}")),
+    }
 }
 
 fn main() {
@@ -121,7 +126,8 @@ fn main() {
     // Warm-up: connections, the agent's service bind, slapd's caches.
     rt.block_on(async {
         for _ in 0..50 {
-            assert!(login_once(&endpoint, &node, &cfg).await, "{}", node.log());
+            let r = login_once(&endpoint, &node, &cfg).await;
+            assert!(r.is_ok(), "{r:?}\n{}", node.log());
         }
     });
     let pids = [
@@ -138,26 +144,40 @@ fn main() {
             let (endpoint, cfg, next) = (endpoint.clone(), cfg.clone(), next.clone());
             let node = &node;
             tasks.push(async move {
-                let mut failed = 0usize;
+                let mut failed = std::collections::BTreeMap::<String, usize>::new();
                 while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < count {
-                    if !login_once(&endpoint, node, &cfg).await {
-                        failed += 1;
+                    if let Err(why) = login_once(&endpoint, node, &cfg).await {
+                        *failed.entry(why).or_default() += 1;
                     }
                 }
                 failed
             });
         }
-        futures_util::future::join_all(tasks)
-            .await
-            .into_iter()
-            .sum::<usize>()
+        let mut all = std::collections::BTreeMap::<String, usize>::new();
+        for m in futures_util::future::join_all(tasks).await {
+            for (k, v) in m {
+                *all.entry(k).or_default() += v;
+            }
+        }
+        all
     });
+    let reasons = failed
+        .iter()
+        .map(|(k, v)| format!("{v} {k}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let failed: usize = failed.values().sum();
     let wall = started.elapsed();
     let after: Vec<f64> = pids.iter().map(|(_, p)| cpu(*p)).collect();
     println!(
-        "logins: {count} in {:.2} s with {concurrency} at once: {:.0} logins/s, {failed} failed",
+        "logins: {count} in {:.2} s with {concurrency} at once: {:.0} logins/s, {failed} failed{}",
         wall.as_secs_f64(),
-        count as f64 / wall.as_secs_f64()
+        count as f64 / wall.as_secs_f64(),
+        if failed > 0 {
+            format!(" ({reasons})")
+        } else {
+            String::new()
+        }
     );
     for (i, (name, _)) in pids.iter().enumerate() {
         let spent = after[i] - before[i];

@@ -12,7 +12,7 @@
 //! touched, whatever numbers a file holds. Each row has a stable key (the file's call id,
 //! else a SHA-256 of its fields) in `carrier_cdrs`: importing a file again adds nothing.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::time::SystemTime;
 
@@ -20,7 +20,9 @@ use parley_actors::registry::Registry;
 use parley_codecs::cdr_csv::{CarrierCdr, CdrReader, Format};
 use serde::Serialize;
 
-use super::{BookChange, CallKind, Contact, Store, StoreError, add_contact, note_change, unix_ms};
+use sqlx::Row;
+
+use super::{BookChange, CallKind, Contact, ContactSum, Store, StoreError, add_contacts, unix_ms};
 
 /// Rows per transaction.
 pub const BATCH: usize = 2000;
@@ -159,6 +161,19 @@ fn user_of(registry: &Registry, tenant: &str, n: &str) -> Option<String> {
         .map(|u| u.id.user)
 }
 
+/// A row that names a user of the tenant, normalised.
+struct Matched {
+    key: String,
+    row: CarrierCdr,
+    src: String,
+    dst: String,
+    callee: Option<String>,
+    caller: Option<String>,
+}
+
+/// Keys per multi-row insert into `carrier_cdrs` (11 parameters each).
+const KEYS_PER_STATEMENT: usize = 500;
+
 async fn apply(
     store: &Store,
     registry: &Registry,
@@ -167,10 +182,9 @@ async fn apply(
     batch: Batch,
     report: &mut ImportReport,
 ) -> Result<Vec<BookChange>, StoreError> {
-    let mut tx = store.pool.begin().await?;
-    let mut changes: Vec<BookChange> = Vec::new();
     let before = report.clone();
     let now = unix_ms(SystemTime::now());
+    let mut matched: Vec<Matched> = Vec::with_capacity(batch.len());
     for (line, row) in batch {
         report.rows += 1;
         let row = match row {
@@ -192,55 +206,86 @@ async fn apply(
             continue;
         }
         let key = format!("{tenant}:{format}:{}", row_key(&row));
-        let inserted = sqlx::query(
-            "INSERT INTO carrier_cdrs (key, tenant, src, src_name, dst, start_ms, answer_ms, end_ms, disposition, format, imported_ms) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
-        )
-        .bind(&key)
-        .bind(tenant)
-        .bind(&src)
-        .bind(&row.src_name)
-        .bind(&dst)
-        .bind(unix_ms(row.start))
-        .bind(row.answer.map(unix_ms))
-        .bind(unix_ms(row.end))
-        .bind(&row.disposition)
-        .bind(format)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if inserted == 0 {
+        matched.push(Matched {
+            key,
+            row,
+            src,
+            dst,
+            callee,
+            caller,
+        });
+    }
+    let mut tx = store.pool.begin().await?;
+    // Rows not imported before: their keys come back from the insert.
+    let mut fresh: HashSet<String> = HashSet::with_capacity(matched.len());
+    for chunk in matched.chunks(KEYS_PER_STATEMENT) {
+        let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "INSERT INTO carrier_cdrs (key, tenant, src, src_name, dst, start_ms, answer_ms, end_ms, disposition, format, imported_ms) ",
+        );
+        q.push_values(chunk, |mut b, m| {
+            b.push_bind(m.key.clone())
+                .push_bind(tenant.to_owned())
+                .push_bind(m.src.clone())
+                .push_bind(m.row.src_name.clone())
+                .push_bind(m.dst.clone())
+                .push_bind(unix_ms(m.row.start))
+                .push_bind(m.row.answer.map(unix_ms))
+                .push_bind(unix_ms(m.row.end))
+                .push_bind(m.row.disposition.clone())
+                .push_bind(format.to_owned())
+                .push_bind(now);
+        });
+        q.push(" ON CONFLICT (key) DO NOTHING RETURNING key");
+        for r in q.build().fetch_all(&mut *tx).await? {
+            fresh.insert(r.get::<String, _>("key"));
+        }
+    }
+    // Each book's calls with each party, summed in file order.
+    let mut at: HashMap<(String, String), usize> = HashMap::new();
+    let mut sums: Vec<((String, String), ContactSum)> = Vec::new();
+    for m in &matched {
+        // The first row with a key is the one inserted; a repeat within the file is a
+        // duplicate like one from an earlier import.
+        if !fresh.remove(&m.key) {
             report.duplicates += 1;
             continue;
         }
         report.imported += 1;
-        let mut sides = Vec::with_capacity(2);
-        if let Some(user) = callee {
-            let c = Contact {
-                address: &src,
-                name: row.src_name.as_deref(),
-                when: row.end,
-                kind: CallKind::Incoming {
-                    answered: row.answer.is_some(),
+        let mut sides: [Option<(&String, Contact<'_>)>; 2] = [None, None];
+        if let Some(user) = &m.callee {
+            sides[0] = Some((
+                user,
+                Contact {
+                    address: &m.src,
+                    name: m.row.src_name.as_deref(),
+                    when: m.row.end,
+                    kind: CallKind::Incoming {
+                        answered: m.row.answer.is_some(),
+                    },
                 },
-            };
-            sides.push((user, c));
+            ));
         }
-        if let Some(user) = caller {
-            let c = Contact {
-                address: &dst,
-                name: None,
-                when: row.end,
-                kind: CallKind::Outgoing,
-            };
-            sides.push((user, c));
+        if let Some(user) = &m.caller {
+            sides[1] = Some((
+                user,
+                Contact {
+                    address: &m.dst,
+                    name: None,
+                    when: m.row.end,
+                    kind: CallKind::Outgoing,
+                },
+            ));
         }
-        for (user, contact) in sides {
-            let change = add_contact(&mut tx, store.book_limit, (tenant, &user), contact).await?;
-            note_change(&mut changes, (tenant, &user), change);
+        for (user, contact) in sides.into_iter().flatten() {
+            let k = (user.clone(), contact.address.to_owned());
+            let i = *at.entry(k.clone()).or_insert_with(|| {
+                sums.push((k, ContactSum::default()));
+                sums.len() - 1
+            });
+            sums[i].1.add(contact);
         }
     }
+    let changes = add_contacts(&mut tx, store.book_limit, tenant, &sums).await?;
     tx.commit().await?;
     for (result, now, then) in [
         ("imported", report.imported, before.imported),

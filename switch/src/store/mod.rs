@@ -6,6 +6,7 @@
 //! and it is the best-maintained SQL toolkit in Rust. Passwords are stored as Argon2id
 //! PHC strings (the `argon2` crate, RustCrypto), never in clear.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -709,23 +710,9 @@ pub(crate) async fn add_contact(
         CallKind::Incoming { answered: false } => (0, 1, 0, 1),
     };
     let at = unix_ms(c.when);
-    let better = "excluded.name IS NOT NULL AND (excluded.name_source > address_book.name_source \
-                  OR (excluded.name_source = address_book.name_source AND excluded.name_source < 2 \
-                  AND excluded.last_seen_ms >= address_book.last_seen_ms))";
     let sql = format!(
-        "INSERT INTO address_book (tenant, user, address, name, call_count, last_seen_ms, known_calls, \
-         incoming_calls, outgoing_calls, missed_calls, first_seen_ms, name_source) \
-         VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?) \
-         ON CONFLICT (tenant, user, address) DO UPDATE SET call_count = call_count + 1, \
-         name = CASE WHEN {better} THEN excluded.name ELSE address_book.name END, \
-         name_source = CASE WHEN {better} THEN excluded.name_source ELSE address_book.name_source END, \
-         last_seen_ms = MAX(address_book.last_seen_ms, excluded.last_seen_ms), \
-         first_seen_ms = MIN(COALESCE(address_book.first_seen_ms, address_book.last_seen_ms), excluded.first_seen_ms), \
-         known_calls = known_calls + excluded.known_calls, \
-         incoming_calls = incoming_calls + excluded.incoming_calls, \
-         outgoing_calls = outgoing_calls + excluded.outgoing_calls, \
-         missed_calls = missed_calls + excluded.missed_calls \
-         RETURNING {BOOK_COLUMNS}"
+        "INSERT INTO address_book ({BOOK_INSERT_COLUMNS}) VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?) {}",
+        book_upsert_tail()
     );
     let row = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(tenant)
@@ -756,18 +743,7 @@ pub(crate) async fn add_contact(
                 .fetch_one(&mut *tx)
                 .await?;
         if size > limit {
-            evicted = sqlx::query_scalar(
-                "DELETE FROM address_book WHERE rowid IN (SELECT rowid FROM address_book \
-                 WHERE tenant = ? AND user = ? \
-                 ORDER BY known_calls > 0, call_count, last_seen_ms, address LIMIT ?) RETURNING address",
-            )
-            .bind(tenant)
-            .bind(user)
-            .bind(size - limit)
-            .fetch_all(&mut *tx)
-            .await?;
-            metrics::counter!(crate::metrics::ADDRESS_BOOK_EVICTIONS_TOTAL)
-                .increment(evicted.len() as u64);
+            evicted = evict(tx, (tenant, user), size - limit).await?;
         }
     }
     if evicted.contains(&entry.address) {
@@ -776,6 +752,206 @@ pub(crate) async fn add_contact(
         return Ok((None, evicted));
     }
     Ok((Some(entry), evicted))
+}
+
+/// The columns an address book upsert binds, in order.
+const BOOK_INSERT_COLUMNS: &str = "tenant, user, address, name, call_count, last_seen_ms, known_calls, \
+     incoming_calls, outgoing_calls, missed_calls, first_seen_ms, name_source";
+
+/// What an upsert into `address_book` does with an existing entry: counts add up, the
+/// better name wins (a higher [`NameSource`], or a newer one of the same caller-id rank),
+/// first and last seen widen. Returns the entry.
+fn book_upsert_tail() -> String {
+    let better = "excluded.name IS NOT NULL AND (excluded.name_source > address_book.name_source \
+                  OR (excluded.name_source = address_book.name_source AND excluded.name_source < 2 \
+                  AND excluded.last_seen_ms >= address_book.last_seen_ms))";
+    format!(
+        "ON CONFLICT (tenant, user, address) DO UPDATE SET call_count = call_count + excluded.call_count, \
+         name = CASE WHEN {better} THEN excluded.name ELSE address_book.name END, \
+         name_source = CASE WHEN {better} THEN excluded.name_source ELSE address_book.name_source END, \
+         last_seen_ms = MAX(address_book.last_seen_ms, excluded.last_seen_ms), \
+         first_seen_ms = MIN(COALESCE(address_book.first_seen_ms, address_book.last_seen_ms), excluded.first_seen_ms), \
+         known_calls = known_calls + excluded.known_calls, \
+         incoming_calls = incoming_calls + excluded.incoming_calls, \
+         outgoing_calls = outgoing_calls + excluded.outgoing_calls, \
+         missed_calls = missed_calls + excluded.missed_calls \
+         RETURNING user, {BOOK_COLUMNS}"
+    )
+}
+
+/// Deletes a book's `n` least valuable entries (never-known parties first, then the
+/// fewest calls, then the oldest); returns their addresses.
+async fn evict(
+    tx: &mut sqlx::SqliteConnection,
+    (tenant, user): (&str, &str),
+    n: i64,
+) -> Result<Vec<String>, StoreError> {
+    let evicted: Vec<String> = sqlx::query_scalar(
+        "DELETE FROM address_book WHERE rowid IN (SELECT rowid FROM address_book \
+         WHERE tenant = ? AND user = ? \
+         ORDER BY known_calls > 0, call_count, last_seen_ms, address LIMIT ?) RETURNING address",
+    )
+    .bind(tenant)
+    .bind(user)
+    .bind(n)
+    .fetch_all(&mut *tx)
+    .await?;
+    metrics::counter!(crate::metrics::ADDRESS_BOOK_EVICTIONS_TOTAL).increment(evicted.len() as u64);
+    Ok(evicted)
+}
+
+/// Several calls with one party of one book, summed up ([`add_contacts`]).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ContactSum {
+    pub(crate) name: Option<String>,
+    /// End of the latest call that carried `name`.
+    pub(crate) name_at: i64,
+    pub(crate) first_ms: i64,
+    pub(crate) last_ms: i64,
+    pub(crate) calls: i64,
+    pub(crate) known: i64,
+    pub(crate) incoming: i64,
+    pub(crate) outgoing: i64,
+    pub(crate) missed: i64,
+}
+
+impl ContactSum {
+    /// Counts one more call.
+    pub(crate) fn add(&mut self, c: Contact<'_>) {
+        let at = unix_ms(c.when);
+        if self.calls == 0 {
+            (self.first_ms, self.last_ms) = (at, at);
+        }
+        self.first_ms = self.first_ms.min(at);
+        self.last_ms = self.last_ms.max(at);
+        self.calls += 1;
+        match c.kind {
+            CallKind::Outgoing => (self.known, self.outgoing) = (self.known + 1, self.outgoing + 1),
+            CallKind::Incoming { answered: true } => {
+                (self.known, self.incoming) = (self.known + 1, self.incoming + 1)
+            }
+            CallKind::Incoming { answered: false } => {
+                (self.incoming, self.missed) = (self.incoming + 1, self.missed + 1)
+            }
+        }
+        // The newest caller id of the batch, as one call at a time would leave it.
+        if let Some(n) = c.name
+            && (self.name.is_none() || at >= self.name_at)
+        {
+            self.name = Some(book_name(n).to_owned());
+            self.name_at = at;
+        }
+    }
+}
+
+/// Rows per multi-row statement (12 parameters each: well inside SQLite's 32,766).
+const BOOK_ROWS_PER_STATEMENT: usize = 500;
+
+/// [`add_contact`] for many calls of one tenant at once: one multi-row upsert per
+/// [`BOOK_ROWS_PER_STATEMENT`] parties, one size check per user with new entries: a few
+/// statements per batch instead of two per call (each sqlx statement is a hand-off to its
+/// thread). Counts, names and times come out as one call at a time would leave them; a
+/// book over its limit loses its least valuable entries as they stand after the batch.
+pub(crate) async fn add_contacts(
+    tx: &mut sqlx::SqliteConnection,
+    limit: i64,
+    tenant: &str,
+    sums: &[((String, String), ContactSum)],
+) -> Result<Vec<BookChange>, StoreError> {
+    let mut changes: Vec<BookChange> = Vec::new();
+    let mut grown: Vec<String> = Vec::new();
+    let tail = book_upsert_tail();
+    let mut returned: Vec<(String, AddressBookEntry)> = Vec::with_capacity(sums.len());
+    let sums: Vec<_> = sums
+        .iter()
+        .filter(|((_, address), _)| {
+            let ok = !address.is_empty()
+                && address.len() <= parley_codecs::control::MAX_BOOK_ADDRESS_BYTES;
+            if !ok {
+                metrics::counter!(crate::metrics::ADDRESS_BOOK_REFUSED_TOTAL).increment(1);
+            }
+            ok
+        })
+        .collect();
+    for chunk in sums.chunks(BOOK_ROWS_PER_STATEMENT) {
+        let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(format!(
+            "INSERT INTO address_book ({BOOK_INSERT_COLUMNS}) "
+        ));
+        q.push_values(chunk, |mut b, ((user, address), c)| {
+            b.push_bind(tenant.to_owned())
+                .push_bind(user.clone())
+                .push_bind(address.clone())
+                .push_bind(c.name.clone())
+                .push_bind(c.calls)
+                .push_bind(c.last_ms)
+                .push_bind(c.known)
+                .push_bind(c.incoming)
+                .push_bind(c.outgoing)
+                .push_bind(c.missed)
+                .push_bind(c.first_ms)
+                .push_bind(if c.name.is_some() {
+                    NameSource::CallerId as i64
+                } else {
+                    0
+                });
+        });
+        q.push(" ");
+        q.push(&tail);
+        let rows = q.build().fetch_all(&mut *tx).await?;
+        // RETURNING gives one row per party, in no promised order: match by key.
+        let counts: HashMap<(&str, &str), i64> = chunk
+            .iter()
+            .map(|((u, a), c)| ((u.as_str(), a.as_str()), c.calls))
+            .collect();
+        for r in &rows {
+            let user: String = r.get("user");
+            let entry = book_entry(r);
+            if counts.get(&(user.as_str(), entry.address.as_str()))
+                == Some(&(entry.call_count as i64))
+                && !grown.contains(&user)
+            {
+                // Every call of this entry is from this batch: it is new.
+                grown.push(user.clone());
+            }
+            returned.push((user, entry));
+        }
+    }
+    let mut evicted: HashMap<String, Vec<String>> = HashMap::new();
+    for chunk in grown.chunks(BOOK_ROWS_PER_STATEMENT) {
+        let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "SELECT user, COUNT(*) AS n FROM address_book WHERE tenant = ",
+        );
+        q.push_bind(tenant.to_owned()).push(" AND user IN (");
+        let mut list = q.separated(", ");
+        for u in chunk {
+            list.push_bind(u.clone());
+        }
+        q.push(") GROUP BY user");
+        let sizes: Vec<(String, i64)> = q
+            .build()
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(|r| (r.get("user"), r.get("n")))
+            .collect();
+        for (user, size) in sizes {
+            if size > limit {
+                let gone = evict(tx, (tenant, &user), size - limit).await?;
+                evicted.insert(user, gone);
+            }
+        }
+    }
+    for (user, entry) in returned {
+        let gone = evicted.get(&user);
+        if gone.is_some_and(|g| g.contains(&entry.address)) {
+            continue;
+        }
+        note_change(&mut changes, (tenant, &user), (Some(entry), Vec::new()));
+    }
+    for (user, gone) in evicted {
+        note_change(&mut changes, (tenant, &user), (None, gone));
+    }
+    Ok(changes)
 }
 
 const SCHEMA: &[&str] = &[
@@ -819,6 +995,86 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
 #[cfg(test)]
 mod tests {
     use super::Store;
+
+    /// A batch of calls summed by `add_contacts` leaves each book as one call at a time
+    /// through `add_contact` does: counts, names, first/last seen (and here, evictions).
+    #[tokio::test]
+    async fn summed_contacts_leave_the_book_one_call_at_a_time_would() {
+        use super::{CallKind, Contact, ContactSum, add_contact, add_contacts};
+        use std::time::{Duration, UNIX_EPOCH};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap().with_book_limit(4);
+        let calls: Vec<(&str, Option<&str>, u64, CallKind)> = vec![
+            (
+                "+1",
+                Some("Old Name"),
+                10,
+                CallKind::Incoming { answered: true },
+            ),
+            ("+2", None, 11, CallKind::Incoming { answered: false }),
+            (
+                "+1",
+                Some("New Name"),
+                12,
+                CallKind::Incoming { answered: false },
+            ),
+            ("+3", None, 13, CallKind::Outgoing),
+            ("+1", None, 14, CallKind::Outgoing),
+            (
+                "+4",
+                Some("Four"),
+                15,
+                CallKind::Incoming { answered: true },
+            ),
+            ("+5", None, 16, CallKind::Incoming { answered: false }),
+            ("+6", None, 9, CallKind::Incoming { answered: true }),
+        ];
+        let contact =
+            |(a, n, t, k): &(&'static str, Option<&'static str>, u64, CallKind)| Contact {
+                address: a,
+                name: *n,
+                when: UNIX_EPOCH + Duration::from_secs(*t),
+                kind: *k,
+            };
+        let mut tx = store.pool.begin().await.unwrap();
+        for c in &calls {
+            add_contact(&mut tx, 4, ("t", "one"), contact(c))
+                .await
+                .unwrap();
+        }
+        let mut sums: Vec<((String, String), ContactSum)> = Vec::new();
+        for c in &calls {
+            let k = ("many".to_owned(), c.0.to_owned());
+            match sums.iter_mut().find(|(key, _)| *key == k) {
+                Some((_, s)) => s.add(contact(c)),
+                None => {
+                    let mut s = ContactSum::default();
+                    s.add(contact(c));
+                    sums.push((k, s));
+                }
+            }
+        }
+        let changes = add_contacts(&mut tx, 4, "t", &sums).await.unwrap();
+        tx.commit().await.unwrap();
+        let one = store.address_book("t", "one").await.unwrap();
+        let many = store.address_book("t", "many").await.unwrap();
+        assert_eq!(one.len(), 4, "{one:#?}");
+        assert_eq!(one, many);
+        let first = one.iter().find(|e| e.address == "+1").unwrap();
+        assert_eq!(first.name.as_deref(), Some("New Name"));
+        assert_eq!((first.incoming, first.outgoing, first.missed), (2, 1, 1));
+        // What changed is what the book now holds.
+        assert_eq!(changes.len(), 1);
+        let mut sent: Vec<_> = changes[0]
+            .upserted
+            .iter()
+            .map(|e| e.address.clone())
+            .collect();
+        sent.sort();
+        let mut held: Vec<_> = many.iter().map(|e| e.address.clone()).collect();
+        held.sort();
+        assert_eq!(sent, held);
+    }
 
     #[tokio::test]
     async fn unknown_tenant_unknown_user_and_wrong_password_look_the_same() {
