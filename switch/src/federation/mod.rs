@@ -217,6 +217,8 @@ pub trait UserSink: Send + Sync {
 struct LiveAgent {
     id: String,
     conn: quinn::Connection,
+    /// When it last answered a request (or connected).
+    last_answer: Arc<std::sync::Mutex<Instant>>,
 }
 
 /// A tenant and its agents.
@@ -578,6 +580,7 @@ impl Federation {
         t.agents().push(LiveAgent {
             id: who.agent_id.clone(),
             conn,
+            last_answer: Arc::new(std::sync::Mutex::new(Instant::now())),
         });
         *t.alone_since
             .lock()
@@ -738,10 +741,25 @@ impl Federation {
         let mut busy = false;
         // An agent that has not acknowledged a request by then is taken for dead.
         let ack_wait = (self.settings.request_timeout / 4).max(Duration::from_millis(250));
-        for a in &agents {
-            let outcome = exchange(&a.conn, req, deadline, ack_wait).await;
+        for (i, a) in agents.iter().enumerate() {
+            let last_answer = || {
+                *a.last_answer
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+            };
+            // Busy, not dead: it answered other requests while this one waited.
+            let alive = || last_answer().elapsed() < ack_wait;
+            // The last agent to try has nobody to hand the request to: while it keeps
+            // answering others, this request waits for it until the deadline.
+            let last = i + 1 == agents.len();
+            let outcome = exchange(&a.conn, req, deadline, ack_wait, || last && alive()).await;
             metrics::histogram!(m::AUTH_AGENT_REQUEST_SECONDS, "tenant" => tenant.row.name.clone())
                 .record(started.elapsed().as_secs_f64());
+            if matches!(outcome, Exchange::Answer(_)) {
+                *a.last_answer
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Instant::now();
+            }
             match outcome {
                 Exchange::Answer(AuthOutcome::Busy) => busy = true,
                 Exchange::Answer(AuthOutcome::Ok { profile }) => return Ok(profile),
@@ -757,8 +775,13 @@ impl Federation {
                     tracing::warn!(tenant = %tenant.row.name, agent = %a.id, %reason, "agent reached no directory server");
                     return Err(LoginFailure::DirectoryUnavailable(reason));
                 }
+                Exchange::NotDelivered(why) if a.conn.close_reason().is_none() && alive() => {
+                    // It answered others lately: busy, not dead. Its connection (and the
+                    // requests on it) stay; this one goes to the next agent.
+                    tracing::info!(tenant = %tenant.row.name, agent = %a.id, %why, "agent slow to take the request; trying the next");
+                }
                 Exchange::NotDelivered(why) => {
-                    tracing::warn!(tenant = %tenant.row.name, agent = %a.id, %why, "agent did not receive the request; closing its connection and trying the next");
+                    tracing::warn!(tenant = %tenant.row.name, agent = %a.id, %why, "agent did not receive the request and answered nothing meanwhile; closing its connection and trying the next");
                     // Dead or hung (SIGKILL leaves the connection to the idle timeout): out
                     // of the rotation now; a live agent reconnects at once.
                     a.conn.close(5u32.into(), b"unresponsive");
@@ -915,13 +938,15 @@ fn token_hash(secret: &str) -> String {
 }
 
 /// One request on its own stream: written and finished; delivered once the agent's QUIC
-/// stack acknowledged the whole stream (`stopped()` yields `None`, within `ack_wait`);
-/// then the answer, until `deadline`.
+/// stack acknowledged the whole stream (`stopped()` yields `None`, within `ack_wait`, or
+/// until `deadline` when `keep_waiting()` says so then); then the answer, until
+/// `deadline`.
 async fn exchange(
     conn: &quinn::Connection,
     req: &NodeRequest,
     deadline: Instant,
     ack_wait: Duration,
+    keep_waiting: impl Fn() -> bool,
 ) -> Exchange {
     let remaining = || deadline.saturating_duration_since(Instant::now());
     let mut buf = BytesMut::new();
@@ -938,7 +963,11 @@ async fn exchange(
         return Exchange::NotDelivered(e.to_string());
     }
     let _ = send.finish();
-    match tokio::time::timeout(remaining().min(ack_wait), send.stopped()).await {
+    let mut acked = tokio::time::timeout(remaining().min(ack_wait), send.stopped()).await;
+    if acked.is_err() && keep_waiting() {
+        acked = tokio::time::timeout(remaining(), send.stopped()).await;
+    }
+    match acked {
         Ok(Ok(None)) => {}
         Ok(Ok(Some(code))) => return Exchange::NotDelivered(format!("stream stopped ({code})")),
         Ok(Err(e)) => return Exchange::NotDelivered(e.to_string()),

@@ -25,7 +25,7 @@ use sqlx::Row;
 use super::{BookChange, CallKind, Contact, ContactSum, Store, StoreError, add_contacts, unix_ms};
 
 /// Rows per transaction.
-pub const BATCH: usize = 2000;
+pub const BATCH: usize = 10_000;
 
 /// Rejections listed in a report (all are counted).
 pub const MAX_LISTED: usize = 1000;
@@ -75,7 +75,8 @@ pub enum ImportError {
     Read(String),
 }
 
-type Batch = Vec<(u64, Result<CarrierCdr, String>)>;
+/// Rows with their line and key (the fields the key was made of are dropped at once).
+type Batch = Vec<(u64, Result<(String, CarrierCdr), String>)>;
 
 /// Imports a file for `tenant` (whose numbers are normalised with `region`). Book
 /// changes go to the users' actors (online devices get the new entries).
@@ -108,6 +109,11 @@ pub async fn import(
                 let _ = tx.blocking_send(Err(ImportError::Read(e.0.clone())));
                 return;
             }
+            let row = row.map(|mut r| {
+                let key = row_key(&r);
+                r.fields = Vec::new();
+                (key, r)
+            });
             batch.push((line, row.map_err(|e| e.0)));
             if batch.len() == BATCH
                 && tx
@@ -123,15 +129,18 @@ pub async fn import(
     });
     let mut report = ImportReport::default();
     let mut touched: HashSet<String> = HashSet::new();
+    let mut numbers = Numbers::new(region);
+    let mut book_sizes: HashMap<String, i64> = HashMap::new();
     let result = async {
         while let Some(batch) = rx.recv().await {
             let changes = apply(
                 store,
                 registry,
-                (tenant, region),
+                tenant,
                 label,
                 batch?,
                 &mut report,
+                (&mut numbers, &mut book_sizes),
             )
             .await?;
             for change in changes {
@@ -151,6 +160,38 @@ pub async fn import(
     let _ = reader_task.await;
     report.users_touched = touched.len() as u64;
     result.map(|()| report)
+}
+
+/// Numbers as written → E.164 with the tenant's region (or as written when they are not
+/// numbers), remembered: carrier files name the same parties over and over, and parsing
+/// a number is most of the cost of a row that is already imported.
+struct Numbers {
+    region: String,
+    seen: HashMap<String, String>,
+}
+
+/// Numbers remembered per import (then forgotten, and remembered again).
+const NUMBERS_REMEMBERED: usize = 1 << 20;
+
+impl Numbers {
+    fn new(region: &str) -> Self {
+        Self {
+            region: region.to_owned(),
+            seen: HashMap::new(),
+        }
+    }
+
+    fn e164(&mut self, n: &str) -> String {
+        if let Some(e) = self.seen.get(n) {
+            return e.clone();
+        }
+        let e = crate::numbers::to_e164(n, &self.region).unwrap_or_else(|| n.to_owned());
+        if self.seen.len() >= NUMBERS_REMEMBERED {
+            self.seen.clear();
+        }
+        self.seen.insert(n.to_owned(), e.clone());
+        e
+    }
 }
 
 /// The user of `tenant` whose number `n` is.
@@ -177,17 +218,18 @@ const KEYS_PER_STATEMENT: usize = 500;
 async fn apply(
     store: &Store,
     registry: &Registry,
-    (tenant, region): (&str, &str),
+    tenant: &str,
     format: &str,
     batch: Batch,
     report: &mut ImportReport,
+    (numbers, book_sizes): (&mut Numbers, &mut HashMap<String, i64>),
 ) -> Result<Vec<BookChange>, StoreError> {
     let before = report.clone();
     let now = unix_ms(SystemTime::now());
     let mut matched: Vec<Matched> = Vec::with_capacity(batch.len());
     for (line, row) in batch {
         report.rows += 1;
-        let row = match row {
+        let (key, row) = match row {
             Ok(r) => r,
             Err(reason) => {
                 report.rejected += 1;
@@ -197,15 +239,14 @@ async fn apply(
                 continue;
             }
         };
-        let norm = |n: &str| crate::numbers::to_e164(n, region).unwrap_or_else(|| n.to_owned());
-        let (src, dst) = (norm(&row.src), norm(&row.dst));
+        let (src, dst) = (numbers.e164(&row.src), numbers.e164(&row.dst));
         let callee = user_of(registry, tenant, &dst);
         let caller = user_of(registry, tenant, &src);
         if callee.is_none() && caller.is_none() {
             report.unmatched += 1;
             continue;
         }
-        let key = format!("{tenant}:{format}:{}", row_key(&row));
+        let key = format!("{tenant}:{format}:{key}");
         matched.push(Matched {
             key,
             row,
@@ -236,7 +277,7 @@ async fn apply(
                 .push_bind(now);
         });
         q.push(" ON CONFLICT (key) DO NOTHING RETURNING key");
-        for r in q.build().fetch_all(&mut *tx).await? {
+        for r in q.build().persistent(false).fetch_all(&mut *tx).await? {
             fresh.insert(r.get::<String, _>("key"));
         }
     }
@@ -285,7 +326,7 @@ async fn apply(
             sums[i].1.add(contact);
         }
     }
-    let changes = add_contacts(&mut tx, store.book_limit, tenant, &sums).await?;
+    let changes = add_contacts(&mut tx, store.book_limit, tenant, &sums, book_sizes).await?;
     tx.commit().await?;
     for (result, now, then) in [
         ("imported", report.imported, before.imported),

@@ -267,6 +267,11 @@ impl Store {
             .filename(dir.join("parley.db"))
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
+            // 32 MiB of page cache per connection (SQLite's default is 2 MiB): address
+            // books are updated in key order of (tenant, user, address), i.e. all over
+            // the table, and an import of a large carrier file otherwise spends its time
+            // re-reading pages from the OS.
+            .pragma("cache_size", "-32768")
             .busy_timeout(std::time::Duration::from_secs(5));
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
@@ -845,6 +850,9 @@ impl ContactSum {
 }
 
 /// Rows per multi-row statement (12 parameters each: well inside SQLite's 32,766).
+/// Multi-row statements are not kept prepared (`persistent(false)`): each size of one
+/// is another statement of thousands of parameters, and sqlx would cache up to 100 of
+/// them per connection.
 const BOOK_ROWS_PER_STATEMENT: usize = 500;
 
 /// [`add_contact`] for many calls of one tenant at once: one multi-row upsert per
@@ -852,14 +860,20 @@ const BOOK_ROWS_PER_STATEMENT: usize = 500;
 /// statements per batch instead of two per call (each sqlx statement is a hand-off to its
 /// thread). Counts, names and times come out as one call at a time would leave them; a
 /// book over its limit loses its least valuable entries as they stand after the batch.
+///
+/// `sizes` remembers book sizes across calls (an import's batches): a book is counted
+/// once, then its new entries are added up. Entries the CDR writer adds meanwhile are not
+/// in it, so a book can pass its limit by those until the next eviction of either.
 pub(crate) async fn add_contacts(
     tx: &mut sqlx::SqliteConnection,
     limit: i64,
     tenant: &str,
     sums: &[((String, String), ContactSum)],
+    sizes: &mut HashMap<String, i64>,
 ) -> Result<Vec<BookChange>, StoreError> {
     let mut changes: Vec<BookChange> = Vec::new();
-    let mut grown: Vec<String> = Vec::new();
+    // Users with new entries, and how many.
+    let mut grown: HashMap<String, i64> = HashMap::new();
     let tail = book_upsert_tail();
     let mut returned: Vec<(String, AddressBookEntry)> = Vec::with_capacity(sums.len());
     let sums: Vec<_> = sums
@@ -897,7 +911,7 @@ pub(crate) async fn add_contacts(
         });
         q.push(" ");
         q.push(&tail);
-        let rows = q.build().fetch_all(&mut *tx).await?;
+        let rows = q.build().persistent(false).fetch_all(&mut *tx).await?;
         // RETURNING gives one row per party, in no promised order: match by key.
         let counts: HashMap<(&str, &str), i64> = chunk
             .iter()
@@ -908,16 +922,20 @@ pub(crate) async fn add_contacts(
             let entry = book_entry(r);
             if counts.get(&(user.as_str(), entry.address.as_str()))
                 == Some(&(entry.call_count as i64))
-                && !grown.contains(&user)
             {
                 // Every call of this entry is from this batch: it is new.
-                grown.push(user.clone());
+                *grown.entry(user.clone()).or_default() += 1;
             }
             returned.push((user, entry));
         }
     }
-    let mut evicted: HashMap<String, Vec<String>> = HashMap::new();
-    for chunk in grown.chunks(BOOK_ROWS_PER_STATEMENT) {
+    // Sizes of books not counted before (after this batch's upserts).
+    let uncounted: Vec<String> = grown
+        .keys()
+        .filter(|u| !sizes.contains_key(*u))
+        .cloned()
+        .collect();
+    for chunk in uncounted.chunks(BOOK_ROWS_PER_STATEMENT) {
         let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
             "SELECT user, COUNT(*) AS n FROM address_book WHERE tenant = ",
         );
@@ -927,18 +945,25 @@ pub(crate) async fn add_contacts(
             list.push_bind(u.clone());
         }
         q.push(") GROUP BY user");
-        let sizes: Vec<(String, i64)> = q
-            .build()
-            .fetch_all(&mut *tx)
-            .await?
-            .iter()
-            .map(|r| (r.get("user"), r.get("n")))
-            .collect();
-        for (user, size) in sizes {
-            if size > limit {
-                let gone = evict(tx, (tenant, &user), size - limit).await?;
-                evicted.insert(user, gone);
-            }
+        for r in q.build().persistent(false).fetch_all(&mut *tx).await? {
+            sizes.insert(r.get("user"), r.get("n"));
+        }
+    }
+    let mut evicted: HashMap<String, Vec<String>> = HashMap::new();
+    for (user, new) in &grown {
+        let counted_now = uncounted.contains(user);
+        let Some(size) = sizes.get_mut(user) else {
+            continue;
+        };
+        if !counted_now {
+            // Counted in an earlier batch: add this one's new entries.
+            *size += new;
+        }
+        if *size > limit {
+            let over = *size - limit;
+            *size = limit;
+            let gone = evict(tx, (tenant, user), over).await?;
+            evicted.insert(user.clone(), gone);
         }
     }
     for (user, entry) in returned {
@@ -959,6 +984,8 @@ const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS cdrs (call_id TEXT NOT NULL, sip_call_id TEXT NOT NULL, tenant TEXT NOT NULL, user TEXT NOT NULL, caller TEXT NOT NULL, caller_name TEXT, called TEXT NOT NULL, route TEXT NOT NULL, start_ms INTEGER NOT NULL, answer_ms INTEGER, end_ms INTEGER NOT NULL, start_time TEXT NOT NULL, answer_time TEXT, end_time TEXT NOT NULL, duration_secs REAL NOT NULL, disposition TEXT NOT NULL, sip_cause INTEGER NOT NULL, packets_in INTEGER NOT NULL, packets_out INTEGER NOT NULL, answered_by TEXT, direction TEXT NOT NULL DEFAULT 'in')",
     "CREATE INDEX IF NOT EXISTS cdrs_user ON cdrs (tenant, user, end_ms)",
     "CREATE TABLE IF NOT EXISTS address_book (tenant TEXT NOT NULL, user TEXT NOT NULL, address TEXT NOT NULL, name TEXT, call_count INTEGER NOT NULL, last_seen_ms INTEGER NOT NULL, known_calls INTEGER NOT NULL DEFAULT 0, incoming_calls INTEGER NOT NULL DEFAULT 0, outgoing_calls INTEGER NOT NULL DEFAULT 0, missed_calls INTEGER NOT NULL DEFAULT 0, first_seen_ms INTEGER, name_source INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (tenant, user, address))",
+    // Eviction's order (least valuable first) without sorting the book.
+    "CREATE INDEX IF NOT EXISTS address_book_value ON address_book (tenant, user, known_calls > 0, call_count, last_seen_ms, address)",
     "CREATE TABLE IF NOT EXISTS carrier_cdrs (key TEXT PRIMARY KEY, tenant TEXT NOT NULL, src TEXT NOT NULL, src_name TEXT, dst TEXT NOT NULL, start_ms INTEGER NOT NULL, answer_ms INTEGER, end_ms INTEGER NOT NULL, disposition TEXT NOT NULL, format TEXT NOT NULL, imported_ms INTEGER NOT NULL)",
     "CREATE TABLE IF NOT EXISTS preferences (tenant TEXT NOT NULL, user TEXT NOT NULL, json TEXT NOT NULL, updated_ms INTEGER NOT NULL, PRIMARY KEY (tenant, user))",
     "CREATE TABLE IF NOT EXISTS tenants (name TEXT PRIMARY KEY, region TEXT NOT NULL, directory INTEGER NOT NULL, created_ms INTEGER NOT NULL)",
@@ -1054,7 +1081,9 @@ mod tests {
                 }
             }
         }
-        let changes = add_contacts(&mut tx, 4, "t", &sums).await.unwrap();
+        let changes = add_contacts(&mut tx, 4, "t", &sums, &mut Default::default())
+            .await
+            .unwrap();
         tx.commit().await.unwrap();
         let one = store.address_book("t", "one").await.unwrap();
         let many = store.address_book("t", "many").await.unwrap();
