@@ -188,6 +188,30 @@ fn main() {
             spent * 100.0 / wall.as_secs_f64()
         );
     }
+    if failed > 0 {
+        // What the node said about its agents (the reasons behind the failures).
+        for l in node
+            .log()
+            .lines()
+            .filter(|l| {
+                l.contains("slow to take")
+                    || l.contains("agent request failed")
+                    || l.contains("auth agent disconnected")
+                    || (l.contains("agent") && !l.contains(" INFO "))
+            })
+            .take(20)
+        {
+            println!("  node: {l}");
+        }
+        for l in agent
+            .log()
+            .lines()
+            .filter(|l| !l.contains(" INFO "))
+            .take(20)
+        {
+            println!("  agent: {l}");
+        }
+    }
     drop(agent);
     drop(slapd);
     assert!(node.stop().success());

@@ -434,6 +434,9 @@ async fn answer(
     tracing::info!(kind, %user, result = outcome_name(&outcome), "request answered");
     write_frame(&mut send, &outcome).await?;
     let _ = send.finish();
+    // Take the request's end too: a stream dropped before its FIN was read is stopped
+    // (STOP_SENDING), which the node would have to tell apart from a refusal.
+    let _ = recv.read_to_end(0).await;
     Ok(())
 }
 

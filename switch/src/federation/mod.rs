@@ -293,6 +293,7 @@ pub struct CertEntry {
 }
 
 /// How an exchange with one agent went.
+#[derive(Debug)]
 enum Exchange {
     Answer(AuthOutcome),
     /// The agent never received the request: another may be asked.
@@ -938,7 +939,7 @@ fn token_hash(secret: &str) -> String {
 }
 
 /// One request on its own stream: written and finished; delivered once the agent's QUIC
-/// stack acknowledged the whole stream (`stopped()` yields `None`, within `ack_wait`, or
+/// stack acknowledged the whole stream or the agent stopped it (`stopped()`, within `ack_wait`, or
 /// until `deadline` when `keep_waiting()` says so then); then the answer, until
 /// `deadline`.
 async fn exchange(
@@ -968,8 +969,10 @@ async fn exchange(
         acked = tokio::time::timeout(remaining(), send.stopped()).await;
     }
     match acked {
-        Ok(Ok(None)) => {}
-        Ok(Ok(Some(code))) => return Exchange::NotDelivered(format!("stream stopped ({code})")),
+        // Stopped by the agent: its application had the stream (an agent that read the
+        // request and answered before our acknowledgement came drops it with code 0), so
+        // the request was delivered: read the answer, never retry it elsewhere.
+        Ok(Ok(None | Some(_))) => {}
         Ok(Err(e)) => return Exchange::NotDelivered(e.to_string()),
         Err(_) => return Exchange::NotDelivered("not acknowledged in time".into()),
     }
