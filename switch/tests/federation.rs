@@ -754,6 +754,20 @@ async fn tenants_are_isolated_unless_both_federate() {
         matches!(&got, ServerMsg::Chat { from, text, .. } if from == "alice@acme" && text == "hello from acme"),
         "{got:?}"
     );
+    // Unsubscribing drops only the sender's own watches: gina cannot cut alice's watch on
+    // her. Her second device leaving still reaches alice.
+    gina.send(ClientMsg::Unsubscribe {
+        users: vec!["alice@acme".into()],
+    })
+    .await;
+    drop(gina);
+    let update = alice
+        .expect(|m| matches!(m, ServerMsg::PresenceUpdate { devices: 1, .. }))
+        .await;
+    assert!(
+        matches!(&update, ServerMsg::PresenceUpdate { user, .. } if user == "gina@globex"),
+        "{update:?}"
+    );
 
     // A call between two users of one tenant: the callee's book names the caller as the
     // directory does (not by the login name the call carried).
