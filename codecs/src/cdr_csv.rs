@@ -287,7 +287,18 @@ pub fn split_clid(clid: &str) -> (Option<String>, Option<String>) {
     }
 }
 
-/// Parses a CDR time: `YYYY-MM-DD HH:MM:SS[.frac][Z]` (UTC) or epoch seconds.
+/// Latest time a CDR may carry: 9999-12-31T23:59:59Z (later ones are not times a
+/// carrier wrote, and would overflow millisecond counts).
+const LAST_TIME_SECS: u64 = 253_402_300_799;
+
+/// `t` if it is not after [`LAST_TIME_SECS`].
+fn in_range(t: SystemTime) -> Option<SystemTime> {
+    let secs = t.duration_since(SystemTime::UNIX_EPOCH).ok()?.as_secs();
+    (secs <= LAST_TIME_SECS).then_some(t)
+}
+
+/// Parses a CDR time: `YYYY-MM-DD HH:MM:SS[.frac][Z]` (UTC) or epoch seconds, from 1970
+/// to 9999.
 pub fn parse_time(s: &str) -> Option<SystemTime> {
     let s = s.trim();
     if s.is_empty() {
@@ -295,10 +306,10 @@ pub fn parse_time(s: &str) -> Option<SystemTime> {
     }
     if s.bytes().all(|b| b.is_ascii_digit()) {
         let secs: u64 = s.parse().ok()?;
-        return Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs));
+        return in_range(SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs))?);
     }
     let s = s.strip_suffix('Z').unwrap_or(s);
-    humantime::parse_rfc3339_weak(s).ok()
+    humantime::parse_rfc3339_weak(s).ok().and_then(in_range)
 }
 
 fn secs(s: &str) -> Option<u64> {
@@ -336,7 +347,10 @@ fn build(
         a => Some(parse_time(a).ok_or_else(|| RowError(format!("bad answer time {a:?}")))?),
     };
     let end_t = match end.trim() {
-        "" => start_t + Duration::from_secs(secs(duration).unwrap_or(0)),
+        "" => start_t
+            .checked_add(Duration::from_secs(secs(duration).unwrap_or(0)))
+            .and_then(in_range)
+            .ok_or_else(|| RowError(format!("duration {duration:?} ends after the year 9999")))?,
         e => parse_time(e).ok_or_else(|| RowError(format!("bad end time {e:?}")))?,
     };
     if end_t < start_t {
@@ -591,6 +605,31 @@ mod tests {
             ..m
         };
         assert!(CdrReader::new(Format::Generic(Box::new(bad)), &file[..]).is_err());
+    }
+
+    #[test]
+    fn times_past_the_year_9999_are_refused_not_overflowed() {
+        assert_eq!(parse_time("253402300799"), Some(t("9999-12-31 23:59:59")));
+        assert_eq!(parse_time("253402300800"), None);
+        assert_eq!(parse_time("00000000000000017286664110841848717"), None);
+        let rows = read(
+            Format::Generic(Box::new(Mapping {
+                src: "src".into(),
+                dst: "dst".into(),
+                start: "start".into(),
+                duration: Some("d".into()),
+                ..Mapping::default()
+            })),
+            b"src,dst,start,d\n1,2,253402300000,18446744073709551615\n1,2,99999999999999999999,1\n",
+        );
+        assert!(
+            matches!(&rows[0], (2, Err(e)) if e.0.contains("9999")),
+            "{rows:?}"
+        );
+        assert!(
+            matches!(&rows[1], (3, Err(e)) if e.0.contains("bad start time")),
+            "{rows:?}"
+        );
     }
 
     #[test]

@@ -32,6 +32,8 @@ pub struct Config {
     pub calls: CallsConfig,
     /// Personal address books.
     pub address_book: AddressBookConfig,
+    /// CDR retention.
+    pub cdrs: CdrsConfig,
     /// Login throttling and caps on connections not logged in yet.
     pub login: LoginConfig,
     /// SIP trunks toward the PSTN.
@@ -298,6 +300,15 @@ impl Default for AddressBookConfig {
     }
 }
 
+/// `[cdrs]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CdrsConfig {
+    /// Days a CDR (the node's own and imported carrier rows) is kept after its call ended;
+    /// older ones are deleted hourly. Address books keep what they learned. 0: forever.
+    pub retention_days: u32,
+}
+
 /// `[[trunks]]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -477,6 +488,7 @@ impl Default for Config {
             relay: RelayConfig::default(),
             calls: CallsConfig::default(),
             address_book: AddressBookConfig::default(),
+            cdrs: CdrsConfig::default(),
             login: LoginConfig::default(),
             trunks: Vec::new(),
             number_plan: Vec::new(),

@@ -77,8 +77,11 @@ pub const AUTH_AGENT_HANDSHAKES_REFUSED_TOTAL: &str = "parley_auth_agent_handsha
 /// enrolling connections at once).
 pub const AUTH_AGENT_ENROLMENTS_TOTAL: &str = "parley_auth_agent_enrolments_total";
 /// Rows of imported carrier CDR files, by `result` (`imported`, `duplicate`: imported
-/// before; `unmatched`: no user of the tenant in it; `rejected`: unreadable).
+/// before; `unmatched`: no user of the tenant in it; `expired`: older than the CDR
+/// retention; `rejected`: unreadable).
 pub const CDR_IMPORT_ROWS_TOTAL: &str = "parley_cdr_import_rows_total";
+/// CDRs (own and imported) deleted by `[cdrs] retention_days`.
+pub const CDRS_EXPIRED_TOTAL: &str = "parley_cdrs_expired_total";
 /// Users the last directory sync listed, by `tenant`.
 pub const DIRECTORY_USERS: &str = "parley_directory_users";
 /// Directory numbers the last sync of a tenant could not route to their user because
@@ -203,9 +206,10 @@ fn register_zeroes() {
     gauge!(DIRECTORY_USERS).set(0.0);
     gauge!(DIRECTORY_NUMBERS_REFUSED).set(0.0);
     let _ = metrics::histogram!(AUTH_AGENT_REQUEST_SECONDS);
-    for r in ["imported", "duplicate", "unmatched", "rejected"] {
+    for r in ["imported", "duplicate", "unmatched", "expired", "rejected"] {
         counter!(CDR_IMPORT_ROWS_TOTAL, "result" => r).increment(0);
     }
+    counter!(CDRS_EXPIRED_TOTAL).increment(0);
     for r in ["untrusted", "revoked"] {
         counter!(AUTH_AGENT_HANDSHAKES_REFUSED_TOTAL, "reason" => r).increment(0);
     }
@@ -362,6 +366,11 @@ fn describe() {
         CDR_IMPORT_ROWS_TOTAL,
         Unit::Count,
         "Rows of imported carrier CDR files, by result"
+    );
+    describe_counter!(
+        CDRS_EXPIRED_TOTAL,
+        Unit::Count,
+        "CDRs (own and imported) deleted by the retention setting"
     );
     describe_gauge!(
         DIRECTORY_NUMBERS_REFUSED,

@@ -50,7 +50,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let prometheus = m::install()?;
     let store = Store::open(&cfg.data_dir)
         .await?
-        .with_book_limit(cfg.address_book.max_entries);
+        .with_book_limit(cfg.address_book.max_entries)
+        .with_retention(
+            (cfg.cdrs.retention_days > 0)
+                .then(|| Duration::from_secs(u64::from(cfg.cdrs.retention_days) * 86_400)),
+        );
     // Calls that were up when the node last died have an open CDR row: close it.
     let cut = store.close_interrupted(None).await?;
     if cut > 0 {
@@ -102,6 +106,26 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         latch_any_source: cfg.relay.latch_any_source,
     })?;
     let (cdr_queue, cdr_task) = cdr_writer::start(store.clone(), registry.clone());
+    if cfg.cdrs.retention_days > 0 {
+        let (store, days) = (store.clone(), cfg.cdrs.retention_days);
+        actix_rt::spawn(async move {
+            // At start, then hourly.
+            let mut tick = tokio::time::interval(Duration::from_secs(3600));
+            loop {
+                tick.tick().await;
+                let before =
+                    std::time::SystemTime::now() - Duration::from_secs(u64::from(days) * 86_400);
+                match store.expire_cdrs(before, 10_000).await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        metrics::counter!(crate::metrics::CDRS_EXPIRED_TOTAL).increment(n);
+                        tracing::info!(deleted = n, retention_days = days, "old CDRs deleted");
+                    }
+                    Err(e) => tracing::error!(error = %e, "CDR retention failed"),
+                }
+            }
+        });
+    }
     let cdr_sink: Arc<dyn parley_actors::messages::CdrSink> = Arc::new(cdr_queue.clone());
 
     // Trunk actors probe through the SIP driver and the driver's calls read the trunks'

@@ -344,3 +344,36 @@ fn a_generic_file_maps_its_columns_and_bad_requests_say_what_is_wrong() {
     assert_eq!(node.post(base, file, false).0, 401);
     assert_eq!(book(&node, "demo", "bob"), bob);
 }
+
+#[test]
+fn rows_older_than_the_retention_are_not_imported() {
+    let node = Node::start_with_tail("", "", "", 200, "[cdrs]\nretention_days = 30\n");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let file = format!(
+        "src,dst,start,billsec\n+442071838750,+15550100002,{},30\n+442071838751,+15550100002,{},30\n",
+        now - 86_400,
+        now - 400 * 86_400
+    );
+    let (st, body) = node.post(
+        "/api/v1/cdrs/import?format=generic&src=src&dst=dst&start=start&billsec=billsec",
+        &file,
+        true,
+    );
+    assert_eq!(st, 200, "{body}");
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (&report["imported"], &report["expired"]),
+        (&1.into(), &1.into()),
+        "{report:#}"
+    );
+    let bob = book(&node, "demo", "bob");
+    assert_eq!(bob.len(), 1, "{bob:#?}");
+    assert_eq!(bob[0]["address"], "+442071838750");
+    assert_eq!(
+        node.metric("parley_cdr_import_rows_total{result=\"expired\"}"),
+        1.0
+    );
+}

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -42,6 +43,7 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/api/v1/cdrs", get(cdrs))
         .route("/api/v1/cdrs/import", axum::routing::post(import_cdrs))
+        .route("/api/v1/cdrs/export", get(export_cdrs))
         .route("/api/v1/users/{user}/address-book", get(address_book))
         .route(
             "/api/v1/users/{user}/preferences",
@@ -93,6 +95,19 @@ fn authorised(s: &HttpState, headers: &HeaderMap) -> Result<(), Box<Response>> {
     }
 }
 
+/// The admin token checked, then the query string read (400 `bad_request` naming what
+/// is wrong with it).
+fn authorised_query<T>(
+    s: &HttpState,
+    headers: &HeaderMap,
+    query: Result<Query<T>, QueryRejection>,
+) -> Result<T, Box<Response>> {
+    authorised(s, headers)?;
+    query
+        .map(|Query(q)| q)
+        .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, "bad_request", e.body_text())))
+}
+
 fn db_error(e: crate::store::StoreError) -> Response {
     tracing::error!(error = %e, "admin API database error");
     (
@@ -102,30 +117,217 @@ fn db_error(e: crate::store::StoreError) -> Response {
         .into_response()
 }
 
+/// `GET /api/v1/cdrs` and `/api/v1/cdrs/export` parameters.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct CdrQuery {
     tenant: Option<String>,
     user: Option<String>,
+    /// Caller or called.
+    number: Option<String>,
+    disposition: Option<String>,
+    route: Option<String>,
+    /// Ended at or after: RFC 3339 or Unix seconds.
+    from: Option<String>,
+    /// Ended before.
+    to: Option<String>,
     limit: Option<i64>,
+    cursor: Option<String>,
+    /// Export only: `csv` or `jsonl`.
+    format: Option<String>,
 }
 
+impl CdrQuery {
+    fn filter(&self) -> Result<crate::store::CdrFilter, String> {
+        let time = |key: &str, v: &Option<String>| -> Result<Option<i64>, String> {
+            v.as_deref()
+                .map(|t| {
+                    parley_codecs::cdr_csv::parse_time(t)
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map(|d| d.as_millis() as i64)
+                        .ok_or_else(|| {
+                            format!("`{key}`: {t:?} is not an RFC 3339 time or Unix seconds")
+                        })
+                })
+                .transpose()
+        };
+        Ok(crate::store::CdrFilter {
+            tenant: self.tenant.clone(),
+            user: self.user.clone(),
+            number: self.number.clone(),
+            disposition: self.disposition.as_deref().map(str::to_ascii_uppercase),
+            route: self.route.clone(),
+            from_ms: time("from", &self.from)?,
+            to_ms: time("to", &self.to)?,
+        })
+    }
+
+    fn cursor(&self) -> Result<Option<crate::store::CdrCursor>, String> {
+        self.cursor
+            .as_deref()
+            .map(|c| {
+                crate::store::CdrCursor::decode(c)
+                    .ok_or_else(|| format!("`cursor`: {c:?} is not a cursor this API gave"))
+            })
+            .transpose()
+    }
+}
+
+/// CDRs, newest first; the next page's cursor is in `X-Next-Cursor` when there may be one.
 async fn cdrs(
     State(s): State<Arc<HttpState>>,
     headers: HeaderMap,
-    Query(q): Query<CdrQuery>,
+    query: Result<Query<CdrQuery>, QueryRejection>,
 ) -> Response {
-    if let Err(r) = authorised(&s, &headers) {
-        return *r;
+    let q = match authorised_query(&s, &headers, query) {
+        Ok(q) => q,
+        Err(r) => return *r,
+    };
+    let (filter, cursor) = match (q.filter(), q.cursor()) {
+        (Ok(f), Ok(c)) => (f, c),
+        (Err(e), _) | (_, Err(e)) => return error(StatusCode::BAD_REQUEST, "bad_request", e),
+    };
+    if q.format.is_some() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "`format` is for /api/v1/cdrs/export",
+        );
     }
     let limit = q.limit.unwrap_or(1000).clamp(1, 100_000);
-    match s
-        .store
-        .cdrs(q.tenant.as_deref(), q.user.as_deref(), limit)
-        .await
-    {
-        Ok(rows) => Json(rows).into_response(),
+    match s.store.cdr_page(&filter, cursor, limit).await {
+        Ok((rows, next)) => {
+            let mut resp = Json(rows).into_response();
+            if let Some(next) = next
+                && let Ok(v) = axum::http::HeaderValue::from_str(&next.encode())
+            {
+                resp.headers_mut().insert("x-next-cursor", v);
+            }
+            resp
+        }
         Err(e) => db_error(e),
     }
+}
+
+/// CDR columns of the CSV export, in order.
+const CDR_CSV_COLUMNS: &[&str] = &[
+    "call_id",
+    "sip_call_id",
+    "tenant",
+    "user",
+    "caller",
+    "caller_name",
+    "called",
+    "route",
+    "start_time",
+    "answer_time",
+    "end_time",
+    "duration_secs",
+    "disposition",
+    "sip_cause",
+    "packets_in",
+    "packets_out",
+    "answered_by",
+    "direction",
+];
+
+/// Every matching CDR as CSV (a header row) or JSON lines, streamed page by page: the
+/// export holds one page in memory and no read transaction between pages.
+async fn export_cdrs(
+    State(s): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    query: Result<Query<CdrQuery>, QueryRejection>,
+) -> Response {
+    let q = match authorised_query(&s, &headers, query) {
+        Ok(q) => q,
+        Err(r) => return *r,
+    };
+    let filter = match q.filter() {
+        Ok(f) => f,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", e),
+    };
+    let csv = match q.format.as_deref() {
+        Some("csv") => true,
+        Some("jsonl") => false,
+        other => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("`format` must be csv or jsonl, not {other:?}"),
+            );
+        }
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
+    let store = s.store.clone();
+    tokio::spawn(async move {
+        let mut cursor = None;
+        let mut first = csv;
+        let mut rows_sent = 0u64;
+        loop {
+            let (rows, next) = match store.cdr_page(&filter, cursor, 1000).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(error = %e, rows_sent, "CDR export failed");
+                    let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+                    return;
+                }
+            };
+            let mut out = Vec::with_capacity(rows.len() * 256);
+            if std::mem::take(&mut first) {
+                out.extend_from_slice(CDR_CSV_COLUMNS.join(",").as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+            for r in &rows {
+                if csv {
+                    let mut w = csv::WriterBuilder::new()
+                        .terminator(csv::Terminator::CRLF)
+                        .from_writer(&mut out);
+                    let fields = [
+                        r.call_id.clone(),
+                        r.sip_call_id.clone(),
+                        r.tenant.clone(),
+                        r.user.clone(),
+                        r.caller.clone(),
+                        r.caller_name.clone().unwrap_or_default(),
+                        r.called.clone(),
+                        r.route.clone(),
+                        r.start_time.clone(),
+                        r.answer_time.clone().unwrap_or_default(),
+                        r.end_time.clone(),
+                        r.duration_secs.to_string(),
+                        r.disposition.clone(),
+                        r.sip_cause.to_string(),
+                        r.packets_in.to_string(),
+                        r.packets_out.to_string(),
+                        r.answered_by.clone().unwrap_or_default(),
+                        r.direction.clone(),
+                    ];
+                    let _ = w.write_record(&fields);
+                    let _ = w.flush();
+                } else if serde_json::to_writer(&mut out, r).is_ok() {
+                    out.push(b'\n');
+                }
+            }
+            rows_sent += rows.len() as u64;
+            if !out.is_empty() && tx.send(Ok(bytes::Bytes::from(out))).await.is_err() {
+                return; // The client went away.
+            }
+            match next {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+        tracing::info!(rows_sent, "CDR export done");
+    });
+    let body = axum::body::Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async {
+        rx.recv().await.map(|item| (item, rx))
+    }));
+    let content_type = if csv {
+        "text/csv; charset=utf-8"
+    } else {
+        "application/x-ndjson"
+    };
+    ([("content-type", content_type)], body).into_response()
 }
 
 /// `POST /api/v1/cdrs/import` parameters: the format, the tenant, and for `generic` the
@@ -202,16 +404,13 @@ impl ImportQuery {
 async fn import_cdrs(
     State(s): State<Arc<HttpState>>,
     headers: HeaderMap,
-    query: Result<Query<ImportQuery>, axum::extract::rejection::QueryRejection>,
+    query: Result<Query<ImportQuery>, QueryRejection>,
     body: axum::body::Body,
 ) -> Response {
     use futures_util::TryStreamExt;
-    if let Err(r) = authorised(&s, &headers) {
-        return *r;
-    }
-    let q = match query {
-        Ok(Query(q)) => q,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", e.body_text()),
+    let q = match authorised_query(&s, &headers, query) {
+        Ok(q) => q,
+        Err(r) => return *r,
     };
     let tenant = q.tenant.clone().unwrap_or_else(|| "demo".into());
     let format = match q.format() {

@@ -50,6 +50,9 @@ pub struct ImportReport {
     pub duplicates: u64,
     /// Rows involving no user of the tenant (kept out of every book).
     pub unmatched: u64,
+    /// Rows of calls older than `[cdrs] retention_days` (not imported: retention would
+    /// delete them).
+    pub expired: u64,
     /// Rows that could not be read.
     pub rejected: u64,
     /// The first [`MAX_LISTED`] rejections.
@@ -157,9 +160,12 @@ pub async fn import(
     }
     .await;
     drop(rx);
-    let _ = reader_task.await;
+    let reader = reader_task.await;
     report.users_touched = touched.len() as u64;
-    result.map(|()| report)
+    result?;
+    // A reader that died (it never should) must not pass for the end of the file.
+    reader.map_err(|e| ImportError::Read(format!("the CSV reader failed: {e}")))?;
+    Ok(report)
 }
 
 /// Numbers as written → E.164 with the tenant's region (or as written when they are not
@@ -226,6 +232,9 @@ async fn apply(
 ) -> Result<Vec<BookChange>, StoreError> {
     let before = report.clone();
     let now = unix_ms(SystemTime::now());
+    let oldest = store
+        .retention
+        .and_then(|keep| SystemTime::now().checked_sub(keep));
     let mut matched: Vec<Matched> = Vec::with_capacity(batch.len());
     for (line, row) in batch {
         report.rows += 1;
@@ -239,6 +248,10 @@ async fn apply(
                 continue;
             }
         };
+        if oldest.is_some_and(|o| row.end < o) {
+            report.expired += 1;
+            continue;
+        }
         let (src, dst) = (numbers.e164(&row.src), numbers.e164(&row.dst));
         let callee = user_of(registry, tenant, &dst);
         let caller = user_of(registry, tenant, &src);
@@ -332,6 +345,7 @@ async fn apply(
         ("imported", report.imported, before.imported),
         ("duplicate", report.duplicates, before.duplicates),
         ("unmatched", report.unmatched, before.unmatched),
+        ("expired", report.expired, before.expired),
         ("rejected", report.rejected, before.rejected),
     ] {
         metrics::counter!(crate::metrics::CDR_IMPORT_ROWS_TOTAL, "result" => result)

@@ -119,6 +119,8 @@ pub struct Store {
     decoy: std::sync::Arc<str>,
     /// Most entries one user's address book holds (`[address_book] max_entries`).
     book_limit: i64,
+    /// `[cdrs] retention_days`: imports skip rows older than this.
+    retention: Option<std::time::Duration>,
 }
 
 /// Default of `[address_book] max_entries`.
@@ -149,6 +151,73 @@ impl BookChange {
         if !self.removed.contains(&address) {
             self.removed.push(address);
         }
+    }
+}
+
+fn cdr_row(r: &sqlx::sqlite::SqliteRow) -> CdrRow {
+    CdrRow {
+        call_id: r.get("call_id"),
+        sip_call_id: r.get("sip_call_id"),
+        tenant: r.get("tenant"),
+        user: r.get("user"),
+        caller: r.get("caller"),
+        caller_name: r.get("caller_name"),
+        called: r.get("called"),
+        route: r.get("route"),
+        start_time: r.get("start_time"),
+        answer_time: r.get("answer_time"),
+        end_time: r.get("end_time"),
+        duration_secs: r.get("duration_secs"),
+        disposition: r.get("disposition"),
+        sip_cause: r.get("sip_cause"),
+        packets_in: r.get("packets_in"),
+        packets_out: r.get("packets_out"),
+        answered_by: r.get("answered_by"),
+        direction: r.get("direction"),
+    }
+}
+
+/// Which CDRs an operator asks for; every field narrows.
+#[derive(Debug, Clone, Default)]
+pub struct CdrFilter {
+    /// Tenant.
+    pub tenant: Option<String>,
+    /// The CDR's user.
+    pub user: Option<String>,
+    /// Caller or called number (E.164) or URI.
+    pub number: Option<String>,
+    /// `ANSWERED`, `NO ANSWER`, …
+    pub disposition: Option<String>,
+    /// `im`, `pstn`, `forward`, `none`.
+    pub route: Option<String>,
+    /// Ended at or after (Unix ms).
+    pub from_ms: Option<i64>,
+    /// Ended before (Unix ms).
+    pub to_ms: Option<i64>,
+}
+
+/// Where the next page of CDRs starts (the last row of a page: its end and row id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CdrCursor {
+    /// End of the last row, Unix ms.
+    pub end_ms: i64,
+    /// Its row id (rows ending in the same millisecond).
+    pub rowid: i64,
+}
+
+impl CdrCursor {
+    /// The opaque form handed to clients.
+    pub fn encode(self) -> String {
+        format!("{}.{}", self.end_ms, self.rowid)
+    }
+
+    /// Reads [`CdrCursor::encode`]'s form.
+    pub fn decode(s: &str) -> Option<Self> {
+        let (e, r) = s.split_once('.')?;
+        Some(Self {
+            end_ms: e.parse().ok()?,
+            rowid: r.parse().ok()?,
+        })
     }
 }
 
@@ -314,7 +383,15 @@ impl Store {
             pool,
             decoy: decoy.into(),
             book_limit: DEFAULT_BOOK_LIMIT as i64,
+            retention: None,
         })
+    }
+
+    /// Sets how long CDRs are kept (`None`: forever): imports then skip older rows, which
+    /// retention would delete (and a later import of the file would count again).
+    pub fn with_retention(mut self, keep: Option<std::time::Duration>) -> Self {
+        self.retention = keep;
+        self
     }
 
     /// Sets the most entries one user's address book holds.
@@ -503,37 +580,78 @@ impl Store {
         user: Option<&str>,
         limit: i64,
     ) -> Result<Vec<CdrRow>, StoreError> {
+        let filter = CdrFilter {
+            tenant: tenant.map(str::to_owned),
+            user: user.map(str::to_owned),
+            ..CdrFilter::default()
+        };
+        Ok(self.cdr_page(&filter, None, limit).await?.0)
+    }
+
+    /// One page of finished CDRs matching `filter`, newest first, after `cursor` (from
+    /// the previous page); with the cursor of the next page when there may be one.
+    pub async fn cdr_page(
+        &self,
+        filter: &CdrFilter,
+        cursor: Option<CdrCursor>,
+        limit: i64,
+    ) -> Result<(Vec<CdrRow>, Option<CdrCursor>), StoreError> {
+        let (end_before, rowid_before) =
+            cursor.map_or((i64::MAX, i64::MAX), |c| (c.end_ms, c.rowid));
         let rows = sqlx::query(
-            "SELECT * FROM cdrs WHERE (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR user = ?2) AND disposition != 'IN_PROGRESS' ORDER BY end_ms DESC, rowid DESC LIMIT ?3",
+            "SELECT rowid AS row_id, * FROM cdrs WHERE disposition != 'IN_PROGRESS' \
+             AND (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR user = ?2) \
+             AND (?3 IS NULL OR caller = ?3 OR called = ?3) AND (?4 IS NULL OR disposition = ?4) \
+             AND (?5 IS NULL OR route = ?5) AND (?6 IS NULL OR end_ms >= ?6) AND (?7 IS NULL OR end_ms < ?7) \
+             AND (end_ms < ?8 OR (end_ms = ?8 AND rowid < ?9)) \
+             ORDER BY end_ms DESC, rowid DESC LIMIT ?10",
         )
-        .bind(tenant)
-        .bind(user)
+        .bind(&filter.tenant)
+        .bind(&filter.user)
+        .bind(&filter.number)
+        .bind(&filter.disposition)
+        .bind(&filter.route)
+        .bind(filter.from_ms)
+        .bind(filter.to_ms)
+        .bind(end_before)
+        .bind(rowid_before)
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| CdrRow {
-                call_id: r.get("call_id"),
-                sip_call_id: r.get("sip_call_id"),
-                tenant: r.get("tenant"),
-                user: r.get("user"),
-                caller: r.get("caller"),
-                caller_name: r.get("caller_name"),
-                called: r.get("called"),
-                route: r.get("route"),
-                start_time: r.get("start_time"),
-                answer_time: r.get("answer_time"),
-                end_time: r.get("end_time"),
-                duration_secs: r.get("duration_secs"),
-                disposition: r.get("disposition"),
-                sip_cause: r.get("sip_cause"),
-                packets_in: r.get("packets_in"),
-                packets_out: r.get("packets_out"),
-                answered_by: r.get("answered_by"),
-                direction: r.get("direction"),
-            })
-            .collect())
+        let next = (rows.len() as i64 == limit)
+            .then(|| rows.last())
+            .flatten()
+            .map(|r| CdrCursor {
+                end_ms: r.get("end_ms"),
+                rowid: r.get("row_id"),
+            });
+        Ok((rows.iter().map(cdr_row).collect(), next))
+    }
+
+    /// Deletes finished CDRs and imported carrier rows whose call ended before `before`,
+    /// at most `chunk` rows a statement (short write locks); returns how many went.
+    /// Address books are not touched.
+    pub async fn expire_cdrs(&self, before: SystemTime, chunk: i64) -> Result<u64, StoreError> {
+        let cutoff = unix_ms(before);
+        let mut gone = 0;
+        for sql in [
+            "DELETE FROM cdrs WHERE rowid IN (SELECT rowid FROM cdrs WHERE end_ms < ? AND disposition != 'IN_PROGRESS' LIMIT ?)",
+            "DELETE FROM carrier_cdrs WHERE rowid IN (SELECT rowid FROM carrier_cdrs WHERE end_ms < ? LIMIT ?)",
+        ] {
+            loop {
+                let n = sqlx::query(sql)
+                    .bind(cutoff)
+                    .bind(chunk)
+                    .execute(&self.pool)
+                    .await?
+                    .rows_affected();
+                gone += n;
+                if n < chunk as u64 {
+                    break;
+                }
+            }
+        }
+        Ok(gone)
     }
 
     /// A user's stored routing preferences (JSON), if any.
@@ -1165,6 +1283,41 @@ mod tests {
             direction: Direction::In,
             dialled_by: None,
         }
+    }
+
+    /// Retention deletes CDRs that ended before the cut (in chunks), keeps newer ones and
+    /// calls still in progress, and leaves the address book as it was.
+    #[tokio::test]
+    async fn expired_cdrs_go_and_the_address_book_stays() {
+        use parley_core::cdr::Disposition::{Answered, InProgress};
+        use std::time::Duration;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        let mut rows: Vec<_> = (0..5).map(|i| cdr(&format!("old-{i}"), Answered)).collect();
+        let mut new = cdr("new", Answered);
+        new.end += Duration::from_secs(86_400);
+        new.caller = "+15557770002".into();
+        rows.push(new);
+        let mut open = cdr("open", InProgress);
+        open.end = open.start;
+        rows.push(open);
+        store.record_calls(&rows).await.unwrap();
+        let book = store.address_book("demo", "alice").await.unwrap();
+        assert_eq!(book.len(), 2);
+        let cut = rows[0].end + Duration::from_secs(1);
+        assert_eq!(store.expire_cdrs(cut, 2).await.unwrap(), 5);
+        let left = store.cdrs(None, None, 100).await.unwrap();
+        assert_eq!(
+            left.iter().map(|c| c.call_id.as_str()).collect::<Vec<_>>(),
+            ["new"]
+        );
+        let open_rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM cdrs WHERE call_id = 'open'")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(open_rows, 1, "a call in progress is not expired");
+        assert_eq!(store.address_book("demo", "alice").await.unwrap(), book);
+        assert_eq!(store.expire_cdrs(cut, 2).await.unwrap(), 0);
     }
 
     #[tokio::test]

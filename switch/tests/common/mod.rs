@@ -277,6 +277,23 @@ password = "demo"
         body: Option<&str>,
         auth: bool,
     ) -> (u16, String) {
+        let (status, _, body) = self.http_request_full(method, path, body, auth);
+        (status, body)
+    }
+
+    /// GET with the admin token; returns (status, response head, body).
+    #[allow(dead_code)]
+    pub fn get_full(&self, path: &str) -> (u16, String, String) {
+        self.http_request_full("GET", path, None, true)
+    }
+
+    fn http_request_full(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        auth: bool,
+    ) -> (u16, String, String) {
         let mut s = TcpStream::connect(self.http).expect("connect http");
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let auth = if auth {
@@ -298,11 +315,11 @@ password = "demo"
             .nth(1)
             .and_then(|c| c.parse().ok())
             .unwrap_or(0);
-        let body = resp
+        let (head, body) = resp
             .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
+            .map(|(h, b)| (h.to_owned(), b.to_owned()))
             .unwrap_or_default();
-        (status, dechunk(&body))
+        (status, head, dechunk(&body))
     }
 
     pub fn cdrs(&self) -> Vec<serde_json::Value> {
