@@ -85,8 +85,14 @@ pub struct CarrierCdr {
 #[error("{0}")]
 pub struct RowError(pub String);
 
-/// Line-end bytes (offset, byte) not yet behind a record start, and lines passed.
-type SharedLines = std::rc::Rc<std::cell::RefCell<(std::collections::VecDeque<(u64, u8)>, u64)>>;
+/// Line-end bytes (offset, byte) not yet behind a record start, lines passed, and the
+/// offset of the last record start.
+type SharedLines =
+    std::rc::Rc<std::cell::RefCell<(std::collections::VecDeque<(u64, u8)>, u64, u64)>>;
+
+/// Longest row read: a row (or an unterminated quote swallowing the rest of the file) past
+/// it ends the file with a read error instead of growing one record without bound.
+pub const MAX_ROW_BYTES: u64 = 1 << 20;
 
 /// Counts the lines the CSV reader has been given, so that a record's byte offset maps
 /// to its line (csv's own line numbers leave out blank lines).
@@ -102,6 +108,16 @@ impl<R: Read> Read for Lines<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
         let mut p = self.pending.borrow_mut();
+        if self.offset + n as u64 - p.2 > MAX_ROW_BYTES + buf.len() as u64 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "the row after line {} runs past {} KiB (an unterminated quote?)",
+                    p.1 + 1,
+                    MAX_ROW_BYTES / 1024
+                ),
+            ));
+        }
         for (i, b) in buf[..n].iter().enumerate() {
             if *b == b'\n' || *b == b'\r' {
                 p.0.push_back((self.offset + i as u64, *b));
@@ -120,6 +136,8 @@ pub struct CdrReader<R: Read> {
     lines: SharedLines,
     columns: HashMap<String, usize>,
     first: bool,
+    /// A read error ended the file.
+    ended: bool,
 }
 
 impl<R: Read> std::fmt::Debug for CdrReader<R> {
@@ -142,6 +160,7 @@ impl<R: Read> CdrReader<R> {
         let lines = std::rc::Rc::new(std::cell::RefCell::new((
             std::collections::VecDeque::new(),
             0u64,
+            0u64,
         )));
         let rows = csv::ReaderBuilder::new()
             .has_headers(false)
@@ -158,6 +177,7 @@ impl<R: Read> CdrReader<R> {
             lines,
             columns: HashMap::new(),
             first: true,
+            ended: false,
         };
         if let Format::Generic(m) = me.format.clone() {
             let header = match me.rows.next() {
@@ -200,6 +220,7 @@ impl<R: Read> CdrReader<R> {
     /// The line (1-based) of the byte at `offset`.
     fn line_at(&self, offset: u64) -> u64 {
         let mut l = self.lines.borrow_mut();
+        l.2 = l.2.max(offset);
         // csv puts a record's start at the line ends before it that it skipped (a CRLF's
         // LF, blank lines): those count as before the record.
         let mut at = offset;
@@ -237,12 +258,16 @@ impl<R: Read> CdrReader<R> {
     #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> Option<(u64, Result<CarrierCdr, RowError>)> {
         loop {
+            if self.ended {
+                return None;
+            }
             let rec = match self.rows.next()? {
                 Ok(r) => r,
                 Err(e) => {
                     let line = e.position().map_or(0, |p| self.line_at(p.byte()));
                     // An I/O error ends the file; a malformed row is skipped.
                     if matches!(e.kind(), csv::ErrorKind::Io(_)) {
+                        self.ended = true;
                         return Some((line, Err(RowError(format!("read error: {e}")))));
                     }
                     return Some((line, Err(RowError(format!("malformed CSV: {e}")))));
@@ -628,6 +653,27 @@ mod tests {
         );
         assert!(
             matches!(&rows[1], (3, Err(e)) if e.0.contains("bad start time")),
+            "{rows:?}"
+        );
+    }
+
+    #[test]
+    fn an_unterminated_quote_ends_the_file_at_the_row_limit() {
+        let mut file = b"src,dst,start\n1,2,1764493200\n1,\"2,1764493200\n".to_vec();
+        file.extend(std::iter::repeat_n(b'x', 3 << 20));
+        let rows = read(
+            Format::Generic(Box::new(Mapping {
+                src: "src".into(),
+                dst: "dst".into(),
+                start: "start".into(),
+                ..Mapping::default()
+            })),
+            &file,
+        );
+        assert!(matches!(&rows[0], (2, Ok(_))), "{rows:?}");
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        assert!(
+            matches!(&rows[1], (_, Err(e)) if e.0.starts_with("read error") && e.0.contains("after line 2")),
             "{rows:?}"
         );
     }
