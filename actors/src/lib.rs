@@ -20,6 +20,7 @@
 //! assert!(registry.by_number("+15550100001").is_none());
 //! ```
 
+pub mod book;
 mod call_actor;
 pub mod messages;
 pub mod metrics;

@@ -5,11 +5,12 @@
 //! bounded `out` queue. The actor keeps the calls offered to the device so that its
 //! answers reach the right call actor, and tells them when the device goes away.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use actix::prelude::*;
-use parley_codecs::control::{ClientMsg, ServerMsg};
+use parley_codecs::control::{self, AddressBookEntry, ClientMsg, ServerMsg};
 use parley_core::call::{CallSpec, Origin};
 use parley_core::dial::{self, DialTarget};
 use parley_core::directory::UserIdentity;
@@ -17,6 +18,7 @@ use parley_core::ids::{Sequence, call_id};
 use parley_core::rules::{Preferences, RulesError};
 use tokio::sync::mpsc;
 
+use crate::book::{BookError, BookOp, BookReply, BookRequest, BookService};
 use crate::messages::{DeviceLegEvent, FromDevice, Push, SessionId, ToDevice};
 use crate::metrics as m;
 use crate::registry::Registry;
@@ -44,6 +46,8 @@ pub struct SessionOwner {
     /// Closes the device's connection (the session asks for it when the device is
     /// presumed lost).
     pub close: Arc<tokio::sync::Notify>,
+    /// Where the user's address book is edited and searched; `None`: not on this node.
+    pub book: Option<BookService>,
 }
 
 /// A device session.
@@ -54,10 +58,34 @@ pub struct PresenceSession {
     user: Addr<UserActor>,
     out: mpsc::Sender<ServerMsg>,
     calls: HashMap<String, Recipient<FromDevice>>,
+    /// Users the device subscribed to.
     watching: HashSet<String>,
+    /// Book entries that are Parley users of the tenant: address → user.
+    book_users: HashMap<String, String>,
+    /// Users watched because the book holds them, with how many entries do.
+    book_watch: HashMap<String, usize>,
+    /// The book as it stood at login, sent when the session starts.
+    login_book: Option<Vec<AddressBookEntry>>,
+    /// Book requests sent and not answered yet.
+    book_pending: usize,
     /// The `id` of the request being handled.
     request: Option<u64>,
 }
+
+/// Sets `user` on the entries whose address is the number of a user of `tenant` (and
+/// clears it on the others).
+pub fn mark_users(registry: &Registry, tenant: &str, entries: &mut [AddressBookEntry]) {
+    for e in entries {
+        e.user = registry
+            .user_by_number(&e.address)
+            .filter(|r| r.id.tenant == tenant)
+            .map(|r| r.id.user);
+    }
+}
+
+/// Book requests one device may have outstanding (more are answered `busy`): the book
+/// task serves every device in turn, and one device must not fill its queue.
+const MAX_BOOK_PENDING: usize = 16;
 
 impl PresenceSession {
     /// A session for an authenticated device; `out` is the device's send queue.
@@ -75,8 +103,181 @@ impl PresenceSession {
             out,
             calls: HashMap::new(),
             watching: HashSet::new(),
+            book_users: HashMap::new(),
+            book_watch: HashMap::new(),
+            login_book: None,
+            book_pending: 0,
             request: None,
         }
+    }
+
+    /// The address book as the device got it at login (the driver sends the pages right
+    /// after `login_ok`, marked with [`mark_users`]): the session watches the presence of
+    /// the users in it as it starts.
+    pub fn with_book(mut self, entries: Vec<AddressBookEntry>) -> Self {
+        self.login_book = Some(entries);
+        self
+    }
+
+    /// Marks entries that are Parley users of the own tenant (`user`), and watches those
+    /// users' presence for the device; forgets watches for entries that are gone.
+    fn annotate(
+        &mut self,
+        entries: &mut [AddressBookEntry],
+        removed: &[String],
+        ctx: &mut Context<Self>,
+    ) {
+        for address in removed {
+            if let Some(user) = self.book_users.remove(address) {
+                self.unwatch_book_user(&user);
+            }
+        }
+        mark_users(&self.owner.registry, &self.owner.id.tenant, entries);
+        for e in entries.iter_mut() {
+            let before = match e.user.clone() {
+                Some(u) => self.book_users.insert(e.address.clone(), u.clone()),
+                None => self.book_users.remove(&e.address),
+            };
+            if before == e.user {
+                continue;
+            }
+            if let Some(old) = before {
+                self.unwatch_book_user(&old);
+            }
+            if let Some(new) = &e.user {
+                *self.book_watch.entry(new.clone()).or_default() += 1;
+                if self.book_watch[new] == 1 && !self.watching.contains(new) {
+                    self.watch(new, ctx);
+                }
+            }
+        }
+    }
+
+    fn unwatch_book_user(&mut self, user: &str) {
+        if let Entry::Occupied(mut n) = self.book_watch.entry(user.to_owned()) {
+            *n.get_mut() -= 1;
+            if *n.get() == 0 {
+                n.remove();
+                if !self.watching.contains(user)
+                    && let Some(r) = self.find_user(user)
+                {
+                    r.addr.do_send(Unsubscribe(self.id));
+                }
+            }
+        }
+    }
+
+    /// Subscribes this session to a user's presence.
+    fn watch(&self, user: &str, ctx: &mut Context<Self>) -> bool {
+        let Some(r) = self.find_user(user) else {
+            return false;
+        };
+        let alias = (r.id.tenant != self.owner.id.tenant).then(|| user.to_owned());
+        r.addr.do_send(Subscribe {
+            session: self.id,
+            addr: ctx.address().recipient::<Push>().downgrade(),
+            alias,
+        });
+        true
+    }
+
+    /// An address book change for the device: annotated, then in frames.
+    fn send_book_update(
+        &mut self,
+        mut entries: Vec<AddressBookEntry>,
+        removed: Vec<String>,
+        ctx: &mut Context<Self>,
+    ) {
+        self.annotate(&mut entries, &removed, ctx);
+        for frame in control::address_book_update_frames(entries, removed) {
+            self.send(frame);
+        }
+    }
+
+    /// Sends a request to the book task; the reply comes back through `done`.
+    fn book_request(
+        &mut self,
+        op: BookOp,
+        ctx: &mut Context<Self>,
+        done: impl FnOnce(&mut Self, BookReply, &mut Context<Self>) + 'static,
+    ) {
+        let id = self.request;
+        let Some(service) = self.owner.book.clone() else {
+            return self.error(
+                "unavailable",
+                "the address book is not kept on this node".into(),
+            );
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let request = BookRequest {
+            tenant: self.owner.id.tenant.clone(),
+            user: self.owner.id.user.clone(),
+            op,
+            reply,
+        };
+        if self.book_pending >= MAX_BOOK_PENDING || service.try_send(request).is_err() {
+            return self.error("busy", "the address book is busy; retry".into());
+        }
+        self.book_pending += 1;
+        ctx.spawn(answer.into_actor(self).map(move |res, act, ctx| {
+            act.book_pending -= 1;
+            let res = res.unwrap_or_else(|_| {
+                Err(BookError::new(
+                    "unavailable",
+                    "the address book task is gone",
+                ))
+            });
+            match res {
+                Ok(r) => done(act, r, ctx),
+                Err(e) => act.error_for(id, e.code, e.message),
+            }
+        }));
+    }
+
+    fn book_entry_done(&mut self, op: BookOp, ctx: &mut Context<Self>) {
+        let id = self.request;
+        self.book_request(op, ctx, move |act, reply, ctx| {
+            let mut entry = match reply {
+                BookReply::Entry(e) => e,
+                BookReply::Results(_) => None,
+            };
+            if let Some(e) = entry.as_mut() {
+                act.annotate(std::slice::from_mut(e), &[], ctx);
+            }
+            act.send(ServerMsg::BookOk { id, entry });
+        });
+    }
+
+    fn book_search(&mut self, query: String, limit: Option<u32>, ctx: &mut Context<Self>) {
+        if query.len() > control::MAX_BOOK_NAME_BYTES {
+            return self.error(
+                "bad_message",
+                format!(
+                    "book_search: the query must be at most {} bytes",
+                    control::MAX_BOOK_NAME_BYTES
+                ),
+            );
+        }
+        let id = self.request;
+        let limit = limit
+            .unwrap_or(control::MAX_BOOK_SEARCH_RESULTS)
+            .clamp(1, control::MAX_BOOK_SEARCH_RESULTS);
+        let op = BookOp::Search {
+            query: query.clone(),
+            limit,
+        };
+        self.book_request(op, ctx, move |act, reply, _| {
+            let mut entries = match reply {
+                BookReply::Results(r) => r,
+                BookReply::Entry(e) => e.into_iter().collect(),
+            };
+            // Annotated for the `user` field only: results are not the book, so they
+            // do not change which users the book watches.
+            for e in &mut entries {
+                e.user = act.book_users.get(&e.address).cloned();
+            }
+            act.send(control::book_results_frame(id, query, entries));
+        });
     }
 
     /// A non-fatal error answering the request being handled (its `id`, if it had one).
@@ -96,17 +297,10 @@ impl PresenceSession {
 
     fn subscribe(&mut self, users: Vec<String>, ctx: &mut Context<Self>) {
         for u in users {
-            match self.find_user(&u) {
-                Some(r) => {
-                    let alias = (r.id.tenant != self.owner.id.tenant).then(|| u.clone());
-                    r.addr.do_send(Subscribe {
-                        session: self.id,
-                        addr: ctx.address().recipient::<Push>().downgrade(),
-                        alias,
-                    });
-                    self.watching.insert(u);
-                }
-                None => self.error("unknown_user", format!("no user {u} you can reach")),
+            if self.watch(&u, ctx) {
+                self.watching.insert(u);
+            } else {
+                self.error("unknown_user", format!("no user {u} you can reach"));
             }
         }
     }
@@ -124,7 +318,9 @@ impl PresenceSession {
 
     fn unsubscribe(&mut self, users: Vec<String>) {
         for u in users {
+            // A user the book holds stays watched: the book shows their presence.
             if self.watching.remove(&u)
+                && !self.book_watch.contains_key(&u)
                 && let Some(r) = self.find_user(&u)
             {
                 r.addr.do_send(Unsubscribe(self.id));
@@ -329,13 +525,24 @@ impl Actor for PresenceSession {
             },
             remote: self.owner.remote,
         });
+        if let Some(mut book) = self.login_book.take() {
+            self.annotate(&mut book, &[], ctx);
+        }
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
         metrics::gauge!(m::PRESENCE_SESSIONS_ACTIVE).decrement(1.0);
         self.user.do_send(Detach(self.id));
-        let watching: Vec<String> = self.watching.iter().cloned().collect();
-        self.unsubscribe(watching);
+        let watching: HashSet<String> = self
+            .watching
+            .drain()
+            .chain(self.book_watch.drain().map(|(u, _)| u))
+            .collect();
+        for u in watching {
+            if let Some(r) = self.find_user(&u) {
+                r.addr.do_send(Unsubscribe(self.id));
+            }
+        }
         for (_, call) in self.calls.drain() {
             call.do_send(FromDevice {
                 session: self.id,
@@ -408,6 +615,27 @@ impl Handler<FromClient> for PresenceSession {
                 self.forward_to_call(&call_id, DeviceLegEvent::Hangup, false)
             }
             ClientMsg::Ping { id } => self.send(ServerMsg::Pong { id }),
+            ClientMsg::BookSet {
+                address,
+                name,
+                note,
+                favourite,
+            } => self.book_entry_done(
+                BookOp::Set {
+                    address,
+                    name,
+                    note,
+                    favourite,
+                },
+                ctx,
+            ),
+            ClientMsg::BookDelete { address } => {
+                self.book_entry_done(BookOp::Delete { address }, ctx)
+            }
+            ClientMsg::BookBlock { address, blocked } => {
+                self.book_entry_done(BookOp::Block { address, blocked }, ctx)
+            }
+            ClientMsg::BookSearch { query, limit } => self.book_search(query, limit, ctx),
             ClientMsg::Login { .. } => self.error(
                 "already_logged_in",
                 "login is accepted once per connection".into(),
@@ -477,8 +705,14 @@ impl Handler<ToDevice> for PresenceSession {
 
 impl Handler<Push> for PresenceSession {
     type Result = ();
-    fn handle(&mut self, msg: Push, _: &mut Context<Self>) {
-        self.send(msg.0);
+    fn handle(&mut self, msg: Push, ctx: &mut Context<Self>) {
+        match msg.0 {
+            // The user actor sends book changes whole; the session annotates and frames.
+            ServerMsg::AddressBookUpdate { entries, removed } => {
+                self.send_book_update(entries, removed, ctx)
+            }
+            other => self.send(other),
+        }
     }
 }
 

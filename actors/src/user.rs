@@ -8,7 +8,7 @@ use std::time::{Instant, SystemTime};
 
 use actix::WeakRecipient;
 use actix::prelude::*;
-use parley_codecs::control::{self, AddressBookEntry, ServerMsg, Status};
+use parley_codecs::control::{AddressBookEntry, ServerMsg, Status};
 use parley_core::ids::CallHandle;
 use parley_core::presence::{CalleeView, PresenceOutput, PresenceView, UserPresence};
 use parley_core::rules::Preferences;
@@ -452,8 +452,11 @@ impl Handler<PresenceUpdate> for UserActor {
 impl Handler<AddressBookLoaded> for UserActor {
     type Result = ();
     fn handle(&mut self, m: AddressBookLoaded, _: &mut Context<Self>) {
-        self.core
-            .handle_address_book(m.0.into_iter().map(|e| (e.address, e.known)));
+        self.core.handle_address_book(
+            m.0.into_iter()
+                .filter(|e| e.known || e.blocked)
+                .map(|e| (e.address, e.known, e.blocked)),
+        );
     }
 }
 
@@ -461,16 +464,22 @@ impl Handler<AddressBookChanged> for UserActor {
     type Result = ();
     fn handle(&mut self, m: AddressBookChanged, _: &mut Context<Self>) {
         self.core.handle_address_book_change(
-            m.upserted.iter().map(|e| (e.address.clone(), e.known)),
+            m.upserted
+                .iter()
+                .map(|e| (e.address.clone(), e.known, e.blocked)),
             m.removed.iter().cloned(),
         );
         if self.devices.is_empty() {
             return;
         }
-        for frame in control::address_book_update_frames(m.upserted, m.removed) {
-            for link in self.devices.values() {
-                link.push.do_send(Push(frame.clone()));
-            }
+        // One unframed update per device: each session adds what its device sees (the
+        // Parley user behind an entry) and splits it into frames.
+        let update = ServerMsg::AddressBookUpdate {
+            entries: m.upserted,
+            removed: m.removed,
+        };
+        for link in self.devices.values() {
+            link.push.do_send(Push(update.clone()));
         }
     }
 }

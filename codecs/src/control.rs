@@ -118,6 +118,45 @@ pub enum ClientMsg {
         /// The preferences object.
         preferences: serde_json::Value,
     },
+    /// Add an entry to the user's address book, or change one: fields left out stay as
+    /// they are. Adding an address the user deleted brings it back. Answered with
+    /// `book_ok`; every device of the user gets the change as `address_book_update`.
+    BookSet {
+        /// E.164 number (written any way the tenant's region reads) or SIP URI.
+        address: String,
+        /// The user's name for the entry (beats every caller id); `""` clears it.
+        #[serde(default)]
+        name: Option<String>,
+        /// A note; `""` clears it.
+        #[serde(default)]
+        note: Option<String>,
+        /// Favourite or not.
+        #[serde(default)]
+        favourite: Option<bool>,
+    },
+    /// Delete an entry: it stays deleted (later calls do not bring it back) until the
+    /// user adds it again with `book_set`. Answered with `book_ok`.
+    BookDelete {
+        /// The entry's address.
+        address: String,
+    },
+    /// Block (or unblock) calls from an address: routing refuses them (603) and still
+    /// records them. Blocking an address not in the book adds it. Answered with `book_ok`.
+    BookBlock {
+        /// E.164 number or SIP URI.
+        address: String,
+        /// `true` blocks, `false` unblocks.
+        blocked: bool,
+    },
+    /// Search the user's book (address, name and note, case-insensitive); answered with
+    /// `book_results`.
+    BookSearch {
+        /// Text to look for.
+        query: String,
+        /// Most results (at most [`MAX_BOOK_SEARCH_RESULTS`], the default).
+        #[serde(default)]
+        limit: Option<u32>,
+    },
     /// Send a chat message to every online device of a user of the same tenant.
     Chat {
         /// Recipient user name.
@@ -161,6 +200,19 @@ pub struct AddressBookEntry {
     /// First call, RFC 3339.
     #[serde(default)]
     pub first_seen: String,
+    /// The user's note on this entry.
+    #[serde(default)]
+    pub note: Option<String>,
+    /// The user marked this entry a favourite.
+    #[serde(default)]
+    pub favourite: bool,
+    /// Calls from this address are refused (and still recorded).
+    #[serde(default)]
+    pub blocked: bool,
+    /// The Parley user of the book owner's tenant this address belongs to: the device gets
+    /// `presence_update` for that user without subscribing.
+    #[serde(default)]
+    pub user: Option<String>,
 }
 
 /// Longest address an address book keeps, bytes (longer parties are not added: no real
@@ -169,6 +221,10 @@ pub const MAX_BOOK_ADDRESS_BYTES: usize = 256;
 /// Longest display name an address book keeps, bytes (longer ones are cut at a character
 /// boundary).
 pub const MAX_BOOK_NAME_BYTES: usize = 128;
+/// Longest note on an address book entry, bytes.
+pub const MAX_BOOK_NOTE_BYTES: usize = 1024;
+/// Most entries one `book_search` answers with.
+pub const MAX_BOOK_SEARCH_RESULTS: u32 = 50;
 
 /// Messages from Parley to an IM device.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -305,6 +361,22 @@ pub enum ServerMsg {
         /// Devices it was delivered to (0: the recipient is offline; not stored).
         delivered: u32,
     },
+    /// A `book_set`, `book_delete` or `book_block` was done.
+    BookOk {
+        /// The request's `id`.
+        id: Option<u64>,
+        /// The entry as it now stands (`null` after `book_delete`).
+        entry: Option<AddressBookEntry>,
+    },
+    /// The answer to `book_search`: matching entries, favourites first, then most recent.
+    BookResults {
+        /// The request's `id`.
+        id: Option<u64>,
+        /// The query.
+        query: String,
+        /// Matches.
+        entries: Vec<AddressBookEntry>,
+    },
 }
 
 /// Appends one framed message; refuses (and appends nothing) when its body would exceed
@@ -406,6 +478,26 @@ pub fn address_book_update_frames(
     frames
 }
 
+/// The `book_results` frame for a search: as many of `entries` as fit one frame (a
+/// search is a question, not a copy of the book; the device narrows it for more).
+pub fn book_results_frame(
+    id: Option<u64>,
+    query: String,
+    entries: Vec<AddressBookEntry>,
+) -> ServerMsg {
+    let query_bytes = serde_json::to_vec(&query).map_or(MAX_FRAME, |q| q.len());
+    let budget = (MAX_FRAME - PAGE_ENVELOPE).saturating_sub(query_bytes);
+    let mut used = 0;
+    let entries = entries
+        .into_iter()
+        .take_while(|e| {
+            used += serde_json::to_vec(e).map_or(budget, |j| j.len()) + 1;
+            used <= budget
+        })
+        .collect();
+    ServerMsg::BookResults { id, query, entries }
+}
+
 /// A client's copy of its address book, kept from `address_book` pages and
 /// `address_book_update` frames.
 #[derive(Debug, Clone, Default)]
@@ -434,8 +526,14 @@ impl AddressBookMirror {
                 self.entries.retain(|e| {
                     !removed.contains(&e.address) && !entries.iter().any(|n| n.address == e.address)
                 });
-                // Updates are the newest entries: they go first, in their order.
-                self.entries.splice(0..0, entries.iter().cloned());
+                self.entries.extend(entries.iter().cloned());
+                // The book's order: most recent first (RFC 3339 UTC times of one width
+                // sort as text), then by address.
+                self.entries.sort_by(|a, b| {
+                    b.last_seen
+                        .cmp(&a.last_seen)
+                        .then_with(|| a.address.cmp(&b.address))
+                });
                 self.total = self.entries.len() as u64;
                 true
             }
@@ -641,7 +739,7 @@ mod tests {
     }
 
     #[test]
-    fn updates_replace_remove_and_go_first() {
+    fn updates_replace_remove_and_keep_the_books_order() {
         let mut mirror = AddressBookMirror::default();
         mirror.apply(
             &address_book_frames(vec![
@@ -652,10 +750,14 @@ mod tests {
         );
         let mut bumped = entry("+3".into(), Some("Carol".into()));
         bumped.call_count = 2;
-        let frames = address_book_update_frames(
-            vec![bumped.clone(), entry("+4".into(), None)],
-            vec!["+2".into()],
-        );
+        bumped.last_seen = "2026-12-02T06:00:00.000Z".into();
+        let mut new = entry("+4".into(), None);
+        new.last_seen = "2026-12-02T05:30:00.000Z".into();
+        // An edit of an old entry: it keeps its place.
+        let mut renamed = entry("+0".into(), Some("Zed".into()));
+        renamed.last_seen = "2026-12-01T00:00:00.000Z".into();
+        let frames =
+            address_book_update_frames(vec![new, renamed, bumped.clone()], vec!["+2".into()]);
         for f in &frames {
             let mut buf = BytesMut::new();
             encode(f, &mut buf).unwrap();
@@ -666,7 +768,8 @@ mod tests {
             .iter()
             .map(|e| e.address.as_str())
             .collect();
-        assert_eq!(got, ["+3", "+4", "+1"]);
+        // Most recent first, then by address.
+        assert_eq!(got, ["+3", "+4", "+1", "+0"]);
         assert_eq!(mirror.entries()[0], bumped);
         assert!(mirror.is_complete());
         // Many removals still fit frames.

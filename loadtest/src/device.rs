@@ -502,6 +502,21 @@ impl Device {
         Ok(())
     }
 
+    /// Sends a control message carrying the request `id` (`docs/protocol.md` §2), which the
+    /// node's answer (`book_ok`, `book_results`, or an `error`) echoes.
+    pub async fn send_request(&self, msg: ClientMsg, id: u64) -> Result<(), DeviceError> {
+        let mut value =
+            serde_json::to_value(&msg).map_err(|e| DeviceError::Protocol(e.to_string()))?;
+        if let Some(obj) = value.as_object_mut() {
+            obj.insert("id".into(), id.into());
+        }
+        let mut w = self.writer.lock().await;
+        let Writer { send, buf } = &mut *w;
+        buf.clear();
+        control::encode(&value, buf).map_err(|e| DeviceError::Protocol(e.to_string()))?;
+        send.write_all(buf).await.map_err(|_| DeviceError::Closed)
+    }
+
     /// The next message the node sent after `login_ok`, or `None` after `timeout` or once
     /// the control stream has closed and every message was read.
     pub async fn next_event(&mut self, timeout: Duration) -> Option<ServerMsg> {

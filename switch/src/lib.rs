@@ -12,6 +12,7 @@
 //! ```
 
 pub mod agent;
+pub mod books;
 pub mod config;
 pub mod federation;
 pub mod http;

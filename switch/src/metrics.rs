@@ -62,6 +62,9 @@ pub const ADDRESS_BOOK_UPDATES_TOTAL: &str = "parley_address_book_updates_total"
 pub const ADDRESS_BOOK_EVICTIONS_TOTAL: &str = "parley_address_book_evictions_total";
 /// Parties not added to an address book (address empty or over 256 bytes).
 pub const ADDRESS_BOOK_REFUSED_TOTAL: &str = "parley_address_book_refused_total";
+/// Users' own address book requests, by `op` (`set`, `delete`, `block`, `unblock`,
+/// `search`) and `result` (`ok` or the error code).
+pub const ADDRESS_BOOK_EDITS_TOTAL: &str = "parley_address_book_edits_total";
 /// Messages to devices not sent because their frame would exceed the protocol limit.
 pub const IM_FRAMES_REFUSED_TOTAL: &str = "parley_im_frames_refused_total";
 /// IM logins, by `tenant` and `result`.
@@ -172,6 +175,9 @@ fn register_zeroes() {
     counter!(ADDRESS_BOOK_UPDATES_TOTAL).increment(0);
     counter!(ADDRESS_BOOK_EVICTIONS_TOTAL).increment(0);
     counter!(ADDRESS_BOOK_REFUSED_TOTAL).increment(0);
+    for op in ["set", "delete", "block", "unblock", "search"] {
+        counter!(ADDRESS_BOOK_EDITS_TOTAL, "op" => op, "result" => "ok").increment(0);
+    }
     counter!(IM_FRAMES_REFUSED_TOTAL).increment(0);
     counter!(a::DEVICE_QUEUE_DROPS_TOTAL).increment(0);
     counter!(a::REROUTES_TOTAL).increment(0);
@@ -326,6 +332,11 @@ fn describe() {
         ADDRESS_BOOK_EVICTIONS_TOTAL,
         Unit::Count,
         "Address book entries evicted to keep a book within address_book.max_entries (never-known parties first)"
+    );
+    describe_counter!(
+        ADDRESS_BOOK_EDITS_TOTAL,
+        Unit::Count,
+        "Address book requests of users (devices and the admin API), by op and result (ok or the error code)"
     );
     describe_counter!(
         ADDRESS_BOOK_REFUSED_TOTAL,

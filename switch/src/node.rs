@@ -280,7 +280,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     )
     .map_err(|e| anyhow::anyhow!("quic.listen {}: {e}", cfg.quic.listen))?;
     let quic_addr = endpoint.local_addr()?;
+    let books = crate::books::Books::new(
+        store.clone(),
+        registry.clone(),
+        federation.clone(),
+        cfg.sip.default_region.clone(),
+    );
     let im = Arc::new(quic::ImContext {
+        books: books.start(),
         store: store.clone(),
         registry: registry.clone(),
         relay: relay.clone(),
@@ -328,6 +335,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         federation: federation.clone(),
         enrolment_token_lifetime: Duration::from_secs(cfg.federation.enrolment_token_secs),
         default_region: cfg.sip.default_region.clone(),
+        books,
     }));
     actix_rt::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {

@@ -14,8 +14,10 @@ pub fn to_e164(raw: &str, region: &str) -> Option<String> {
         return None;
     }
     let region: Option<phonenumber::country::Id> = region.parse().ok();
-    // A bare string of 11+ digits is often an international number without its `+`.
-    let candidates = if !s.starts_with('+') && s.len() > 10 {
+    // A bare string of 11+ digits is often an international number without its `+`
+    // (digits counted: "(555) 777-0001" is a national number of ten).
+    let digits = s.chars().filter(char::is_ascii_digit).count();
+    let candidates = if !s.starts_with('+') && digits > 10 {
         vec![format!("+{s}"), s.to_owned()]
     } else {
         vec![s.to_owned()]
@@ -68,6 +70,14 @@ mod tests {
         assert_eq!(
             to_e164("+44 20 7946 0958", "US").as_deref(),
             Some("+442079460958")
+        );
+        assert_eq!(
+            to_e164("(555) 777-0001", "US").as_deref(),
+            Some("+15557770001")
+        );
+        assert_eq!(
+            to_e164("1 (555) 777-0001", "US").as_deref(),
+            Some("+15557770001")
         );
         assert_eq!(to_e164("sipp", "US"), None);
         assert_eq!(to_e164("", "US"), None);

@@ -38,6 +38,8 @@ pub struct CalleeView {
     pub history: HashMap<String, f64>,
     /// Whether the caller is in the user's address book.
     pub caller_known: bool,
+    /// Whether the user blocked the caller: the call is refused before any rule.
+    pub caller_blocked: bool,
     /// Calls ringing this user now (watching their presence).
     pub ringing: usize,
 }
@@ -101,6 +103,8 @@ pub struct UserPresence {
     history: HashMap<String, (f64, SystemTime)>,
     /// Addresses in the user's address book.
     known: HashSet<String>,
+    /// Addresses the user blocked.
+    blocked: HashSet<String>,
     out: VecDeque<PresenceOutput>,
 }
 
@@ -117,6 +121,7 @@ impl UserPresence {
             prefs: Arc::new(prefs),
             history: HashMap::new(),
             known: HashSet::new(),
+            blocked: HashSet::new(),
             out: VecDeque::new(),
         }
     }
@@ -235,24 +240,32 @@ impl UserPresence {
             .insert(device, (decay(score, last, at) + 1.0, at.max(last)));
     }
 
-    /// The user's whole address book, as (address, known) pairs: only known parties
-    /// (called by the user, or answered) make `caller_known` true.
-    pub fn handle_address_book(&mut self, entries: impl IntoIterator<Item = (String, bool)>) {
+    /// The user's whole address book, as (address, known, blocked): only known parties
+    /// (called by the user, or answered) make `caller_known` true, and blocked ones are
+    /// refused.
+    pub fn handle_address_book(&mut self, entries: impl IntoIterator<Item = (String, bool, bool)>) {
         self.known.clear();
+        self.blocked.clear();
         self.handle_address_book_change(entries, std::iter::empty());
     }
 
-    /// A change to the address book: entries added or updated as (address, known), and
-    /// addresses removed.
+    /// A change to the address book: entries added or updated as (address, known,
+    /// blocked), and addresses removed.
     pub fn handle_address_book_change(
         &mut self,
-        upserted: impl IntoIterator<Item = (String, bool)>,
+        upserted: impl IntoIterator<Item = (String, bool, bool)>,
         removed: impl IntoIterator<Item = String>,
     ) {
         for a in removed {
             self.known.remove(&a);
+            self.blocked.remove(&a);
         }
-        for (a, known) in upserted {
+        for (a, known, blocked) in upserted {
+            if blocked {
+                self.blocked.insert(a.clone());
+            } else {
+                self.blocked.remove(&a);
+            }
             if known {
                 self.known.insert(a);
             } else {
@@ -282,6 +295,7 @@ impl UserPresence {
                 .map(|(d, (score, at))| (d.clone(), decay(*score, *at, now)))
                 .collect(),
             caller_known: self.known.contains(caller),
+            caller_blocked: self.blocked.contains(caller),
             ringing: self.watchers.len(),
         }
     }
@@ -452,8 +466,9 @@ mod tests {
     fn callee_view_knows_the_caller_from_the_address_book() {
         let mut p = UserPresence::new("alice", Preferences::default());
         p.handle_address_book([
-            ("+15557770001".to_owned(), true),
-            ("+15557770003".to_owned(), false),
+            ("+15557770001".to_owned(), true, false),
+            ("+15557770003".to_owned(), false, false),
+            ("+15557770004".to_owned(), false, true),
         ]);
         p.handle_attach(3, "desk".into(), Some("127.0.0.1:4000".parse().unwrap()));
         p.handle_capabilities(3, true);
@@ -462,11 +477,18 @@ mod tests {
         assert!(!p.callee_view("+15557770002", now).caller_known);
         // In the book after a rejected or missed call only: still not known.
         assert!(!p.callee_view("+15557770003", now).caller_known);
+        assert!(p.callee_view("+15557770004", now).caller_blocked);
+        assert!(!p.callee_view("+15557770003", now).caller_blocked);
         p.handle_address_book_change(
-            [("+15557770003".to_owned(), true)],
+            [
+                ("+15557770003".to_owned(), true, true),
+                ("+15557770004".to_owned(), false, false),
+            ],
             ["+15557770001".to_owned()],
         );
         assert!(p.callee_view("+15557770003", now).caller_known);
+        assert!(p.callee_view("+15557770003", now).caller_blocked);
+        assert!(!p.callee_view("+15557770004", now).caller_blocked);
         assert!(!p.callee_view("+15557770001", now).caller_known);
         let v = p.callee_view("x", now);
         assert_eq!(v.devices.len(), 1);

@@ -34,6 +34,8 @@ pub struct HttpState {
     pub enrolment_token_lifetime: std::time::Duration,
     /// Region of tenants without a tenant row (`[sip] default_region`).
     pub default_region: String,
+    /// Users' address book edits.
+    pub books: crate::books::Books,
 }
 
 /// The router.
@@ -45,6 +47,10 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/api/v1/cdrs/import", axum::routing::post(import_cdrs))
         .route("/api/v1/cdrs/export", get(export_cdrs))
         .route("/api/v1/users/{user}/address-book", get(address_book))
+        .route(
+            "/api/v1/users/{user}/address-book/{address}",
+            axum::routing::put(put_book_entry).delete(delete_book_entry),
+        )
         .route(
             "/api/v1/users/{user}/preferences",
             get(get_preferences).put(put_preferences),
@@ -467,19 +473,134 @@ struct TenantQuery {
     tenant: Option<String>,
 }
 
+/// `GET /api/v1/users/{user}/address-book` parameters.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BookQuery {
+    tenant: Option<String>,
+    /// Search instead of listing the whole book.
+    q: Option<String>,
+    /// Most search results.
+    limit: Option<u32>,
+}
+
 async fn address_book(
     State(s): State<Arc<HttpState>>,
     headers: HeaderMap,
     Path(user): Path<String>,
-    Query(q): Query<TenantQuery>,
+    q: Result<Query<BookQuery>, QueryRejection>,
 ) -> Response {
-    if let Err(r) = authorised(&s, &headers) {
-        return *r;
-    }
+    let q = match authorised_query(&s, &headers, q) {
+        Ok(q) => q,
+        Err(r) => return *r,
+    };
     let tenant = q.tenant.unwrap_or_else(|| "demo".into());
-    match s.store.address_book(&tenant, &user).await {
+    let rows = match q.q {
+        Some(query) => {
+            let limit = q
+                .limit
+                .unwrap_or(parley_codecs::control::MAX_BOOK_SEARCH_RESULTS)
+                .clamp(1, parley_codecs::control::MAX_BOOK_SEARCH_RESULTS);
+            s.store.book_search((&tenant, &user), &query, limit).await
+        }
+        None => s.store.address_book(&tenant, &user).await,
+    };
+    match rows {
         Ok(rows) => Json(rows).into_response(),
         Err(e) => db_error(e),
+    }
+}
+
+/// `PUT /api/v1/users/{user}/address-book/{address}` body: what to change.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BookEntryBody {
+    name: Option<String>,
+    note: Option<String>,
+    favourite: Option<bool>,
+    blocked: Option<bool>,
+}
+
+fn book_error(e: parley_actors::book::BookError) -> Response {
+    let status = match e.code {
+        "bad_entry" => StatusCode::BAD_REQUEST,
+        "unknown_entry" => StatusCode::NOT_FOUND,
+        "entry_blocked" | "book_full" => StatusCode::CONFLICT,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    error(status, e.code, e.message)
+}
+
+/// Adds or edits an entry of a user's book, as the user's device would (`book_set`, then
+/// `book_block` when `blocked` is given); the user's devices see the change.
+async fn put_book_entry(
+    State(s): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    Path((user, address)): Path<(String, String)>,
+    q: Result<Query<TenantQuery>, QueryRejection>,
+    body: Result<Json<BookEntryBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let q = match authorised_query(&s, &headers, q) {
+        Ok(q) => q,
+        Err(r) => return *r,
+    };
+    let Json(b) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", e.body_text()),
+    };
+    let (tenant, _) = match live_user(&s, &headers, q.tenant, &user) {
+        Ok(u) => u,
+        Err(r) => return *r,
+    };
+    use parley_actors::book::{BookOp, BookReply};
+    let owner = (tenant.as_str(), user.as_str());
+    let mut entry = None;
+    if b.name.is_some() || b.note.is_some() || b.favourite.is_some() || b.blocked.is_none() {
+        let op = BookOp::Set {
+            address: address.clone(),
+            name: b.name,
+            note: b.note,
+            favourite: b.favourite,
+        };
+        match s.books.apply(owner, op).await {
+            Ok(BookReply::Entry(e)) => entry = e,
+            Ok(BookReply::Results(_)) => {}
+            Err(e) => return book_error(e),
+        }
+    }
+    if let Some(blocked) = b.blocked {
+        match s
+            .books
+            .apply(owner, BookOp::Block { address, blocked })
+            .await
+        {
+            Ok(BookReply::Entry(e)) => entry = e,
+            Ok(BookReply::Results(_)) => {}
+            Err(e) => return book_error(e),
+        }
+    }
+    Json(entry).into_response()
+}
+
+/// Deletes an entry of a user's book (a tombstone, as `book_delete`).
+async fn delete_book_entry(
+    State(s): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    Path((user, address)): Path<(String, String)>,
+    q: Result<Query<TenantQuery>, QueryRejection>,
+) -> Response {
+    let q = match authorised_query(&s, &headers, q) {
+        Ok(q) => q,
+        Err(r) => return *r,
+    };
+    let (tenant, _) = match live_user(&s, &headers, q.tenant, &user) {
+        Ok(u) => u,
+        Err(r) => return *r,
+    };
+    let op = parley_actors::book::BookOp::Delete { address };
+    match s.books.apply((&tenant, &user), op).await {
+        Ok(_) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => book_error(e),
     }
 }
 

@@ -49,6 +49,8 @@ pub struct ImContext {
     pub guard: std::sync::Mutex<LoginGuard>,
     /// Tenants with directories, their agents, session tokens.
     pub federation: Arc<Federation>,
+    /// Where devices' address book requests go.
+    pub books: parley_actors::book::BookService,
 }
 
 /// Who a login proved to be.
@@ -442,13 +444,19 @@ async fn handle_connection(conn: quinn::Connection, ctx: Arc<ImContext>, mut pen
         token: (!session_token.is_empty()).then_some(session_token),
         display_name: row.display_name.clone(),
     });
-    match ctx.store.address_book(&row.tenant, &row.user).await {
-        Ok(entries) => {
-            for page in control::address_book_frames(entries) {
-                let _ = tx.try_send(page);
-            }
-        }
-        Err(e) => tracing::error!(error = %e, "address book read failed"),
+    // The book right after `login_ok`, before anything else can be queued, with the
+    // Parley users in it marked (the session then watches their presence).
+    let mut book = ctx
+        .store
+        .address_book(&row.tenant, &row.user)
+        .await
+        .unwrap_or_else(|e| {
+            tracing::error!(error = %e, "address book read failed");
+            Vec::new()
+        });
+    parley_actors::session::mark_users(&ctx.registry, &row.tenant, &mut book);
+    for page in control::address_book_frames(book.clone()) {
+        let _ = tx.try_send(page);
     }
     ctx.relay.register_session(session_id, conn.clone());
     let close = Arc::new(tokio::sync::Notify::new());
@@ -460,8 +468,11 @@ async fn handle_connection(conn: quinn::Connection, ctx: Arc<ImContext>, mut pen
         chat_ids: ctx.chat_ids.clone(),
         remote: Some(remote),
         close: close.clone(),
+        book: Some(ctx.books.clone()),
     };
-    let session = PresenceSession::new(session_id, device, owner, tx.clone()).start();
+    let session = PresenceSession::new(session_id, device, owner, tx.clone())
+        .with_book(book)
+        .start();
     // A directory that locks, disables or removes the account closes this session.
     let _tracked = row.directory.then(|| {
         ctx.federation

@@ -18,6 +18,7 @@ use serde::Serialize;
 use sqlx::Row;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 
+pub mod book;
 pub mod cdr_writer;
 pub mod import;
 pub mod tenants;
@@ -231,11 +232,15 @@ fn book_entry(r: &sqlx::sqlite::SqliteRow) -> AddressBookEntry {
         name: r.get("name"),
         call_count: count("call_count"),
         last_seen: at(ms),
-        known: count("known_calls") > 0,
+        known: count("known_calls") > 0 || count("added") > 0,
         incoming: count("incoming_calls"),
         outgoing: count("outgoing_calls"),
         missed: count("missed_calls"),
         first_seen: at(first.unwrap_or(ms)),
+        note: r.get("note"),
+        favourite: count("favourite") > 0,
+        blocked: count("blocked") > 0,
+        user: None,
     }
 }
 
@@ -270,7 +275,7 @@ pub(crate) struct Contact<'a> {
     pub(crate) kind: CallKind,
 }
 
-const BOOK_COLUMNS: &str = "address, name, call_count, last_seen_ms, known_calls, incoming_calls, outgoing_calls, missed_calls, first_seen_ms";
+const BOOK_COLUMNS: &str = "address, name, call_count, last_seen_ms, known_calls, incoming_calls, outgoing_calls, missed_calls, first_seen_ms, note, favourite, blocked, added";
 
 /// A display name cut to [`MAX_BOOK_NAME_BYTES`](parley_codecs::control::MAX_BOOK_NAME_BYTES)
 /// at a character boundary.
@@ -367,6 +372,12 @@ impl Store {
                     .execute(&pool)
                     .await?;
             }
+        }
+        for stmt in INDEXES {
+            // Fixed strings compiled into the binary.
+            sqlx::raw_sql(sqlx::AssertSqlSafe(*stmt))
+                .execute(&pool)
+                .await?;
         }
         let decoy = tokio::task::spawn_blocking(|| {
             let mut raw = [0u8; 16];
@@ -722,10 +733,11 @@ impl Store {
         tenant: &str,
         user: &str,
     ) -> Result<Vec<AddressBookEntry>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT address, name, call_count, last_seen_ms, known_calls, incoming_calls, outgoing_calls, \
-             missed_calls, first_seen_ms FROM address_book WHERE tenant = ? AND user = ? ORDER BY last_seen_ms DESC, address",
-        )
+        let sql = format!(
+            "SELECT {BOOK_COLUMNS} FROM address_book WHERE tenant = ? AND user = ? AND deleted = 0 \
+             ORDER BY last_seen_ms DESC, address"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(tenant)
             .bind(user)
             .fetch_all(&self.pool)
@@ -853,18 +865,17 @@ pub(crate) async fn add_contact(
         } else {
             0
         })
-        .fetch_one(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await?;
+    // No row: the user deleted this party, and calls do not bring it back.
+    let Some(row) = row else {
+        return Ok((None, Vec::new()));
+    };
     let entry = book_entry(&row);
     let mut evicted = Vec::new();
     if entry.call_count == 1 {
         // A new entry: the book may now be over its limit.
-        let size: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM address_book WHERE tenant = ? AND user = ?")
-                .bind(tenant)
-                .bind(user)
-                .fetch_one(&mut *tx)
-                .await?;
+        let size = book_size(&mut *tx, (tenant, user)).await?;
         if size > limit {
             evicted = evict(tx, (tenant, user), size - limit).await?;
         }
@@ -898,21 +909,39 @@ fn book_upsert_tail() -> String {
          incoming_calls = incoming_calls + excluded.incoming_calls, \
          outgoing_calls = outgoing_calls + excluded.outgoing_calls, \
          missed_calls = missed_calls + excluded.missed_calls \
+         WHERE address_book.deleted = 0 \
          RETURNING user, {BOOK_COLUMNS}"
     )
 }
 
+/// Entries in a user's book (deleted ones, kept as tombstones, do not count).
+async fn book_size(
+    tx: &mut sqlx::SqliteConnection,
+    (tenant, user): (&str, &str),
+) -> Result<i64, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT COUNT(*) FROM address_book WHERE tenant = ? AND user = ? AND deleted = 0",
+    )
+    .bind(tenant)
+    .bind(user)
+    .fetch_one(&mut *tx)
+    .await?)
+}
+
 /// Deletes a book's `n` least valuable entries (never-known parties first, then the
-/// fewest calls, then the oldest); returns their addresses.
+/// fewest calls, then the oldest; favourites only after every other entry, blocked ones
+/// never, as their block would go with them); returns their addresses.
 async fn evict(
     tx: &mut sqlx::SqliteConnection,
     (tenant, user): (&str, &str),
     n: i64,
 ) -> Result<Vec<String>, StoreError> {
+    // The order is the partial index `address_book_evictable`'s, named: without stats,
+    // SQLite 3.51's planner preferred the primary key and sorted the whole book.
     let evicted: Vec<String> = sqlx::query_scalar(
-        "DELETE FROM address_book WHERE rowid IN (SELECT rowid FROM address_book \
-         WHERE tenant = ? AND user = ? \
-         ORDER BY known_calls > 0, call_count, last_seen_ms, address LIMIT ?) RETURNING address",
+        "DELETE FROM address_book WHERE rowid IN (SELECT rowid FROM address_book INDEXED BY address_book_evictable \
+         WHERE tenant = ? AND user = ? AND deleted = 0 AND blocked = 0 \
+         ORDER BY favourite, (known_calls > 0 OR added > 0), call_count, last_seen_ms, address LIMIT ?) RETURNING address",
     )
     .bind(tenant)
     .bind(user)
@@ -1055,7 +1084,7 @@ pub(crate) async fn add_contacts(
         .collect();
     for chunk in uncounted.chunks(BOOK_ROWS_PER_STATEMENT) {
         let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-            "SELECT user, COUNT(*) AS n FROM address_book WHERE tenant = ",
+            "SELECT user, COUNT(*) AS n FROM address_book WHERE deleted = 0 AND tenant = ",
         );
         q.push_bind(tenant.to_owned()).push(" AND user IN (");
         let mut list = q.separated(", ");
@@ -1101,9 +1130,7 @@ const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS users (tenant TEXT NOT NULL, user TEXT NOT NULL, number TEXT NOT NULL, password_hash TEXT NOT NULL, display_name TEXT, numbers TEXT, source TEXT NOT NULL DEFAULT 'local', PRIMARY KEY (tenant, user))",
     "CREATE TABLE IF NOT EXISTS cdrs (call_id TEXT NOT NULL, sip_call_id TEXT NOT NULL, tenant TEXT NOT NULL, user TEXT NOT NULL, caller TEXT NOT NULL, caller_name TEXT, called TEXT NOT NULL, route TEXT NOT NULL, start_ms INTEGER NOT NULL, answer_ms INTEGER, end_ms INTEGER NOT NULL, start_time TEXT NOT NULL, answer_time TEXT, end_time TEXT NOT NULL, duration_secs REAL NOT NULL, disposition TEXT NOT NULL, sip_cause INTEGER NOT NULL, packets_in INTEGER NOT NULL, packets_out INTEGER NOT NULL, answered_by TEXT, direction TEXT NOT NULL DEFAULT 'in')",
     "CREATE INDEX IF NOT EXISTS cdrs_user ON cdrs (tenant, user, end_ms)",
-    "CREATE TABLE IF NOT EXISTS address_book (tenant TEXT NOT NULL, user TEXT NOT NULL, address TEXT NOT NULL, name TEXT, call_count INTEGER NOT NULL, last_seen_ms INTEGER NOT NULL, known_calls INTEGER NOT NULL DEFAULT 0, incoming_calls INTEGER NOT NULL DEFAULT 0, outgoing_calls INTEGER NOT NULL DEFAULT 0, missed_calls INTEGER NOT NULL DEFAULT 0, first_seen_ms INTEGER, name_source INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (tenant, user, address))",
-    // Eviction's order (least valuable first) without sorting the book.
-    "CREATE INDEX IF NOT EXISTS address_book_value ON address_book (tenant, user, known_calls > 0, call_count, last_seen_ms, address)",
+    "CREATE TABLE IF NOT EXISTS address_book (tenant TEXT NOT NULL, user TEXT NOT NULL, address TEXT NOT NULL, name TEXT, call_count INTEGER NOT NULL, last_seen_ms INTEGER NOT NULL, known_calls INTEGER NOT NULL DEFAULT 0, incoming_calls INTEGER NOT NULL DEFAULT 0, outgoing_calls INTEGER NOT NULL DEFAULT 0, missed_calls INTEGER NOT NULL DEFAULT 0, first_seen_ms INTEGER, name_source INTEGER NOT NULL DEFAULT 0, note TEXT, favourite INTEGER NOT NULL DEFAULT 0, blocked INTEGER NOT NULL DEFAULT 0, deleted INTEGER NOT NULL DEFAULT 0, added INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (tenant, user, address))",
     "CREATE TABLE IF NOT EXISTS carrier_cdrs (key TEXT PRIMARY KEY, tenant TEXT NOT NULL, src TEXT NOT NULL, src_name TEXT, dst TEXT NOT NULL, start_ms INTEGER NOT NULL, answer_ms INTEGER, end_ms INTEGER NOT NULL, disposition TEXT NOT NULL, format TEXT NOT NULL, imported_ms INTEGER NOT NULL)",
     "CREATE TABLE IF NOT EXISTS preferences (tenant TEXT NOT NULL, user TEXT NOT NULL, json TEXT NOT NULL, updated_ms INTEGER NOT NULL, PRIMARY KEY (tenant, user))",
     "CREATE TABLE IF NOT EXISTS tenants (name TEXT PRIMARY KEY, region TEXT NOT NULL, directory INTEGER NOT NULL, created_ms INTEGER NOT NULL)",
@@ -1132,9 +1159,25 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("address_book", "missed_calls", "INTEGER NOT NULL DEFAULT 0"),
     ("address_book", "first_seen_ms", "INTEGER"),
     ("address_book", "name_source", "INTEGER NOT NULL DEFAULT 0"),
+    ("address_book", "note", "TEXT"),
+    ("address_book", "favourite", "INTEGER NOT NULL DEFAULT 0"),
+    ("address_book", "blocked", "INTEGER NOT NULL DEFAULT 0"),
+    ("address_book", "deleted", "INTEGER NOT NULL DEFAULT 0"),
+    ("address_book", "added", "INTEGER NOT NULL DEFAULT 0"),
     ("users", "display_name", "TEXT"),
     ("users", "numbers", "TEXT"),
     ("users", "source", "TEXT NOT NULL DEFAULT 'local'"),
+];
+
+/// Indexes over columns that [`ADDED_COLUMNS`] may have just added (created after them).
+const INDEXES: &[&str] = &[
+    // Replaced by `address_book_evictable` (tombstones, blocks and favourites).
+    "DROP INDEX IF EXISTS address_book_value",
+    // Eviction's order (least valuable first) without sorting the book; only entries
+    // eviction may take.
+    "CREATE INDEX IF NOT EXISTS address_book_evictable ON address_book \
+     (tenant, user, favourite, (known_calls > 0 OR added > 0), call_count, last_seen_ms, address) \
+     WHERE deleted = 0 AND blocked = 0",
 ];
 
 #[cfg(test)]

@@ -499,6 +499,10 @@ impl CallCore {
             }
             self.device_names.insert(d.session, d.device.clone());
         }
+        if view.caller_blocked {
+            // The user blocked this caller: refused before any rule, still recorded.
+            return (Plan::Reject(603), Some("blocked".into()));
+        }
         self.predicted = rules::predict(&view.devices, &view.history)
             .iter()
             .map(|d| d.session)

@@ -78,6 +78,7 @@ fn view(devices: Vec<DeviceState>) -> CalleeView {
         prefs: Arc::new(Preferences::default()),
         history: HashMap::new(),
         caller_known: false,
+        caller_blocked: false,
         ringing: 0,
     }
 }
@@ -199,6 +200,32 @@ fn the_trunk_is_offered_the_callers_codecs_and_its_answer_wires_udp_to_udp() {
     );
     assert_eq!(cdr.direction, Direction::In);
     assert_eq!(cdr.call_id, "c-9");
+}
+
+#[test]
+fn a_blocked_caller_is_declined_before_any_rule_and_recorded() {
+    let t0 = Instant::now();
+    let mut c = CallCore::new(spec(Origin::Sip, t0));
+    assert_eq!(drain(&mut c), vec![Action::Lookup]);
+    let mut v = view(vec![dev(1, "desk", Status::Available, false)]);
+    // A rule that would ring the device for a known caller: blocking wins over it.
+    v.caller_known = true;
+    v.caller_blocked = true;
+    c.handle_lookup(t0, v, trunks(true), NOW_UNIX);
+    assert_eq!(
+        drain_all(&mut c),
+        vec![
+            Action::Observe(Observation::Routed {
+                plan: "reject",
+                rule: Some("blocked".into())
+            }),
+            Action::RejectCaller(603),
+            Action::Finish {
+                disposition: Disposition::Rejected,
+                cause: 603
+            },
+        ]
+    );
 }
 
 #[test]
