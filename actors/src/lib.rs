@@ -22,6 +22,7 @@
 
 pub mod book;
 mod call_actor;
+pub mod chat;
 pub mod messages;
 pub mod metrics;
 pub mod registry;

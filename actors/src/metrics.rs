@@ -34,8 +34,14 @@ pub const TRUNK_FAILOVERS_TOTAL: &str = "parley_trunk_failovers_total";
 pub const CALLS_REFUSED_BUSY_TOTAL: &str = "parley_calls_refused_ringing_cap_total";
 /// Presence updates pushed to subscribed devices.
 pub const PRESENCE_FANOUT_TOTAL: &str = "parley_presence_fanout_total";
-/// Chat messages accepted, by `result` (`delivered`, `offline`, `unknown_user`, `rejected`).
+/// Chat messages sent by devices, by `result` (`delivered`: handed to an online device;
+/// `stored`: kept for the recipient's next login; `unknown_user`, `rejected` (bad text),
+/// `mailbox_full`, `busy`).
 pub const CHAT_MESSAGES_TOTAL: &str = "parley_chat_messages_total";
+/// Kept chat messages handed to a device when it logged in.
+pub const CHAT_OFFLINE_DELIVERED_TOTAL: &str = "parley_chat_offline_delivered_total";
+/// Receipts sent to senders' devices, by `status` (`delivered`, `read`).
+pub const CHAT_RECEIPTS_TOTAL: &str = "parley_chat_receipts_total";
 /// Answered calls ended because no media crossed them for the media timeout.
 pub const MEDIA_TIMEOUTS_TOTAL: &str = "parley_media_timeouts_total";
 /// Call offers a device never acknowledged: the device was presumed lost, its connection
@@ -121,7 +127,21 @@ pub fn describe() {
         Unit::Count,
         "Presence updates pushed to subscribed devices"
     );
-    describe_counter!(CHAT_MESSAGES_TOTAL, Unit::Count, "Chat messages by result");
+    describe_counter!(
+        CHAT_MESSAGES_TOTAL,
+        Unit::Count,
+        "Chat messages sent by devices, by result (delivered, stored for an offline user, refused)"
+    );
+    describe_counter!(
+        CHAT_OFFLINE_DELIVERED_TOTAL,
+        Unit::Count,
+        "Kept chat messages handed to a device at its login"
+    );
+    describe_counter!(
+        CHAT_RECEIPTS_TOTAL,
+        Unit::Count,
+        "Delivery and read receipts relayed to senders, by status"
+    );
     describe_counter!(
         ANSWERED_RANK_TOTAL,
         Unit::Count,

@@ -14,17 +14,18 @@ use parley_codecs::control::{self, AddressBookEntry, ClientMsg, ServerMsg};
 use parley_core::call::{CallSpec, Origin};
 use parley_core::dial::{self, DialTarget};
 use parley_core::directory::UserIdentity;
-use parley_core::ids::{Sequence, call_id};
+use parley_core::ids::call_id;
 use parley_core::rules::{Preferences, RulesError};
 use tokio::sync::mpsc;
 
 use crate::book::{BookError, BookOp, BookReply, BookRequest, BookService};
+use crate::chat::{ChatError, ChatOp, ChatReply, ChatRequest, ChatService};
 use crate::messages::{DeviceLegEvent, FromDevice, Push, SessionId, ToDevice};
 use crate::metrics as m;
 use crate::registry::Registry;
 use crate::user::{
-    Attach, Deliver, Detach, DeviceLink, GetPreferences, PresenceUpdate, SetCapabilities,
-    SetPreferences, Subscribe, Unsubscribe, UserActor,
+    Attach, Detach, DeviceLink, GetPreferences, PresenceUpdate, SetCapabilities, SetPreferences,
+    Subscribe, Unsubscribe, UserActor,
 };
 use crate::{CallActor, CallEnv, CallSetup};
 
@@ -39,8 +40,8 @@ pub struct SessionOwner {
     pub registry: Arc<Registry>,
     /// What calls dialled from this device need; `None` disables dialling.
     pub calls: Option<Arc<CallEnv>>,
-    /// The node's chat message ids.
-    pub chat_ids: Arc<Sequence>,
+    /// Where chats are archived, delivered and kept for offline users.
+    pub chats: ChatService,
     /// Where the device connects from.
     pub remote: Option<std::net::SocketAddr>,
     /// Closes the device's connection (the session asks for it when the device is
@@ -68,6 +69,10 @@ pub struct PresenceSession {
     login_book: Option<Vec<AddressBookEntry>>,
     /// Book requests sent and not answered yet.
     book_pending: usize,
+    /// Chat requests sent and not answered yet.
+    chat_pending: usize,
+    /// Chats pushed while the inbox was being delivered: they follow it.
+    held: Option<Vec<ServerMsg>>,
     /// The `id` of the request being handled.
     request: Option<u64>,
 }
@@ -82,6 +87,9 @@ pub fn mark_users(registry: &Registry, tenant: &str, entries: &mut [AddressBookE
             .map(|r| r.id.user);
     }
 }
+
+/// Chat requests one device may have outstanding (more are answered `busy`).
+const MAX_CHAT_PENDING: usize = 64;
 
 /// Book requests one device may have outstanding (more are answered `busy`): the book
 /// task serves every device in turn, and one device must not fill its queue.
@@ -107,6 +115,8 @@ impl PresenceSession {
             book_watch: HashMap::new(),
             login_book: None,
             book_pending: 0,
+            chat_pending: 0,
+            held: Some(Vec::new()),
             request: None,
         }
     }
@@ -449,40 +459,162 @@ impl PresenceSession {
             metrics::counter!(m::CHAT_MESSAGES_TOTAL, "result" => "unknown_user").increment(1);
             return self.error("unknown_user", format!("no user {to} you can reach"));
         };
-        // A recipient of another tenant sees the sender as `user@tenant`.
-        let from = if r.id.tenant == self.owner.id.tenant {
-            self.owner.id.user.clone()
-        } else {
-            format!("{}@{}", self.owner.id.user, self.owner.id.tenant)
-        };
-        let sent_at_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        let deliver = Deliver {
-            from,
+        let op = ChatOp::Send {
+            to: r.id,
+            to_name: to,
             text,
-            id: self.owner.chat_ids.next(),
-            sent_at_ms,
         };
-        ctx.spawn(
-            r.addr
-                .send(deliver)
-                .into_actor(self)
-                .map(move |res, act, _| {
-                    let delivered = res.unwrap_or(0);
-                    let result = if delivered > 0 {
-                        "delivered"
-                    } else {
-                        "offline"
-                    };
-                    metrics::counter!(m::CHAT_MESSAGES_TOTAL, "result" => result).increment(1);
-                    act.send(ServerMsg::ChatAck {
-                        id: client_id,
-                        delivered,
+        self.chat_request(op, ctx, move |act, reply, _| {
+            if let ChatReply::Sent { message, delivered } = reply {
+                let result = if delivered > 0 { "delivered" } else { "stored" };
+                metrics::counter!(m::CHAT_MESSAGES_TOTAL, "result" => result).increment(1);
+                act.send(ServerMsg::ChatAck {
+                    id: client_id,
+                    delivered,
+                    message,
+                    stored: delivered == 0,
+                });
+            }
+        });
+    }
+
+    /// Sends a request to the message task; the reply comes back through `done`.
+    fn chat_request(
+        &mut self,
+        op: ChatOp,
+        ctx: &mut Context<Self>,
+        done: impl FnOnce(&mut Self, ChatReply, &mut Context<Self>) + 'static,
+    ) {
+        let id = self.request;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let request = ChatRequest {
+            me: self.owner.id.clone(),
+            session: self.id,
+            op,
+            reply,
+        };
+        if self.chat_pending >= MAX_CHAT_PENDING || self.owner.chats.try_send(request).is_err() {
+            metrics::counter!(m::CHAT_MESSAGES_TOTAL, "result" => "busy").increment(1);
+            return self.error("busy", "the message service is busy; retry".into());
+        }
+        self.chat_pending += 1;
+        ctx.spawn(answer.into_actor(self).map(move |res, act, ctx| {
+            act.chat_pending -= 1;
+            let res = res
+                .unwrap_or_else(|_| Err(ChatError::new("unavailable", "the message task is gone")));
+            match res {
+                Ok(r) => done(act, r, ctx),
+                Err(e) => {
+                    if e.code == "mailbox_full" {
+                        metrics::counter!(m::CHAT_MESSAGES_TOTAL, "result" => "mailbox_full")
+                            .increment(1);
+                    }
+                    act.error_for(id, e.code, e.message)
+                }
+            }
+        }));
+    }
+
+    /// Asks for the messages kept while the user was offline; live chats wait behind them.
+    fn fetch_inbox(&mut self, ctx: &mut Context<Self>) {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let request = ChatRequest {
+            me: self.owner.id.clone(),
+            session: self.id,
+            op: ChatOp::Inbox,
+            reply,
+        };
+        if self.owner.chats.try_send(request).is_err() {
+            // They stay kept, for the next login.
+            tracing::warn!(
+                session = self.id,
+                "message task busy: inbox not delivered now"
+            );
+            return self.release_held();
+        }
+        ctx.spawn(answer.into_actor(self).map(|res, act, ctx| {
+            let inbox = match res {
+                Ok(Ok(ChatReply::Inbox(msgs))) => msgs,
+                _ => Vec::new(),
+            };
+            if inbox.is_empty() {
+                return act.release_held();
+            }
+            // Queued with back-pressure (an inbox can be larger than the send queue), then
+            // reported delivered; a device lost meanwhile gets them again at its next login.
+            let ids: Vec<u64> = inbox
+                .iter()
+                .filter_map(|m| match m {
+                    ServerMsg::Chat { id, .. } => Some(*id),
+                    _ => None,
+                })
+                .collect();
+            let out = act.out.clone();
+            let queued = async move {
+                for m in inbox {
+                    if out.send(m).await.is_err() {
+                        return false;
+                    }
+                }
+                true
+            };
+            ctx.spawn(queued.into_actor(act).map(move |all, act, _| {
+                if all {
+                    metrics::counter!(m::CHAT_OFFLINE_DELIVERED_TOTAL).increment(ids.len() as u64);
+                    let (reply, _) = tokio::sync::oneshot::channel();
+                    let _ = act.owner.chats.try_send(ChatRequest {
+                        me: act.owner.id.clone(),
+                        session: act.id,
+                        op: ChatOp::Delivered(ids),
+                        reply,
                     });
-                }),
-        );
+                }
+                act.release_held();
+            }));
+        }));
+    }
+
+    fn release_held(&mut self) {
+        for m in self.held.take().unwrap_or_default() {
+            self.send(m);
+        }
+    }
+
+    fn chat_read(&mut self, message: u64, ctx: &mut Context<Self>) {
+        self.chat_request(ChatOp::Read { message }, ctx, |_, _, _| {});
+    }
+
+    fn chat_history(
+        &mut self,
+        with: String,
+        (before, after, limit): (Option<u64>, Option<u64>, Option<u32>),
+        ctx: &mut Context<Self>,
+    ) {
+        let id = self.request;
+        let Some(peer) = self.find_user(&with) else {
+            return self.error("unknown_user", format!("no user {with} you can reach"));
+        };
+        if before.is_some() && after.is_some() {
+            return self.error(
+                "bad_message",
+                "chat_history takes `before` or `after`, not both".into(),
+            );
+        }
+        let limit = limit
+            .unwrap_or(parley_codecs::control::MAX_HISTORY_PAGE)
+            .clamp(1, parley_codecs::control::MAX_HISTORY_PAGE);
+        let op = ChatOp::History {
+            peer: peer.id,
+            before,
+            after,
+            limit,
+        };
+        self.chat_request(op, ctx, move |act, reply, _| {
+            if let ChatReply::History { messages, more } = reply {
+                let older = after.is_none();
+                act.send(control::chat_history_frame(id, with, messages, older, more));
+            }
+        });
     }
 
     fn send(&self, msg: ServerMsg) {
@@ -528,6 +660,7 @@ impl Actor for PresenceSession {
         if let Some(mut book) = self.login_book.take() {
             self.annotate(&mut book, &[], ctx);
         }
+        self.fetch_inbox(ctx);
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
@@ -575,6 +708,13 @@ impl Handler<FromClient> for PresenceSession {
             ClientMsg::Subscribe { users } => self.subscribe(users, ctx),
             ClientMsg::Unsubscribe { users } => self.unsubscribe(users),
             ClientMsg::Chat { to, text, id } => self.chat(to, text, id, ctx),
+            ClientMsg::ChatRead { message } => self.chat_read(message, ctx),
+            ClientMsg::ChatHistory {
+                with,
+                before,
+                after,
+                limit,
+            } => self.chat_history(with, (before, after, limit), ctx),
             ClientMsg::GetPreferences => self.get_preferences(ctx),
             ClientMsg::Dial { to } => self.dial(to, ctx),
             ClientMsg::Capabilities { video } => self.user.do_send(SetCapabilities {
@@ -710,6 +850,12 @@ impl Handler<Push> for PresenceSession {
             // The user actor sends book changes whole; the session annotates and frames.
             ServerMsg::AddressBookUpdate { entries, removed } => {
                 self.send_book_update(entries, removed, ctx)
+            }
+            // Live chats wait until the inbox (older messages) is on its way.
+            chat @ ServerMsg::Chat { .. } if self.held.is_some() => {
+                if let Some(h) = self.held.as_mut() {
+                    h.push(chat);
+                }
             }
             other => self.send(other),
         }

@@ -306,19 +306,21 @@ fn aliased(
 #[rtype(result = "()")]
 pub struct Unsubscribe(pub SessionId);
 
-/// Deliver a chat message to every device of this user; replies with how many got it.
+/// Hand a message (a chat, a copy of the user's own chat, a receipt) to every device of
+/// this user but `except`; replies with how many got it.
 #[derive(Message)]
 #[rtype(result = "u32")]
 pub struct Deliver {
-    /// Sender user name.
-    pub from: String,
-    /// The text.
-    pub text: String,
-    /// Server message id.
-    pub id: u64,
-    /// Accepted at, ms since the Unix epoch.
-    pub sent_at_ms: u64,
+    /// The message.
+    pub msg: ServerMsg,
+    /// The device session not to send it to (the one that sent the original).
+    pub except: Option<SessionId>,
 }
+
+/// How many devices of this user are online.
+#[derive(Message)]
+#[rtype(result = "u32")]
+pub struct Online;
 
 /// A device session logged in as this user.
 #[derive(Message)]
@@ -409,15 +411,20 @@ impl Handler<Unsubscribe> for UserActor {
 impl Handler<Deliver> for UserActor {
     type Result = u32;
     fn handle(&mut self, m: Deliver, _: &mut Context<Self>) -> u32 {
-        let msg = ServerMsg::Chat {
-            from: m.from,
-            text: m.text,
-            id: m.id,
-            sent_at_ms: m.sent_at_ms,
-        };
-        for link in self.devices.values() {
-            link.push.do_send(Push(msg.clone()));
+        let mut sent = 0;
+        for (session, link) in &self.devices {
+            if Some(*session) != m.except {
+                link.push.do_send(Push(m.msg.clone()));
+                sent += 1;
+            }
         }
+        sent
+    }
+}
+
+impl Handler<Online> for UserActor {
+    type Result = u32;
+    fn handle(&mut self, _: Online, _: &mut Context<Self>) -> u32 {
         self.devices.len() as u32
     }
 }

@@ -157,7 +157,8 @@ pub enum ClientMsg {
         #[serde(default)]
         limit: Option<u32>,
     },
-    /// Send a chat message to every online device of a user of the same tenant.
+    /// Send a chat message to a user of the same tenant (or a federated one): handed to
+    /// every online device of the recipient, or kept until one logs in; archived for both.
     Chat {
         /// Recipient user name.
         to: String,
@@ -167,6 +168,59 @@ pub enum ClientMsg {
         #[serde(default)]
         id: u64,
     },
+    /// The user read this message (and every earlier one from the same sender); the
+    /// sender's devices get a `chat_receipt` with status `read`.
+    ChatRead {
+        /// The server's message id (`chat`'s `id`).
+        message: u64,
+    },
+    /// A page of the conversation with a user, from the archive; answered with
+    /// `chat_history`.
+    ChatHistory {
+        /// The other user (as for `chat`).
+        with: String,
+        /// Only messages older than this message id.
+        #[serde(default)]
+        before: Option<u64>,
+        /// Only messages newer than this message id.
+        #[serde(default)]
+        after: Option<u64>,
+        /// Most messages (at most [`MAX_HISTORY_PAGE`], the default).
+        #[serde(default)]
+        limit: Option<u32>,
+    },
+}
+
+/// Most messages one `chat_history` page holds (fewer when they would not fit a frame).
+pub const MAX_HISTORY_PAGE: u32 = 50;
+
+/// What a receipt says about a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReceiptStatus {
+    /// A device of the recipient got it.
+    Delivered,
+    /// The recipient read it.
+    Read,
+}
+
+/// One archived chat message, as `chat_history` gives it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatRecord {
+    /// Server message id.
+    pub id: u64,
+    /// Sender (user name, `user@tenant` across tenants).
+    pub from: String,
+    /// Recipient, named the same way.
+    pub to: String,
+    /// The message.
+    pub text: String,
+    /// When the node accepted it, ms since the Unix epoch.
+    pub sent_at_ms: u64,
+    /// A device of the recipient got it.
+    pub delivered: bool,
+    /// The recipient read it.
+    pub read: bool,
 }
 
 /// Longest chat message accepted.
@@ -343,7 +397,8 @@ pub enum ServerMsg {
         /// Connected devices.
         devices: u32,
     },
-    /// A chat message from another user.
+    /// A chat message from another user, or (`own`) one this user sent from another
+    /// device.
     Chat {
         /// Sender user name.
         from: String,
@@ -353,13 +408,47 @@ pub enum ServerMsg {
         id: u64,
         /// When the node accepted it, milliseconds since the Unix epoch.
         sent_at_ms: u64,
+        /// Recipient (this user, or for `own` copies the user it was sent to).
+        #[serde(default)]
+        to: String,
+        /// A copy of a message this user sent from another device.
+        #[serde(default)]
+        own: bool,
+    },
+    /// A message this user sent was delivered to, or read by, its recipient.
+    ChatReceipt {
+        /// The server's message id.
+        message: u64,
+        /// Delivered or read.
+        status: ReceiptStatus,
+        /// The recipient.
+        by: String,
+        /// When, ms since the Unix epoch.
+        at_ms: u64,
+    },
+    /// A page of a conversation (reply to `chat_history`), oldest first.
+    ChatHistory {
+        /// The request's `id`.
+        id: Option<u64>,
+        /// The other user, as asked.
+        with: String,
+        /// Messages.
+        messages: Vec<ChatRecord>,
+        /// More messages exist beyond this page in the direction asked.
+        more: bool,
     },
     /// The node accepted a `chat` and handed it to this many devices of the recipient.
     ChatAck {
         /// The client's id from `chat`.
         id: u64,
-        /// Devices it was delivered to (0: the recipient is offline; not stored).
+        /// Devices it was delivered to (0: the recipient is offline).
         delivered: u32,
+        /// The server's message id (as the recipient sees it in `chat`).
+        #[serde(default)]
+        message: u64,
+        /// Kept for the recipient's next login (no device of theirs was online).
+        #[serde(default)]
+        stored: bool,
     },
     /// A `book_set`, `book_delete` or `book_block` was done.
     BookOk {
@@ -476,6 +565,46 @@ pub fn address_book_update_frames(
             }),
     );
     frames
+}
+
+/// The `chat_history` frame for a page: the messages nearest the cursor that fit one frame
+/// (`older` says which end is nearest: the page asked for messages before a cursor, or
+/// the latest ones). `more` is set when some were left out, or the store had more.
+pub fn chat_history_frame(
+    id: Option<u64>,
+    with: String,
+    mut messages: Vec<ChatRecord>,
+    older: bool,
+    more: bool,
+) -> ServerMsg {
+    let with_bytes = serde_json::to_vec(&with).map_or(MAX_FRAME, |w| w.len());
+    let budget = (MAX_FRAME - PAGE_ENVELOPE).saturating_sub(with_bytes);
+    let mut used = 0;
+    let fits = |m: &ChatRecord, used: &mut usize| {
+        *used += serde_json::to_vec(m).map_or(budget, |j| j.len()) + 1;
+        *used <= budget
+    };
+    let n = if older {
+        messages
+            .iter()
+            .rev()
+            .take_while(|m| fits(m, &mut used))
+            .count()
+    } else {
+        messages.iter().take_while(|m| fits(m, &mut used)).count()
+    };
+    let cut = n < messages.len();
+    if older {
+        messages.drain(..messages.len() - n);
+    } else {
+        messages.truncate(n);
+    }
+    ServerMsg::ChatHistory {
+        id,
+        with,
+        messages,
+        more: more || cut,
+    }
 }
 
 /// The `book_results` frame for a search: as many of `entries` as fit one frame (a

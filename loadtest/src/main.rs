@@ -272,6 +272,15 @@ struct DeviceArgs {
     /// Print a statistics line this often; `0` disables.
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     stats_every: Duration,
+    /// Send each line of standard input as a control message (JSON, as in
+    /// docs/protocol.md, with an optional request `id`), e.g.
+    /// `{"type":"chat","to":"bob","text":"hi","id":1}` or
+    /// `{"type":"chat_history","with":"bob","limit":20,"id":2}`.
+    #[arg(long)]
+    stdin: bool,
+    /// Send `chat_read` for every chat received (the sender gets read receipts).
+    #[arg(long)]
+    mark_read: bool,
 }
 
 /// The final JSON line.
@@ -590,6 +599,9 @@ async fn run_device(args: DeviceArgs) -> anyhow::Result<()> {
         i
     });
     let stats = dev.stats();
+    let mut lines = args
+        .stdin
+        .then(|| tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(tokio::io::stdin())));
 
     let end = loop {
         tokio::select! {
@@ -601,8 +613,30 @@ async fn run_device(args: DeviceArgs) -> anyhow::Result<()> {
                     None => std::future::pending().await,
                 }
             } => println!("stats {}", stats.snapshot()),
+            line = async {
+                match lines.as_mut() {
+                    Some(l) => l.next_line().await,
+                    None => std::future::pending().await,
+                }
+            } => match line {
+                Ok(Some(line)) if line.trim().is_empty() => {}
+                Ok(Some(line)) => match parley_codecs::control::decode_request(line.as_bytes()) {
+                    (Ok(msg), Some(id)) => dev.send_request(msg, id).await?,
+                    (Ok(msg), None) => dev.send(msg).await?,
+                    (Err(e), _) => eprintln!("not a control message ({e}): {line}"),
+                },
+                // End of input: keep running (calls, chats) until the usual stop.
+                Ok(None) | Err(_) => lines = None,
+            },
             ev = dev.next_event(Duration::from_secs(3600)) => match ev {
-                Some(msg) => print_event(&msg),
+                Some(msg) => {
+                    print_event(&msg);
+                    if let ServerMsg::Chat { id, own: false, .. } = &msg
+                        && args.mark_read
+                    {
+                        dev.send(parley_codecs::control::ClientMsg::ChatRead { message: *id }).await?;
+                    }
+                }
                 None if dev.events_closed() => {
                     match dev.close_reason() {
                         Some(reason) => println!("connection closed: {reason}"),
@@ -684,6 +718,78 @@ fn print_event(msg: &ServerMsg) {
             "error {code}: {message}{}{}",
             id.map(|i| format!(" (request {i})")).unwrap_or_default(),
             if *fatal { " (fatal)" } else { "" }
+        ),
+        ServerMsg::Chat {
+            from,
+            to,
+            text,
+            id,
+            own,
+            ..
+        } => {
+            if *own {
+                println!("chat {id} sent by you (another device) to {to}: {text}")
+            } else {
+                println!("chat {id} from {from}: {text}")
+            }
+        }
+        ServerMsg::ChatAck {
+            id,
+            delivered,
+            message,
+            stored,
+        } => println!(
+            "chat {message} (yours {id}) {}",
+            if *stored {
+                "stored for the recipient's next login".to_owned()
+            } else {
+                format!("delivered to {delivered} devices")
+            }
+        ),
+        ServerMsg::ChatReceipt {
+            message,
+            status,
+            by,
+            ..
+        } => println!("chat {message} {status:?} by {by}"),
+        ServerMsg::ChatHistory {
+            with,
+            messages,
+            more,
+            ..
+        } => {
+            println!(
+                "history with {with}: {} messages{}",
+                messages.len(),
+                if *more { " (more)" } else { "" }
+            );
+            for m in messages {
+                println!(
+                    "  {} {} -> {}: {}{}",
+                    m.id,
+                    m.from,
+                    m.to,
+                    m.text,
+                    if m.read {
+                        " (read)"
+                    } else if m.delivered {
+                        " (delivered)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
+        ServerMsg::PresenceUpdate {
+            user,
+            status,
+            note,
+            devices,
+        } => println!(
+            "presence {user}: {status:?}{} ({devices} devices)",
+            note.as_deref()
+                .map(|n| format!(" \"{n}\""))
+                .unwrap_or_default()
         ),
         ServerMsg::LoginOk { .. } | ServerMsg::Pong { .. } => {}
         // Messages the device does not act on (presence of watched users, chat, …).

@@ -16,22 +16,7 @@ use common::Node;
 use common::ldap::{Agent, Person, Slapd, directory_section, directory_tenant, wait_for_metric};
 use parley_codecs::control::{self, ClientMsg, ServerMsg};
 
-/// user+system CPU of a process, seconds.
-fn cpu(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // Fields after the command: state is 0, utime 11, stime 12 (clock ticks of 1/100 s).
-    (ticks(11) + ticks(12)) / 100.0
-}
+use common::process_cpu_secs as cpu;
 
 /// One login on a fresh connection; the failure's reason otherwise.
 async fn login_once(

@@ -34,6 +34,8 @@ pub struct Config {
     pub address_book: AddressBookConfig,
     /// CDR retention.
     pub cdrs: CdrsConfig,
+    /// Chat messages: offline storage and the archive.
+    pub chat: ChatConfig,
     /// Login throttling and caps on connections not logged in yet.
     pub login: LoginConfig,
     /// SIP trunks toward the PSTN.
@@ -309,6 +311,30 @@ pub struct CdrsConfig {
     pub retention_days: u32,
 }
 
+/// `[chat]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChatConfig {
+    /// Most messages kept for one user while none of their devices is online; a chat
+    /// beyond it is refused with `mailbox_full`.
+    pub offline_max_messages: u32,
+    /// Days a message waits for an offline user; older ones are no longer handed over at
+    /// login (they stay in the archive until `history_days`).
+    pub offline_days: u32,
+    /// Days the archive keeps messages (deleted hourly). 0: forever.
+    pub history_days: u32,
+}
+
+impl Default for ChatConfig {
+    fn default() -> Self {
+        Self {
+            offline_max_messages: 1000,
+            offline_days: 30,
+            history_days: 0,
+        }
+    }
+}
+
 /// `[[trunks]]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -489,6 +515,7 @@ impl Default for Config {
             calls: CallsConfig::default(),
             address_book: AddressBookConfig::default(),
             cdrs: CdrsConfig::default(),
+            chat: ChatConfig::default(),
             login: LoginConfig::default(),
             trunks: Vec::new(),
             number_plan: Vec::new(),
@@ -688,6 +715,12 @@ impl Config {
             return Err(bad(
                 "relay.port_max",
                 "the range must hold at least two RTP/RTCP port pairs (4 ports)",
+            ));
+        }
+        if self.chat.offline_max_messages == 0 {
+            return Err(bad(
+                "chat.offline_max_messages",
+                "must be at least 1 (messages to offline users are refused otherwise)",
             ));
         }
         if !(1..=256).contains(&self.quic.threads) {

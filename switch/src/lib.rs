@@ -13,6 +13,7 @@
 
 pub mod agent;
 pub mod books;
+pub mod chats;
 pub mod config;
 pub mod federation;
 pub mod http;

@@ -65,6 +65,8 @@ pub const ADDRESS_BOOK_REFUSED_TOTAL: &str = "parley_address_book_refused_total"
 /// Users' own address book requests, by `op` (`set`, `delete`, `block`, `unblock`,
 /// `search`) and `result` (`ok` or the error code).
 pub const ADDRESS_BOOK_EDITS_TOTAL: &str = "parley_address_book_edits_total";
+/// Chat messages in the archive (`[chat] history_days`).
+pub const CHAT_ARCHIVE_MESSAGES: &str = "parley_chat_archive_messages";
 /// Messages to devices not sent because their frame would exceed the protocol limit.
 pub const IM_FRAMES_REFUSED_TOTAL: &str = "parley_im_frames_refused_total";
 /// IM logins, by `tenant` and `result`.
@@ -188,9 +190,21 @@ fn register_zeroes() {
         counter!(a::MEDIA_SETUP_FAILURES_TOTAL, "reason" => r).increment(0);
     }
     counter!(a::PRESENCE_FANOUT_TOTAL).increment(0);
-    for r in ["delivered", "offline", "unknown_user", "rejected"] {
+    for r in [
+        "delivered",
+        "stored",
+        "unknown_user",
+        "rejected",
+        "mailbox_full",
+        "busy",
+    ] {
         counter!(a::CHAT_MESSAGES_TOTAL, "result" => r).increment(0);
     }
+    counter!(a::CHAT_OFFLINE_DELIVERED_TOTAL).increment(0);
+    for st in ["delivered", "read"] {
+        counter!(a::CHAT_RECEIPTS_TOTAL, "status" => st).increment(0);
+    }
+    gauge!(CHAT_ARCHIVE_MESSAGES).set(0.0);
     // Registering the histogram makes it render (empty) before the first re-route.
     for h in [
         a::REROUTE_SECONDS,
@@ -332,6 +346,11 @@ fn describe() {
         ADDRESS_BOOK_EVICTIONS_TOTAL,
         Unit::Count,
         "Address book entries evicted to keep a book within address_book.max_entries (never-known parties first)"
+    );
+    metrics::describe_gauge!(
+        CHAT_ARCHIVE_MESSAGES,
+        Unit::Count,
+        "Chat messages kept in the archive (conversations and messages waiting for offline users)"
     );
     describe_counter!(
         ADDRESS_BOOK_EDITS_TOTAL,

@@ -306,7 +306,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             max_ringing: cfg.max_ringing(),
             handles,
         })),
-        chat_ids: Arc::new(Sequence::new()),
+        chats: crate::chats::Chats::new(store.clone(), registry.clone(), cfg.chat.clone()).start(),
         federation: federation.clone(),
     });
     actix_rt::spawn(quic::serve(endpoint.clone(), im));

@@ -9,25 +9,12 @@ use std::process::{Command, Stdio};
 
 use common::{Node, SippUas, sipp_uac};
 
-/// The `parley-load` binary next to this test's `parley` binary (the workspace builds
-/// both); the test fails loudly if it is missing.
-fn parley_load() -> std::path::PathBuf {
-    let parley = std::path::PathBuf::from(env!("CARGO_BIN_EXE_parley"));
-    let load = parley.with_file_name("parley-load");
-    assert!(
-        load.exists(),
-        "{} missing: build the workspace first",
-        load.display()
-    );
-    load
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_device_is_skipped_and_the_call_reaches_the_pstn_line() {
     let node = Node::start_full("", "probe_interval_ms = 0", "ring_timeout_secs = 60");
     let _trunk = SippUas::start(&node, &["-sn", "uas"]);
     let cert = node.data_dir().join("quic-cert.der");
-    let mut phone = Command::new(parley_load())
+    let mut phone = Command::new(common::parley_load_bin())
         .args(["device", "--target", &node.quic.to_string(), "--cert"])
         .arg(&cert)
         .args(["--user", "alice", "--password", "demo", "--device", "phone"])

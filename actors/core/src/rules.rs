@@ -10,7 +10,7 @@
 //! Rules are JSON (stored per user, edited through the admin API and the IM protocol):
 //!
 //! ```json
-//! {"utc_offset_minutes": 60, "rules": [
+//! {"time_zone": "Europe/Paris", "rules": [
 //!   {"name": "nights", "when": {"time": {"from": "22:00", "to": "07:00"}},
 //!    "then": {"action": "reject", "code": 480}},
 //!   {"name": "known callers", "when": {"caller_known": true},
@@ -38,7 +38,11 @@ pub struct Preferences {
     /// Rules, first match wins.
     #[serde(default)]
     pub rules: Vec<Rule>,
-    /// The user's time zone as a fixed offset from UTC, in minutes (time windows are local).
+    /// The user's time zone, an IANA name (`Europe/Paris`): time windows are local time
+    /// there, daylight saving included. Takes precedence over `utc_offset_minutes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_zone: Option<String>,
+    /// A fixed offset from UTC, in minutes, for users without a `time_zone`.
     #[serde(default)]
     pub utc_offset_minutes: i32,
     /// Whether the default policy may ring the PSTN line.
@@ -57,6 +61,7 @@ impl Default for Preferences {
     fn default() -> Self {
         Self {
             rules: Vec::new(),
+            time_zone: None,
             utc_offset_minutes: 0,
             pstn_fallback: true,
             video_audio_fallback: false,
@@ -246,6 +251,13 @@ impl Preferences {
                 "utc_offset_minutes must be within ±840".into(),
             ));
         }
+        if let Some(tz) = &self.time_zone
+            && jiff::tz::TimeZone::get(tz).is_err()
+        {
+            return Err(RulesError::Syntax(format!(
+                "time_zone {tz:?} is not an IANA time zone name (e.g. Europe/Paris)"
+            )));
+        }
         for (index, r) in self.rules.iter().enumerate() {
             let bad = |message: &str| {
                 Err(RulesError::Invalid {
@@ -343,9 +355,25 @@ fn video_only(plan: Plan, devices: &[DeviceState]) -> Plan {
     }
 }
 
+/// The user's offset from UTC at `now_unix`, minutes: their time zone's (daylight saving
+/// included), or the fixed offset.
+pub fn local_offset_minutes(prefs: &Preferences, now_unix: u64) -> i32 {
+    let zone = prefs
+        .time_zone
+        .as_deref()
+        .and_then(|name| jiff::tz::TimeZone::get(name).ok());
+    match (zone, i64::try_from(now_unix).ok()) {
+        (Some(tz), Some(secs)) => jiff::Timestamp::from_second(secs)
+            .map(|t| tz.to_offset(t).seconds() / 60)
+            .unwrap_or(prefs.utc_offset_minutes),
+        _ => prefs.utc_offset_minutes,
+    }
+}
+
 fn plan_any_media(prefs: &Preferences, ctx: &CallContext<'_>) -> (Plan, Option<String>) {
+    let offset = local_offset_minutes(prefs, ctx.now_unix);
     for r in &prefs.rules {
-        if !matches(&r.when, prefs.utc_offset_minutes, ctx) {
+        if !matches(&r.when, offset, ctx) {
             continue;
         }
         let p = match &r.then {

@@ -41,8 +41,8 @@ pub struct ImContext {
     pub next_session: AtomicU64,
     /// What calls dialled from devices need.
     pub calls: Option<Arc<parley_actors::CallEnv>>,
-    /// The node's chat message ids.
-    pub chat_ids: Arc<parley_core::ids::Sequence>,
+    /// Where devices' chats go (archive, delivery, offline inbox).
+    pub chats: parley_actors::chat::ChatService,
     /// The runtime QUIC runs on (see [`QuicRuntime`]); device datagram readers run there.
     pub quic: tokio::runtime::Handle,
     /// Login throttling and the cap on connections not logged in yet.
@@ -465,7 +465,7 @@ async fn handle_connection(conn: quinn::Connection, ctx: Arc<ImContext>, mut pen
         addr: user_ref.addr.clone(),
         registry: ctx.registry.clone(),
         calls: ctx.calls.clone(),
-        chat_ids: ctx.chat_ids.clone(),
+        chats: ctx.chats.clone(),
         remote: Some(remote),
         close: close.clone(),
         book: Some(ctx.books.clone()),

@@ -20,6 +20,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 
 pub mod book;
 pub mod cdr_writer;
+pub mod chat;
 pub mod import;
 pub mod tenants;
 
@@ -1137,6 +1138,12 @@ const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS tenant_federation (tenant TEXT NOT NULL, peer TEXT NOT NULL, PRIMARY KEY (tenant, peer))",
     "CREATE TABLE IF NOT EXISTS enrolment_tokens (hash TEXT PRIMARY KEY, tenant TEXT NOT NULL, expires_ms INTEGER NOT NULL, used INTEGER NOT NULL)",
     "CREATE TABLE IF NOT EXISTS agents (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, name TEXT NOT NULL, revoked INTEGER NOT NULL, enrolled_ms INTEGER NOT NULL)",
+    // AUTOINCREMENT: message ids are never reused, even after retention empties the table
+    // (devices tell messages apart by id).
+    "CREATE TABLE IF NOT EXISTS messages (id INTEGER PRIMARY KEY AUTOINCREMENT, conv TEXT NOT NULL, from_tenant TEXT NOT NULL, from_user TEXT NOT NULL, to_tenant TEXT NOT NULL, to_user TEXT NOT NULL, text TEXT NOT NULL, sent_ms INTEGER NOT NULL, delivered_ms INTEGER, read_ms INTEGER)",
+    "CREATE INDEX IF NOT EXISTS messages_conv ON messages (conv, id)",
+    "CREATE INDEX IF NOT EXISTS messages_inbox ON messages (to_tenant, to_user, id) WHERE delivered_ms IS NULL",
+    "CREATE INDEX IF NOT EXISTS messages_sent ON messages (sent_ms)",
     "CREATE TABLE IF NOT EXISTS agent_certs (fingerprint TEXT PRIMARY KEY, agent_id TEXT NOT NULL, not_after_ms INTEGER NOT NULL)",
 ];
 

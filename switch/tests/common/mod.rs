@@ -653,3 +653,35 @@ pub fn wait_metric(node: &Node, prefix: &str, pred: impl Fn(f64) -> bool) -> f64
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// user+system CPU a process has used, seconds (`/proc/PID/stat`).
+#[allow(dead_code)]
+pub fn process_cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // Fields after the command: state is 0, utime 11, stime 12 (clock ticks of 1/100 s).
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// The `parley-load` binary next to the test's `parley` binary (the workspace builds
+/// both); fails loudly if it is missing.
+#[allow(dead_code)]
+pub fn parley_load_bin() -> PathBuf {
+    let parley = PathBuf::from(env!("CARGO_BIN_EXE_parley"));
+    let load = parley.with_file_name("parley-load");
+    assert!(
+        load.exists(),
+        "{} missing: build the workspace first",
+        load.display()
+    );
+    load
+}

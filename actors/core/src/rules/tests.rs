@@ -340,3 +340,52 @@ fn bad_rules_are_refused_with_the_rule_index() {
         assert!(e.starts_with(want), "{json}: {e}");
     }
 }
+
+#[test]
+fn time_windows_follow_the_users_zone_across_daylight_saving_changes() {
+    let office = |zone: &str| {
+        format!(
+            r#"{{{zone}"rules":[{{"name":"office","when":{{"time":{{"from":"09:00","to":"17:00","days":["mon","tue","wed","thu","fri"]}}}},
+            "then":{{"action":"reject","code":486}}}}]}}"#
+        )
+    };
+    let paris = Preferences::from_json(&office(r#""time_zone":"Europe/Paris","#)).unwrap();
+    let fixed = Preferences::from_json(&office(r#""utc_offset_minutes":60,"#)).unwrap();
+    let at = |prefs: &Preferences, now_unix: u64| {
+        let devices = [dev(1, "desk", Available, 0)];
+        let history = HashMap::new();
+        let ctx = CallContext {
+            devices: &devices,
+            history: &history,
+            caller: "+15557770001",
+            caller_known: false,
+            media: Media::Audio,
+            voice_network_up: true,
+            now_unix,
+        };
+        plan(prefs, &ctx).1.is_some()
+    };
+    // Paris leaves summer time on Sunday 2026-10-25 (UTC+2 → UTC+1).
+    // Friday 07:30 UTC is 09:30 in Paris (summer): in office hours.
+    const FRI_0730_UTC: u64 = 1_792_740_600;
+    // Monday 07:30 UTC is 08:30 in Paris (winter): not yet; 08:30 UTC is 09:30: in.
+    const MON_0730_UTC: u64 = 1_792_999_800;
+    const MON_0830_UTC: u64 = 1_793_003_400;
+    assert!(at(&paris, FRI_0730_UTC));
+    assert!(!at(&paris, MON_0730_UTC));
+    assert!(at(&paris, MON_0830_UTC));
+    // A fixed +01:00 is an hour wrong all summer.
+    assert!(!at(&fixed, FRI_0730_UTC));
+    // And into summer time, Sunday 2026-03-29: Friday 08:30 UTC is 09:30 (winter), Monday
+    // 07:30 UTC is 09:30 (summer).
+    assert!(at(&paris, 1_774_600_200));
+    assert!(at(&paris, 1_774_855_800));
+    assert!(!at(&fixed, 1_774_855_800));
+    assert_eq!(local_offset_minutes(&paris, MON_0730_UTC), 60);
+    assert_eq!(local_offset_minutes(&paris, FRI_0730_UTC), 120);
+    // Unknown zones are refused by name.
+    let e = Preferences::from_json(&office(r#""time_zone":"Mars/Olympus","#))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("Mars/Olympus"), "{e}");
+}
