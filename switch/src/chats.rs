@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime};
 
 use parley_actors::chat::{ChatError, ChatOp, ChatReply, ChatRequest, ChatService, name_for};
 use parley_actors::metrics as am;
-use parley_actors::registry::Registry;
+use parley_actors::registry::{Registry, UserRef};
 use parley_actors::user::{Deliver, Online};
 use parley_codecs::control::{ChatRecord, ReceiptStatus, ServerMsg};
 use parley_core::directory::UserIdentity;
@@ -26,10 +26,13 @@ use tokio::sync::mpsc;
 use crate::config::ChatConfig;
 use crate::metrics as m;
 use crate::store::Store;
-use crate::store::chat::StoredChat;
+use crate::store::chat::{ChatRow, StoredChat};
 
 /// Requests waiting for the task at most (then devices are answered `busy`).
 const QUEUE: usize = 4096;
+
+/// Chats archived in one transaction at most.
+const BATCH: usize = 256;
 
 /// The message service.
 #[derive(Clone)]
@@ -38,6 +41,13 @@ pub struct Chats {
     registry: Arc<Registry>,
     cfg: ChatConfig,
 }
+
+/// Messages waiting per recipient, as the task counted them: counted once from the store,
+/// then kept up as chats are stored and delivered (a count per chat would read the whole
+/// inbox each time). Messages past `[chat] offline_days` stay in the count until it is
+/// taken again, which happens whenever it says the mailbox is full.
+#[derive(Default)]
+struct Waiting(std::collections::HashMap<(String, String), i64>);
 
 fn now_ms() -> i64 {
     SystemTime::now()
@@ -70,9 +80,30 @@ impl Chats {
             if let Ok(n) = chats.store.chat_count().await {
                 metrics::gauge!(m::CHAT_ARCHIVE_MESSAGES).set(n as f64);
             }
-            while let Some(r) = rx.recv().await {
-                let res = chats.handle(&r.me, r.session, r.op).await;
-                let _ = r.reply.send(res);
+            let mut waiting = Waiting::default();
+            let mut next = None;
+            loop {
+                let Some(r) = next.take().or(rx.recv().await) else {
+                    break;
+                };
+                if !matches!(r.op, ChatOp::Send { .. }) {
+                    let res = chats.handle(&r.me, r.op, &mut waiting).await;
+                    let _ = r.reply.send(res);
+                    continue;
+                }
+                // The chats queued behind this one, up to the first other request.
+                let mut sends = vec![r];
+                while sends.len() < BATCH {
+                    match rx.try_recv() {
+                        Ok(r) if matches!(r.op, ChatOp::Send { .. }) => sends.push(r),
+                        Ok(r) => {
+                            next = Some(r);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                chats.send_batch(sends, &mut waiting).await;
             }
         });
         if self.cfg.history_days > 0 {
@@ -107,15 +138,16 @@ impl Chats {
         now_ms() - i64::from(self.cfg.offline_days) * 86_400_000
     }
 
+    /// Every request but `chat` (see [`Chats::send_batch`]).
     async fn handle(
         &self,
         me: &UserIdentity,
-        session: u64,
         op: ChatOp,
+        waiting: &mut Waiting,
     ) -> Result<ChatReply, ChatError> {
         let my = (me.tenant.as_str(), me.user.as_str());
         match op {
-            ChatOp::Send { to, to_name, text } => self.send(me, session, &to, to_name, text).await,
+            ChatOp::Send { .. } => Err(ChatError::new("unavailable", "chat: misrouted")),
             ChatOp::Inbox => {
                 let kept = self
                     .store
@@ -148,6 +180,9 @@ impl Chats {
                     .chat_delivered(my, &ids, now_ms())
                     .await
                     .map_err(|e| unavailable(e, "delivery"))?;
+                if let Some(n) = waiting.0.get_mut(&(me.tenant.clone(), me.user.clone())) {
+                    *n = (*n - done.len() as i64).max(0);
+                }
                 for c in done {
                     self.receipt(&c.from, c.id, ReceiptStatus::Delivered, me, None);
                 }
@@ -185,14 +220,14 @@ impl Chats {
         }
     }
 
-    async fn send(
+    /// Checks a chat before it is stored: the recipient exists, and if none of their
+    /// devices is online, has room in their inbox (counted in `waiting`). Returns the
+    /// recipient and how many devices they have online.
+    async fn admit(
         &self,
-        me: &UserIdentity,
-        session: u64,
-        to: &UserIdentity,
-        to_name: String,
-        text: String,
-    ) -> Result<ChatReply, ChatError> {
+        (to, to_name): (&UserIdentity, &str),
+        waiting: &mut Waiting,
+    ) -> Result<(UserRef, u32), ChatError> {
         let recipient = self
             .registry
             .user_by_name(&to.tenant, &to.user)
@@ -203,87 +238,168 @@ impl Chats {
                 )
             })?;
         let online = recipient.addr.send(Online).await.unwrap_or(0);
-        let target = (to.tenant.as_str(), to.user.as_str());
-        if online == 0 {
-            let waiting = self
+        if online > 0 {
+            return Ok((recipient, online));
+        }
+        let max = i64::from(self.cfg.offline_max_messages);
+        let key = (to.tenant.clone(), to.user.clone());
+        let n = match waiting.0.get(&key).copied() {
+            Some(n) if n < max => n,
+            // Not counted yet, or full by the count: ask the store (expired messages no
+            // longer count).
+            _ => self
                 .store
-                .chat_waiting(target, self.offline_since())
+                .chat_waiting((&to.tenant, &to.user), self.offline_since())
                 .await
-                .map_err(|e| unavailable(e, "chat"))?;
-            if waiting >= i64::from(self.cfg.offline_max_messages) {
-                return Err(ChatError::new(
-                    "mailbox_full",
-                    format!(
-                        "chat: {to_name} is offline and already has {waiting} messages waiting (the most kept)"
-                    ),
-                ));
+                .map_err(|e| unavailable(e, "chat"))?,
+        };
+        if n >= max {
+            waiting.0.insert(key, n);
+            return Err(ChatError::new(
+                "mailbox_full",
+                format!(
+                    "chat: {to_name} is offline and already has {n} messages waiting (the most kept)"
+                ),
+            ));
+        }
+        waiting.0.insert(key, n + 1);
+        Ok((recipient, 0))
+    }
+
+    /// Consecutive `chat`s (already taken off the queue together): checked one by one,
+    /// archived in one transaction (one commit for the lot, not one each), then handed on,
+    /// copied, marked delivered in one statement, receipted and answered, in order.
+    async fn send_batch(&self, requests: Vec<ChatRequest>, waiting: &mut Waiting) {
+        struct Admitted {
+            r: ChatRequest,
+            to: UserIdentity,
+            to_name: String,
+            text: String,
+            recipient: UserRef,
+            online: u32,
+        }
+        let mut admitted = Vec::with_capacity(requests.len());
+        for r in requests {
+            let ChatOp::Send { to, to_name, text } = r.op.clone() else {
+                continue;
+            };
+            match self.admit((&to, &to_name), waiting).await {
+                Ok((recipient, online)) => admitted.push(Admitted {
+                    r,
+                    to,
+                    to_name,
+                    text,
+                    recipient,
+                    online,
+                }),
+                Err(e) => {
+                    let _ = r.reply.send(Err(e));
+                }
             }
+        }
+        if admitted.is_empty() {
+            return;
         }
         let sent_ms = now_ms();
-        let id = self
-            .store
-            .chat_insert((&me.tenant, &me.user), target, &text, sent_ms)
-            .await
-            .map_err(|e| unavailable(e, "chat"))?;
-        metrics::gauge!(m::CHAT_ARCHIVE_MESSAGES).increment(1.0);
+        let rows: Vec<ChatRow<'_>> = admitted
+            .iter()
+            .map(|a| {
+                (
+                    (a.r.me.tenant.as_str(), a.r.me.user.as_str()),
+                    (a.to.tenant.as_str(), a.to.user.as_str()),
+                    a.text.as_str(),
+                )
+            })
+            .collect();
+        let ids = match self.store.chat_insert_many(&rows, sent_ms).await {
+            Ok(ids) => ids,
+            Err(e) => {
+                let err = unavailable(e, "chat");
+                for a in admitted {
+                    let _ = a.r.reply.send(Err(err.clone()));
+                }
+                return;
+            }
+        };
+        metrics::gauge!(m::CHAT_ARCHIVE_MESSAGES).increment(ids.len() as f64);
         let sent_at_ms = sent_ms.max(0) as u64;
-        let chat = ServerMsg::Chat {
-            from: name_for(&to.tenant, me),
-            text: text.clone(),
-            id,
-            sent_at_ms,
-            to: to.user.clone(),
-            own: false,
-        };
-        let delivered = if online > 0 {
-            recipient
-                .addr
-                .send(Deliver {
-                    msg: chat,
-                    except: None,
-                })
-                .await
-                .unwrap_or(0)
-        } else {
-            0
-        };
-        // The sender's other devices see what this one sent.
-        if let Some(sender) = self.registry.user_by_name(&me.tenant, &me.user) {
-            sender.addr.do_send(Deliver {
-                msg: ServerMsg::Chat {
-                    from: me.user.clone(),
-                    text,
+        let mut outcomes = Vec::with_capacity(admitted.len());
+        for (a, id) in admitted.into_iter().zip(ids) {
+            let me = &a.r.me;
+            let delivered = if a.online > 0 {
+                let chat = ServerMsg::Chat {
+                    from: name_for(&a.to.tenant, me),
+                    text: a.text.clone(),
                     id,
                     sent_at_ms,
-                    to: to_name,
-                    own: true,
-                },
-                except: Some(session),
-            });
+                    to: a.to.user.clone(),
+                    own: false,
+                };
+                a.recipient
+                    .addr
+                    .send(Deliver {
+                        msg: chat,
+                        except: None,
+                    })
+                    .await
+                    .unwrap_or(0)
+            } else {
+                0
+            };
+            // The sender's other devices see what this one sent.
+            if let Some(sender) = self.registry.user_by_name(&me.tenant, &me.user) {
+                sender.addr.do_send(Deliver {
+                    msg: ServerMsg::Chat {
+                        from: me.user.clone(),
+                        text: a.text,
+                        id,
+                        sent_at_ms,
+                        to: a.to_name,
+                        own: true,
+                    },
+                    except: Some(a.r.session),
+                });
+            }
+            if a.online > 0 && delivered == 0 {
+                // Gone offline since: the message waits like any other.
+                let key = (a.to.tenant.clone(), a.to.user.clone());
+                if let Some(n) = waiting.0.get_mut(&key) {
+                    *n += 1;
+                }
+            }
+            outcomes.push((a.r, a.to, id, delivered));
         }
-        if delivered > 0 {
-            let done = self
-                .store
-                .chat_delivered(target, &[id], now_ms())
-                .await
-                .map_err(|e| unavailable(e, "chat"))?;
-            // The sending device learns it from its `chat_ack` (a receipt could overtake
-            // the ack and name an id it does not know yet); its other devices, which got
-            // the copy, from a receipt.
-            if !done.is_empty() {
+        let delivered_ids: Vec<u64> = outcomes
+            .iter()
+            .filter(|(_, _, _, d)| *d > 0)
+            .map(|(_, _, id, _)| *id)
+            .collect();
+        if let Err(e) = self
+            .store
+            .chat_mark_delivered(&delivered_ids, now_ms())
+            .await
+        {
+            // The messages were handed on; only their delivered mark is missing.
+            tracing::error!(error = %e, messages = delivered_ids.len(), "marking chats delivered failed");
+        }
+        for (r, to, id, delivered) in outcomes {
+            if delivered > 0 {
+                // The sending device learns it from its `chat_ack` (a receipt could
+                // overtake the ack and name an id it does not know yet); its other
+                // devices, which got the copy, from a receipt.
                 self.receipt(
-                    &(me.tenant.clone(), me.user.clone()),
+                    &(r.me.tenant.clone(), r.me.user.clone()),
                     id,
                     ReceiptStatus::Delivered,
-                    to,
-                    Some(session),
+                    &to,
+                    Some(r.session),
                 );
             }
+            let _ = r.reply.send(Ok(ChatReply::Sent {
+                message: id,
+                delivered,
+            }));
         }
-        Ok(ChatReply::Sent {
-            message: id,
-            delivered,
-        })
     }
 
     /// Tells every device of `sender` (but `except`) that `by` got or read `message`.

@@ -12,6 +12,9 @@ use super::{Store, StoreError};
 /// A user as the archive names one: (tenant, user).
 pub type Party<'a> = (&'a str, &'a str);
 
+/// A message to archive: (from, to, text).
+pub type ChatRow<'a> = (Party<'a>, Party<'a>, &'a str);
+
 /// One archived message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredChat {
@@ -149,6 +152,53 @@ impl Store {
         tx.commit().await?;
         done.sort_by_key(|m| m.id);
         Ok(done)
+    }
+
+    /// Archives several messages (from, to, text) sent at `sent_ms` in one transaction;
+    /// returns their ids, in order.
+    pub async fn chat_insert_many(
+        &self,
+        rows: &[ChatRow<'_>],
+        sent_ms: i64,
+    ) -> Result<Vec<u64>, StoreError> {
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        for (from, to, text) in rows {
+            let id: i64 = sqlx::query_scalar(
+                "INSERT INTO messages (conv, from_tenant, from_user, to_tenant, to_user, text, sent_ms) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            )
+            .bind(conversation(*from, *to))
+            .bind(from.0)
+            .bind(from.1)
+            .bind(to.0)
+            .bind(to.1)
+            .bind(*text)
+            .bind(sent_ms)
+            .fetch_one(&mut *tx)
+            .await?;
+            ids.push(id.max(0) as u64);
+        }
+        tx.commit().await?;
+        Ok(ids)
+    }
+
+    /// Marks messages the message task itself handed on as delivered (ids it got from
+    /// [`Store::chat_insert_many`]).
+    pub async fn chat_mark_delivered(&self, ids: &[u64], at_ms: i64) -> Result<(), StoreError> {
+        for chunk in ids.chunks(500) {
+            let mut q =
+                sqlx::QueryBuilder::<sqlx::Sqlite>::new("UPDATE messages SET delivered_ms = ");
+            q.push_bind(at_ms)
+                .push(" WHERE delivered_ms IS NULL AND id IN (");
+            let mut list = q.separated(", ");
+            for id in chunk {
+                list.push_bind(*id as i64);
+            }
+            q.push(")");
+            q.build().persistent(false).execute(&self.pool).await?;
+        }
+        Ok(())
     }
 
     /// `me` read `message` and every earlier message of its sender to `me`: marks them
