@@ -42,6 +42,7 @@
 //! # }
 //! ```
 
+pub mod capacity;
 pub mod device;
 pub mod fleet;
 pub mod media;

@@ -43,6 +43,14 @@ enum Command {
     /// --json). Exits 2 when --max-fail-ratio or --max-setup-p99 is exceeded. Ctrl-C stops
     /// new calls and hangs up the answered ones; a second Ctrl-C aborts.
     Storm(Box<StormArgs>),
+    /// Find a SIP target's highest clean call rate, then offer 1.5x, 2x and 4x of it and
+    /// print the goodput curve.
+    ///
+    /// Doubles the rate from --start while runs of --step are clean (under 0.1% failed,
+    /// every call finished within --tail of the last INVITE, the generator kept up), then
+    /// bisects to --precision. Works against any switch that answers SIP over UDP. Exits 2
+    /// when not even --start is clean.
+    Capacity(Box<CapacityArgs>),
     /// Replay a CDR file (Parley CSV or Asterisk Master.csv) as a storm: each recorded call
     /// placed at its recorded time, to its recorded number, held for its billed time,
     /// gaps and holds divided by --speed.
@@ -283,6 +291,60 @@ struct DeviceArgs {
     mark_read: bool,
 }
 
+/// Options of the `capacity` subcommand.
+#[derive(Debug, Parser)]
+struct CapacityArgs {
+    /// The SIP (UDP) address to send INVITEs to.
+    #[arg(long)]
+    target: SocketAddr,
+    /// Numbers to call: one number, a range FIRST-LAST (cycled through), or @FILE.
+    #[arg(long, value_parser = Numbers::parse)]
+    to: Numbers,
+    /// The calling number.
+    #[arg(long, default_value = "+15557770001")]
+    from: String,
+    /// First rate tried, calls per second.
+    #[arg(long, default_value_t = 100.0)]
+    start: f64,
+    /// Highest rate tried.
+    #[arg(long, default_value_t = 10_000.0)]
+    max: f64,
+    /// Length of each search run (e.g. `10s`).
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    step: Duration,
+    /// Stop bisecting when the unclean rate is within this share of the clean one.
+    #[arg(long, default_value_t = 0.05)]
+    precision: f64,
+    /// Multiples of the clean rate to offer afterwards, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1.5,2,4")]
+    overload: Vec<f64>,
+    /// Length of each overload run.
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    overload_duration: Duration,
+    /// How long after the last INVITE the last call may end in a clean run (raise it
+    /// above --hold).
+    #[arg(long, value_parser = parse_duration, default_value = "2s")]
+    tail: Duration,
+    /// Pause between runs.
+    #[arg(long, value_parser = parse_duration, default_value = "3s")]
+    pause: Duration,
+    /// Hold time of answered calls: DUR, uniform:A-B or exp:MEAN.
+    #[arg(long, default_value = "0")]
+    hold: Hold,
+    /// A call with no final response this long after its INVITE fails as `timeout`.
+    #[arg(long, value_parser = parse_duration, default_value = "32s")]
+    answer_timeout: Duration,
+    /// Calls in progress at most.
+    #[arg(long)]
+    max_concurrent: Option<usize>,
+    /// Address to bind the SIP socket to.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    local: SocketAddr,
+    /// Write the report as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
 /// The final JSON line.
 #[derive(Serialize)]
 struct Summary<'a> {
@@ -308,6 +370,7 @@ async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     match cli.command {
         Command::Device(args) => run_device(*args).await.map(|()| ExitCode::SUCCESS),
+        Command::Capacity(args) => run_capacity(*args).await,
         Command::Storm(mut args) => {
             if let (Some(path), Some(m)) = (&args.scenario, matches.subcommand_matches("storm")) {
                 let sc = Scenario::from_file(path)
@@ -552,6 +615,45 @@ async fn finish_storm(
         eprintln!("FAIL: {v}");
     }
     Ok(if violations.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
+}
+
+async fn run_capacity(args: CapacityArgs) -> anyhow::Result<ExitCode> {
+    let mut base = StormConfig::new(args.target, args.to);
+    base.local = args.local;
+    base.from = args.from;
+    base.hold = args.hold;
+    base.answer_timeout = args.answer_timeout;
+    base.max_concurrent = args.max_concurrent;
+    let mut cfg = parley_load::capacity::CapacityConfig::new(base);
+    cfg.start = args.start;
+    cfg.max = args.max;
+    cfg.step = args.step;
+    cfg.precision = args.precision;
+    cfg.overload = args.overload;
+    cfg.overload_duration = args.overload_duration;
+    cfg.tail = args.tail;
+    cfg.pause = args.pause;
+    let report = parley_load::capacity::run(&cfg, |phase, s| {
+        eprintln!(
+            "{phase}: {:.0} calls/s: {} attempts, {} failed, tail {:.1} s: {}",
+            s.rate_cps,
+            s.attempts,
+            s.failed,
+            s.tail_s,
+            s.why.as_deref().unwrap_or("clean")
+        );
+    })
+    .await?;
+    print!("{report}");
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(if report.clean_cps.is_some() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(2)
