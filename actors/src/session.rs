@@ -65,8 +65,9 @@ pub struct PresenceSession {
     book_users: HashMap<String, String>,
     /// Users watched because the book holds them, with how many entries do.
     book_watch: HashMap<String, usize>,
-    /// The book as it stood at login, sent when the session starts.
-    login_book: Option<Vec<AddressBookEntry>>,
+    /// The users in the book as it stood at login, (address, user), watched when the
+    /// session starts.
+    login_book: Option<Vec<(String, String)>>,
     /// Book requests sent and not answered yet.
     book_pending: usize,
     /// Chat requests sent and not answered yet.
@@ -121,11 +122,11 @@ impl PresenceSession {
         }
     }
 
-    /// The address book as the device got it at login (the driver sends the pages right
-    /// after `login_ok`, marked with [`mark_users`]): the session watches the presence of
-    /// the users in it as it starts.
-    pub fn with_book(mut self, entries: Vec<AddressBookEntry>) -> Self {
-        self.login_book = Some(entries);
+    /// The entries of the book the device got at login that are users of the tenant, as
+    /// (address, user) (the driver sends the pages right after `login_ok`, marked with
+    /// [`mark_users`]): the session watches those users' presence as it starts.
+    pub fn with_book(mut self, users: Vec<(String, String)>) -> Self {
+        self.login_book = Some(users);
         self
     }
 
@@ -137,26 +138,41 @@ impl PresenceSession {
         removed: &[String],
         ctx: &mut Context<Self>,
     ) {
+        mark_users(&self.owner.registry, &self.owner.id.tenant, entries);
+        let marked = entries
+            .iter()
+            .map(|e| (e.address.as_str(), e.user.as_deref()));
+        self.track(marked, removed, ctx);
+    }
+
+    /// Follows what marked entries (address, user) and removed addresses change in the
+    /// set of users the book watches.
+    fn track<'a>(
+        &mut self,
+        entries: impl IntoIterator<Item = (&'a str, Option<&'a str>)>,
+        removed: &[String],
+        ctx: &mut Context<Self>,
+    ) {
         for address in removed {
             if let Some(user) = self.book_users.remove(address) {
                 self.unwatch_book_user(&user);
             }
         }
-        mark_users(&self.owner.registry, &self.owner.id.tenant, entries);
-        for e in entries.iter_mut() {
-            let before = match e.user.clone() {
-                Some(u) => self.book_users.insert(e.address.clone(), u.clone()),
-                None => self.book_users.remove(&e.address),
+        for (address, user) in entries {
+            let before = match user {
+                Some(u) => self.book_users.insert(address.to_owned(), u.to_owned()),
+                None => self.book_users.remove(address),
             };
-            if before == e.user {
+            if before.as_deref() == user {
                 continue;
             }
             if let Some(old) = before {
                 self.unwatch_book_user(&old);
             }
-            if let Some(new) = &e.user {
-                *self.book_watch.entry(new.clone()).or_default() += 1;
-                if self.book_watch[new] == 1 && !self.watching.contains(new) {
+            if let Some(new) = user {
+                let n = self.book_watch.entry(new.to_owned()).or_default();
+                *n += 1;
+                if *n == 1 && !self.watching.contains(new) {
                     self.watch(new, ctx);
                 }
             }
@@ -657,8 +673,9 @@ impl Actor for PresenceSession {
             },
             remote: self.owner.remote,
         });
-        if let Some(mut book) = self.login_book.take() {
-            self.annotate(&mut book, &[], ctx);
+        if let Some(users) = self.login_book.take() {
+            let marked = users.iter().map(|(a, u)| (a.as_str(), Some(u.as_str())));
+            self.track(marked, &[], ctx);
         }
         self.fetch_inbox(ctx);
     }

@@ -86,17 +86,17 @@ impl Books {
         let owner = (tenant, user);
         let (label, outcome) = match op {
             BookOp::Search { query, limit } => {
-                metrics::counter!(m::ADDRESS_BOOK_EDITS_TOTAL, "op" => "search", "result" => "ok")
+                let found = self.store.book_search(owner, &query, limit).await;
+                let result = if found.is_ok() { "ok" } else { "unavailable" };
+                metrics::counter!(m::ADDRESS_BOOK_EDITS_TOTAL, "op" => "search", "result" => result)
                     .increment(1);
-                return self
-                    .store
-                    .book_search(owner, &query, limit)
-                    .await
-                    .map(BookReply::Results)
-                    .map_err(|e| {
-                        tracing::error!(%tenant, %user, error = %e, "address book search failed");
-                        BookError::new("unavailable", "the address book could not be read")
-                    });
+                return found.map(BookReply::Results).map_err(|e| {
+                    tracing::error!(%tenant, %user, error = %e, "address book search failed");
+                    BookError::new(
+                        "unavailable",
+                        "book_search: the address book could not be read",
+                    )
+                });
             }
             BookOp::Set {
                 address,

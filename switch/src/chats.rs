@@ -271,7 +271,9 @@ impl Chats {
     /// copied, marked delivered in one statement, receipted and answered, in order.
     async fn send_batch(&self, requests: Vec<ChatRequest>, waiting: &mut Waiting) {
         struct Admitted {
-            r: ChatRequest,
+            me: UserIdentity,
+            session: u64,
+            reply: tokio::sync::oneshot::Sender<Result<ChatReply, ChatError>>,
             to: UserIdentity,
             to_name: String,
             text: String,
@@ -280,12 +282,20 @@ impl Chats {
         }
         let mut admitted = Vec::with_capacity(requests.len());
         for r in requests {
-            let ChatOp::Send { to, to_name, text } = r.op.clone() else {
+            let ChatRequest {
+                me,
+                session,
+                op: ChatOp::Send { to, to_name, text },
+                reply,
+            } = r
+            else {
                 continue;
             };
             match self.admit((&to, &to_name), waiting).await {
                 Ok((recipient, online)) => admitted.push(Admitted {
-                    r,
+                    me,
+                    session,
+                    reply,
                     to,
                     to_name,
                     text,
@@ -293,7 +303,7 @@ impl Chats {
                     online,
                 }),
                 Err(e) => {
-                    let _ = r.reply.send(Err(e));
+                    let _ = reply.send(Err(e));
                 }
             }
         }
@@ -305,7 +315,7 @@ impl Chats {
             .iter()
             .map(|a| {
                 (
-                    (a.r.me.tenant.as_str(), a.r.me.user.as_str()),
+                    (a.me.tenant.as_str(), a.me.user.as_str()),
                     (a.to.tenant.as_str(), a.to.user.as_str()),
                     a.text.as_str(),
                 )
@@ -316,7 +326,7 @@ impl Chats {
             Err(e) => {
                 let err = unavailable(e, "chat");
                 for a in admitted {
-                    let _ = a.r.reply.send(Err(err.clone()));
+                    let _ = a.reply.send(Err(err.clone()));
                 }
                 return;
             }
@@ -325,7 +335,7 @@ impl Chats {
         let sent_at_ms = sent_ms.max(0) as u64;
         let mut outcomes = Vec::with_capacity(admitted.len());
         for (a, id) in admitted.into_iter().zip(ids) {
-            let me = &a.r.me;
+            let me = &a.me;
             let delivered = if a.online > 0 {
                 let chat = ServerMsg::Chat {
                     from: name_for(&a.to.tenant, me),
@@ -357,7 +367,7 @@ impl Chats {
                         to: a.to_name,
                         own: true,
                     },
-                    except: Some(a.r.session),
+                    except: Some(a.session),
                 });
             }
             if a.online > 0 && delivered == 0 {
@@ -367,13 +377,9 @@ impl Chats {
                     *n += 1;
                 }
             }
-            outcomes.push((a.r, a.to, id, delivered));
+            outcomes.push((a.me, a.session, a.reply, a.to, id, delivered));
         }
-        let delivered_ids: Vec<u64> = outcomes
-            .iter()
-            .filter(|(_, _, _, d)| *d > 0)
-            .map(|(_, _, id, _)| *id)
-            .collect();
+        let delivered_ids: Vec<u64> = outcomes.iter().filter(|o| o.5 > 0).map(|o| o.4).collect();
         if let Err(e) = self
             .store
             .chat_mark_delivered(&delivered_ids, now_ms())
@@ -382,20 +388,20 @@ impl Chats {
             // The messages were handed on; only their delivered mark is missing.
             tracing::error!(error = %e, messages = delivered_ids.len(), "marking chats delivered failed");
         }
-        for (r, to, id, delivered) in outcomes {
+        for (me, session, reply, to, id, delivered) in outcomes {
             if delivered > 0 {
                 // The sending device learns it from its `chat_ack` (a receipt could
                 // overtake the ack and name an id it does not know yet); its other
                 // devices, which got the copy, from a receipt.
                 self.receipt(
-                    &(r.me.tenant.clone(), r.me.user.clone()),
+                    &(me.tenant, me.user),
                     id,
                     ReceiptStatus::Delivered,
                     &to,
-                    Some(r.session),
+                    Some(session),
                 );
             }
-            let _ = r.reply.send(Ok(ChatReply::Sent {
+            let _ = reply.send(Ok(ChatReply::Sent {
                 message: id,
                 delivered,
             }));

@@ -455,7 +455,11 @@ async fn handle_connection(conn: quinn::Connection, ctx: Arc<ImContext>, mut pen
             Vec::new()
         });
     parley_actors::session::mark_users(&ctx.registry, &row.tenant, &mut book);
-    for page in control::address_book_frames(book.clone()) {
+    let book_users: Vec<(String, String)> = book
+        .iter()
+        .filter_map(|e| Some((e.address.clone(), e.user.clone()?)))
+        .collect();
+    for page in control::address_book_frames(book) {
         let _ = tx.try_send(page);
     }
     ctx.relay.register_session(session_id, conn.clone());
@@ -471,7 +475,7 @@ async fn handle_connection(conn: quinn::Connection, ctx: Arc<ImContext>, mut pen
         book: Some(ctx.books.clone()),
     };
     let session = PresenceSession::new(session_id, device, owner, tx.clone())
-        .with_book(book)
+        .with_book(book_users)
         .start();
     // A directory that locks, disables or removes the account closes this session.
     let _tracked = row.directory.then(|| {

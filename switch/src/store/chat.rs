@@ -63,30 +63,6 @@ const COLUMNS: &str =
     "id, from_tenant, from_user, to_tenant, to_user, text, sent_ms, delivered_ms, read_ms";
 
 impl Store {
-    /// Archives a message; returns its id.
-    pub async fn chat_insert(
-        &self,
-        from: Party<'_>,
-        to: Party<'_>,
-        text: &str,
-        sent_ms: i64,
-    ) -> Result<u64, StoreError> {
-        let id: i64 = sqlx::query_scalar(
-            "INSERT INTO messages (conv, from_tenant, from_user, to_tenant, to_user, text, sent_ms) \
-             VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
-        )
-        .bind(conversation(from, to))
-        .bind(from.0)
-        .bind(from.1)
-        .bind(to.0)
-        .bind(to.1)
-        .bind(text)
-        .bind(sent_ms)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(id.max(0) as u64)
-    }
-
     /// Messages waiting for `to` (not delivered, sent at or after `since_ms`).
     pub async fn chat_waiting(&self, to: Party<'_>, since_ms: i64) -> Result<i64, StoreError> {
         Ok(sqlx::query_scalar(
@@ -326,6 +302,13 @@ mod tests {
         );
     }
 
+    async fn insert(store: &Store, from: Party<'_>, to: Party<'_>, text: &str, at: i64) -> u64 {
+        store
+            .chat_insert_many(&[(from, to, text)], at)
+            .await
+            .unwrap()[0]
+    }
+
     #[tokio::test]
     async fn the_inbox_history_and_receipts_keep_to_their_users() {
         let dir = tempfile::tempdir().unwrap();
@@ -333,14 +316,9 @@ mod tests {
         let (alice, bob, carol) = (("demo", "alice"), ("demo", "bob"), ("demo", "carol"));
         let mut ids = Vec::new();
         for i in 0..5 {
-            ids.push(
-                store
-                    .chat_insert(alice, bob, &format!("a{i}"), 1000 + i)
-                    .await
-                    .unwrap(),
-            );
+            ids.push(insert(&store, alice, bob, &format!("a{i}"), 1000 + i).await);
         }
-        let from_carol = store.chat_insert(carol, bob, "c", 2000).await.unwrap();
+        let from_carol = insert(&store, carol, bob, "c", 2000).await;
         assert!(ids.windows(2).all(|w| w[0] < w[1]));
         // Bob's inbox: all six, oldest first; the expiry cut-off drops the oldest two.
         assert_eq!(store.chat_waiting(bob, 0).await.unwrap(), 6);
