@@ -3,7 +3,9 @@
 # book updates, and the node's memory while a large file streams through it.
 #
 #   loadtest/bench/cdr_import.sh ROWS [USERS]
+#   STORE_URL=postgres://USER@127.0.0.1:PORT/DB loadtest/bench/cdr_import.sh ROWS
 #
+# STORE_URL (optional) is the node's `[store] url`: unset, SQLite in the output directory.
 # Writes an Asterisk Master.csv of ROWS rows (about 230 bytes each: 4.7 M rows ≈ 1 GB)
 # whose calls involve USERS users of tenant demo (default 1000): 80% from one of 200,000
 # outside numbers to a user, 10% from a user to an outside number, 5% between two users,
@@ -35,6 +37,7 @@ listen = "127.0.0.1:8182"
 port_min = 40000
 port_max = 40099
 CONF
+  if [ -n "${STORE_URL:-}" ]; then printf '[store]\nurl = "%s"\n' "$STORE_URL"; fi
   for i in $(seq 1 "$USERS"); do
     printf '[[users]]\ntenant = "demo"\nuser = "user%d"\nnumber = "+1555020%04d"\npassword = "demo"\n' "$i" "$i"
   done
@@ -106,4 +109,8 @@ PY
 }
 run first
 run again
-echo "store: $(du -sh data | cut -f1) in $OUT/data"
+if [ -n "${STORE_URL:-}" ]; then
+  echo "store: ${STORE_URL%%\?*} (PostgreSQL)"
+else
+  echo "store: $(du -sh data | cut -f1) in $OUT/data"
+fi

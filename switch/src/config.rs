@@ -36,6 +36,8 @@ pub struct Config {
     pub cdrs: CdrsConfig,
     /// Chat messages: offline storage and the archive.
     pub chat: ChatConfig,
+    /// The database: SQLite in `data_dir` unless a URL says otherwise.
+    pub store: StoreConfig,
     /// Login throttling and caps on connections not logged in yet.
     pub login: LoginConfig,
     /// SIP trunks toward the PSTN.
@@ -311,6 +313,35 @@ pub struct CdrsConfig {
     pub retention_days: u32,
 }
 
+/// `[store]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `postgres://USER:PASSWORD@HOST:PORT/DATABASE` (append `?sslmode=require` off
+    /// loopback) for a PostgreSQL server, or `sqlite://PATH`; unset: `parley.db` in
+    /// `data_dir`. The password is never logged.
+    pub url: Option<String>,
+    /// Connections to the database (default: 4 for SQLite, 8 for PostgreSQL).
+    pub max_connections: Option<u32>,
+}
+
+impl StoreConfig {
+    /// Where the store is, for a node whose data directory is `data_dir`.
+    pub fn url(&self, data_dir: &std::path::Path) -> Result<crate::store::StoreUrl, String> {
+        let mut url = match &self.url {
+            Some(u) => crate::store::StoreUrl::parse(u)?,
+            None => crate::store::StoreUrl::sqlite_in(data_dir),
+        };
+        if let Some(n) = self.max_connections {
+            if !(1..=1000).contains(&n) {
+                return Err("max_connections must be between 1 and 1000".to_owned());
+            }
+            url.max_connections = n;
+        }
+        Ok(url)
+    }
+}
+
 /// `[chat]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -516,6 +547,7 @@ impl Default for Config {
             address_book: AddressBookConfig::default(),
             cdrs: CdrsConfig::default(),
             chat: ChatConfig::default(),
+            store: StoreConfig::default(),
             login: LoginConfig::default(),
             trunks: Vec::new(),
             number_plan: Vec::new(),
@@ -722,6 +754,14 @@ impl Config {
                 "chat.offline_max_messages",
                 "must be at least 1 (messages to offline users are refused otherwise)",
             ));
+        }
+        if let Err(e) = self.store.url(&self.data_dir) {
+            let key = if e.starts_with("max_connections") {
+                "store.max_connections"
+            } else {
+                "store.url"
+            };
+            return Err(bad(key, &e));
         }
         if !(1..=256).contains(&self.quic.threads) {
             return Err(bad("quic.threads", "must be between 1 and 256"));

@@ -48,13 +48,19 @@ pub struct NodeInfo {
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)?;
     let prometheus = m::install()?;
-    let store = Store::open(&cfg.data_dir)
-        .await?
+    let url = cfg
+        .store
+        .url(&cfg.data_dir)
+        .map_err(|e| anyhow::anyhow!("[store]: {e}"))?;
+    let store = Store::connect(&url)
+        .await
+        .map_err(|e| anyhow::anyhow!("store {url}: {e}"))?
         .with_book_limit(cfg.address_book.max_entries)
         .with_retention(
             (cfg.cdrs.retention_days > 0)
                 .then(|| Duration::from_secs(u64::from(cfg.cdrs.retention_days) * 86_400)),
         );
+    tracing::info!(store = %url, "store open");
     // Calls that were up when the node last died have an open CDR row: close it.
     let cut = store.close_interrupted(None).await?;
     if cut > 0 {

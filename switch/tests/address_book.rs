@@ -50,9 +50,10 @@ async fn one_call(node: &Node, args: &[&str]) {
     );
 }
 
+both_stores! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rejected_strangers_cannot_fill_the_book_or_become_known() {
-    let node = Node::start_full("", "", &format!("[address_book]\nmax_entries = {LIMIT}"));
+async fn rejected_strangers_cannot_fill_the_book_or_become_known(store) {
+    let node = Node::start_on(store, ["", "", &format!("[address_book]\nmax_entries = {LIMIT}"), ""], 200);
     let device = node.device(node.device_config("alice", "desk")).await;
     let known = "+15557770001";
 
@@ -182,4 +183,5 @@ async fn rejected_strangers_cannot_fill_the_book_or_become_known() {
         .wait_for(T, |m| matches!(m, ServerMsg::Pong { id: 5 }))
         .await;
     assert!(pong.is_some());
+}
 }

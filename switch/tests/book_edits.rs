@@ -18,14 +18,8 @@ const T: Duration = Duration::from_secs(10);
 
 /// The node's users: alice +15550100001 and bob +15550100002 (tenant demo, region US),
 /// olga +15550100009 of tenant `other`.
-fn node() -> Node {
-    Node::start_with_tail(
-        "",
-        "",
-        "",
-        200,
-        "[[users]]\ntenant = \"other\"\nuser = \"olga\"\nnumber = \"+15550100009\"\npassword = \"demo\"\n",
-    )
+fn node(store: StoreKind) -> Node {
+    Node::start_with_olga(store)
 }
 
 /// Sends `msg` with request id `id` and returns the answer that echoes it (`book_ok`,
@@ -193,9 +187,10 @@ async fn declined_call(node: &Node) {
     );
 }
 
+both_stores! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn edits_reach_every_device_and_calls_do_not_undo_them() {
-    let node = node();
+async fn edits_reach_every_device_and_calls_do_not_undo_them(store) {
+    let node = node(store);
     let mut desk = node.device(node.device_config("alice", "desk")).await;
     let mobile = node.device(node.device_config("alice", "mobile")).await;
 
@@ -427,10 +422,12 @@ async fn edits_reach_every_device_and_calls_do_not_undo_them() {
         1.0
     );
 }
+}
 
+both_stores! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn entries_that_are_users_carry_presence_and_dial_in_one_message() {
-    let node = node();
+async fn entries_that_are_users_carry_presence_and_dial_in_one_message(store) {
+    let node = node(store);
     let mut desk = node.device(node.device_config("alice", "desk")).await;
 
     // Bob's number in alice's book: the entry names him, and his presence follows.
@@ -583,10 +580,12 @@ async fn entries_that_are_users_carry_presence_and_dial_in_one_message() {
         );
     }
 }
+}
 
+both_stores! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_device_reaches_only_its_own_users_book() {
-    let node = node();
+async fn a_device_reaches_only_its_own_users_book(store) {
+    let node = node(store);
     // Bob has an entry; the operator put it there (the admin API edits like a device).
     let (st, body) = node.put(
         &format!("/api/v1/users/bob/address-book/{CAROL}"),
@@ -692,4 +691,5 @@ async fn a_device_reaches_only_its_own_users_book() {
     assert_eq!((st, body.contains("entry_blocked")), (409, true), "{body}");
     // Olga's book was never touched.
     assert!(admin_book(&node, "other", "olga").is_empty());
+}
 }

@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use common::{Node, sipp_uac};
 
+both_stores! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_call_cut_by_a_crash_leaves_an_interrupted_cdr() {
-    let node = Node::start();
+async fn a_call_cut_by_a_crash_leaves_an_interrupted_cdr(store) {
+    let node = Node::start_on(store, [""; 4], 200);
     let _device = node.device(node.device_config("alice", "desk")).await;
     // A 20-s call; the node dies in its middle.
     let sipp = tokio::spawn(sipp_uac(
@@ -36,4 +37,5 @@ async fn a_call_cut_by_a_crash_leaves_an_interrupted_cdr() {
             .contains("closed the CDRs of calls cut by the last stop")
     );
     sipp.abort();
+}
 }

@@ -11,14 +11,8 @@ use parley_codecs::control::ServerMsg;
 
 /// The node's users: alice +15550100001 and bob +15550100002 (tenant demo, region US),
 /// olga +15550100009 of tenant `other`.
-fn node() -> Node {
-    Node::start_with_tail(
-        "",
-        "",
-        "",
-        200,
-        "[[users]]\ntenant = \"other\"\nuser = \"olga\"\nnumber = \"+15550100009\"\npassword = \"demo\"\n",
-    )
+fn node(store: StoreKind) -> Node {
+    Node::start_with_olga(store)
 }
 
 fn book(node: &Node, tenant: &str, user: &str) -> Vec<serde_json::Value> {
@@ -102,9 +96,10 @@ fn master_csv() -> Vec<u8> {
     out
 }
 
+both_stores! {
 #[test]
-fn an_asterisk_file_fills_the_books_once_and_reports_each_bad_line() {
-    let node = node();
+fn an_asterisk_file_fills_the_books_once_and_reports_each_bad_line(store) {
+    let node = node(store);
     let file = node.dir.path().join("Master.csv");
     std::fs::write(&file, master_csv()).unwrap();
     let (ok, out) = cli_import(&node, &["--format", "asterisk"], &file);
@@ -197,10 +192,12 @@ fn an_asterisk_file_fills_the_books_once_and_reports_each_bad_line() {
     assert_eq!(book(&node, "demo", "alice"), alice);
     assert_eq!(book(&node, "demo", "bob"), bob);
 }
+}
 
+both_stores! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_freeswitch_import_reaches_an_online_device() {
-    let node = node();
+async fn a_freeswitch_import_reaches_an_online_device(store) {
+    let node = node(store);
     let mut device = node.device(node.device_config("alice", "desk")).await;
     // The book page sent at login (empty) has arrived before the import.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -245,10 +242,12 @@ async fn a_freeswitch_import_reaches_an_online_device() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+}
 
+both_stores! {
 #[test]
-fn a_generic_file_maps_its_columns_and_bad_requests_say_what_is_wrong() {
-    let node = node();
+fn a_generic_file_maps_its_columns_and_bad_requests_say_what_is_wrong(store) {
+    let node = node(store);
     let file = "Call Ref,Caller,Callee,Started (epoch),Seconds,Billed\n\
                 r1,+442071838750,+15550100002,1764493200,65,60\n\
                 r2,+442071838750,+15550100002,1764496800,20,0\n\
@@ -344,10 +343,12 @@ fn a_generic_file_maps_its_columns_and_bad_requests_say_what_is_wrong() {
     assert_eq!(node.post(base, file, false).0, 401);
     assert_eq!(book(&node, "demo", "bob"), bob);
 }
+}
 
+both_stores! {
 #[test]
-fn rows_older_than_the_retention_are_not_imported() {
-    let node = Node::start_with_tail("", "", "", 200, "[cdrs]\nretention_days = 30\n");
+fn rows_older_than_the_retention_are_not_imported(store) {
+    let node = Node::start_on(store, ["", "", "", "[cdrs]\nretention_days = 30\n"], 200);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -376,4 +377,5 @@ fn rows_older_than_the_retention_are_not_imported() {
         node.metric("parley_cdr_import_rows_total{result=\"expired\"}"),
         1.0
     );
+}
 }

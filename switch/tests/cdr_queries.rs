@@ -16,10 +16,11 @@ fn json(body: &str) -> Vec<serde_json::Value> {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
 }
 
+both_stores! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn filters_pages_and_exports_match_the_calls() {
+async fn filters_pages_and_exports_match_the_calls(store) {
     // bob has no device and the trunk is dead: his calls fail fast (T1 50 ms).
-    let node = Node::start_with("t1_ms = 50");
+    let node = Node::start_on(store, ["t1_ms = 50", "", "", ""], 200);
     let _alice = node.device(node.device_config("alice", "desk")).await;
     let run = sipp_uac(&node, &["-sn", "uac"], "+15550100001", 5, 5, &[]).await;
     assert_eq!((run.successful, run.failed), (5, 0), "{}", run.output);
@@ -125,4 +126,5 @@ async fn filters_pages_and_exports_match_the_calls() {
         assert!(body.contains(says), "{q}: {body}");
     }
     assert_eq!(node.get("/api/v1/cdrs/export?format=csv", false).0, 401);
+}
 }

@@ -14,17 +14,20 @@ use parley_load::device::Device;
 const T: Duration = Duration::from_secs(10);
 
 /// alice, bob (demo), carol (demo), olga (tenant `other`); `chat` keys in `[chat]`.
-fn node(chat: &str) -> Node {
-    Node::start_with_tail(
-        "",
-        "",
-        "",
-        200,
-        &format!(
-            "[[users]]\ntenant = \"demo\"\nuser = \"carol\"\nnumber = \"+15550100003\"\npassword = \"demo\"\n\
+fn node(store: StoreKind, chat: &str) -> Node {
+    Node::start_on(
+        store,
+        [
+            "",
+            "",
+            "",
+            &format!(
+                "[[users]]\ntenant = \"demo\"\nuser = \"carol\"\nnumber = \"+15550100003\"\npassword = \"demo\"\n\
              [[users]]\ntenant = \"other\"\nuser = \"olga\"\nnumber = \"+15550100009\"\npassword = \"demo\"\n\
              [chat]\n{chat}\n"
-        ),
+            ),
+        ],
+        200,
     )
 }
 
@@ -147,9 +150,10 @@ async fn error_code(dev: &mut Device, id: u64) -> String {
     }
 }
 
+both_stores! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chats_to_an_offline_user_arrive_at_login_in_order_after_a_crash() {
-    let node = node("");
+async fn chats_to_an_offline_user_arrive_at_login_in_order_after_a_crash(store) {
+    let node = node(store, "");
     let mut alice = node.device(node.device_config("alice", "desk")).await;
     let mut sent = Vec::new();
     for (i, text) in ["one", "two", "three"].into_iter().enumerate() {
@@ -251,10 +255,12 @@ async fn chats_to_an_offline_user_arrive_at_login_in_order_after_a_crash() {
         ]
     );
 }
+}
 
+both_stores! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn history_pages_on_a_fresh_device_and_copies_reach_the_senders_other_devices() {
-    let node = node("");
+async fn history_pages_on_a_fresh_device_and_copies_reach_the_senders_other_devices(store) {
+    let node = node(store, "");
     let mut desk = node.device(node.device_config("alice", "desk")).await;
     let mut mobile = node.device(node.device_config("alice", "mobile")).await;
     let mut bob = node.device(node.device_config("bob", "desk")).await;
@@ -369,10 +375,12 @@ async fn history_pages_on_a_fresh_device_and_copies_reach_the_senders_other_devi
         Err("bad_message".into())
     );
 }
+}
 
+both_stores! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_offline_users_mailbox_has_a_quota() {
-    let node = node("offline_max_messages = 3");
+async fn an_offline_users_mailbox_has_a_quota(store) {
+    let node = node(store, "offline_max_messages = 3");
     let mut alice = node.device(node.device_config("alice", "desk")).await;
     for i in 1..=3u64 {
         assert!(chat(&mut alice, "bob", "hi", i).await.2);
@@ -410,11 +418,13 @@ async fn an_offline_users_mailbox_has_a_quota() {
     }
     assert!(chat(&mut alice, "bob", "again", 5).await.2);
 }
+}
 
+both_stores! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_load_device_shows_chats_sends_them_and_marks_them_read() {
+async fn the_load_device_shows_chats_sends_them_and_marks_them_read(store) {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-    let node = node("");
+    let node = node(store, "");
     let mut alice = node.device(node.device_config("alice", "desk")).await;
     let (kept, _, stored) = chat(&mut alice, "bob", "while you were out", 1).await;
     assert!(stored);
@@ -474,4 +484,5 @@ async fn the_load_device_shows_chats_sends_them_and_marks_them_read() {
         .unwrap();
     until("history with alice: 2 messages").await;
     until("alice -> bob: while you were out (read)").await;
+}
 }

@@ -12,9 +12,10 @@
 //! - tombstones do not count against the book's limit, and at most as many tombstones as
 //!   the limit are kept (the oldest go first).
 //!
-//! Edits are `BEGIN IMMEDIATE` transactions: they read before they write, and a deferred
-//! transaction that finds another writer got in between fails at once (SQLite does not
-//! wait for a lock it would have to upgrade).
+//! Edits begin with [`Backend::begin_write`](super::Backend): on SQLite `BEGIN IMMEDIATE`,
+//! as they read before they write, and a deferred transaction that finds another writer
+//! got in between fails at once (SQLite does not wait for a lock it would have to
+//! upgrade); on PostgreSQL a plain transaction, its row locks ordering the writers.
 
 use super::{BOOK_COLUMNS, NameSource, Store, StoreError, book_entry, book_size, evict, unix_ms};
 use parley_codecs::control::{AddressBookEntry, MAX_BOOK_NAME_BYTES, MAX_BOOK_NOTE_BYTES};
@@ -135,18 +136,18 @@ impl Store {
         let name = checked("name", edit.name, MAX_BOOK_NAME_BYTES)?;
         let note = checked("note", edit.note, MAX_BOOK_NOTE_BYTES)?;
         let now = unix_ms(std::time::SystemTime::now());
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.pool.begin_with(self.backend.begin_write()).await?;
         // `?N` flags say which fields the edit sets. A name the user sets ranks above
         // every caller id; clearing it lets the next caller id name the entry.
         let sql = format!(
-            "INSERT INTO address_book (tenant, user, address, name, call_count, last_seen_ms, known_calls, \
+            "INSERT INTO address_book (tenant, username, address, name, call_count, last_seen_ms, known_calls, \
              incoming_calls, outgoing_calls, missed_calls, first_seen_ms, name_source, note, favourite, added) \
-             VALUES (?1, ?2, ?3, ?4, 0, ?5, 0, 0, 0, 0, ?5, CASE WHEN ?4 IS NULL THEN 0 ELSE {user_rank} END, ?6, ?7, 1) \
-             ON CONFLICT (tenant, user, address) DO UPDATE SET \
-             name = CASE WHEN ?8 THEN excluded.name ELSE address_book.name END, \
-             name_source = CASE WHEN ?8 THEN excluded.name_source ELSE address_book.name_source END, \
-             note = CASE WHEN ?9 THEN excluded.note ELSE address_book.note END, \
-             favourite = CASE WHEN ?10 THEN excluded.favourite ELSE address_book.favourite END, \
+             VALUES ($1, $2, $3, $4, 0, $5, 0, 0, 0, 0, $5, CASE WHEN $4 IS NULL THEN 0 ELSE {user_rank} END, $6, $7, 1) \
+             ON CONFLICT (tenant, username, address) DO UPDATE SET \
+             name = CASE WHEN $8 THEN excluded.name ELSE address_book.name END, \
+             name_source = CASE WHEN $8 THEN excluded.name_source ELSE address_book.name_source END, \
+             note = CASE WHEN $9 THEN excluded.note ELSE address_book.note END, \
+             favourite = CASE WHEN $10 THEN excluded.favourite ELSE address_book.favourite END, \
              last_seen_ms = CASE WHEN address_book.deleted = 1 THEN excluded.last_seen_ms ELSE address_book.last_seen_ms END, \
              first_seen_ms = CASE WHEN address_book.deleted = 1 THEN excluded.first_seen_ms ELSE address_book.first_seen_ms END, \
              deleted = 0, added = 1 \
@@ -173,14 +174,14 @@ impl Store {
     /// Ends an edit that may have grown the book: evicts what is over the limit, commits.
     async fn within_limit(
         &self,
-        mut tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+        mut tx: sqlx::Transaction<'static, sqlx::Any>,
         owner: (&str, &str),
         entry: AddressBookEntry,
     ) -> Result<EditOutcome, BookEditError> {
         let size = book_size(&mut tx, owner).await?;
         let mut removed = Vec::new();
         if size > self.book_limit {
-            removed = evict(&mut tx, owner, size - self.book_limit).await?;
+            removed = evict(&mut tx, self.backend, owner, size - self.book_limit).await?;
         }
         tx.commit().await?;
         // The entry itself may have been the least valuable (a full book of favourites).
@@ -195,9 +196,9 @@ impl Store {
         address: &str,
     ) -> Result<EditOutcome, BookEditError> {
         let now = unix_ms(std::time::SystemTime::now());
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.pool.begin_with(self.backend.begin_write()).await?;
         let state: Option<(i64, i64)> = sqlx::query_as(
-            "SELECT deleted, blocked FROM address_book WHERE tenant = ? AND user = ? AND address = ?",
+            "SELECT deleted, blocked FROM address_book WHERE tenant = $1 AND username = $2 AND address = $3",
         )
         .bind(tenant)
         .bind(user)
@@ -213,8 +214,8 @@ impl Store {
         sqlx::query(
             "UPDATE address_book SET deleted = 1, name = NULL, name_source = 0, note = NULL, favourite = 0, \
              added = 0, call_count = 0, known_calls = 0, incoming_calls = 0, outgoing_calls = 0, \
-             missed_calls = 0, last_seen_ms = ?, first_seen_ms = ? \
-             WHERE tenant = ? AND user = ? AND address = ?",
+             missed_calls = 0, last_seen_ms = $1, first_seen_ms = $2 \
+             WHERE tenant = $3 AND username = $4 AND address = $5",
         )
         .bind(now)
         .bind(now)
@@ -225,11 +226,12 @@ impl Store {
         .await?;
         // At most `book_limit` tombstones: the oldest go (their parties may come back).
         sqlx::query(
-            "DELETE FROM address_book WHERE rowid IN (SELECT rowid FROM address_book \
-             WHERE tenant = ? AND user = ? AND deleted = 1 ORDER BY last_seen_ms DESC, address LIMIT -1 OFFSET ?)",
+            "DELETE FROM address_book WHERE tenant = $1 AND username = $2 AND address IN (SELECT address FROM address_book \
+             WHERE tenant = $1 AND username = $2 AND deleted = 1 ORDER BY last_seen_ms DESC, address LIMIT $3 OFFSET $4)",
         )
         .bind(tenant)
         .bind(user)
+        .bind(i64::MAX)
         .bind(self.book_limit)
         .execute(&mut *tx)
         .await?;
@@ -248,10 +250,10 @@ impl Store {
         blocked: bool,
     ) -> Result<EditOutcome, BookEditError> {
         let now = unix_ms(std::time::SystemTime::now());
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.pool.begin_with(self.backend.begin_write()).await?;
         let row = if blocked {
             let already: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM address_book WHERE tenant = ? AND user = ? AND blocked = 1 AND address != ?",
+                "SELECT COUNT(*) FROM address_book WHERE tenant = $1 AND username = $2 AND blocked = 1 AND address != $3",
             )
             .bind(tenant)
             .bind(user)
@@ -262,9 +264,9 @@ impl Store {
                 return Err(BookEditError::BookFull(self.book_limit));
             }
             let sql = format!(
-                "INSERT INTO address_book (tenant, user, address, call_count, last_seen_ms, first_seen_ms, blocked) \
-                 VALUES (?, ?, ?, 0, ?, ?, 1) \
-                 ON CONFLICT (tenant, user, address) DO UPDATE SET blocked = 1, \
+                "INSERT INTO address_book (tenant, username, address, call_count, last_seen_ms, first_seen_ms, blocked) \
+                 VALUES ($1, $2, $3, 0, $4, $5, 1) \
+                 ON CONFLICT (tenant, username, address) DO UPDATE SET blocked = 1, \
                  last_seen_ms = CASE WHEN address_book.deleted = 1 THEN excluded.last_seen_ms ELSE address_book.last_seen_ms END, \
                  deleted = 0 RETURNING {BOOK_COLUMNS}"
             );
@@ -278,7 +280,7 @@ impl Store {
                 .await?
         } else {
             let sql = format!(
-                "UPDATE address_book SET blocked = 0 WHERE tenant = ? AND user = ? AND address = ? AND deleted = 0 \
+                "UPDATE address_book SET blocked = 0 WHERE tenant = $1 AND username = $2 AND address = $3 AND deleted = 0 \
                  RETURNING {BOOK_COLUMNS}"
             );
             sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -322,9 +324,10 @@ impl Store {
             like(&digits)
         };
         let sql = format!(
-            "SELECT {BOOK_COLUMNS} FROM address_book WHERE tenant = ? AND user = ? AND deleted = 0 AND \
-             (address LIKE ? ESCAPE '\\' OR address LIKE ? ESCAPE '\\' OR name LIKE ? ESCAPE '\\' OR note LIKE ? ESCAPE '\\') \
-             ORDER BY favourite DESC, last_seen_ms DESC, address LIMIT ?"
+            "SELECT {BOOK_COLUMNS} FROM address_book WHERE tenant = $1 AND username = $2 AND deleted = 0 AND \
+             (address {like} $3 ESCAPE '\\' OR address {like} $4 ESCAPE '\\' OR name {like} $5 ESCAPE '\\' OR note {like} $6 ESCAPE '\\') \
+             ORDER BY favourite DESC, last_seen_ms DESC, address LIMIT $7",
+            like = self.backend.ilike()
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(tenant)
@@ -346,7 +349,7 @@ impl Store {
         address: &str,
     ) -> Result<Option<AddressBookEntry>, StoreError> {
         let sql = format!(
-            "SELECT {BOOK_COLUMNS} FROM address_book WHERE tenant = ? AND user = ? AND address = ? AND deleted = 0"
+            "SELECT {BOOK_COLUMNS} FROM address_book WHERE tenant = $1 AND username = $2 AND address = $3 AND deleted = 0"
         );
         let row = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(tenant)
@@ -379,7 +382,7 @@ mod tests {
 
     async fn one_call(store: &Store, c: Contact<'static>) {
         let mut tx = store.pool.begin().await.unwrap();
-        add_contact(&mut tx, store.book_limit, ("t", "u"), c)
+        add_contact(&mut tx, store.book(), ("t", "u"), c)
             .await
             .unwrap();
         tx.commit().await.unwrap();
@@ -395,15 +398,9 @@ mod tests {
             })
             .collect();
         let mut tx = store.pool.begin().await.unwrap();
-        add_contacts(
-            &mut tx,
-            store.book_limit,
-            "t",
-            &sums,
-            &mut Default::default(),
-        )
-        .await
-        .unwrap();
+        add_contacts(&mut tx, store.book(), "t", &sums, &mut Default::default())
+            .await
+            .unwrap();
         tx.commit().await.unwrap();
     }
 
@@ -436,10 +433,8 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_deleted_entry_stays_deleted_whatever_the_calls_until_added_again() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).await.unwrap();
+    both_backends! {
+    async fn a_deleted_entry_stays_deleted_whatever_the_calls_until_added_again(store: Store) {
         let owner = ("t", "u");
         one_call(&store, call("+1", 1, IN)).await;
         let done = store.book_delete(owner, "+1").await.unwrap();
@@ -472,11 +467,10 @@ mod tests {
         // A caller id names an entry the user did not name.
         assert_eq!(e.name.as_deref(), Some("Caller Id"));
     }
+    }
 
-    #[tokio::test]
-    async fn the_users_name_beats_caller_ids_and_clearing_it_lets_them_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).await.unwrap();
+    both_backends! {
+    async fn the_users_name_beats_caller_ids_and_clearing_it_lets_them_back(store: Store) {
         let owner = ("t", "u");
         one_call(&store, call("+1", 1, MISSED)).await;
         let named = BookEdit {
@@ -533,11 +527,11 @@ mod tests {
             );
         }
     }
+    }
 
-    #[tokio::test]
-    async fn eviction_spares_blocked_entries_and_takes_favourites_last() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).await.unwrap().with_book_limit(3);
+    both_backends! {
+    async fn eviction_spares_blocked_entries_and_takes_favourites_last(store: Store) {
+        let store = store.with_book_limit(3);
         let owner = ("t", "u");
         // A blocked stranger and a favourite that was only ever missed: both would be
         // the least valuable by calls.
@@ -596,11 +590,11 @@ mod tests {
             "unknown_entry"
         );
     }
+    }
 
-    #[tokio::test]
-    async fn tombstones_are_bounded_by_the_book_limit() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).await.unwrap().with_book_limit(2);
+    both_backends! {
+    async fn tombstones_are_bounded_by_the_book_limit(store: Store) {
+        let store = store.with_book_limit(2);
         let owner = ("t", "u");
         for (i, a) in ["+1", "+2", "+3", "+4"].into_iter().enumerate() {
             one_call(&store, call(a, i as u64, IN)).await;
@@ -613,6 +607,7 @@ mod tests {
                 .unwrap();
         assert_eq!(tombstones, 2);
     }
+    }
 
     #[tokio::test]
     async fn eviction_reads_its_partial_index() {
@@ -622,7 +617,7 @@ mod tests {
         let store = Store::open(dir.path()).await.unwrap();
         let rows = sqlx::query(
             "EXPLAIN QUERY PLAN SELECT rowid FROM address_book INDEXED BY address_book_evictable \
-             WHERE tenant = 't' AND user = 'u' AND deleted = 0 AND blocked = 0 \
+             WHERE tenant = 't' AND username = 'u' AND deleted = 0 AND blocked = 0 \
              ORDER BY favourite, (known_calls > 0 OR added > 0), call_count, last_seen_ms, address LIMIT 1",
         )
         .fetch_all(&store.pool)

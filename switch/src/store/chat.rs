@@ -46,7 +46,7 @@ pub fn conversation(a: Party<'_>, b: Party<'_>) -> String {
     }
 }
 
-fn stored(r: &sqlx::sqlite::SqliteRow) -> StoredChat {
+fn stored(r: &sqlx::any::AnyRow) -> StoredChat {
     let ms = |c: &str| r.get::<Option<i64>, _>(c);
     StoredChat {
         id: r.get::<i64, _>("id").max(0) as u64,
@@ -66,8 +66,8 @@ impl Store {
     /// Messages waiting for `to` (not delivered, sent at or after `since_ms`).
     pub async fn chat_waiting(&self, to: Party<'_>, since_ms: i64) -> Result<i64, StoreError> {
         Ok(sqlx::query_scalar(
-            "SELECT COUNT(*) FROM messages WHERE to_tenant = ? AND to_user = ? \
-             AND delivered_ms IS NULL AND sent_ms >= ?",
+            "SELECT COUNT(*) FROM messages WHERE to_tenant = $1 AND to_user = $2 \
+             AND delivered_ms IS NULL AND sent_ms >= $3",
         )
         .bind(to.0)
         .bind(to.1)
@@ -85,8 +85,8 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<StoredChat>, StoreError> {
         let sql = format!(
-            "SELECT {COLUMNS} FROM messages WHERE to_tenant = ? AND to_user = ? \
-             AND delivered_ms IS NULL AND sent_ms >= ? ORDER BY id LIMIT ?"
+            "SELECT {COLUMNS} FROM messages WHERE to_tenant = $1 AND to_user = $2 \
+             AND delivered_ms IS NULL AND sent_ms >= $3 ORDER BY id LIMIT $4"
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(to.0)
@@ -107,22 +107,21 @@ impl Store {
         at_ms: i64,
     ) -> Result<Vec<StoredChat>, StoreError> {
         let mut done = Vec::new();
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.pool.begin_with(self.backend.begin_write()).await?;
         for chunk in ids.chunks(500) {
-            let mut q =
-                sqlx::QueryBuilder::<sqlx::Sqlite>::new("UPDATE messages SET delivered_ms = ");
-            q.push_bind(at_ms)
-                .push(" WHERE delivered_ms IS NULL AND to_tenant = ")
-                .push_bind(to.0.to_owned())
-                .push(" AND to_user = ")
-                .push_bind(to.1.to_owned())
-                .push(" AND id IN (");
-            let mut list = q.separated(", ");
+            let sql = format!(
+                "UPDATE messages SET delivered_ms = $1 WHERE delivered_ms IS NULL AND to_tenant = $2 \
+                 AND to_user = $3 AND id IN ({}) RETURNING {COLUMNS}",
+                super::placeholder_list(4, chunk.len())
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(at_ms)
+                .bind(to.0)
+                .bind(to.1);
             for id in chunk {
-                list.push_bind(*id as i64);
+                q = q.bind(*id as i64);
             }
-            q.push(format!(") RETURNING {COLUMNS}"));
-            let rows = q.build().persistent(false).fetch_all(&mut *tx).await?;
+            let rows = q.persistent(false).fetch_all(&mut *tx).await?;
             done.extend(rows.iter().map(stored));
         }
         tx.commit().await?;
@@ -138,11 +137,11 @@ impl Store {
         sent_ms: i64,
     ) -> Result<Vec<u64>, StoreError> {
         let mut ids = Vec::with_capacity(rows.len());
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.pool.begin_with(self.backend.begin_write()).await?;
         for (from, to, text) in rows {
             let id: i64 = sqlx::query_scalar(
                 "INSERT INTO messages (conv, from_tenant, from_user, to_tenant, to_user, text, sent_ms) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
             )
             .bind(conversation(*from, *to))
             .bind(from.0)
@@ -163,16 +162,15 @@ impl Store {
     /// [`Store::chat_insert_many`]).
     pub async fn chat_mark_delivered(&self, ids: &[u64], at_ms: i64) -> Result<(), StoreError> {
         for chunk in ids.chunks(500) {
-            let mut q =
-                sqlx::QueryBuilder::<sqlx::Sqlite>::new("UPDATE messages SET delivered_ms = ");
-            q.push_bind(at_ms)
-                .push(" WHERE delivered_ms IS NULL AND id IN (");
-            let mut list = q.separated(", ");
+            let sql = format!(
+                "UPDATE messages SET delivered_ms = $1 WHERE delivered_ms IS NULL AND id IN ({})",
+                super::placeholder_list(2, chunk.len())
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(at_ms);
             for id in chunk {
-                list.push_bind(*id as i64);
+                q = q.bind(*id as i64);
             }
-            q.push(")");
-            q.build().persistent(false).execute(&self.pool).await?;
+            q.persistent(false).execute(&self.pool).await?;
         }
         Ok(())
     }
@@ -186,9 +184,9 @@ impl Store {
         message: u64,
         at_ms: i64,
     ) -> Result<Option<(String, String)>, StoreError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.pool.begin_with(self.backend.begin_write()).await?;
         let row = sqlx::query(
-            "SELECT from_tenant, from_user, conv FROM messages WHERE id = ? AND to_tenant = ? AND to_user = ?",
+            "SELECT from_tenant, from_user, conv FROM messages WHERE id = $1 AND to_tenant = $2 AND to_user = $3",
         )
         .bind(message as i64)
         .bind(me.0)
@@ -201,8 +199,8 @@ impl Store {
         let from: (String, String) = (row.get("from_tenant"), row.get("from_user"));
         let conv: String = row.get("conv");
         sqlx::query(
-            "UPDATE messages SET read_ms = ?, delivered_ms = COALESCE(delivered_ms, ?) \
-             WHERE conv = ? AND id <= ? AND to_tenant = ? AND to_user = ? AND read_ms IS NULL",
+            "UPDATE messages SET read_ms = $1, delivered_ms = COALESCE(delivered_ms, $2) \
+             WHERE conv = $3 AND id <= $4 AND to_tenant = $5 AND to_user = $6 AND read_ms IS NULL",
         )
         .bind(at_ms)
         .bind(at_ms)
@@ -231,7 +229,7 @@ impl Store {
         let rows = match after {
             Some(a) => {
                 let sql = format!(
-                    "SELECT {COLUMNS} FROM messages WHERE conv = ? AND id > ? ORDER BY id LIMIT ?"
+                    "SELECT {COLUMNS} FROM messages WHERE conv = $1 AND id > $2 ORDER BY id LIMIT $3"
                 );
                 sqlx::query(sqlx::AssertSqlSafe(sql))
                     .bind(&conv)
@@ -242,7 +240,7 @@ impl Store {
             }
             None => {
                 let sql = format!(
-                    "SELECT {COLUMNS} FROM messages WHERE conv = ? AND id < ? ORDER BY id DESC LIMIT ?"
+                    "SELECT {COLUMNS} FROM messages WHERE conv = $1 AND id < $2 ORDER BY id DESC LIMIT $3"
                 );
                 sqlx::query(sqlx::AssertSqlSafe(sql))
                     .bind(&conv)
@@ -265,7 +263,7 @@ impl Store {
         let mut total = 0;
         loop {
             let done = sqlx::query(
-                "DELETE FROM messages WHERE id IN (SELECT id FROM messages WHERE sent_ms < ? LIMIT ?)",
+                "DELETE FROM messages WHERE id IN (SELECT id FROM messages WHERE sent_ms < $1 LIMIT $2)",
             )
             .bind(before_ms)
             .bind(chunk)
@@ -309,10 +307,8 @@ mod tests {
             .unwrap()[0]
     }
 
-    #[tokio::test]
-    async fn the_inbox_history_and_receipts_keep_to_their_users() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).await.unwrap();
+    both_backends! {
+    async fn the_inbox_history_and_receipts_keep_to_their_users(store: Store) {
         let (alice, bob, carol) = (("demo", "alice"), ("demo", "bob"), ("demo", "carol"));
         let mut ids = Vec::new();
         for i in 0..5 {
@@ -397,5 +393,6 @@ mod tests {
         // Expiry.
         assert_eq!(store.chat_expire(1003, 2).await.unwrap(), 3);
         assert_eq!(store.chat_count().await.unwrap(), 3);
+    }
     }
 }

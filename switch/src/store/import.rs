@@ -273,24 +273,27 @@ async fn apply(
     // Rows not imported before: their keys come back from the insert.
     let mut fresh: HashSet<String> = HashSet::with_capacity(matched.len());
     for chunk in matched.chunks(KEYS_PER_STATEMENT) {
-        let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-            "INSERT INTO carrier_cdrs (key, tenant, src, src_name, dst, start_ms, answer_ms, end_ms, disposition, format, imported_ms) ",
+        let sql = format!(
+            "INSERT INTO carrier_cdrs (key, tenant, src, src_name, dst, start_ms, answer_ms, end_ms, disposition, format, imported_ms) \
+             VALUES {} ON CONFLICT (key) DO NOTHING RETURNING key",
+            super::value_rows(chunk.len(), 11)
         );
-        q.push_values(chunk, |mut b, m| {
-            b.push_bind(m.key.clone())
-                .push_bind(tenant.to_owned())
-                .push_bind(m.src.clone())
-                .push_bind(m.row.src_name.clone())
-                .push_bind(m.dst.clone())
-                .push_bind(unix_ms(m.row.start))
-                .push_bind(m.row.answer.map(unix_ms))
-                .push_bind(unix_ms(m.row.end))
-                .push_bind(m.row.disposition.clone())
-                .push_bind(format.to_owned())
-                .push_bind(now);
-        });
-        q.push(" ON CONFLICT (key) DO NOTHING RETURNING key");
-        for r in q.build().persistent(false).fetch_all(&mut *tx).await? {
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for m in chunk {
+            q = q
+                .bind(m.key.as_str())
+                .bind(tenant)
+                .bind(m.src.as_str())
+                .bind(m.row.src_name.as_deref())
+                .bind(m.dst.as_str())
+                .bind(unix_ms(m.row.start))
+                .bind(m.row.answer.map(unix_ms))
+                .bind(unix_ms(m.row.end))
+                .bind(m.row.disposition.as_str())
+                .bind(format)
+                .bind(now);
+        }
+        for r in q.persistent(false).fetch_all(&mut *tx).await? {
             fresh.insert(r.get::<String, _>("key"));
         }
     }
@@ -339,7 +342,7 @@ async fn apply(
             sums[i].1.add(contact);
         }
     }
-    let changes = add_contacts(&mut tx, store.book_limit, tenant, &sums, book_sizes).await?;
+    let changes = add_contacts(&mut tx, store.book(), tenant, &sums, book_sizes).await?;
     tx.commit().await?;
     for (result, now, then) in [
         ("imported", report.imported, before.imported),

@@ -1,14 +1,19 @@
 //! Storage: users, CDRs and address books.
 //!
-//! SQLite through `sqlx` is the embedded default; `sqlx` was chosen because the same code
-//! and queries target PostgreSQL for larger deployments (the `Any` driver or a second
-//! implementation behind [`Store`]'s methods), it is async (no blocking the actor thread),
-//! and it is the best-maintained SQL toolkit in Rust. Passwords are stored as Argon2id
+//! SQLite through `sqlx` is the embedded default, PostgreSQL the store of larger
+//! deployments (`[store] url`). `sqlx` was chosen because one set of queries serves both
+//! through its `Any` driver (the backend picked at start-up from the URL), it is async (no
+//! blocking the actor thread), and it is the best-maintained SQL toolkit in Rust.
+//!
+//! The queries are written in the SQL both servers speak: `$N` placeholders (sqlx's SQLite
+//! driver binds `$N` by number), `ON CONFLICT … DO UPDATE … RETURNING`, no `rowid` outside
+//! [`Backend::row_id`]. Where the dialects part ([`Backend`]: two-argument `MAX`/`GREATEST`,
+//! `LIKE`/`ILIKE`, `BEGIN IMMEDIATE`, SQLite's `INDEXED BY`, the column types of the
+//! schema), the difference is spelled out in one place. Passwords are stored as Argon2id
 //! PHC strings (the `argon2` crate, RustCrypto), never in clear.
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::str::FromStr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
@@ -16,7 +21,74 @@ use parley_codecs::control::AddressBookEntry;
 use parley_core::cdr::{CdrRecord, Disposition};
 use serde::Serialize;
 use sqlx::Row;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyConnection, AnyPool};
+
+/// Runs a store test on both backends: `NAME::sqlite` on a file in a temporary
+/// directory, `NAME::postgres` on a fresh PostgreSQL database ([`test_pg`]).
+#[cfg(test)]
+macro_rules! both_backends {
+    ($(#[$attr:meta])* async fn $name:ident($store:ident: $ty:ty) $body:block) => {
+        $(#[$attr])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            async fn run($store: $ty) $body
+
+            #[tokio::test]
+            async fn sqlite() {
+                let t = $crate::store::testing::sqlite().await;
+                run(t.store.clone()).await
+            }
+
+            #[tokio::test]
+            async fn postgres() {
+                let t = $crate::store::testing::postgres().await;
+                run(t.store.clone()).await
+            }
+        }
+    };
+}
+
+/// PostgreSQL for tests: the integration tests' helper, shared.
+#[cfg(test)]
+#[path = "../../tests/common/pg.rs"]
+pub(crate) mod test_pg;
+
+/// Stores for tests, one per backend.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::{Store, StoreUrl};
+
+    /// A store and what keeps its database alive.
+    pub(crate) struct TestStore {
+        pub(crate) store: Store,
+        _dir: Option<tempfile::TempDir>,
+        _pg: Option<super::test_pg::TestPostgres>,
+    }
+
+    /// SQLite in a temporary directory.
+    pub(crate) async fn sqlite() -> TestStore {
+        let dir = tempfile::tempdir().unwrap();
+        TestStore {
+            store: Store::open(dir.path()).await.unwrap(),
+            _dir: Some(dir),
+            _pg: None,
+        }
+    }
+
+    /// A fresh PostgreSQL database.
+    pub(crate) async fn postgres() -> TestStore {
+        let pg = super::test_pg::database().await;
+        let url = StoreUrl::parse(&pg.url).unwrap();
+        TestStore {
+            store: Store::connect(&url).await.unwrap(),
+            _dir: None,
+            _pg: Some(pg),
+        }
+    }
+}
 
 pub mod book;
 pub mod cdr_writer;
@@ -34,6 +106,143 @@ pub enum StoreError {
     /// Hashing failed.
     #[error("password hashing: {0}")]
     Hash(String),
+}
+
+/// Which database server the store talks to; where their SQL parts, the difference is
+/// spelled out here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// An SQLite file (the embedded default).
+    Sqlite,
+    /// A PostgreSQL server.
+    Postgres,
+}
+
+impl Backend {
+    /// The name of a row's id in the tables without a key of their own, `cdrs` and
+    /// `users` (SQLite's implicit `rowid`; PostgreSQL's `id`, in insertion order too).
+    fn row_id(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "rowid",
+            Backend::Postgres => "id",
+        }
+    }
+
+    /// The larger of two values (SQLite's scalar `MAX(a, b)` is PostgreSQL's `GREATEST`).
+    fn greatest(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "MAX",
+            Backend::Postgres => "GREATEST",
+        }
+    }
+
+    /// The smaller of two values.
+    fn least(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "MIN",
+            Backend::Postgres => "LEAST",
+        }
+    }
+
+    /// Case-insensitive `LIKE` (SQLite's `LIKE` is, for ASCII; PostgreSQL's is not).
+    fn ilike(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "LIKE",
+            Backend::Postgres => "ILIKE",
+        }
+    }
+
+    /// How a transaction that reads before it writes begins: SQLite takes the write lock
+    /// at once (a deferred transaction that finds another writer got in between fails
+    /// at once: SQLite does not wait for a lock it would have to upgrade); PostgreSQL
+    /// locks rows as it goes.
+    fn begin_write(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "BEGIN IMMEDIATE",
+            Backend::Postgres => "BEGIN",
+        }
+    }
+}
+
+/// Where the store lives: `sqlite://PATH` or `postgres://USER:PASSWORD@HOST:PORT/DB`
+/// (`[store] url`). The URL's password never reaches a log: [`StoreUrl`]'s `Display` and
+/// `Debug` leave it out.
+#[derive(Clone)]
+pub struct StoreUrl {
+    url: Secret,
+    backend: Backend,
+    /// Connections in the pool.
+    pub max_connections: u32,
+}
+
+/// A string that is not printed.
+#[derive(Clone)]
+struct Secret(String);
+
+impl Secret {
+    fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl StoreUrl {
+    /// Reads a URL; the error says what is wrong with it (without the password).
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let scheme = url.split_once(':').map(|(s, _)| s).unwrap_or("");
+        let (backend, max_connections) = match scheme {
+            "sqlite" => (Backend::Sqlite, 4),
+            "postgres" | "postgresql" => (Backend::Postgres, 8),
+            _ => {
+                return Err(
+                    "must start with sqlite:// (a file) or postgres:// (a server)".to_owned(),
+                );
+            }
+        };
+        Ok(Self {
+            url: Secret(url.to_owned()),
+            backend,
+            max_connections,
+        })
+    }
+
+    /// `parley.db` in a data directory.
+    pub fn sqlite_in(dir: &Path) -> Self {
+        Self {
+            url: Secret(format!(
+                "sqlite://{}?mode=rwc",
+                dir.join("parley.db").display()
+            )),
+            backend: Backend::Sqlite,
+            max_connections: 4,
+        }
+    }
+
+    /// Which server.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+}
+
+impl std::fmt::Display for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let url = self.url.expose();
+        // scheme://user:password@host… → scheme://user:***@host…
+        match (url.find("://"), url.rfind('@')) {
+            (Some(s), Some(at)) if at > s => {
+                let userinfo = &url[s + 3..at];
+                let user = userinfo.split(':').next().unwrap_or("");
+                let hidden = if userinfo.contains(':') { ":***" } else { "" };
+                write!(f, "{}{user}{hidden}{}", &url[..s + 3], &url[at..])
+            }
+            _ => f.write_str(url),
+        }
+    }
+}
+
+impl std::fmt::Debug for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StoreUrl({self})")
+    }
 }
 
 /// A user of the built-in store.
@@ -99,8 +308,8 @@ impl Store {
         };
         let done = sqlx::query(
             "UPDATE cdrs SET disposition = 'INTERRUPTED', \
-             end_ms = COALESCE(?1, start_ms), end_time = COALESCE(?2, start_time), \
-             duration_secs = CASE WHEN answer_ms IS NULL OR ?1 IS NULL THEN 0 ELSE (?1 - answer_ms) / 1000.0 END \
+             end_ms = COALESCE($1, start_ms), end_time = COALESCE($2, start_time), \
+             duration_secs = CASE WHEN answer_ms IS NULL OR $1 IS NULL THEN 0 ELSE ($1 - answer_ms) / 1000.0 END \
              WHERE disposition = 'IN_PROGRESS'",
         )
         .bind(end_ms)
@@ -114,7 +323,8 @@ impl Store {
 /// The node's database.
 #[derive(Clone, Debug)]
 pub struct Store {
-    pool: SqlitePool,
+    pool: AnyPool,
+    backend: Backend,
     /// An Argon2id hash of a random password, with the parameters of real ones: a login
     /// for a user that does not exist is verified against it, so that the work (and the
     /// time) of the answer is the same as for a wrong password.
@@ -156,12 +366,12 @@ impl BookChange {
     }
 }
 
-fn cdr_row(r: &sqlx::sqlite::SqliteRow) -> CdrRow {
+fn cdr_row(r: &AnyRow) -> CdrRow {
     CdrRow {
         call_id: r.get("call_id"),
         sip_call_id: r.get("sip_call_id"),
         tenant: r.get("tenant"),
-        user: r.get("user"),
+        user: r.get("username"),
         caller: r.get("caller"),
         caller_name: r.get("caller_name"),
         called: r.get("called"),
@@ -223,7 +433,7 @@ impl CdrCursor {
     }
 }
 
-fn book_entry(r: &sqlx::sqlite::SqliteRow) -> AddressBookEntry {
+fn book_entry(r: &AnyRow) -> AddressBookEntry {
     let ms: i64 = r.get("last_seen_ms");
     let first: Option<i64> = r.get("first_seen_ms");
     let count = |c: &str| r.get::<i64, _>(c).max(0) as u64;
@@ -324,6 +534,29 @@ pub(crate) fn note_change(
     }
 }
 
+/// `($1, …, $cols), ($cols+1, …), …`: the placeholders of a multi-row `VALUES`.
+pub(crate) fn value_rows(rows: usize, cols: usize) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(rows * cols * 5);
+    for r in 0..rows {
+        s.push_str(if r == 0 { "(" } else { ", (" });
+        for c in 0..cols {
+            let sep = if c == 0 { "" } else { ", " };
+            let _ = write!(s, "{sep}${}", r * cols + c + 1);
+        }
+        s.push(')');
+    }
+    s
+}
+
+/// `$first, $first+1, …`: `n` placeholders of an `IN (…)` list.
+pub(crate) fn placeholder_list(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// RFC 3339 with milliseconds, UTC.
 pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
@@ -336,50 +569,38 @@ fn unix_ms(t: SystemTime) -> i64 {
 }
 
 impl Store {
-    /// Opens (creating if needed) `parley.db` in `dir`.
+    /// Opens (creating if needed) `parley.db` in `dir`: the embedded SQLite store.
     pub async fn open(dir: &Path) -> Result<Self, StoreError> {
-        let opts = SqliteConnectOptions::from_str("sqlite:")?
-            .filename(dir.join("parley.db"))
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            // 32 MiB of page cache per connection (SQLite's default is 2 MiB): address
-            // books are updated in key order of (tenant, user, address), i.e. all over
-            // the table, and an import of a large carrier file otherwise spends its time
-            // re-reading pages from the OS.
-            .pragma("cache_size", "-32768")
-            .busy_timeout(std::time::Duration::from_secs(5));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(opts)
+        Self::connect(&StoreUrl::sqlite_in(dir)).await
+    }
+
+    /// Connects to the store `url` names (SQLite file or PostgreSQL server), creating
+    /// the schema and adding what newer versions added.
+    pub async fn connect(url: &StoreUrl) -> Result<Self, StoreError> {
+        sqlx::any::install_default_drivers();
+        let backend = url.backend;
+        let pool = AnyPoolOptions::new()
+            .max_connections(url.max_connections)
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        // WAL: readers do not wait for the writer. 32 MiB of page cache
+                        // per connection (SQLite's default is 2 MiB): address books are
+                        // updated in key order of (tenant, user, address), i.e. all over
+                        // the table, and an import of a large carrier file otherwise
+                        // spends its time re-reading pages from the OS.
+                        sqlx::Executor::execute(
+                            &mut *conn,
+                            "PRAGMA journal_mode = WAL; PRAGMA cache_size = -32768; PRAGMA busy_timeout = 5000",
+                        )
+                        .await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(url.url.expose())
             .await?;
-        for stmt in SCHEMA {
-            // Fixed schema strings compiled into the binary, not user input.
-            sqlx::raw_sql(sqlx::AssertSqlSafe(*stmt))
-                .execute(&pool)
-                .await?;
-        }
-        for (table, column, ty) in ADDED_COLUMNS {
-            let present = sqlx::query("SELECT 1 FROM pragma_table_info(?) WHERE name = ?")
-                .bind(table)
-                .bind(column)
-                .fetch_optional(&pool)
-                .await?
-                .is_some();
-            if !present {
-                tracing::info!(table, column, "adding column to an existing database");
-                let stmt = format!("ALTER TABLE {table} ADD COLUMN {column} {ty}");
-                // Names come from the constant above, not from input.
-                sqlx::raw_sql(sqlx::AssertSqlSafe(stmt))
-                    .execute(&pool)
-                    .await?;
-            }
-        }
-        for stmt in INDEXES {
-            // Fixed strings compiled into the binary.
-            sqlx::raw_sql(sqlx::AssertSqlSafe(*stmt))
-                .execute(&pool)
-                .await?;
-        }
+        migrate(&pool, backend).await?;
         let decoy = tokio::task::spawn_blocking(|| {
             let mut raw = [0u8; 16];
             rand::Rng::fill(&mut rand::rng(), &mut raw);
@@ -393,6 +614,7 @@ impl Store {
         .map_err(|e| StoreError::Hash(e.to_string()))?;
         Ok(Self {
             pool,
+            backend,
             decoy: decoy.into(),
             book_limit: DEFAULT_BOOK_LIMIT as i64,
             retention: None,
@@ -404,6 +626,16 @@ impl Store {
     pub fn with_retention(mut self, keep: Option<std::time::Duration>) -> Self {
         self.retention = keep;
         self
+    }
+
+    /// The backend and the book limit, as the address book's upserts need them.
+    pub(crate) fn book(&self) -> (Backend, i64) {
+        (self.backend, self.book_limit)
+    }
+
+    /// Which database server this store is on.
+    pub fn backend(&self) -> Backend {
+        self.backend
     }
 
     /// Sets the most entries one user's address book holds.
@@ -420,14 +652,14 @@ impl Store {
         number: &str,
         password: &str,
     ) -> Result<(), StoreError> {
-        let exists = sqlx::query("SELECT 1 FROM users WHERE tenant = ? AND user = ?")
+        let exists = sqlx::query("SELECT 1 FROM users WHERE tenant = $1 AND username = $2")
             .bind(tenant)
             .bind(user)
             .fetch_optional(&self.pool)
             .await?
             .is_some();
         if exists {
-            sqlx::query("UPDATE users SET number = ? WHERE tenant = ? AND user = ?")
+            sqlx::query("UPDATE users SET number = $1 WHERE tenant = $2 AND username = $3")
                 .bind(number)
                 .bind(tenant)
                 .bind(user)
@@ -447,26 +679,29 @@ impl Store {
         .await
         .map_err(|e| StoreError::Hash(e.to_string()))?
         .map_err(|e| StoreError::Hash(e.to_string()))?;
-        sqlx::query("INSERT INTO users (tenant, user, number, password_hash) VALUES (?, ?, ?, ?)")
-            .bind(tenant)
-            .bind(user)
-            .bind(number)
-            .bind(hash)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "INSERT INTO users (tenant, username, number, password_hash) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(tenant)
+        .bind(user)
+        .bind(number)
+        .bind(hash)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
     /// All users.
     pub async fn users(&self) -> Result<Vec<UserRow>, StoreError> {
-        let rows = sqlx::query("SELECT tenant, user, number FROM users ORDER BY tenant, user")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows =
+            sqlx::query("SELECT tenant, username, number FROM users ORDER BY tenant, username")
+                .fetch_all(&self.pool)
+                .await?;
         Ok(rows
             .into_iter()
             .map(|r| UserRow {
                 tenant: r.get("tenant"),
-                user: r.get("user"),
+                user: r.get("username"),
                 number: r.get("number"),
             })
             .collect())
@@ -483,7 +718,7 @@ impl Store {
         password: &str,
     ) -> Result<Option<UserRow>, StoreError> {
         let row = sqlx::query(
-            "SELECT tenant, user, number, password_hash FROM users WHERE tenant = ? AND user = ?",
+            "SELECT tenant, username, number, password_hash FROM users WHERE tenant = $1 AND username = $2",
         )
         .bind(tenant)
         .bind(user)
@@ -508,7 +743,7 @@ impl Store {
         };
         Ok(ok.then(|| UserRow {
             tenant: row.get("tenant"),
-            user: row.get("user"),
+            user: row.get("username"),
             number: row.get("number"),
         }))
     }
@@ -555,8 +790,7 @@ impl Store {
                 when: c.end,
                 kind,
             };
-            let change =
-                add_contact(&mut tx, self.book_limit, (&c.tenant, &c.user), contact).await?;
+            let change = add_contact(&mut tx, self.book(), (&c.tenant, &c.user), contact).await?;
             note_change(&mut changes, (&c.tenant, &c.user), change);
             // A call one user's device placed to another is the caller's outgoing call.
             if let Some(caller) = &c.dialled_by {
@@ -573,7 +807,7 @@ impl Store {
                 };
                 let change = add_contact(
                     &mut tx,
-                    self.book_limit,
+                    self.book(),
                     (&caller.tenant, &caller.user),
                     contact,
                 )
@@ -610,26 +844,28 @@ impl Store {
     ) -> Result<(Vec<CdrRow>, Option<CdrCursor>), StoreError> {
         let (end_before, rowid_before) =
             cursor.map_or((i64::MAX, i64::MAX), |c| (c.end_ms, c.rowid));
-        let rows = sqlx::query(
-            "SELECT rowid AS row_id, * FROM cdrs WHERE disposition != 'IN_PROGRESS' \
-             AND (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR user = ?2) \
-             AND (?3 IS NULL OR caller = ?3 OR called = ?3) AND (?4 IS NULL OR disposition = ?4) \
-             AND (?5 IS NULL OR route = ?5) AND (?6 IS NULL OR end_ms >= ?6) AND (?7 IS NULL OR end_ms < ?7) \
-             AND (end_ms < ?8 OR (end_ms = ?8 AND rowid < ?9)) \
-             ORDER BY end_ms DESC, rowid DESC LIMIT ?10",
-        )
-        .bind(&filter.tenant)
-        .bind(&filter.user)
-        .bind(&filter.number)
-        .bind(&filter.disposition)
-        .bind(&filter.route)
-        .bind(filter.from_ms)
-        .bind(filter.to_ms)
-        .bind(end_before)
-        .bind(rowid_before)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
+        let sql = format!(
+            "SELECT {id} AS row_id, * FROM cdrs WHERE disposition != 'IN_PROGRESS' \
+             AND ($1 IS NULL OR tenant = $1) AND ($2 IS NULL OR username = $2) \
+             AND ($3 IS NULL OR caller = $3 OR called = $3) AND ($4 IS NULL OR disposition = $4) \
+             AND ($5 IS NULL OR route = $5) AND ($6 IS NULL OR end_ms >= $6) AND ($7 IS NULL OR end_ms < $7) \
+             AND (end_ms < $8 OR (end_ms = $8 AND {id} < $9)) \
+             ORDER BY end_ms DESC, {id} DESC LIMIT $10",
+            id = self.backend.row_id()
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(&filter.tenant)
+            .bind(&filter.user)
+            .bind(&filter.number)
+            .bind(&filter.disposition)
+            .bind(&filter.route)
+            .bind(filter.from_ms)
+            .bind(filter.to_ms)
+            .bind(end_before)
+            .bind(rowid_before)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
         let next = (rows.len() as i64 == limit)
             .then(|| rows.last())
             .flatten()
@@ -646,12 +882,13 @@ impl Store {
     pub async fn expire_cdrs(&self, before: SystemTime, chunk: i64) -> Result<u64, StoreError> {
         let cutoff = unix_ms(before);
         let mut gone = 0;
+        let id = self.backend.row_id();
         for sql in [
-            "DELETE FROM cdrs WHERE rowid IN (SELECT rowid FROM cdrs WHERE end_ms < ? AND disposition != 'IN_PROGRESS' LIMIT ?)",
-            "DELETE FROM carrier_cdrs WHERE rowid IN (SELECT rowid FROM carrier_cdrs WHERE end_ms < ? LIMIT ?)",
+            format!("DELETE FROM cdrs WHERE {id} IN (SELECT {id} FROM cdrs WHERE end_ms < $1 AND disposition != 'IN_PROGRESS' LIMIT $2)"),
+            "DELETE FROM carrier_cdrs WHERE key IN (SELECT key FROM carrier_cdrs WHERE end_ms < $1 LIMIT $2)".to_owned(),
         ] {
             loop {
-                let n = sqlx::query(sql)
+                let n = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
                     .bind(cutoff)
                     .bind(chunk)
                     .execute(&self.pool)
@@ -672,7 +909,7 @@ impl Store {
         tenant: &str,
         user: &str,
     ) -> Result<Option<String>, StoreError> {
-        let row = sqlx::query("SELECT json FROM preferences WHERE tenant = ? AND user = ?")
+        let row = sqlx::query("SELECT json FROM preferences WHERE tenant = $1 AND username = $2")
             .bind(tenant)
             .bind(user)
             .fetch_optional(&self.pool)
@@ -688,8 +925,8 @@ impl Store {
         json: &str,
     ) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO preferences (tenant, user, json, updated_ms) VALUES (?, ?, ?, ?) \
-             ON CONFLICT (tenant, user) DO UPDATE SET json = excluded.json, updated_ms = excluded.updated_ms",
+            "INSERT INTO preferences (tenant, username, json, updated_ms) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (tenant, username) DO UPDATE SET json = excluded.json, updated_ms = excluded.updated_ms",
         )
         .bind(tenant)
         .bind(user)
@@ -708,8 +945,8 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<(String, SystemTime)>, StoreError> {
         let rows = sqlx::query(
-            "SELECT answered_by, end_ms FROM (SELECT answered_by, end_ms FROM cdrs WHERE tenant = ? AND user = ? \
-             AND answered_by IS NOT NULL AND answered_by != 'pstn' ORDER BY end_ms DESC LIMIT ?) ORDER BY end_ms",
+            "SELECT answered_by, end_ms FROM (SELECT answered_by, end_ms FROM cdrs WHERE tenant = $1 AND username = $2 \
+             AND answered_by IS NOT NULL AND answered_by != 'pstn' ORDER BY end_ms DESC LIMIT $3) AS recent ORDER BY end_ms",
         )
         .bind(tenant)
         .bind(user)
@@ -735,7 +972,7 @@ impl Store {
         user: &str,
     ) -> Result<Vec<AddressBookEntry>, StoreError> {
         let sql = format!(
-            "SELECT {BOOK_COLUMNS} FROM address_book WHERE tenant = ? AND user = ? AND deleted = 0 \
+            "SELECT {BOOK_COLUMNS} FROM address_book WHERE tenant = $1 AND username = $2 AND deleted = 0 \
              ORDER BY last_seen_ms DESC, address"
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -756,14 +993,14 @@ fn talk_secs(c: &CdrRecord) -> f64 {
 
 /// Completes a call's opening row; the number of rows changed (0 or 1).
 async fn complete_cdr<'e>(
-    ex: impl sqlx::SqliteExecutor<'e>,
+    ex: impl sqlx::Executor<'e, Database = sqlx::Any>,
     c: &CdrRecord,
 ) -> Result<u64, StoreError> {
     let duration = talk_secs(c);
     let done = sqlx::query(
-        "UPDATE cdrs SET route = ?, answer_ms = ?, end_ms = ?, answer_time = ?, end_time = ?, \
-         duration_secs = ?, disposition = ?, sip_cause = ?, packets_in = ?, packets_out = ?, answered_by = ? \
-         WHERE call_id = ? AND start_ms = ? AND disposition = 'IN_PROGRESS'",
+        "UPDATE cdrs SET route = $1, answer_ms = $2, end_ms = $3, answer_time = $4, end_time = $5, \
+         duration_secs = $6, disposition = $7, sip_cause = $8, packets_in = $9, packets_out = $10, answered_by = $11 \
+         WHERE call_id = $12 AND start_ms = $13 AND disposition = 'IN_PROGRESS'",
     )
     .bind(c.route.as_str())
     .bind(c.answer.map(unix_ms))
@@ -784,14 +1021,14 @@ async fn complete_cdr<'e>(
 }
 
 async fn insert_cdr<'e>(
-    ex: impl sqlx::SqliteExecutor<'e>,
+    ex: impl sqlx::Executor<'e, Database = sqlx::Any>,
     c: &CdrRecord,
 ) -> Result<(), StoreError> {
     let duration = talk_secs(c);
     sqlx::query(
-        "INSERT INTO cdrs (call_id, sip_call_id, tenant, user, caller, caller_name, called, route, start_ms, answer_ms, end_ms, \
+        "INSERT INTO cdrs (call_id, sip_call_id, tenant, username, caller, caller_name, called, route, start_ms, answer_ms, end_ms, \
          start_time, answer_time, end_time, duration_secs, disposition, sip_cause, packets_in, packets_out, answered_by, direction) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)",
     )
     .bind(&c.call_id)
     .bind(&c.sip_call_id)
@@ -828,8 +1065,8 @@ async fn insert_cdr<'e>(
 /// better name (a caller id beats none, a newer caller id an older one, a name the user
 /// set beats all).
 pub(crate) async fn add_contact(
-    tx: &mut sqlx::SqliteConnection,
-    limit: i64,
+    tx: &mut AnyConnection,
+    (backend, limit): (Backend, i64),
     (tenant, user): (&str, &str),
     c: Contact<'_>,
 ) -> Result<(Option<AddressBookEntry>, Vec<String>), StoreError> {
@@ -847,8 +1084,8 @@ pub(crate) async fn add_contact(
     };
     let at = unix_ms(c.when);
     let sql = format!(
-        "INSERT INTO address_book ({BOOK_INSERT_COLUMNS}) VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?) {}",
-        book_upsert_tail()
+        "INSERT INTO address_book ({BOOK_INSERT_COLUMNS}) VALUES ($1, $2, $3, $4, 1, $5, $6, $7, $8, $9, $10, $11) {}",
+        book_upsert_tail(backend)
     );
     let row = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(tenant)
@@ -878,7 +1115,7 @@ pub(crate) async fn add_contact(
         // A new entry: the book may now be over its limit.
         let size = book_size(&mut *tx, (tenant, user)).await?;
         if size > limit {
-            evicted = evict(tx, (tenant, user), size - limit).await?;
+            evicted = evict(tx, backend, (tenant, user), size - limit).await?;
         }
     }
     if evicted.contains(&entry.address) {
@@ -890,38 +1127,39 @@ pub(crate) async fn add_contact(
 }
 
 /// The columns an address book upsert binds, in order.
-const BOOK_INSERT_COLUMNS: &str = "tenant, user, address, name, call_count, last_seen_ms, known_calls, \
+const BOOK_INSERT_COLUMNS: &str = "tenant, username, address, name, call_count, last_seen_ms, known_calls, \
      incoming_calls, outgoing_calls, missed_calls, first_seen_ms, name_source";
 
 /// What an upsert into `address_book` does with an existing entry: counts add up, the
 /// better name wins (a higher [`NameSource`], or a newer one of the same caller-id rank),
 /// first and last seen widen. Returns the entry.
-fn book_upsert_tail() -> String {
+fn book_upsert_tail(backend: Backend) -> String {
+    let (greatest, least) = (backend.greatest(), backend.least());
     let better = "excluded.name IS NOT NULL AND (excluded.name_source > address_book.name_source \
                   OR (excluded.name_source = address_book.name_source AND excluded.name_source < 2 \
                   AND excluded.last_seen_ms >= address_book.last_seen_ms))";
     format!(
-        "ON CONFLICT (tenant, user, address) DO UPDATE SET call_count = call_count + excluded.call_count, \
+        "ON CONFLICT (tenant, username, address) DO UPDATE SET call_count = address_book.call_count + excluded.call_count, \
          name = CASE WHEN {better} THEN excluded.name ELSE address_book.name END, \
          name_source = CASE WHEN {better} THEN excluded.name_source ELSE address_book.name_source END, \
-         last_seen_ms = MAX(address_book.last_seen_ms, excluded.last_seen_ms), \
-         first_seen_ms = MIN(COALESCE(address_book.first_seen_ms, address_book.last_seen_ms), excluded.first_seen_ms), \
-         known_calls = known_calls + excluded.known_calls, \
-         incoming_calls = incoming_calls + excluded.incoming_calls, \
-         outgoing_calls = outgoing_calls + excluded.outgoing_calls, \
-         missed_calls = missed_calls + excluded.missed_calls \
+         last_seen_ms = {greatest}(address_book.last_seen_ms, excluded.last_seen_ms), \
+         first_seen_ms = {least}(COALESCE(address_book.first_seen_ms, address_book.last_seen_ms), excluded.first_seen_ms), \
+         known_calls = address_book.known_calls + excluded.known_calls, \
+         incoming_calls = address_book.incoming_calls + excluded.incoming_calls, \
+         outgoing_calls = address_book.outgoing_calls + excluded.outgoing_calls, \
+         missed_calls = address_book.missed_calls + excluded.missed_calls \
          WHERE address_book.deleted = 0 \
-         RETURNING user, {BOOK_COLUMNS}"
+         RETURNING username, {BOOK_COLUMNS}"
     )
 }
 
 /// Entries in a user's book (deleted ones, kept as tombstones, do not count).
 async fn book_size(
-    tx: &mut sqlx::SqliteConnection,
+    tx: &mut AnyConnection,
     (tenant, user): (&str, &str),
 ) -> Result<i64, StoreError> {
     Ok(sqlx::query_scalar(
-        "SELECT COUNT(*) FROM address_book WHERE tenant = ? AND user = ? AND deleted = 0",
+        "SELECT COUNT(*) FROM address_book WHERE tenant = $1 AND username = $2 AND deleted = 0",
     )
     .bind(tenant)
     .bind(user)
@@ -933,22 +1171,29 @@ async fn book_size(
 /// fewest calls, then the oldest; favourites only after every other entry, blocked ones
 /// never, as their block would go with them); returns their addresses.
 async fn evict(
-    tx: &mut sqlx::SqliteConnection,
+    tx: &mut AnyConnection,
+    backend: Backend,
     (tenant, user): (&str, &str),
     n: i64,
 ) -> Result<Vec<String>, StoreError> {
-    // The order is the partial index `address_book_evictable`'s, named: without stats,
-    // SQLite 3.51's planner preferred the primary key and sorted the whole book.
-    let evicted: Vec<String> = sqlx::query_scalar(
-        "DELETE FROM address_book WHERE rowid IN (SELECT rowid FROM address_book INDEXED BY address_book_evictable \
-         WHERE tenant = ? AND user = ? AND deleted = 0 AND blocked = 0 \
-         ORDER BY favourite, (known_calls > 0 OR added > 0), call_count, last_seen_ms, address LIMIT ?) RETURNING address",
-    )
-    .bind(tenant)
-    .bind(user)
-    .bind(n)
-    .fetch_all(&mut *tx)
-    .await?;
+    // The order is the partial index `address_book_evictable`'s, named for SQLite: without
+    // stats, SQLite 3.51's planner preferred the primary key and sorted the whole book.
+    let index = match backend {
+        Backend::Sqlite => "INDEXED BY address_book_evictable",
+        Backend::Postgres => "",
+    };
+    let sql = format!(
+        "DELETE FROM address_book WHERE tenant = $1 AND username = $2 AND address IN \
+         (SELECT address FROM address_book {index} \
+         WHERE tenant = $1 AND username = $2 AND deleted = 0 AND blocked = 0 \
+         ORDER BY favourite, (known_calls > 0 OR added > 0), call_count, last_seen_ms, address LIMIT $3) RETURNING address"
+    );
+    let evicted: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .bind(tenant)
+        .bind(user)
+        .bind(n)
+        .fetch_all(&mut *tx)
+        .await?;
     metrics::counter!(crate::metrics::ADDRESS_BOOK_EVICTIONS_TOTAL).increment(evicted.len() as u64);
     Ok(evicted)
 }
@@ -1013,8 +1258,8 @@ const BOOK_ROWS_PER_STATEMENT: usize = 500;
 /// once, then its new entries are added up. Entries the CDR writer adds meanwhile are not
 /// in it, so a book can pass its limit by those until the next eviction of either.
 pub(crate) async fn add_contacts(
-    tx: &mut sqlx::SqliteConnection,
-    limit: i64,
+    tx: &mut AnyConnection,
+    (backend, limit): (Backend, i64),
     tenant: &str,
     sums: &[((String, String), ContactSum)],
     sizes: &mut HashMap<String, i64>,
@@ -1022,7 +1267,7 @@ pub(crate) async fn add_contacts(
     let mut changes: Vec<BookChange> = Vec::new();
     // Users with new entries, and how many.
     let mut grown: HashMap<String, i64> = HashMap::new();
-    let tail = book_upsert_tail();
+    let tail = book_upsert_tail(backend);
     let mut returned: Vec<(String, AddressBookEntry)> = Vec::with_capacity(sums.len());
     let sums: Vec<_> = sums
         .iter()
@@ -1036,37 +1281,38 @@ pub(crate) async fn add_contacts(
         })
         .collect();
     for chunk in sums.chunks(BOOK_ROWS_PER_STATEMENT) {
-        let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(format!(
-            "INSERT INTO address_book ({BOOK_INSERT_COLUMNS}) "
-        ));
-        q.push_values(chunk, |mut b, ((user, address), c)| {
-            b.push_bind(tenant.to_owned())
-                .push_bind(user.clone())
-                .push_bind(address.clone())
-                .push_bind(c.name.clone())
-                .push_bind(c.calls)
-                .push_bind(c.last_ms)
-                .push_bind(c.known)
-                .push_bind(c.incoming)
-                .push_bind(c.outgoing)
-                .push_bind(c.missed)
-                .push_bind(c.first_ms)
-                .push_bind(if c.name.is_some() {
+        let sql = format!(
+            "INSERT INTO address_book ({BOOK_INSERT_COLUMNS}) VALUES {} {tail}",
+            value_rows(chunk.len(), 12)
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for ((user, address), c) in chunk.iter() {
+            q = q
+                .bind(tenant)
+                .bind(user.as_str())
+                .bind(address.as_str())
+                .bind(c.name.as_deref())
+                .bind(c.calls)
+                .bind(c.last_ms)
+                .bind(c.known)
+                .bind(c.incoming)
+                .bind(c.outgoing)
+                .bind(c.missed)
+                .bind(c.first_ms)
+                .bind(if c.name.is_some() {
                     NameSource::CallerId as i64
                 } else {
                     0
                 });
-        });
-        q.push(" ");
-        q.push(&tail);
-        let rows = q.build().persistent(false).fetch_all(&mut *tx).await?;
+        }
+        let rows = q.persistent(false).fetch_all(&mut *tx).await?;
         // RETURNING gives one row per party, in no promised order: match by key.
         let counts: HashMap<(&str, &str), i64> = chunk
             .iter()
             .map(|((u, a), c)| ((u.as_str(), a.as_str()), c.calls))
             .collect();
         for r in &rows {
-            let user: String = r.get("user");
+            let user: String = r.get("username");
             let entry = book_entry(r);
             if counts.get(&(user.as_str(), entry.address.as_str()))
                 == Some(&(entry.call_count as i64))
@@ -1084,17 +1330,17 @@ pub(crate) async fn add_contacts(
         .cloned()
         .collect();
     for chunk in uncounted.chunks(BOOK_ROWS_PER_STATEMENT) {
-        let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-            "SELECT user, COUNT(*) AS n FROM address_book WHERE deleted = 0 AND tenant = ",
+        let sql = format!(
+            "SELECT username, COUNT(*) AS n FROM address_book WHERE deleted = 0 AND tenant = $1 \
+             AND username IN ({}) GROUP BY username",
+            placeholder_list(2, chunk.len())
         );
-        q.push_bind(tenant.to_owned()).push(" AND user IN (");
-        let mut list = q.separated(", ");
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(tenant);
         for u in chunk {
-            list.push_bind(u.clone());
+            q = q.bind(u.as_str());
         }
-        q.push(") GROUP BY user");
-        for r in q.build().persistent(false).fetch_all(&mut *tx).await? {
-            sizes.insert(r.get("user"), r.get("n"));
+        for r in q.persistent(false).fetch_all(&mut *tx).await? {
+            sizes.insert(r.get("username"), r.get("n"));
         }
     }
     let mut evicted: HashMap<String, Vec<String>> = HashMap::new();
@@ -1110,7 +1356,7 @@ pub(crate) async fn add_contacts(
         if *size > limit {
             let over = *size - limit;
             *size = limit;
-            let gone = evict(tx, (tenant, user), over).await?;
+            let gone = evict(tx, backend, (tenant, user), over).await?;
             evicted.insert(user.clone(), gone);
         }
     }
@@ -1128,12 +1374,11 @@ pub(crate) async fn add_contacts(
 }
 
 const SCHEMA: &[&str] = &[
-    "CREATE TABLE IF NOT EXISTS users (tenant TEXT NOT NULL, user TEXT NOT NULL, number TEXT NOT NULL, password_hash TEXT NOT NULL, display_name TEXT, numbers TEXT, source TEXT NOT NULL DEFAULT 'local', PRIMARY KEY (tenant, user))",
-    "CREATE TABLE IF NOT EXISTS cdrs (call_id TEXT NOT NULL, sip_call_id TEXT NOT NULL, tenant TEXT NOT NULL, user TEXT NOT NULL, caller TEXT NOT NULL, caller_name TEXT, called TEXT NOT NULL, route TEXT NOT NULL, start_ms INTEGER NOT NULL, answer_ms INTEGER, end_ms INTEGER NOT NULL, start_time TEXT NOT NULL, answer_time TEXT, end_time TEXT NOT NULL, duration_secs REAL NOT NULL, disposition TEXT NOT NULL, sip_cause INTEGER NOT NULL, packets_in INTEGER NOT NULL, packets_out INTEGER NOT NULL, answered_by TEXT, direction TEXT NOT NULL DEFAULT 'in')",
-    "CREATE INDEX IF NOT EXISTS cdrs_user ON cdrs (tenant, user, end_ms)",
-    "CREATE TABLE IF NOT EXISTS address_book (tenant TEXT NOT NULL, user TEXT NOT NULL, address TEXT NOT NULL, name TEXT, call_count INTEGER NOT NULL, last_seen_ms INTEGER NOT NULL, known_calls INTEGER NOT NULL DEFAULT 0, incoming_calls INTEGER NOT NULL DEFAULT 0, outgoing_calls INTEGER NOT NULL DEFAULT 0, missed_calls INTEGER NOT NULL DEFAULT 0, first_seen_ms INTEGER, name_source INTEGER NOT NULL DEFAULT 0, note TEXT, favourite INTEGER NOT NULL DEFAULT 0, blocked INTEGER NOT NULL DEFAULT 0, deleted INTEGER NOT NULL DEFAULT 0, added INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (tenant, user, address))",
+    "CREATE TABLE IF NOT EXISTS users (tenant TEXT NOT NULL, username TEXT NOT NULL, number TEXT NOT NULL, password_hash TEXT NOT NULL, display_name TEXT, numbers TEXT, source TEXT NOT NULL DEFAULT 'local', PRIMARY KEY (tenant, username))",
+    "CREATE TABLE IF NOT EXISTS cdrs (call_id TEXT NOT NULL, sip_call_id TEXT NOT NULL, tenant TEXT NOT NULL, username TEXT NOT NULL, caller TEXT NOT NULL, caller_name TEXT, called TEXT NOT NULL, route TEXT NOT NULL, start_ms INTEGER NOT NULL, answer_ms INTEGER, end_ms INTEGER NOT NULL, start_time TEXT NOT NULL, answer_time TEXT, end_time TEXT NOT NULL, duration_secs REAL NOT NULL, disposition TEXT NOT NULL, sip_cause INTEGER NOT NULL, packets_in INTEGER NOT NULL, packets_out INTEGER NOT NULL, answered_by TEXT, direction TEXT NOT NULL DEFAULT 'in')",
+    "CREATE TABLE IF NOT EXISTS address_book (tenant TEXT NOT NULL, username TEXT NOT NULL, address TEXT NOT NULL, name TEXT, call_count INTEGER NOT NULL, last_seen_ms INTEGER NOT NULL, known_calls INTEGER NOT NULL DEFAULT 0, incoming_calls INTEGER NOT NULL DEFAULT 0, outgoing_calls INTEGER NOT NULL DEFAULT 0, missed_calls INTEGER NOT NULL DEFAULT 0, first_seen_ms INTEGER, name_source INTEGER NOT NULL DEFAULT 0, note TEXT, favourite INTEGER NOT NULL DEFAULT 0, blocked INTEGER NOT NULL DEFAULT 0, deleted INTEGER NOT NULL DEFAULT 0, added INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (tenant, username, address))",
     "CREATE TABLE IF NOT EXISTS carrier_cdrs (key TEXT PRIMARY KEY, tenant TEXT NOT NULL, src TEXT NOT NULL, src_name TEXT, dst TEXT NOT NULL, start_ms INTEGER NOT NULL, answer_ms INTEGER, end_ms INTEGER NOT NULL, disposition TEXT NOT NULL, format TEXT NOT NULL, imported_ms INTEGER NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS preferences (tenant TEXT NOT NULL, user TEXT NOT NULL, json TEXT NOT NULL, updated_ms INTEGER NOT NULL, PRIMARY KEY (tenant, user))",
+    "CREATE TABLE IF NOT EXISTS preferences (tenant TEXT NOT NULL, username TEXT NOT NULL, json TEXT NOT NULL, updated_ms INTEGER NOT NULL, PRIMARY KEY (tenant, username))",
     "CREATE TABLE IF NOT EXISTS tenants (name TEXT PRIMARY KEY, region TEXT NOT NULL, directory INTEGER NOT NULL, created_ms INTEGER NOT NULL)",
     "CREATE TABLE IF NOT EXISTS tenant_federation (tenant TEXT NOT NULL, peer TEXT NOT NULL, PRIMARY KEY (tenant, peer))",
     "CREATE TABLE IF NOT EXISTS enrolment_tokens (hash TEXT PRIMARY KEY, tenant TEXT NOT NULL, expires_ms INTEGER NOT NULL, used INTEGER NOT NULL)",
@@ -1141,9 +1386,6 @@ const SCHEMA: &[&str] = &[
     // AUTOINCREMENT: message ids are never reused, even after retention empties the table
     // (devices tell messages apart by id).
     "CREATE TABLE IF NOT EXISTS messages (id INTEGER PRIMARY KEY AUTOINCREMENT, conv TEXT NOT NULL, from_tenant TEXT NOT NULL, from_user TEXT NOT NULL, to_tenant TEXT NOT NULL, to_user TEXT NOT NULL, text TEXT NOT NULL, sent_ms INTEGER NOT NULL, delivered_ms INTEGER, read_ms INTEGER)",
-    "CREATE INDEX IF NOT EXISTS messages_conv ON messages (conv, id)",
-    "CREATE INDEX IF NOT EXISTS messages_inbox ON messages (to_tenant, to_user, id) WHERE delivered_ms IS NULL",
-    "CREATE INDEX IF NOT EXISTS messages_sent ON messages (sent_ms)",
     "CREATE TABLE IF NOT EXISTS agent_certs (fingerprint TEXT PRIMARY KEY, agent_id TEXT NOT NULL, not_after_ms INTEGER NOT NULL)",
 ];
 
@@ -1176,29 +1418,123 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("users", "source", "TEXT NOT NULL DEFAULT 'local'"),
 ];
 
-/// Indexes over columns that [`ADDED_COLUMNS`] may have just added (created after them).
+/// Indexes, created after [`ADDED_COLUMNS`] and [`RENAMED_COLUMNS`] (which they may name).
 const INDEXES: &[&str] = &[
+    "CREATE INDEX IF NOT EXISTS cdrs_user ON cdrs (tenant, username, end_ms)",
+    "CREATE INDEX IF NOT EXISTS messages_conv ON messages (conv, id)",
+    "CREATE INDEX IF NOT EXISTS messages_inbox ON messages (to_tenant, to_user, id) WHERE delivered_ms IS NULL",
+    "CREATE INDEX IF NOT EXISTS messages_sent ON messages (sent_ms)",
     // Replaced by `address_book_evictable` (tombstones, blocks and favourites).
     "DROP INDEX IF EXISTS address_book_value",
     // Eviction's order (least valuable first) without sorting the book; only entries
     // eviction may take.
     "CREATE INDEX IF NOT EXISTS address_book_evictable ON address_book \
-     (tenant, user, favourite, (known_calls > 0 OR added > 0), call_count, last_seen_ms, address) \
+     (tenant, username, favourite, (known_calls > 0 OR added > 0), call_count, last_seen_ms, address) \
      WHERE deleted = 0 AND blocked = 0",
 ];
+
+/// Columns renamed since a table was first created: (table, old, new). `user` became
+/// `username` when PostgreSQL joined (there `user` is a reserved word); SQLite databases of
+/// older versions are renamed in place at start-up.
+const RENAMED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("users", "user", "username"),
+    ("cdrs", "user", "username"),
+    ("address_book", "user", "username"),
+    ("preferences", "user", "username"),
+];
+
+/// Columns only PostgreSQL's tables have: the row ids of `cdrs` and `users` (SQLite's
+/// are their `rowid`s).
+const POSTGRES_COLUMNS: &[(&str, &str, &str)] =
+    &[("cdrs", "id", "BIGSERIAL"), ("users", "id", "BIGSERIAL")];
+
+/// A schema statement (written in SQLite's types) in `backend`'s types: integers are
+/// 64-bit, reals double precision, an `AUTOINCREMENT` key a sequence (which never reuses
+/// an id either).
+fn ddl(backend: Backend, stmt: &str) -> String {
+    match backend {
+        Backend::Sqlite => stmt.to_owned(),
+        Backend::Postgres => stmt
+            .replace("INTEGER PRIMARY KEY AUTOINCREMENT", "BIGSERIAL PRIMARY KEY")
+            .replace(" INTEGER", " BIGINT")
+            .replace(" REAL", " DOUBLE PRECISION"),
+    }
+}
+
+/// Whether `table` has `column`.
+async fn has_column(
+    pool: &AnyPool,
+    backend: Backend,
+    table: &str,
+    column: &str,
+) -> Result<bool, StoreError> {
+    let sql = match backend {
+        Backend::Sqlite => "SELECT 1 FROM pragma_table_info($1) WHERE name = $2",
+        Backend::Postgres => {
+            "SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema() \
+             AND table_name = $1 AND column_name = $2"
+        }
+    };
+    Ok(sqlx::query(sql)
+        .bind(table)
+        .bind(column)
+        .fetch_optional(pool)
+        .await?
+        .is_some())
+}
+
+/// Creates the schema, or brings one of an older version up to date: tables, renamed
+/// and added columns, then indexes. Every step is idempotent: a node restarted on a
+/// database it migrated changes nothing.
+async fn migrate(pool: &AnyPool, backend: Backend) -> Result<(), StoreError> {
+    let run = |stmt: String| async move {
+        // Fixed schema strings compiled into the binary, not user input.
+        sqlx::raw_sql(sqlx::AssertSqlSafe(stmt)).execute(pool).await
+    };
+    for stmt in SCHEMA {
+        run(ddl(backend, stmt)).await?;
+    }
+    for (table, old, new) in RENAMED_COLUMNS {
+        if has_column(pool, backend, table, old).await? {
+            tracing::info!(table, old, new, "renaming a column of an existing database");
+            run(format!("ALTER TABLE {table} RENAME COLUMN {old} TO {new}")).await?;
+        }
+    }
+    let extra: &[(&str, &str, &str)] = match backend {
+        Backend::Sqlite => &[],
+        Backend::Postgres => POSTGRES_COLUMNS,
+    };
+    for (table, column, ty) in ADDED_COLUMNS.iter().chain(extra) {
+        if !has_column(pool, backend, table, column).await? {
+            tracing::info!(table, column, "adding column to an existing database");
+            let stmt = match backend {
+                Backend::Sqlite => format!("ALTER TABLE {table} ADD COLUMN {column} {ty}"),
+                // Two nodes starting at once: the second finds it there.
+                Backend::Postgres => format!(
+                    "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {}",
+                    ddl(backend, &format!(" {ty}")).trim_start()
+                ),
+            };
+            run(stmt).await?;
+        }
+    }
+    for stmt in INDEXES {
+        run(ddl(backend, stmt)).await?;
+    }
+    Ok(())
+}
 
 #[cfg(test)]
 mod tests {
     use super::Store;
 
+    both_backends! {
     /// A batch of calls summed by `add_contacts` leaves each book as one call at a time
     /// through `add_contact` does: counts, names, first/last seen (and here, evictions).
-    #[tokio::test]
-    async fn summed_contacts_leave_the_book_one_call_at_a_time_would() {
-        use super::{CallKind, Contact, ContactSum, add_contact, add_contacts};
+    async fn summed_contacts_leave_the_book_one_call_at_a_time_would(store: Store) {
+        use crate::store::{CallKind, Contact, ContactSum, add_contact, add_contacts};
         use std::time::{Duration, UNIX_EPOCH};
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).await.unwrap().with_book_limit(4);
+        let store = store.with_book_limit(4);
         let calls: Vec<(&str, Option<&str>, u64, CallKind)> = vec![
             (
                 "+1",
@@ -1233,7 +1569,7 @@ mod tests {
             };
         let mut tx = store.pool.begin().await.unwrap();
         for c in &calls {
-            add_contact(&mut tx, 4, ("t", "one"), contact(c))
+            add_contact(&mut tx, (store.backend(), 4), ("t", "one"), contact(c))
                 .await
                 .unwrap();
         }
@@ -1249,7 +1585,7 @@ mod tests {
                 }
             }
         }
-        let changes = add_contacts(&mut tx, 4, "t", &sums, &mut Default::default())
+        let changes = add_contacts(&mut tx, (store.backend(), 4), "t", &sums, &mut Default::default())
             .await
             .unwrap();
         tx.commit().await.unwrap();
@@ -1272,11 +1608,10 @@ mod tests {
         held.sort();
         assert_eq!(sent, held);
     }
+    }
 
-    #[tokio::test]
-    async fn unknown_tenant_unknown_user_and_wrong_password_look_the_same() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).await.unwrap();
+    both_backends! {
+    async fn unknown_tenant_unknown_user_and_wrong_password_look_the_same(store: Store) {
         store
             .ensure_user("demo", "alice", "+15550100001", "right")
             .await
@@ -1308,6 +1643,59 @@ mod tests {
         assert_eq!(params(&store.decoy), params(&stored));
         assert!(store.decoy.starts_with("$argon2id$"));
     }
+    }
+
+    /// A database of the version before PostgreSQL (columns named `user`, no
+    /// `address_book_evictable` yet) opens: its columns are renamed in place and every row
+    /// reads as before.
+    #[tokio::test]
+    async fn an_older_sqlite_database_is_migrated_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = super::StoreUrl::sqlite_in(dir.path());
+        {
+            sqlx::any::install_default_drivers();
+            let pool = sqlx::AnyPool::connect(url.url.expose()).await.unwrap();
+            for stmt in [
+                "CREATE TABLE users (tenant TEXT NOT NULL, user TEXT NOT NULL, number TEXT NOT NULL, password_hash TEXT NOT NULL, PRIMARY KEY (tenant, user))",
+                "CREATE TABLE cdrs (call_id TEXT NOT NULL, sip_call_id TEXT NOT NULL, tenant TEXT NOT NULL, user TEXT NOT NULL, caller TEXT NOT NULL, caller_name TEXT, called TEXT NOT NULL, route TEXT NOT NULL, start_ms INTEGER NOT NULL, answer_ms INTEGER, end_ms INTEGER NOT NULL, start_time TEXT NOT NULL, answer_time TEXT, end_time TEXT NOT NULL, duration_secs REAL NOT NULL, disposition TEXT NOT NULL, sip_cause INTEGER NOT NULL, packets_in INTEGER NOT NULL, packets_out INTEGER NOT NULL)",
+                "CREATE INDEX cdrs_user ON cdrs (tenant, user, end_ms)",
+                "CREATE TABLE address_book (tenant TEXT NOT NULL, user TEXT NOT NULL, address TEXT NOT NULL, name TEXT, call_count INTEGER NOT NULL, last_seen_ms INTEGER NOT NULL, PRIMARY KEY (tenant, user, address))",
+                "CREATE TABLE preferences (tenant TEXT NOT NULL, user TEXT NOT NULL, json TEXT NOT NULL, updated_ms INTEGER NOT NULL, PRIMARY KEY (tenant, user))",
+                "INSERT INTO users VALUES ('demo', 'alice', '+15550100001', 'x')",
+                "INSERT INTO cdrs VALUES ('c-1', 'c-1@gw', 'demo', 'alice', '+15557770001', NULL, '+15550100001', 'im', 1000, 2000, 5000, 't0', 't1', 't2', 3.0, 'ANSWERED', 200, 1, 2)",
+                "INSERT INTO address_book VALUES ('demo', 'alice', '+15557770001', 'Old Friend', 3, 5000)",
+                "INSERT INTO preferences VALUES ('demo', 'alice', '{}', 1)",
+            ] {
+                sqlx::raw_sql(sqlx::AssertSqlSafe(stmt))
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            }
+            pool.close().await;
+        }
+        let store = Store::open(dir.path()).await.unwrap();
+        let users = store.users().await.unwrap();
+        assert_eq!(
+            (users[0].user.as_str(), users[0].number.as_str()),
+            ("alice", "+15550100001")
+        );
+        let cdrs = store.cdrs(Some("demo"), Some("alice"), 10).await.unwrap();
+        assert_eq!(
+            (cdrs[0].call_id.as_str(), cdrs[0].direction.as_str()),
+            ("c-1", "in")
+        );
+        let book = store.address_book("demo", "alice").await.unwrap();
+        assert_eq!(book[0].name.as_deref(), Some("Old Friend"));
+        assert_eq!(book[0].call_count, 3);
+        assert_eq!(
+            store.preferences("demo", "alice").await.unwrap().as_deref(),
+            Some("{}")
+        );
+        // Opening it again changes nothing.
+        drop(store);
+        let again = Store::open(dir.path()).await.unwrap();
+        assert_eq!(again.address_book("demo", "alice").await.unwrap(), book);
+    }
 
     fn cdr(call: &str, disposition: parley_core::cdr::Disposition) -> parley_core::cdr::CdrRecord {
         use parley_core::cdr::{CallRoute, CdrRecord, Direction};
@@ -1335,14 +1723,12 @@ mod tests {
         }
     }
 
+    both_backends! {
     /// Retention deletes CDRs that ended before the cut (in chunks), keeps newer ones and
     /// calls still in progress, and leaves the address book as it was.
-    #[tokio::test]
-    async fn expired_cdrs_go_and_the_address_book_stays() {
+    async fn expired_cdrs_go_and_the_address_book_stays(store: Store) {
         use parley_core::cdr::Disposition::{Answered, InProgress};
         use std::time::Duration;
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).await.unwrap();
         let mut rows: Vec<_> = (0..5).map(|i| cdr(&format!("old-{i}"), Answered)).collect();
         let mut new = cdr("new", Answered);
         new.end += Duration::from_secs(86_400);
@@ -1369,12 +1755,11 @@ mod tests {
         assert_eq!(store.address_book("demo", "alice").await.unwrap(), book);
         assert_eq!(store.expire_cdrs(cut, 2).await.unwrap(), 0);
     }
+    }
 
-    #[tokio::test]
-    async fn a_calls_opening_row_is_completed_once_or_closed_as_interrupted() {
+    both_backends! {
+    async fn a_calls_opening_row_is_completed_once_or_closed_as_interrupted(store: Store) {
         use parley_core::cdr::Disposition::{Answered, InProgress};
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).await.unwrap();
         let opening = |call| parley_core::cdr::CdrRecord {
             disposition: InProgress,
             answer: None,
@@ -1411,5 +1796,6 @@ mod tests {
             c2.end_time, c2.start_time,
             "after a crash the end is unknown"
         );
+    }
     }
 }

@@ -81,12 +81,12 @@ impl Store {
     /// Creates a tenant, or updates its region and directory flag.
     pub async fn upsert_tenant(&self, t: &TenantRow) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO tenants (name, region, directory, created_ms) VALUES (?, ?, ?, ?) \
+            "INSERT INTO tenants (name, region, directory, created_ms) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (name) DO UPDATE SET region = excluded.region, directory = excluded.directory",
         )
         .bind(&t.name)
         .bind(&t.region)
-        .bind(t.directory)
+        .bind(i64::from(t.directory))
         .bind(unix_ms(SystemTime::now()))
         .execute(&self.pool)
         .await?;
@@ -103,7 +103,7 @@ impl Store {
             .map(|r| TenantRow {
                 name: r.get("name"),
                 region: r.get("region"),
-                directory: r.get("directory"),
+                directory: r.get::<i64, _>("directory") != 0,
             })
             .collect())
     }
@@ -112,12 +112,12 @@ impl Store {
     /// tenants must allow each other).
     pub async fn set_federation(&self, tenant: &str, peers: &[String]) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM tenant_federation WHERE tenant = ?")
+        sqlx::query("DELETE FROM tenant_federation WHERE tenant = $1")
             .bind(tenant)
             .execute(&mut *tx)
             .await?;
         for p in peers {
-            sqlx::query("INSERT OR IGNORE INTO tenant_federation (tenant, peer) VALUES (?, ?)")
+            sqlx::query("INSERT INTO tenant_federation (tenant, peer) VALUES ($1, $2) ON CONFLICT DO NOTHING")
                 .bind(tenant)
                 .bind(p)
                 .execute(&mut *tx)
@@ -146,7 +146,7 @@ impl Store {
         expires: SystemTime,
     ) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO enrolment_tokens (hash, tenant, expires_ms, used) VALUES (?, ?, ?, 0)",
+            "INSERT INTO enrolment_tokens (hash, tenant, expires_ms, used) VALUES ($1, $2, $3, 0)",
         )
         .bind(hash)
         .bind(tenant)
@@ -160,7 +160,7 @@ impl Store {
     /// agents racing with the same token cannot both enrol.
     pub async fn redeem_enrolment_token(&self, hash: &str) -> Result<TokenUse, StoreError> {
         let row = sqlx::query(
-            "UPDATE enrolment_tokens SET used = 1 WHERE hash = ? AND used = 0 AND expires_ms > ? RETURNING tenant",
+            "UPDATE enrolment_tokens SET used = 1 WHERE hash = $1 AND used = 0 AND expires_ms > $2 RETURNING tenant",
         )
         .bind(hash)
         .bind(unix_ms(SystemTime::now()))
@@ -181,7 +181,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
-            "INSERT INTO agents (id, tenant, name, revoked, enrolled_ms) VALUES (?, ?, ?, 0, ?)",
+            "INSERT INTO agents (id, tenant, name, revoked, enrolled_ms) VALUES ($1, $2, $3, 0, $4)",
         )
         .bind(&agent.id)
         .bind(&agent.tenant)
@@ -206,7 +206,7 @@ impl Store {
 
     /// Marks an agent revoked; `false` when there is no such agent.
     pub async fn revoke_agent(&self, id: &str) -> Result<bool, StoreError> {
-        let done = sqlx::query("UPDATE agents SET revoked = 1 WHERE id = ?")
+        let done = sqlx::query("UPDATE agents SET revoked = 1 WHERE id = $1")
             .bind(id)
             .execute(&self.pool)
             .await?;
@@ -216,7 +216,7 @@ impl Store {
     /// Agents, optionally of one tenant.
     pub async fn agents(&self, tenant: Option<&str>) -> Result<Vec<AgentRow>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, tenant, name, revoked, enrolled_ms FROM agents WHERE (?1 IS NULL OR tenant = ?1) ORDER BY enrolled_ms, id",
+            "SELECT id, tenant, name, revoked, enrolled_ms FROM agents WHERE ($1 IS NULL OR tenant = $1) ORDER BY enrolled_ms, id",
         )
         .bind(tenant)
         .fetch_all(&self.pool)
@@ -227,7 +227,7 @@ impl Store {
                 id: r.get("id"),
                 tenant: r.get("tenant"),
                 name: r.get("name"),
-                revoked: r.get("revoked"),
+                revoked: r.get::<i64, _>("revoked") != 0,
                 enrolled_ms: r.get("enrolled_ms"),
             })
             .collect())
@@ -237,7 +237,7 @@ impl Store {
     pub async fn agent_certs(&self) -> Result<Vec<AgentCertRow>, StoreError> {
         let rows = sqlx::query(
             "SELECT c.fingerprint, c.agent_id, a.tenant, c.not_after_ms, a.revoked FROM agent_certs c \
-             JOIN agents a ON a.id = c.agent_id WHERE c.not_after_ms > ?",
+             JOIN agents a ON a.id = c.agent_id WHERE c.not_after_ms > $1",
         )
         .bind(unix_ms(SystemTime::now()))
         .fetch_all(&self.pool)
@@ -249,7 +249,7 @@ impl Store {
                 agent_id: r.get("agent_id"),
                 tenant: r.get("tenant"),
                 not_after_ms: r.get("not_after_ms"),
-                revoked: r.get("revoked"),
+                revoked: r.get::<i64, _>("revoked") != 0,
             })
             .collect())
     }
@@ -263,14 +263,14 @@ impl Store {
         users: &[DirectoryUserRow],
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("UPDATE users SET source = 'stale' WHERE tenant = ? AND source = 'directory'")
+        sqlx::query("UPDATE users SET source = 'stale' WHERE tenant = $1 AND source = 'directory'")
             .bind(tenant)
             .execute(&mut *tx)
             .await?;
         for u in users {
             upsert_directory_user(&mut *tx, u).await?;
         }
-        sqlx::query("DELETE FROM users WHERE tenant = ? AND source = 'stale'")
+        sqlx::query("DELETE FROM users WHERE tenant = $1 AND source = 'stale'")
             .bind(tenant)
             .execute(&mut *tx)
             .await?;
@@ -288,12 +288,14 @@ impl Store {
     /// number, the one who had it first keeps it across restarts).
     /// The flag says whether the user came from a directory.
     pub async fn all_users(&self) -> Result<Vec<(DirectoryUserRow, bool)>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT tenant, user, number, numbers, display_name, source FROM users \
-             ORDER BY CASE source WHEN 'local' THEN 0 ELSE 1 END, rowid",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+        let sql = format!(
+            "SELECT tenant, username, number, numbers, display_name, source FROM users \
+             ORDER BY CASE source WHEN 'local' THEN 0 ELSE 1 END, {}",
+            self.backend.row_id()
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .fetch_all(&self.pool)
+            .await?;
         Ok(rows
             .into_iter()
             .map(|r| {
@@ -309,7 +311,7 @@ impl Store {
                 (
                     DirectoryUserRow {
                         tenant: r.get("tenant"),
-                        user: r.get("user"),
+                        user: r.get("username"),
                         numbers,
                         display_name: r.get("display_name"),
                     },
@@ -321,31 +323,33 @@ impl Store {
 }
 
 async fn add_cert<'e>(
-    exec: impl sqlx::SqliteExecutor<'e>,
+    exec: impl sqlx::Executor<'e, Database = sqlx::Any>,
     agent_id: &str,
     fingerprint: &str,
     not_after: SystemTime,
 ) -> Result<(), StoreError> {
-    sqlx::query("INSERT INTO agent_certs (fingerprint, agent_id, not_after_ms) VALUES (?, ?, ?)")
-        .bind(fingerprint)
-        .bind(agent_id)
-        .bind(unix_ms(not_after))
-        .execute(exec)
-        .await?;
+    sqlx::query(
+        "INSERT INTO agent_certs (fingerprint, agent_id, not_after_ms) VALUES ($1, $2, $3)",
+    )
+    .bind(fingerprint)
+    .bind(agent_id)
+    .bind(unix_ms(not_after))
+    .execute(exec)
+    .await?;
     Ok(())
 }
 
 async fn upsert_directory_user<'e>(
-    exec: impl sqlx::SqliteExecutor<'e>,
+    exec: impl sqlx::Executor<'e, Database = sqlx::Any>,
     u: &DirectoryUserRow,
 ) -> Result<(), StoreError> {
     let numbers = serde_json::to_string(&u.numbers).unwrap_or_else(|_| "[]".into());
     // A built-in user of the same name keeps their password; only names and numbers of
     // directory users are written here.
     sqlx::query(
-        "INSERT INTO users (tenant, user, number, password_hash, display_name, numbers, source) \
-         VALUES (?, ?, ?, '', ?, ?, 'directory') \
-         ON CONFLICT (tenant, user) DO UPDATE SET number = excluded.number, \
+        "INSERT INTO users (tenant, username, number, password_hash, display_name, numbers, source) \
+         VALUES ($1, $2, $3, '', $4, $5, 'directory') \
+         ON CONFLICT (tenant, username) DO UPDATE SET number = excluded.number, \
          display_name = excluded.display_name, numbers = excluded.numbers, \
          source = CASE users.source WHEN 'local' THEN 'local' ELSE 'directory' END",
     )
@@ -385,10 +389,8 @@ pub const ENROLMENT_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn tokens_are_used_once_and_directory_users_replace_by_sync() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).await.unwrap();
+    both_backends! {
+    async fn tokens_are_used_once_and_directory_users_replace_by_sync(store: Store) {
         let acme = TenantRow {
             name: "acme".into(),
             region: "FR".into(),
@@ -450,6 +452,7 @@ mod tests {
         // A directory user never logs in against the local store.
         assert!(store.verify("acme", "b", "").await.unwrap().is_none());
         assert!(store.verify("acme", "local", "pw").await.unwrap().is_some());
+    }
     }
 
     #[test]

@@ -14,6 +14,82 @@ use std::time::{Duration, Instant};
 use parley_load::device::{Device, DeviceConfig, MediaMode};
 
 pub mod ldap;
+pub mod pg;
+
+/// Which database a test's node stores into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    /// `parley.db` in the node's data directory (the default).
+    Sqlite,
+    /// A fresh database on a PostgreSQL server ([`pg::database`]).
+    Postgres,
+}
+
+impl StoreKind {
+    /// The `[store]` section for this kind, and what keeps its database alive.
+    fn section(self) -> (String, Option<pg::TestPostgres>) {
+        match self {
+            StoreKind::Sqlite => (String::new(), None),
+            StoreKind::Postgres => {
+                // Its own thread and runtime: callable from sync and async tests alike.
+                let db = std::thread::spawn(|| {
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("runtime")
+                        .block_on(pg::database())
+                })
+                .join()
+                .unwrap_or_else(|_| panic!("no PostgreSQL database for the test"));
+                (format!("\n[store]\nurl = \"{}\"\n", db.url), Some(db))
+            }
+        }
+    }
+}
+
+/// Runs a test on both stores: `NAME::sqlite` and `NAME::postgres`, the body getting
+/// the [`StoreKind`] to start its node with.
+#[macro_export]
+macro_rules! both_stores {
+    ($(#[doc = $doc:expr])* #[test] fn $name:ident($store:ident) $body:block) => {
+        $(#[doc = $doc])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            fn run($store: $crate::common::StoreKind) $body
+
+            #[test]
+            fn sqlite() {
+                run($crate::common::StoreKind::Sqlite)
+            }
+
+            #[test]
+            fn postgres() {
+                run($crate::common::StoreKind::Postgres)
+            }
+        }
+    };
+    ($(#[doc = $doc:expr])* #[tokio::test $($args:tt)*] async fn $name:ident($store:ident) $body:block) => {
+        $(#[doc = $doc])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            async fn run($store: $crate::common::StoreKind) $body
+
+            #[tokio::test $($args)*]
+            async fn sqlite() {
+                run($crate::common::StoreKind::Sqlite).await
+            }
+
+            #[tokio::test $($args)*]
+            async fn postgres() {
+                run($crate::common::StoreKind::Postgres).await
+            }
+        }
+    };
+}
 
 /// A free UDP port on loopback (bound then released).
 pub fn free_udp_port() -> u16 {
@@ -60,6 +136,8 @@ pub struct Node {
     pub agents: Option<SocketAddr>,
     pub trunk: SocketAddr,
     pub token: String,
+    /// The PostgreSQL database of a [`StoreKind::Postgres`] node (dropped after the node).
+    pg: Option<pg::TestPostgres>,
 }
 
 impl Node {
@@ -118,6 +196,33 @@ impl Node {
         relay_ports: u16,
         tail: &str,
     ) -> Node {
+        Self::start_on(
+            StoreKind::Sqlite,
+            [sip_extra, trunk_extra, calls_extra, tail],
+            relay_ports,
+        )
+    }
+
+    /// A node storing into `store` with alice and bob (tenant demo) and olga
+    /// +15550100009 of tenant `other`.
+    pub fn start_with_olga(store: StoreKind) -> Node {
+        Self::start_on(
+            store,
+            [
+                "",
+                "",
+                "",
+                "[[users]]\ntenant = \"other\"\nuser = \"olga\"\nnumber = \"+15550100009\"\npassword = \"demo\"\n",
+            ],
+            200,
+        )
+    }
+
+    /// A node storing into `store`, with extra keys in its `[sip]`, `[[trunks]]` and
+    /// `[calls]` sections and a tail of configuration (`extra`, in that order).
+    pub fn start_on(store: StoreKind, extra: [&str; 4], relay_ports: u16) -> Node {
+        let [sip_extra, trunk_extra, calls_extra, tail] = extra;
+        let (store_section, pg) = store.section();
         let dir = tempfile::tempdir().expect("tempdir");
         let trunk_port = free_udp_port();
         let relay = free_port_block(relay_ports);
@@ -153,13 +258,24 @@ user = "bob"
 number = "+15550100002"
 password = "demo"
 {tail}
+{store_section}
 "#,
             data = dir.path().join("data").display(),
             relay_max = relay + relay_ports - 1,
         );
         let cfg_path = dir.path().join("parley.toml");
         std::fs::write(&cfg_path, cfg).unwrap();
-        Self::spawn(dir, trunk_port, token)
+        let mut node = Self::spawn(dir, trunk_port, token);
+        if pg.is_some() {
+            // The node stores into PostgreSQL, not a file beside it.
+            assert!(
+                !node.data_dir().join("parley.db").exists(),
+                "a node with [store] url made parley.db"
+            );
+            assert!(node.log().contains("store=postgres://"), "{}", node.log());
+        }
+        node.pg = pg;
+        node
     }
 
     /// Starts `parley run` on the configuration in `dir` and waits for its `node.json`.
@@ -208,6 +324,7 @@ password = "demo"
             child,
             dir,
             token,
+            pg: None,
         }
     }
 
@@ -221,8 +338,11 @@ password = "demo"
         // Move the directory out: `Node`'s Drop only kills the (dead) child.
         let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
         let (trunk_port, token) = (self.trunk.port(), self.token.clone());
+        let pg = self.pg.take();
         drop(self);
-        Self::spawn(dir, trunk_port, token)
+        let mut node = Self::spawn(dir, trunk_port, token);
+        node.pg = pg;
+        node
     }
 
     /// The node process's resident memory, KiB (`VmRSS`).
