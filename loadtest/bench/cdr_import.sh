@@ -79,7 +79,8 @@ trap cleanup EXIT
 "$ROOT/target/release/parley" run --config parley.toml > node.log 2>&1 &
 NODE=$!
 PIDS+=("$NODE")
-for _ in $(seq 300); do [ -f data/node.json ] && break; sleep 0.1; done
+# 1,000 users are hashed (Argon2id) on a first start: up to a minute.
+for _ in $(seq 1200); do [ -f data/node.json ] && break; sleep 0.1; done
 [ -f data/node.json ] || { echo "node did not start; see $OUT/node.log"; exit 1; }
 
 hwm() { awk '/^VmHWM/ { print $2 }' /proc/"$NODE"/status; }

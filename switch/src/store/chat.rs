@@ -109,11 +109,11 @@ impl Store {
         let mut done = Vec::new();
         let mut tx = self.pool.begin_with(self.backend.begin_write()).await?;
         for chunk in ids.chunks(500) {
-            let sql = format!(
+            let sql = self.backend.positional(format!(
                 "UPDATE messages SET delivered_ms = $1 WHERE delivered_ms IS NULL AND to_tenant = $2 \
                  AND to_user = $3 AND id IN ({}) RETURNING {COLUMNS}",
                 super::placeholder_list(4, chunk.len())
-            );
+            ));
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
                 .bind(at_ms)
                 .bind(to.0)
@@ -162,10 +162,10 @@ impl Store {
     /// [`Store::chat_insert_many`]).
     pub async fn chat_mark_delivered(&self, ids: &[u64], at_ms: i64) -> Result<(), StoreError> {
         for chunk in ids.chunks(500) {
-            let sql = format!(
+            let sql = self.backend.positional(format!(
                 "UPDATE messages SET delivered_ms = $1 WHERE delivered_ms IS NULL AND id IN ({})",
                 super::placeholder_list(2, chunk.len())
-            );
+            ));
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(at_ms);
             for id in chunk {
                 q = q.bind(*id as i64);

@@ -273,11 +273,11 @@ async fn apply(
     // Rows not imported before: their keys come back from the insert.
     let mut fresh: HashSet<String> = HashSet::with_capacity(matched.len());
     for chunk in matched.chunks(KEYS_PER_STATEMENT) {
-        let sql = format!(
+        let sql = store.backend.positional(format!(
             "INSERT INTO carrier_cdrs (key, tenant, src, src_name, dst, start_ms, answer_ms, end_ms, disposition, format, imported_ms) \
              VALUES {} ON CONFLICT (key) DO NOTHING RETURNING key",
             super::value_rows(chunk.len(), 11)
-        );
+        ));
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
         for m in chunk {
             q = q

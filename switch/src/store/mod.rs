@@ -152,6 +152,31 @@ impl Backend {
         }
     }
 
+    /// A statement of many parameters, `$1`, `$2`, … each once and in order, as this
+    /// backend binds it fastest: SQLite gets anonymous `?`s, because sqlx's SQLite driver
+    /// asks for every parameter's name, and SQLite finds a name by a linear scan: a
+    /// multi-row statement of 6,000 named parameters spent 75% of an import there.
+    fn positional(self, sql: String) -> String {
+        match self {
+            Backend::Postgres => sql,
+            Backend::Sqlite => {
+                let mut out = String::with_capacity(sql.len());
+                let mut chars = sql.chars().peekable();
+                while let Some(c) = chars.next() {
+                    if c == '$' && chars.peek().is_some_and(char::is_ascii_digit) {
+                        while chars.peek().is_some_and(char::is_ascii_digit) {
+                            chars.next();
+                        }
+                        out.push('?');
+                    } else {
+                        out.push(c);
+                    }
+                }
+                out
+            }
+        }
+    }
+
     /// How a transaction that reads before it writes begins: SQLite takes the write lock
     /// at once (a deferred transaction that finds another writer got in between fails
     /// at once: SQLite does not wait for a lock it would have to upgrade); PostgreSQL
@@ -1281,10 +1306,10 @@ pub(crate) async fn add_contacts(
         })
         .collect();
     for chunk in sums.chunks(BOOK_ROWS_PER_STATEMENT) {
-        let sql = format!(
+        let sql = backend.positional(format!(
             "INSERT INTO address_book ({BOOK_INSERT_COLUMNS}) VALUES {} {tail}",
             value_rows(chunk.len(), 12)
-        );
+        ));
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
         for ((user, address), c) in chunk.iter() {
             q = q
@@ -1330,11 +1355,11 @@ pub(crate) async fn add_contacts(
         .cloned()
         .collect();
     for chunk in uncounted.chunks(BOOK_ROWS_PER_STATEMENT) {
-        let sql = format!(
+        let sql = backend.positional(format!(
             "SELECT username, COUNT(*) AS n FROM address_book WHERE deleted = 0 AND tenant = $1 \
              AND username IN ({}) GROUP BY username",
             placeholder_list(2, chunk.len())
-        );
+        ));
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(tenant);
         for u in chunk {
             q = q.bind(u.as_str());
@@ -1643,6 +1668,25 @@ mod tests {
         assert_eq!(params(&store.decoy), params(&stored));
         assert!(store.decoy.starts_with("$argon2id$"));
     }
+    }
+
+    #[test]
+    fn many_parameter_statements_are_positional_on_sqlite() {
+        use super::{Backend, placeholder_list, value_rows};
+        let sql = format!(
+            "INSERT INTO t VALUES {} WHERE x IN ({})",
+            value_rows(2, 2),
+            placeholder_list(5, 2)
+        );
+        assert_eq!(
+            sql,
+            "INSERT INTO t VALUES ($1, $2), ($3, $4) WHERE x IN ($5, $6)"
+        );
+        assert_eq!(
+            Backend::Sqlite.positional(sql.clone()),
+            "INSERT INTO t VALUES (?, ?), (?, ?) WHERE x IN (?, ?)"
+        );
+        assert_eq!(Backend::Postgres.positional(sql.clone()), sql);
     }
 
     /// A database of the version before PostgreSQL (columns named `user`, no
