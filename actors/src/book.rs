@@ -7,7 +7,7 @@
 //! device of the user learn it, as for calls) and answers on the request's `reply`.
 //! The request names the session's own user: a device cannot name another book.
 
-use parley_codecs::control::AddressBookEntry;
+use parley_codecs::control::{AddressBookEntry, CallRecord};
 use tokio::sync::{mpsc, oneshot};
 
 /// What a device asks of its book.
@@ -43,6 +43,13 @@ pub enum BookOp {
         /// Most results.
         limit: u32,
     },
+    /// A page of the user's calls, from their CDRs (what fills the book).
+    History {
+        /// Only calls older than this cursor.
+        before: Option<String>,
+        /// Most calls.
+        limit: u32,
+    },
 }
 
 /// A done request.
@@ -52,6 +59,8 @@ pub enum BookReply {
     Entry(Option<AddressBookEntry>),
     /// Search results.
     Results(Vec<AddressBookEntry>),
+    /// Calls, each with its cursor, and the next page's cursor.
+    Calls(Vec<(CallRecord, String)>, Option<String>),
 }
 
 /// A refused request: the IM error `code` and a message naming the request.

@@ -265,7 +265,7 @@ impl PresenceSession {
         self.book_request(op, ctx, move |act, reply, ctx| {
             let mut entry = match reply {
                 BookReply::Entry(e) => e,
-                BookReply::Results(_) => None,
+                BookReply::Results(_) | BookReply::Calls(..) => None,
             };
             if let Some(e) = entry.as_mut() {
                 act.annotate(std::slice::from_mut(e), &[], ctx);
@@ -296,6 +296,7 @@ impl PresenceSession {
             let mut entries = match reply {
                 BookReply::Results(r) => r,
                 BookReply::Entry(e) => e.into_iter().collect(),
+                BookReply::Calls(..) => Vec::new(),
             };
             // Annotated for the `user` field only: results are not the book, so they
             // do not change which users the book watches.
@@ -304,6 +305,29 @@ impl PresenceSession {
             }
             act.send(control::book_results_frame(id, query, entries));
         });
+    }
+
+    fn call_history(
+        &mut self,
+        before: Option<String>,
+        limit: Option<u32>,
+        ctx: &mut Context<Self>,
+    ) {
+        let id = self.request;
+        let limit = limit
+            .unwrap_or(control::MAX_CALL_HISTORY_PAGE)
+            .clamp(1, control::MAX_CALL_HISTORY_PAGE);
+        self.book_request(
+            BookOp::History { before, limit },
+            ctx,
+            move |act, reply, _| {
+                let (calls, next) = match reply {
+                    BookReply::Calls(calls, next) => (calls, next),
+                    _ => (Vec::new(), None),
+                };
+                act.send(control::call_history_frame(id, calls, next));
+            },
+        );
     }
 
     /// A non-fatal error answering the request being handled (its `id`, if it had one).
@@ -793,6 +817,7 @@ impl Handler<FromClient> for PresenceSession {
                 self.book_entry_done(BookOp::Block { address, blocked }, ctx)
             }
             ClientMsg::BookSearch { query, limit } => self.book_search(query, limit, ctx),
+            ClientMsg::CallHistory { before, limit } => self.call_history(before, limit, ctx),
             ClientMsg::Login { .. } => self.error(
                 "already_logged_in",
                 "login is accepted once per connection".into(),

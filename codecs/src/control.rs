@@ -189,6 +189,42 @@ pub enum ClientMsg {
         #[serde(default)]
         limit: Option<u32>,
     },
+    /// A page of this user's calls from their CDRs, newest first; answered with
+    /// `call_history`.
+    CallHistory {
+        /// Only calls older than this cursor (`call_history`'s `next`).
+        #[serde(default)]
+        before: Option<String>,
+        /// Most calls (at most [`MAX_CALL_HISTORY_PAGE`], the default).
+        #[serde(default)]
+        limit: Option<u32>,
+    },
+}
+
+/// Most calls one `call_history` page holds (fewer when they would not fit a frame).
+pub const MAX_CALL_HISTORY_PAGE: u32 = 50;
+
+/// One call of the user's, as `call_history` gives it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallRecord {
+    /// Parley's call id.
+    pub call_id: String,
+    /// `incoming` (a call to the user) or `outgoing` (one the user dialled).
+    pub direction: String,
+    /// The other party: number (E.164) or SIP URI.
+    pub peer: String,
+    /// The other party's name, where the call gave one.
+    pub peer_name: Option<String>,
+    /// When the call started, ms since the Unix epoch.
+    pub start_ms: i64,
+    /// Answered (by a device of the user, the PSTN line, or the callee).
+    pub answered: bool,
+    /// Seconds from answer to end.
+    pub duration_s: u64,
+    /// The CDR's disposition (`ANSWERED`, `NO ANSWER`, `BUSY`, `CANCELLED`, …).
+    pub disposition: String,
+    /// Who answered: the device name, or `pstn`.
+    pub answered_by: Option<String>,
 }
 
 /// Most messages one `chat_history` page holds (fewer when they would not fit a frame).
@@ -457,6 +493,15 @@ pub enum ServerMsg {
         /// The entry as it now stands (`null` after `book_delete`).
         entry: Option<AddressBookEntry>,
     },
+    /// A page of the user's calls (reply to `call_history`), newest first.
+    CallHistory {
+        /// The request's `id`.
+        id: Option<u64>,
+        /// Calls.
+        calls: Vec<CallRecord>,
+        /// The cursor of the next (older) page, when there may be one.
+        next: Option<String>,
+    },
     /// The answer to `book_search`: matching entries, favourites first, then most recent.
     BookResults {
         /// The request's `id`.
@@ -604,6 +649,35 @@ pub fn chat_history_frame(
         with,
         messages,
         more: more || cut,
+    }
+}
+
+/// The `call_history` frame for a page: the newest of `calls` that fit one frame; `next`
+/// then points after the last one sent (`cursor_of` gives a call's cursor).
+pub fn call_history_frame(
+    id: Option<u64>,
+    calls: Vec<(CallRecord, String)>,
+    next: Option<String>,
+) -> ServerMsg {
+    let budget = MAX_FRAME - PAGE_ENVELOPE;
+    let mut used = 0;
+    let total = calls.len();
+    let kept: Vec<(CallRecord, String)> = calls
+        .into_iter()
+        .take_while(|(c, _)| {
+            used += serde_json::to_vec(c).map_or(budget, |j| j.len()) + 1;
+            used <= budget
+        })
+        .collect();
+    let next = if kept.len() < total {
+        kept.last().map(|(_, cursor)| cursor.clone())
+    } else {
+        next
+    };
+    ServerMsg::CallHistory {
+        id,
+        calls: kept.into_iter().map(|(c, _)| c).collect(),
+        next,
     }
 }
 

@@ -86,23 +86,26 @@ for _ in $(seq 1200); do [ -f data/node.json ] && break; sleep 0.1; done
 hwm() { awk '/^VmHWM/ { print $2 }' /proc/"$NODE"/status; }
 rss() { awk '/^VmRSS/ { print $2 }' /proc/"$NODE"/status; }
 ticks() { sed 's/.*) //' /proc/"$NODE"/stat | awk '{ print $12 + $13 }'; }
+# The whole machine's busy CPU (PostgreSQL's server and the CLI included).
+machine() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat; }
 HZ=$(getconf CLK_TCK)
 run() { # $1: label
-  local h0 r0 c0 t0 t1 c1
-  h0=$(hwm); r0=$(rss); c0=$(ticks); t0=$(date +%s.%N)
+  local h0 r0 c0 t0 t1 c1 m0 m1
+  h0=$(hwm); r0=$(rss); c0=$(ticks); m0=$(machine); t0=$(date +%s.%N)
   /usr/bin/time -f "%M" -o "cli-$1.kib" "$ROOT/target/release/parley" cdr --data-dir data \
     import --format asterisk Master.csv > "report-$1.json"
-  t1=$(date +%s.%N); c1=$(ticks)
-  python3 - "$1" "$ROWS" "$t0" "$t1" "$c0" "$c1" "$HZ" "$h0" "$(hwm)" "$r0" "$(rss)" "$(cat "cli-$1.kib")" "report-$1.json" <<'PY'
+  t1=$(date +%s.%N); c1=$(ticks); m1=$(machine)
+  python3 - "$1" "$ROWS" "$t0" "$t1" "$c0" "$c1" "$HZ" "$h0" "$(hwm)" "$r0" "$(rss)" "$(cat "cli-$1.kib")" "report-$1.json" "$m0" "$m1" <<'PY'
 import json, sys
 label, rows = sys.argv[1], int(sys.argv[2])
 t0, t1 = float(sys.argv[3]), float(sys.argv[4])
 cpu = (int(sys.argv[6]) - int(sys.argv[5])) / int(sys.argv[7])
 h0, h1, r0, r1, cli = map(int, sys.argv[8:13])
 rep = json.load(open(sys.argv[13]))
+machine = (int(sys.argv[15]) - int(sys.argv[14])) / int(sys.argv[7])
 secs = t1 - t0
 print(f"{label}: {rows} rows in {secs:.1f} s = {rows / secs:,.0f} rows/s; node CPU {cpu:.1f} s "
-      f"({100 * cpu / secs:.0f}% of a core)")
+      f"({100 * cpu / secs:.0f}% of a core); machine CPU {machine:.1f} s ({1e6 * machine / rows:.1f} us/row)")
 print(f"  node memory: VmRSS {r0 // 1024} -> {r1 // 1024} MiB, peak (VmHWM) {h0 // 1024} -> {h1 // 1024} MiB; "
       f"CLI peak {cli // 1024} MiB")
 print("  report: " + ", ".join(f"{k} {rep[k]}" for k in ("rows", "imported", "duplicates", "unmatched", "rejected", "users_touched")))

@@ -15,8 +15,8 @@ use tokio::sync::mpsc;
 
 use crate::federation::Federation;
 use crate::metrics as m;
-use crate::store::Store;
 use crate::store::book::{BookEdit, BookEditError, EditOutcome, book_address};
+use crate::store::{CdrCursor, Store};
 
 /// The protocol message an operation label stands for.
 fn request(label: &str) -> &'static str {
@@ -97,6 +97,33 @@ impl Books {
                         "book_search: the address book could not be read",
                     )
                 });
+            }
+            BookOp::History { before, limit } => {
+                let before = match before.as_deref().map(CdrCursor::decode) {
+                    None => None,
+                    Some(Some(c)) => Some(c),
+                    Some(None) => {
+                        return Err(BookError::new(
+                            "bad_message",
+                            "call_history: `before` is not a cursor this node gave",
+                        ));
+                    }
+                };
+                let page = self
+                    .store
+                    .call_history(owner, before, i64::from(limit))
+                    .await;
+                return page
+                    .map(|(calls, next)| {
+                        BookReply::Calls(
+                            calls.into_iter().map(|(c, k)| (c, k.encode())).collect(),
+                            next.map(CdrCursor::encode),
+                        )
+                    })
+                    .map_err(|e| {
+                        tracing::error!(%tenant, %user, error = %e, "call history read failed");
+                        BookError::new("unavailable", "call_history: the CDRs could not be read")
+                    });
             }
             BookOp::Set {
                 address,

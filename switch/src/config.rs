@@ -26,6 +26,8 @@ pub struct Config {
     pub quic: QuicConfig,
     /// HTTP admin API and metrics.
     pub http: HttpConfig,
+    /// The web client for browsers and its WebSocket.
+    pub web: WebConfig,
     /// Media relay.
     pub relay: RelayConfig,
     /// Call handling.
@@ -182,6 +184,39 @@ pub struct HttpConfig {
     pub listen: SocketAddr,
     /// Bearer token for `/api/v1`. Required unless `demo = true` (then generated).
     pub admin_token: Option<String>,
+}
+
+/// `[web]`: the web client browsers sign in with (`/`) and its WebSocket (`/ws`), on a
+/// listener of its own, so that the admin API and metrics never face browsers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebConfig {
+    /// Serve the web client.
+    pub enabled: bool,
+    /// TCP listen address. Anything but loopback needs `tls_cert` and `tls_key`: passwords
+    /// and chats cross it.
+    pub listen: SocketAddr,
+    /// Certificate chain (PEM) the listener presents; with `tls_key`, the listener speaks
+    /// HTTPS and WSS only.
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// Origins besides the node's own page (`scheme://host[:port]`, as browsers send them
+    /// in `Origin`) whose pages may open the WebSocket. Others are refused (403): a page on
+    /// another site must not talk to the node with a user's browser.
+    pub allowed_origins: Vec<String>,
+}
+
+impl Default for WebConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: ([127, 0, 0, 1], 8088).into(),
+            tls_cert: None,
+            tls_key: None,
+            allowed_origins: Vec::new(),
+        }
+    }
 }
 
 /// `[relay]`
@@ -542,6 +577,7 @@ impl Default for Config {
             sip: SipConfig::default(),
             quic: QuicConfig::default(),
             http: HttpConfig::default(),
+            web: WebConfig::default(),
             relay: RelayConfig::default(),
             calls: CallsConfig::default(),
             address_book: AddressBookConfig::default(),
@@ -773,6 +809,27 @@ impl Config {
             return Err(bad(
                 "relay.coalesce_us",
                 "must be at most 20000 (one G.711 packet interval)",
+            ));
+        }
+        match (&self.web.tls_cert, &self.web.tls_key) {
+            (Some(_), None) => return Err(bad("web.tls_key", "required with web.tls_cert")),
+            (None, Some(_)) => return Err(bad("web.tls_cert", "required with web.tls_key")),
+            (None, None) if self.web.enabled && !self.web.listen.ip().is_loopback() => {
+                return Err(bad(
+                    "web.listen",
+                    "not a loopback address: set web.tls_cert and web.tls_key (browsers send passwords and chats over it)",
+                ));
+            }
+            _ => {}
+        }
+        if let Some(o) =
+            self.web.allowed_origins.iter().find(|o| {
+                !(o.starts_with("https://") || o.starts_with("http://")) || o.ends_with('/')
+            })
+        {
+            return Err(bad(
+                "web.allowed_origins",
+                &format!("{o:?} is not an origin (scheme://host[:port], no path)"),
             ));
         }
         if !self.demo && self.http.admin_token.as_deref().is_none_or(str::is_empty) {

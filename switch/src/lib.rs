@@ -24,6 +24,7 @@ pub mod numbers;
 pub mod relay;
 pub mod sip;
 pub mod store;
+pub mod web;
 
 /// A random alphanumeric token (admin tokens, SIP tags).
 pub fn sip_token(len: usize) -> String {

@@ -97,6 +97,13 @@ pub const IM_PROTOCOL_ERRORS_TOTAL: &str = "parley_im_protocol_errors_total";
 /// QUIC connections refused before their handshake, by `reason` (`pending_per_source`,
 /// `pending_total`: too many connections not logged in yet).
 pub const IM_CONNECTIONS_REFUSED_TOTAL: &str = "parley_im_connections_refused_total";
+/// WebSocket sessions opened by browsers (upgraded; the login follows).
+pub const WEB_SESSIONS_TOTAL: &str = "parley_web_sessions_total";
+/// WebSocket sessions open now.
+pub const WEB_SESSIONS: &str = "parley_web_sessions";
+/// WebSocket upgrades refused, by `reason` (`origin`, `pending_per_source`,
+/// `pending_total`).
+pub const WEB_SESSIONS_REFUSED_TOTAL: &str = "parley_web_sessions_refused_total";
 
 /// Installs the global recorder and returns the handle that renders `/metrics`.
 pub fn install() -> anyhow::Result<PrometheusHandle> {
@@ -149,6 +156,11 @@ fn register_zeroes() {
     for r in ["pending_per_source", "pending_total"] {
         counter!(IM_CONNECTIONS_REFUSED_TOTAL, "reason" => r).increment(0);
     }
+    for r in ["origin", "pending_per_source", "pending_total"] {
+        counter!(WEB_SESSIONS_REFUSED_TOTAL, "reason" => r).increment(0);
+    }
+    counter!(WEB_SESSIONS_TOTAL).increment(0);
+    gauge!(WEB_SESSIONS).set(0.0);
     for r in ["ok", "error"] {
         counter!(CDR_WRITES_TOTAL, "result" => r).increment(0);
     }
@@ -361,6 +373,17 @@ fn describe() {
         ADDRESS_BOOK_REFUSED_TOTAL,
         Unit::Count,
         "Parties not added to an address book (address empty or longer than 256 bytes)"
+    );
+    describe_counter!(
+        WEB_SESSIONS_TOTAL,
+        Unit::Count,
+        "WebSocket sessions opened by browsers (the IM login follows)"
+    );
+    describe_gauge!(WEB_SESSIONS, Unit::Count, "WebSocket sessions open now");
+    describe_counter!(
+        WEB_SESSIONS_REFUSED_TOTAL,
+        Unit::Count,
+        "WebSocket upgrades refused, by reason (origin not allowed, too many connections not logged in)"
     );
     describe_counter!(
         IM_FRAMES_REFUSED_TOTAL,

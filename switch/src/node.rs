@@ -40,6 +40,9 @@ pub struct NodeInfo {
     pub http: SocketAddr,
     /// Auth agent endpoint, when `[federation] listen` is set.
     pub agents: Option<SocketAddr>,
+    /// The web client and its WebSocket (`http://…/`, or `https://` with TLS), when
+    /// `[web]` is enabled.
+    pub web: Option<String>,
     /// Process id.
     pub pid: u32,
 }
@@ -315,7 +318,27 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         chats: crate::chats::Chats::new(store.clone(), registry.clone(), cfg.chat.clone()).start(),
         federation: federation.clone(),
     });
-    actix_rt::spawn(quic::serve(endpoint.clone(), im));
+    actix_rt::spawn(quic::serve(endpoint.clone(), im.clone()));
+
+    let web_url = if cfg.web.enabled {
+        let tls = cfg.web.tls_cert.as_deref().zip(cfg.web.tls_key.as_deref());
+        let listener = crate::web::WebListener::bind(cfg.web.listen, tls).await?;
+        let addr = listener.local_addr()?;
+        let app = crate::web::router(Arc::new(crate::web::WebState {
+            im: im.clone(),
+            arbiter: actix_rt::Arbiter::current(),
+            allowed_origins: cfg.web.allowed_origins.clone(),
+            idle: Duration::from_secs(cfg.quic.idle_timeout_secs),
+            tls: tls.is_some(),
+        }));
+        actix_rt::spawn(crate::web::serve(listener, app));
+        Some(format!(
+            "{}://{addr}/",
+            if tls.is_some() { "https" } else { "http" }
+        ))
+    } else {
+        None
+    };
 
     let admin_token = match (&cfg.http.admin_token, cfg.demo) {
         (Some(t), _) if !t.is_empty() => t.clone(),
@@ -356,6 +379,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         quic: quic_addr,
         http: http_addr,
         agents: agents_addr,
+        web: web_url.clone(),
         pid: std::process::id(),
     };
     std::fs::write(
@@ -370,6 +394,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             .unwrap_or_default()
         + &agents_addr
             .map(|a| format!(" agents={a}"))
+            .unwrap_or_default()
+        + &web_url
+            .as_ref()
+            .map(|u| format!(" web={u}"))
             .unwrap_or_default();
     println!(
         "parley ready: sip=udp:{sip_addr}{tcp} quic={quic_addr} http=http://{http_addr} data={}",

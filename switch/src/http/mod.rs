@@ -564,7 +564,7 @@ async fn put_book_entry(
         };
         match s.books.apply(owner, op).await {
             Ok(BookReply::Entry(e)) => entry = e,
-            Ok(BookReply::Results(_)) => {}
+            Ok(BookReply::Results(_) | BookReply::Calls(..)) => {}
             Err(e) => return book_error(e),
         }
     }
@@ -575,7 +575,7 @@ async fn put_book_entry(
             .await
         {
             Ok(BookReply::Entry(e)) => entry = e,
-            Ok(BookReply::Results(_)) => {}
+            Ok(BookReply::Results(_) | BookReply::Calls(..)) => {}
             Err(e) => return book_error(e),
         }
     }

@@ -12,12 +12,12 @@
 //! schema), the difference is spelled out in one place. Passwords are stored as Argon2id
 //! PHC strings (the `argon2` crate, RustCrypto), never in clear.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use parley_codecs::control::AddressBookEntry;
+use parley_codecs::control::{AddressBookEntry, CallRecord};
 use parley_core::cdr::{CdrRecord, Disposition};
 use serde::Serialize;
 use sqlx::Row;
@@ -901,6 +901,62 @@ impl Store {
         Ok((rows.iter().map(cdr_row).collect(), next))
     }
 
+    /// A page of `user`'s own calls (their CDRs: calls to them and calls they dialled),
+    /// newest first, older than `before`; each with its cursor, and the next page's
+    /// cursor when there may be one.
+    pub async fn call_history(
+        &self,
+        (tenant, user): (&str, &str),
+        before: Option<CdrCursor>,
+        limit: i64,
+    ) -> Result<(Vec<(CallRecord, CdrCursor)>, Option<CdrCursor>), StoreError> {
+        let (end_before, rowid_before) =
+            before.map_or((i64::MAX, i64::MAX), |c| (c.end_ms, c.rowid));
+        let sql = format!(
+            "SELECT {id} AS row_id, call_id, caller, caller_name, called, start_ms, answer_ms, end_ms, \
+             duration_secs, disposition, answered_by, direction, dialled_by FROM cdrs \
+             WHERE tenant = $1 AND (username = $2 OR dialled_by = $2) AND disposition != 'IN_PROGRESS' \
+             AND (end_ms < $3 OR (end_ms = $3 AND {id} < $4)) \
+             ORDER BY end_ms DESC, {id} DESC LIMIT $5",
+            id = self.backend.row_id()
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(tenant)
+            .bind(user)
+            .bind(end_before)
+            .bind(rowid_before)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        let calls: Vec<(CallRecord, CdrCursor)> = rows
+            .iter()
+            .map(|r| {
+                let outgoing = r.get::<String, _>("direction") == "out"
+                    || r.get::<Option<String>, _>("dialled_by").as_deref() == Some(user);
+                let record = CallRecord {
+                    call_id: r.get("call_id"),
+                    direction: if outgoing { "outgoing" } else { "incoming" }.into(),
+                    peer: r.get(if outgoing { "called" } else { "caller" }),
+                    peer_name: if outgoing { None } else { r.get("caller_name") },
+                    start_ms: r.get("start_ms"),
+                    answered: r.get::<Option<i64>, _>("answer_ms").is_some(),
+                    duration_s: r.get::<f64, _>("duration_secs").max(0.0).round() as u64,
+                    disposition: r.get("disposition"),
+                    answered_by: r.get("answered_by"),
+                };
+                let cursor = CdrCursor {
+                    end_ms: r.get("end_ms"),
+                    rowid: r.get("row_id"),
+                };
+                (record, cursor)
+            })
+            .collect();
+        let next = (calls.len() as i64 == limit)
+            .then(|| calls.last().map(|(_, c)| *c))
+            .flatten();
+        Ok((calls, next))
+    }
+
     /// Deletes finished CDRs and imported carrier rows whose call ended before `before`,
     /// at most `chunk` rows a statement (short write locks); returns how many went.
     /// Address books are not touched.
@@ -1052,8 +1108,8 @@ async fn insert_cdr<'e>(
     let duration = talk_secs(c);
     sqlx::query(
         "INSERT INTO cdrs (call_id, sip_call_id, tenant, username, caller, caller_name, called, route, start_ms, answer_ms, end_ms, \
-         start_time, answer_time, end_time, duration_secs, disposition, sip_cause, packets_in, packets_out, answered_by, direction) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)",
+         start_time, answer_time, end_time, duration_secs, disposition, sip_cause, packets_in, packets_out, answered_by, direction, dialled_by) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22)",
     )
     .bind(&c.call_id)
     .bind(&c.sip_call_id)
@@ -1076,6 +1132,14 @@ async fn insert_cdr<'e>(
     .bind(c.packets_out as i64)
     .bind(&c.answered_by)
     .bind(c.direction.as_str())
+    // The user of the CDR's tenant who dialled the call from a device (their history
+    // has it as an outgoing call).
+    .bind(
+        c.dialled_by
+            .as_ref()
+            .filter(|d| d.tenant == c.tenant)
+            .map(|d| d.user.as_str()),
+    )
     .execute(ex)
     .await?;
     Ok(())
@@ -1368,6 +1432,7 @@ pub(crate) async fn add_contacts(
             sizes.insert(r.get("username"), r.get("n"));
         }
     }
+    let uncounted: HashSet<&String> = uncounted.iter().collect();
     let mut evicted: HashMap<String, Vec<String>> = HashMap::new();
     for (user, new) in &grown {
         let counted_now = uncounted.contains(user);
@@ -1385,15 +1450,33 @@ pub(crate) async fn add_contacts(
             evicted.insert(user.clone(), gone);
         }
     }
-    for (user, entry) in returned {
-        let gone = evicted.get(&user);
-        if gone.is_some_and(|g| g.contains(&entry.address)) {
+    // One change per user, found by name (a batch touches up to thousands of books),
+    // entries pushed as they are (each party is once in `sums`), newest first.
+    let mut at: HashMap<String, usize> = HashMap::new();
+    let mut change_of = |changes: &mut Vec<BookChange>, user: String| -> usize {
+        *at.entry(user).or_insert_with_key(|user| {
+            changes.push(BookChange {
+                tenant: tenant.to_owned(),
+                user: user.clone(),
+                upserted: Vec::new(),
+                removed: Vec::new(),
+            });
+            changes.len() - 1
+        })
+    };
+    for (user, entry) in returned.into_iter().rev() {
+        if evicted
+            .get(&user)
+            .is_some_and(|g| g.contains(&entry.address))
+        {
             continue;
         }
-        note_change(&mut changes, (tenant, &user), (Some(entry), Vec::new()));
+        let i = change_of(&mut changes, user);
+        changes[i].upserted.push(entry);
     }
     for (user, gone) in evicted {
-        note_change(&mut changes, (tenant, &user), (None, gone));
+        let i = change_of(&mut changes, user);
+        changes[i].removed = gone;
     }
     Ok(changes)
 }
@@ -1419,6 +1502,7 @@ const SCHEMA: &[&str] = &[
 const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("cdrs", "answered_by", "TEXT"),
     ("cdrs", "direction", "TEXT NOT NULL DEFAULT 'in'"),
+    ("cdrs", "dialled_by", "TEXT"),
     ("address_book", "known_calls", "INTEGER NOT NULL DEFAULT 0"),
     (
         "address_book",
@@ -1446,6 +1530,7 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
 /// Indexes, created after [`ADDED_COLUMNS`] and [`RENAMED_COLUMNS`] (which they may name).
 const INDEXES: &[&str] = &[
     "CREATE INDEX IF NOT EXISTS cdrs_user ON cdrs (tenant, username, end_ms)",
+    "CREATE INDEX IF NOT EXISTS cdrs_dialled ON cdrs (tenant, dialled_by, end_ms) WHERE dialled_by IS NOT NULL",
     "CREATE INDEX IF NOT EXISTS messages_conv ON messages (conv, id)",
     "CREATE INDEX IF NOT EXISTS messages_inbox ON messages (to_tenant, to_user, id) WHERE delivered_ms IS NULL",
     "CREATE INDEX IF NOT EXISTS messages_sent ON messages (sent_ms)",

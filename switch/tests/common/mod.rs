@@ -136,6 +136,9 @@ pub struct Node {
     pub agents: Option<SocketAddr>,
     pub trunk: SocketAddr,
     pub token: String,
+    /// The web client's URL (`http://127.0.0.1:PORT/`).
+    #[allow(dead_code)]
+    pub web: String,
     /// The PostgreSQL database of a [`StoreKind::Postgres`] node (dropped after the node).
     pg: Option<pg::TestPostgres>,
 }
@@ -240,6 +243,7 @@ listen = "127.0.0.1:0"
 [http]
 listen = "127.0.0.1:0"
 admin_token = "{token}"
+{web_section}
 [relay]
 port_min = {relay}
 port_max = {relay_max}
@@ -262,6 +266,12 @@ password = "demo"
 "#,
             data = dir.path().join("data").display(),
             relay_max = relay + relay_ports - 1,
+            // A tail with its own `[web]` says where it listens.
+            web_section = if tail.contains("[web]") {
+                ""
+            } else {
+                "[web]\nlisten = \"127.0.0.1:0\""
+            },
         );
         let cfg_path = dir.path().join("parley.toml");
         std::fs::write(&cfg_path, cfg).unwrap();
@@ -320,6 +330,7 @@ password = "demo"
             sip_tls: json["sip_tls"].as_str().and_then(|s| s.parse().ok()),
             quic: addr("quic"),
             http: addr("http"),
+            web: json["web"].as_str().unwrap_or_default().to_owned(),
             trunk: ([127, 0, 0, 1], trunk_port).into(),
             child,
             dir,

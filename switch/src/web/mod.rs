@@ -1,0 +1,416 @@
+//! Browsers: the web client (`/`, plain HTML, CSS and JavaScript compiled into the binary,
+//! no build step) and the IM protocol over WebSocket (`/ws`), on a listener of its own
+//! (`[web]`), so that the admin API and `/metrics` never face browsers.
+//!
+//! The WebSocket is a second transport of the same protocol (`docs/protocol.md` §8): one
+//! JSON message per text message, at most [`control::MAX_FRAME`] bytes, and everything
+//! after the upgrade — login first, throttling, limits, errors, fatal closes — is the
+//! QUIC path's own code ([`crate::im::device::run_device`]). What is WebSocket's own:
+//! the `Origin` check (a page of another site must not talk to the node through a
+//! user's browser), pings every third of the idle timeout with the connection dropped
+//! when the browser stays silent past it, and TLS (HTTPS/WSS) on any address but
+//! loopback.
+//!
+//! axum's WebSocket support (tokio-tungstenite underneath) rather than a hand-written
+//! upgrade: the node's HTTP API is axum already.
+
+mod tls;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use parley_codecs::control::{self, ServerMsg};
+use tokio::sync::Mutex;
+
+use crate::im::device::{FrameRx, FrameTx, ImContext, Inbound, Link, Pending, body_of, run_device};
+use crate::metrics as m;
+
+pub use tls::TlsListener;
+
+/// What the web listener needs.
+pub struct WebState {
+    /// The IM endpoint's state, shared with QUIC (users, login guard, session ids).
+    pub im: Arc<ImContext>,
+    /// The actix arbiter sessions run on (the WebSocket is accepted on a plain tokio
+    /// task; the device driver starts actors).
+    pub arbiter: actix_rt::ArbiterHandle,
+    /// `[web] allowed_origins`.
+    pub allowed_origins: Vec<String>,
+    /// A browser silent this long is gone (`[quic] idle_timeout_secs`, as for devices).
+    pub idle: Duration,
+    /// The listener speaks TLS (the page's own origin is `https://…`).
+    pub tls: bool,
+}
+
+/// The web listener's routes.
+pub fn router(state: Arc<WebState>) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/app.js", get(script))
+        .route("/style.css", get(style))
+        .route("/ws", get(upgrade))
+        .with_state(state)
+}
+
+const INDEX: &str = include_str!("../../web/index.html");
+const SCRIPT: &str = include_str!("../../web/app.js");
+const STYLE: &str = include_str!("../../web/style.css");
+
+/// A page or asset with headers that keep it to itself: no framing by other sites, no
+/// script but its own, no sniffing.
+fn asset(body: &'static str, content_type: &'static str) -> Response {
+    let mut r = body.into_response();
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'self'; connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+        ),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r
+}
+
+async fn index() -> Response {
+    asset(INDEX, "text/html; charset=utf-8")
+}
+
+async fn script() -> Response {
+    asset(SCRIPT, "text/javascript; charset=utf-8")
+}
+
+async fn style() -> Response {
+    asset(STYLE, "text/css; charset=utf-8")
+}
+
+/// Whether a page of `origin` may open the WebSocket: the node's own page (same scheme,
+/// host and port as the request's `Host`), or an origin the configuration allows.
+/// Requests without `Origin` are not from a page (browsers always send it on a
+/// WebSocket handshake) and need the login like any device.
+fn origin_allowed(headers: &HeaderMap, allowed: &[String], tls: bool) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let Ok(origin) = origin.to_str() else {
+        return false;
+    };
+    if allowed.iter().any(|a| a.eq_ignore_ascii_case(origin)) {
+        return true;
+    }
+    let own = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(|host| format!("{}://{host}", if tls { "https" } else { "http" }));
+    own.is_some_and(|own| own.eq_ignore_ascii_case(origin))
+}
+
+async fn upgrade(
+    State(state): State<Arc<WebState>>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    if !origin_allowed(&headers, &state.allowed_origins, state.tls) {
+        metrics::counter!(m::WEB_SESSIONS_REFUSED_TOTAL, "reason" => "origin").increment(1);
+        tracing::info!(%remote, origin = ?headers.get(header::ORIGIN), "WebSocket refused: origin not allowed");
+        return (
+            StatusCode::FORBIDDEN,
+            "this origin may not open the Parley WebSocket (see [web] allowed_origins)\n",
+        )
+            .into_response();
+    }
+    // The same cap on connections not logged in yet as for QUIC, before any work.
+    if let Err(r) = state.im.guard().handle_connect(remote.ip()) {
+        metrics::counter!(m::WEB_SESSIONS_REFUSED_TOTAL, "reason" => r.as_str()).increment(1);
+        tracing::debug!(%remote, reason = r.as_str(), "WebSocket refused");
+        let mut resp = (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many connections not logged in yet; retry later\n",
+        )
+            .into_response();
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        return resp;
+    }
+    let pending = Pending::new(state.im.clone(), remote.ip());
+    ws.max_message_size(control::MAX_FRAME)
+        .max_frame_size(control::MAX_FRAME)
+        .on_upgrade(move |socket| async move {
+            metrics::counter!(m::WEB_SESSIONS_TOTAL).increment(1);
+            let (sink, stream) = socket.split();
+            let sink = Arc::new(Mutex::new(sink));
+            let link = WsLink {
+                sink: sink.clone(),
+                idle: state.idle,
+            };
+            let rx = WsRx {
+                stream,
+                idle: state.idle,
+            };
+            let im = state.im.clone();
+            state.arbiter.spawn_fn(move || {
+                actix_rt::spawn(async move {
+                    let _live = LiveSession::new();
+                    run_device(im, remote, (rx, WsTx(sink), link), pending).await;
+                });
+            });
+        })
+}
+
+/// Counts a live WebSocket session in the gauge while it exists.
+struct LiveSession;
+
+impl LiveSession {
+    fn new() -> Self {
+        metrics::gauge!(m::WEB_SESSIONS).increment(1.0);
+        Self
+    }
+}
+
+impl Drop for LiveSession {
+    fn drop(&mut self) {
+        metrics::gauge!(m::WEB_SESSIONS).decrement(1.0);
+    }
+}
+
+type Sink = Arc<Mutex<SplitSink<WebSocket, Message>>>;
+
+/// The browser's messages.
+struct WsRx {
+    stream: SplitStream<WebSocket>,
+    idle: Duration,
+}
+
+impl FrameRx for WsRx {
+    async fn next(&mut self) -> Inbound {
+        loop {
+            let next = match tokio::time::timeout(self.idle, self.stream.next()).await {
+                Ok(n) => n,
+                Err(_) => return Inbound::Broken("silent past the idle timeout".into()),
+            };
+            return match next {
+                None | Some(Ok(Message::Close(_))) => Inbound::End,
+                Some(Ok(Message::Text(t))) => Inbound::Frame(t.as_bytes().to_vec()),
+                Some(Ok(Message::Binary(_))) => Inbound::Framing(
+                    "binary WebSocket messages are not part of the protocol: send each message as text".into(),
+                ),
+                // Answered by tungstenite; they only show the browser is there.
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Err(e)) => {
+                    let e = e.to_string();
+                    if e.contains("Space limit exceeded") {
+                        Inbound::Framing(format!(
+                            "message over the protocol limit of {} bytes",
+                            control::MAX_FRAME
+                        ))
+                    } else {
+                        Inbound::Broken(e)
+                    }
+                }
+            };
+        }
+    }
+}
+
+/// Writes to the browser.
+struct WsTx(Sink);
+
+impl FrameTx for WsTx {
+    async fn send(&mut self, msg: &ServerMsg) -> Result<(), ()> {
+        let Some(body) = body_of(msg) else {
+            return Ok(());
+        };
+        // Bodies are serde_json output: UTF-8.
+        let text = String::from_utf8(body).map_err(|_| ())?;
+        self.0
+            .lock()
+            .await
+            .send(Message::Text(text.into()))
+            .await
+            .map_err(|_| ())
+    }
+
+    async fn finish(&mut self) {
+        let _ = self.0.lock().await.flush().await;
+    }
+}
+
+/// The WebSocket connection.
+struct WsLink {
+    sink: Sink,
+    idle: Duration,
+}
+
+impl Link for WsLink {
+    fn close(&self, code: &str) {
+        let sink = self.sink.clone();
+        // 1000: normal closure; 1008: policy violation (every fatal error).
+        let (n, reason) = match code {
+            "bye" | "closed" => (1000, "bye".to_owned()),
+            c => (1008, c.to_owned()),
+        };
+        tokio::spawn(async move {
+            let mut s = sink.lock().await;
+            let _ = s
+                .send(Message::Close(Some(CloseFrame {
+                    code: n,
+                    reason: reason.into(),
+                })))
+                .await;
+            let _ = s.close().await;
+        });
+    }
+
+    /// Keep-alive: a ping every third of the idle timeout, which browsers answer.
+    /// (Browser media, WebRTC, is not carried yet.)
+    fn start(&self, _: &ImContext, _: u64) -> Option<tokio::task::JoinHandle<()>> {
+        let sink = self.sink.clone();
+        let every = self.idle / 3;
+        Some(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                if sink
+                    .lock()
+                    .await
+                    .send(Message::Ping(Vec::new().into()))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        }))
+    }
+
+    fn stop(&self, _: &ImContext, _: u64) {}
+
+    fn transport(&self) -> &'static str {
+        "websocket"
+    }
+}
+
+/// Serves the web listener until the process ends.
+pub async fn serve(listener: WebListener, app: Router) {
+    let svc = app.into_make_service_with_connect_info::<SocketAddr>();
+    let r = match listener {
+        WebListener::Plain(l) => axum::serve(l, svc).await,
+        WebListener::Tls(l) => {
+            use axum::serve::ListenerExt;
+            axum::serve(l.tap_io(|_| {}), svc).await
+        }
+    };
+    if let Err(e) = r {
+        tracing::error!(error = %e, "web server failed");
+    }
+}
+
+/// The web listener, plain (loopback) or TLS.
+pub enum WebListener {
+    /// HTTP and WS.
+    Plain(tokio::net::TcpListener),
+    /// HTTPS and WSS.
+    Tls(TlsListener),
+}
+
+impl WebListener {
+    /// Binds `listen`, with TLS from `tls` (certificate chain and key, PEM) when given.
+    pub async fn bind(
+        listen: SocketAddr,
+        tls: Option<(&std::path::Path, &std::path::Path)>,
+    ) -> anyhow::Result<Self> {
+        let tcp = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("web.listen {listen}: {e}"))?;
+        Ok(match tls {
+            None => Self::Plain(tcp),
+            Some((cert, key)) => {
+                let mut config = (*crate::sip::tls::server_config(cert, key)
+                    .map_err(|e| anyhow::anyhow!("web.tls_cert: {e:#}"))?)
+                .clone();
+                config.alpn_protocols = vec![b"http/1.1".to_vec()];
+                Self::Tls(TlsListener::new(tcp, Arc::new(config)))
+            }
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        match self {
+            Self::Plain(l) => l.local_addr(),
+            Self::Tls(l) => axum::serve::Listener::local_addr(l),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(origin: Option<&str>, host: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_str(host).unwrap());
+        if let Some(o) = origin {
+            h.insert(header::ORIGIN, HeaderValue::from_str(o).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn only_the_nodes_own_page_and_allowed_origins_open_the_socket() {
+        let allowed = vec!["https://im.example.com".to_owned()];
+        let host = "127.0.0.1:8088";
+        assert!(origin_allowed(
+            &headers(Some("http://127.0.0.1:8088"), host),
+            &[],
+            false
+        ));
+        assert!(!origin_allowed(
+            &headers(Some("https://127.0.0.1:8088"), host),
+            &[],
+            false
+        ));
+        assert!(origin_allowed(
+            &headers(Some("https://127.0.0.1:8088"), host),
+            &[],
+            true
+        ));
+        assert!(!origin_allowed(
+            &headers(Some("http://evil.example"), host),
+            &[],
+            false
+        ));
+        assert!(!origin_allowed(
+            &headers(Some("http://127.0.0.1:9999"), host),
+            &[],
+            false
+        ));
+        assert!(origin_allowed(
+            &headers(Some("https://im.example.com"), host),
+            &allowed,
+            true
+        ));
+        assert!(!origin_allowed(
+            &headers(Some("null"), host),
+            &allowed,
+            false
+        ));
+        // Not a page: the login decides.
+        assert!(origin_allowed(&headers(None, host), &[], false));
+    }
+}

@@ -1,0 +1,438 @@
+// Parley's web client: the IM protocol (docs/protocol.md) over a WebSocket, one JSON
+// message per text frame. Plain JavaScript, no build step.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const IDLE_AWAY_MS = 5 * 60 * 1000;
+
+const state = {
+  ws: null,
+  me: null,            // { tenant, user, number }
+  chosen: "available", // the status the user picked
+  sent: null,          // the status last sent
+  lastInput: Date.now(),
+  book: new Map(),     // address -> entry
+  presence: new Map(), // user -> { status, note, devices }
+  chats: new Map(),    // user -> [message]
+  chatWith: null,
+  ring: null,          // { call_id, from, from_name }
+  call: null,          // { call_id, peer, state, since, muted }
+  nextId: 1,
+  searching: null,
+};
+
+function send(msg) {
+  if (state.ws && state.ws.readyState === WebSocket.OPEN) state.ws.send(JSON.stringify(msg));
+}
+
+function notice(text) {
+  const n = $("notice");
+  n.textContent = text;
+  n.classList.add("show");
+  clearTimeout(notice.timer);
+  notice.timer = setTimeout(() => n.classList.remove("show"), 3500);
+}
+
+// ---- sign in -------------------------------------------------------------------------
+
+$("signin-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  connect({
+    tenant: $("tenant").value.trim(),
+    user: $("user").value.trim(),
+    password: $("password").value,
+  });
+});
+
+function deviceName() {
+  let d = sessionStorage.getItem("parley-device");
+  if (!d) {
+    d = "web-" + Math.random().toString(36).slice(2, 8);
+    sessionStorage.setItem("parley-device", d);
+  }
+  return d;
+}
+
+function connect(creds) {
+  $("signin-error").textContent = "";
+  $("signin-button").disabled = true;
+  const ws = new WebSocket((location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws");
+  state.ws = ws;
+  ws.onopen = () => send({
+    type: "login", tenant: creds.tenant, user: creds.user,
+    password: creds.password || "", token: creds.token, device: deviceName(),
+  });
+  ws.onmessage = (ev) => {
+    let msg;
+    try { msg = JSON.parse(ev.data); } catch { return; }
+    handle(msg, creds);
+  };
+  ws.onclose = () => {
+    $("signin-button").disabled = false;
+    if (state.me) {
+      state.me = null;
+      $("app").hidden = true;
+      $("signin").hidden = false;
+      $("signin-error").textContent = "Disconnected. Sign in again.";
+    }
+  };
+}
+
+$("signout").addEventListener("click", () => {
+  sessionStorage.removeItem("parley-token");
+  if (state.ws) state.ws.close();
+});
+
+// ---- messages from the node ----------------------------------------------------------
+
+function handle(msg, creds) {
+  switch (msg.type) {
+    case "login_ok":
+      state.me = { tenant: creds.tenant, user: creds.user, number: msg.number, name: msg.display_name };
+      $("password").value = "";
+      $("signin").hidden = true;
+      $("app").hidden = false;
+      $("me-name").textContent = msg.display_name || creds.user;
+      $("me-number").textContent = msg.number;
+      state.book.clear();
+      sendPresence(true);
+      send({ type: "call_history", id: state.nextId++ });
+      break;
+    case "error":
+      if (!state.me) {
+        $("signin-error").textContent = msg.message;
+      } else {
+        notice(msg.message);
+      }
+      break;
+    case "address_book":
+      if (msg.offset === 0) state.book.clear();
+      for (const e of msg.entries) state.book.set(e.address, e);
+      renderBook();
+      break;
+    case "address_book_update":
+      for (const e of msg.entries) state.book.set(e.address, e);
+      for (const a of msg.removed) state.book.delete(a);
+      renderBook();
+      send({ type: "call_history", id: state.nextId++ });
+      break;
+    case "book_ok":
+      if (msg.entry) state.book.set(msg.entry.address, msg.entry);
+      renderBook();
+      break;
+    case "book_results":
+      if (state.searching === msg.query) renderBook(msg.entries);
+      break;
+    case "presence_update":
+      state.presence.set(msg.user, msg);
+      renderBook();
+      renderChatTitle();
+      break;
+    case "chat":
+      addChat(msg.own ? msg.to : msg.from, {
+        id: msg.id, from: msg.from, text: msg.text, at: msg.sent_at_ms, mine: msg.own,
+      });
+      if (!msg.own) {
+        if (state.chatWith === msg.from && !document.hidden) send({ type: "chat_read", message: msg.id });
+        else notice(`${msg.from}: ${msg.text}`);
+      }
+      break;
+    case "chat_ack":
+      break;
+    case "chat_history":
+      state.chats.set(msg.with, msg.messages.map((m) => ({
+        id: m.id, from: m.from, text: m.text, at: m.sent_at_ms, mine: m.from === state.me.user,
+      })));
+      renderChat();
+      break;
+    case "incoming_call":
+      send({ type: "ringing", call_id: msg.call_id });
+      state.ring = msg;
+      renderCall();
+      break;
+    case "dialing":
+      state.call = { call_id: msg.call_id, peer: msg.to, state: "Calling…", since: null, muted: false };
+      renderCall();
+      break;
+    case "call_ringing":
+      if (state.call && state.call.call_id === msg.call_id) { state.call.state = "Ringing…"; renderCall(); }
+      break;
+    case "call_connected":
+      if (state.ring && state.ring.call_id === msg.call_id) {
+        state.call = { call_id: msg.call_id, peer: state.ring.from_name || state.ring.from, muted: false };
+        state.ring = null;
+      }
+      if (state.call && state.call.call_id === msg.call_id) {
+        state.call.state = "Connected";
+        state.call.since = Date.now();
+      }
+      renderCall();
+      break;
+    case "call_ended":
+      if (state.ring && state.ring.call_id === msg.call_id) state.ring = null;
+      if (state.call && state.call.call_id === msg.call_id) {
+        state.call = null;
+        notice("Call ended");
+      }
+      renderCall();
+      send({ type: "call_history", id: state.nextId++ });
+      break;
+    case "call_history":
+      renderHistory(msg.calls);
+      break;
+    default:
+      break;
+  }
+}
+
+// ---- presence ------------------------------------------------------------------------
+
+function effectiveStatus() {
+  if (state.chosen !== "available") return state.chosen;
+  if (document.hidden || Date.now() - state.lastInput > IDLE_AWAY_MS) return "away";
+  return "available";
+}
+
+function sendPresence(force) {
+  if (!state.me) return;
+  const status = effectiveStatus();
+  if (!force && status === state.sent) return;
+  state.sent = status;
+  send({ type: "presence", status, idle_ms: Math.max(0, Date.now() - state.lastInput) });
+  $("me-dot").className = "dot " + status;
+}
+
+$("status").addEventListener("change", () => { state.chosen = $("status").value; sendPresence(false); });
+document.addEventListener("visibilitychange", () => sendPresence(false));
+for (const ev of ["keydown", "mousemove", "pointerdown", "focus"]) {
+  window.addEventListener(ev, () => { state.lastInput = Date.now(); sendPresence(false); }, { passive: true });
+}
+setInterval(() => sendPresence(false), 15000);
+
+// ---- address book --------------------------------------------------------------------
+
+function entryName(e) { return e.name || e.address; }
+
+function sortedBook() {
+  return [...state.book.values()].sort((a, b) =>
+    (b.favourite - a.favourite) || (b.last_seen || "").localeCompare(a.last_seen || ""));
+}
+
+function renderBook(results) {
+  const list = $("book");
+  list.textContent = "";
+  const entries = results || sortedBook();
+  $("book-empty").hidden = entries.length > 0;
+  for (const e of entries) {
+    const li = document.createElement("li");
+    li.dataset.address = e.address;
+    if (e.user && e.user === state.chatWith) li.classList.add("selected");
+    const dot = document.createElement("span");
+    const p = e.user ? state.presence.get(e.user) : null;
+    dot.className = "dot " + (p ? p.status : "none");
+    dot.title = p ? p.status.replace(/_/g, " ") : "not a Parley user";
+    const who = document.createElement("div");
+    who.className = "who";
+    const top = document.createElement("div");
+    top.textContent = entryName(e);
+    if (e.favourite) top.insertAdjacentHTML("afterbegin", '<span class="fav">★ </span>');
+    if (e.blocked) top.insertAdjacentHTML("beforeend", ' <span class="blocked">blocked</span>');
+    const sub = document.createElement("div");
+    sub.className = "muted";
+    sub.textContent = (e.name ? e.address + " · " : "") + `${e.call_count} call${e.call_count === 1 ? "" : "s"}` +
+      (e.note ? " · " + e.note : "");
+    who.append(top, sub);
+    who.addEventListener("click", () => { if (e.user) openChat(e.user); });
+    const call = button("Call", () => dial(e.address));
+    call.className = "call";
+    const edit = button("Edit", () => openEdit(e));
+    edit.className = "edit";
+    li.append(dot, who, call, edit);
+    list.append(li);
+  }
+}
+
+function button(text, onclick) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.textContent = text;
+  b.addEventListener("click", onclick);
+  return b;
+}
+
+$("book-search").addEventListener("input", () => {
+  const q = $("book-search").value.trim();
+  state.searching = q || null;
+  if (q) send({ type: "book_search", query: q, id: state.nextId++ });
+  else renderBook();
+});
+
+let editing = null;
+function openEdit(e) {
+  editing = e;
+  $("edit-title").textContent = e.address;
+  $("edit-name").value = e.name || "";
+  $("edit-note").value = e.note || "";
+  $("edit-favourite").checked = !!e.favourite;
+  $("edit-blocked").checked = !!e.blocked;
+  $("edit").showModal();
+}
+
+$("edit").addEventListener("close", () => {
+  const e = editing;
+  editing = null;
+  if (!e) return;
+  const how = $("edit").returnValue;
+  if (how === "delete") {
+    send({ type: "book_delete", address: e.address, id: state.nextId++ });
+    state.book.delete(e.address);
+    renderBook();
+  } else if (how === "save") {
+    send({
+      type: "book_set", address: e.address, id: state.nextId++,
+      name: $("edit-name").value, note: $("edit-note").value, favourite: $("edit-favourite").checked,
+    });
+    if ($("edit-blocked").checked !== !!e.blocked) {
+      send({ type: "book_block", address: e.address, blocked: $("edit-blocked").checked, id: state.nextId++ });
+    }
+  }
+});
+
+// ---- chat ----------------------------------------------------------------------------
+
+function openChat(user) {
+  state.chatWith = user;
+  $("chat-form").hidden = false;
+  $("chat-hint").hidden = true;
+  renderChatTitle();
+  renderBook();
+  renderChat();
+  send({ type: "chat_history", with: user, id: state.nextId++ });
+  $("chat-text").focus();
+}
+
+function renderChatTitle() {
+  if (!state.chatWith) return;
+  const p = state.presence.get(state.chatWith);
+  $("chat-title").textContent = state.chatWith + (p ? ` (${p.status.replace(/_/g, " ")})` : "");
+}
+
+function addChat(peer, m) {
+  const list = state.chats.get(peer) || [];
+  if (!list.some((x) => x.id === m.id && m.id)) list.push(m);
+  state.chats.set(peer, list);
+  if (peer === state.chatWith) renderChat();
+}
+
+function renderChat() {
+  const ol = $("messages");
+  ol.textContent = "";
+  for (const m of state.chats.get(state.chatWith) || []) {
+    const li = document.createElement("li");
+    if (m.mine) li.classList.add("mine");
+    li.textContent = m.text;
+    const meta = document.createElement("span");
+    meta.className = "meta";
+    meta.textContent = new Date(m.at).toLocaleTimeString();
+    li.append(meta);
+    ol.append(li);
+  }
+  ol.scrollTop = ol.scrollHeight;
+  const last = (state.chats.get(state.chatWith) || []).filter((m) => !m.mine).pop();
+  if (last && !document.hidden) send({ type: "chat_read", message: last.id });
+}
+
+$("chat-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const text = $("chat-text").value;
+  if (!text || !state.chatWith) return;
+  const id = state.nextId++;
+  send({ type: "chat", to: state.chatWith, text, id });
+  addChat(state.chatWith, { id: 0, from: state.me.user, text, at: Date.now(), mine: true });
+  $("chat-text").value = "";
+});
+
+// ---- calls ---------------------------------------------------------------------------
+
+function dial(to) {
+  if (!to) return;
+  if (state.call) { notice("Hang up first"); return; }
+  send({ type: "dial", to, id: state.nextId++ });
+}
+
+$("dial-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  dial($("dial-to").value.trim());
+  $("dial-to").value = "";
+});
+
+$("answer").addEventListener("click", () => {
+  if (state.ring) send({ type: "answer", call_id: state.ring.call_id });
+});
+$("reject").addEventListener("click", () => {
+  if (!state.ring) return;
+  send({ type: "reject", call_id: state.ring.call_id });
+  state.ring = null;
+  renderCall();
+});
+$("hangup").addEventListener("click", () => {
+  if (!state.call) return;
+  send({ type: "hangup", call_id: state.call.call_id });
+});
+$("mute").addEventListener("click", () => {
+  if (!state.call) return;
+  state.call.muted = !state.call.muted;
+  renderCall();
+});
+
+function renderCall() {
+  const r = state.ring;
+  $("ring").hidden = !r;
+  if (r) {
+    $("ring-from").textContent = r.from_name ? `${r.from_name} (${r.from})` : r.from;
+    $("ring-detail").textContent = `calling ${r.to}` + (r.video ? " · video" : "");
+  }
+  const c = state.call;
+  $("incall").hidden = !c;
+  if (c) {
+    $("call-peer").textContent = c.peer;
+    $("call-state").textContent = c.state + (c.muted ? " · muted" : "");
+    $("mute").textContent = c.muted ? "Unmute" : "Mute";
+  }
+}
+
+setInterval(() => {
+  const c = state.call;
+  if (!c || !c.since) { $("call-timer").textContent = ""; return; }
+  const s = Math.floor((Date.now() - c.since) / 1000);
+  $("call-timer").textContent = `${Math.floor(s / 60)}:${String(s % 60).padStart(2, "0")}`;
+}, 500);
+
+// ---- call history --------------------------------------------------------------------
+
+function renderHistory(calls) {
+  const ul = $("history");
+  ul.textContent = "";
+  for (const c of calls) {
+    const li = document.createElement("li");
+    const kind = c.direction === "outgoing" ? "out" : c.answered ? "in" : "missed";
+    const icon = document.createElement("span");
+    icon.className = "history-" + kind;
+    icon.textContent = kind === "out" ? "↗" : kind === "in" ? "↙" : "✕";
+    const who = document.createElement("div");
+    who.className = "who";
+    const top = document.createElement("div");
+    top.textContent = c.peer_name || c.peer;
+    const sub = document.createElement("div");
+    sub.className = "muted";
+    const when = new Date(c.start_ms);
+    sub.textContent = when.toLocaleString() + (c.answered ? ` · ${formatDuration(c.duration_s)}` : " · " + c.disposition.replace(/_/g, " "));
+    who.append(top, sub);
+    li.append(icon, who, button("Call", () => dial(c.peer)));
+    ul.append(li);
+  }
+}
+
+function formatDuration(s) {
+  return s < 60 ? `${s} s` : `${Math.floor(s / 60)} min ${s % 60} s`;
+}
