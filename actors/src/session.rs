@@ -818,6 +818,11 @@ impl Handler<FromClient> for PresenceSession {
             }
             ClientMsg::BookSearch { query, limit } => self.book_search(query, limit, ctx),
             ClientMsg::CallHistory { before, limit } => self.call_history(before, limit, ctx),
+            // The WebSocket transport answers offers itself; here the device is on QUIC.
+            ClientMsg::WebrtcOffer { .. } => self.error(
+                "unsupported",
+                "webrtc_offer: this connection carries media as RoQ datagrams".into(),
+            ),
             ClientMsg::Login { .. } => self.error(
                 "already_logged_in",
                 "login is accepted once per connection".into(),

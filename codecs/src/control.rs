@@ -189,6 +189,14 @@ pub enum ClientMsg {
         #[serde(default)]
         limit: Option<u32>,
     },
+    /// The browser's WebRTC offer (SDP) for its media: one peer connection per session,
+    /// audio, G.711; answered with `webrtc_answer` (or a non-fatal `bad_offer` error). A
+    /// later offer replaces the peer connection. WebSocket transport only (QUIC devices
+    /// carry media as RoQ datagrams): on QUIC it is refused with `unsupported`.
+    WebrtcOffer {
+        /// The offer, as `RTCPeerConnection.createOffer` made it (ICE candidates gathered).
+        sdp: String,
+    },
     /// A page of this user's calls from their CDRs, newest first; answered with
     /// `call_history`.
     CallHistory {
@@ -492,6 +500,13 @@ pub enum ServerMsg {
         id: Option<u64>,
         /// The entry as it now stands (`null` after `book_delete`).
         entry: Option<AddressBookEntry>,
+    },
+    /// The node's answer to `webrtc_offer` (ICE-lite: its one host candidate is in it).
+    WebrtcAnswer {
+        /// The request's `id`.
+        id: Option<u64>,
+        /// The answer SDP.
+        sdp: String,
     },
     /// A page of the user's calls (reply to `call_history`), newest first.
     CallHistory {

@@ -205,6 +205,10 @@ pub struct WebConfig {
     /// in `Origin`) whose pages may open the WebSocket. Others are refused (403): a page on
     /// another site must not talk to the node with a user's browser.
     pub allowed_origins: Vec<String>,
+    /// UDP address of browsers' media (WebRTC, ICE-lite: this address is the one host
+    /// candidate the node offers, so it must be one browsers reach, not `0.0.0.0`); port
+    /// 0 picks a free one.
+    pub media_listen: SocketAddr,
 }
 
 impl Default for WebConfig {
@@ -215,6 +219,7 @@ impl Default for WebConfig {
             tls_cert: None,
             tls_key: None,
             allowed_origins: Vec::new(),
+            media_listen: ([127, 0, 0, 1], 0).into(),
         }
     }
 }
@@ -821,6 +826,12 @@ impl Config {
                 ));
             }
             _ => {}
+        }
+        if self.web.media_listen.ip().is_unspecified() {
+            return Err(bad(
+                "web.media_listen",
+                "must be an address browsers reach (it is the ICE candidate), not 0.0.0.0 or ::",
+            ));
         }
         if let Some(o) =
             self.web.allowed_origins.iter().find(|o| {

@@ -25,6 +25,7 @@ pub mod relay;
 pub mod sip;
 pub mod store;
 pub mod web;
+pub mod webrtc;
 
 /// A random alphanumeric token (admin tokens, SIP tags).
 pub fn sip_token(len: usize) -> String {

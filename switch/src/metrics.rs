@@ -104,6 +104,19 @@ pub const WEB_SESSIONS: &str = "parley_web_sessions";
 /// WebSocket upgrades refused, by `reason` (`origin`, `pending_per_source`,
 /// `pending_total`).
 pub const WEB_SESSIONS_REFUSED_TOTAL: &str = "parley_web_sessions_refused_total";
+/// Browsers' WebRTC offers, by `result` (`ok`, `refused`).
+pub const WEBRTC_OFFERS_TOTAL: &str = "parley_webrtc_offers_total";
+/// Browser peer connections that connected (ICE and DTLS done), disconnected or failed,
+/// by `result`.
+pub const WEBRTC_CONNECTIONS_TOTAL: &str = "parley_webrtc_connections_total";
+/// Browser peer connections now.
+pub const WEBRTC_PEERS: &str = "parley_webrtc_peers";
+/// RTP packets between browsers and the relay, by `direction` (`to_browser`,
+/// `from_browser`).
+pub const WEBRTC_PACKETS_TOTAL: &str = "parley_webrtc_packets_total";
+/// Packets dropped on the browser media path, by `reason` (`queue_full`, `no_peer`,
+/// `not_connected`, `not_rtp`, `no_stream`, `unreadable`).
+pub const WEBRTC_DROPS_TOTAL: &str = "parley_webrtc_drops_total";
 
 /// Installs the global recorder and returns the handle that renders `/metrics`.
 pub fn install() -> anyhow::Result<PrometheusHandle> {
@@ -160,6 +173,26 @@ fn register_zeroes() {
         counter!(WEB_SESSIONS_REFUSED_TOTAL, "reason" => r).increment(0);
     }
     counter!(WEB_SESSIONS_TOTAL).increment(0);
+    for r in ["ok", "refused"] {
+        counter!(WEBRTC_OFFERS_TOTAL, "result" => r).increment(0);
+    }
+    for r in ["connected", "disconnected", "failed"] {
+        counter!(WEBRTC_CONNECTIONS_TOTAL, "result" => r).increment(0);
+    }
+    for d in ["to_browser", "from_browser"] {
+        counter!(WEBRTC_PACKETS_TOTAL, "direction" => d).increment(0);
+    }
+    for r in [
+        "queue_full",
+        "no_peer",
+        "not_connected",
+        "not_rtp",
+        "no_stream",
+        "unreadable",
+    ] {
+        counter!(WEBRTC_DROPS_TOTAL, "reason" => r).increment(0);
+    }
+    gauge!(WEBRTC_PEERS).set(0.0);
     gauge!(WEB_SESSIONS).set(0.0);
     for r in ["ok", "error"] {
         counter!(CDR_WRITES_TOTAL, "result" => r).increment(0);
@@ -380,6 +413,27 @@ fn describe() {
         "WebSocket sessions opened by browsers (the IM login follows)"
     );
     describe_gauge!(WEB_SESSIONS, Unit::Count, "WebSocket sessions open now");
+    describe_counter!(
+        WEBRTC_OFFERS_TOTAL,
+        Unit::Count,
+        "Browsers' WebRTC offers, by result"
+    );
+    describe_counter!(
+        WEBRTC_CONNECTIONS_TOTAL,
+        Unit::Count,
+        "Browser peer connections connected (ICE and DTLS done), disconnected or failed"
+    );
+    describe_gauge!(WEBRTC_PEERS, Unit::Count, "Browser peer connections now");
+    describe_counter!(
+        WEBRTC_PACKETS_TOTAL,
+        Unit::Count,
+        "RTP packets between browsers and the relay, by direction"
+    );
+    describe_counter!(
+        WEBRTC_DROPS_TOTAL,
+        Unit::Count,
+        "Packets dropped on the browser media path, by reason"
+    );
     describe_counter!(
         WEB_SESSIONS_REFUSED_TOTAL,
         Unit::Count,

@@ -324,12 +324,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         let tls = cfg.web.tls_cert.as_deref().zip(cfg.web.tls_key.as_deref());
         let listener = crate::web::WebListener::bind(cfg.web.listen, tls).await?;
         let addr = listener.local_addr()?;
+        let webrtc = crate::webrtc::WebRtc::start(cfg.web.media_listen, relay.clone())
+            .map_err(|e| anyhow::anyhow!("web.media_listen {}: {e}", cfg.web.media_listen))?;
         let app = crate::web::router(Arc::new(crate::web::WebState {
             im: im.clone(),
             arbiter: actix_rt::Arbiter::current(),
             allowed_origins: cfg.web.allowed_origins.clone(),
             idle: Duration::from_secs(cfg.quic.idle_timeout_secs),
             tls: tls.is_some(),
+            webrtc: Some(Arc::new(webrtc)),
         }));
         actix_rt::spawn(crate::web::serve(listener, app));
         Some(format!(

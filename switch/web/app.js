@@ -69,6 +69,10 @@ function connect(creds) {
   };
   ws.onclose = () => {
     $("signin-button").disabled = false;
+    if (state.pc) {
+      state.pc.close();
+      state.pc = null;
+    }
     if (state.me) {
       state.me = null;
       $("app").hidden = true;
@@ -97,6 +101,10 @@ function handle(msg, creds) {
       state.book.clear();
       sendPresence(true);
       send({ type: "call_history", id: state.nextId++ });
+      startMedia();
+      break;
+    case "webrtc_answer":
+      if (state.pc) state.pc.setRemoteDescription({ type: "answer", sdp: msg.sdp }).catch((e) => notice("Audio: " + e));
       break;
     case "error":
       if (!state.me) {
@@ -133,6 +141,7 @@ function handle(msg, creds) {
         id: msg.id, from: msg.from, text: msg.text, at: msg.sent_at_ms, mine: msg.own,
       });
       if (!msg.own) {
+        if (!state.chatWith) openChat(msg.from);
         if (state.chatWith === msg.from && !document.hidden) send({ type: "chat_read", message: msg.id });
         else notice(`${msg.from}: ${msg.text}`);
       }
@@ -165,6 +174,7 @@ function handle(msg, creds) {
       if (state.call && state.call.call_id === msg.call_id) {
         state.call.state = "Connected";
         state.call.since = Date.now();
+        microphone(true);
       }
       renderCall();
       break;
@@ -172,6 +182,7 @@ function handle(msg, creds) {
       if (state.ring && state.ring.call_id === msg.call_id) state.ring = null;
       if (state.call && state.call.call_id === msg.call_id) {
         state.call = null;
+        microphone(false);
         notice("Call ended");
       }
       renderCall();
@@ -382,8 +393,62 @@ $("hangup").addEventListener("click", () => {
 $("mute").addEventListener("click", () => {
   if (!state.call) return;
   state.call.muted = !state.call.muted;
+  if (state.mic) state.mic.enabled = !state.call.muted;
   renderCall();
 });
+
+// ---- media: one peer connection per session (docs/protocol.md, webrtc_offer) ------------
+
+async function startMedia() {
+  try {
+    const stream = await navigator.mediaDevices.getUserMedia({ audio: true });
+    state.mic = stream.getAudioTracks()[0];
+  } catch (e) {
+    notice("No microphone: the other side will not hear you");
+  }
+  const pc = new RTCPeerConnection({ iceServers: [] });
+  state.pc = pc;
+  const transceiver = pc.addTransceiver("audio", { direction: "sendrecv" });
+  state.sender = transceiver.sender;
+  // G.711 first: gateway calls then need no transcoding.
+  if (transceiver.setCodecPreferences && window.RTCRtpReceiver && RTCRtpReceiver.getCapabilities) {
+    const codecs = RTCRtpReceiver.getCapabilities("audio").codecs;
+    const g711 = codecs.filter((c) => /audio\/PCM[UA]/i.test(c.mimeType));
+    if (g711.length) transceiver.setCodecPreferences(g711);
+  }
+  pc.ontrack = (ev) => {
+    $("remote-audio").srcObject = ev.streams[0] || new MediaStream([ev.track]);
+  };
+  pc.onconnectionstatechange = () => {
+    if (pc.connectionState === "failed") notice("Audio connection failed");
+  };
+  await pc.setLocalDescription(await pc.createOffer());
+  // The node is ICE-lite and takes the offer whole: wait for the candidates (at most 3 s).
+  await new Promise((done) => {
+    if (pc.iceGatheringState === "complete") return done();
+    pc.addEventListener("icegatheringstatechange", () => pc.iceGatheringState === "complete" && done());
+    setTimeout(done, 3000);
+  });
+  send({ type: "webrtc_offer", sdp: pc.localDescription.sdp, id: state.nextId++ });
+}
+
+// The microphone goes out only during a call.
+function microphone(on) {
+  if (!state.sender) return;
+  if (state.mic) state.mic.enabled = true;
+  state.sender.replaceTrack(on && state.mic ? state.mic : null).catch(() => {});
+}
+
+// Audio packets both ways, for the status line and for tests.
+window.parleyMediaStats = async function () {
+  const out = { inbound: 0, outbound: 0, state: state.pc ? state.pc.connectionState : "none" };
+  if (!state.pc) return out;
+  (await state.pc.getStats()).forEach((r) => {
+    if (r.type === "inbound-rtp" && r.kind === "audio") out.inbound += r.packetsReceived || 0;
+    if (r.type === "outbound-rtp" && r.kind === "audio") out.outbound += r.packetsSent || 0;
+  });
+  return out;
+};
 
 function renderCall() {
   const r = state.ring;

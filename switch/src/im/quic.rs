@@ -184,7 +184,8 @@ impl Link for QuicLink {
     }
 
     fn start(&self, ctx: &ImContext, session: u64) -> Option<tokio::task::JoinHandle<()>> {
-        ctx.relay.register_session(session, self.0.clone());
+        ctx.relay
+            .register_session(session, crate::relay::DeviceConn::Quic(self.0.clone()));
         let conn = self.0.clone();
         let relay = ctx.relay.clone();
         // On the QUIC runtime, next to the connection's driver: media stays off the

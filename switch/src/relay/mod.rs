@@ -115,12 +115,12 @@ pub(crate) enum Command {
         udp: (u16, SocketAddr),
         session: SessionId,
         flow: u64,
-        conn: quinn::Connection,
+        conn: DeviceConn,
         stats: Arc<FlowStats>,
     },
     BridgeRoqRoq {
-        a: (SessionId, u64, quinn::Connection),
-        b: (SessionId, u64, quinn::Connection),
+        a: (SessionId, u64, DeviceConn),
+        b: (SessionId, u64, DeviceConn),
         stats: Arc<FlowStats>,
     },
     Release {
@@ -174,6 +174,43 @@ impl WorkerHandle {
     }
 }
 
+/// How the relay reaches a device session's media: RoQ datagrams (flow id + RTP packet)
+/// either way.
+#[derive(Clone)]
+pub enum DeviceConn {
+    /// The device's QUIC connection.
+    Quic(quinn::Connection),
+    /// A browser's WebRTC peer connection, on the WebRTC thread (`crate::webrtc`).
+    WebRtc(crate::webrtc::MediaSink),
+}
+
+impl std::fmt::Debug for DeviceConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Quic(_) => "DeviceConn::Quic",
+            Self::WebRtc(_) => "DeviceConn::WebRtc",
+        })
+    }
+}
+
+impl DeviceConn {
+    /// Bytes of datagrams the connection takes now without dropping older ones.
+    fn datagram_send_buffer_space(&self) -> usize {
+        match self {
+            Self::Quic(c) => c.datagram_send_buffer_space(),
+            Self::WebRtc(s) => s.space(),
+        }
+    }
+
+    /// Queues one RoQ datagram.
+    fn send_datagram(&self, datagram: Bytes) -> Result<(), ()> {
+        match self {
+            Self::Quic(c) => c.send_datagram(datagram).map_err(|_| ()),
+            Self::WebRtc(s) => s.send(datagram),
+        }
+    }
+}
+
 /// Handle to the relay, shared by the control plane.
 pub struct Relay {
     settings: RelaySettings,
@@ -189,7 +226,7 @@ pub struct Relay {
     /// Installed bridges, by the caller-side port or RoQ flow (for the flows gauge).
     bridges: dashmap::DashSet<FlowKey>,
     next_flow: AtomicU64,
-    conns: dashmap::DashMap<SessionId, quinn::Connection>,
+    conns: dashmap::DashMap<SessionId, DeviceConn>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     _gro: socket::GroKeeper,
 }
@@ -270,8 +307,9 @@ impl Relay {
         self.workers.len()
     }
 
-    /// A device connection logged in: its datagrams may now carry media.
-    pub fn register_session(&self, session: SessionId, conn: quinn::Connection) {
+    /// A device connection logged in (QUIC), or a browser's WebRTC media connected: the
+    /// session's flows may now carry media.
+    pub fn register_session(&self, session: SessionId, conn: DeviceConn) {
         self.conns.insert(session, conn);
     }
 

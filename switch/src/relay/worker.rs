@@ -19,7 +19,7 @@ use parley_codecs::{
 use quinn::udp::{RecvMeta, Transmit};
 
 use super::socket::PortSocket;
-use super::{Command, RoqDatagram, UdpLeg, WorkerHandle};
+use super::{Command, DeviceConn, RoqDatagram, UdpLeg, WorkerHandle};
 use crate::metrics as m;
 
 pub(super) const WAKER: Token = Token(usize::MAX);
@@ -54,7 +54,7 @@ enum Target {
         dest: SocketAddr,
     },
     /// Into a RoQ flow on a device connection.
-    Roq { conn: quinn::Connection, flow: u64 },
+    Roq { conn: DeviceConn, flow: u64 },
 }
 
 /// Where a RoQ datagram from a device flow goes.
@@ -64,7 +64,7 @@ enum RoqRoute {
     Udp { port: u16, cont: Continuity },
     /// To another device's flow.
     Roq {
-        conn: quinn::Connection,
+        conn: DeviceConn,
         flow: u64,
         stats: Arc<FlowStats>,
         caller_side: bool,

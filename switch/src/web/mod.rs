@@ -49,6 +49,8 @@ pub struct WebState {
     pub idle: Duration,
     /// The listener speaks TLS (the page's own origin is `https://…`).
     pub tls: bool,
+    /// Browser media (`None`: sessions get `bad_offer`, and calls cannot connect).
+    pub webrtc: Option<Arc<crate::webrtc::WebRtc>>,
 }
 
 /// The web listener's routes.
@@ -152,20 +154,26 @@ async fn upgrade(
         .on_upgrade(move |socket| async move {
             metrics::counter!(m::WEB_SESSIONS_TOTAL).increment(1);
             let (sink, stream) = socket.split();
-            let sink = Arc::new(Mutex::new(sink));
+            let shared = Arc::new(Shared {
+                sink: Arc::new(Mutex::new(sink)),
+                session: std::sync::OnceLock::new(),
+                webrtc: state.webrtc.clone(),
+                relay: state.im.relay.clone(),
+            });
             let link = WsLink {
-                sink: sink.clone(),
+                shared: shared.clone(),
                 idle: state.idle,
             };
             let rx = WsRx {
                 stream,
                 idle: state.idle,
+                shared: shared.clone(),
             };
             let im = state.im.clone();
             state.arbiter.spawn_fn(move || {
                 actix_rt::spawn(async move {
                     let _live = LiveSession::new();
-                    run_device(im, remote, (rx, WsTx(sink), link), pending).await;
+                    run_device(im, remote, (rx, WsTx(shared), link), pending).await;
                 });
             });
         })
@@ -189,10 +197,79 @@ impl Drop for LiveSession {
 
 type Sink = Arc<Mutex<SplitSink<WebSocket, Message>>>;
 
+/// What the three halves of one WebSocket session share.
+struct Shared {
+    sink: Sink,
+    /// The session id, once logged in.
+    session: std::sync::OnceLock<u64>,
+    webrtc: Option<Arc<crate::webrtc::WebRtc>>,
+    relay: Arc<crate::relay::Relay>,
+}
+
+impl Shared {
+    async fn send_text(&self, msg: &ServerMsg) -> Result<(), ()> {
+        let Some(body) = body_of(msg) else {
+            return Ok(());
+        };
+        // Bodies are serde_json output: UTF-8.
+        let text = String::from_utf8(body).map_err(|_| ())?;
+        self.sink
+            .lock()
+            .await
+            .send(Message::Text(text.into()))
+            .await
+            .map_err(|_| ())
+    }
+
+    /// Answers a logged-in session's `webrtc_offer`; from then on the relay reaches the
+    /// session's flows through its peer connection.
+    async fn offer(&self, session: u64, sdp: String, id: Option<u64>) {
+        let answer = match &self.webrtc {
+            None => Err("browser media is not enabled on this node".to_owned()),
+            Some(w) => w.offer(session, sdp).await.inspect(|_| {
+                self.relay
+                    .register_session(session, crate::relay::DeviceConn::WebRtc(w.sink(session)));
+            }),
+        };
+        let msg = match answer {
+            Ok(sdp) => ServerMsg::WebrtcAnswer { id, sdp },
+            Err(e) => {
+                tracing::info!(session, error = %e, "browser WebRTC offer refused");
+                ServerMsg::Error {
+                    code: "bad_offer".into(),
+                    message: format!("webrtc_offer: {e}"),
+                    fatal: false,
+                    id,
+                }
+            }
+        };
+        let _ = self.send_text(&msg).await;
+    }
+}
+
 /// The browser's messages.
 struct WsRx {
     stream: SplitStream<WebSocket>,
     idle: Duration,
+    shared: Arc<Shared>,
+}
+
+impl WsRx {
+    /// A logged-in session's `webrtc_offer`, answered here (the transport's business, not
+    /// the session actor's); `None` for every other message.
+    async fn transport_request(&self, text: &str) -> Option<()> {
+        let session = *self.shared.session.get()?;
+        if !text.contains("webrtc_offer") {
+            return None;
+        }
+        match control::decode_request(text.as_bytes()) {
+            (Ok(control::ClientMsg::WebrtcOffer { sdp }), id) => {
+                self.shared.offer(session, sdp, id).await;
+                Some(())
+            }
+            _ => None,
+        }
+    }
 }
 
 impl FrameRx for WsRx {
@@ -204,7 +281,12 @@ impl FrameRx for WsRx {
             };
             return match next {
                 None | Some(Ok(Message::Close(_))) => Inbound::End,
-                Some(Ok(Message::Text(t))) => Inbound::Frame(t.as_bytes().to_vec()),
+                Some(Ok(Message::Text(t))) => {
+                    if self.transport_request(&t).await.is_some() {
+                        continue;
+                    }
+                    Inbound::Frame(t.as_bytes().to_vec())
+                }
                 Some(Ok(Message::Binary(_))) => Inbound::Framing(
                     "binary WebSocket messages are not part of the protocol: send each message as text".into(),
                 ),
@@ -226,38 +308,37 @@ impl FrameRx for WsRx {
     }
 }
 
-/// Writes to the browser.
-struct WsTx(Sink);
+/// Writes to the browser; a connected call's flow goes to the peer connection first.
+struct WsTx(Arc<Shared>);
 
 impl FrameTx for WsTx {
     async fn send(&mut self, msg: &ServerMsg) -> Result<(), ()> {
-        let Some(body) = body_of(msg) else {
-            return Ok(());
-        };
-        // Bodies are serde_json output: UTF-8.
-        let text = String::from_utf8(body).map_err(|_| ())?;
-        self.0
-            .lock()
-            .await
-            .send(Message::Text(text.into()))
-            .await
-            .map_err(|_| ())
+        if let (Some(w), Some(&session)) = (&self.0.webrtc, self.0.session.get()) {
+            match msg {
+                ServerMsg::CallConnected {
+                    call_id, flow_id, ..
+                } => w.connect_flow(session, call_id.clone(), *flow_id),
+                ServerMsg::CallEnded { call_id, .. } => w.end_flow(session, call_id.clone()),
+                _ => {}
+            }
+        }
+        self.0.send_text(msg).await
     }
 
     async fn finish(&mut self) {
-        let _ = self.0.lock().await.flush().await;
+        let _ = self.0.sink.lock().await.flush().await;
     }
 }
 
 /// The WebSocket connection.
 struct WsLink {
-    sink: Sink,
+    shared: Arc<Shared>,
     idle: Duration,
 }
 
 impl Link for WsLink {
     fn close(&self, code: &str) {
-        let sink = self.sink.clone();
+        let sink = self.shared.sink.clone();
         // 1000: normal closure; 1008: policy violation (every fatal error).
         let (n, reason) = match code {
             "bye" | "closed" => (1000, "bye".to_owned()),
@@ -275,10 +356,11 @@ impl Link for WsLink {
         });
     }
 
-    /// Keep-alive: a ping every third of the idle timeout, which browsers answer.
-    /// (Browser media, WebRTC, is not carried yet.)
-    fn start(&self, _: &ImContext, _: u64) -> Option<tokio::task::JoinHandle<()>> {
-        let sink = self.sink.clone();
+    /// Keep-alive: a ping every third of the idle timeout, which browsers answer. Media
+    /// waits for the session's `webrtc_offer`.
+    fn start(&self, _: &ImContext, session: u64) -> Option<tokio::task::JoinHandle<()>> {
+        let _ = self.shared.session.set(session);
+        let sink = self.shared.sink.clone();
         let every = self.idle / 3;
         Some(tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
@@ -298,7 +380,12 @@ impl Link for WsLink {
         }))
     }
 
-    fn stop(&self, _: &ImContext, _: u64) {}
+    fn stop(&self, ctx: &ImContext, session: u64) {
+        if let Some(w) = &self.shared.webrtc {
+            ctx.relay.unregister_session(session);
+            w.close(session);
+        }
+    }
 
     fn transport(&self) -> &'static str {
         "websocket"
