@@ -192,3 +192,152 @@ async fn a_browser_rings_answers_a_gateway_call_and_talks_both_ways() {
         }
     }
 }
+
+/// Hides the page as a browser does for a background tab.
+const HIDE: &str = "() => { for (const [k, v] of [['hidden', true], ['visibilityState', 'hidden']]) \
+    Object.defineProperty(document, k, { configurable: true, get: () => v }); \
+    document.dispatchEvent(new Event('visibilitychange')); return true; }";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_chats_and_talks_with_a_quic_device_and_a_hidden_tab_stops_ringing() {
+    let node = Node::start();
+    let mut bob = node.device(node.device_config("bob", "desk")).await;
+    let mut page = tokio::task::block_in_place(|| Chromium::start(node.dir.path()));
+    tokio::task::block_in_place(|| {
+        page.sign_in(&node, "alice", "demo");
+        page.ok(json!({"cmd": "wait", "selector": "#me-number", "text": "+15550100001"}));
+        page.eval_until(STATS, |s| s["state"] == "connected");
+    });
+
+    // bob writes; the conversation opens in the page; alice answers from the page.
+    bob.send(parley_codecs::control::ClientMsg::Chat {
+        to: "alice".into(),
+        text: "lunch at noon?".into(),
+        id: 1,
+    })
+    .await
+    .unwrap();
+    tokio::task::block_in_place(|| {
+        page.ok(json!({"cmd": "wait", "selector": "#messages", "text": "lunch at noon?"}));
+        page.ok(json!({"cmd": "fill", "selector": "#chat-text", "value": "yes, see you"}));
+        page.ok(json!({"cmd": "click", "selector": "#chat-send"}));
+    });
+    let reply = bob
+        .wait_for(Duration::from_secs(10), |m| {
+            matches!(m, parley_codecs::control::ServerMsg::Chat { text, .. } if text == "yes, see you")
+        })
+        .await;
+    assert!(reply.is_some(), "bob's device did not get the page's reply");
+
+    // The page dials bob; his device answers and echoes what it hears: the page hears
+    // its own microphone back, through the relay, both ways.
+    let before = tokio::task::block_in_place(|| {
+        let before = page.eval(STATS);
+        page.ok(json!({"cmd": "fill", "selector": "#dial-to", "value": "bob"}));
+        page.ok(json!({"cmd": "click", "selector": "#dial-button"}));
+        page.ok(json!({"cmd": "wait", "selector": "#call-state", "text": "Connected"}));
+        page.eval_until(STATS, |s| {
+            s["inbound"].as_u64().unwrap() >= before["inbound"].as_u64().unwrap() + 50
+        });
+        page.ok(json!({"cmd": "click", "selector": "#hangup"}));
+        page.eval_until("() => document.getElementById('incall').hidden", |v| {
+            *v == json!(true)
+        });
+        before
+    });
+    let stats = bob.stats().snapshot();
+    assert!(
+        stats.rtp_received >= 50,
+        "bob's device got {stats} ({before})"
+    );
+    let cdrs = node.wait_cdrs(1);
+    assert_eq!(cdrs[0]["disposition"], "ANSWERED", "{cdrs:?}");
+    assert_eq!(cdrs[0]["user"], "bob", "{cdrs:?}");
+    assert_eq!(cdrs[0]["answered_by"], "desk", "{cdrs:?}");
+    tokio::task::block_in_place(|| {
+        page.ok(json!({"cmd": "wait", "selector": "#history", "text": "+15550100002"}));
+    });
+
+    // alice also has a desk phone; her page goes to the background: away. A gateway
+    // call for her rings the desk (available beats away), not the page.
+    let _desk = node.device(node.device_config("alice", "desk")).await;
+    tokio::task::block_in_place(|| {
+        page.eval(HIDE);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, presence) = node.get("/api/v1/users/alice/presence", true);
+            if presence.contains("\"away\"") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the hidden page never went away: {presence}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    let sc = scenario(node.dir.path(), "uac_pcmu.xml");
+    let run = sipp_uac(
+        &node,
+        &["-sf", sc.to_str().unwrap()],
+        "+15550100001",
+        1,
+        1,
+        &["-d", "1000"],
+    )
+    .await;
+    assert_eq!(run.code, 0, "SIPp failed:\n{}\n{}", run.output, node.log());
+    let cdrs = node.wait_cdrs(2);
+    let gw = cdrs
+        .iter()
+        .find(|c| c["user"] == "alice")
+        .expect("alice's CDR");
+    assert_eq!(gw["answered_by"], "desk", "{gw}");
+    let rang =
+        tokio::task::block_in_place(|| page.eval("() => document.getElementById('ring').hidden"));
+    assert_eq!(rang, json!(true), "the hidden page rang");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_browsers_call_each_other() {
+    let node = Node::start();
+    let (mut alice, mut bob) = tokio::task::block_in_place(|| {
+        let mut alice = Chromium::start(node.dir.path());
+        let mut bob = Chromium::start(&node.dir.path().join("data"));
+        for (page, user, number) in [
+            (&mut alice, "alice", "+15550100001"),
+            (&mut bob, "bob", "+15550100002"),
+        ] {
+            page.sign_in(&node, user, "demo");
+            page.ok(json!({"cmd": "wait", "selector": "#me-number", "text": number}));
+            page.eval_until(STATS, |s| s["state"] == "connected");
+        }
+        (alice, bob)
+    });
+    tokio::task::block_in_place(|| {
+        let a0 = alice.eval(STATS);
+        let b0 = bob.eval(STATS);
+        alice.ok(json!({"cmd": "fill", "selector": "#dial-to", "value": "+15550100002"}));
+        alice.ok(json!({"cmd": "click", "selector": "#dial-button"}));
+        bob.ok(json!({"cmd": "wait", "selector": "#ring-from", "text": "+15550100001"}));
+        bob.ok(json!({"cmd": "click", "selector": "#answer"}));
+        alice.ok(json!({"cmd": "wait", "selector": "#call-state", "text": "Connected"}));
+        bob.ok(json!({"cmd": "wait", "selector": "#call-state", "text": "Connected"}));
+        // Each page hears the other's microphone.
+        alice.eval_until(STATS, |s| {
+            s["inbound"].as_u64().unwrap() >= a0["inbound"].as_u64().unwrap() + 50
+        });
+        bob.eval_until(STATS, |s| {
+            s["inbound"].as_u64().unwrap() >= b0["inbound"].as_u64().unwrap() + 50
+        });
+        bob.ok(json!({"cmd": "click", "selector": "#hangup"}));
+        alice.eval_until("() => document.getElementById('incall').hidden", |v| {
+            *v == json!(true)
+        });
+    });
+    let cdrs = node.wait_cdrs(1);
+    let c = &cdrs[0];
+    assert_eq!(c["disposition"], "ANSWERED", "{c}");
+    assert!(c["packets_in"].as_i64().unwrap() >= 50, "{c}");
+    assert!(c["packets_out"].as_i64().unwrap() >= 50, "{c}");
+}

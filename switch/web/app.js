@@ -388,7 +388,12 @@ $("reject").addEventListener("click", () => {
 });
 $("hangup").addEventListener("click", () => {
   if (!state.call) return;
+  // The call is over for this device once it says so (no call_ended follows).
   send({ type: "hangup", call_id: state.call.call_id });
+  state.call = null;
+  microphone(false);
+  renderCall();
+  setTimeout(() => send({ type: "call_history", id: state.nextId++ }), 500);
 });
 $("mute").addEventListener("click", () => {
   if (!state.call) return;
