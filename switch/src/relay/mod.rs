@@ -180,15 +180,28 @@ impl WorkerHandle {
 pub enum DeviceConn {
     /// The device's QUIC connection.
     Quic(quinn::Connection),
-    /// A browser's WebRTC peer connection, on the WebRTC thread (`crate::webrtc`).
-    WebRtc(crate::webrtc::MediaSink),
+    /// Another carrier of the session's flows: a browser's WebRTC peer connection, on
+    /// the WebRTC thread (`crate::webrtc::MediaSink`).
+    Sink(Arc<dyn DatagramSink>),
 }
+
+/// Takes a device session's RoQ datagrams somewhere other than a QUIC connection.
+pub trait DatagramSink: Send + Sync + 'static {
+    /// Bytes it takes now without dropping older datagrams.
+    fn space(&self) -> usize;
+    /// Queues one datagram; `Err` once the carrier is gone.
+    fn send(&self, datagram: Bytes) -> Result<(), SinkClosed>;
+}
+
+/// A [`DatagramSink`] whose carrier is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SinkClosed;
 
 impl std::fmt::Debug for DeviceConn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Self::Quic(_) => "DeviceConn::Quic",
-            Self::WebRtc(_) => "DeviceConn::WebRtc",
+            Self::Sink(_) => "DeviceConn::Sink",
         })
     }
 }
@@ -198,7 +211,7 @@ impl DeviceConn {
     fn datagram_send_buffer_space(&self) -> usize {
         match self {
             Self::Quic(c) => c.datagram_send_buffer_space(),
-            Self::WebRtc(s) => s.space(),
+            Self::Sink(s) => s.space(),
         }
     }
 
@@ -206,7 +219,7 @@ impl DeviceConn {
     fn send_datagram(&self, datagram: Bytes) -> Result<(), ()> {
         match self {
             Self::Quic(c) => c.send_datagram(datagram).map_err(|_| ()),
-            Self::WebRtc(s) => s.send(datagram),
+            Self::Sink(s) => s.send(datagram).map_err(|_| ()),
         }
     }
 }

@@ -227,8 +227,10 @@ impl Shared {
         let answer = match &self.webrtc {
             None => Err("browser media is not enabled on this node".to_owned()),
             Some(w) => w.offer(session, sdp).await.inspect(|_| {
-                self.relay
-                    .register_session(session, crate::relay::DeviceConn::WebRtc(w.sink(session)));
+                self.relay.register_session(
+                    session,
+                    crate::relay::DeviceConn::Sink(Arc::new(w.sink(session))),
+                );
             }),
         };
         let msg = match answer {

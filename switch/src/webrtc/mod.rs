@@ -4,7 +4,7 @@
 //!
 //! A browser offers its peer connection once, after login (`webrtc_offer` on the
 //! WebSocket, answered with `webrtc_answer`); the node then registers the session with
-//! the relay like a QUIC device ([`crate::relay::DeviceConn::WebRtc`]), so routing and
+//! the relay like a QUIC device ([`crate::relay::DeviceConn::Sink`]), so routing and
 //! call actors need nothing of their own: a call connected to the browser gets a flow id
 //! (`call_connected`), RTP the relay sends on that flow is written to the peer
 //! connection's audio track, and RTP the browser sends on it goes to the relay as that
@@ -36,7 +36,7 @@ use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
 use tokio::sync::oneshot;
 
 use crate::metrics as m;
-use crate::relay::Relay;
+use crate::relay::{DatagramSink, Relay, SinkClosed};
 
 const SOCKET: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -96,14 +96,14 @@ pub struct MediaSink {
     pending: Arc<AtomicBool>,
 }
 
-impl MediaSink {
+impl DatagramSink for MediaSink {
     /// Room for more (the queue is bounded by packets, not bytes).
-    pub(crate) fn space(&self) -> usize {
+    fn space(&self) -> usize {
         usize::MAX
     }
 
     /// Queues one RoQ datagram for the browser.
-    pub(crate) fn send(&self, datagram: Bytes) -> Result<(), ()> {
+    fn send(&self, datagram: Bytes) -> Result<(), SinkClosed> {
         match self.tx.try_send(Cmd::Media {
             session: self.session,
             datagram,
@@ -116,7 +116,7 @@ impl MediaSink {
                 metrics::counter!(m::WEBRTC_DROPS_TOTAL, "reason" => "queue_full").increment(1);
                 Ok(())
             }
-            Err(mpsc::TrySendError::Disconnected(_)) => Err(()),
+            Err(mpsc::TrySendError::Disconnected(_)) => Err(SinkClosed),
         }
     }
 }
