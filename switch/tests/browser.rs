@@ -330,14 +330,62 @@ async fn two_browsers_call_each_other() {
         bob.eval_until(STATS, |s| {
             s["inbound"].as_u64().unwrap() >= b0["inbound"].as_u64().unwrap() + 50
         });
-        bob.ok(json!({"cmd": "click", "selector": "#hangup"}));
-        alice.eval_until("() => document.getElementById('incall').hidden", |v| {
+        // alice's tab goes away mid-call (the WebSocket and the peer connection close):
+        // the call ends for bob, with its CDR.
+        alice.ok(json!({"cmd": "open", "url": "about:blank"}));
+        bob.eval_until("() => document.getElementById('incall').hidden", |v| {
             *v == json!(true)
         });
     });
     let cdrs = node.wait_cdrs(1);
     let c = &cdrs[0];
     assert_eq!(c["disposition"], "ANSWERED", "{c}");
+    assert_eq!(c["user"], "bob", "{c}");
     assert!(c["packets_in"].as_i64().unwrap() >= 50, "{c}");
     assert!(c["packets_out"].as_i64().unwrap() >= 50, "{c}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn off_loopback_the_web_client_is_https_and_the_socket_wss() {
+    // A certificate of the node's own (self-signed here; the browser is told to take it).
+    let certs = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let (cert, key) = (
+        certs.path().join("web.pem"),
+        certs.path().join("web-key.pem"),
+    );
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let node = Node::start_with_tail(
+        "",
+        "",
+        "",
+        200,
+        &format!(
+            "[web]\nlisten = \"127.0.0.1:0\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            cert.display(),
+            key.display()
+        ),
+    );
+    assert!(node.web.starts_with("https://127.0.0.1:"), "{}", node.web);
+    // Plain HTTP is not served there.
+    let host = node
+        .web
+        .trim_start_matches("https://")
+        .trim_end_matches('/');
+    let mut s = std::net::TcpStream::connect(host).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").unwrap();
+    let mut buf = [0u8; 64];
+    let n = std::io::Read::read(&mut s, &mut buf).unwrap_or(0);
+    assert!(!String::from_utf8_lossy(&buf[..n]).contains("200 OK"));
+
+    let mut page = tokio::task::block_in_place(|| Chromium::start(node.dir.path()));
+    tokio::task::block_in_place(|| {
+        page.sign_in(&node, "alice", "demo");
+        page.ok(json!({"cmd": "wait", "selector": "#me-number", "text": "+15550100001"}));
+        assert_eq!(page.eval("() => location.protocol"), json!("https:"));
+        page.eval_until(STATS, |s| s["state"] == "connected");
+    });
+    assert!(node.log().contains("transport=websocket"), "{}", node.log());
 }

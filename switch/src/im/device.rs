@@ -263,7 +263,7 @@ pub(crate) async fn run_device(
         Ok(Inbound::Frame(b)) => b,
         Ok(Inbound::Framing(e)) => return fatal(&link, &mut tx, "bad_message", e).await,
         Ok(Inbound::Broken(e)) => {
-            tracing::debug!(%remote, transport, error = %e, "connection broke before login");
+            tracing::debug!(%remote, %transport, error = %e, "connection broke before login");
             link.close("closed");
             return;
         }
@@ -308,7 +308,7 @@ pub(crate) async fn run_device(
             Refusal::UserThrottled(d) => ("for this user", d),
             Refusal::PendingPerSource | Refusal::PendingTotal => ("", Duration::ZERO),
         };
-        tracing::info!(%remote, transport, %tenant, %user, reason = refusal.as_str(), "IM login throttled");
+        tracing::info!(%remote, %transport, %tenant, %user, reason = refusal.as_str(), "IM login throttled");
         return fatal(
             &link,
             &mut tx,
@@ -337,7 +337,7 @@ pub(crate) async fn run_device(
             };
             metrics::counter!(m::AUTH_RESULTS_TOTAL, "tenant" => label, "result" => f.result())
                 .increment(1);
-            tracing::info!(%remote, transport, %tenant, %user, result = f.result(), "IM login refused");
+            tracing::info!(%remote, %transport, %tenant, %user, result = f.result(), "IM login refused");
             return fatal(&link, &mut tx, f.code(), f.message()).await;
         }
     };
@@ -355,7 +355,7 @@ pub(crate) async fn run_device(
     metrics::counter!(m::AUTH_RESULTS_TOTAL, "tenant" => row.tenant.clone(), "result" => "ok")
         .increment(1);
     let session_id = ctx.next_session.fetch_add(1, Ordering::Relaxed);
-    tracing::info!(%remote, transport, tenant = %row.tenant, user = %row.user, %device, session = session_id, "IM device logged in");
+    tracing::info!(%remote, %transport, tenant = %row.tenant, user = %row.user, %device, session = session_id, "IM device logged in");
 
     let (out, mut queue) = mpsc::channel::<ServerMsg>(256);
     let session_token = ctx
@@ -449,7 +449,7 @@ pub(crate) async fn run_device(
                 break;
             }
             Inbound::Broken(e) => {
-                tracing::debug!(session = session_id, transport, error = %e, "control connection ended");
+                tracing::debug!(session = session_id, %transport, error = %e, "control connection ended");
                 break;
             }
         }
@@ -461,5 +461,5 @@ pub(crate) async fn run_device(
     if let Some(t) = transport_task {
         t.abort();
     }
-    tracing::info!(session = session_id, transport, "IM device disconnected");
+    tracing::info!(session = session_id, %transport, "IM device disconnected");
 }
