@@ -42,7 +42,8 @@ const SOCKET: Token = Token(0);
 const WAKER: Token = Token(1);
 
 /// Media packets queued toward the thread at most (then dropped and counted): ~1 s of
-/// 100 calls' audio.
+/// 100 calls' audio. Control commands have a queue of their own, so that the control
+/// thread never waits behind media.
 const QUEUE: usize = 5000;
 
 /// Browser sessions with a peer connection at most.
@@ -56,8 +57,6 @@ enum Cmd {
         sdp: String,
         reply: oneshot::Sender<Result<String, String>>,
     },
-    /// RTP from the relay for the session's flow (a RoQ datagram).
-    Media { session: SessionId, datagram: Bytes },
     /// A call connected to the session: its flow carries the audio track.
     Flow {
         session: SessionId,
@@ -72,7 +71,8 @@ enum Cmd {
 
 /// The thread's handle.
 pub struct WebRtc {
-    tx: mpsc::SyncSender<Cmd>,
+    tx: mpsc::Sender<Cmd>,
+    media: mpsc::SyncSender<(SessionId, Bytes)>,
     waker: Arc<Waker>,
     /// Set while a wake-up is pending (one `wake` per batch of commands).
     pending: Arc<AtomicBool>,
@@ -91,7 +91,7 @@ impl std::fmt::Debug for WebRtc {
 #[derive(Clone)]
 pub struct MediaSink {
     session: SessionId,
-    tx: mpsc::SyncSender<Cmd>,
+    tx: mpsc::SyncSender<(SessionId, Bytes)>,
     waker: Arc<Waker>,
     pending: Arc<AtomicBool>,
 }
@@ -104,10 +104,7 @@ impl DatagramSink for MediaSink {
 
     /// Queues one RoQ datagram for the browser.
     fn send(&self, datagram: Bytes) -> Result<(), SinkClosed> {
-        match self.tx.try_send(Cmd::Media {
-            session: self.session,
-            datagram,
-        }) {
+        match self.tx.try_send((self.session, datagram)) {
             Ok(()) => {
                 wake(&self.waker, &self.pending);
                 Ok(())
@@ -137,13 +134,15 @@ impl WebRtc {
         poll.registry()
             .register(&mut socket, SOCKET, Interest::READABLE)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-        let (tx, rx) = mpsc::sync_channel(QUEUE);
+        let (tx, rx) = mpsc::channel();
+        let (media, media_rx) = mpsc::sync_channel(QUEUE);
         let pending = Arc::new(AtomicBool::new(false));
         let mut thread = Thread {
             poll,
             socket,
             local,
             rx,
+            media_rx,
             pending: pending.clone(),
             relay,
             peers: HashMap::new(),
@@ -155,6 +154,7 @@ impl WebRtc {
         tracing::info!(%local, "WebRTC media socket bound");
         Ok(Self {
             tx,
+            media,
             waker,
             pending,
             local,
@@ -167,7 +167,8 @@ impl WebRtc {
     }
 
     fn command(&self, cmd: Cmd) -> Result<(), ()> {
-        // Control commands wait for room: they are few, and must not be lost.
+        // Control commands are few (a handful per call) and must not be lost: their
+        // queue is not bounded by count, and never waits.
         self.tx.send(cmd).map_err(|_| ())?;
         wake(&self.waker, &self.pending);
         Ok(())
@@ -191,7 +192,7 @@ impl WebRtc {
     pub fn sink(&self, session: SessionId) -> MediaSink {
         MediaSink {
             session,
-            tx: self.tx.clone(),
+            tx: self.media.clone(),
             waker: self.waker.clone(),
             pending: self.pending.clone(),
         }
@@ -237,6 +238,7 @@ struct Thread {
     socket: UdpSocket,
     local: SocketAddr,
     rx: mpsc::Receiver<Cmd>,
+    media_rx: mpsc::Receiver<(SessionId, Bytes)>,
     pending: Arc<AtomicBool>,
     relay: Arc<Relay>,
     peers: HashMap<SessionId, Peer>,
@@ -291,15 +293,20 @@ impl Thread {
         }
     }
 
-    /// Handles queued commands; `false` once the handle is gone (the node stops).
+    /// Handles queued commands, then queued media; `false` once the handle is gone (the
+    /// node stops).
     fn commands(&mut self) -> bool {
         loop {
             match self.rx.try_recv() {
                 Ok(cmd) => self.command(cmd),
-                Err(mpsc::TryRecvError::Empty) => return true,
+                Err(mpsc::TryRecvError::Empty) => break,
                 Err(mpsc::TryRecvError::Disconnected) => return false,
             }
         }
+        while let Ok((session, datagram)) = self.media_rx.try_recv() {
+            self.media_out(session, &datagram);
+        }
+        true
     }
 
     fn command(&mut self, cmd: Cmd) {
@@ -314,7 +321,6 @@ impl Thread {
                 metrics::counter!(m::WEBRTC_OFFERS_TOTAL, "result" => result).increment(1);
                 let _ = reply.send(answer);
             }
-            Cmd::Media { session, datagram } => self.media_out(session, &datagram),
             Cmd::Flow {
                 session,
                 call_id,
