@@ -115,7 +115,7 @@ pub const WEBRTC_PEERS: &str = "parley_webrtc_peers";
 /// `from_browser`).
 pub const WEBRTC_PACKETS_TOTAL: &str = "parley_webrtc_packets_total";
 /// Packets dropped on the browser media path, by `reason` (`queue_full`, `no_peer`,
-/// `not_connected`, `not_rtp`, `no_stream`, `unreadable`).
+/// `not_connected`, `other_flow`, `not_rtp`, `no_stream`, `unreadable`).
 pub const WEBRTC_DROPS_TOTAL: &str = "parley_webrtc_drops_total";
 
 /// Installs the global recorder and returns the handle that renders `/metrics`.
@@ -186,6 +186,7 @@ fn register_zeroes() {
         "queue_full",
         "no_peer",
         "not_connected",
+        "other_flow",
         "not_rtp",
         "no_stream",
         "unreadable",

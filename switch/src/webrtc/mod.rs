@@ -459,9 +459,15 @@ impl Thread {
             metrics::counter!(m::WEBRTC_DROPS_TOTAL, "reason" => "not_connected").increment(1);
             return;
         };
-        let Ok((_, packet)) = roq::decode(datagram) else {
+        let Ok((flow, packet)) = roq::decode(datagram) else {
             return;
         };
+        // Only the connected call's flow goes on the audio track (a flow of a call that
+        // is ending, or one the session has no track for, does not).
+        if p.call.as_ref().is_none_or(|(_, f)| *f != flow) {
+            metrics::counter!(m::WEBRTC_DROPS_TOTAL, "reason" => "other_flow").increment(1);
+            return;
+        }
         let Ok(view) = rtpv::RtpView::parse(packet) else {
             metrics::counter!(m::WEBRTC_DROPS_TOTAL, "reason" => "not_rtp").increment(1);
             return;
