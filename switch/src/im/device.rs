@@ -203,13 +203,13 @@ pub(crate) trait Link: Send + 'static {
     fn transport(&self) -> &'static str;
 }
 
-/// Encodes `msg` as one body, or counts and logs why it is not sent: the device would
-/// take an over-long message for a protocol violation, and pages and length limits keep
-/// every message the node builds within it.
-pub(crate) fn body_of(msg: &ServerMsg) -> Option<Vec<u8>> {
+/// Encodes `msg` as one framed message (4-byte length, then the JSON body), or counts and
+/// logs why it is not sent: the device would take an over-long message for a protocol
+/// violation, and pages and length limits keep every message the node builds within it.
+pub(crate) fn frame_of(msg: &ServerMsg) -> Option<bytes::BytesMut> {
     let mut buf = bytes::BytesMut::new();
     match control::encode(msg, &mut buf) {
-        Ok(()) => Some(buf.split_off(4).to_vec()),
+        Ok(()) => Some(buf),
         Err(e) => {
             metrics::counter!(m::IM_FRAMES_REFUSED_TOTAL).increment(1);
             tracing::error!(error = %e, kind = msg_kind(msg), "message to device not sent");

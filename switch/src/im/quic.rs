@@ -8,7 +8,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
 use parley_codecs::control::{self, ServerMsg};
 use parley_codecs::roq;
 use quinn::{RecvStream, SendStream};
@@ -155,14 +154,10 @@ struct QuicTx(SendStream);
 
 impl FrameTx for QuicTx {
     async fn send(&mut self, msg: &ServerMsg) -> Result<(), ()> {
-        let mut buf = BytesMut::new();
-        if let Err(e) = control::encode(msg, &mut buf) {
-            // See `super::device::body_of`: an over-long message is not sent.
-            metrics::counter!(m::IM_FRAMES_REFUSED_TOTAL).increment(1);
-            tracing::error!(error = %e, kind = super::device::msg_kind(msg), "message to device not sent");
+        let Some(frame) = super::device::frame_of(msg) else {
             return Ok(());
-        }
-        self.0.write_all(&buf).await.map_err(|_| ())
+        };
+        self.0.write_all(&frame).await.map_err(|_| ())
     }
 
     async fn finish(&mut self) {

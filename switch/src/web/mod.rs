@@ -31,7 +31,9 @@ use futures_util::{SinkExt, StreamExt};
 use parley_codecs::control::{self, ServerMsg};
 use tokio::sync::Mutex;
 
-use crate::im::device::{FrameRx, FrameTx, ImContext, Inbound, Link, Pending, body_of, run_device};
+use crate::im::device::{
+    FrameRx, FrameTx, ImContext, Inbound, Link, Pending, frame_of, run_device,
+};
 use crate::metrics as m;
 
 pub use tls::TlsListener;
@@ -208,11 +210,11 @@ struct Shared {
 
 impl Shared {
     async fn send_text(&self, msg: &ServerMsg) -> Result<(), ()> {
-        let Some(body) = body_of(msg) else {
+        let Some(frame) = frame_of(msg) else {
             return Ok(());
         };
-        // Bodies are serde_json output: UTF-8.
-        let text = String::from_utf8(body).map_err(|_| ())?;
+        // The body after the length prefix is serde_json output: UTF-8.
+        let text = String::from_utf8(frame[4..].to_vec()).map_err(|_| ())?;
         self.sink
             .lock()
             .await
