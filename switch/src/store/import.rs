@@ -1,9 +1,17 @@
 //! Importing carrier CDR files into the users' address books.
 //!
 //! A file is read row by row on a blocking thread (`parley_codecs::cdr_csv`, from any
-//! `Read`, e.g. an HTTP body bridged with `tokio_util::io::SyncIoBridge`), and applied in
-//! batches of [`BATCH`] rows, one transaction each, through a bounded channel: memory
-//! holds a few batches whatever the file's size.
+//! `Read`, e.g. an HTTP body bridged with `tokio_util::io::SyncIoBridge`), which also
+//! normalises the numbers and matches them to users; batches of [`BATCH`] matched rows go
+//! through a bounded channel to the writer, one transaction each: memory holds a few
+//! batches whatever the file's size, and reading the next batch overlaps writing this one.
+//!
+//! The writer of an SQLite file is [`sqlite`]: rusqlite on a blocking thread, one prepared
+//! statement per row. sqlx's SQLite driver runs each statement on its worker thread and
+//! hands every returned row back across a channel; at the import's rate those hand-offs,
+//! and its `Any` driver's conversions, cost more than SQLite's own work (measured in
+//! `docs/BENCHMARKS.md`). PostgreSQL (and an in-memory SQLite, which a second connection
+//! cannot open) go through the pool with multi-row statements.
 //!
 //! For each row of tenant `T` (numbers normalised to E.164 with `T`'s region, or kept as
 //! they are when they are not numbers): a destination that is the number of a user of
@@ -14,6 +22,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use parley_actors::registry::Registry;
@@ -23,6 +32,8 @@ use serde::Serialize;
 use sqlx::Row;
 
 use super::{BookChange, CallKind, Contact, ContactSum, Store, StoreError, add_contacts, unix_ms};
+
+mod sqlite;
 
 /// Rows per transaction.
 pub const BATCH: usize = 10_000;
@@ -78,15 +89,23 @@ pub enum ImportError {
     Read(String),
 }
 
-/// Rows with their line and key (the fields the key was made of are dropped at once).
-type Batch = Vec<(u64, Result<(String, CarrierCdr), String>)>;
+/// What the reader hands the writer: a batch's matched rows, and what it counted of the
+/// rows it read (everything but `imported` and `duplicates`).
+struct Prepared {
+    matched: Vec<Matched>,
+    counts: ImportReport,
+}
+
+/// What [`import`] needs to know of the tenant: its name and the region its numbers are
+/// read in.
+pub type TenantRegion<'a> = (&'a str, &'a str);
 
 /// Imports a file for `tenant` (whose numbers are normalised with `region`). Book
 /// changes go to the users' actors (online devices get the new entries).
 pub async fn import(
     store: &Store,
-    registry: &Registry,
-    (tenant, region): (&str, &str),
+    registry: &Arc<Registry>,
+    (tenant, region): TenantRegion<'_>,
     format: Format,
     reader: impl Read + Send + 'static,
 ) -> Result<ImportReport, ImportError> {
@@ -95,57 +114,32 @@ pub async fn import(
         Format::FreeSwitch => "freeswitch",
         Format::Generic(_) => "generic",
     };
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Batch, ImportError>>(4);
-    let reader_task = tokio::task::spawn_blocking(move || {
-        let mut file = match CdrReader::new(format, reader) {
-            Ok(f) => f,
-            Err(e) => {
-                let _ = tx.blocking_send(Err(ImportError::Header(e.to_string())));
-                return;
-            }
-        };
-        let mut batch = Vec::with_capacity(BATCH);
-        while let Some((line, row)) = file.next() {
-            if let Err(e) = &row
-                && e.0.starts_with("read error")
-            {
-                let _ = tx.blocking_send(Err(ImportError::Read(e.0.clone())));
-                return;
-            }
-            let row = row.map(|mut r| {
-                let key = row_key(&r);
-                r.fields = Vec::new();
-                (key, r)
-            });
-            batch.push((line, row.map_err(|e| e.0)));
-            if batch.len() == BATCH
-                && tx
-                    .blocking_send(Ok(std::mem::replace(&mut batch, Vec::with_capacity(BATCH))))
-                    .is_err()
-            {
-                return;
-            }
-        }
-        if !batch.is_empty() {
-            let _ = tx.blocking_send(Ok(batch));
-        }
-    });
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Prepared, ImportError>>(4);
+    let reading = Reading {
+        registry: registry.clone(),
+        tenant: tenant.to_owned(),
+        format: label,
+        numbers: Numbers::new(region),
+        retention: store.retention,
+        listed: 0,
+    };
+    let reader_task = tokio::task::spawn_blocking(move || reading.run(format, reader, tx));
     let mut report = ImportReport::default();
     let mut touched: HashSet<String> = HashSet::new();
-    let mut numbers = Numbers::new(region);
-    let mut book_sizes: HashMap<String, i64> = HashMap::new();
     let result = async {
-        while let Some(batch) = rx.recv().await {
-            let changes = apply(
-                store,
-                registry,
-                tenant,
-                label,
-                batch?,
-                &mut report,
-                (&mut numbers, &mut book_sizes),
-            )
-            .await?;
+        let mut writer = Writer::open(store).await?;
+        while let Some(prepared) = rx.recv().await {
+            let Prepared { matched, counts } = prepared?;
+            report.absorb(counts);
+            let (fresh, changes) = writer.apply(store, tenant, label, matched).await?;
+            let imported = fresh.iter().filter(|f| **f).count() as u64;
+            let duplicates = fresh.len() as u64 - imported;
+            report.imported += imported;
+            report.duplicates += duplicates;
+            metrics::counter!(crate::metrics::CDR_IMPORT_ROWS_TOTAL, "result" => "imported")
+                .increment(imported);
+            metrics::counter!(crate::metrics::CDR_IMPORT_ROWS_TOTAL, "result" => "duplicate")
+                .increment(duplicates);
             for change in changes {
                 touched.insert(change.user.clone());
                 if let Some(u) = registry.user_by_name(&change.tenant, &change.user) {
@@ -166,6 +160,181 @@ pub async fn import(
     // A reader that died (it never should) must not pass for the end of the file.
     reader.map_err(|e| ImportError::Read(format!("the CSV reader failed: {e}")))?;
     Ok(report)
+}
+
+impl ImportReport {
+    /// Adds a batch's counts from the reader.
+    fn absorb(&mut self, c: ImportReport) {
+        self.rows += c.rows;
+        self.unmatched += c.unmatched;
+        self.expired += c.expired;
+        self.rejected += c.rejected;
+        self.rejections.extend(c.rejections);
+        self.rejections.truncate(MAX_LISTED);
+    }
+}
+
+/// The reader thread's state: it reads, keys, normalises and matches rows.
+struct Reading {
+    registry: Arc<Registry>,
+    tenant: String,
+    format: &'static str,
+    numbers: Numbers,
+    retention: Option<std::time::Duration>,
+    /// Rejections listed so far (the report lists [`MAX_LISTED`]).
+    listed: usize,
+}
+
+type Batches = tokio::sync::mpsc::Sender<Result<Prepared, ImportError>>;
+
+impl Reading {
+    fn run(mut self, format: Format, reader: impl Read, tx: Batches) {
+        let mut file = match CdrReader::new(format, reader) {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = tx.blocking_send(Err(ImportError::Header(e.to_string())));
+                return;
+            }
+        };
+        let mut batch = self.batch();
+        while let Some((line, row)) = file.next() {
+            if let Err(e) = &row
+                && e.0.starts_with("read error")
+            {
+                let _ = tx.blocking_send(Err(ImportError::Read(e.0.clone())));
+                return;
+            }
+            self.add(&mut batch, line, row.map_err(|e| e.0));
+            if batch.matched.len() == BATCH || batch.counts.rows as usize == 4 * BATCH {
+                let full = std::mem::replace(&mut batch, self.batch());
+                if tx.blocking_send(Ok(self.counted(full))).is_err() {
+                    return;
+                }
+            }
+        }
+        if batch.counts.rows > 0 {
+            let _ = tx.blocking_send(Ok(self.counted(batch)));
+        }
+    }
+
+    fn batch(&self) -> Prepared {
+        Prepared {
+            matched: Vec::with_capacity(BATCH),
+            counts: ImportReport::default(),
+        }
+    }
+
+    /// Counts the batch's unreadable, expired and unmatched rows in the metrics.
+    fn counted(&self, p: Prepared) -> Prepared {
+        for (result, n) in [
+            ("unmatched", p.counts.unmatched),
+            ("expired", p.counts.expired),
+            ("rejected", p.counts.rejected),
+        ] {
+            metrics::counter!(crate::metrics::CDR_IMPORT_ROWS_TOTAL, "result" => result)
+                .increment(n);
+        }
+        p
+    }
+
+    fn add(&mut self, batch: &mut Prepared, line: u64, row: Result<CarrierCdr, String>) {
+        let report = &mut batch.counts;
+        report.rows += 1;
+        let mut row = match row {
+            Ok(r) => r,
+            Err(reason) => {
+                report.rejected += 1;
+                if self.listed < MAX_LISTED {
+                    self.listed += 1;
+                    report.rejections.push(Rejection { line, reason });
+                }
+                return;
+            }
+        };
+        let oldest = self
+            .retention
+            .and_then(|keep| SystemTime::now().checked_sub(keep));
+        if oldest.is_some_and(|o| row.end < o) {
+            report.expired += 1;
+            return;
+        }
+        let (src, dst) = (self.numbers.e164(&row.src), self.numbers.e164(&row.dst));
+        let callee = user_of(&self.registry, &self.tenant, &dst);
+        let caller = user_of(&self.registry, &self.tenant, &src);
+        if callee.is_none() && caller.is_none() {
+            report.unmatched += 1;
+            return;
+        }
+        let key = format!("{}:{}:{}", self.tenant, self.format, row_key(&row));
+        row.fields = Vec::new();
+        batch.matched.push(Matched {
+            key,
+            row,
+            src,
+            dst,
+            callee,
+            caller,
+        });
+    }
+}
+
+/// Where a batch is written.
+enum Writer {
+    /// An SQLite file, through a connection of the import's own.
+    Sqlite(Option<Box<sqlite::SqliteWriter>>),
+    /// The pool (PostgreSQL; an in-memory SQLite).
+    Pool {
+        /// Book sizes counted so far ([`add_contacts`]).
+        sizes: HashMap<String, i64>,
+    },
+}
+
+impl Writer {
+    async fn open(store: &Store) -> Result<Self, StoreError> {
+        match &store.sqlite_file {
+            Some(path) => {
+                let (path, limit) = (path.clone(), store.book_limit);
+                let w =
+                    tokio::task::spawn_blocking(move || sqlite::SqliteWriter::open(&path, limit))
+                        .await
+                        .map_err(|e| {
+                            StoreError::Task(format!("the import's writer failed: {e}"))
+                        })??;
+                Ok(Writer::Sqlite(Some(Box::new(w))))
+            }
+            None => Ok(Writer::Pool {
+                sizes: HashMap::new(),
+            }),
+        }
+    }
+
+    /// Writes a batch: whether each row was new (not imported before), and the books'
+    /// changes.
+    async fn apply(
+        &mut self,
+        store: &Store,
+        tenant: &str,
+        format: &'static str,
+        matched: Vec<Matched>,
+    ) -> Result<(Vec<bool>, Vec<BookChange>), StoreError> {
+        match self {
+            Writer::Sqlite(slot) => {
+                let mut w = slot.take().ok_or_else(|| {
+                    StoreError::Task("the import's writer failed on an earlier batch".into())
+                })?;
+                let tenant = tenant.to_owned();
+                let (w, result) = tokio::task::spawn_blocking(move || {
+                    let r = w.apply(&tenant, format, &matched);
+                    (w, r)
+                })
+                .await
+                .map_err(|e| StoreError::Task(format!("the import's writer failed: {e}")))?;
+                *slot = Some(w);
+                Ok(result?)
+            }
+            Writer::Pool { sizes } => apply_pool(store, tenant, format, &matched, sizes).await,
+        }
+    }
 }
 
 /// Numbers as written → E.164 with the tenant's region (or as written when they are not
@@ -221,61 +390,21 @@ struct Matched {
 /// Keys per multi-row insert into `carrier_cdrs` (11 parameters each).
 const KEYS_PER_STATEMENT: usize = 500;
 
-async fn apply(
+/// [`Writer::apply`] through the pool: multi-row statements in one transaction.
+async fn apply_pool(
     store: &Store,
-    registry: &Registry,
     tenant: &str,
     format: &str,
-    batch: Batch,
-    report: &mut ImportReport,
-    (numbers, book_sizes): (&mut Numbers, &mut HashMap<String, i64>),
-) -> Result<Vec<BookChange>, StoreError> {
-    let before = report.clone();
+    matched: &[Matched],
+    book_sizes: &mut HashMap<String, i64>,
+) -> Result<(Vec<bool>, Vec<BookChange>), StoreError> {
     let now = unix_ms(SystemTime::now());
-    let oldest = store
-        .retention
-        .and_then(|keep| SystemTime::now().checked_sub(keep));
-    let mut matched: Vec<Matched> = Vec::with_capacity(batch.len());
-    for (line, row) in batch {
-        report.rows += 1;
-        let (key, row) = match row {
-            Ok(r) => r,
-            Err(reason) => {
-                report.rejected += 1;
-                if report.rejections.len() < MAX_LISTED {
-                    report.rejections.push(Rejection { line, reason });
-                }
-                continue;
-            }
-        };
-        if oldest.is_some_and(|o| row.end < o) {
-            report.expired += 1;
-            continue;
-        }
-        let (src, dst) = (numbers.e164(&row.src), numbers.e164(&row.dst));
-        let callee = user_of(registry, tenant, &dst);
-        let caller = user_of(registry, tenant, &src);
-        if callee.is_none() && caller.is_none() {
-            report.unmatched += 1;
-            continue;
-        }
-        let key = format!("{tenant}:{format}:{key}");
-        matched.push(Matched {
-            key,
-            row,
-            src,
-            dst,
-            callee,
-            caller,
-        });
-    }
     let mut tx = store.pool.begin().await?;
     // Rows not imported before: their keys come back from the insert.
-    let mut fresh: HashSet<String> = HashSet::with_capacity(matched.len());
+    let mut inserted: HashSet<String> = HashSet::with_capacity(matched.len());
     for chunk in matched.chunks(KEYS_PER_STATEMENT) {
         let sql = store.backend.positional(format!(
-            "INSERT INTO carrier_cdrs (key, tenant, src, src_name, dst, start_ms, answer_ms, end_ms, disposition, format, imported_ms) \
-             VALUES {} ON CONFLICT (key) DO NOTHING RETURNING key",
+            "INSERT INTO carrier_cdrs ({CARRIER_COLUMNS}) VALUES {} ON CONFLICT (key) DO NOTHING RETURNING key",
             super::value_rows(chunk.len(), 11)
         ));
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
@@ -294,20 +423,27 @@ async fn apply(
                 .bind(now);
         }
         for r in q.persistent(false).fetch_all(&mut *tx).await? {
-            fresh.insert(r.get::<String, _>("key"));
+            inserted.insert(r.get::<String, _>("key"));
         }
     }
-    // Each book's calls with each party, summed in file order.
+    // The first row with a key is the one inserted; a repeat within the file is a
+    // duplicate like one from an earlier import.
+    let fresh: Vec<bool> = matched.iter().map(|m| inserted.remove(&m.key)).collect();
+    let sums = sum_fresh(matched, &fresh);
+    let changes = add_contacts(&mut tx, store.book(), tenant, &sums, book_sizes).await?;
+    tx.commit().await?;
+    Ok((fresh, changes))
+}
+
+/// Columns of a `carrier_cdrs` row, in the order the writers bind them.
+const CARRIER_COLUMNS: &str = "key, tenant, src, src_name, dst, start_ms, answer_ms, end_ms, disposition, format, imported_ms";
+
+/// Each book's calls with each party in the rows not imported before (`fresh`), summed
+/// in file order.
+fn sum_fresh(matched: &[Matched], fresh: &[bool]) -> Vec<((String, String), ContactSum)> {
     let mut at: HashMap<(String, String), usize> = HashMap::new();
     let mut sums: Vec<((String, String), ContactSum)> = Vec::new();
-    for m in &matched {
-        // The first row with a key is the one inserted; a repeat within the file is a
-        // duplicate like one from an earlier import.
-        if !fresh.remove(&m.key) {
-            report.duplicates += 1;
-            continue;
-        }
-        report.imported += 1;
+    for (m, _) in matched.iter().zip(fresh).filter(|(_, f)| **f) {
         let mut sides: [Option<(&String, Contact<'_>)>; 2] = [None, None];
         if let Some(user) = &m.callee {
             sides[0] = Some((
@@ -342,19 +478,7 @@ async fn apply(
             sums[i].1.add(contact);
         }
     }
-    let changes = add_contacts(&mut tx, store.book(), tenant, &sums, book_sizes).await?;
-    tx.commit().await?;
-    for (result, now, then) in [
-        ("imported", report.imported, before.imported),
-        ("duplicate", report.duplicates, before.duplicates),
-        ("unmatched", report.unmatched, before.unmatched),
-        ("expired", report.expired, before.expired),
-        ("rejected", report.rejected, before.rejected),
-    ] {
-        metrics::counter!(crate::metrics::CDR_IMPORT_ROWS_TOTAL, "result" => result)
-            .increment(now - then);
-    }
-    Ok(changes)
+    sums
 }
 
 /// The row's own id, or a SHA-256 of its fields (unit separator between them).

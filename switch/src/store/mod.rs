@@ -13,7 +13,7 @@
 //! PHC strings (the `argon2` crate, RustCrypto), never in clear.
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
@@ -103,9 +103,15 @@ pub enum StoreError {
     /// The database failed.
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
+    /// The SQLite file failed (bulk writes that bypass the pool: imports).
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     /// Hashing failed.
     #[error("password hashing: {0}")]
     Hash(String),
+    /// A task of the store's (a blocking writer) died.
+    #[error("{0}")]
+    Task(String),
 }
 
 /// Which database server the store talks to; where their SQL parts, the difference is
@@ -246,6 +252,19 @@ impl StoreUrl {
     pub fn backend(&self) -> Backend {
         self.backend
     }
+
+    /// The SQLite file the URL names (`None` for a server or an in-memory database).
+    fn sqlite_file(&self) -> Option<PathBuf> {
+        let url = self.url.expose();
+        if self.backend != Backend::Sqlite
+            || url.contains(":memory:")
+            || url.contains("mode=memory")
+        {
+            return None;
+        }
+        let options: sqlx::sqlite::SqliteConnectOptions = url.parse().ok()?;
+        Some(options.get_filename().to_path_buf())
+    }
 }
 
 impl std::fmt::Display for StoreUrl {
@@ -358,6 +377,9 @@ pub struct Store {
     book_limit: i64,
     /// `[cdrs] retention_days`: imports skip rows older than this.
     retention: Option<std::time::Duration>,
+    /// The SQLite file (`None` on PostgreSQL or an in-memory SQLite): imports write it
+    /// through a connection of their own ([`import`]).
+    sqlite_file: Option<std::sync::Arc<Path>>,
 }
 
 /// Default of `[address_book] max_entries`.
@@ -459,24 +481,60 @@ impl CdrCursor {
 }
 
 fn book_entry(r: &AnyRow) -> AddressBookEntry {
-    let ms: i64 = r.get("last_seen_ms");
-    let first: Option<i64> = r.get("first_seen_ms");
-    let count = |c: &str| r.get::<i64, _>(c).max(0) as u64;
-    let at = |ms: i64| rfc3339(UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64));
-    AddressBookEntry {
+    BookRow {
         address: r.get("address"),
         name: r.get("name"),
-        call_count: count("call_count"),
-        last_seen: at(ms),
-        known: count("known_calls") > 0 || count("added") > 0,
-        incoming: count("incoming_calls"),
-        outgoing: count("outgoing_calls"),
-        missed: count("missed_calls"),
-        first_seen: at(first.unwrap_or(ms)),
         note: r.get("note"),
-        favourite: count("favourite") > 0,
-        blocked: count("blocked") > 0,
-        user: None,
+        call_count: r.get("call_count"),
+        last_seen_ms: r.get("last_seen_ms"),
+        first_seen_ms: r.get("first_seen_ms"),
+        known_calls: r.get("known_calls"),
+        incoming_calls: r.get("incoming_calls"),
+        outgoing_calls: r.get("outgoing_calls"),
+        missed_calls: r.get("missed_calls"),
+        favourite: r.get("favourite"),
+        blocked: r.get("blocked"),
+        added: r.get("added"),
+    }
+    .into()
+}
+
+/// A row of [`BOOK_COLUMNS`] as stored, whichever driver read it.
+pub(crate) struct BookRow {
+    pub(crate) address: String,
+    pub(crate) name: Option<String>,
+    pub(crate) note: Option<String>,
+    pub(crate) call_count: i64,
+    pub(crate) last_seen_ms: i64,
+    pub(crate) first_seen_ms: Option<i64>,
+    pub(crate) known_calls: i64,
+    pub(crate) incoming_calls: i64,
+    pub(crate) outgoing_calls: i64,
+    pub(crate) missed_calls: i64,
+    pub(crate) favourite: i64,
+    pub(crate) blocked: i64,
+    pub(crate) added: i64,
+}
+
+impl From<BookRow> for AddressBookEntry {
+    fn from(r: BookRow) -> Self {
+        let count = |n: i64| n.max(0) as u64;
+        let at = |ms: i64| rfc3339(UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64));
+        AddressBookEntry {
+            address: r.address,
+            name: r.name,
+            call_count: count(r.call_count),
+            last_seen: at(r.last_seen_ms),
+            known: r.known_calls > 0 || r.added > 0,
+            incoming: count(r.incoming_calls),
+            outgoing: count(r.outgoing_calls),
+            missed: count(r.missed_calls),
+            first_seen: at(r.first_seen_ms.unwrap_or(r.last_seen_ms)),
+            note: r.note,
+            favourite: r.favourite > 0,
+            blocked: r.blocked > 0,
+            user: None,
+        }
     }
 }
 
@@ -643,6 +701,7 @@ impl Store {
             decoy: decoy.into(),
             book_limit: DEFAULT_BOOK_LIMIT as i64,
             retention: None,
+            sqlite_file: url.sqlite_file().map(Into::into),
         })
     }
 
@@ -1265,19 +1324,7 @@ async fn evict(
     (tenant, user): (&str, &str),
     n: i64,
 ) -> Result<Vec<String>, StoreError> {
-    // The order is the partial index `address_book_evictable`'s, named for SQLite: without
-    // stats, SQLite 3.51's planner preferred the primary key and sorted the whole book.
-    let index = match backend {
-        Backend::Sqlite => "INDEXED BY address_book_evictable",
-        Backend::Postgres => "",
-    };
-    let sql = format!(
-        "DELETE FROM address_book WHERE tenant = $1 AND username = $2 AND address IN \
-         (SELECT address FROM address_book {index} \
-         WHERE tenant = $1 AND username = $2 AND deleted = 0 AND blocked = 0 \
-         ORDER BY favourite, (known_calls > 0 OR added > 0), call_count, last_seen_ms, address LIMIT $3) RETURNING address"
-    );
-    let evicted: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+    let evicted: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(evict_sql(backend)))
         .bind(tenant)
         .bind(user)
         .bind(n)
@@ -1285,6 +1332,22 @@ async fn evict(
         .await?;
     metrics::counter!(crate::metrics::ADDRESS_BOOK_EVICTIONS_TOTAL).increment(evicted.len() as u64);
     Ok(evicted)
+}
+
+/// Deletes the `$3` least valuable entries of book (`$1`, `$2`), returning their addresses.
+fn evict_sql(backend: Backend) -> String {
+    // The order is the partial index `address_book_evictable`'s, named for SQLite: without
+    // stats, SQLite 3.51's planner preferred the primary key and sorted the whole book.
+    let index = match backend {
+        Backend::Sqlite => "INDEXED BY address_book_evictable",
+        Backend::Postgres => "",
+    };
+    format!(
+        "DELETE FROM address_book WHERE tenant = $1 AND username = $2 AND address IN \
+         (SELECT address FROM address_book {index} \
+         WHERE tenant = $1 AND username = $2 AND deleted = 0 AND blocked = 0 \
+         ORDER BY favourite, (known_calls > 0 OR added > 0), call_count, last_seen_ms, address LIMIT $3) RETURNING address"
+    )
 }
 
 /// Several calls with one party of one book, summed up ([`add_contacts`]).
@@ -1303,6 +1366,15 @@ pub(crate) struct ContactSum {
 }
 
 impl ContactSum {
+    /// The rank of the name it carries ([`NameSource`]).
+    pub(crate) fn name_source(&self) -> i64 {
+        if self.name.is_some() {
+            NameSource::CallerId as i64
+        } else {
+            0
+        }
+    }
+
     /// Counts one more call.
     pub(crate) fn add(&mut self, c: Contact<'_>) {
         let at = unix_ms(c.when);
@@ -1353,22 +1425,9 @@ pub(crate) async fn add_contacts(
     sums: &[((String, String), ContactSum)],
     sizes: &mut HashMap<String, i64>,
 ) -> Result<Vec<BookChange>, StoreError> {
-    let mut changes: Vec<BookChange> = Vec::new();
-    // Users with new entries, and how many.
-    let mut grown: HashMap<String, i64> = HashMap::new();
+    let mut batch = BookBatch::new(tenant, limit);
     let tail = book_upsert_tail(backend);
-    let mut returned: Vec<(String, AddressBookEntry)> = Vec::with_capacity(sums.len());
-    let sums: Vec<_> = sums
-        .iter()
-        .filter(|((_, address), _)| {
-            let ok = !address.is_empty()
-                && address.len() <= parley_codecs::control::MAX_BOOK_ADDRESS_BYTES;
-            if !ok {
-                metrics::counter!(crate::metrics::ADDRESS_BOOK_REFUSED_TOTAL).increment(1);
-            }
-            ok
-        })
-        .collect();
+    let sums = BookBatch::valid(sums);
     for chunk in sums.chunks(BOOK_ROWS_PER_STATEMENT) {
         let sql = backend.positional(format!(
             "INSERT INTO address_book ({BOOK_INSERT_COLUMNS}) VALUES {} {tail}",
@@ -1388,11 +1447,7 @@ pub(crate) async fn add_contacts(
                 .bind(c.outgoing)
                 .bind(c.missed)
                 .bind(c.first_ms)
-                .bind(if c.name.is_some() {
-                    NameSource::CallerId as i64
-                } else {
-                    0
-                });
+                .bind(c.name_source());
         }
         let rows = q.persistent(false).fetch_all(&mut *tx).await?;
         // RETURNING gives one row per party, in no promised order: match by key.
@@ -1403,21 +1458,13 @@ pub(crate) async fn add_contacts(
         for r in &rows {
             let user: String = r.get("username");
             let entry = book_entry(r);
-            if counts.get(&(user.as_str(), entry.address.as_str()))
-                == Some(&(entry.call_count as i64))
-            {
-                // Every call of this entry is from this batch: it is new.
-                *grown.entry(user.clone()).or_default() += 1;
-            }
-            returned.push((user, entry));
+            let calls = counts
+                .get(&(user.as_str(), entry.address.as_str()))
+                .copied();
+            batch.upserted(user, entry, calls);
         }
     }
-    // Sizes of books not counted before (after this batch's upserts).
-    let uncounted: Vec<String> = grown
-        .keys()
-        .filter(|u| !sizes.contains_key(*u))
-        .cloned()
-        .collect();
+    let uncounted = batch.uncounted(sizes);
     for chunk in uncounted.chunks(BOOK_ROWS_PER_STATEMENT) {
         let sql = backend.positional(format!(
             "SELECT username, COUNT(*) AS n FROM address_book WHERE deleted = 0 AND tenant = $1 \
@@ -1432,53 +1479,129 @@ pub(crate) async fn add_contacts(
             sizes.insert(r.get("username"), r.get("n"));
         }
     }
-    let uncounted: HashSet<&String> = uncounted.iter().collect();
     let mut evicted: HashMap<String, Vec<String>> = HashMap::new();
-    for (user, new) in &grown {
-        let counted_now = uncounted.contains(user);
-        let Some(size) = sizes.get_mut(user) else {
-            continue;
+    for (user, over) in batch.over_limit(sizes, &uncounted) {
+        let gone = evict(tx, backend, (tenant, &user), over).await?;
+        evicted.insert(user, gone);
+    }
+    Ok(batch.changes(evicted))
+}
+
+/// What [`add_contacts`] and the import's SQLite writer (`import::sqlite`) decide without
+/// the database: which parties are fit for a book, which entries are new, which books
+/// passed their limit, and the changes to push.
+pub(crate) struct BookBatch<'a> {
+    tenant: &'a str,
+    limit: i64,
+    /// Users with new entries, and how many.
+    grown: HashMap<String, i64>,
+    /// Entries as the upserts left them, in upsert order.
+    returned: Vec<(String, AddressBookEntry)>,
+}
+
+impl<'a> BookBatch<'a> {
+    pub(crate) fn new(tenant: &'a str, limit: i64) -> Self {
+        Self {
+            tenant,
+            limit,
+            grown: HashMap::new(),
+            returned: Vec::new(),
+        }
+    }
+
+    /// The parties a book can hold (an empty or over-long address is counted and left out).
+    pub(crate) fn valid(
+        sums: &[((String, String), ContactSum)],
+    ) -> Vec<&((String, String), ContactSum)> {
+        sums.iter()
+            .filter(|((_, address), _)| {
+                let ok = !address.is_empty()
+                    && address.len() <= parley_codecs::control::MAX_BOOK_ADDRESS_BYTES;
+                if !ok {
+                    metrics::counter!(crate::metrics::ADDRESS_BOOK_REFUSED_TOTAL).increment(1);
+                }
+                ok
+            })
+            .collect()
+    }
+
+    /// An entry an upsert returned; `calls`: how many calls this batch added to it.
+    pub(crate) fn upserted(&mut self, user: String, entry: AddressBookEntry, calls: Option<i64>) {
+        if calls == Some(entry.call_count as i64) {
+            // Every call of this entry is from this batch: it is new.
+            *self.grown.entry(user.clone()).or_default() += 1;
+        }
+        self.returned.push((user, entry));
+    }
+
+    /// Users with new entries whose book size is not known yet: count them (after this
+    /// batch's upserts) into `sizes`.
+    pub(crate) fn uncounted(&self, sizes: &HashMap<String, i64>) -> Vec<String> {
+        self.grown
+            .keys()
+            .filter(|u| !sizes.contains_key(*u))
+            .cloned()
+            .collect()
+    }
+
+    /// Books over the limit once this batch is in, and by how many entries; `sizes` is
+    /// brought up to date (books counted before this batch get its new entries added).
+    pub(crate) fn over_limit(
+        &self,
+        sizes: &mut HashMap<String, i64>,
+        counted_now: &[String],
+    ) -> Vec<(String, i64)> {
+        let counted_now: HashSet<&String> = counted_now.iter().collect();
+        let mut over = Vec::new();
+        for (user, new) in &self.grown {
+            let Some(size) = sizes.get_mut(user) else {
+                continue;
+            };
+            if !counted_now.contains(user) {
+                *size += new;
+            }
+            if *size > self.limit {
+                over.push((user.clone(), *size - self.limit));
+                *size = self.limit;
+            }
+        }
+        over
+    }
+
+    /// One change per user, found by name (a batch touches up to thousands of books),
+    /// entries pushed as they are (each party is once in the batch), newest first;
+    /// evicted entries are only removed.
+    pub(crate) fn changes(self, evicted: HashMap<String, Vec<String>>) -> Vec<BookChange> {
+        let mut changes: Vec<BookChange> = Vec::new();
+        let mut at: HashMap<String, usize> = HashMap::new();
+        let tenant = self.tenant;
+        let mut change_of = |changes: &mut Vec<BookChange>, user: String| -> usize {
+            *at.entry(user).or_insert_with_key(|user| {
+                changes.push(BookChange {
+                    tenant: tenant.to_owned(),
+                    user: user.clone(),
+                    upserted: Vec::new(),
+                    removed: Vec::new(),
+                });
+                changes.len() - 1
+            })
         };
-        if !counted_now {
-            // Counted in an earlier batch: add this one's new entries.
-            *size += new;
+        for (user, entry) in self.returned.into_iter().rev() {
+            if evicted
+                .get(&user)
+                .is_some_and(|g| g.contains(&entry.address))
+            {
+                continue;
+            }
+            let i = change_of(&mut changes, user);
+            changes[i].upserted.push(entry);
         }
-        if *size > limit {
-            let over = *size - limit;
-            *size = limit;
-            let gone = evict(tx, backend, (tenant, user), over).await?;
-            evicted.insert(user.clone(), gone);
+        for (user, gone) in evicted {
+            let i = change_of(&mut changes, user);
+            changes[i].removed = gone;
         }
+        changes
     }
-    // One change per user, found by name (a batch touches up to thousands of books),
-    // entries pushed as they are (each party is once in `sums`), newest first.
-    let mut at: HashMap<String, usize> = HashMap::new();
-    let mut change_of = |changes: &mut Vec<BookChange>, user: String| -> usize {
-        *at.entry(user).or_insert_with_key(|user| {
-            changes.push(BookChange {
-                tenant: tenant.to_owned(),
-                user: user.clone(),
-                upserted: Vec::new(),
-                removed: Vec::new(),
-            });
-            changes.len() - 1
-        })
-    };
-    for (user, entry) in returned.into_iter().rev() {
-        if evicted
-            .get(&user)
-            .is_some_and(|g| g.contains(&entry.address))
-        {
-            continue;
-        }
-        let i = change_of(&mut changes, user);
-        changes[i].upserted.push(entry);
-    }
-    for (user, gone) in evicted {
-        let i = change_of(&mut changes, user);
-        changes[i].removed = gone;
-    }
-    Ok(changes)
 }
 
 const SCHEMA: &[&str] = &[
