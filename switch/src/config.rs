@@ -134,6 +134,22 @@ pub struct SipConfig {
     /// Retry-After; 0: unbounded (a gateway carrying more calls than this from one
     /// address needs it raised).
     pub max_calls_per_source: usize,
+    /// New calls per second the node admits (a token bucket holding one second's
+    /// worth); more get 503 with Retry-After at once. 0: no rate limit.
+    pub max_call_rate: u32,
+    /// Live calls at once beyond which new INVITEs get 503 with Retry-After; 0: no cap
+    /// (the relay's port range still bounds calls with media).
+    pub max_calls: usize,
+    /// Shed new calls (503 with Retry-After) while SIP datagrams wait longer than this in
+    /// the receive queue: when even the least-delayed datagram of a 100 ms window waited
+    /// longer, the node is behind, and admitting more calls only lengthens the wait
+    /// until gateways retransmit. Admitted again below half of it. 0: off.
+    pub max_queue_delay_ms: u64,
+    /// Receive and send buffer of the SIP UDP socket, bytes (`SO_RCVBUF`/`SO_SNDBUF`,
+    /// capped by `net.core.rmem_max`/`wmem_max`; a warning is logged when capped). What
+    /// arrives while the control thread is busy waits here: too small, and a burst is
+    /// dropped and comes back as retransmissions. 0 keeps the kernel default.
+    pub udp_buffer_bytes: usize,
     /// TCP listen address for SIP over TLS; off when absent.
     pub tls_listen: Option<SocketAddr>,
     /// PEM certificate chain of the TLS listener (required with `tls_listen` unless
@@ -612,6 +628,10 @@ impl Default for SipConfig {
             max_server_transactions: 50_000,
             max_transactions_per_source: 40_000,
             max_calls_per_source: 2_000,
+            max_call_rate: 0,
+            max_calls: 0,
+            max_queue_delay_ms: 100,
+            udp_buffer_bytes: 4 << 20,
             tls_listen: None,
             tls_cert: None,
             tls_key: None,

@@ -33,8 +33,14 @@ pub const SIP_RETRANSMISSIONS_TOTAL: &str = "parley_sip_retransmissions_total";
 pub const SIP_UNMATCHED_REQUESTS_TOTAL: &str = "parley_sip_unmatched_requests_total";
 /// Requests refused with 503 + Retry-After, by `reason` (`draining`; `transactions`: the
 /// server-transaction cap; `transactions_per_source`: a source's share of it;
-/// `calls_per_source`: the source's live-call cap).
+/// `calls_per_source`: the source's live-call cap; overload control of new calls:
+/// `call_rate`, `calls`, `queue_delay`).
 pub const SIP_REJECTED_OVERLOAD_TOTAL: &str = "parley_sip_overload_rejections_total";
+/// The least time a SIP datagram waited in the kernel's receive queue over the last
+/// 100 ms (seconds): above `[sip] max_queue_delay_ms`, new calls are shed.
+pub const SIP_QUEUE_DELAY_SECONDS: &str = "parley_sip_queue_delay_seconds";
+/// 1 while new calls are shed for queue delay, else 0.
+pub const SIP_SHEDDING: &str = "parley_sip_shedding";
 /// Packets relayed, by `path` (`udp_udp`, `udp_roq`, `roq_udp`, `roq_roq`).
 pub const RELAY_PACKETS_TOTAL: &str = "parley_relay_packets_total";
 /// Bytes relayed (RTP/RTCP packet bytes), by `path`.
@@ -201,6 +207,8 @@ fn register_zeroes() {
     counter!(SIP_RETRANSMISSIONS_TOTAL).increment(0);
     counter!(SIP_SEND_ERRORS_TOTAL).increment(0);
     metrics::gauge!(SIP_CONNECTIONS).set(0.0);
+    gauge!(SIP_QUEUE_DELAY_SECONDS).set(0.0);
+    gauge!(SIP_SHEDDING).set(0.0);
     for t in ["tcp", "tls"] {
         counter!(SIP_CONNECTIONS_REFUSED_TOTAL, "transport" => t).increment(0);
         for r in ["closed", "idle", "slow", "framing", "error", "dropped"] {
@@ -214,6 +222,9 @@ fn register_zeroes() {
         "transactions",
         "transactions_per_source",
         "calls_per_source",
+        "call_rate",
+        "calls",
+        "queue_delay",
     ] {
         counter!(SIP_REJECTED_OVERLOAD_TOTAL, "reason" => r).increment(0);
     }
@@ -340,7 +351,17 @@ fn describe() {
     describe_counter!(
         SIP_REJECTED_OVERLOAD_TOTAL,
         Unit::Count,
-        "Requests answered 503 with Retry-After: draining, server-transaction cap, live calls per source cap"
+        "Requests answered 503 with Retry-After: draining, server-transaction cap, live calls per source cap, call rate, live calls, queue delay"
+    );
+    describe_gauge!(
+        SIP_QUEUE_DELAY_SECONDS,
+        Unit::Seconds,
+        "Least time a SIP datagram waited in the kernel's receive queue over the last 100 ms"
+    );
+    describe_gauge!(
+        SIP_SHEDDING,
+        Unit::Count,
+        "1 while new calls are refused for queue delay"
     );
     describe_counter!(
         RELAY_PACKETS_TOTAL,

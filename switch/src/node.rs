@@ -160,6 +160,21 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("sip.listen {}: {e}", cfg.sip.listen))?,
     );
     let sip_addr = sip_socket.local_addr()?;
+    if cfg.sip.udp_buffer_bytes > 0 {
+        let want = cfg.sip.udp_buffer_bytes;
+        let s = socket2::SockRef::from(&*sip_socket);
+        s.set_recv_buffer_size(want)?;
+        s.set_send_buffer_size(want)?;
+        // Linux reports twice what it grants (bookkeeping overhead included).
+        let granted = s.recv_buffer_size()? / 2;
+        if granted < want {
+            tracing::warn!(
+                asked = want,
+                granted,
+                "SIP socket receive buffer capped by net.core.rmem_max; raise it (sysctl) for call storms"
+            );
+        }
+    }
     let sip_tcp = match cfg.sip.tcp_listen {
         Some(a) => Some(
             tokio::net::TcpListener::bind(a)
@@ -224,6 +239,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             dialog_source_check: cfg.sip.dialog_source_check,
             max_server_transactions: cfg.sip.max_server_transactions,
             max_calls_per_source: cfg.sip.max_calls_per_source,
+            overload: parley_core::overload::OverloadLimits {
+                max_rate: cfg.sip.max_call_rate,
+                max_calls: cfg.sip.max_calls,
+                max_delay: Duration::from_millis(cfg.sip.max_queue_delay_ms),
+            },
             max_transactions_per_source: cfg.sip.max_transactions_per_source,
         },
         registry.clone(),

@@ -14,7 +14,7 @@
 //! - [`trunk::TrunkHealth`]: whether the voice network is up; [`numberplan`]: which
 //!   trunks reach a number, in the order to try them;
 //! - [`dial`]: where a call dialled from an IM device goes; [`admission`]: who may try
-//!   to log in, and how often;
+//!   to log in, and how often; [`overload`]: whether the node takes one more call;
 //! - [`cdr`], [`sip`], [`ids`], [`directory`]: the shapes the cores exchange.
 //!
 //! This crate depends on no actor framework and no runtime, which is what guarantees
@@ -36,6 +36,7 @@ pub mod dial;
 pub mod directory;
 pub mod ids;
 pub mod numberplan;
+pub mod overload;
 pub mod plan;
 pub mod presence;
 pub mod router;

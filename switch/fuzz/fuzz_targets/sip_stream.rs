@@ -36,6 +36,7 @@ fuzz_target!(|data: &[u8]| {
             dialog_source_check: true,
             max_server_transactions: 10_000,
             max_calls_per_source: 4,
+            overload: parley_core::overload::OverloadLimits::OFF,
             max_transactions_per_source: 64,
         },
         Arc::new(directory),

@@ -43,6 +43,7 @@ pub(super) fn core_with(dialog_source_check: bool) -> SipCore {
             dialog_source_check,
             max_server_transactions: 10_000,
             max_calls_per_source: 0,
+            overload: parley_core::overload::OverloadLimits::OFF,
             max_transactions_per_source: 0,
         },
         Arc::new(directory),

@@ -286,20 +286,20 @@ impl Actor for SipDriver {
                 self.conn_count.clone(),
             ));
         }
+        // Overload control's windows close on time too (a storm that stops while the
+        // node sheds must not leave it shedding until the next datagram).
+        ctx.run_interval(parley_core::overload::DELAY_WINDOW, |act, _| {
+            let was = act.core.queue_delay();
+            act.core.handle_overload_timeout(Instant::now());
+            act.publish_queue_delay(was);
+        });
         let socket = self.socket.clone();
-        // One receive buffer reused for many datagrams: each message is split off as a
-        // `Bytes` view and the buffer is refilled in 256 KiB chunks.
-        let state = (socket, bytes::BytesMut::with_capacity(256 * 1024));
-        let stream = futures_util::stream::unfold(state, |(s, mut buf)| async move {
+        let stamped = stamp_arrivals(&socket);
+        let state = (socket, Receiver::new());
+        let stream = futures_util::stream::unfold(state, move |(s, mut r)| async move {
             loop {
-                if buf.capacity() < 65_535 {
-                    buf.reserve(256 * 1024);
-                }
-                match s.recv_buf_from(&mut buf).await {
-                    Ok((_, src)) => {
-                        let data = buf.split().freeze();
-                        return Some((Datagram(data, src), (s, buf)));
-                    }
+                match r.recv(&s, stamped).await {
+                    Ok(d) => return Some((d, (s, r))),
                     // ICMP port unreachable surfaces as an error on Linux; keep serving.
                     Err(e) => tracing::debug!(error = %e, "SIP recv error"),
                 }
@@ -309,12 +309,111 @@ impl Actor for SipDriver {
     }
 }
 
-struct Datagram(Bytes, SocketAddr);
+/// A datagram, its source, and how long it waited in the kernel's receive queue (when
+/// the kernel stamps arrivals).
+struct Datagram(Bytes, SocketAddr, Option<Duration>);
 
 impl StreamHandler<Datagram> for SipDriver {
     fn handle(&mut self, d: Datagram, ctx: &mut Context<Self>) {
-        self.core.handle_datagram(Instant::now(), d.1, d.0);
+        let now = Instant::now();
+        if let Some(waited) = d.2 {
+            let was = self.core.queue_delay();
+            self.core.handle_queue_delay(now, waited);
+            self.publish_queue_delay(was);
+        }
+        self.core.handle_datagram(now, d.1, d.0);
         self.flush(ctx);
+    }
+}
+
+impl SipDriver {
+    /// The queue-delay gauges, when they changed from `was`.
+    fn publish_queue_delay(&self, was: (Duration, bool)) {
+        let (delay, shedding) = self.core.queue_delay();
+        if (delay, shedding) != was {
+            metrics::gauge!(crate::metrics::SIP_QUEUE_DELAY_SECONDS).set(delay.as_secs_f64());
+            metrics::gauge!(crate::metrics::SIP_SHEDDING).set(f64::from(u8::from(shedding)));
+        }
+    }
+}
+
+/// Asks the kernel to stamp each datagram's arrival (`SO_TIMESTAMPNS`), which is how the
+/// driver measures the receive queue's delay for overload control; false (and a warning)
+/// where it cannot.
+fn stamp_arrivals(socket: &UdpSocket) -> bool {
+    use std::os::fd::AsRawFd;
+    match nix::sys::socket::setsockopt(
+        socket.as_raw_fd(),
+        nix::sys::socket::sockopt::ReceiveTimestampns,
+        &true,
+    ) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "SO_TIMESTAMPNS refused: no queue-delay overload control");
+            false
+        }
+    }
+}
+
+/// Reads datagrams with their arrival stamps: one buffer of the largest datagram, the
+/// message copied out of it (a few hundred bytes).
+struct Receiver {
+    buf: Vec<u8>,
+    cmsg: Vec<u8>,
+}
+
+impl Receiver {
+    fn new() -> Self {
+        Self {
+            buf: vec![0; 65_535],
+            cmsg: nix::cmsg_space!(nix::sys::time::TimeSpec),
+        }
+    }
+
+    async fn recv(&mut self, socket: &UdpSocket, stamped: bool) -> std::io::Result<Datagram> {
+        use std::os::fd::AsRawFd;
+        loop {
+            socket.readable().await?;
+            match socket.try_io(tokio::io::Interest::READABLE, || {
+                self.recv_now(socket.as_raw_fd(), stamped)
+            }) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                r => return r,
+            }
+        }
+    }
+
+    fn recv_now(&mut self, fd: std::os::fd::RawFd, stamped: bool) -> std::io::Result<Datagram> {
+        use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrLike, SockaddrStorage};
+        let mut iov = [std::io::IoSliceMut::new(&mut self.buf)];
+        let cmsg = stamped.then_some(&mut self.cmsg);
+        let msg =
+            nix::sys::socket::recvmsg::<SockaddrStorage>(fd, &mut iov, cmsg, MsgFlags::empty())
+                .map_err(std::io::Error::from)?;
+        let mut waited = None;
+        for c in msg.cmsgs() {
+            if let ControlMessageOwned::ScmTimestampns(ts) = c {
+                let at = SystemTime::UNIX_EPOCH + Duration::from(ts);
+                waited = Some(SystemTime::now().duration_since(at).unwrap_or_default());
+            }
+        }
+        let src = msg.address.and_then(|a| match a.family() {
+            Some(nix::sys::socket::AddressFamily::Inet) => {
+                a.as_sockaddr_in().map(|v4| SocketAddr::V4((*v4).into()))
+            }
+            Some(nix::sys::socket::AddressFamily::Inet6) => {
+                a.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
+            }
+            _ => None,
+        });
+        let n = msg.bytes;
+        let src =
+            src.ok_or_else(|| std::io::Error::other("a datagram without a source address"))?;
+        Ok(Datagram(
+            Bytes::copy_from_slice(&self.buf[..n]),
+            src,
+            waited,
+        ))
     }
 }
 

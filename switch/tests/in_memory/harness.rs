@@ -129,6 +129,7 @@ impl World {
                 dialog_source_check: true,
                 max_server_transactions: 10_000,
                 max_calls_per_source: 0,
+                overload: parley_core::overload::OverloadLimits::OFF,
                 max_transactions_per_source: 0,
             },
             Arc::new(directory),

@@ -35,6 +35,9 @@ impl SipCore {
             SipLegCmd::TrunkBye => self.send_trunk_bye(now, handle),
             SipLegCmd::Done => {
                 if let Some(c) = self.calls.get_mut(&handle) {
+                    if !c.done {
+                        self.live -= 1;
+                    }
                     c.done = true;
                     if let Some(leg) = c.caller.as_mut() {
                         leg.retx_deadline = None;
@@ -77,6 +80,9 @@ impl SipCore {
 
     pub(super) fn reap(&mut self, h: CallHandle) {
         if let Some(call) = self.calls.remove(&h) {
+            if !call.done {
+                self.live -= 1;
+            }
             if let Some(c) = call.caller.as_ref()
                 && let Some(cid) = msg::call_id(&c.invite.headers)
             {

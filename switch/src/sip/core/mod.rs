@@ -34,6 +34,7 @@ use bytes::Bytes;
 use parley_codecs::sdp::MediaDescription;
 use parley_core::directory::{Directory, UserIdentity};
 use parley_core::ids::{CallHandle, Sequence};
+use parley_core::overload::{Admission, OverloadLimits, RecentlyRefused, Shed};
 use parley_core::sip::SipEvent;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -162,6 +163,9 @@ pub struct CoreConfig {
     /// Live calls from one source address beyond which its new INVITEs get 503 with
     /// Retry-After (0: unbounded).
     pub max_calls_per_source: usize,
+    /// Overload control of new calls: call rate, live calls, queue delay
+    /// ([`parley_core::overload`]).
+    pub overload: OverloadLimits,
     /// Whether requests inside a gateway's dialog (and its CANCEL) must come from the
     /// address the dialog was set up from. Off only for gateways behind load balancers
     /// that spread one dialog over several addresses.
@@ -179,6 +183,11 @@ pub struct TrunkTarget {
     pub auth: Option<sipx_sip::auth::Credentials>,
 }
 
+/// Refused INVITEs remembered for their retransmissions ([`RecentlyRefused`]): at 4,000
+/// refusals a second, a second's worth of INVITEs that crossed their 503 in the queue;
+/// some 20 MiB at most.
+const REFUSED_REMEMBERED: usize = 65_536;
+
 /// The B2BUA core.
 pub struct SipCore {
     cfg: CoreConfig,
@@ -193,6 +202,11 @@ pub struct SipCore {
     sources: SourceCounts,
     purposes: HashMap<TransactionKey, (CallHandle, Purpose)>,
     calls: HashMap<CallHandle, Call>,
+    /// Calls in `calls` whose call actor is not done with them.
+    live: usize,
+    admission: Admission,
+    /// INVITEs refused by overload control, whose retransmissions get 503 again.
+    refused: RecentlyRefused<TransactionKey>,
     dialogs: HashMap<dialogs::DialogKey, (CallHandle, Side)>,
 
     next_probe: u64,
@@ -224,7 +238,9 @@ impl SipCore {
     /// A core with no calls: users are found in `directory`, call handles drawn from
     /// `handles` (shared with calls dialled from IM devices, so call ids never collide).
     pub fn new(cfg: CoreConfig, directory: Arc<dyn Directory>, handles: Arc<Sequence>) -> Self {
-        let share = cfg.max_transactions_per_source;
+        let (share, overload) = (cfg.max_transactions_per_source, cfg.overload);
+        // As long as a gateway retransmits an INVITE that has no answer (Timer B).
+        let refused_ttl = cfg.timers.t1 * 64;
         Self {
             layer: TransactionLayer::new(cfg.timers),
             rng: StdRng::from_seed(cfg.rng_seed),
@@ -237,6 +253,9 @@ impl SipCore {
             sources: SourceCounts::new(share),
             purposes: HashMap::new(),
             calls: HashMap::new(),
+            live: 0,
+            admission: Admission::new(overload),
+            refused: RecentlyRefused::new(refused_ttl, REFUSED_REMEMBERED),
             dialogs: HashMap::new(),
 
             next_probe: 0,
@@ -262,7 +281,65 @@ impl SipCore {
 
     /// Calls whose call actor is not done with them.
     pub fn live_calls(&self) -> usize {
-        self.calls.values().filter(|c| !c.done).count()
+        self.live
+    }
+
+    /// A datagram waited `delay` in the kernel before the driver read it (overload
+    /// control sheds new calls on a standing queue).
+    pub fn handle_queue_delay(&mut self, now: Instant, delay: std::time::Duration) {
+        let was = self.admission.shedding();
+        self.admission.handle_delay(now, delay);
+        self.log_shedding(was);
+    }
+
+    /// Time passed for overload control (a window with no datagram since closes); the
+    /// driver calls it every [`parley_core::overload::DELAY_WINDOW`].
+    pub fn handle_overload_timeout(&mut self, now: Instant) {
+        let was = self.admission.shedding();
+        self.admission.handle_timeout(now);
+        self.log_shedding(was);
+    }
+
+    /// Logs the start and the end of shedding for queue delay (once each: an operator
+    /// greps `overload`).
+    fn log_shedding(&self, was: bool) {
+        match (was, self.admission.shedding()) {
+            (false, true) => tracing::warn!(
+                queue_delay_ms = self.admission.queue_delay().as_millis() as u64,
+                limit_ms = self.cfg.overload.max_delay.as_millis() as u64,
+                live_calls = self.live,
+                "overload: requests wait in the receive queue; new calls are refused (503)"
+            ),
+            (true, false) => tracing::info!(
+                queue_delay_ms = self.admission.queue_delay().as_millis() as u64,
+                "overload over: new calls admitted again"
+            ),
+            _ => {}
+        }
+    }
+
+    /// The least queue delay of the last 100 ms window, and whether new calls are shed
+    /// for it.
+    pub fn queue_delay(&self) -> (std::time::Duration, bool) {
+        (self.admission.queue_delay(), self.admission.shedding())
+    }
+
+    /// Whether a new call may start now ([`Admission::admit`]): `Ok(None)` yes,
+    /// `Ok(Some(shed))` no (a new refusal), `Err(())` no (a retransmission of one).
+    fn admit(&mut self, now: Instant, key: &TransactionKey) -> Result<Option<Shed>, ()> {
+        if self.refused.contains(now, key) {
+            return Err(());
+        }
+        let was = self.admission.shedding();
+        let admitted = self.admission.admit(now, self.live);
+        self.log_shedding(was);
+        match admitted {
+            Ok(()) => Ok(None),
+            Err(shed) => {
+                self.refused.insert(now, key.clone());
+                Ok(Some(shed))
+            }
+        }
     }
 
     /// Next output.

@@ -80,10 +80,15 @@ impl SipCore {
         if let Some(old) = self.calls.get_mut(&h).and_then(|c| c.trunk.take()) {
             self.dialogs.remove(&(old.call_id, old.local_tag));
         }
-        let call = self.calls.entry(h).or_insert_with(|| Call {
-            caller: None,
-            trunk: None,
-            done: false,
+        // A call dialled from an IM device has no caller leg here: it starts with this one.
+        let live = &mut self.live;
+        let call = self.calls.entry(h).or_insert_with(|| {
+            *live += 1;
+            Call {
+                caller: None,
+                trunk: None,
+                done: false,
+            }
         });
         {
             call.trunk = Some(TrunkLeg {
