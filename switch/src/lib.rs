@@ -23,6 +23,7 @@ pub mod node;
 pub mod numbers;
 pub mod relay;
 pub mod sip;
+pub mod sockets;
 pub mod store;
 pub mod web;
 pub mod webrtc;

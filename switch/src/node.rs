@@ -160,21 +160,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("sip.listen {}: {e}", cfg.sip.listen))?,
     );
     let sip_addr = sip_socket.local_addr()?;
-    if cfg.sip.udp_buffer_bytes > 0 {
-        let want = cfg.sip.udp_buffer_bytes;
-        let s = socket2::SockRef::from(&*sip_socket);
-        s.set_recv_buffer_size(want)?;
-        s.set_send_buffer_size(want)?;
-        // Linux reports twice what it grants (bookkeeping overhead included).
-        let granted = s.recv_buffer_size()? / 2;
-        if granted < want {
-            tracing::warn!(
-                asked = want,
-                granted,
-                "SIP socket receive buffer capped by net.core.rmem_max; raise it (sysctl) for call storms"
-            );
-        }
-    }
+    crate::sockets::size_buffers(
+        socket2::SockRef::from(&*sip_socket),
+        cfg.sip.udp_buffer_bytes,
+        "sip",
+    )?;
     let sip_tcp = match cfg.sip.tcp_listen {
         Some(a) => Some(
             tokio::net::TcpListener::bind(a)

@@ -81,20 +81,7 @@ pub fn bind_endpoint(
     runtime: tokio::runtime::Handle,
 ) -> std::io::Result<quinn::Endpoint> {
     let socket = std::net::UdpSocket::bind(listen)?;
-    if buffer > 0 {
-        let s = socket2::SockRef::from(&socket);
-        s.set_recv_buffer_size(buffer)?;
-        s.set_send_buffer_size(buffer)?;
-        // Linux reports twice what it grants (bookkeeping overhead included).
-        let granted = s.recv_buffer_size()? / 2;
-        if granted < buffer {
-            tracing::warn!(
-                asked = buffer,
-                granted,
-                "QUIC socket receive buffer capped by net.core.rmem_max; raise it (sysctl) for many devices"
-            );
-        }
-    }
+    crate::sockets::size_buffers(socket2::SockRef::from(&socket), buffer, "quic")?;
     quinn::Endpoint::new(
         quinn::EndpointConfig::default(),
         Some(server),

@@ -36,7 +36,8 @@ impl SipCore {
             SipLegCmd::Done => {
                 if let Some(c) = self.calls.get_mut(&handle) {
                     if !c.done {
-                        self.live -= 1;
+                        debug_assert!(self.live > 0, "a call counted live was not counted");
+                        self.live = self.live.saturating_sub(1);
                     }
                     c.done = true;
                     if let Some(leg) = c.caller.as_mut() {
@@ -81,7 +82,8 @@ impl SipCore {
     pub(super) fn reap(&mut self, h: CallHandle) {
         if let Some(call) = self.calls.remove(&h) {
             if !call.done {
-                self.live -= 1;
+                debug_assert!(self.live > 0, "a call counted live was not counted");
+                self.live = self.live.saturating_sub(1);
             }
             if let Some(c) = call.caller.as_ref()
                 && let Some(cid) = msg::call_id(&c.invite.headers)
