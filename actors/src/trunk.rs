@@ -44,6 +44,15 @@ pub struct ProbeResult {
 #[rtype(result = "()")]
 pub struct CallOutcome(pub ProbeOutcome);
 
+/// The node is (or is no longer) overloaded itself: timeouts meanwhile say nothing about
+/// a trunk.
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct NodeLoad {
+    /// Whether the node is behind now.
+    pub overloaded: bool,
+}
+
 /// One trunk.
 pub struct TrunkActor {
     name: String,
@@ -108,6 +117,13 @@ impl TrunkSet {
         }
     }
 
+    /// Tells every trunk whether the node itself is overloaded.
+    pub fn node_load(&self, overloaded: bool) {
+        for t in &self.trunks {
+            t.addr.do_send(NodeLoad { overloaded });
+        }
+    }
+
     /// Feeds a trunk's health with what a call learned.
     pub fn call_outcome(&self, id: TrunkId, outcome: ProbeOutcome) {
         if let Some(t) = self.trunks.get(id) {
@@ -160,9 +176,8 @@ impl TrunkActor {
                         });
                     }
                 }
-                TrunkOutput::Counted { source, ok } => {
-                    let result = if ok { "ok" } else { "fail" };
-                    metrics::counter!(m::TRUNK_PROBES_TOTAL, "trunk" => self.name.clone(), "source" => source.as_str(), "result" => result).increment(1);
+                TrunkOutput::Counted { source, result } => {
+                    metrics::counter!(m::TRUNK_PROBES_TOTAL, "trunk" => self.name.clone(), "source" => source.as_str(), "result" => result.as_str()).increment(1);
                 }
                 TrunkOutput::Changed { up, outcome } => {
                     self.up.store(up, Ordering::Relaxed);
@@ -203,7 +218,7 @@ impl Actor for TrunkActor {
         }
         metrics::counter!(m::TRUNK_FAILOVERS_TOTAL, "trunk" => self.name.clone()).increment(0);
         for source in ["options", "call"] {
-            for result in ["ok", "fail"] {
+            for result in ["ok", "fail", "discounted"] {
                 metrics::counter!(m::TRUNK_PROBES_TOTAL, "trunk" => self.name.clone(), "source" => source, "result" => result).increment(0);
             }
         }
@@ -222,7 +237,18 @@ impl Handler<ProbeResult> for TrunkActor {
 impl Handler<CallOutcome> for TrunkActor {
     type Result = ();
     fn handle(&mut self, c: CallOutcome, ctx: &mut Context<Self>) {
-        self.monitor.handle_call_outcome(c.0);
+        self.monitor.handle_call_outcome(Instant::now(), c.0);
+        self.drive(ctx);
+    }
+}
+
+impl Handler<NodeLoad> for TrunkActor {
+    type Result = ();
+    fn handle(&mut self, l: NodeLoad, ctx: &mut Context<Self>) {
+        if l.overloaded {
+            tracing::info!(trunk = %self.name, "node overloaded: timeouts toward the trunk are not held against it");
+        }
+        self.monitor.handle_node_load(Instant::now(), l.overloaded);
         self.drive(ctx);
     }
 }

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # `parley-load capacity` against a release `parley run` node, trunk route: alice offline,
 # a SIPp uas on 127.0.0.1:5080 is the PSTN trunk. Finds the node's clean rate, then offers
-# 1.5x, 2x and 4x of it for 30 s each.
+# 1.5x, 2x and 4x of it for 30 s each. The node runs the embedded defaults
+# (parley.example.toml) but for `max_ringing_per_user`, raised so that a storm to one
+# number measures the switch, not that per-user guard (486 once 200 ring at once).
 #
 #   loadtest/bench/capacity.sh [START] [MAX]
 #
@@ -10,7 +12,9 @@ set -u
 START=${1:-100}; MAX=${2:-4000}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 OUT=${OUT:-/tmp/parley-bench/capacity-$(date +%s)}; mkdir -p "$OUT"; cd "$OUT"
-"$ROOT/target/release/parley" run --data-dir "$OUT/data" > node.log 2>&1 &
+sed 's/^max_ringing_per_user = .*/max_ringing_per_user = 1000000/' "$ROOT/parley.example.toml" > node.toml
+grep -q '^max_ringing_per_user = 1000000' node.toml || { echo "node.toml: no max_ringing_per_user"; exit 1; }
+"$ROOT/target/release/parley" run --config node.toml --data-dir "$OUT/data" > node.log 2>&1 &
 NODE=$!
 for _ in $(seq 100); do [ -f data/node.json ] && break; sleep 0.1; done
 # -aa: the trunk answers OPTIONS, so the node's health probes can bring it back up.

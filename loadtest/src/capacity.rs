@@ -85,6 +85,10 @@ pub struct Step {
     pub why: Option<String>,
     /// Failures by reason.
     pub failures: std::collections::BTreeMap<String, u64>,
+    /// INVITE → 2xx of the answered calls, 99th percentile (latency of admitted calls).
+    pub setup_p99_ms: f64,
+    /// Requests the generator had to send again (a retransmission avalanche shows here).
+    pub retransmissions: u64,
 }
 
 /// One overload run.
@@ -115,6 +119,9 @@ pub struct CapacityReport {
     pub steps: Vec<Step>,
     /// The runs above the clean rate.
     pub overload: Vec<Overload>,
+    /// A run at the clean rate right after the overload runs (one pause later): clean
+    /// again when the target recovered from the storm within that pause.
+    pub recovery: Option<Step>,
 }
 
 /// Judges a storm of `duration` by the clean rule.
@@ -154,6 +161,8 @@ pub fn judge(r: &Report, duration: Duration, tail: Duration) -> Step {
         clean: why.is_empty(),
         why: (!why.is_empty()).then(|| why.join("; ")),
         failures: r.failures.clone(),
+        setup_p99_ms: r.setup.p99_ms,
+        retransmissions: r.retransmissions,
     }
 }
 
@@ -252,12 +261,19 @@ where
             tokio::time::sleep(cfg.pause).await;
         }
     }
+    let mut recovery = None;
+    if let Some(clean) = lo.filter(|_| !cfg.overload.is_empty()) {
+        let step = run_at(clean, cfg.step).await?;
+        on_step("recovery", &step);
+        recovery = Some(step);
+    }
     Ok(CapacityReport {
         target: cfg.base.target.to_string(),
         clean_cps: lo,
         reached_max: lo.is_some_and(|l| l >= cfg.max) && hi.is_none(),
         steps,
         overload,
+        recovery,
     })
 }
 
@@ -292,20 +308,39 @@ impl std::fmt::Display for CapacityReport {
         if !self.overload.is_empty() {
             writeln!(
                 f,
-                "{:>7} {:>10} {:>10} {:>9} {:>7}",
-                "factor", "offered/s", "goodput/s", "of clean", "failed"
+                "{:>7} {:>10} {:>10} {:>9} {:>7} {:>11} {:>8}  failures",
+                "factor", "offered/s", "goodput/s", "of clean", "failed", "setup p99", "retrans"
             )?;
             for o in &self.overload {
+                let failures: Vec<String> = o
+                    .run
+                    .failures
+                    .iter()
+                    .map(|(k, v)| format!("{v} {k}"))
+                    .collect();
                 writeln!(
                     f,
-                    "{:>6.1}x {:>10.0} {:>10.0} {:>8.0}% {:>7}",
+                    "{:>6.1}x {:>10.0} {:>10.0} {:>8.0}% {:>7} {:>8.0} ms {:>8}  {}",
                     o.factor,
                     o.offered_cps,
                     o.goodput_cps,
                     100.0 * o.goodput_of_clean,
-                    o.run.failed
+                    o.run.failed,
+                    o.run.setup_p99_ms,
+                    o.run.retransmissions,
+                    failures.join(", ")
                 )?;
             }
+        }
+        if let Some(r) = &self.recovery {
+            writeln!(
+                f,
+                "recovery at {:.0} calls/s right after: {} of {} completed, {}",
+                r.rate_cps,
+                r.completed,
+                r.attempts,
+                r.why.as_deref().unwrap_or("clean")
+            )?;
         }
         Ok(())
     }
@@ -335,6 +370,8 @@ mod tests {
                 clean,
                 why: (!clean).then(|| "refused".to_owned()),
                 failures: Default::default(),
+                setup_p99_ms: 1.0,
+                retransmissions: 0,
             }))
         }
     }
@@ -366,6 +403,9 @@ mod tests {
         for o in &r.overload {
             assert!((o.goodput_cps - 1_234.0).abs() < 1.0, "{o:?}");
         }
+        // Then the clean rate once more, which this target carries again.
+        let recovery = r.recovery.as_ref().unwrap();
+        assert_eq!((recovery.rate_cps, recovery.clean), (clean, true), "{r}");
     }
 
     #[tokio::test]
@@ -376,8 +416,13 @@ mod tests {
         assert_eq!((r.clean_cps, r.reached_max), (Some(300.0), true), "{r}");
         let r = search(&cfg, target(50.0), |_, _| {}).await.unwrap();
         assert_eq!(
-            (r.clean_cps, r.steps.len(), r.overload.len()),
-            (None, 1, 0),
+            (
+                r.clean_cps,
+                r.steps.len(),
+                r.overload.len(),
+                r.recovery.is_none()
+            ),
+            (None, 1, 0, true),
             "{r}"
         );
     }

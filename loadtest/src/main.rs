@@ -48,8 +48,10 @@ enum Command {
     ///
     /// Doubles the rate from --start while runs of --step are clean (under 0.1% failed,
     /// every call finished within --tail of the last INVITE, the generator kept up), then
-    /// bisects to --precision. Works against any switch that answers SIP over UDP. Exits 2
-    /// when not even --start is clean.
+    /// bisects to --precision; then offers each --overload multiple of the clean rate for
+    /// --overload-duration (goodput, setup p99, retransmissions), and last the clean rate
+    /// once more (did the target recover?). Works against any switch that answers SIP over
+    /// UDP. Exits 2 when not even --start is clean.
     Capacity(Box<CapacityArgs>),
     /// Replay a CDR file (Parley CSV or Asterisk Master.csv) as a storm: each recorded call
     /// placed at its recorded time, to its recorded number, held for its billed time,

@@ -124,11 +124,12 @@ pub struct SipConfig {
     /// Most SIP connections open at once (inbound and outbound); more are refused.
     pub tcp_max_connections: usize,
     /// SIP server transactions in flight beyond which new requests are refused (503 with
-    /// Retry-After, answered without keeping any state).
+    /// Retry-After, answered without keeping any state); requests inside a live call
+    /// are not. A call holds two (INVITE, BYE) for 64*T1 each after their answers.
     pub max_server_transactions: usize,
     /// Server transactions in flight from one source address beyond which its new
     /// requests are refused the same way, so one source cannot take the whole table;
-    /// 0: unbounded (a gateway at 1,000 calls/s holds ~32,000: 64*T1 each).
+    /// 0: unbounded (a gateway at 1,000 calls/s holds ~64,000).
     pub max_transactions_per_source: usize,
     /// Live calls from one source address beyond which its new INVITEs get 503 with
     /// Retry-After; 0: unbounded (a gateway carrying more calls than this from one
@@ -572,6 +573,7 @@ impl TrunkConfig {
             timeout: Duration::from_millis(self.probe_timeout_ms),
             down_after: self.down_after,
             up_after: self.up_after,
+            ..Default::default()
         }
     }
 }
@@ -625,8 +627,8 @@ impl Default for SipConfig {
             tcp_idle_timeout_secs: 600,
             tcp_message_timeout_ms: 5000,
             tcp_max_connections: 1024,
-            max_server_transactions: 50_000,
-            max_transactions_per_source: 40_000,
+            max_server_transactions: 200_000,
+            max_transactions_per_source: 160_000,
             max_calls_per_source: 2_000,
             max_call_rate: 0,
             max_calls: 0,

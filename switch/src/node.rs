@@ -145,7 +145,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let mut trunk_refs = Vec::new();
     for (ctx, t) in trunk_ctxs.iter().zip(&cfg.trunks) {
         // The prober is the SIP driver, set below once it exists.
-        let actor = TrunkActor::new(t.name.clone(), t.address, t.health_policy(), None);
+        let policy = parley_core::trunk::HealthPolicy {
+            call_window: Duration::from_millis(cfg.sip.t1_ms.saturating_mul(64)),
+            ..t.health_policy()
+        };
+        let actor = TrunkActor::new(t.name.clone(), t.address, policy, None);
         trunk_refs.push((actix::AsyncContext::address(ctx), actor.up_flag()));
         trunk_actors.push(actor);
     }

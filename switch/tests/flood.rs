@@ -163,3 +163,57 @@ async fn one_source_cannot_take_every_transaction() {
         node.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_in_progress_hangs_up_while_its_source_share_is_full() {
+    // bob answers a call from 127.0.0.2 held 8 s; meanwhile a flood from the same address
+    // fills its transaction share (its 486s are never ACKed, so their transactions stay
+    // for 64*T1, 32 s). The call's BYE still gets its 200: requests inside an admitted
+    // call are never refused.
+    let node = Node::start_full(
+        "max_transactions_per_source = 16",
+        "probe_interval_ms = 0",
+        "max_ringing_per_user = 2",
+    );
+    let _alice = quiet_alice(&node).await;
+    let _bob = node.device(node.device_config("bob", "desk")).await;
+    let held = tokio::spawn(sipp_uac(
+        &node,
+        &["-sn", "uac"],
+        "+15550100002",
+        1,
+        1,
+        &["-d", "8000", "-i", "127.0.0.2"],
+    ));
+    assert_eq!(wait_metric(&node, "parley_calls_active", |v| v >= 1.0), 1.0);
+    let flooding = tokio::spawn(flood(&node, 600, 200, "127.0.0.2"));
+    let share = wait_metric(
+        &node,
+        "parley_sip_overload_rejections_total{reason=\"transactions_per_source\"}",
+        |v| v >= 50.0,
+    );
+    assert!(share >= 50.0, "{share}\n{}", node.log());
+    let held = held.await.unwrap();
+    assert_eq!(
+        (held.successful, held.failed),
+        (1, 0),
+        "{}\n{}",
+        held.output,
+        node.log()
+    );
+    flooding.await.unwrap();
+    // bob's call left its CDR, answered (among the flood's rejected ones).
+    let answered = |c: &serde_json::Value| c["user"] == "bob" && c["disposition"] == "ANSWERED";
+    let bobs = || {
+        let (st, body) = node.get("/api/v1/cdrs?user=bob", true);
+        assert_eq!(st, 200, "{body}");
+        serde_json::from_str::<Vec<serde_json::Value>>(&body).unwrap()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut cdrs = bobs();
+    while !cdrs.iter().any(answered) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        cdrs = bobs();
+    }
+    assert!(cdrs.iter().any(answered), "{cdrs:#?}");
+}

@@ -171,3 +171,93 @@ async fn a_node_behind_its_receive_queue_sheds_new_calls_then_recovers() {
     assert_eq!(node.wait_cdrs(answered + 1).len(), answered + 1);
     println!("{answered} answered, {refused} shed for queue delay");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trunk_is_not_marked_down_for_the_nodes_own_stall() {
+    // Probes every 500 ms, each allowed 1 s, one failure marks the trunk down; the trunk
+    // answers each probe after 900 ms, so one is always in flight.
+    let node = Node::start_with_relay_ports(
+        "",
+        "probe_interval_ms = 500\nprobe_timeout_ms = 1000\ndown_after = 1",
+        "max_ringing_per_user = 1000",
+        2000,
+    );
+    let slow = scenario(node.dir.path(), "uas_options_slow.xml");
+    let mut trunk = std::process::Command::new(common::sipp_bin())
+        .args(["-sf", slow.to_str().unwrap(), "-i", "127.0.0.1", "-p"])
+        .arg(node.trunk.port().to_string())
+        .args(["-nostdin", "-timeout", "90s"])
+        .current_dir(node.dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn sipp");
+    let _bob = node.device(node.device_config("bob", "desk")).await;
+    let probes = |result: &str| {
+        node.metric(&format!(
+            "parley_trunk_probes_total{{trunk=\"pstn\",source=\"options\",result=\"{result}\"}}"
+        ))
+    };
+    let ok = r#"parley_trunk_probes_total{trunk="pstn",source="options",result="ok"}"#;
+    // (The node's first probe may have gone out before the trunk listened: the trunk
+    // then went down and came back up with the next answers.)
+    assert!(
+        wait_metric(&node, ok, |v| v >= 2.0) >= 2.0,
+        "{}",
+        node.log()
+    );
+    let up = r#"parley_trunk_up{trunk="pstn"}"#;
+    assert_eq!(wait_metric(&node, up, |v| v == 1.0), 1.0, "{}", node.log());
+    let fails = probes("fail");
+    let downs = node.log().matches("trunk down").count();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(probes("fail"), fails, "a slow answer is still in time");
+    // A gateway storms bob (his device answers) while the node stops for 3 s: a probe's
+    // deadline passes meanwhile, and its answer, which came in time, waits in the receive
+    // queue behind the storm's INVITEs. The node, not the trunk, was late.
+    let storming = tokio::spawn({
+        let sc = scenario(node.dir.path(), "uac_or_retry_after.xml");
+        sipp_uac(
+            &node,
+            &["-sf", sc.to_str().unwrap()],
+            "+15550100002",
+            600,
+            200,
+            &[],
+        )
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    let pid = node.pid().to_string();
+    let signal = |s: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([s, &pid])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill {s} {pid}");
+    };
+    signal("-STOP");
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    signal("-CONT");
+    storming.await.unwrap();
+    let discounted =
+        r#"parley_trunk_probes_total{trunk="pstn",source="options",result="discounted"}"#;
+    assert!(
+        wait_metric(&node, discounted, |v| v >= 1.0) >= 1.0,
+        "{}",
+        node.log()
+    );
+    // Probing goes on, no probe counted against the trunk, and it stays up.
+    let before = probes("ok");
+    assert!(wait_metric(&node, ok, |v| v >= before + 2.0) >= before + 2.0);
+    assert_eq!(probes("fail"), fails, "{}", node.log());
+    assert_eq!(node.metric(up), 1.0);
+    assert_eq!(
+        node.log().matches("trunk down").count(),
+        downs,
+        "{}",
+        node.log()
+    );
+    let _ = trunk.kill();
+    let _ = trunk.wait();
+}

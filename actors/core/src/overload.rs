@@ -68,6 +68,16 @@ impl Shed {
 /// The window over which the least queue delay is taken.
 pub const DELAY_WINDOW: Duration = Duration::from_millis(100);
 
+/// A timer noticed this long after its deadline says the node's own loop was behind (a
+/// stalled event loop, a stopped process): what the timer waited for may have come in
+/// time and still be queued. Timeouts that would blame a peer (a trunk's probe, a
+/// device's offer acknowledgement) are not held against it then.
+pub const LATE: Duration = Duration::from_millis(250);
+
+/// A least queue delay past which the node counts as behind even where queue-delay
+/// shedding is off ([`Admission::behind`]).
+pub const BEHIND: Duration = Duration::from_millis(250);
+
 /// Admission of new calls.
 #[derive(Debug, Clone)]
 pub struct Admission {
@@ -129,6 +139,13 @@ impl Admission {
     /// Whether new calls are being shed for queue delay.
     pub fn shedding(&self) -> bool {
         self.shedding
+    }
+
+    /// Whether the node is behind: shedding for queue delay, or (shedding off or not yet
+    /// on) the last window's least delay at least [`BEHIND`]. Timeouts toward peers
+    /// meanwhile may be the node's own lateness, not the peer's.
+    pub fn behind(&self) -> bool {
+        self.shedding || self.last_min >= BEHIND
     }
 
     /// The least queue delay of the last complete window.
@@ -321,6 +338,19 @@ mod tests {
             a.handle_delay(t + ms(10 * i), ms(2));
         }
         assert_eq!(a.admit(t + ms(1200), 0), Ok(()));
+    }
+
+    #[test]
+    fn behind_without_shedding_is_a_quarter_second_of_least_delay() {
+        let t0 = Instant::now();
+        let mut a = Admission::new(limits(0, 0, 0)); // queue-delay shedding off
+        let ms = Duration::from_millis;
+        a.handle_delay(t0, ms(300));
+        a.handle_delay(t0 + ms(100), ms(10)); // closes the first window: least 300 ms
+        assert!(a.behind() && !a.shedding());
+        a.handle_delay(t0 + ms(200), ms(10)); // the second window: 10 ms
+        assert!(!a.behind());
+        assert_eq!(a.admit(t0 + ms(200), 0), Ok(()));
     }
 
     #[test]

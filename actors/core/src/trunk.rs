@@ -3,9 +3,20 @@
 //! Health comes from SIP OPTIONS probes and from real calls that the trunk refuses with
 //! 503 or never answers. [`TrunkHealth`] is the pure decision: `down_after` consecutive
 //! failures mark the trunk down, `up_after` consecutive successes bring it back.
+//!
+//! A node that is itself overloaded reads its socket late, so a trunk's answers reach it
+//! late and probes and calls time out although the trunk answered. Such a timeout says
+//! nothing about the trunk: [`TrunkMonitor::handle_node_load`] tells the monitor when the
+//! node is behind, and a timeout whose wait overlapped that is discounted (counted as
+//! such in metrics, neither a failure nor a success). So is a probe's timeout noticed
+//! [`LATE`] or more after its deadline: the monitor's own thread was behind (a stalled
+//! event loop, a stopped process), so it cannot tell whether the answer came in time.
+//! Answers are never discounted: a 503 from the trunk is the trunk's word.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
+
+pub use crate::overload::LATE;
 
 /// How a trunk is probed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,6 +29,9 @@ pub struct HealthPolicy {
     pub down_after: u32,
     /// Consecutive successes that mark it up again.
     pub up_after: u32,
+    /// How long a call can wait for the trunk's final answer (Timer B, 64×T1): a call's
+    /// timeout is discounted when the node was overloaded within this long.
+    pub call_window: Duration,
 }
 
 impl Default for HealthPolicy {
@@ -27,6 +41,7 @@ impl Default for HealthPolicy {
             timeout: Duration::from_secs(2),
             down_after: 2,
             up_after: 2,
+            call_window: Duration::from_secs(32),
         }
     }
 }
@@ -125,6 +140,28 @@ impl OutcomeSource {
     }
 }
 
+/// How an outcome was counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counted {
+    /// Healthy.
+    Ok,
+    /// Against the trunk.
+    Fail,
+    /// A timeout while the node itself was overloaded: not counted either way.
+    Discounted,
+}
+
+impl Counted {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Counted::Ok => "ok",
+            Counted::Fail => "fail",
+            Counted::Discounted => "discounted",
+        }
+    }
+}
+
 /// What the trunk's driver must do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TrunkOutput {
@@ -135,8 +172,8 @@ pub enum TrunkOutput {
     Counted {
         /// Probe or call.
         source: OutcomeSource,
-        /// Whether it counted as healthy.
-        ok: bool,
+        /// How it counted.
+        result: Counted,
     },
     /// The trunk went up or down because of `outcome`.
     Changed {
@@ -154,8 +191,11 @@ pub struct TrunkMonitor {
     health: TrunkHealth,
     policy: HealthPolicy,
     next_probe: Option<Instant>,
-    /// Probes in flight and when each counts as unanswered.
-    pending: BTreeMap<u64, Instant>,
+    /// Probes in flight: when each was sent and when it counts as unanswered.
+    pending: BTreeMap<u64, (Instant, Instant)>,
+    /// Whether the node is overloaded now, and when it last was.
+    node_overloaded: bool,
+    overloaded_at: Option<Instant>,
     seq: u64,
     out: VecDeque<TrunkOutput>,
 }
@@ -169,6 +209,8 @@ impl TrunkMonitor {
             policy,
             next_probe: (probing && !policy.interval.is_zero()).then_some(now),
             pending: BTreeMap::new(),
+            node_overloaded: false,
+            overloaded_at: None,
             seq: 0,
             out: VecDeque::new(),
         }
@@ -182,33 +224,55 @@ impl TrunkMonitor {
     /// A probe was answered (or failed) before its deadline; a late answer is ignored,
     /// since its timeout already counted.
     pub fn handle_probe_result(&mut self, seq: u64, outcome: ProbeOutcome) {
-        if self.pending.remove(&seq).is_some() {
-            self.record(outcome, OutcomeSource::Options);
+        if let Some((sent, _)) = self.pending.remove(&seq) {
+            let discount = outcome == ProbeOutcome::Timeout && self.overloaded_since(sent);
+            self.record(outcome, OutcomeSource::Options, discount);
         }
     }
 
     /// A real call taught something about the trunk ([`call_outcome`]).
-    pub fn handle_call_outcome(&mut self, outcome: ProbeOutcome) {
-        self.record(outcome, OutcomeSource::Call);
+    pub fn handle_call_outcome(&mut self, now: Instant, outcome: ProbeOutcome) {
+        let recent = self.node_overloaded
+            || self
+                .overloaded_at
+                .is_some_and(|at| now.saturating_duration_since(at) <= self.policy.call_window);
+        let discount = outcome == ProbeOutcome::Timeout && recent;
+        self.record(outcome, OutcomeSource::Call, discount);
+    }
+
+    /// The node became overloaded (its own queue is behind) or recovered.
+    pub fn handle_node_load(&mut self, now: Instant, overloaded: bool) {
+        if self.node_overloaded || overloaded {
+            self.overloaded_at = Some(now);
+        }
+        self.node_overloaded = overloaded;
+    }
+
+    /// Whether the node was overloaded at any time from `since` on.
+    fn overloaded_since(&self, since: Instant) -> bool {
+        self.node_overloaded || self.overloaded_at.is_some_and(|at| at >= since)
     }
 
     /// Time passed: unanswered probes count as failures, a due probe is sent.
     pub fn handle_timeout(&mut self, now: Instant) {
-        let expired: Vec<u64> = self
+        let expired: Vec<(u64, Instant, Instant)> = self
             .pending
             .iter()
-            .filter(|(_, at)| **at <= now)
-            .map(|(s, _)| *s)
+            .filter(|(_, (_, at))| *at <= now)
+            .map(|(s, (sent, at))| (*s, *sent, *at))
             .collect();
-        for seq in expired {
+        for (seq, sent, at) in expired {
             self.pending.remove(&seq);
-            self.record(ProbeOutcome::Timeout, OutcomeSource::Options);
+            let late = now.saturating_duration_since(at) >= LATE;
+            let discount = late || self.overloaded_since(sent);
+            self.record(ProbeOutcome::Timeout, OutcomeSource::Options, discount);
         }
         if let Some(at) = self.next_probe
             && at <= now
         {
             self.seq += 1;
-            self.pending.insert(self.seq, now + self.policy.timeout);
+            self.pending
+                .insert(self.seq, (now, now + self.policy.timeout));
             self.out.push_back(TrunkOutput::SendProbe(self.seq));
             self.next_probe = Some(now + self.policy.interval);
         }
@@ -216,7 +280,7 @@ impl TrunkMonitor {
 
     /// When [`Self::handle_timeout`] must next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let pending = self.pending.values().min().copied();
+        let pending = self.pending.values().map(|(_, at)| *at).min();
         match (self.next_probe, pending) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -229,11 +293,16 @@ impl TrunkMonitor {
         self.out.pop_front()
     }
 
-    fn record(&mut self, outcome: ProbeOutcome, source: OutcomeSource) {
-        self.out.push_back(TrunkOutput::Counted {
-            source,
-            ok: outcome.is_ok(),
-        });
+    fn record(&mut self, outcome: ProbeOutcome, source: OutcomeSource, discount: bool) {
+        let result = match (discount, outcome.is_ok()) {
+            (true, _) => Counted::Discounted,
+            (false, true) => Counted::Ok,
+            (false, false) => Counted::Fail,
+        };
+        self.out.push_back(TrunkOutput::Counted { source, result });
+        if discount {
+            return;
+        }
         if let Some(up) = self.health.handle_outcome(outcome) {
             self.out.push_back(TrunkOutput::Changed { up, outcome });
         }
@@ -276,11 +345,11 @@ mod tests {
         m.handle_probe_result(1, Answered(200));
         let ok = TrunkOutput::Counted {
             source: OutcomeSource::Options,
-            ok: true,
+            result: Counted::Ok,
         };
         let fail = TrunkOutput::Counted {
             source: OutcomeSource::Options,
-            ok: false,
+            result: Counted::Fail,
         };
         assert_eq!(drain(&mut m), [ok]);
         // Two probes nobody answers: the trunk goes down on the second timeout.
@@ -301,11 +370,11 @@ mod tests {
         // An answer after its own timeout is ignored; a call's 2xx counts.
         m.handle_probe_result(3, Answered(200));
         assert_eq!(drain(&mut m), []);
-        m.handle_call_outcome(Answered(200));
-        m.handle_call_outcome(Answered(200));
+        m.handle_call_outcome(t0, Answered(200));
+        m.handle_call_outcome(t0, Answered(200));
         let call_ok = TrunkOutput::Counted {
             source: OutcomeSource::Call,
-            ok: true,
+            result: Counted::Ok,
         };
         assert_eq!(
             drain(&mut m),
@@ -315,6 +384,88 @@ mod tests {
                 TrunkOutput::Changed {
                     up: true,
                     outcome: Answered(200)
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn timeouts_while_the_node_is_overloaded_are_discounted_answers_are_not() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let policy = HealthPolicy {
+            down_after: 1,
+            ..Default::default()
+        };
+        let mut m = TrunkMonitor::new(policy, true, t0);
+        m.handle_timeout(t0);
+        assert_eq!(drain(&mut m), [TrunkOutput::SendProbe(1)]);
+        // The node falls behind while probe 1 waits, and recovers before its deadline:
+        // the timeout overlapped the overload, so it says nothing about the trunk.
+        m.handle_node_load(t0 + s(1), true);
+        m.handle_node_load(t0 + Duration::from_millis(1500), false);
+        m.handle_timeout(t0 + s(2));
+        let discounted = |source| TrunkOutput::Counted {
+            source,
+            result: Counted::Discounted,
+        };
+        assert_eq!(drain(&mut m), [discounted(OutcomeSource::Options)]);
+        assert!(m.is_up());
+        // A call's timeout within the call window of the overload: discounted too; a 503
+        // the trunk sent is its own word and counts.
+        m.handle_call_outcome(t0 + s(5), Timeout);
+        assert_eq!(drain(&mut m), [discounted(OutcomeSource::Call)]);
+        assert!(m.is_up());
+        // Probe 2, sent after the node recovered, times out: that counts.
+        m.handle_timeout(t0 + s(10));
+        assert_eq!(drain(&mut m), [TrunkOutput::SendProbe(2)]);
+        m.handle_timeout(t0 + s(12));
+        assert_eq!(
+            drain(&mut m),
+            [
+                TrunkOutput::Counted {
+                    source: OutcomeSource::Options,
+                    result: Counted::Fail
+                },
+                TrunkOutput::Changed {
+                    up: false,
+                    outcome: Timeout
+                }
+            ]
+        );
+        // A deadline noticed a second late (the node's loop stalled): discounted.
+        let mut m = TrunkMonitor::new(policy, true, t0);
+        m.handle_timeout(t0);
+        assert_eq!(drain(&mut m), [TrunkOutput::SendProbe(1)]);
+        m.handle_timeout(t0 + s(3));
+        assert_eq!(drain(&mut m)[0], discounted(OutcomeSource::Options));
+        assert!(m.is_up());
+        // Long after the overload, a call's timeout counts again; while overloaded, a
+        // 503 answer still counts.
+        let mut m = TrunkMonitor::new(policy, false, t0);
+        m.handle_node_load(t0, true);
+        m.handle_node_load(t0 + s(1), false);
+        m.handle_call_outcome(t0 + s(40), Timeout);
+        assert_eq!(
+            drain(&mut m)[0],
+            TrunkOutput::Counted {
+                source: OutcomeSource::Call,
+                result: Counted::Fail
+            }
+        );
+        let mut m = TrunkMonitor::new(policy, false, t0);
+        m.handle_node_load(t0, true);
+        m.handle_call_outcome(t0 + s(1), Answered(503));
+        assert_eq!(
+            drain(&mut m),
+            [
+                TrunkOutput::Counted {
+                    source: OutcomeSource::Call,
+                    result: Counted::Fail
+                },
+                TrunkOutput::Changed {
+                    up: false,
+                    outcome: Answered(503)
                 }
             ]
         );

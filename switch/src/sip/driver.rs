@@ -67,6 +67,8 @@ pub struct SipDriver {
     /// Live SIP connections by transport and remote end: (id, outgoing queue).
     conns: HashMap<(Transport, SocketAddr), (u64, mpsc::Sender<Bytes>)>,
     conn_count: Arc<ConnectionCount>,
+    /// Whether the trunks were last told the node is behind.
+    behind: bool,
 }
 
 impl SipDriver {
@@ -82,6 +84,7 @@ impl SipDriver {
             timer: None,
             conns: HashMap::new(),
             conn_count: Arc::new(ConnectionCount::default()),
+            behind: false,
         }
     }
 
@@ -328,11 +331,18 @@ impl StreamHandler<Datagram> for SipDriver {
 
 impl SipDriver {
     /// The queue-delay gauges, when they changed from `was`.
-    fn publish_queue_delay(&self, was: (Duration, bool)) {
+    /// The trunks hear when the node falls behind and when it catches up, so that their
+    /// health does not count the node's own lateness against them.
+    fn publish_queue_delay(&mut self, was: (Duration, bool)) {
         let (delay, shedding) = self.core.queue_delay();
         if (delay, shedding) != was {
             metrics::gauge!(crate::metrics::SIP_QUEUE_DELAY_SECONDS).set(delay.as_secs_f64());
             metrics::gauge!(crate::metrics::SIP_SHEDDING).set(f64::from(u8::from(shedding)));
+        }
+        let behind = self.core.behind();
+        if behind != self.behind {
+            self.behind = behind;
+            self.deps.trunks.node_load(behind);
         }
     }
 }

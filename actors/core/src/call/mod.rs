@@ -18,7 +18,7 @@ pub mod media;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use parley_codecs::sdp::MediaDescription;
@@ -41,6 +41,8 @@ pub use media::{MediaPlan, Origin, VideoPlan};
 /// How often an answered call's media is sampled (at most; less when the timeout is
 /// shorter).
 const MEDIA_CHECK: Duration = Duration::from_secs(1);
+/// More time for an offer's acknowledgement when its deadline was noticed late.
+const OFFER_ACK_GRACE: Duration = Duration::from_secs(1);
 
 /// One call.
 #[derive(Debug)]
@@ -66,6 +68,8 @@ pub struct CallCore {
     media_check: Option<Instant>,
     /// Offers not acknowledged yet, and when each counts as lost.
     unacked: HashMap<SessionId, Instant>,
+    /// Offers whose deadline was extended once because the node noticed it late.
+    ack_grace: HashSet<SessionId>,
     ended_at: Option<Instant>,
     /// The trunks as the last lookup saw them.
     trunks: TrunkSnapshot,
@@ -96,6 +100,7 @@ impl CallCore {
             counts_swapped: false,
             media_check: None,
             unacked: HashMap::new(),
+            ack_grace: HashSet::new(),
             ended_at: None,
             trunks: TrunkSnapshot::none(),
             trunk_offer: None,
@@ -402,7 +407,15 @@ impl CallCore {
             .collect();
         lost.sort_unstable();
         for session in lost {
-            self.unacked.remove(&session);
+            let at = self.unacked.remove(&session).unwrap_or(now);
+            // Noticed late, the node was behind: the acknowledgement may be queued
+            // behind the backlog. The device gets one more second, once.
+            if now.saturating_duration_since(at) >= crate::overload::LATE
+                && self.ack_grace.insert(session)
+            {
+                self.unacked.insert(session, now + OFFER_ACK_GRACE);
+                continue;
+            }
             self.actions
                 .push_back(Action::Observe(Observation::OfferUnacknowledged {
                     session,

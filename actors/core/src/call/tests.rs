@@ -587,6 +587,45 @@ fn a_device_that_never_acknowledges_its_offer_is_dropped_and_the_call_routes_on(
 }
 
 #[test]
+fn an_offer_deadline_noticed_late_gives_the_device_one_more_second() {
+    let (mut c, t0) = routed(
+        Origin::Sip,
+        vec![dev(1, "desk", Status::Available, false)],
+        true,
+    );
+    drain(&mut c);
+    // The node stalled: the 3 s deadline is noticed at 5 s. The acknowledgement may be
+    // queued behind the node's backlog, so the device is not dropped yet...
+    let s = Duration::from_secs;
+    c.handle_timeout(t0 + s(5));
+    assert_eq!(drain_all(&mut c), vec![]);
+    assert_eq!(c.poll_timeout(), Some(t0 + s(6)));
+    // ...and the acknowledgement, read now, keeps the offer ringing.
+    c.handle_device(
+        t0 + Duration::from_millis(5200),
+        1,
+        DeviceLegEvent::Delivered,
+    );
+    assert_eq!(drain(&mut c), vec![Action::CallerRinging]);
+    // Once only: a second late deadline drops the device (another call's offer).
+    let (mut c, t0) = routed(
+        Origin::Sip,
+        vec![dev(1, "desk", Status::Available, false)],
+        true,
+    );
+    drain(&mut c);
+    c.handle_timeout(t0 + s(5));
+    c.handle_timeout(t0 + s(8));
+    assert_eq!(
+        drain_all(&mut c)[..2],
+        [
+            Action::Observe(Observation::OfferUnacknowledged { session: 1 }),
+            Action::DropDevice(1),
+        ]
+    );
+}
+
+#[test]
 fn an_acknowledged_offer_rings_until_the_ring_timeout() {
     let (mut c, t0) = routed(
         Origin::Sip,

@@ -35,13 +35,13 @@ impl SipCore {
             SipLegCmd::TrunkBye => self.send_trunk_bye(now, handle),
             SipLegCmd::Done => {
                 if let Some(c) = self.calls.get_mut(&handle) {
-                    if !c.done {
-                        debug_assert!(self.live > 0, "a call counted live was not counted");
-                        self.live = self.live.saturating_sub(1);
-                    }
+                    let ended = (!c.done).then(|| c.caller.as_ref().map(|l| l.src.addr.ip()));
                     c.done = true;
                     if let Some(leg) = c.caller.as_mut() {
                         leg.retx_deadline = None;
+                    }
+                    if let Some(caller) = ended {
+                        self.live_ended(caller);
                     }
                 }
                 // Keep the dialog a while to absorb retransmissions, then forget it.
@@ -82,8 +82,7 @@ impl SipCore {
     pub(super) fn reap(&mut self, h: CallHandle) {
         if let Some(call) = self.calls.remove(&h) {
             if !call.done {
-                debug_assert!(self.live > 0, "a call counted live was not counted");
-                self.live = self.live.saturating_sub(1);
+                self.live_ended(call.caller.as_ref().map(|l| l.src.addr.ip()));
             }
             if let Some(c) = call.caller.as_ref()
                 && let Some(cid) = msg::call_id(&c.invite.headers)

@@ -34,16 +34,7 @@ impl SipCore {
             return;
         };
         let cap = self.cfg.max_calls_per_source;
-        if cap > 0
-            && self
-                .calls
-                .values()
-                .filter(|c| !c.done)
-                .filter_map(|c| c.caller.as_ref())
-                .filter(|l| l.src.addr.ip() == src.addr.ip())
-                .count()
-                >= cap
-        {
+        if cap > 0 && self.live_from(src.addr.ip()) >= cap {
             metrics::counter!(m::SIP_REJECTED_OVERLOAD_TOTAL, "reason" => "calls_per_source")
                 .increment(1);
             tracing::debug!(%src, cap, "INVITE refused: the source's live-call cap");
@@ -158,7 +149,7 @@ impl SipCore {
                 done: false,
             },
         );
-        self.live += 1;
+        self.live_started(Some(src.addr.ip()));
         self.dialogs
             .insert((sip_call_id.clone(), from_tag), (handle, Side::Caller));
         self.out.push_back(Output::NewCall(Box::new(NewCall {

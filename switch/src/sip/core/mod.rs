@@ -26,7 +26,7 @@ mod transactions;
 mod trunk;
 
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -204,6 +204,9 @@ pub struct SipCore {
     calls: HashMap<CallHandle, Call>,
     /// Calls in `calls` whose call actor is not done with them.
     live: usize,
+    /// Of those, the calls each source address placed (`max_calls_per_source`); an
+    /// address is in the map only while it has one.
+    live_by_source: HashMap<IpAddr, usize>,
     admission: Admission,
     /// INVITEs refused by overload control, whose retransmissions get 503 again.
     refused: RecentlyRefused<TransactionKey>,
@@ -254,6 +257,7 @@ impl SipCore {
             purposes: HashMap::new(),
             calls: HashMap::new(),
             live: 0,
+            live_by_source: HashMap::new(),
             admission: Admission::new(overload),
             refused: RecentlyRefused::new(refused_ttl, REFUSED_REMEMBERED),
             dialogs: HashMap::new(),
@@ -322,6 +326,40 @@ impl SipCore {
     /// for it.
     pub fn queue_delay(&self) -> (std::time::Duration, bool) {
         (self.admission.queue_delay(), self.admission.shedding())
+    }
+
+    /// A call starts counting as live; `caller` is its gateway's address (none for a
+    /// call a device dialled).
+    fn live_started(&mut self, caller: Option<IpAddr>) {
+        self.live += 1;
+        if let Some(ip) = caller {
+            *self.live_by_source.entry(ip).or_default() += 1;
+        }
+    }
+
+    /// A call counted by [`Self::live_started`] is over.
+    fn live_ended(&mut self, caller: Option<IpAddr>) {
+        debug_assert!(self.live > 0, "a call counted live was not counted");
+        self.live = self.live.saturating_sub(1);
+        if let Some(ip) = caller
+            && let std::collections::hash_map::Entry::Occupied(mut e) =
+                self.live_by_source.entry(ip)
+        {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
+
+    /// Live calls `ip` placed.
+    fn live_from(&self, ip: IpAddr) -> usize {
+        self.live_by_source.get(&ip).copied().unwrap_or(0)
+    }
+
+    /// Whether the node is behind reading its socket ([`Admission::behind`]).
+    pub fn behind(&self) -> bool {
+        self.admission.behind()
     }
 
     /// Whether a new call may start now ([`Admission::admit`]): `Ok(None)` yes,
@@ -479,15 +517,17 @@ impl SipCore {
                     }
                     return;
                 }
+                // Over a transaction cap, a new request is answered without a
+                // transaction, so a flood holds no state (a retransmission is answered
+                // afresh); one source cannot take the whole table: it has its own share.
+                // Requests inside a call already admitted (its BYE, re-INVITE) are not
+                // refused: they end or keep state the node already holds.
+                let full = self.layer.len().1 >= self.cfg.max_server_transactions;
+                let over = (full || self.sources.over(src.addr.ip()))
+                    && self.match_dialog(&req, Some(src)).is_none();
                 match self.layer.receive(Message::Request(req), reliability) {
-                    Dispatch::Created { key, outputs }
-                        if self.layer.len().1 > self.cfg.max_server_transactions
-                            || self.sources.over(src.addr.ip()) =>
-                    {
-                        // Over a cap: answered without a transaction, so a flood holds
-                        // no state (a retransmission is answered afresh). One source
-                        // cannot take the whole table: it has its own share.
-                        let reason = if self.layer.len().1 > self.cfg.max_server_transactions {
+                    Dispatch::Created { key, outputs } if over => {
+                        let reason = if full {
                             "transactions"
                         } else {
                             "transactions_per_source"
