@@ -186,6 +186,11 @@ for o in r.get("overload", []):
     run = o["run"]
     print(f"  {o['factor']}x: offered {o['offered_cps']:.0f}/s, goodput {o['goodput_cps']:.0f}/s "
           f"({100 * o['goodput_of_clean']:.0f}% of clean), {run['failed']} of {run['attempts']} failed, "
-          f"tail {run['tail_s']:.1f} s, failures {run['failures']}")
+          f"tail {run['tail_s']:.1f} s, setup p99 {run['setup_p99_ms']:.0f} ms, "
+          f"retransmissions {run['retransmissions']}, failures {run['failures']}")
+rec = r.get("recovery")
+if rec:
+    print(f"  recovery at {rec['rate_cps']:.0f}/s: {rec['completed']} of {rec['attempts']}, "
+          + ("clean" if rec["clean"] else rec["why"]))
 PY
 done

@@ -58,22 +58,8 @@ impl SipCore {
             self.respond(now, key, &req, 482, None);
             return;
         }
-        match self.admit(now, key) {
-            Ok(None) => {}
-            Ok(Some(shed)) => {
-                metrics::counter!(m::SIP_REJECTED_OVERLOAD_TOTAL, "reason" => shed.as_str())
-                    .increment(1);
-                tracing::debug!(%src, reason = shed.as_str(), "INVITE refused: overload control");
-                // Statelessly, like the caps above: shedding must cost less than a call.
-                self.refuse_statelessly(key, &req, &SipError::Overloaded);
-                return;
-            }
-            // The same answer to a retransmission, not counted again.
-            Err(()) => {
-                self.refuse_statelessly(key, &req, &SipError::Overloaded);
-                return;
-            }
-        }
+        // Overload control admitted it already (`SipCore::handle_message`), before any
+        // state was kept.
         // 100 Trying at once: stops the gateway's INVITE retransmissions while we route.
         if let Some(r) = msg::response(&req, 100, None, None, None) {
             let outputs = self.layer.send_response(key, r);
@@ -143,11 +129,11 @@ impl SipCore {
         };
         self.calls.insert(
             handle,
-            Call {
+            Box::new(Call {
                 caller: Some(caller_leg),
                 trunk: None,
                 done: false,
-            },
+            }),
         );
         self.live_started(Some(src.addr.ip()));
         self.dialogs

@@ -84,11 +84,11 @@ impl SipCore {
         let live = &mut self.live;
         let call = self.calls.entry(h).or_insert_with(|| {
             *live += 1;
-            Call {
+            Box::new(Call {
                 caller: None,
                 trunk: None,
                 done: false,
-            }
+            })
         });
         {
             call.trunk = Some(TrunkLeg {
