@@ -22,6 +22,17 @@ pub(super) fn core() -> SipCore {
 
 /// A core with alice, the trunk and the given dialog source check.
 pub(super) fn core_with(dialog_source_check: bool) -> SipCore {
+    core_limited(
+        dialog_source_check,
+        parley_core::overload::OverloadLimits::OFF,
+    )
+}
+
+/// [`core_with`], with overload control's limits.
+pub(super) fn core_limited(
+    dialog_source_check: bool,
+    overload: parley_core::overload::OverloadLimits,
+) -> SipCore {
     let directory = StaticDirectory(vec![UserIdentity {
         tenant: "demo".into(),
         user: "alice".into(),
@@ -43,7 +54,7 @@ pub(super) fn core_with(dialog_source_check: bool) -> SipCore {
             dialog_source_check,
             max_server_transactions: 10_000,
             max_calls_per_source: 0,
-            overload: parley_core::overload::OverloadLimits::OFF,
+            overload,
             max_transactions_per_source: 0,
         },
         Arc::new(directory),
@@ -134,6 +145,55 @@ fn invite_gets_100_and_one_call_even_when_retransmitted() {
         );
         assert_eq!(new, 0, "no second call");
     }
+}
+
+#[test]
+fn a_shed_invite_keeps_no_state_and_its_retransmission_gets_the_same_503() {
+    let limits = parley_core::overload::OverloadLimits {
+        max_rate: 1,
+        ..parley_core::overload::OverloadLimits::OFF
+    };
+    let (mut c, t0, gw) = (
+        core_limited(true, limits),
+        Instant::now(),
+        GW.parse().unwrap(),
+    );
+    // The bucket holds one call: the first INVITE is admitted...
+    c.handle_datagram(t0, gw, invite("o0", "+15550100001"));
+    let (tx, _, new) = drain(&mut c);
+    assert_eq!((first_lines(&tx), new), (vec!["SIP/2.0 100 Trying"], 1));
+    // ...the next 50 are refused at once, statelessly, with Retry-After.
+    for i in 1..=50 {
+        c.handle_datagram(t0, gw, invite(&format!("o{i}"), "+15550100001"));
+    }
+    let (tx, _, new) = drain(&mut c);
+    assert_eq!(new, 0);
+    assert_eq!(tx.len(), 50);
+    assert!(
+        tx.iter().all(|(to, m)| *to == gw
+            && m.starts_with("SIP/2.0 503")
+            && m.contains("Retry-After: ")),
+        "{tx:?}"
+    );
+    assert_eq!(
+        c.transactions().1,
+        1,
+        "only the admitted call's transaction"
+    );
+    // A refused INVITE's retransmission gets the same 503, still without state; the
+    // admitted one's is answered by its transaction.
+    let later = t0 + Duration::from_millis(500);
+    c.handle_datagram(later, gw, invite("o7", "+15550100001"));
+    c.handle_datagram(later, gw, invite("o0", "+15550100001"));
+    let (tx, _, new) = drain(&mut c);
+    assert_eq!(
+        (first_lines(&tx), new),
+        (
+            vec!["SIP/2.0 503 Service Unavailable", "SIP/2.0 100 Trying"],
+            0
+        )
+    );
+    assert_eq!(c.transactions().1, 1);
 }
 
 #[test]
