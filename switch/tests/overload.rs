@@ -175,7 +175,8 @@ async fn a_node_behind_its_receive_queue_sheds_new_calls_then_recovers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trunk_is_not_marked_down_for_the_nodes_own_stall() {
     // Probes every 500 ms, each allowed 1 s, one failure marks the trunk down; the trunk
-    // answers each probe after 900 ms, so one is always in flight.
+    // answers each probe after 900 ms, so one is always in flight (and calls at once:
+    // a call that rings on past a device the stall closed reaches it).
     let node = Node::start_with_relay_ports(
         "",
         "probe_interval_ms = 500\nprobe_timeout_ms = 1000\ndown_after = 1",
