@@ -40,6 +40,23 @@ fn rejections(node: &Node, reason: &str) -> f64 {
     ))
 }
 
+/// Stops the node's process (SIGSTOP) for `how_long`, then lets it go on (SIGCONT): it
+/// reads nothing meanwhile, while peers go on sending.
+async fn stall(node: &Node, how_long: std::time::Duration) {
+    let pid = node.pid().to_string();
+    let signal = |s: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([s, &pid])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill {s} {pid}");
+    };
+    signal("-STOP");
+    tokio::time::sleep(how_long).await;
+    signal("-CONT");
+}
+
 /// Every call of the storm was answered (with a CDR) or refused for `reason`, the
 /// refused ones leaving nothing behind; returns (answered, refused).
 fn account(node: &Node, run: &SippRun, calls: u32, reason: &str) -> (usize, f64) {
@@ -143,18 +160,7 @@ async fn a_node_behind_its_receive_queue_sheds_new_calls_then_recovers() {
     // the requests it reads first waited seconds, and so does every request behind them
     // until the backlog is worked off (a standing queue, not a burst).
     tokio::time::sleep(std::time::Duration::from_millis(700)).await;
-    let pid = node.pid().to_string();
-    let signal = |s: &str| {
-        let ok = std::process::Command::new("kill")
-            .args([s, &pid])
-            .status()
-            .expect("kill")
-            .success();
-        assert!(ok, "kill {s} {pid}");
-    };
-    signal("-STOP");
-    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
-    signal("-CONT");
+    stall(&node, std::time::Duration::from_secs(3)).await;
     let run = storming.await.unwrap();
     let (answered, refused) = account(&node, &run, calls, "queue_delay");
     assert!(refused >= 1.0, "never shed\n{}", node.log());
@@ -228,18 +234,7 @@ async fn a_trunk_is_not_marked_down_for_the_nodes_own_stall() {
         )
     });
     tokio::time::sleep(std::time::Duration::from_millis(700)).await;
-    let pid = node.pid().to_string();
-    let signal = |s: &str| {
-        let ok = std::process::Command::new("kill")
-            .args([s, &pid])
-            .status()
-            .expect("kill")
-            .success();
-        assert!(ok, "kill {s} {pid}");
-    };
-    signal("-STOP");
-    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
-    signal("-CONT");
+    stall(&node, std::time::Duration::from_secs(3)).await;
     storming.await.unwrap();
     let discounted =
         r#"parley_trunk_probes_total{trunk="pstn",source="options",result="discounted"}"#;
