@@ -616,7 +616,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).await.unwrap();
         let rows = sqlx::query(
-            "EXPLAIN QUERY PLAN SELECT rowid FROM address_book INDEXED BY address_book_evictable \
+            "EXPLAIN QUERY PLAN SELECT address FROM address_book INDEXED BY address_book_evictable \
              WHERE tenant = 't' AND username = 'u' AND deleted = 0 AND blocked = 0 \
              ORDER BY favourite, (known_calls > 0 OR added > 0), call_count, last_seen_ms, address LIMIT 1",
         )

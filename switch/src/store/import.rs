@@ -35,8 +35,12 @@ use super::{BookChange, CallKind, Contact, ContactSum, Store, StoreError, add_co
 
 mod sqlite;
 
-/// Rows per transaction.
-pub const BATCH: usize = 10_000;
+/// Rows per transaction. A batch's book upserts land on random pages of ~1,000-entry
+/// books; what an import costs is mostly pages written (to the WAL, then the file), and a
+/// page a transaction dirties is written once whatever number of rows it took. 50,000
+/// rows write about half the pages per row of 10,000 (1.8× the rows per second,
+/// `docs/BENCHMARKS.md`); 100,000 were no faster and held more memory.
+pub const BATCH: usize = 50_000;
 
 /// Rejections listed in a report (all are counted).
 pub const MAX_LISTED: usize = 1000;
@@ -114,7 +118,9 @@ pub async fn import(
         Format::FreeSwitch => "freeswitch",
         Format::Generic(_) => "generic",
     };
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Prepared, ImportError>>(4);
+    // One batch waiting while one is written: reading overlaps writing, and memory holds
+    // three batches at most (being read, waiting, being written).
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Prepared, ImportError>>(1);
     let reading = Reading {
         registry: registry.clone(),
         tenant: tenant.to_owned(),

@@ -105,7 +105,10 @@ impl SqliteWriter {
                 fresh.push(added == 1);
             }
         }
-        let sums = sum_fresh(matched, &fresh);
+        let mut sums = sum_fresh(matched, &fresh);
+        // In the book's key order: a book's entries are upserted one after the other,
+        // so consecutive rows find their pages in the cache.
+        sums.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let changes = add_contacts(&tx, &self.sql, (tenant, self.limit), &sums, &mut self.sizes)?;
         tx.commit()?;
         Ok((fresh, changes))
