@@ -601,6 +601,37 @@ mod tests {
         );
     }
 
+    /// The ugly cases of the Asterisk tests, in the other two layouts: a BOM, CRLF, a
+    /// quoted name with a comma and quotes, a byte that is not UTF-8, an empty answer.
+    #[test]
+    fn freeswitch_and_generic_files_take_the_ugly_cases_too() {
+        let mut fs = b"\xEF\xBB\xBF\"Doe, \"\"J\"\"\",\"+33123456789\",\"+33612345678\",\"default\",\"2026-11-30 14:03:12\",\"\",\"2026-11-30 14:04:15\",\"63\",\"0\",\"NO_ANSWER\",\"u-1\",\"\",\"\",\"PCMU\",\"PCMU\"\r\n".to_vec();
+        fs.extend_from_slice(b"\"Caf\xE9\",\"0144556677\",\"+33612345678\",\"default\",\"2026-11-30 15:00:00\",\"2026-11-30 15:00:01\",\"2026-11-30 15:00:20\",\"20\",\"19\",\"NORMAL_CLEARING\",\"u-2\",\"\",\"\",\"PCMU\",\"PCMU\"\r\n");
+        let rows = read(Format::FreeSwitch, &fs);
+        let r: Vec<&CarrierCdr> = rows.iter().map(|(_, r)| r.as_ref().unwrap()).collect();
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].src_name.as_deref(), Some("Doe, \"J\""));
+        assert_eq!(r[0].src, "+33123456789");
+        assert_eq!(r[0].answer, None);
+        assert_eq!(r[0].disposition, "NO ANSWER");
+        assert_eq!(r[1].src_name.as_deref(), Some("Caf\u{fffd}"));
+        assert_eq!(r[1].answer, Some(t("2026-11-30 15:00:01")));
+
+        let m = Mapping {
+            src: "from".into(),
+            dst: "to".into(),
+            start: "when".into(),
+            name: Some("caller".into()),
+            ..Default::default()
+        };
+        let file = b"\xEF\xBB\xBFwhen,from,to,caller\r\n2026-11-30 15:00:00,0144556677,+33612345678,\"Caf\xE9, \"\"Le\"\" Bar\"\r\n";
+        let rows = read(Format::Generic(Box::new(m)), file);
+        let g = rows[0].1.as_ref().unwrap();
+        assert_eq!(g.src_name.as_deref(), Some("Caf\u{fffd}, \"Le\" Bar"));
+        assert_eq!(g.start, t("2026-11-30 15:00:00"));
+        assert_eq!(g.answer, None);
+    }
+
     #[test]
     fn generic_files_map_their_columns() {
         let m = Mapping {

@@ -288,7 +288,7 @@ fn cdr(admin_args: &AdminArgs, cmd: CdrCmd) -> anyhow::Result<()> {
     }
     let f = std::fs::File::open(&file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     let len = f.metadata()?.len();
-    // Progress on stderr (drawn only on a terminal); the report goes to stdout.
+    // Progress on stderr (a bar on a terminal, lines otherwise); the report goes to stdout.
     let bar = indicatif::ProgressBar::new(len).with_style(
         indicatif::ProgressStyle::with_template(
             "{msg} [{bar:40}] {binary_bytes}/{binary_total_bytes} ({binary_bytes_per_sec}, {eta} left)",
@@ -296,7 +296,12 @@ fn cdr(admin_args: &AdminArgs, cmd: CdrCmd) -> anyhow::Result<()> {
         .progress_chars("=> "),
     );
     bar.set_message(format!("importing {}", file.display()));
-    let mut body = bar.wrap_read(std::io::BufReader::with_capacity(256 * 1024, f));
+    let on_terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let reader = std::io::BufReader::with_capacity(256 * 1024, f);
+    let mut body = bar.wrap_read(ProgressLines::new(
+        reader,
+        (!on_terminal).then(|| (file.display().to_string(), len)),
+    ));
     let resp = http_client()
         .post(format!("{base}/api/v1/cdrs/import"))
         .query_pairs(query)
@@ -307,6 +312,56 @@ fn cdr(admin_args: &AdminArgs, cmd: CdrCmd) -> anyhow::Result<()> {
     let report = admin_answer(&format!("import of {}", file.display()), resp)?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
+}
+
+/// Progress of an upload as lines on stderr, for a run whose stderr is a log rather than
+/// a terminal (a cron job, a pipe): one line at each tenth of the file, and one when it
+/// is all sent. On a terminal the bar draws instead and this stays quiet.
+struct ProgressLines<R> {
+    inner: R,
+    /// The file's name and size; `None`: quiet.
+    file: Option<(String, u64)>,
+    sent: u64,
+    /// Tenths reported so far.
+    tenths: u64,
+}
+
+impl<R> ProgressLines<R> {
+    fn new(inner: R, file: Option<(String, u64)>) -> Self {
+        Self {
+            inner,
+            file,
+            sent: 0,
+            tenths: 0,
+        }
+    }
+}
+
+impl<R: std::io::Read> std::io::Read for ProgressLines<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.sent += n as u64;
+        if let Some((name, len)) = &self.file {
+            let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+            let tenths = (self.sent * 10).checked_div(*len).unwrap_or(10).min(10);
+            if n == 0 && self.tenths <= 10 {
+                eprintln!(
+                    "importing {name}: sent {:.1} MiB (100%); waiting for the node's report",
+                    mib(self.sent)
+                );
+                self.tenths = 11;
+            } else if tenths > self.tenths && tenths < 10 {
+                self.tenths = tenths;
+                eprintln!(
+                    "importing {name}: {:.1} of {:.1} MiB sent ({}%)",
+                    mib(self.sent),
+                    mib(*len),
+                    tenths * 10
+                );
+            }
+        }
+        Ok(n)
+    }
 }
 
 fn tenant(admin_args: &AdminArgs, cmd: TenantCmd) -> anyhow::Result<()> {

@@ -689,6 +689,33 @@ async fn a_device_reaches_only_its_own_users_book(store) {
         true,
     );
     assert_eq!((st, body.contains("entry_blocked")), (409, true), "{body}");
+    // Unblocked, the entry can go; both reach the device.
+    let (st, body) = node.put(
+        &format!("/api/v1/users/alice/address-book/{CAROL}"),
+        r#"{"blocked":false}"#,
+    );
+    assert_eq!(st, 200, "{body}");
+    until_book(&alice, "the operator's unblock", |b| {
+        find(b, CAROL).is_some_and(|e| !e.blocked && e.favourite)
+    })
+    .await;
+    let (st, body) = node.request(
+        "DELETE",
+        &format!("/api/v1/users/alice/address-book/{CAROL}"),
+        "",
+        true,
+    );
+    assert_eq!(st, 204, "{body}");
+    until_book(&alice, "the operator's delete", |b| find(b, CAROL).is_none()).await;
+    assert!(
+        admin_book(&node, "demo", "alice")
+            .iter()
+            .all(|e| e["address"] != CAROL),
+        "{:#?}",
+        admin_book(&node, "demo", "alice")
+    );
+    // Bob's entry of the same number is his still.
+    assert_eq!(admin_book(&node, "demo", "bob").len(), 1);
     // Olga's book was never touched.
     assert!(admin_book(&node, "other", "olga").is_empty());
 }

@@ -38,24 +38,30 @@ fn counts(e: &serde_json::Value) -> (u64, u64, u64, u64) {
 
 /// Runs `parley cdr import` against the node; returns (exit ok, stdout JSON or stderr).
 fn cli_import(node: &Node, args: &[&str], file: &std::path::Path) -> (bool, String) {
+    let target = ["--node", &node.http.to_string(), "--token", &node.token].map(String::from);
+    let (ok, out, err) = cli_import_to(&target, args, file);
+    (ok, if ok { out } else { err })
+}
+
+/// Runs `parley cdr TARGET import ARGS FILE`; returns (exit ok, stdout, stderr).
+fn cli_import_to(
+    target: &[String],
+    args: &[&str],
+    file: &std::path::Path,
+) -> (bool, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_parley"))
-        .args([
-            "cdr",
-            "--node",
-            &node.http.to_string(),
-            "--token",
-            &node.token,
-        ])
+        .arg("cdr")
+        .args(target)
         .arg("import")
         .args(args)
         .arg(file)
         .output()
         .unwrap();
-    if out.status.success() {
-        (true, String::from_utf8(out.stdout).unwrap())
-    } else {
-        (false, String::from_utf8_lossy(&out.stderr).into_owned())
-    }
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// A `Master.csv` as Asterisk's cdr_csv writes it (every field quoted, numbers not),
@@ -133,6 +139,7 @@ fn an_asterisk_file_fills_the_books_once_and_reports_each_bad_line(store) {
     assert_eq!(doe["name"], "Doe, John", "{doe}");
     assert_eq!(counts(doe), (1, 0, 0, 1));
     assert_eq!(doe["first_seen"], "2026-11-30T09:03:05.000Z", "{doe}");
+    assert_eq!(doe["last_seen"], "2026-11-30T09:03:05.000Z", "{doe}");
     assert_eq!(counts(entry(&bob, "+15550100001")), (1, 0, 0, 1));
     assert_eq!(counts(entry(&bob, "+15550100009")), (1, 0, 0, 1));
     assert_eq!(bob.len(), 3, "{bob:#?}");
@@ -148,9 +155,19 @@ fn an_asterisk_file_fills_the_books_once_and_reports_each_bad_line(store) {
     // Olga is of another tenant: a demo file never reaches her book.
     assert_eq!(book(&node, "other", "olga").len(), 0);
 
-    // The same file again adds nothing.
-    let (ok, out) = cli_import(&node, &["--format", "asterisk"], &file);
-    assert!(ok, "{out}");
+    // The same file again adds nothing. This time the CLI finds the node and its token
+    // in the data directory (`node.json`, and `admin-token`, which a demo node writes;
+    // this node's token is configured, so the test puts it there), and with stderr not a
+    // terminal it reports progress as lines.
+    let data = node.data_dir();
+    std::fs::write(data.join("admin-token"), &node.token).unwrap();
+    let target = ["--data-dir".to_owned(), data.display().to_string()];
+    let (ok, out, err) = cli_import_to(&target, &["--format", "asterisk"], &file);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("Master.csv: sent") && err.contains("(100%); waiting for the node's report"),
+        "{err}"
+    );
     let again: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(
         (
@@ -345,21 +362,30 @@ fn a_generic_file_maps_its_columns_and_bad_requests_say_what_is_wrong(store) {
 }
 }
 
-both_stores! {
-#[test]
-fn rows_older_than_the_retention_are_not_imported(store) {
-    let node = Node::start_on(store, ["", "", "", "[cdrs]\nretention_days = 30\n"], 200);
+/// A generic file of two calls to bob, one a day old, one 400 days old.
+fn two_calls_for_bob() -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    let file = format!(
+    format!(
         "src,dst,start,billsec\n+442071838750,+15550100002,{},30\n+442071838751,+15550100002,{},30\n",
         now - 86_400,
         now - 400 * 86_400
-    );
+    )
+}
+
+/// The import of [`two_calls_for_bob`]'s layout.
+const RETENTION_IMPORT: &str =
+    "/api/v1/cdrs/import?format=generic&src=src&dst=dst&start=start&billsec=billsec";
+
+both_stores! {
+#[test]
+fn rows_older_than_the_retention_are_not_imported(store) {
+    let node = Node::start_on(store, ["", "", "", "[cdrs]\nretention_days = 30\n"], 200);
+    let file = two_calls_for_bob();
     let (st, body) = node.post(
-        "/api/v1/cdrs/import?format=generic&src=src&dst=dst&start=start&billsec=billsec",
+        RETENTION_IMPORT,
         &file,
         true,
     );
@@ -377,5 +403,44 @@ fn rows_older_than_the_retention_are_not_imported(store) {
         node.metric("parley_cdr_import_rows_total{result=\"expired\"}"),
         1.0
     );
+}
+}
+
+both_stores! {
+#[test]
+fn retention_deletes_old_carrier_rows_at_start_and_the_books_keep_them(store) {
+    // Imported under a ten-year retention, then the operator shortens it to 30 days: the
+    // node deletes the older row when it starts (and hourly after), the book keeps what
+    // it learned, and the same file imported again counts that row expired, not new.
+    let node = Node::start_on(store, ["", "", "", "[cdrs]\nretention_days = 3650\n"], 200);
+    let file = two_calls_for_bob();
+    let path = RETENTION_IMPORT;
+    let (st, body) = node.post(path, &file, true);
+    assert_eq!(st, 200, "{body}");
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(report["imported"], 2, "{report:#}");
+    let bob = book(&node, "demo", "bob");
+    assert_eq!(bob.len(), 2, "{bob:#?}");
+
+    let cfg = node.dir.path().join("parley.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    assert!(text.contains("retention_days = 3650"));
+    std::fs::write(&cfg, text.replace("retention_days = 3650", "retention_days = 30")).unwrap();
+    let node = node.crash_and_restart();
+    assert_eq!(
+        wait_metric(&node, "parley_cdrs_expired_total", |n| n > 0.0),
+        1.0
+    );
+    assert!(node.log().contains("old CDRs deleted"), "{}", node.log());
+    assert_eq!(book(&node, "demo", "bob"), bob);
+    let (st, body) = node.post(path, &file, true);
+    assert_eq!(st, 200, "{body}");
+    let again: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (&again["imported"], &again["duplicates"], &again["expired"]),
+        (&0.into(), &1.into(), &1.into()),
+        "{again:#}"
+    );
+    assert_eq!(book(&node, "demo", "bob"), bob);
 }
 }

@@ -16,6 +16,19 @@ fn json(body: &str) -> Vec<serde_json::Value> {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
 }
 
+/// The call ids of a JSON-lines export, in its order.
+fn call_ids(jsonl: &str) -> Vec<String> {
+    jsonl
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["call_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect()
+}
+
 both_stores! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn filters_pages_and_exports_match_the_calls(store) {
@@ -101,15 +114,7 @@ async fn filters_pages_and_exports_match_the_calls(store) {
     let (st, head, jsonl) = node.get_full("/api/v1/cdrs/export?format=jsonl");
     assert_eq!(st, 200);
     assert!(head.contains("application/x-ndjson"), "{head}");
-    let exported: Vec<String> = jsonl
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["call_id"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        })
-        .collect();
+    let exported = call_ids(&jsonl);
     assert_eq!(exported, ids);
 
     // Bad parameters are named; no token, no CDRs.
@@ -126,5 +131,68 @@ async fn filters_pages_and_exports_match_the_calls(store) {
         assert!(body.contains(says), "{q}: {body}");
     }
     assert_eq!(node.get("/api/v1/cdrs/export?format=csv", false).0, 401);
+    assert_eq!(node.get("/api/v1/cdrs", false).0, 401);
+    assert_eq!(node.get("/api/v1/cdrs?user=alice", false).0, 401);
 }
+}
+
+/// An export longer than the node reads at a time (pages of 1,000 rows) streams every
+/// row once, in the order the cursor pages give them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_longer_than_a_page_has_every_row_once() {
+    const CALLS: usize = 1_100;
+    let node = Node::start_on(StoreKind::Sqlite, ["", "", "", ""], 200);
+    // bob has no device: his calls go to his PSTN line, the trunk UAS answers.
+    let _uas = SippUas::start(&node, &["-sn", "uas"]);
+    let run = sipp_uac(
+        &node,
+        &["-sn", "uac"],
+        "+15550100002",
+        CALLS as u32,
+        100,
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (run.successful, run.failed),
+        (CALLS as u64, 0),
+        "{}",
+        run.output
+    );
+    let export = || {
+        let (st, _, jsonl) = node.get_full("/api/v1/cdrs/export?format=jsonl");
+        assert_eq!(st, 200, "{jsonl}");
+        call_ids(&jsonl)
+    };
+    // CDRs are written after the calls end.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let exported = loop {
+        let e = export();
+        if e.len() >= CALLS || std::time::Instant::now() > deadline {
+            break e;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let mut paged = Vec::new();
+    let mut path = "/api/v1/cdrs?limit=500".to_owned();
+    loop {
+        let (st, head, body) = node.get_full(&path);
+        assert_eq!(st, 200, "{body}");
+        paged.extend(
+            json(&body)
+                .iter()
+                .map(|r| r["call_id"].as_str().unwrap().to_owned()),
+        );
+        match next_cursor(&head) {
+            Some(c) => path = format!("/api/v1/cdrs?limit=500&cursor={c}"),
+            None => break,
+        }
+    }
+    assert_eq!(paged.len(), CALLS);
+    assert_eq!(exported, paged, "the export: every row once, in order");
+    let (st, _, csv) = node.get_full("/api/v1/cdrs/export?format=csv");
+    assert_eq!(st, 200);
+    // The header once, then a row per call.
+    assert_eq!(csv.lines().count(), CALLS + 1);
+    assert_eq!(csv.matches("call_id,sip_call_id").count(), 1);
 }

@@ -2091,6 +2091,44 @@ mod tests {
     }
 
     both_backends! {
+    /// A user's call history (what a device reads with `call_history`) holds their own
+    /// calls and the calls they dialled, never another user's, nor a namesake's of another
+    /// tenant.
+    async fn call_history_is_the_users_own(store: Store) {
+        use parley_core::cdr::Disposition::Answered;
+        let alice_in = cdr("alice-in", Answered);
+        let mut bob_in = cdr("bob-in", Answered);
+        bob_in.user = "bob".into();
+        let mut alice_to_bob = cdr("alice-to-bob", Answered);
+        alice_to_bob.user = "bob".into();
+        alice_to_bob.dialled_by = Some(parley_core::directory::UserIdentity {
+            tenant: "demo".into(),
+            user: "alice".into(),
+            number: "+15550100001".into(),
+        });
+        let mut namesake = cdr("other-alice", Answered);
+        namesake.tenant = "other".into();
+        store
+            .record_calls(&[alice_in, bob_in, alice_to_bob, namesake])
+            .await
+            .unwrap();
+        let ids = |tenant: &'static str, user: &'static str| {
+            let store = store.clone();
+            async move {
+                let (calls, _) = store.call_history((tenant, user), None, 100).await.unwrap();
+                let mut ids: Vec<String> = calls.into_iter().map(|(c, _)| c.call_id).collect();
+                ids.sort();
+                ids
+            }
+        };
+        assert_eq!(ids("demo", "alice").await, ["alice-in", "alice-to-bob"]);
+        assert_eq!(ids("demo", "bob").await, ["alice-to-bob", "bob-in"]);
+        assert_eq!(ids("other", "alice").await, ["other-alice"]);
+        assert!(ids("demo", "carol").await.is_empty());
+    }
+    }
+
+    both_backends! {
     /// Retention deletes CDRs that ended before the cut (in chunks), keeps newer ones and
     /// calls still in progress, and leaves the address book as it was.
     async fn expired_cdrs_go_and_the_address_book_stays(store: Store) {
