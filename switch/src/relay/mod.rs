@@ -14,6 +14,7 @@
 //! latches its port's source tells the other port's worker, which then sends there. RoQ
 //! flows live on the worker that owns their UDP port; RoQ↔RoQ flows on worker 0.
 
+pub mod kernel;
 mod socket;
 mod worker;
 

@@ -1,0 +1,118 @@
+// SPDX-License-Identifier: GPL-2.0 OR MIT
+//
+// Parley's relay in the kernel: a TC classifier (direct action) on the relay's
+// interfaces. For a UDP packet to a relay port whose flow userspace installed (the port's
+// peer has latched, and the bridged port's peer is known), from exactly the latched
+// source: rewrite source and destination (the bridged relay port, the bridged peer),
+// fix the IP and UDP checksums, count the packet in the flow's stats, and send it on
+// (`bpf_redirect_neigh` toward the egress interface userspace chose, or through lo for a
+// destination on this host). Everything else (no flow, another source, not IPv4/UDP,
+// IP options, fragments) passes to the
+// userspace relay untouched: it latches, drops what it must and counts it.
+//
+// The map layouts are `switch/src/relay/kernel.rs`'s `FlowKey`, `Flow`, `FlowStats`
+// (addresses and ports in network order).
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/in.h>
+#include <linux/udp.h>
+#include <linux/pkt_cls.h>
+#include <stddef.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+// The relay port a packet arrives at.
+struct flow_key { __u32 addr; __u16 port; __u16 pad; };
+// What its flow does: the latched source it accepts, the source and destination it
+// leaves with.
+struct flow {
+	__u32 src_addr; __u16 src_port; __u16 pad0;
+	__u32 out_saddr; __u16 out_sport; __u16 pad1;
+	__u32 out_daddr; __u16 out_dport; __u16 pad2;
+	// Where it leaves: 0 for a destination on this host (through lo, which delivers
+	// it), else the egress interface (the neighbour's address filled in by the kernel).
+	__u32 out_ifindex; __u32 pad3;
+};
+// Counted by the program, read by userspace (metrics, CDR counts, the media timeout).
+struct flow_stats { __u64 packets; __u64 bytes; __u64 last_ns; };
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct flow_key);
+	__type(value, struct flow);
+} parley_flows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct flow_key);
+	__type(value, struct flow_stats);
+} parley_stats SEC(".maps");
+
+#define IP_OFF ETH_HLEN
+#define IP_CSUM (IP_OFF + offsetof(struct iphdr, check))
+#define IP_SRC (IP_OFF + offsetof(struct iphdr, saddr))
+#define IP_DST (IP_OFF + offsetof(struct iphdr, daddr))
+#define UDP_OFF (IP_OFF + sizeof(struct iphdr))
+#define UDP_CSUM (UDP_OFF + offsetof(struct udphdr, check))
+#define UDP_SRC (UDP_OFF + offsetof(struct udphdr, source))
+#define UDP_DST (UDP_OFF + offsetof(struct udphdr, dest))
+
+SEC("classifier")
+int parley_relay(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+		return TC_ACT_OK;
+	struct iphdr *ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > end || ip->ihl != 5 || ip->protocol != IPPROTO_UDP
+	    || (ip->frag_off & bpf_htons(0x3fff)))
+		return TC_ACT_OK;
+	struct udphdr *udp = (void *)(ip + 1);
+	if ((void *)(udp + 1) > end)
+		return TC_ACT_OK;
+	struct flow_key key = { .addr = ip->daddr, .port = udp->dest };
+	struct flow *f = bpf_map_lookup_elem(&parley_flows, &key);
+	if (!f)
+		return TC_ACT_OK;
+	if (ip->saddr != f->src_addr || udp->source != f->src_port)
+		return TC_ACT_OK;
+	__u32 old_s = ip->saddr, old_d = ip->daddr;
+	__u16 old_sp = udp->source, old_dp = udp->dest;
+	__u32 new_s = f->out_saddr, new_d = f->out_daddr;
+	__u16 new_sp = f->out_sport, new_dp = f->out_dport;
+	int has_csum = udp->check != 0;
+	__u64 len = skb->len;
+
+	if (has_csum) {
+		bpf_l4_csum_replace(skb, UDP_CSUM, old_s, new_s, BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0 | 4);
+		bpf_l4_csum_replace(skb, UDP_CSUM, old_d, new_d, BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0 | 4);
+		bpf_l4_csum_replace(skb, UDP_CSUM, old_sp, new_sp, BPF_F_MARK_MANGLED_0 | 2);
+		bpf_l4_csum_replace(skb, UDP_CSUM, old_dp, new_dp, BPF_F_MARK_MANGLED_0 | 2);
+	}
+	bpf_l3_csum_replace(skb, IP_CSUM, old_s, new_s, 4);
+	bpf_l3_csum_replace(skb, IP_CSUM, old_d, new_d, 4);
+	bpf_skb_store_bytes(skb, IP_SRC, &new_s, 4, 0);
+	bpf_skb_store_bytes(skb, IP_DST, &new_d, 4, 0);
+	bpf_skb_store_bytes(skb, UDP_SRC, &new_sp, 2, 0);
+	bpf_skb_store_bytes(skb, UDP_DST, &new_dp, 2, 0);
+
+	struct flow_stats *st = bpf_map_lookup_elem(&parley_stats, &key);
+	if (st) {
+		__sync_fetch_and_add(&st->packets, 1);
+		__sync_fetch_and_add(&st->bytes, len);
+		st->last_ns = bpf_ktime_get_ns();
+	}
+	__u32 out = f->out_ifindex;
+	if (out)
+		return bpf_redirect_neigh(out, NULL, 0, 0);
+	// A destination on this host (loopback, or one of its addresses): out through lo,
+	// which delivers it (lo is ifindex 1 in every network namespace).
+	return bpf_redirect(1, 0);
+}
+
+char _license[] SEC("license") = "Dual MIT/GPL";
