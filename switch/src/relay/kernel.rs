@@ -57,7 +57,7 @@ pub struct Flow {
     out_daddr: u32,
     out_dport: u16,
     pad2: u16,
-    /// 0: the destination is on this host (out through lo); else the egress interface.
+    /// 0: the destination is on this host (up the stack); else the egress interface.
     out_ifindex: u32,
     pad3: u32,
 }
@@ -133,7 +133,7 @@ impl Flow {
 }
 
 /// The interface packets to `dst` leave by, as the flow wants it: 0 when `dst` is on this
-/// host (a loopback address or one of the host's own, delivered through lo), else the
+/// host (a loopback address or one of the host's own, delivered by the host's stack), else the
 /// index of the interface whose address the kernel would send from (a UDP socket
 /// connected to `dst` tells which).
 pub fn egress(dst: std::net::Ipv4Addr) -> std::io::Result<u32> {

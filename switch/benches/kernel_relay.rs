@@ -1,0 +1,187 @@
+//! What the relay's eBPF program (`relay::kernel`) costs per forwarded packet, counted as
+//! the whole machine's CPU (`/proc/stat`: the senders, softirq and the receiver are all
+//! in it), minus the same workload sent straight to the receiver.
+//!
+//! In a private network namespace (its own loopback), `FLOWS` relay ports each get a flow
+//! from one caller socket to one callee socket. A generator thread sends 172-byte RTP-sized
+//! packets round-robin over the relay ports at `RATE` packets/s for `SECS` seconds; a
+//! receiver thread reads the callee socket. Then the same generator sends the same number
+//! of packets straight to the callee (the baseline). Both runs report packets received
+//! (loss), and the difference in busy CPU per packet is the program's share: the lookup,
+//! the rewrite, the checksum updates and the second pass through lo.
+//!
+//! Needs root (CAP_BPF, CAP_NET_ADMIN) and a build with clang. `ONLY=kernel` or
+//! `ONLY=direct` runs one mode (for `perf record -a` over it).
+//!
+//! Status (2026-12-07): not yet a figure for `docs/BENCHMARKS.md`. On this 2-vCPU VM the
+//! same command gave the direct baseline 1.8 µs/packet in one run and 9–10 µs in another
+//! minutes later, and the kernel mode 4.4–14.6 µs: with a receiver woken per packet and a
+//! generator sleeping every millisecond, wake-ups from idle (`pv_native_safe_halt`, IPIs)
+//! dominate what is measured. A busy-polling generator and receiver on pinned CPUs, and
+//! the userspace relay and rtpengine in the same run, are the next step.
+//!
+//! ```text
+//! cargo bench -p parley-switch --bench kernel_relay -- [FLOWS] [RATE] [SECS]
+//! ```
+//! (defaults 1000 flows, 100,000 packets/s, 10 s).
+
+use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use parley_switch::relay::kernel::KernelPath;
+
+/// Busy jiffies of the whole machine (user, nice, system, irq, softirq, steal).
+fn busy_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap();
+    let cpu = stat.lines().next().unwrap();
+    let v: Vec<u64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap())
+        .collect();
+    v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
+}
+
+fn v4(s: &UdpSocket) -> SocketAddrV4 {
+    match s.local_addr().unwrap() {
+        SocketAddr::V4(a) => a,
+        SocketAddr::V6(_) => unreachable!(),
+    }
+}
+
+/// Sends `total` packets round-robin to `dests` at `rate` per second; returns how many
+/// sends failed.
+fn generate(from: &UdpSocket, dests: &[SocketAddrV4], rate: u64, total: u64) -> u64 {
+    let pkt = [0x80u8; 172];
+    let start = Instant::now();
+    let mut failed = 0;
+    let slot = Duration::from_millis(1);
+    let per_slot = (rate / 1000).max(1);
+    let mut sent = 0u64;
+    let mut i = 0usize;
+    while sent < total {
+        for _ in 0..per_slot.min(total - sent) {
+            if from.send_to(&pkt, dests[i]).is_err() {
+                failed += 1;
+            }
+            i = (i + 1) % dests.len();
+            sent += 1;
+        }
+        let due = start + slot * (sent / per_slot) as u32;
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+    }
+    failed
+}
+
+struct Run {
+    received: u64,
+    failed: u64,
+    busy_secs: f64,
+    wall: Duration,
+}
+
+/// One run: the generator toward `dests`, the receiver counting on `callee`.
+fn run(
+    caller: &UdpSocket,
+    callee: &Arc<UdpSocket>,
+    dests: &[SocketAddrV4],
+    rate: u64,
+    total: u64,
+) -> Run {
+    let got = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let rx = {
+        let (callee, got, stop) = (callee.clone(), got.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !stop.load(Ordering::Relaxed) {
+                if callee.recv(&mut buf).is_ok() {
+                    got.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    let hz = 100.0; // USER_HZ on Linux
+    let (t0, b0) = (Instant::now(), busy_ticks());
+    let failed = generate(caller, dests, rate, total);
+    // Let the last packets land.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while got.load(Ordering::Relaxed) < total - failed && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let (wall, busy) = (t0.elapsed(), busy_ticks() - b0);
+    stop.store(true, Ordering::Relaxed);
+    rx.join().unwrap();
+    Run {
+        received: got.load(Ordering::Relaxed),
+        failed,
+        busy_secs: busy as f64 / hz,
+        wall,
+    }
+}
+
+fn main() {
+    let args: Vec<u64> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let flows = args.first().copied().unwrap_or(1000) as usize;
+    let rate = args.get(1).copied().unwrap_or(100_000);
+    let secs = args.get(2).copied().unwrap_or(10);
+    let total = rate * secs;
+    std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare: run as root");
+        let st = std::process::Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .status()
+            .expect("ip");
+        assert!(st.success());
+        let caller = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let callee = UdpSocket::bind("127.0.0.1:0").unwrap();
+        callee
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        socket2::SockRef::from(&callee)
+            .set_recv_buffer_size(16 << 20)
+            .unwrap();
+        let callee = Arc::new(callee);
+        let ports: Vec<UdpSocket> = (0..flows)
+            .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let mut k = KernelPath::load(&["lo"]).expect("load the eBPF program (root, clang build)");
+        for p in &ports {
+            // Each flow leaves from its own relay port toward the callee.
+            k.install(v4(p), v4(&caller), v4(p), v4(&callee)).unwrap();
+        }
+        let relay: Vec<SocketAddrV4> = ports.iter().map(v4).collect();
+        let direct = vec![v4(&callee)];
+        println!("{flows} flows, {rate} packets/s for {secs} s ({total} packets per run)");
+        let only = std::env::var("ONLY").ok();
+        for (label, dests) in [("direct", &direct), ("kernel", &relay), ("direct", &direct), ("kernel", &relay)] {
+            if only.as_deref().is_some_and(|o| o != label) {
+                continue;
+            }
+            let r = run(&caller, &callee, dests, rate, total);
+            println!(
+                "{label:>6}: received {} of {} (send errors {}), {:.2} s, machine busy {:.2} s = {:.3} us/packet",
+                r.received,
+                total,
+                r.failed,
+                r.wall.as_secs_f64(),
+                r.busy_secs,
+                1e6 * r.busy_secs / total as f64
+            );
+        }
+        let forwarded: u64 = ports
+            .iter()
+            .map(|p| k.stats(v4(p)).map_or(0, |s| s.packets))
+            .sum();
+        println!("the program counted {forwarded} packets over both kernel runs");
+    })
+    .join()
+    .unwrap();
+}
