@@ -34,8 +34,13 @@ struct flow {
 	// stack), else the egress interface (the neighbour's address filled in by the kernel).
 	__u32 out_ifindex; __u32 pad3;
 };
-// Counted by the program, read by userspace (metrics, CDR counts, the media timeout).
-struct flow_stats { __u64 packets; __u64 bytes; __u64 last_ns; };
+// Counted by the program, read by userspace (metrics, CDR counts, the media timeout),
+// with the last RTP packet's header fields (network order): what userspace needs to keep
+// the stream continuous when it takes the port back (a re-point).
+struct flow_stats {
+	__u64 packets; __u64 bytes; __u64 last_ns;
+	__u32 rtp_ssrc; __u32 rtp_ts; __u16 rtp_seq; __u16 rtp_seen; __u32 pad;
+};
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -87,6 +92,18 @@ int parley_relay(struct __sk_buff *skb)
 	__u16 new_sp = f->out_sport, new_dp = f->out_dport;
 	int has_csum = udp->check != 0;
 	__u64 len = skb->len;
+	// An RTP header (version 2, not an RTCP packet type): remember where the stream is.
+	__u32 ssrc = 0, ts = 0;
+	__u16 seq = 0;
+	int rtp = 0;
+	__u8 *rh = (void *)(udp + 1);
+	if ((void *)(rh + 12) <= end && (rh[0] & 0xc0) == 0x80
+	    && !(rh[1] >= 192 && rh[1] <= 223)) {
+		rtp = 1;
+		seq = *(__u16 *)(rh + 2);
+		ts = *(__u32 *)(rh + 4);
+		ssrc = *(__u32 *)(rh + 8);
+	}
 
 	if (has_csum) {
 		bpf_l4_csum_replace(skb, UDP_CSUM, old_s, new_s, BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0 | 4);
@@ -106,6 +123,12 @@ int parley_relay(struct __sk_buff *skb)
 		__sync_fetch_and_add(&st->packets, 1);
 		__sync_fetch_and_add(&st->bytes, len);
 		st->last_ns = bpf_ktime_get_ns();
+		if (rtp) {
+			st->rtp_seq = seq;
+			st->rtp_ts = ts;
+			st->rtp_ssrc = ssrc;
+			st->rtp_seen = 1;
+		}
 	}
 	__u32 out = f->out_ifindex;
 	if (out)

@@ -10,7 +10,7 @@
 use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
 use std::time::Duration;
 
-use parley_switch::relay::kernel::KernelPath;
+use parley_switch::relay::kernel::{KernelPath, RtpPosition};
 
 /// A private network namespace for this thread, with its loopback up.
 fn private_netns() {
@@ -57,11 +57,16 @@ fn recv(s: &UdpSocket) -> Option<(Vec<u8>, SocketAddrV4)> {
     }
 }
 
-/// An RTP-sized packet with a sequence number in it.
+/// SSRC of the test streams.
+const SSRC: u32 = 0x1234_5678;
+
+/// A G.711 RTP packet (172 bytes): sequence `seq`, timestamp `seq × 160`, [`SSRC`].
 fn packet(seq: u16) -> Vec<u8> {
     let mut p = vec![0x80, 0x00];
     p.extend_from_slice(&seq.to_be_bytes());
-    p.extend(std::iter::repeat_n(0xd5, 168));
+    p.extend_from_slice(&(u32::from(seq) * 160).to_be_bytes());
+    p.extend_from_slice(&SSRC.to_be_bytes());
+    p.extend(std::iter::repeat_n(0xd5, 160));
     p
 }
 
@@ -108,6 +113,13 @@ fn installed_flows_forward_both_ways_from_the_bridged_port_and_count() {
         // 172 bytes of payload + UDP 8 + IP 20 + Ethernet 14 (lo's header).
         assert_eq!((sa.bytes, sb.bytes), (50 * 214, 50 * 214));
         assert!(sa.last_ns > 0 && sb.last_ns > 0);
+        // Where each stream is, for userspace to go on from.
+        let at = |seq: u16| RtpPosition {
+            ssrc: SSRC,
+            seq,
+            ts: u32::from(seq) * 160,
+        };
+        assert_eq!((sa.rtp(), sb.rtp()), (Some(at(49)), Some(at(1049))));
     })
     .join()
     .unwrap();
@@ -159,6 +171,7 @@ fn a_repointed_flow_follows_and_a_removed_one_is_userspaces_again() {
         let last = k.remove(v4(&a)).expect("the removed flow's counters");
         // Counters restart at a re-point: packets 2 and 3.
         assert_eq!(last.packets, 2);
+        assert_eq!(last.rtp().map(|r| r.seq), Some(3));
         assert!(k.stats(v4(&a)).is_none());
         c.send_to(&packet(4), v4(&a)).unwrap();
         assert_eq!(

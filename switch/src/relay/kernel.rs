@@ -72,6 +72,34 @@ pub struct FlowStats {
     pub bytes: u64,
     /// `CLOCK_MONOTONIC` of the last one, ns (0: none yet).
     pub last_ns: u64,
+    rtp_ssrc: u32,
+    rtp_ts: u32,
+    rtp_seq: u16,
+    rtp_seen: u16,
+    pad: u32,
+}
+
+/// The last RTP packet a flow forwarded: where userspace picks the stream up when the
+/// port is its again (continuity across a re-point).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RtpPosition {
+    /// Its SSRC.
+    pub ssrc: u32,
+    /// Its sequence number.
+    pub seq: u16,
+    /// Its timestamp.
+    pub ts: u32,
+}
+
+impl FlowStats {
+    /// The last RTP packet forwarded (`None`: none yet, or only RTCP).
+    pub fn rtp(&self) -> Option<RtpPosition> {
+        (self.rtp_seen != 0).then(|| RtpPosition {
+            ssrc: u32::from_be(self.rtp_ssrc),
+            seq: u16::from_be(self.rtp_seq),
+            ts: u32::from_be(self.rtp_ts),
+        })
+    }
 }
 
 // SAFETY: plain `repr(C)` integers with explicit padding fields: every bit pattern is
@@ -338,6 +366,6 @@ mod tests {
         // The C layouts: no implicit padding.
         assert_eq!(std::mem::size_of::<FlowKey>(), 8);
         assert_eq!(std::mem::size_of::<Flow>(), 32);
-        assert_eq!(std::mem::size_of::<super::FlowStats>(), 24);
+        assert_eq!(std::mem::size_of::<super::FlowStats>(), 40);
     }
 }
