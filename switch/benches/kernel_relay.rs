@@ -13,17 +13,17 @@
 //! Needs root (CAP_BPF, CAP_NET_ADMIN) and a build with clang. `ONLY=kernel` or
 //! `ONLY=direct` runs one mode (for `perf record -a` over it).
 //!
-//! Status (2026-12-07): not yet a figure for `docs/BENCHMARKS.md`. On this 2-vCPU VM the
-//! same command gave the direct baseline 1.8 µs/packet in one run and 9–10 µs in another
-//! minutes later, and the kernel mode 4.4–14.6 µs: with a receiver woken per packet and a
-//! generator sleeping every millisecond, wake-ups from idle (`pv_native_safe_halt`, IPIs)
-//! dominate what is measured. A busy-polling generator and receiver on pinned CPUs, and
-//! the userspace relay and rtpengine in the same run, are the next step.
+//! Status (2026-12-07): the unpaced mode (`RATE` 0) gives repeatable figures, recorded in
+//! `docs/BENCHMARKS.md` ("The eBPF fast path on its own"). The paced mode varied 2–6×
+//! between runs on a 2-vCPU VM (a receiver woken per packet: wake-ups from idle dominate
+//! what the whole machine's CPU counts) and is not recorded.
 //!
 //! ```text
 //! cargo bench -p parley-switch --bench kernel_relay -- [FLOWS] [RATE] [SECS]
 //! ```
-//! (defaults 1000 flows, 100,000 packets/s, 10 s).
+//! (defaults 1000 flows, 100,000 packets/s, 10 s; `RATE` 0: `SECS` million packets
+//! unpaced, the receiver polling, and the sender's own CPU per packet the figure to
+//! compare).
 
 use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
 use std::sync::Arc;
@@ -51,14 +51,28 @@ fn v4(s: &UdpSocket) -> SocketAddrV4 {
     }
 }
 
-/// Sends `total` packets round-robin to `dests` at `rate` per second; returns how many
-/// sends failed.
-fn generate(from: &UdpSocket, dests: &[SocketAddrV4], rate: u64, total: u64) -> u64 {
+/// This thread's CPU time so far, ns (`/proc/thread-self/schedstat`).
+fn thread_cpu_ns() -> u64 {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap();
+    s.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+/// Sends `total` packets round-robin to `dests` at `rate` per second (0: as fast as the
+/// thread can); returns how many sends failed and the thread's CPU time, ns. On loopback
+/// the kernel delivers a packet (softirq included, the eBPF program included) inside the
+/// sender's system call, so the sender's CPU per packet is the path's cost up to the
+/// receiving socket.
+fn generate(from: &UdpSocket, dests: &[SocketAddrV4], rate: u64, total: u64) -> (u64, u64) {
     let pkt = [0x80u8; 172];
     let start = Instant::now();
+    let cpu0 = thread_cpu_ns();
     let mut failed = 0;
     let slot = Duration::from_millis(1);
-    let per_slot = (rate / 1000).max(1);
+    let per_slot = if rate == 0 {
+        total
+    } else {
+        (rate / 1000).max(1)
+    };
     let mut sent = 0u64;
     let mut i = 0usize;
     while sent < total {
@@ -74,12 +88,13 @@ fn generate(from: &UdpSocket, dests: &[SocketAddrV4], rate: u64, total: u64) -> 
             std::thread::sleep(wait);
         }
     }
-    failed
+    (failed, thread_cpu_ns() - cpu0)
 }
 
 struct Run {
     received: u64,
     failed: u64,
+    sender_ns: u64,
     busy_secs: f64,
     wall: Duration,
 }
@@ -94,20 +109,27 @@ fn run(
 ) -> Run {
     let got = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
+    // Unpaced, the receiver polls (non-blocking) so that it is never woken per packet.
+    let spin = rate == 0;
+    callee.set_nonblocking(spin).unwrap();
     let rx = {
         let (callee, got, stop) = (callee.clone(), got.clone(), stop.clone());
         std::thread::spawn(move || {
             let mut buf = [0u8; 2048];
             while !stop.load(Ordering::Relaxed) {
-                if callee.recv(&mut buf).is_ok() {
-                    got.fetch_add(1, Ordering::Relaxed);
+                match callee.recv(&mut buf) {
+                    Ok(_) => {
+                        got.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) if spin => std::hint::spin_loop(),
+                    Err(_) => {}
                 }
             }
         })
     };
     let hz = 100.0; // USER_HZ on Linux
     let (t0, b0) = (Instant::now(), busy_ticks());
-    let failed = generate(caller, dests, rate, total);
+    let (failed, sender_ns) = generate(caller, dests, rate, total);
     // Let the last packets land.
     let deadline = Instant::now() + Duration::from_secs(2);
     while got.load(Ordering::Relaxed) < total - failed && Instant::now() < deadline {
@@ -119,6 +141,7 @@ fn run(
     Run {
         received: got.load(Ordering::Relaxed),
         failed,
+        sender_ns,
         busy_secs: busy as f64 / hz,
         wall,
     }
@@ -132,7 +155,12 @@ fn main() {
     let flows = args.first().copied().unwrap_or(1000) as usize;
     let rate = args.get(1).copied().unwrap_or(100_000);
     let secs = args.get(2).copied().unwrap_or(10);
-    let total = rate * secs;
+    // Unpaced (`RATE` 0), `SECS` is millions of packets.
+    let total = if rate == 0 {
+        secs * 1_000_000
+    } else {
+        rate * secs
+    };
     std::thread::spawn(move || {
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare: run as root");
         let st = std::process::Command::new("ip")
@@ -167,13 +195,14 @@ fn main() {
             }
             let r = run(&caller, &callee, dests, rate, total);
             println!(
-                "{label:>6}: received {} of {} (send errors {}), {:.2} s, machine busy {:.2} s = {:.3} us/packet",
+                "{label:>6}: received {} of {} (send errors {}), {:.2} s, machine busy {:.2} s = {:.3} us/packet, sender {:.3} us/packet",
                 r.received,
                 total,
                 r.failed,
                 r.wall.as_secs_f64(),
                 r.busy_secs,
-                1e6 * r.busy_secs / total as f64
+                1e6 * r.busy_secs / total as f64,
+                r.sender_ns as f64 / 1e3 / total as f64
             );
         }
         let forwarded: u64 = ports
