@@ -60,6 +60,8 @@ pub struct Flow {
     /// 0: the destination is on this host (up the stack); else the egress interface.
     out_ifindex: u32,
     pad3: u32,
+    /// Counted by the program (zero when installed).
+    stats: FlowStats,
 }
 
 /// What the program counted for a flow (`struct flow_stats`).
@@ -232,7 +234,8 @@ impl KernelPath {
         }
     }
 
-    /// Removes port `port`'s flow (its packets go to userspace again); what it counted.
+    /// Removes port `port`'s flow (its packets go to userspace again); what it counted
+    /// (read just before the delete: a packet counted in between is not in it).
     pub fn remove(&mut self, port: SocketAddrV4) -> Option<FlowStats> {
         #[cfg(parley_bpf)]
         {
@@ -273,7 +276,6 @@ mod imp {
         /// Owns the program (and its links: dropping it detaches).
         _ebpf: aya::Ebpf,
         flows: HashMap<MapData, FlowKey, Flow>,
-        stats: HashMap<MapData, FlowKey, FlowStats>,
     }
 
     fn load_err(what: &str, e: impl std::fmt::Display) -> KernelError {
@@ -299,35 +301,26 @@ mod imp {
             let flows = ebpf
                 .take_map("parley_flows")
                 .ok_or_else(|| KernelError::Load("no map parley_flows".into()))?;
-            let stats = ebpf
-                .take_map("parley_stats")
-                .ok_or_else(|| KernelError::Load("no map parley_stats".into()))?;
             Ok(Self {
                 flows: HashMap::try_from(flows).map_err(|e| load_err("parley_flows", e))?,
-                stats: HashMap::try_from(stats).map_err(|e| load_err("parley_stats", e))?,
                 _ebpf: ebpf,
             })
         }
 
         pub(super) fn install(&mut self, key: FlowKey, flow: Flow) -> Result<(), KernelError> {
-            let map = |e: aya::maps::MapError| KernelError::Map(e.to_string());
-            // Counters first: the program counts only a flow that has them.
-            self.stats
-                .insert(key, FlowStats::default(), 0)
-                .map_err(map)?;
-            self.flows.insert(key, flow, 0).map_err(map)
+            self.flows
+                .insert(key, flow, 0)
+                .map_err(|e| KernelError::Map(e.to_string()))
         }
 
         pub(super) fn remove(&mut self, key: FlowKey) -> Option<FlowStats> {
-            // The flow first: no packet is counted after the counters are read.
+            let last = self.stats(key);
             let _ = self.flows.remove(&key);
-            let last = self.stats.get(&key, 0).ok();
-            let _ = self.stats.remove(&key);
             last
         }
 
         pub(super) fn stats(&self, key: FlowKey) -> Option<FlowStats> {
-            self.stats.get(&key, 0).ok()
+            self.flows.get(&key, 0).ok().map(|f| f.stats)
         }
     }
 }
@@ -365,7 +358,7 @@ mod tests {
         );
         // The C layouts: no implicit padding.
         assert_eq!(std::mem::size_of::<FlowKey>(), 8);
-        assert_eq!(std::mem::size_of::<Flow>(), 32);
+        assert_eq!(std::mem::size_of::<Flow>(), 72);
         assert_eq!(std::mem::size_of::<super::FlowStats>(), 40);
     }
 }
