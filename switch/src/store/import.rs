@@ -38,8 +38,8 @@ mod sqlite;
 /// Rows per transaction. A batch's book upserts land on random pages of ~1,000-entry
 /// books; what an import costs is mostly pages written (to the WAL, then the file), and a
 /// page a transaction dirties is written once whatever number of rows it took. 50,000
-/// rows write about half the pages per row of 10,000 (1.8× the rows per second,
-/// `docs/BENCHMARKS.md`); 100,000 were no faster and held more memory.
+/// rows a transaction imported 1.9× the rows per second of 10,000 (`docs/BENCHMARKS.md`);
+/// 100,000 were no faster and held more memory.
 pub const BATCH: usize = 50_000;
 
 /// Rejections listed in a report (all are counted).
