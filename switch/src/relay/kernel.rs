@@ -7,11 +7,12 @@
 //! bridged relay port and peer it rewrites to); from then on the kernel forwards that
 //! direction's packets without waking the relay. A re-point, a hang-up or a media timeout
 //! removes the flow ([`KernelPath::remove`]) and the port is the relay's again. The
-//! program counts packets and bytes per flow ([`KernelPath::stats`]) so metrics, CDR
-//! packet counts and the idle check read the same numbers in both modes.
+//! program counts packets and bytes per flow ([`KernelPath::stats`]) so that metrics, CDR
+//! packet counts and the idle check can read the same numbers in both modes. (The relay
+//! workers do not drive this module yet: issue #16, `docs/architecture.md`.)
 //!
 //! Why `aya`: it loads a clang-built object on stable Rust with no C library (libbpf-rs
-//! needs libbpf and libelf at build and run time), and its typed maps and TC attachment
+//! builds libbpf and links libelf and zlib), and its typed maps and TC attachment
 //! (TCX links on kernels ≥ 6.6, netlink `clsact` before) are what the relay needs. The
 //! program is C because aya's Rust programs (`aya-ebpf`) need nightly's `rust-src`.
 //!
