@@ -12,6 +12,17 @@ use std::time::Duration;
 
 use parley_switch::relay::kernel::{KernelPath, RtpPosition};
 
+/// Runs `test` on a thread of its own in a private network namespace (its loopback up):
+/// namespaces are per thread, so tests in one process (plain `cargo test`) stay apart.
+fn in_private_netns(test: impl FnOnce() + Send + 'static) {
+    std::thread::spawn(|| {
+        private_netns();
+        test();
+    })
+    .join()
+    .unwrap();
+}
+
 /// A private network namespace for this thread, with its loopback up.
 fn private_netns() {
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect(
@@ -81,8 +92,7 @@ fn load(interfaces: &[&str]) -> KernelPath {
 /// see nothing, and the counters are what was sent.
 #[test]
 fn installed_flows_forward_both_ways_from_the_bridged_port_and_count() {
-    std::thread::spawn(|| {
-        private_netns();
+    in_private_netns(|| {
         let mut k = load(&["lo"]);
         let (a, b, c, d) = (socket(), socket(), socket(), socket());
         k.install(v4(&a), v4(&c), v4(&b), v4(&d)).unwrap();
@@ -120,17 +130,14 @@ fn installed_flows_forward_both_ways_from_the_bridged_port_and_count() {
             ts: u32::from(seq) * 160,
         };
         assert_eq!((sa.rtp(), sb.rtp()), (Some(at(49)), Some(at(1049))));
-    })
-    .join()
-    .unwrap();
+    });
 }
 
 /// Another source sending to a latched port is not forwarded: it reaches the relay's own
 /// socket (which drops it, as the userspace relay does) and is not counted.
 #[test]
 fn a_spoofed_source_goes_to_userspace_not_to_the_callee() {
-    std::thread::spawn(|| {
-        private_netns();
+    in_private_netns(|| {
         let mut k = load(&["lo"]);
         let (a, b, c, d, stranger) = (socket(), socket(), socket(), socket(), socket());
         k.install(v4(&a), v4(&c), v4(&b), v4(&d)).unwrap();
@@ -144,17 +151,14 @@ fn a_spoofed_source_goes_to_userspace_not_to_the_callee() {
         // The latched caller still goes through.
         c.send_to(&packet(8), v4(&a)).unwrap();
         assert_eq!(recv(&d), Some((packet(8), v4(&b))));
-    })
-    .join()
-    .unwrap();
+    });
 }
 
 /// A re-point (a re-INVITE moved the callee) sends the next packets to the new peer;
 /// removing the flow hands the port back to userspace and returns its last counters.
 #[test]
 fn a_repointed_flow_follows_and_a_removed_one_is_userspaces_again() {
-    std::thread::spawn(|| {
-        private_netns();
+    in_private_netns(|| {
         let mut k = load(&["lo"]);
         let (a, b, c, d, moved) = (socket(), socket(), socket(), socket(), socket());
         k.install(v4(&a), v4(&c), v4(&b), v4(&d)).unwrap();
@@ -183,9 +187,7 @@ fn a_repointed_flow_follows_and_a_removed_one_is_userspaces_again() {
             .set_read_timeout(Some(Duration::from_millis(100)))
             .unwrap();
         assert!(recv(&moved).is_none());
-    })
-    .join()
-    .unwrap();
+    });
 }
 
 /// Network namespaces made for one test (`ip netns add`), deleted when it ends.
