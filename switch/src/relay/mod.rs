@@ -225,6 +225,10 @@ impl DeviceConn {
     }
 }
 
+/// How long an allocation on a full range waits for released ports still closing
+/// (their workers drop the sockets within microseconds unless busy).
+const RETURN_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Handle to the relay, shared by the control plane.
 pub struct Relay {
     settings: RelaySettings,
@@ -259,7 +263,7 @@ impl Relay {
         let n = settings.workers.max(1);
         // Even RTP ports, each with room for its RTCP port above it.
         let first = settings.port_min.saturating_add(settings.port_min % 2);
-        let free: FreePorts = Arc::new(Mutex::new((first..settings.port_max).step_by(2).collect()));
+        let free: FreePorts = socket::PortPool::new((first..settings.port_max).step_by(2));
         let mut polls = Vec::with_capacity(n);
         let mut handles = Vec::with_capacity(n);
         let mut rxs = Vec::with_capacity(n);
@@ -376,9 +380,47 @@ impl Relay {
 
     /// Takes a free RTP port (and binds its RTCP port), of worker `want` if given.
     fn allocate_on(&self, want: Option<usize>) -> Result<u16, MediaError> {
+        let mut free = self.free.free.lock().map_err(|_| MediaError::Unavailable)?;
+        // Released ports still closing are worth a short wait (on the signalling thread,
+        // only when the range is otherwise full).
+        let deadline = std::time::Instant::now() + RETURN_WAIT;
+        let (port, w, mut rtp, rtcp) = loop {
+            if let Some(taken) = self.take_free(&mut free, want)? {
+                break taken;
+            }
+            let (guard, waited) = self.free.wait_returned(free, deadline);
+            free = guard;
+            if !waited {
+                return Err(MediaError::PortsExhausted);
+            }
+        };
+        rtp.return_to(self.free.clone());
+        drop(free);
+        self.legs[w].fetch_add(1, Ordering::Relaxed);
+        let rtp = Arc::new(rtp);
+        self.sockets.insert(port, rtp.clone());
+        self.workers[w].send(Command::AddSocket(rtp))?;
+        let mut bound = 1.0;
+        if let Some(rtcp) = rtcp {
+            let rtcp = Arc::new(rtcp);
+            self.sockets.insert(port + 1, rtcp.clone());
+            self.workers[w].send(Command::AddSocket(rtcp))?;
+            bound += 1.0;
+        }
+        metrics::gauge!(m::RELAY_PORTS_ACTIVE).increment(bound);
+        Ok(port)
+    }
+
+    /// One pass over the free ports: the first one that fits, bound (with its RTCP
+    /// port), and its worker; `None` if none does.
+    #[allow(clippy::type_complexity)]
+    fn take_free(
+        &self,
+        free: &mut std::collections::VecDeque<u16>,
+        want: Option<usize>,
+    ) -> Result<Option<(u16, usize, PortSocket, Option<PortSocket>)>, MediaError> {
         let s = &self.settings;
         let cap = s.max_ports_per_worker;
-        let mut free = self.free.lock().map_err(|_| MediaError::Unavailable)?;
         // Ports taken by other programs, ports of workers at their cap and ports of other
         // workers than the one wanted are skipped (and put back at the end for later).
         for _ in 0..free.len() {
@@ -400,23 +442,7 @@ impl Relay {
                 Ok((rtp, rtcp))
             });
             match pair {
-                Ok((mut rtp, rtcp)) => {
-                    rtp.return_to(self.free.clone());
-                    drop(free);
-                    self.legs[w].fetch_add(1, Ordering::Relaxed);
-                    let rtp = Arc::new(rtp);
-                    self.sockets.insert(port, rtp.clone());
-                    self.workers[w].send(Command::AddSocket(rtp))?;
-                    let mut bound = 1.0;
-                    if let Some(rtcp) = rtcp {
-                        let rtcp = Arc::new(rtcp);
-                        self.sockets.insert(port + 1, rtcp.clone());
-                        self.workers[w].send(Command::AddSocket(rtcp))?;
-                        bound += 1.0;
-                    }
-                    metrics::gauge!(m::RELAY_PORTS_ACTIVE).increment(bound);
-                    return Ok(port);
-                }
+                Ok((rtp, rtcp)) => return Ok(Some((port, w, rtp, rtcp))),
                 Err(e) if is_fd_limit(&e) => {
                     // Out of descriptors, not of ports: say so rather than "exhausted".
                     free.push_front(port);
@@ -426,7 +452,7 @@ impl Relay {
                 Err(_) => free.push_back(port),
             }
         }
-        Err(MediaError::PortsExhausted)
+        Ok(None)
     }
 
     /// Installs both directions of a UDP↔UDP bridge between two ports.
@@ -576,11 +602,14 @@ impl MediaPlane for Relay {
         // Each socket goes back to the pool when its last holder (a worker) drops it; an
         // RTCP port goes with its RTP port.
         let n = self.workers.len();
+        let mut closing = 0;
         for &p in ports {
             if self.sockets.contains_key(&p) {
                 self.legs[worker::owner(p, n)].fetch_sub(1, Ordering::Relaxed);
+                closing += 1;
             }
         }
+        self.free.closing(closing);
         let ports: Vec<u16> = ports
             .iter()
             .flat_map(|&p| [Some(p), p.checked_add(1)])

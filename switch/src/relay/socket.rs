@@ -5,7 +5,9 @@ use std::collections::VecDeque;
 use std::io;
 use std::net::{IpAddr, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Instant;
 
 use quinn::udp::UdpSocketState;
 
@@ -46,7 +48,64 @@ impl GroKeeper {
 
 /// The free-port pool (even RTP ports; each reserves the RTCP port above it), shared by
 /// the control plane (which takes) and the RTP sockets (which give back when closed).
-pub(crate) type FreePorts = Arc<Mutex<VecDeque<u16>>>;
+pub(crate) type FreePorts = Arc<PortPool>;
+
+/// Free RTP ports, and how many released ones are still on their way back.
+///
+/// Signalling releases a call's ports at once, but a port returns only when the worker
+/// holding its socket drops it, a moment later. A call placed in that moment on a full
+/// range would be refused although the range is not full; [`PortPool::closing`] lets the
+/// allocator wait for those ports briefly instead ([`PortPool::wait_returned`]).
+#[derive(Debug)]
+pub(crate) struct PortPool {
+    pub(crate) free: Mutex<VecDeque<u16>>,
+    returned: Condvar,
+    /// RTP ports released by signalling whose sockets are not closed yet.
+    closing: AtomicUsize,
+}
+
+impl PortPool {
+    pub(crate) fn new(ports: impl IntoIterator<Item = u16>) -> Arc<Self> {
+        Arc::new(Self {
+            free: Mutex::new(ports.into_iter().collect()),
+            returned: Condvar::new(),
+            closing: AtomicUsize::new(0),
+        })
+    }
+
+    /// Signalling released `n` RTP ports; they come back when their sockets close.
+    pub(crate) fn closing(&self, n: usize) {
+        self.closing.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// With no port free, waits (until `deadline`) for a released one to come back;
+    /// returns the guard and whether waiting was worth it (ports were on their way).
+    pub(crate) fn wait_returned<'a>(
+        &self,
+        guard: MutexGuard<'a, VecDeque<u16>>,
+        deadline: Instant,
+    ) -> (MutexGuard<'a, VecDeque<u16>>, bool) {
+        let now = Instant::now();
+        if self.closing.load(Ordering::Relaxed) == 0 || now >= deadline {
+            return (guard, false);
+        }
+        match self.returned.wait_timeout(guard, deadline - now) {
+            Ok((guard, _)) => (guard, true),
+            Err(poisoned) => (poisoned.into_inner().0, false),
+        }
+    }
+
+    fn give_back(&self, port: u16) {
+        if let Ok(mut free) = self.free.lock() {
+            free.push_back(port);
+        }
+        // A port dropped without a release (a failed allocation) was never counted.
+        let _ = self
+            .closing
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| c.checked_sub(1));
+        self.returned.notify_all();
+    }
+}
 
 /// One bound relay port.
 ///
@@ -122,8 +181,8 @@ impl PortSocket {
 impl Drop for PortSocket {
     fn drop(&mut self) {
         drop(self.socket.take());
-        if let Some(Ok(mut free)) = self.free.as_ref().map(|f| f.lock()) {
-            free.push_back(self.port);
+        if let Some(pool) = &self.free {
+            pool.give_back(self.port);
         }
     }
 }

@@ -91,32 +91,72 @@ macro_rules! both_stores {
     };
 }
 
-/// A free UDP port on loopback (bound then released).
-pub fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+/// Test ports come from below the kernel's ephemeral range (32768–60999 here): a port
+/// the kernel hands out for some process's `bind(0)` or `connect` can never be one a test
+/// reserved, and a reserved port is not free for the kernel to hand out. Between tests
+/// (nextest runs each in its own process) a reservation is an exclusive lock on
+/// `$TMPDIR/parley-test-ports/PORT`, held until the process ends; the lock goes with
+/// the process, so a killed test leaves nothing behind.
+const SINGLE_PORTS: std::ops::Range<u16> = 10_000..14_000;
+/// Blocks (relay ranges, SIPp media) start at a multiple of 100 in this range.
+const BLOCK_PORTS: std::ops::Range<u16> = 14_000..32_700;
+
+/// Holds the locks of every port this process reserved.
+static RESERVED: std::sync::Mutex<Vec<std::fs::File>> = std::sync::Mutex::new(Vec::new());
+
+/// Reserves `port..port + n` when every port is free of other tests' reservations and
+/// binds on loopback (UDP and TCP); `false` leaves nothing reserved.
+fn reserve(port: u16, n: u16) -> bool {
+    let dir = std::env::temp_dir().join("parley-test-ports");
+    std::fs::create_dir_all(&dir).expect("port lock directory");
+    let mut locks = Vec::new();
+    for p in port..port + n {
+        let Ok(file) = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(p.to_string()))
+        else {
+            return false;
+        };
+        let free = file.try_lock().is_ok()
+            && UdpSocket::bind(("127.0.0.1", p)).is_ok()
+            && std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if !free {
+            return false;
+        }
+        locks.push(file);
+    }
+    RESERVED.lock().unwrap().extend(locks);
+    true
 }
 
-/// A base port with `n` consecutive free UDP ports after it (for SIPp media ports).
+/// A UDP (or TCP) port on loopback reserved for this test process (see [`SINGLE_PORTS`]).
+pub fn free_udp_port() -> u16 {
+    for _ in 0..1000 {
+        let port = SINGLE_PORTS.start + rand_u16() % (SINGLE_PORTS.end - SINGLE_PORTS.start);
+        if reserve(port, 1) {
+            return port;
+        }
+    }
+    panic!("no free test port in {SINGLE_PORTS:?}");
+}
+
+/// A base port with `n` consecutive ports after it reserved for this test process (for
+/// relay ranges and SIPp media ports; see [`BLOCK_PORTS`]).
 pub fn free_port_block(n: u16) -> u16 {
-    for _ in 0..200 {
-        let base = 30000 + (rand_u16() % 300) * 100;
-        if (0..n).all(|i| UdpSocket::bind(("127.0.0.1", base + i)).is_ok()) {
+    let slots = (BLOCK_PORTS.end - BLOCK_PORTS.start - n) / 100;
+    for _ in 0..1000 {
+        let base = BLOCK_PORTS.start + (rand_u16() % slots) * 100;
+        if reserve(base, n) {
             return base;
         }
     }
-    panic!("no free port block");
+    panic!("no free block of {n} test ports in {BLOCK_PORTS:?}");
 }
 
 fn rand_u16() -> u16 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    ((t ^ std::process::id().wrapping_mul(2654435761)) >> 7) as u16
+    rand::random::<u16>()
 }
 
 /// A running node.
@@ -741,6 +781,7 @@ impl SippUas {
     /// As [`SippUas::start`], listening on `port` (a second trunk).
     pub fn start_on(node: &Node, port: u16, scenario_args: &[&str]) -> SippUas {
         let media = free_port_block(4).to_string();
+        let log = node.dir.path().join(format!("sipp-uas-{port}.log"));
         let child = Command::new(sipp_bin())
             .args(scenario_args)
             .args([
@@ -758,11 +799,18 @@ impl SippUas {
             ])
             .current_dir(node.dir.path())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("sipp log"))
             .spawn()
             .expect("spawn sipp uas");
         std::thread::sleep(Duration::from_millis(300));
-        SippUas(child)
+        let mut uas = SippUas(child);
+        if let Ok(Some(status)) = uas.0.try_wait() {
+            panic!(
+                "the SIPp UAS on port {port} exited at start ({status}):\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        uas
     }
 }
 
