@@ -278,6 +278,54 @@ impl Continuity {
     pub fn switches(&self) -> u32 {
         self.stream.map_or(0, |s| s.switches)
     }
+
+    /// How the current source's packets are mapped onto the stream (`None` before the
+    /// first packet): what a fast path forwarding this stream must apply to them.
+    pub fn mapping(&self) -> Option<Mapping> {
+        self.stream.map(|s| Mapping {
+            in_ssrc: s.in_ssrc,
+            out_ssrc: s.out_ssrc,
+            seq_delta: s.seq_delta,
+            ts_delta: s.ts_delta,
+        })
+    }
+
+    /// Packets of the current source were forwarded elsewhere (a kernel fast path), the
+    /// last one leaving as `(seq, ts)` with SSRC `out_ssrc`: the stream is there now, so a
+    /// new source is mapped on from that point. Ignored if the stream is not the one the
+    /// fast path carried (another output SSRC) or the position is older than ours.
+    pub fn caught_up(&mut self, out_ssrc: u32, seq: u16, ts: u32, now: std::time::Instant) {
+        let Some(st) = &mut self.stream else {
+            return;
+        };
+        let ahead = seq.wrapping_sub(st.last_seq);
+        if st.out_ssrc == out_ssrc && ahead != 0 && ahead < 0x8000 {
+            st.last_seq = seq;
+            st.last_ts = ts;
+            st.last_at = now;
+        }
+    }
+}
+
+/// How one source's packets are mapped onto the stream a peer sees: SSRC replaced,
+/// sequence numbers and timestamps shifted (wrapping).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mapping {
+    /// The source's SSRC.
+    pub in_ssrc: u32,
+    /// The SSRC the peer sees.
+    pub out_ssrc: u32,
+    /// Added to the source's sequence numbers.
+    pub seq_delta: u16,
+    /// Added to the source's timestamps.
+    pub ts_delta: u32,
+}
+
+impl Mapping {
+    /// Whether packets change at all.
+    pub fn rewrites(&self) -> bool {
+        self.seq_delta != 0 || self.ts_delta != 0 || self.in_ssrc != self.out_ssrc
+    }
 }
 
 #[cfg(test)]
@@ -382,6 +430,38 @@ mod tests {
         assert_eq!(c.apply(&mut rr, at), Ok(false));
         assert_eq!(RtpView::parse(&rr).unwrap().ssrc(), 0x1111);
         assert_eq!(c.switches(), 1);
+    }
+
+    /// A fast path forwarded the stream meanwhile: a new source then follows on from where
+    /// the fast path left it, not from the last packet this state saw itself.
+    #[test]
+    fn continuity_picks_up_where_a_fast_path_left_the_stream() {
+        use std::time::{Duration, Instant};
+        let t = Instant::now();
+        let mut c = Continuity::default();
+        assert_eq!(c.mapping(), None);
+        let _ = c.apply(&mut packet(7, 100, 16_000), t);
+        let m = c.mapping().unwrap();
+        assert_eq!((m.in_ssrc, m.out_ssrc, m.rewrites()), (7, 7, false));
+        // 500 packets later (the kernel's record of the last one)...
+        c.caught_up(7, 600, 16_000 + 500 * 160, t + Duration::from_secs(10));
+        // ...a stale or foreign position changes nothing.
+        c.caught_up(7, 590, 0, t);
+        c.caught_up(9, 700, 0, t);
+        let mut p = packet(8, 5, 0);
+        assert_eq!(
+            c.apply(
+                &mut p,
+                t + Duration::from_secs(10) + Duration::from_millis(20)
+            ),
+            Ok(true)
+        );
+        let v = RtpView::parse(&p).unwrap();
+        assert_eq!((v.ssrc(), v.sequence()), (7, 601));
+        assert_eq!(v.timestamp(), 16_000 + 500 * 160 + 160);
+        let m = c.mapping().unwrap();
+        assert_eq!((m.in_ssrc, m.out_ssrc, m.seq_delta), (8, 7, 596));
+        assert!(m.rewrites());
     }
 
     #[test]

@@ -30,7 +30,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use parley_switch::relay::kernel::KernelPath;
+use parley_switch::relay::kernel::{KernelPath, Mapping};
+
+/// The stream the generator sends (its packets are 0x80 bytes, SSRC included), unmapped.
+const STREAM: Mapping = Mapping {
+    in_ssrc: 0x8080_8080,
+    out_ssrc: 0x8080_8080,
+    seq_delta: 0,
+    ts_delta: 0,
+};
 
 /// Busy jiffies of the whole machine (user, nice, system, irq, softirq, steal).
 fn busy_ticks() -> u64 {
@@ -183,7 +191,7 @@ fn main() {
         let mut k = KernelPath::load(&["lo"]).expect("load the eBPF program (root, clang build)");
         for p in &ports {
             // Each flow leaves from its own relay port toward the callee.
-            k.install(v4(p), v4(&caller), v4(p), v4(&callee)).unwrap();
+            k.install(v4(p), v4(&caller), (v4(p), v4(&callee)), STREAM).unwrap();
         }
         let relay: Vec<SocketAddrV4> = ports.iter().map(v4).collect();
         let direct = vec![v4(&callee)];

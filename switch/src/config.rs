@@ -275,6 +275,16 @@ pub struct RelayConfig {
     /// latch (its port may differ), so a third party cannot take a call's media by
     /// sending first.
     pub latch_any_source: bool,
+    /// Forward latched UDP↔UDP media in the kernel with Parley's eBPF program (TC
+    /// classifier; the relay installs each flow once both peers have latched and takes it
+    /// back on a re-INVITE, hang-up or media timeout): `off` (the default), `auto` (where
+    /// the program loads: root with CAP_BPF and CAP_NET_ADMIN, a build with clang; else
+    /// userspace, saying why in the log) or `required` (the node does not start without
+    /// it).
+    pub kernel: crate::relay::KernelMode,
+    /// Interfaces the kernel fast path attaches to (ingress); empty: `lo` and the
+    /// interface holding `ip`.
+    pub kernel_interfaces: Vec<String>,
 }
 
 /// `[calls]`
@@ -674,6 +684,8 @@ impl Default for RelayConfig {
             socket_buffer_bytes: 0,
             max_ports_per_worker: 0,
             latch_any_source: false,
+            kernel: crate::relay::KernelMode::Off,
+            kernel_interfaces: Vec::new(),
         }
     }
 }

@@ -54,6 +54,13 @@ pub const RELAY_PORTS_ACTIVE: &str = "parley_relay_ports_active";
 /// Media bridges installed in the relay (one per connected call: UDP↔UDP, UDP↔RoQ or
 /// RoQ↔RoQ).
 pub const RELAY_FLOWS_ACTIVE: &str = "parley_relay_flows_active";
+/// Packets the kernel fast path forwarded (also counted in `RELAY_PACKETS_TOTAL`,
+/// `path="udp_udp"`).
+pub const RELAY_KERNEL_PACKETS_TOTAL: &str = "parley_relay_kernel_packets_total";
+/// Relay ports whose latched flow the kernel fast path forwards.
+pub const RELAY_KERNEL_FLOWS: &str = "parley_relay_kernel_flows";
+/// 1 when the kernel fast path is loaded, else 0.
+pub const RELAY_KERNEL_LOADED: &str = "parley_relay_kernel_loaded";
 /// Datagrams returned by one batched read (`recvmmsg`) of a relay socket.
 pub const RELAY_BATCH_SIZE: &str = "parley_relay_batch_size";
 /// Time from a batch's read off a relay socket to its send (one batch in 64 is sampled).
@@ -272,6 +279,9 @@ fn register_zeroes() {
     }
     gauge!(RELAY_PORTS_ACTIVE).set(0.0);
     gauge!(RELAY_FLOWS_ACTIVE).set(0.0);
+    gauge!(RELAY_KERNEL_FLOWS).set(0.0);
+    gauge!(RELAY_KERNEL_LOADED).set(0.0);
+    counter!(RELAY_KERNEL_PACKETS_TOTAL).increment(0);
     let _ = metrics::histogram!(RELAY_BATCH_SIZE);
     let _ = metrics::histogram!(RELAY_FORWARD_SECONDS);
     for r in ["accepted", "moved", "rejected"] {
@@ -387,6 +397,21 @@ fn describe() {
         RELAY_FLOWS_ACTIVE,
         Unit::Count,
         "Media bridges installed in the relay (one per connected call)"
+    );
+    describe_counter!(
+        RELAY_KERNEL_PACKETS_TOTAL,
+        Unit::Count,
+        "RTP/RTCP packets forwarded by the kernel fast path (eBPF), also in parley_relay_packets_total{path=\"udp_udp\"}"
+    );
+    describe_gauge!(
+        RELAY_KERNEL_FLOWS,
+        Unit::Count,
+        "Latched relay flows forwarded by the kernel fast path"
+    );
+    describe_gauge!(
+        RELAY_KERNEL_LOADED,
+        Unit::Count,
+        "1 when the relay's eBPF fast path is loaded, else 0"
     );
     metrics::describe_histogram!(
         RELAY_BATCH_SIZE,

@@ -113,6 +113,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         socket_buffer: cfg.relay.socket_buffer_bytes,
         max_ports_per_worker: cfg.relay.max_ports_per_worker,
         latch_any_source: cfg.relay.latch_any_source,
+        kernel: cfg.relay.kernel,
+        kernel_interfaces: cfg.relay.kernel_interfaces.clone(),
     })?;
     let (cdr_queue, cdr_task) = cdr_writer::start(store.clone(), registry.clone());
     if cfg.cdrs.retention_days > 0 {

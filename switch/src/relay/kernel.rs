@@ -2,14 +2,16 @@
 //! (`switch/bpf/relay.bpf.c`, a TC classifier in direct-action mode), as rtpengine's
 //! kernel module forwards them — without a module, which these machines cannot load.
 //!
-//! Userspace stays in charge: the relay latches a port's peer as always, then installs the
-//! port's flow here ([`KernelPath::install`]: the latched source the program accepts, the
-//! bridged relay port and peer it rewrites to); from then on the kernel forwards that
-//! direction's packets without waking the relay. A re-point, a hang-up or a media timeout
-//! removes the flow ([`KernelPath::remove`]) and the port is the relay's again. The
-//! program counts packets and bytes per flow ([`KernelPath::stats`]) so that metrics, CDR
-//! packet counts and the idle check can read the same numbers in both modes. (The relay
-//! workers do not drive this module yet: issue #16, `docs/architecture.md`.)
+//! Userspace stays in charge: a relay worker latches a port's peer as always, then
+//! installs the port's flow ([`KernelFlows::install`]: the latched source the program
+//! accepts, the bridged relay port and peer it rewrites to, the stream's continuity
+//! mapping); from then on the kernel forwards that direction's packets without waking the
+//! relay. A re-point, a hang-up or a media timeout (which hangs up) removes the flow
+//! ([`KernelFlows::remove`]) and the port is the relay's again. The program counts packets
+//! and bytes per flow, which [`KernelFlows`] folds into the call's stats and the relay
+//! metrics, so `/metrics`, CDR packet counts and the idle check read the same numbers in
+//! both modes. `[relay] kernel` (`super::KernelMode`) turns it on; `docs/architecture.md`
+//! has the whole picture.
 //!
 //! Why `aya`: it loads a clang-built object on stable Rust with no C library (libbpf-rs
 //! builds libbpf and links libelf and zlib), and its typed maps and TC attachment
@@ -20,6 +22,8 @@
 //! says why, and the relay runs exactly as without it.
 
 use std::net::SocketAddrV4;
+
+pub use parley_codecs::rtp::Mapping;
 
 /// Why the fast path is not there.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +37,9 @@ pub enum KernelError {
     /// A map update failed (full, or the program is gone).
     #[error("flow map: {0}")]
     Map(String),
+    /// The flow's destination has no route (or the interface it leaves by is unknown).
+    #[error("no route to {0}: {1}")]
+    Route(SocketAddrV4, std::io::Error),
 }
 
 /// The relay port a packet arrives at (`struct flow_key`): address and port in network
@@ -61,6 +68,16 @@ pub struct Flow {
     /// 0: the destination is on this host (up the stack); else the egress interface.
     out_ifindex: u32,
     pad3: u32,
+    /// The SSRC forwarded (network order); others go to userspace.
+    in_ssrc: u32,
+    /// What it becomes, when `mapped` (network order).
+    out_ssrc: u32,
+    /// Added to timestamps, when `mapped`.
+    ts_delta: u32,
+    /// Added to sequence numbers, when `mapped`.
+    seq_delta: u16,
+    /// 1: rewrite SSRC, sequence and timestamp (userspace's continuity mapping).
+    mapped: u16,
     /// Counted by the program (zero when installed).
     stats: FlowStats,
 }
@@ -144,14 +161,21 @@ impl Flow {
     /// Packets from `latched` are sent from `out_src` (the bridged relay port) to
     /// `out_dst` (the bridged port's peer), through interface `out_ifindex` (0: on this
     /// host, [`egress`]).
+    /// Only RTP of `map.in_ssrc` (and RTCP, unless the mapping rewrites) is forwarded.
     pub fn new(
         latched: SocketAddrV4,
         out_src: SocketAddrV4,
         out_dst: SocketAddrV4,
         out_ifindex: u32,
+        map: Mapping,
     ) -> Self {
         Self {
             out_ifindex,
+            in_ssrc: map.in_ssrc.to_be(),
+            out_ssrc: map.out_ssrc.to_be(),
+            ts_delta: map.ts_delta,
+            seq_delta: map.seq_delta,
+            mapped: u16::from(map.rewrites()),
             src_addr: be_addr(&latched),
             src_port: be_port(&latched),
             out_saddr: be_addr(&out_src),
@@ -163,19 +187,28 @@ impl Flow {
     }
 }
 
+/// The interface holding address `ip` (`None`: none does).
+fn holder(ip: std::net::Ipv4Addr) -> std::io::Result<Option<String>> {
+    Ok(nix::ifaddrs::getifaddrs()?.find_map(|i| {
+        let a = i.address?.as_sockaddr_in()?.ip();
+        (std::net::Ipv4Addr::from(a) == ip).then_some(i.interface_name)
+    }))
+}
+
+/// The interface holding the relay's address `ip` (`lo` for a loopback address).
+pub fn interface_of(ip: std::net::Ipv4Addr) -> std::io::Result<String> {
+    if ip.is_loopback() {
+        return Ok("lo".into());
+    }
+    holder(ip)?.ok_or_else(|| std::io::Error::other(format!("no interface has the address {ip}")))
+}
+
 /// The interface packets to `dst` leave by, as the flow wants it: 0 when `dst` is on this
 /// host (a loopback address or one of the host's own, delivered by the host's stack), else the
 /// index of the interface whose address the kernel would send from (a UDP socket
 /// connected to `dst` tells which).
 pub fn egress(dst: std::net::Ipv4Addr) -> std::io::Result<u32> {
-    use nix::ifaddrs::getifaddrs;
-    let own = |want: std::net::Ipv4Addr| -> std::io::Result<Option<String>> {
-        Ok(getifaddrs()?.find_map(|i| {
-            let a = i.address?.as_sockaddr_in()?.ip();
-            (std::net::Ipv4Addr::from(a) == want).then_some(i.interface_name)
-        }))
-    };
-    if dst.is_loopback() || own(dst)?.is_some() {
+    if dst.is_loopback() || holder(dst)?.is_some() {
         return Ok(0);
     }
     let probe = std::net::UdpSocket::bind("0.0.0.0:0")?;
@@ -183,7 +216,7 @@ pub fn egress(dst: std::net::Ipv4Addr) -> std::io::Result<u32> {
     let std::net::SocketAddr::V4(src) = probe.local_addr()? else {
         return Err(std::io::Error::other("not an IPv4 route"));
     };
-    let name = own(*src.ip())?.ok_or_else(|| {
+    let name = holder(*src.ip())?.ok_or_else(|| {
         std::io::Error::other(format!("no interface has the source address {}", src.ip()))
     })?;
     Ok(nix::net::if_::if_nametoindex(name.as_str())?)
@@ -213,24 +246,26 @@ impl KernelPath {
     }
 
     /// Installs (or re-points) the flow of relay port `port`: packets from `latched` to
-    /// it leave from `out_src` to `out_dst`. Its counters start at zero.
+    /// it leave from `out_src` to `out_dst`, RTP of the stream `map` describes mapped by
+    /// it. Its counters start at zero.
     pub fn install(
         &mut self,
         port: SocketAddrV4,
         latched: SocketAddrV4,
-        out_src: SocketAddrV4,
-        out_dst: SocketAddrV4,
+        (out_src, out_dst): (SocketAddrV4, SocketAddrV4),
+        map: Mapping,
     ) -> Result<(), KernelError> {
         #[cfg(parley_bpf)]
         {
-            let out = egress(*out_dst.ip())
-                .map_err(|e| KernelError::Map(format!("no route to {out_dst}: {e}")))?;
-            self.inner
-                .install(FlowKey::of(port), Flow::new(latched, out_src, out_dst, out))
+            let out = egress(*out_dst.ip()).map_err(|e| KernelError::Route(out_dst, e))?;
+            self.inner.install(
+                FlowKey::of(port),
+                Flow::new(latched, out_src, out_dst, out, map),
+            )
         }
         #[cfg(not(parley_bpf))]
         {
-            let _ = (port, latched, out_src, out_dst);
+            let _ = (port, latched, out_src, out_dst, map);
             Err(KernelError::NotBuilt)
         }
     }
@@ -263,6 +298,194 @@ impl KernelPath {
     }
 }
 
+/// Bytes of a forwarded packet the program counts that the relay's byte counters do not:
+/// Ethernet, IPv4 (no options: the program forwards no others) and UDP headers.
+const HEADERS: u64 = 14 + 20 + 8;
+
+/// The flows installed in the kernel, shared by the relay workers (which install and
+/// remove their ports' flows) and the control plane (which removes a call's flows as it
+/// releases them, so its CDR has every packet counted).
+///
+/// The program's counters are folded into each call's
+/// [`parley_actors::messages::FlowStats`] (the CDR's packet counts and the media timeout
+/// read those, as in userspace mode) and into the relay metrics: on [`KernelFlows::sweep`]
+/// (periodic), on re-install and on removal.
+pub struct KernelFlows {
+    /// The relay's address (every key's).
+    ip: std::net::Ipv4Addr,
+    inner: std::sync::Mutex<Installed>,
+    packets: metrics::Counter,
+    bytes: metrics::Counter,
+    kernel_packets: metrics::Counter,
+    flows: metrics::Gauge,
+}
+
+struct Installed {
+    path: KernelPath,
+    ports: std::collections::HashMap<u16, Counted>,
+}
+
+/// An installed flow, and how much of what the program counted is folded in already.
+struct Counted {
+    stats: Option<std::sync::Arc<parley_actors::messages::FlowStats>>,
+    caller_side: bool,
+    packets: u64,
+    bytes: u64,
+}
+
+impl KernelFlows {
+    /// Flows of the relay on `ip` through the loaded `path`.
+    pub fn new(path: KernelPath, ip: std::net::Ipv4Addr) -> Self {
+        use crate::metrics as m;
+        metrics::gauge!(m::RELAY_KERNEL_LOADED).set(1.0);
+        Self {
+            ip,
+            inner: std::sync::Mutex::new(Installed {
+                path,
+                ports: std::collections::HashMap::new(),
+            }),
+            packets: metrics::counter!(m::RELAY_PACKETS_TOTAL, "path" => "udp_udp"),
+            bytes: metrics::counter!(m::RELAY_BYTES_TOTAL, "path" => "udp_udp"),
+            kernel_packets: metrics::counter!(m::RELAY_KERNEL_PACKETS_TOTAL),
+            flows: metrics::gauge!(m::RELAY_KERNEL_FLOWS),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Installed> {
+        // A panic while holding it leaves plain data behind: carry on with it.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn addr(&self, port: u16) -> SocketAddrV4 {
+        SocketAddrV4::new(self.ip, port)
+    }
+
+    /// Relay port `port` forwards packets from `latched` out of relay port `out_port` to
+    /// `out_dst` in the kernel, RTP of the stream `map` describes; its packets count into
+    /// `stats` (`caller_side`: as the caller's). Replaces the flow there (its counts
+    /// folded first).
+    #[allow(clippy::too_many_arguments)]
+    pub fn install(
+        &self,
+        port: u16,
+        latched: SocketAddrV4,
+        (out_port, out_dst): (u16, SocketAddrV4),
+        map: Mapping,
+        stats: Option<std::sync::Arc<parley_actors::messages::FlowStats>>,
+        caller_side: bool,
+    ) -> Result<(), KernelError> {
+        let mut inner = self.lock();
+        let Installed { path, ports } = &mut *inner;
+        if let Some(c) = ports.get_mut(&port) {
+            let now = path.stats(self.addr(port));
+            self.fold(c, now);
+        }
+        match path.install(
+            self.addr(port),
+            latched,
+            (self.addr(out_port), out_dst),
+            map,
+        ) {
+            Ok(()) => {
+                ports.insert(
+                    port,
+                    Counted {
+                        stats,
+                        caller_side,
+                        packets: 0,
+                        bytes: 0,
+                    },
+                );
+                self.flows.set(ports.len() as f64);
+                Ok(())
+            }
+            Err(e) => {
+                // The old entry (if any) still forwards for the old peer: take it out.
+                if ports.remove(&port).is_some() {
+                    path.remove(self.addr(port));
+                    self.flows.set(ports.len() as f64);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Takes port `port`'s flow out of the kernel (its packets are userspace's again),
+    /// folding in what it counted; the last RTP packet it forwarded.
+    pub fn remove(&self, port: u16) -> Option<RtpPosition> {
+        let mut inner = self.lock();
+        let Installed { path, ports } = &mut *inner;
+        let mut c = ports.remove(&port)?;
+        let last = path.remove(self.addr(port));
+        self.fold(&mut c, last);
+        self.flows.set(ports.len() as f64);
+        last.and_then(|s| s.rtp())
+    }
+
+    /// The last RTP packet port `port`'s flow forwarded (counts folded in too).
+    pub fn position(&self, port: u16) -> Option<RtpPosition> {
+        let mut inner = self.lock();
+        let Installed { path, ports } = &mut *inner;
+        let c = ports.get_mut(&port)?;
+        let now = path.stats(self.addr(port));
+        self.fold(c, now);
+        now.and_then(|s| s.rtp())
+    }
+
+    /// Folds what every flow counted since the last time into its call's stats and the
+    /// relay metrics.
+    pub fn sweep(&self) {
+        let mut inner = self.lock();
+        let Installed { path, ports } = &mut *inner;
+        for (&port, c) in ports.iter_mut() {
+            let now = path.stats(self.addr(port));
+            self.fold(c, now);
+        }
+    }
+
+    /// Packets the kernel forwarded for port `port`'s flow since it was installed
+    /// (`None`: no flow there).
+    pub fn forwarded(&self, port: u16) -> Option<u64> {
+        let inner = self.lock();
+        inner.ports.get(&port)?;
+        inner.path.stats(self.addr(port)).map(|s| s.packets)
+    }
+
+    /// Flows installed.
+    pub fn len(&self) -> usize {
+        self.lock().ports.len()
+    }
+
+    /// Whether no flow is installed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn fold(&self, c: &mut Counted, now: Option<FlowStats>) {
+        let Some(now) = now else { return };
+        let packets = now.packets.saturating_sub(c.packets);
+        let bytes = now.bytes.saturating_sub(c.bytes);
+        (c.packets, c.bytes) = (now.packets, now.bytes);
+        if packets == 0 {
+            return;
+        }
+        if let Some(s) = &c.stats {
+            s.count(c.caller_side, packets);
+        }
+        self.packets.increment(packets);
+        self.kernel_packets.increment(packets);
+        self.bytes
+            .increment(bytes.saturating_sub(packets * HEADERS));
+    }
+}
+
+impl Drop for KernelFlows {
+    fn drop(&mut self) {
+        metrics::gauge!(crate::metrics::RELAY_KERNEL_LOADED).set(0.0);
+        self.flows.set(0.0);
+    }
+}
+
 #[cfg(parley_bpf)]
 mod imp {
     use aya::maps::{HashMap, MapData};
@@ -279,8 +502,18 @@ mod imp {
         flows: HashMap<MapData, FlowKey, Flow>,
     }
 
-    fn load_err(what: &str, e: impl std::fmt::Display) -> KernelError {
-        KernelError::Load(format!("{what}: {e}"))
+    /// `e` with its causes (aya's errors keep the system's reason, e.g. EPERM, in them).
+    fn load_err(what: &str, e: impl std::error::Error) -> KernelError {
+        let mut text = format!("{what}: {e}");
+        let mut cause = e.source();
+        while let Some(c) = cause {
+            text.push_str(&format!(": {c}"));
+            cause = c.source();
+        }
+        if text.contains("Operation not permitted") {
+            text.push_str(" (loading needs root, or CAP_BPF and CAP_NET_ADMIN)");
+        }
+        KernelError::Load(text)
     }
 
     impl Loaded {
@@ -343,6 +576,12 @@ mod tests {
             "127.0.0.1:40002".parse().unwrap(),
             "10.0.0.2:6000".parse().unwrap(),
             3,
+            super::Mapping {
+                in_ssrc: 0x0102_0304,
+                out_ssrc: 0x0506_0708,
+                seq_delta: 0x0a0b,
+                ts_delta: 7,
+            },
         );
         assert_eq!(f.out_ifindex, 3);
         assert_eq!(
@@ -357,9 +596,15 @@ mod tests {
             (f.out_daddr.to_ne_bytes(), f.out_dport.to_ne_bytes()),
             ([10, 0, 0, 2], [0x17, 0x70])
         );
+        // SSRCs as in the packet, deltas as numbers; a mapping that rewrites is marked.
+        assert_eq!(
+            (f.in_ssrc.to_ne_bytes(), f.out_ssrc.to_ne_bytes()),
+            ([1, 2, 3, 4], [5, 6, 7, 8])
+        );
+        assert_eq!((f.seq_delta, f.ts_delta, f.mapped), (0x0a0b, 7, 1));
         // The C layouts: no implicit padding.
         assert_eq!(std::mem::size_of::<FlowKey>(), 8);
-        assert_eq!(std::mem::size_of::<Flow>(), 72);
+        assert_eq!(std::mem::size_of::<Flow>(), 88);
         assert_eq!(std::mem::size_of::<super::FlowStats>(), 40);
     }
 }

@@ -55,6 +55,78 @@ pub struct RelaySettings {
     /// Latch a port's first source whatever its IP address (peers behind NAT); by
     /// default only a source with the signalled IP address may latch.
     pub latch_any_source: bool,
+    /// Forward latched UDP↔UDP flows in the kernel ([`kernel`]).
+    pub kernel: KernelMode,
+    /// Interfaces the kernel fast path attaches to; empty: `lo` and the one holding `ip`.
+    pub kernel_interfaces: Vec<String>,
+}
+
+/// Whether the relay forwards latched UDP↔UDP flows with its eBPF program ([`kernel`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelMode {
+    /// Userspace only.
+    #[default]
+    Off,
+    /// The kernel where the program loads; userspace (saying why in the log) where not.
+    Auto,
+    /// The kernel, or the node does not start.
+    Required,
+}
+
+/// How often the kernel's per-flow counters are folded into calls' stats and the
+/// metrics: the media timeout and `/metrics` lag the kernel by at most this much (a
+/// call's CDR does not: its flows are folded as it releases them).
+const KERNEL_SWEEP: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Loads the kernel fast path as `s.kernel` asks: `None` when off, or (`auto`) when it
+/// cannot load, said in the log; an error when required and it cannot.
+fn load_kernel(s: &RelaySettings) -> std::io::Result<Option<Arc<kernel::KernelFlows>>> {
+    if s.kernel == KernelMode::Off {
+        return Ok(None);
+    }
+    let attempt = || -> Result<kernel::KernelFlows, String> {
+        let IpAddr::V4(ip) = s.ip else {
+            return Err(format!(
+                "the relay address {} is IPv6; the program forwards IPv4",
+                s.ip
+            ));
+        };
+        if ip.is_unspecified() {
+            return Err(
+                "the relay address is 0.0.0.0; the program finds a flow by the relay's own \
+                 address: set [relay] ip"
+                    .into(),
+            );
+        }
+        let interfaces = if s.kernel_interfaces.is_empty() {
+            let mut v = vec!["lo".to_owned()];
+            let own = kernel::interface_of(ip).map_err(|e| e.to_string())?;
+            if !v.contains(&own) {
+                v.push(own);
+            }
+            v
+        } else {
+            s.kernel_interfaces.clone()
+        };
+        let names: Vec<&str> = interfaces.iter().map(String::as_str).collect();
+        let path = kernel::KernelPath::load(&names).map_err(|e| e.to_string())?;
+        tracing::info!(
+            interfaces = ?interfaces,
+            "relay kernel fast path loaded: latched UDP flows are forwarded by eBPF"
+        );
+        Ok(kernel::KernelFlows::new(path, ip))
+    };
+    match attempt() {
+        Ok(k) => Ok(Some(Arc::new(k))),
+        Err(why) if s.kernel == KernelMode::Auto => {
+            tracing::warn!(reason = %why, "relay kernel fast path unavailable; relaying in userspace");
+            Ok(None)
+        }
+        Err(why) => Err(std::io::Error::other(format!(
+            "[relay] kernel = \"required\", but the fast path cannot load: {why}"
+        ))),
+    }
 }
 
 impl RelaySettings {
@@ -71,6 +143,8 @@ impl RelaySettings {
             socket_buffer: 0,
             max_ports_per_worker: 0,
             latch_any_source: false,
+            kernel: KernelMode::Off,
+            kernel_interfaces: Vec::new(),
         }
     }
 }
@@ -246,6 +320,10 @@ pub struct Relay {
     next_flow: AtomicU64,
     conns: dashmap::DashMap<SessionId, DeviceConn>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// The kernel fast path, when loaded.
+    kernel: Option<Arc<kernel::KernelFlows>>,
+    /// Dropped to stop the kernel counters' sweeper.
+    sweeper: Mutex<Option<mpsc::Sender<()>>>,
     _gro: socket::GroKeeper,
 }
 
@@ -282,7 +360,24 @@ impl Relay {
             });
         }
         let workers: Arc<[WorkerHandle]> = handles.into();
-        let mut threads = Vec::with_capacity(n);
+        let kernel = load_kernel(&settings)?;
+        let mut threads = Vec::with_capacity(n + 1);
+        let mut sweeper = None;
+        if let Some(k) = &kernel {
+            let (k, (tx, rx)) = (k.clone(), mpsc::channel::<()>());
+            threads.push(
+                std::thread::Builder::new()
+                    .name("parley-relay-kernel".into())
+                    .spawn(move || {
+                        while let Err(mpsc::RecvTimeoutError::Timeout) =
+                            rx.recv_timeout(KERNEL_SWEEP)
+                        {
+                            k.sweep();
+                        }
+                    })?,
+            );
+            sweeper = Some(tx);
+        }
         for (i, (poll, (rx, media_rx))) in polls.into_iter().zip(rxs).enumerate() {
             let w = worker::Worker::new(worker::WorkerSetup {
                 index: i,
@@ -292,6 +387,7 @@ impl Relay {
                 peers: workers.clone(),
                 coalesce: settings.coalesce,
                 latch_any: settings.latch_any_source,
+                kernel: kernel.clone(),
             });
             threads.push(
                 std::thread::Builder::new()
@@ -311,6 +407,8 @@ impl Relay {
             next_flow: AtomicU64::new(1),
             conns: dashmap::DashMap::new(),
             threads: Mutex::new(threads),
+            kernel,
+            sweeper: Mutex::new(sweeper),
             _gro: socket::GroKeeper::new(),
         }))
     }
@@ -323,6 +421,11 @@ impl Relay {
     /// Worker thread count.
     pub fn workers(&self) -> usize {
         self.workers.len()
+    }
+
+    /// The kernel fast path's flows, when it is loaded.
+    pub fn kernel(&self) -> Option<&kernel::KernelFlows> {
+        self.kernel.as_deref()
     }
 
     /// A device connection logged in (QUIC), or a browser's WebRTC media connected: the
@@ -360,6 +463,9 @@ impl Relay {
     pub fn stop(&self) {
         for w in self.workers.iter() {
             let _ = w.send(Command::Stop);
+        }
+        if let Ok(mut s) = self.sweeper.lock() {
+            s.take();
         }
         let threads = self
             .threads
@@ -607,6 +713,11 @@ impl MediaPlane for Relay {
             if self.sockets.contains_key(&p) {
                 self.legs[worker::owner(p, n)].fetch_sub(1, Ordering::Relaxed);
                 closing += 1;
+            }
+            // Here rather than on the worker: the kernel's last counts are in the call's
+            // stats before it writes its CDR.
+            if let Some(k) = &self.kernel {
+                k.remove(p);
             }
         }
         self.free.closing(closing);

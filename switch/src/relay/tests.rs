@@ -678,3 +678,27 @@ fn rtcp_on_the_port_above_follows_the_streams_ssrc_after_a_source_change() {
     relay.release(&[pa, pb], &[]);
     relay.stop();
 }
+
+/// The kernel fast path keys flows by the relay's own address: on `0.0.0.0` it cannot,
+/// so `auto` relays in userspace and `required` refuses to start, saying why.
+#[test]
+fn kernel_mode_on_an_unspecified_address_is_userspace_or_an_error() {
+    use super::KernelMode;
+    let base = base_port(10) & !1;
+    let on = |kernel| {
+        Relay::start(RelaySettings {
+            ip: [0, 0, 0, 0].into(),
+            kernel,
+            ..RelaySettings::loopback(base, base + 3, 1)
+        })
+    };
+    let auto = on(KernelMode::Auto).expect("auto falls back to userspace");
+    assert!(auto.kernel().is_none());
+    auto.stop();
+    let err = on(KernelMode::Required).expect_err("required cannot start");
+    let text = err.to_string();
+    assert!(
+        text.contains("[relay] kernel = \"required\"") && text.contains("0.0.0.0"),
+        "{text}"
+    );
+}

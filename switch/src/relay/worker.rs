@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::io::{ErrorKind, IoSliceMut};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
@@ -18,6 +18,7 @@ use parley_codecs::{
 };
 use quinn::udp::{RecvMeta, Transmit};
 
+use super::kernel::{KernelFlows, Mapping};
 use super::socket::PortSocket;
 use super::{Command, DeviceConn, RoqDatagram, UdpLeg, WorkerHandle};
 use crate::metrics as m;
@@ -90,11 +91,51 @@ struct Port {
     stats: Option<Arc<FlowStats>>,
     /// True for the caller-side port (counts into `caller_to_callee`).
     caller_side: bool,
+    /// The flow last handed to the kernel fast path, and whether it took it.
+    kernel: Option<(KernelFlow, bool)>,
+}
+
+/// What the kernel fast path needs to forward a port's packets: the latched source, the
+/// bridged port and the address it sends to, the stream's mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct KernelFlow {
+    src: SocketAddrV4,
+    partner: u16,
+    dest: SocketAddrV4,
+    map: Mapping,
 }
 
 impl Port {
     fn dest(&self) -> Option<SocketAddr> {
         self.latched.or(self.peer)
+    }
+
+    /// The flow the kernel may forward for this port: an RTP port (RTCP on its own port
+    /// stays in userspace) bridged to a UDP port, its IPv4 peer latched, its stream seen.
+    fn kernel_flow(&self) -> Option<KernelFlow> {
+        self.stats.as_ref()?;
+        let Target::Udp {
+            partner,
+            dest: SocketAddr::V4(dest),
+            ..
+        } = self.target
+        else {
+            return None;
+        };
+        let Some(SocketAddr::V4(src)) = self.latched else {
+            return None;
+        };
+        Some(KernelFlow {
+            src,
+            partner,
+            dest,
+            map: self.cont.mapping()?,
+        })
+    }
+
+    /// Whether the kernel forwards this port's flow now.
+    fn in_kernel(&self) -> bool {
+        matches!(self.kernel, Some((_, true)))
     }
 
     /// Whether a packet from `src` may fix this port's source: the signalled IP address
@@ -166,6 +207,8 @@ pub(super) struct WorkerSetup {
     pub coalesce: Duration,
     /// `RelaySettings::latch_any_source`.
     pub latch_any: bool,
+    /// The kernel fast path, when loaded.
+    pub kernel: Option<Arc<KernelFlows>>,
 }
 
 pub(super) struct Worker {
@@ -189,6 +232,7 @@ pub(super) struct Worker {
     latch_any: bool,
     /// Batches read so far (for latency sampling).
     batches_read: u64,
+    kernel: Option<Arc<KernelFlows>>,
 }
 
 impl Worker {
@@ -201,6 +245,7 @@ impl Worker {
             peers,
             coalesce,
             latch_any,
+            kernel,
         } = setup;
         let path = |p: &'static str| {
             (
@@ -245,6 +290,7 @@ impl Worker {
             coalesce,
             latch_any,
             batches_read: 0,
+            kernel,
         }
     }
 
@@ -328,6 +374,7 @@ impl Worker {
                         && *partner == of
                     {
                         *dest = src;
+                        self.sync_kernel(port);
                     }
                 }
                 Command::BridgeRoq {
@@ -360,6 +407,7 @@ impl Worker {
                             cont: Continuity::default(),
                         },
                     );
+                    self.sync_kernel(port);
                 }
                 Command::BridgeRoqRoq { a, b, stats } => {
                     self.roq.insert(
@@ -383,6 +431,11 @@ impl Worker {
                 }
                 Command::Release { ports, roq } => {
                     for p in &ports {
+                        // The control plane took the flow out already; one a batch
+                        // installed since is taken out here.
+                        if let Some(k) = &self.kernel {
+                            k.remove(*p);
+                        }
                         if let Some(port) = self.ports.remove(p) {
                             let fd = port.sock.socket().as_raw_fd();
                             let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
@@ -423,6 +476,7 @@ impl Worker {
                 target: Target::None,
                 stats: None,
                 caller_side: true,
+                kernel: None,
             },
         );
     }
@@ -437,6 +491,46 @@ impl Worker {
             };
             p.stats = (!leg.rtcp).then_some(leg.stats);
             p.caller_side = leg.caller_side;
+        }
+        self.sync_kernel(leg.port);
+    }
+
+    /// Hands `port`'s flow to the kernel fast path, changes it there, or takes it back, as
+    /// the port's state now asks ([`Port::kernel_flow`]). Taken back, the stream goes on
+    /// from where the kernel left it.
+    fn sync_kernel(&mut self, port: u16) {
+        let Some(k) = &self.kernel else { return };
+        let Some(p) = self.ports.get_mut(&port) else {
+            return;
+        };
+        let want = p.kernel_flow();
+        if want == p.kernel.map(|(f, _)| f) {
+            return; // as installed, or as refused (not retried until it changes)
+        }
+        let was_in = p.in_kernel();
+        p.kernel = None;
+        match want {
+            Some(f) => {
+                let taken = k.install(
+                    port,
+                    f.src,
+                    (f.partner, f.dest),
+                    f.map,
+                    p.stats.clone(),
+                    p.caller_side,
+                );
+                if let Err(e) = &taken {
+                    // (An old flow of the port is out of the kernel too.)
+                    tracing::warn!(port, error = %e, "the kernel fast path did not take a flow; it is relayed in userspace");
+                }
+                p.kernel = Some((f, taken.is_ok()));
+            }
+            None if was_in => {
+                if let Some(pos) = k.remove(port) {
+                    p.cont.caught_up(pos.ssrc, pos.seq, pos.ts, Instant::now());
+                }
+            }
+            None => {}
         }
     }
 
@@ -453,6 +547,8 @@ impl Worker {
         if let Some(old) = p.latched.take() {
             p.stale = Some(old);
         }
+        // Unlatched: the kernel hands the port back until it latches the new peer.
+        self.sync_kernel(port);
         self.tell_partner(port, peer);
     }
 
@@ -468,6 +564,13 @@ impl Worker {
             let Some(p) = self.ports.get_mut(&port) else {
                 return;
             };
+            // The kernel forwarded this stream meanwhile: a new source in this batch
+            // follows on from where it left the stream.
+            if let Some(k) = self.kernel.as_ref().filter(|_| p.in_kernel())
+                && let Some(pos) = k.position(port)
+            {
+                p.cont.caught_up(pos.ssrc, pos.seq, pos.ts, Instant::now());
+            }
             let s = &mut self.scratch;
             let n = {
                 let mut slots = s.buf.chunks_mut(SLOT);
@@ -497,6 +600,8 @@ impl Worker {
             if let Some(src) = latched_now {
                 self.tell_partner(port, src);
             }
+            // Latched, or a new source mapped: the kernel may take (or follow) the flow.
+            self.sync_kernel(port);
             if n == BATCH {
                 self.again.push(port);
             }
@@ -520,12 +625,15 @@ impl Worker {
         let w = owner(partner, self.peers.len());
         if w == self.index {
             if let Some(Port {
-                target: Target::Udp { partner, dest, .. },
+                target: Target::Udp {
+                    partner: of, dest, ..
+                },
                 ..
             }) = self.ports.get_mut(&partner)
-                && *partner == port
+                && *of == port
             {
                 *dest = src;
+                self.sync_kernel(partner);
             }
         } else {
             let _ = self.peers[w].send(Command::Latched {

@@ -264,6 +264,16 @@ impl Node {
     /// A node storing into `store`, with extra keys in its `[sip]`, `[[trunks]]` and
     /// `[calls]` sections and a tail of configuration (`extra`, in that order).
     pub fn start_on(store: StoreKind, extra: [&str; 4], relay_ports: u16) -> Node {
+        Self::start_on_relay(store, extra, relay_ports, "")
+    }
+
+    /// As [`Node::start_on`], with extra keys in its `[relay]` section.
+    pub fn start_on_relay(
+        store: StoreKind,
+        extra: [&str; 4],
+        relay_ports: u16,
+        relay_extra: &str,
+    ) -> Node {
         let [sip_extra, trunk_extra, calls_extra, tail] = extra;
         let (store_section, pg) = store.section();
         let dir = tempfile::tempdir().expect("tempdir");
@@ -287,6 +297,7 @@ admin_token = "{token}"
 [relay]
 port_min = {relay}
 port_max = {relay_max}
+{relay_extra}
 [[trunks]]
 name = "pstn"
 address = "127.0.0.1:{trunk_port}"
