@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use actix::prelude::*;
@@ -250,10 +249,11 @@ impl CallActor {
                 self.env
                     .media
                     .release(&ports, &std::mem::take(&mut self.media.roq));
-                let cdr = self.core.cdr(
-                    self.media.stats.caller_to_callee.load(Ordering::Relaxed),
-                    self.media.stats.callee_to_caller.load(Ordering::Relaxed),
-                );
+                // Closed here, after the release: the kernel's last counts are in (the
+                // release folds them), and whatever the workers still receive before they
+                // let the ports go is dropped rather than relayed past the CDR.
+                let (to_callee, to_caller) = self.media.stats.close();
+                let cdr = self.core.cdr(to_callee, to_caller);
                 let route = cdr.route.as_str();
                 metrics::counter!(m::CALLS_TOTAL, "disposition" => disposition.as_str(), "route" => route)
                     .increment(1);

@@ -92,11 +92,17 @@ pub struct SipCommand {
 pub struct ToCall(pub SipEvent);
 
 /// Packet counters of one bridged media stream, bumped by the relay once per batch.
+///
+/// The call [closes](FlowStats::close) them when it ends: it gets the final counts for
+/// its CDR, and the relay forwards nothing of the stream after that (a batch counted
+/// after the close is dropped, not sent), so the CDR holds exactly what was relayed even
+/// while packets still arrive in the moment between the call's release of its ports and
+/// the relay workers' letting go of them. Read the counts with [`FlowStats::packets`].
 #[derive(Debug, Default)]
 pub struct FlowStats {
-    /// Packets from the caller side relayed toward the callee side.
+    /// Packets from the caller side relayed toward the callee side (top bit: closed).
     pub caller_to_callee: AtomicU64,
-    /// Packets from the callee side relayed toward the caller side.
+    /// Packets from the callee side relayed toward the caller side (top bit: closed).
     pub callee_to_caller: AtomicU64,
     /// When a packet last crossed this stream, in [`flow_clock_ms`] (0: never).
     pub last_activity_ms: AtomicU64,
@@ -114,18 +120,48 @@ pub fn flow_clock_ms() -> u64 {
         + 1
 }
 
+/// The closed bit of a [`FlowStats`] counter.
+const CLOSED: u64 = 1 << 63;
+
 impl FlowStats {
-    /// Counts `n` packets relayed from one side (once per batch on the hot path) and
-    /// stamps the stream as active.
-    pub fn count(&self, from_caller: bool, n: u64) {
+    /// Counts `n` packets about to be relayed from one side (once per batch on the hot
+    /// path) and stamps the stream as active. `false`: the call has closed the stream,
+    /// nothing was counted and the packets must not be sent.
+    #[must_use]
+    pub fn count(&self, from_caller: bool, n: u64) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
         let c = if from_caller {
             &self.caller_to_callee
         } else {
             &self.callee_to_caller
         };
-        c.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-        self.last_activity_ms
-            .store(flow_clock_ms(), std::sync::atomic::Ordering::Relaxed);
+        // One read-modify-write decides: before the close's, the packets are in its
+        // counts; after it, they are taken back out.
+        if c.fetch_add(n, Relaxed) & CLOSED != 0 {
+            c.fetch_sub(n, Relaxed);
+            return false;
+        }
+        self.last_activity_ms.store(flow_clock_ms(), Relaxed);
+        true
+    }
+
+    /// Packets relayed so far: (caller to callee, callee to caller).
+    pub fn packets(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.caller_to_callee.load(Relaxed) & !CLOSED,
+            self.callee_to_caller.load(Relaxed) & !CLOSED,
+        )
+    }
+
+    /// Closes the stream: its final counts (caller to callee, callee to caller); the relay
+    /// sends none of its packets after this.
+    pub fn close(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.caller_to_callee.fetch_or(CLOSED, Relaxed) & !CLOSED,
+            self.callee_to_caller.fetch_or(CLOSED, Relaxed) & !CLOSED,
+        )
     }
 
     /// Milliseconds since a packet last crossed the stream (or since `since_ms` if none
@@ -213,4 +249,25 @@ pub trait MediaPlane: Send + Sync + 'static {
 pub trait CdrSink: Send + Sync + 'static {
     /// Hands over one record.
     fn submit(&self, cdr: CdrRecord);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FlowStats;
+
+    /// A closed stream's counts are final: a batch counted after the close is refused
+    /// (the relay drops it) and leaves the counts as the CDR has them.
+    #[test]
+    fn a_closed_streams_counts_are_final_and_later_batches_are_refused() {
+        let s = FlowStats::default();
+        assert!(s.count(true, 3));
+        assert!(s.count(false, 2));
+        assert_eq!(s.packets(), (3, 2));
+        assert_eq!(s.close(), (3, 2));
+        assert!(!s.count(true, 5));
+        assert!(!s.count(false, 1));
+        assert_eq!(s.packets(), (3, 2));
+        // Closing again changes nothing.
+        assert_eq!(s.close(), (3, 2));
+    }
 }

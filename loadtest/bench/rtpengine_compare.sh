@@ -4,6 +4,19 @@
 # with the same sockets, `relay-bench --floor`) for what the kernel alone costs.
 #
 #   loadtest/bench/rtpengine_compare.sh FLOWS [SECS]
+#   RUNS="direct kernel parley rtpengine" loadtest/bench/rtpengine_compare.sh FLOWS [SECS]
+#
+# RUNS picks the runs, in order (default "rtpengine parley floor"): `rtpengine`
+# (userspace), `parley` (Parley's relay in userspace), `kernel` (Parley's relay with its
+# eBPF fast path, `relay-bench --kernel`: needs root and a build with clang), `floor`
+# (the bare forwarder), `direct` (the generator sending straight to its receivers: the
+# baseline the machine's CPU per relayed packet is measured against). Each run prints the
+# whole machine's busy CPU per relayed packet (`/proc/stat`: softirq, the senders and the
+# receivers included, which is where the kernel fast path's work lands); the summary
+# subtracts the nearest earlier `direct` run's (or the first one's) from each other run.
+# Run names may repeat (alternate them: `RUNS="direct kernel direct kernel"`); each run's
+# output is in $OUT/N-NAME.txt. `SPIN=1` makes the generator's receiver spin on a CPU of
+# its own (see below) for the direct-versus-kernel comparison.
 #
 # Both relays are driven by the same generator (`relay-bench`): FLOWS calls, 172-byte RTP
 # at 50 pps each way, caller sockets 127.0.0.1:GEN_BASE.., callee sockets after them.
@@ -17,16 +30,18 @@ SOCKETS=${SOCKETS:-16}
 GEN_BASE=${GEN_BASE:-60000}
 NG_PORT=${NG_PORT:-2223}
 OUT=${OUT:-/tmp/lab/rtpengine_compare}
+RUNS=${RUNS:-rtpengine parley floor}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 BENCH="$ROOT/target/release/relay-bench"
 mkdir -p "$OUT"
 
+[ -x "$BENCH" ] || (cd "$ROOT" && cargo build --release -p parley-switch)
+
+run_rtpengine() {
 if ! command -v rtpengine >/dev/null; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rtpengine-daemon rtpengine-utils
 fi
-[ -x "$BENCH" ] || (cd "$ROOT" && cargo build --release -p parley-switch)
-
 # rtpengine takes an RTP and an RTCP port per side: 4 ports per call.
 cat > "$OUT/rtpengine.conf" <<CONF
 [rtpengine]
@@ -113,19 +128,62 @@ echo "=== rtpengine (userspace), $FLOWS flows ==="
 kill $RTPE; wait $RTPE 2>/dev/null || true
 trap - EXIT
 
-echo "=== parley relay, $FLOWS flows ==="
-"$BENCH" --flows "$FLOWS" --sockets "$SOCKETS" --secs "$SECS" | tee "$OUT/parley.txt"
+}
 
-# The floor: a bare recvfrom/sendto forwarder on the same number of sockets and threads,
-# the least any relay with a UDP socket per port pays the kernel per packet.
-echo "=== floor (bare forwarder), $FLOWS flows ==="
-"$BENCH" --flows "$FLOWS" --sockets "$SOCKETS" --secs "$SECS" --floor | tee "$OUT/floor.txt"
+# `SPIN=1`: the generator's receiver spins on its own CPU (`relay-bench --spin`), so that
+# how often it is woken does not differ between modes (direct and kernel runs only: a
+# userspace relay at 1,000 flows saturates the one CPU left to it).
+SPIN_ARG=""
+[ "${SPIN:-0}" = 1 ] && SPIN_ARG="--spin"
+i=0
+for run in $RUNS; do
+  i=$((i + 1))
+  f="$OUT/$i-$run.txt"
+  case $run in
+    rtpengine) run_rtpengine; mv "$OUT/rtpengine.txt" "$f" ;;
+    parley)
+      echo "=== parley relay, $FLOWS flows ==="
+      "$BENCH" --flows "$FLOWS" --sockets "$SOCKETS" --secs "$SECS" | tee "$f" ;;
+    kernel)
+      echo "=== parley relay, kernel fast path, $FLOWS flows ==="
+      "$BENCH" --flows "$FLOWS" --sockets "$SOCKETS" --secs "$SECS" --kernel $SPIN_ARG | tee "$f" ;;
+    floor)
+      # The floor: a bare recvfrom/sendto forwarder on the same number of sockets and
+      # threads, the least any relay with a UDP socket per port pays the kernel per packet.
+      echo "=== floor (bare forwarder), $FLOWS flows ==="
+      "$BENCH" --flows "$FLOWS" --sockets "$SOCKETS" --secs "$SECS" --floor | tee "$f" ;;
+    direct)
+      echo "=== direct (no relay), $FLOWS flows ==="
+      "$BENCH" --flows "$FLOWS" --sockets "$SOCKETS" --secs "$SECS" --direct $SPIN_ARG | tee "$f" ;;
+    *) echo "unknown run $run" >&2; exit 2 ;;
+  esac
+done
 
+# Each run beside the nearest `direct` run before it (or the first one after it).
+machine() { grep -o 'machine CPU: .* per relayed packet: [0-9.]* µs' "$1" | grep -o '[0-9.]* µs$' | cut -d' ' -f1; }
 echo
-echo "=== side by side: $FLOWS flows x 50 pps each way, $SECS s ==="
-for f in rtpengine parley floor; do
-  printf '%-10s %s | %s | %s\n' "$f" \
-    "$(grep -o 'per relayed packet: [0-9.]* µs (stat)' "$OUT/$f.txt")" \
-    "$(grep -o 'lost: [0-9]* ([0-9.]*%)' "$OUT/$f.txt")" \
-    "$(grep -o 'p50 [0-9.]* µs  p99 [0-9.]* µs' "$OUT/$f.txt")"
+echo "=== side by side: $FLOWS flows x 50 pps each way, $SECS s${SPIN_ARG:+, receiver spinning} ==="
+i=0
+base=""
+first_direct=""
+j=0
+for run in $RUNS; do
+  j=$((j + 1))
+  [ "$run" = direct ] && [ -z "$first_direct" ] && first_direct=$(machine "$OUT/$j-direct.txt")
+done
+for run in $RUNS; do
+  i=$((i + 1))
+  f="$OUT/$i-$run.txt"
+  m=$(machine "$f")
+  extra=""
+  if [ "$run" = direct ]; then
+    base=$m
+  else
+    b=${base:-$first_direct}
+    [ -n "$b" ] && extra=" | minus direct: $(awk -v a="$m" -v b="$b" 'BEGIN { printf "%.2f", a - b }') µs"
+  fi
+  printf '%-10s %s | machine %s µs%s | %s | %s\n' "$run" \
+    "$(grep -o 'per relayed packet: [0-9.]* µs (stat)' "$f" | head -1)" "$m" "$extra" \
+    "$(grep -o 'lost: [0-9]* ([0-9.]*%)' "$f")" \
+    "$(grep -o 'p50 [0-9.]* µs  p99 [0-9.]* µs' "$f")"
 done

@@ -14,9 +14,11 @@
 //! `ONLY=direct` runs one mode (for `perf record -a` over it).
 //!
 //! Status (2026-12-07): the unpaced mode (`RATE` 0) gives repeatable figures, recorded in
-//! `docs/BENCHMARKS.md` ("The eBPF fast path on its own"). The paced mode varied 2–6×
-//! between runs on a 2-vCPU VM (a receiver woken per packet: wake-ups from idle dominate
-//! what the whole machine's CPU counts) and is not recorded.
+//! `docs/BENCHMARKS.md` ("The eBPF fast path on its own"). The paced mode's machine figure
+//! used to vary 2–6× between runs: it summed `/proc/stat`'s tick-sampled busy fields,
+//! which a sender woken by 1 ms timers dodges; it now counts wall time × CPUs − idle
+//! (idle is measured exactly). The issue's figures come from `relay-bench --kernel`
+//! (`loadtest/bench/rtpengine_compare.sh`), which drives the whole relay.
 //!
 //! ```text
 //! cargo bench -p parley-switch --bench kernel_relay -- [FLOWS] [RATE] [SECS]
@@ -40,8 +42,12 @@ const STREAM: Mapping = Mapping {
     ts_delta: 0,
 };
 
-/// Busy jiffies of the whole machine (user, nice, system, irq, softirq, steal).
-fn busy_ticks() -> u64 {
+/// Idle jiffies of the whole machine (idle and iowait, all CPUs). Busy time over a window
+/// is wall time × CPUs − idle: with NOHZ the kernel measures idle exactly (clock reads at
+/// idle entry and exit), while its user/system/softirq fields are samples at the timer
+/// tick, which a sender woken by 1 ms timers dodges (that is what made this bench's paced
+/// mode vary 2–6× between runs).
+fn idle_ticks() -> u64 {
     let stat = std::fs::read_to_string("/proc/stat").unwrap();
     let cpu = stat.lines().next().unwrap();
     let v: Vec<u64> = cpu
@@ -49,7 +55,7 @@ fn busy_ticks() -> u64 {
         .skip(1)
         .map(|x| x.parse().unwrap())
         .collect();
-    v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
+    v[3] + v[4]
 }
 
 fn v4(s: &UdpSocket) -> SocketAddrV4 {
@@ -136,21 +142,22 @@ fn run(
         })
     };
     let hz = 100.0; // USER_HZ on Linux
-    let (t0, b0) = (Instant::now(), busy_ticks());
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let (t0, i0) = (Instant::now(), idle_ticks());
     let (failed, sender_ns) = generate(caller, dests, rate, total);
     // Let the last packets land.
     let deadline = Instant::now() + Duration::from_secs(2);
     while got.load(Ordering::Relaxed) < total - failed && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(1));
     }
-    let (wall, busy) = (t0.elapsed(), busy_ticks() - b0);
+    let (wall, idle) = (t0.elapsed(), idle_ticks() - i0);
     stop.store(true, Ordering::Relaxed);
     rx.join().unwrap();
     Run {
         received: got.load(Ordering::Relaxed),
         failed,
         sender_ns,
-        busy_secs: busy as f64 / hz,
+        busy_secs: (wall.as_secs_f64() * cpus - idle as f64 / hz).max(0.0),
         wall,
     }
 }

@@ -41,7 +41,7 @@ use hdrhistogram::Histogram;
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use nix::sys::socket::{ControlMessage, MsgFlags, MultiHeaders, SockaddrIn, sendmmsg};
 use parley_actors::messages::{FlowStats, MediaPlane};
-use parley_switch::relay::{Relay, RelaySettings};
+use parley_switch::relay::{KernelMode, Relay, RelaySettings};
 use quinn::udp::{RecvMeta, UdpSocketState};
 
 const PACKET: usize = 172;
@@ -90,6 +90,31 @@ struct Args {
     /// and threads (see the module docs).
     #[arg(long)]
     floor: bool,
+    /// The in-process relay with its kernel fast path (`[relay] kernel = "required"`:
+    /// root, a build with clang): each flow latches in userspace, then the eBPF program
+    /// forwards it. Compare the machine's CPU per packet (the work is in softirq).
+    #[arg(long)]
+    kernel: bool,
+    /// No relay: each caller socket sends straight to its callee socket and back, the
+    /// same packets at the same rate — the baseline the machine's CPU per relayed packet
+    /// of the other modes is compared with.
+    #[arg(long)]
+    direct: bool,
+    /// The receiver spins over its sockets (non-blocking reads, one core busy throughout)
+    /// instead of sleeping in epoll: how often it is woken then no longer depends on the
+    /// mode, which otherwise moves the machine's CPU per packet by more than a fast path
+    /// costs (a receiver woken per few packets costs ~2 µs a packet more than one woken
+    /// per many). For the machine-CPU comparison with `--direct`. The spinning receiver
+    /// gets the last CPU to itself and every other thread (sender, relay) the first, so
+    /// that work is never hidden on the receiver's always-busy CPU: the first CPU must
+    /// not saturate (kernel and direct modes; a userspace relay at 1,000 flows does).
+    #[arg(long)]
+    spin: bool,
+    /// With --kernel: have the kernel time the eBPF program (`kernel.bpf_stats_enabled`
+    /// for the run, put back after) and print its time per run. The timing itself costs
+    /// two clock reads a run, so leave it off for the CPU figures.
+    #[arg(long)]
+    bpf_stats: bool,
     /// With --floor: each flow's two sockets on different workers (all first legs on one,
     /// all second legs on the next), as Parley placed a call's legs before
     /// `allocate_port_near`; by default both are on one worker.
@@ -172,7 +197,7 @@ fn floor_relay(
                                 n += 1;
                             }
                         }
-                        st.count(true, n);
+                        let _ = st.count(true, n);
                     }
                 })?,
         );
@@ -254,6 +279,30 @@ fn cpu_of(dir: &str, name_prefix: Option<&str>) -> (f64, f64, u64) {
     (ticks as f64 / 100.0, ns as f64 / 1e9, switches)
 }
 
+/// Runs and nanoseconds of the BPF programs this process holds (the kernel keeps both
+/// in each program's fdinfo while `kernel.bpf_stats_enabled` is 1).
+fn bpf_prog_runs() -> (u64, u64) {
+    let (mut runs, mut ns) = (0, 0);
+    let Ok(fds) = std::fs::read_dir("/proc/self/fdinfo") else {
+        return (0, 0);
+    };
+    for fd in fds.flatten() {
+        let info = std::fs::read_to_string(fd.path()).unwrap_or_default();
+        if !info.contains("prog_type:") {
+            continue;
+        }
+        for l in info.lines() {
+            let mut kv = l.split_whitespace();
+            match (kv.next(), kv.next().and_then(|v| v.parse::<u64>().ok())) {
+                (Some("run_cnt:"), Some(v)) => runs += v,
+                (Some("run_time_ns:"), Some(v)) => ns += v,
+                _ => {}
+            }
+        }
+    }
+    (runs, ns)
+}
+
 /// CPU seconds of the kernel's `ksoftirqd/N` threads: loopback packet delivery that the
 /// kernel deferred there is nobody's thread time.
 fn softirqd_cpu() -> f64 {
@@ -267,6 +316,27 @@ fn softirqd_cpu() -> f64 {
         })
         .map(|d| cpu_of(&d.path().join("task").to_string_lossy(), None).0)
         .sum()
+}
+
+/// Idle seconds of the whole machine so far, all CPUs (`/proc/stat`'s first line: idle
+/// plus iowait, in USER_HZ, which Linux fixes at 100 there). The machine's busy time over
+/// a window is then wall time × CPUs − idle. Idle is what to read: with NOHZ the kernel
+/// measures it exactly (clock reads at idle entry and exit), while the user/system/softirq
+/// fields are samples taken at the timer tick — and a workload woken by 1 ms timers, as
+/// the generator is, runs between ticks, so those samples were seen to read 1.4 s and
+/// 8.7 s for the same 5.7 s of work.
+fn machine_idle_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let idle: u64 = [3, 4].iter().filter_map(|&i| v.get(i)).sum();
+    idle as f64 / 100.0
 }
 
 fn udp_errors() -> (u64, u64) {
@@ -389,7 +459,7 @@ struct RecvResult {
     latency_ns: Histogram<u64>,
 }
 
-fn receiver(shared: &Shared, socks: &[&GenSocket]) -> anyhow::Result<RecvResult> {
+fn receiver(shared: &Shared, socks: &[&GenSocket], spin: bool) -> anyhow::Result<RecvResult> {
     let mut poll = mio::Poll::new()?;
     for (i, s) in socks.iter().enumerate() {
         poll.registry().register(
@@ -406,8 +476,12 @@ fn receiver(shared: &Shared, socks: &[&GenSocket]) -> anyhow::Result<RecvResult>
     let mut received = 0u64;
     let mut ready: Vec<usize> = Vec::new();
     while !shared.stop_recv.load(Ordering::Relaxed) {
-        poll.poll(&mut events, Some(Duration::from_millis(50)))?;
-        ready.extend(events.iter().map(|e| e.token().0));
+        if spin {
+            ready.extend(0..socks.len());
+        } else {
+            poll.poll(&mut events, Some(Duration::from_millis(50)))?;
+            ready.extend(events.iter().map(|e| e.token().0));
+        }
         while let Some(i) = ready.pop() {
             let s = &socks[i];
             loop {
@@ -448,8 +522,21 @@ fn receiver(shared: &Shared, socks: &[&GenSocket]) -> anyhow::Result<RecvResult>
     })
 }
 
+/// Runs the calling thread (and threads it spawns later) on CPU `cpu` only.
+fn pin_to(cpu: usize) -> anyhow::Result<()> {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu)?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)?;
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if args.spin {
+        anyhow::ensure!(ncpu >= 2, "--spin needs two CPUs");
+        pin_to(0)?;
+    }
     // Two relay sockets per flow: raise the descriptor limit if needed (and allowed).
     let need = (2 * args.flows + 4 * args.sockets + 1024) as u64;
     if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
@@ -503,6 +590,15 @@ fn main() -> anyhow::Result<()> {
         stats = floor.stats;
         floor_threads = floor.threads;
         floor.flows
+    } else if args.direct {
+        (0..args.flows)
+            .map(|i| {
+                Ok(Flow {
+                    a: addr(&callees[i % k])?.port(),
+                    b: addr(&callers[i % k])?.port(),
+                })
+            })
+            .collect::<anyhow::Result<_>>()?
     } else if let Some(path) = &args.external {
         let text = std::fs::read_to_string(path)?;
         text.lines()
@@ -524,6 +620,11 @@ fn main() -> anyhow::Result<()> {
         let r = Relay::start(RelaySettings {
             coalesce: Duration::from_micros(args.coalesce_us),
             rtcp_ports: args.rtcp_ports,
+            kernel: if args.kernel {
+                KernelMode::Required
+            } else {
+                KernelMode::Off
+            },
             ..RelaySettings::loopback(
                 args.port_min,
                 args.port_min.checked_add(span).context("port range")?,
@@ -574,17 +675,25 @@ fn main() -> anyhow::Result<()> {
     };
     let recv_thread = {
         let (sh, ca, ce) = (shared.clone(), callers.clone(), callees.clone());
+        let spin = args.spin;
         std::thread::Builder::new()
             .name("bench-recv".into())
             .spawn(move || -> anyhow::Result<RecvResult> {
+                if spin {
+                    pin_to(ncpu - 1)?;
+                }
                 let all: Vec<&GenSocket> = ca.iter().chain(ce.iter()).collect();
-                receiver(&sh, &all)
+                receiver(&sh, &all, spin)
             })?
     };
 
     // Warm-up: every port latches, queues settle.
     std::thread::sleep(Duration::from_secs(1));
     let relay_pkts = |stats: &[Arc<FlowStats>]| -> u64 {
+        // What the kernel forwarded is in the flows' stats once folded.
+        if let Some(k) = relay.as_ref().and_then(|r| r.kernel()) {
+            k.sweep();
+        }
         stats
             .iter()
             .map(|s| {
@@ -600,13 +709,26 @@ fn main() -> anyhow::Result<()> {
     };
     let cpu_gen = || cpu_of("/proc/self/task", Some("bench-"));
     let (relay0, gen0, pk0, err0) = (cpu_relay(), cpu_gen(), relay_pkts(&stats), udp_errors());
+    // The eBPF program's own time (`kernel.bpf_stats_enabled`, put back afterwards).
+    let bpf_stats_was = (args.kernel && args.bpf_stats).then(|| {
+        let was = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
+        let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1");
+        was
+    });
+    let bpf0 = bpf_prog_runs();
     let softirqd0 = softirqd_cpu();
+    let machine0 = (Instant::now(), machine_idle_secs());
     let t0 = Instant::now();
     shared.measuring.store(true, Ordering::Relaxed);
     std::thread::sleep(Duration::from_secs(args.secs));
     shared.measuring.store(false, Ordering::Relaxed);
     let (relay1, gen1, pk1) = (cpu_relay(), cpu_gen(), relay_pkts(&stats));
     let softirqd1 = softirqd_cpu();
+    let bpf1 = bpf_prog_runs();
+    if let Some(was) = &bpf_stats_was {
+        let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", was.trim());
+    }
+    let machine1 = (Instant::now(), machine_idle_secs());
     let window = t0.elapsed().as_secs_f64();
     // Let in-flight packets arrive before counting loss.
     std::thread::sleep(Duration::from_millis(500));
@@ -630,6 +752,9 @@ fn main() -> anyhow::Result<()> {
     let lost = sent.saturating_sub(res.received);
     let relayed = if relay.is_some() || args.floor {
         pk1 - pk0
+    } else if args.direct {
+        // Every packet sent in the window, delivered once (no relay in between).
+        sent
     } else {
         res.received
     };
@@ -642,9 +767,16 @@ fn main() -> anyhow::Result<()> {
         "relay: {}",
         if relay.is_some() {
             format!(
-                "parley in-process, {workers} workers, coalesce {} µs",
-                args.coalesce_us
+                "parley in-process, {workers} workers, coalesce {} µs{}",
+                args.coalesce_us,
+                if args.kernel {
+                    ", kernel fast path"
+                } else {
+                    ""
+                }
             )
+        } else if args.direct {
+            "none (direct: the generator's callers send straight to its callees)".to_owned()
         } else if args.floor {
             format!("floor (bare recvfrom/sendto forwarder), {workers} workers")
         } else {
@@ -704,6 +836,25 @@ fn main() -> anyhow::Result<()> {
         100.0 * gen_cpu.0 / window,
         per_pkt(gen_cpu.0)
     );
+    let machine = ((machine1.0 - machine0.0).as_secs_f64() * ncpu as f64
+        - (machine1.1 - machine0.1))
+        .max(0.0);
+    println!(
+        "machine CPU: {machine:.2} s busy ({:.1}% of {ncpu} CPUs; generator, relay, softirq and all else); per relayed packet: {:.2} µs",
+        100.0 * machine / window / ncpu as f64,
+        per_pkt(machine)
+    );
+    if let Some(k) = relay.as_ref().and_then(|r| r.kernel()) {
+        println!("kernel flows installed: {}", k.len());
+    }
+    if bpf_stats_was.is_some() {
+        let (runs, ns) = (bpf1.0 - bpf0.0, bpf1.1 - bpf0.1);
+        println!(
+            "eBPF program: {runs} runs, {:.3} s; per run: {:.0} ns (kernel.bpf_stats_enabled)",
+            ns as f64 / 1e9,
+            ns as f64 / runs.max(1) as f64
+        );
+    }
     println!(
         "ksoftirqd CPU (packet delivery the kernel deferred, charged to no thread above): {:.1}% of one core",
         100.0 * (softirqd1 - softirqd0) / window

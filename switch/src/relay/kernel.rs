@@ -42,16 +42,6 @@ pub enum KernelError {
     Route(SocketAddrV4, std::io::Error),
 }
 
-/// The relay port a packet arrives at (`struct flow_key`): address and port in network
-/// order.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct FlowKey {
-    addr: u32,
-    port: u16,
-    pad: u16,
-}
-
 /// A flow (`struct flow`): the latched source it accepts, what it rewrites to.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -67,7 +57,8 @@ pub struct Flow {
     pad2: u16,
     /// 0: the destination is on this host (up the stack); else the egress interface.
     out_ifindex: u32,
-    pad3: u32,
+    /// The relay port's own address (the map is indexed by port number; 0: no flow).
+    port_addr: u32,
     /// The SSRC forwarded (network order); others go to userspace.
     in_ssrc: u32,
     /// What it becomes, when `mapped` (network order).
@@ -126,10 +117,6 @@ impl FlowStats {
 // valid and there are no implicit padding bytes (aya copies them to and from the maps).
 #[cfg(parley_bpf)]
 #[allow(unsafe_code)]
-unsafe impl aya::Pod for FlowKey {}
-// SAFETY: as above.
-#[cfg(parley_bpf)]
-#[allow(unsafe_code)]
 unsafe impl aya::Pod for Flow {}
 // SAFETY: as above.
 #[cfg(parley_bpf)]
@@ -146,23 +133,18 @@ fn be_port(a: &SocketAddrV4) -> u16 {
     u16::from_ne_bytes(a.port().to_be_bytes())
 }
 
-impl FlowKey {
-    /// The key of relay port `port`.
-    pub fn of(port: SocketAddrV4) -> Self {
-        Self {
-            addr: be_addr(&port),
-            port: be_port(&port),
-            pad: 0,
-        }
-    }
+/// The map index of relay port `port`: its number.
+fn index(port: SocketAddrV4) -> u32 {
+    u32::from(port.port())
 }
 
 impl Flow {
-    /// Packets from `latched` are sent from `out_src` (the bridged relay port) to
-    /// `out_dst` (the bridged port's peer), through interface `out_ifindex` (0: on this
-    /// host, [`egress`]).
+    /// Packets to relay port `port` from `latched` are sent from `out_src` (the bridged
+    /// relay port) to `out_dst` (the bridged port's peer), through interface
+    /// `out_ifindex` (0: on this host, [`egress`]).
     /// Only RTP of `map.in_ssrc` (and RTCP, unless the mapping rewrites) is forwarded.
     pub fn new(
+        port: SocketAddrV4,
         latched: SocketAddrV4,
         out_src: SocketAddrV4,
         out_dst: SocketAddrV4,
@@ -171,6 +153,7 @@ impl Flow {
     ) -> Self {
         Self {
             out_ifindex,
+            port_addr: be_addr(&port),
             in_ssrc: map.in_ssrc.to_be(),
             out_ssrc: map.out_ssrc.to_be(),
             ts_delta: map.ts_delta,
@@ -259,8 +242,8 @@ impl KernelPath {
         {
             let out = egress(*out_dst.ip()).map_err(|e| KernelError::Route(out_dst, e))?;
             self.inner.install(
-                FlowKey::of(port),
-                Flow::new(latched, out_src, out_dst, out, map),
+                index(port),
+                Flow::new(port, latched, out_src, out_dst, out, map),
             )
         }
         #[cfg(not(parley_bpf))]
@@ -275,7 +258,7 @@ impl KernelPath {
     pub fn remove(&mut self, port: SocketAddrV4) -> Option<FlowStats> {
         #[cfg(parley_bpf)]
         {
-            self.inner.remove(FlowKey::of(port))
+            self.inner.remove(index(port), be_addr(&port))
         }
         #[cfg(not(parley_bpf))]
         {
@@ -288,7 +271,7 @@ impl KernelPath {
     pub fn stats(&self, port: SocketAddrV4) -> Option<FlowStats> {
         #[cfg(parley_bpf)]
         {
-            self.inner.stats(FlowKey::of(port))
+            self.inner.stats(index(port), be_addr(&port))
         }
         #[cfg(not(parley_bpf))]
         {
@@ -377,8 +360,11 @@ impl KernelFlows {
         let mut inner = self.lock();
         let Installed { path, ports } = &mut *inner;
         if let Some(c) = ports.get_mut(&port) {
-            let now = path.stats(self.addr(port));
-            self.fold(c, now);
+            // Cleared first, then written: an update of an array entry is a copy the
+            // program may read mid-way, so a packet in flight meets fields that are old or
+            // zero, or zero or new (zero sends nothing anywhere), never old and new mixed.
+            let last = path.remove(self.addr(port));
+            self.fold(c, last);
         }
         match path.install(
             self.addr(port),
@@ -470,7 +456,10 @@ impl KernelFlows {
             return;
         }
         if let Some(s) = &c.stats {
-            s.count(c.caller_side, packets);
+            // Forwarded already: counted in the metrics whatever the call says. (The
+            // call closes its stats only after releasing its ports, whose removal from
+            // here folds their last counts first.)
+            let _ = s.count(c.caller_side, packets);
         }
         self.packets.increment(packets);
         self.kernel_packets.increment(packets);
@@ -488,10 +477,10 @@ impl Drop for KernelFlows {
 
 #[cfg(parley_bpf)]
 mod imp {
-    use aya::maps::{HashMap, MapData};
+    use aya::maps::{Array, MapData};
     use aya::programs::{SchedClassifier, TcAttachType, tc};
 
-    use super::{Flow, FlowKey, FlowStats, KernelError};
+    use super::{Flow, FlowStats, KernelError};
 
     /// The object clang built (`build.rs`), aligned as aya's ELF parser wants it.
     static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/relay.bpf.o"));
@@ -499,7 +488,74 @@ mod imp {
     pub(super) struct Loaded {
         /// Owns the program (and its links: dropping it detaches).
         _ebpf: aya::Ebpf,
-        flows: HashMap<MapData, FlowKey, Flow>,
+        flows: Array<MapData, Flow>,
+        /// The same entries, mapped (read-only) into this process.
+        view: View,
+    }
+
+    /// Entries of the flow map (`BPF_F_MMAPABLE`), mapped read-only.
+    struct View {
+        base: std::ptr::NonNull<std::ffi::c_void>,
+        len: std::num::NonZeroUsize,
+    }
+
+    // SAFETY: the mapping is plain shared memory the process owns until `drop`; it is
+    // only read (volatile), from any thread.
+    #[allow(unsafe_code)]
+    unsafe impl Send for View {}
+
+    /// Entries in the map (`max_entries` in the program).
+    const ENTRIES: usize = 65536;
+
+    impl View {
+        fn map(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<Self> {
+            use nix::sys::mman::{MapFlags, ProtFlags, mmap};
+            use std::os::fd::AsRawFd;
+            // An array map's values, each rounded up to 8 bytes, from offset 0.
+            let len = std::num::NonZeroUsize::new(ENTRIES * std::mem::size_of::<Flow>())
+                .expect("non-zero");
+            // SAFETY: a new shared read-only mapping of the map's fd; nothing aliases it
+            // mutably on this side, and it is unmapped once, on drop.
+            #[allow(unsafe_code)]
+            let base = unsafe {
+                mmap(
+                    None,
+                    len,
+                    ProtFlags::PROT_READ,
+                    MapFlags::MAP_SHARED,
+                    fd.as_raw_fd(),
+                    0,
+                )
+            }
+            .map_err(std::io::Error::from)?;
+            let base =
+                std::ptr::NonNull::new(base).ok_or_else(|| std::io::Error::other("mmap: null"))?;
+            Ok(Self { base, len })
+        }
+
+        /// Entry `index` as it is now (the program may be counting into it meanwhile: each
+        /// counter is read whole, the entry not atomically as one).
+        fn get(&self, index: u32) -> Option<Flow> {
+            let i = index as usize;
+            if i >= ENTRIES {
+                return None;
+            }
+            // SAFETY: `i` is within the mapping, entries are `Flow`s at 8-byte aligned
+            // offsets (88 bytes each), and every bit pattern is a valid `Flow`.
+            #[allow(unsafe_code)]
+            let f = unsafe { std::ptr::read_volatile(self.base.cast::<Flow>().as_ptr().add(i)) };
+            Some(f)
+        }
+    }
+
+    impl Drop for View {
+        fn drop(&mut self) {
+            // SAFETY: the mapping made in `map`, unmapped once.
+            #[allow(unsafe_code)]
+            unsafe {
+                let _ = nix::sys::mman::munmap(self.base.as_ptr(), self.len.get());
+            }
+        }
     }
 
     /// `e` with its causes (aya's errors keep the system's reason, e.g. EPERM, in them).
@@ -535,43 +591,54 @@ mod imp {
             let flows = ebpf
                 .take_map("parley_flows")
                 .ok_or_else(|| KernelError::Load("no map parley_flows".into()))?;
+            let view = match &flows {
+                aya::maps::Map::Array(data) => {
+                    use std::os::fd::AsFd;
+                    View::map(data.fd().as_fd()).map_err(|e| load_err("mapping parley_flows", e))?
+                }
+                _ => return Err(KernelError::Load("parley_flows is not an array".into())),
+            };
             Ok(Self {
-                flows: HashMap::try_from(flows).map_err(|e| load_err("parley_flows", e))?,
+                flows: Array::try_from(flows).map_err(|e| load_err("parley_flows", e))?,
+                view,
                 _ebpf: ebpf,
             })
         }
 
-        pub(super) fn install(&mut self, key: FlowKey, flow: Flow) -> Result<(), KernelError> {
+        pub(super) fn install(&mut self, index: u32, flow: Flow) -> Result<(), KernelError> {
             self.flows
-                .insert(key, flow, 0)
+                .set(index, flow, 0)
                 .map_err(|e| KernelError::Map(e.to_string()))
         }
 
-        pub(super) fn remove(&mut self, key: FlowKey) -> Option<FlowStats> {
-            let last = self.stats(key);
-            let _ = self.flows.remove(&key);
-            last
+        /// Clears the entry of port `index` (when it is the flow of address `addr`).
+        pub(super) fn remove(&mut self, index: u32, addr: u32) -> Option<FlowStats> {
+            let last = self.stats(index, addr)?;
+            let _ = self.flows.set(index, Flow::default(), 0);
+            Some(last)
         }
 
-        pub(super) fn stats(&self, key: FlowKey) -> Option<FlowStats> {
-            self.flows.get(&key, 0).ok().map(|f| f.stats)
+        pub(super) fn stats(&self, index: u32, addr: u32) -> Option<FlowStats> {
+            self.view
+                .get(index)
+                .filter(|f| f.port_addr == addr && addr != 0)
+                .map(|f| f.stats)
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{Flow, FlowKey};
+    use super::Flow;
     use std::net::SocketAddrV4;
 
     /// The maps hold addresses and ports as the packet does (network order).
     #[test]
     fn keys_and_flows_are_in_network_order() {
         let port: SocketAddrV4 = "127.0.0.1:40000".parse().unwrap();
-        let k = FlowKey::of(port);
-        assert_eq!(k.addr.to_ne_bytes(), [127, 0, 0, 1]);
-        assert_eq!(k.port.to_ne_bytes(), [0x9c, 0x40]);
+        assert_eq!(super::index(port), 40000);
         let f = Flow::new(
+            port,
             "10.0.0.1:5004".parse().unwrap(),
             "127.0.0.1:40002".parse().unwrap(),
             "10.0.0.2:6000".parse().unwrap(),
@@ -584,6 +651,7 @@ mod tests {
             },
         );
         assert_eq!(f.out_ifindex, 3);
+        assert_eq!(f.port_addr.to_ne_bytes(), [127, 0, 0, 1]);
         assert_eq!(
             (f.src_addr.to_ne_bytes(), f.src_port.to_ne_bytes()),
             ([10, 0, 0, 1], [0x13, 0x8c])
@@ -603,7 +671,6 @@ mod tests {
         );
         assert_eq!((f.seq_delta, f.ts_delta, f.mapped), (0x0a0b, 7, 1));
         // The C layouts: no implicit padding.
-        assert_eq!(std::mem::size_of::<FlowKey>(), 8);
         assert_eq!(std::mem::size_of::<Flow>(), 88);
         assert_eq!(std::mem::size_of::<super::FlowStats>(), 40);
     }

@@ -258,6 +258,35 @@ fn a_burst_is_relayed_complete_and_in_order() {
     relay.stop();
 }
 
+/// Once the call has closed its stats (it has ended and taken its CDR's counts), the
+/// relay sends nothing more of the stream, even before its workers let the ports go: the
+/// CDR holds exactly what was relayed.
+#[test]
+fn nothing_is_relayed_after_the_call_closes_its_counts() {
+    let relay = relay();
+    let (caller, callee) = (sock(), sock());
+    let (pa, pb, stats) = bridged(&relay, &caller, &callee);
+    for seq in 0..3 {
+        caller.send_to(&rtp(seq), ("127.0.0.1", pa)).unwrap();
+        callee.send_to(&rtp(seq), ("127.0.0.1", pb)).unwrap();
+    }
+    for _ in 0..3 {
+        recv(&callee).expect("relayed before the close");
+        recv(&caller).expect("relayed before the close");
+    }
+    assert_eq!(stats.close(), (3, 3));
+    // The ports are still bridged (no release yet): what arrives now is dropped.
+    for seq in 3..6 {
+        caller.send_to(&rtp(seq), ("127.0.0.1", pa)).unwrap();
+        callee.send_to(&rtp(seq), ("127.0.0.1", pb)).unwrap();
+    }
+    assert_eq!(recv(&callee), None, "relayed after the close");
+    assert_eq!(recv(&caller), None, "relayed after the close");
+    assert_eq!(stats.packets(), (3, 3));
+    relay.release(&[pa, pb], &[]);
+    relay.stop();
+}
+
 /// Two ports on one worker bridged between `caller` and `callee` (as a node allocates a
 /// call's legs); returns the ports and the call's stats.
 fn bridged(relay: &Relay, caller: &UdpSocket, callee: &UdpSocket) -> (u16, u16, Arc<FlowStats>) {

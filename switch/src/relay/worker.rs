@@ -660,8 +660,12 @@ impl Worker {
                     self.tally.no_flow += 1;
                     return;
                 };
-                if let Some(s) = &p.stats {
-                    s.count(false, 1);
+                if let Some(s) = &p.stats
+                    && !s.count(false, 1)
+                {
+                    // The call is over (its CDR has its counts).
+                    self.tally.no_flow += 1;
+                    return;
                 }
                 // RTCP leaves from the RTCP port when the leg has one (the peer does not
                 // multiplex), else multiplexed on the RTP port.
@@ -689,7 +693,10 @@ impl Worker {
                 stats,
                 caller_side,
             } => {
-                stats.count(*caller_side, 1);
+                if !stats.count(*caller_side, 1) {
+                    self.tally.no_flow += 1;
+                    return;
+                }
                 roq::encode(*flow, packet, &mut self.out);
                 let datagram = self.out.split().freeze();
                 if datagram.len() > conn.datagram_send_buffer_space() {
@@ -800,8 +807,13 @@ fn forward_batch(
     if s.segs.is_empty() {
         return latched_now;
     }
-    if let Some(st) = &p.stats {
-        st.count(p.caller_side, s.segs.len() as u64);
+    if let Some(st) = &p.stats
+        && !st.count(p.caller_side, s.segs.len() as u64)
+    {
+        // The call is over (its CDR has its counts): nothing more of it is relayed.
+        tally.no_flow += s.segs.len() as u64;
+        s.segs.clear();
+        return latched_now;
     }
     match &p.target {
         Target::None => {}
