@@ -209,7 +209,21 @@ pub fn egress(dst: std::net::Ipv4Addr) -> std::io::Result<u32> {
 pub struct KernelPath {
     #[cfg(parley_bpf)]
     inner: imp::Loaded,
+    /// Egress interfaces looked up lately, by destination: a lookup reads the host's
+    /// addresses (and, for a remote peer, connects a probe socket), which an install on a
+    /// relay worker should not pay for every call to the same gateway.
+    #[cfg(parley_bpf)]
+    egress: std::collections::HashMap<std::net::Ipv4Addr, (u32, std::time::Instant)>,
 }
+
+/// How long a looked-up egress interface is trusted: routes and addresses change rarely,
+/// and a change reaches the flows installed after this long.
+#[cfg(parley_bpf)]
+const EGRESS_TTL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Most destinations remembered (the table is cleared when it is full).
+#[cfg(parley_bpf)]
+const EGRESS_CACHE: usize = 4096;
 
 impl KernelPath {
     /// Loads the program and attaches it to the ingress of each of `interfaces` (e.g.
@@ -219,6 +233,7 @@ impl KernelPath {
         {
             Ok(Self {
                 inner: imp::Loaded::load(interfaces)?,
+                egress: std::collections::HashMap::new(),
             })
         }
         #[cfg(not(parley_bpf))]
@@ -240,7 +255,9 @@ impl KernelPath {
     ) -> Result<(), KernelError> {
         #[cfg(parley_bpf)]
         {
-            let out = egress(*out_dst.ip()).map_err(|e| KernelError::Route(out_dst, e))?;
+            let out = self
+                .egress_of(*out_dst.ip())
+                .map_err(|e| KernelError::Route(out_dst, e))?;
             self.inner.install(
                 index(port),
                 Flow::new(port, latched, out_src, out_dst, out, map),
@@ -251,6 +268,23 @@ impl KernelPath {
             let _ = (port, latched, out_src, out_dst, map);
             Err(KernelError::NotBuilt)
         }
+    }
+
+    /// [`egress`] of `dst`, remembered for [`EGRESS_TTL`].
+    #[cfg(parley_bpf)]
+    fn egress_of(&mut self, dst: std::net::Ipv4Addr) -> std::io::Result<u32> {
+        let now = std::time::Instant::now();
+        if let Some(&(out, at)) = self.egress.get(&dst)
+            && now.duration_since(at) < EGRESS_TTL
+        {
+            return Ok(out);
+        }
+        let out = egress(dst)?;
+        if self.egress.len() >= EGRESS_CACHE {
+            self.egress.clear();
+        }
+        self.egress.insert(dst, (out, now));
+        Ok(out)
     }
 
     /// Removes port `port`'s flow (its packets go to userspace again); what it counted
