@@ -134,6 +134,7 @@ fn be_port(a: &SocketAddrV4) -> u16 {
 }
 
 /// The map index of relay port `port`: its number.
+#[cfg_attr(not(parley_bpf), allow(dead_code))]
 fn index(port: SocketAddrV4) -> u32 {
     u32::from(port.port())
 }
