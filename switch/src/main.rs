@@ -73,13 +73,18 @@ enum Cmd {
 #[derive(clap::Args, Debug)]
 struct AdminArgs {
     /// The node's HTTP address (default: from <data-dir>/node.json).
-    #[arg(long)]
+    #[arg(long, global = true)]
     node: Option<String>,
     /// Admin token (default: <data-dir>/admin-token).
-    #[arg(long, env = "PARLEY_ADMIN_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "PARLEY_ADMIN_TOKEN",
+        hide_env_values = true,
+        global = true
+    )]
     token: Option<String>,
     /// The running node's data directory.
-    #[arg(long, default_value = "parley-data")]
+    #[arg(long, default_value = "parley-data", global = true)]
     data_dir: PathBuf,
 }
 

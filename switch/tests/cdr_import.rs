@@ -37,9 +37,13 @@ fn counts(e: &serde_json::Value) -> (u64, u64, u64, u64) {
 }
 
 /// Runs `parley cdr import` against the node; returns (exit ok, stdout JSON or stderr).
+/// Runs `parley cdr import ARGS --node URL --token T FILE` (the node's options after the
+/// subcommand, as an operator types them; `cli_import_to` puts them before it).
 fn cli_import(node: &Node, args: &[&str], file: &std::path::Path) -> (bool, String) {
-    let target = ["--node", &node.http.to_string(), "--token", &node.token].map(String::from);
-    let (ok, out, err) = cli_import_to(&target, args, file);
+    let http = node.http.to_string();
+    let mut all = args.to_vec();
+    all.extend(["--node", &http, "--token", &node.token]);
+    let (ok, out, err) = cli_import_to(&[], &all, file);
     (ok, if ok { out } else { err })
 }
 
@@ -442,5 +446,53 @@ fn retention_deletes_old_carrier_rows_at_start_and_the_books_keep_them(store) {
         "{again:#}"
     );
     assert_eq!(book(&node, "demo", "bob"), bob);
+}
+}
+
+both_stores! {
+/// Numbers without a `+` are read in the importing tenant's region: a French tenant's file
+/// in French national format reaches its user's book as E.164, the caller's number too,
+/// and the same digits under the US default region match nobody.
+#[test]
+fn national_numbers_are_read_in_the_tenants_region(store) {
+    let node = Node::start_on(
+        store,
+        [
+            "",
+            "",
+            "",
+            "[[users]]\ntenant = \"paris\"\nuser = \"marie\"\nnumber = \"+33612345678\"\npassword = \"demo\"\n",
+        ],
+        200,
+    );
+    let (st, body) = node.post(
+        "/api/v1/tenants",
+        r#"{"name": "paris", "region": "FR", "directory": false}"#,
+        true,
+    );
+    assert!(st == 200 || st == 201, "{st} {body}");
+    let file = "Call Ref,Caller,Callee,Started (epoch),Seconds,Billed\n\
+                p1,01 23 45 67 89,06 12 34 56 78,1764493200,65,60\n";
+    let path = "/api/v1/cdrs/import?format=generic&tenant=paris&src=Caller&dst=Callee&start=Started%20(epoch)&duration=Seconds&billsec=Billed&id=Call%20Ref";
+    let (st, body) = node.post(path, file, true);
+    assert_eq!(st, 200, "{body}");
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (&report["imported"], &report["users_touched"]),
+        (&1.into(), &1.into()),
+        "{report:#}"
+    );
+    let marie = book(&node, "paris", "marie");
+    assert_eq!(marie.len(), 1, "{marie:#?}");
+    assert_eq!(counts(entry(&marie, "+33123456789")), (1, 0, 0, 1));
+    // The same digits for demo (region US) are no one's number there.
+    let (st, body) = node.post(&path.replace("tenant=paris", "tenant=demo"), file, true);
+    assert_eq!(st, 200, "{body}");
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (&report["imported"], &report["unmatched"]),
+        (&0.into(), &1.into()),
+        "{report:#}"
+    );
 }
 }

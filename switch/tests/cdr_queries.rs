@@ -34,7 +34,7 @@ both_stores! {
 async fn filters_pages_and_exports_match_the_calls(store) {
     // bob has no device and the trunk is dead: his calls fail fast (T1 50 ms).
     let node = Node::start_on(store, ["t1_ms = 50", "", "", ""], 200);
-    let _alice = node.device(node.device_config("alice", "desk")).await;
+    let alice = node.device(node.device_config("alice", "desk")).await;
     let run = sipp_uac(&node, &["-sn", "uac"], "+15550100001", 5, 5, &[]).await;
     assert_eq!((run.successful, run.failed), (5, 0), "{}", run.output);
     let run = sipp_uac(
@@ -133,6 +133,28 @@ async fn filters_pages_and_exports_match_the_calls(store) {
     assert_eq!(node.get("/api/v1/cdrs/export?format=csv", false).0, 401);
     assert_eq!(node.get("/api/v1/cdrs", false).0, 401);
     assert_eq!(node.get("/api/v1/cdrs?user=alice", false).0, 401);
+
+    // A number as a person types it is read in the tenant's region (the CDRs hold E.164).
+    assert_eq!(only("number=5550100002").len(), 2);
+    assert_eq!(only("number=5550100002&tenant=demo").len(), 2);
+
+    // A call alice's device dials is bob's CDR (he is the one called) and alice's call:
+    // `user=alice` finds it as well as the calls to her.
+    alice
+        .send(parley_codecs::control::ClientMsg::Dial { to: "bob".into() })
+        .await
+        .unwrap();
+    let all = node.wait_cdrs(8);
+    let dialled = &all[0];
+    assert_eq!(
+        (dialled["user"].as_str(), dialled["dialled_by"].as_str()),
+        (Some("bob"), Some("alice")),
+        "{dialled:#}"
+    );
+    let alices = only("user=alice");
+    assert_eq!(alices.len(), 6, "{alices:#?}");
+    assert_eq!(alices[0]["call_id"], dialled["call_id"]);
+    assert_eq!(only("user=bob").len(), 3);
 }
 }
 

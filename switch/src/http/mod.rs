@@ -144,7 +144,14 @@ struct CdrQuery {
 }
 
 impl CdrQuery {
-    fn filter(&self) -> Result<crate::store::CdrFilter, String> {
+    /// The store's filter; `number` as E.164 when it is a number (read in the tenant's
+    /// region, or the node's default), as the CDRs hold it.
+    fn filter(&self, s: &HttpState) -> Result<crate::store::CdrFilter, String> {
+        let region = self
+            .tenant
+            .as_deref()
+            .and_then(|t| s.federation.tenant(t))
+            .map_or_else(|| s.default_region.clone(), |t| t.row.region.clone());
         let time = |key: &str, v: &Option<String>| -> Result<Option<i64>, String> {
             v.as_deref()
                 .map(|t| {
@@ -160,7 +167,10 @@ impl CdrQuery {
         Ok(crate::store::CdrFilter {
             tenant: self.tenant.clone(),
             user: self.user.clone(),
-            number: self.number.clone(),
+            number: self
+                .number
+                .as_deref()
+                .map(|n| crate::numbers::to_e164(n, &region).unwrap_or_else(|| n.to_owned())),
             disposition: self.disposition.as_deref().map(str::to_ascii_uppercase),
             route: self.route.clone(),
             from_ms: time("from", &self.from)?,
@@ -189,7 +199,7 @@ async fn cdrs(
         Ok(q) => q,
         Err(r) => return *r,
     };
-    let (filter, cursor) = match (q.filter(), q.cursor()) {
+    let (filter, cursor) = match (q.filter(&s), q.cursor()) {
         (Ok(f), Ok(c)) => (f, c),
         (Err(e), _) | (_, Err(e)) => return error(StatusCode::BAD_REQUEST, "bad_request", e),
     };
@@ -235,6 +245,7 @@ const CDR_CSV_COLUMNS: &[&str] = &[
     "packets_out",
     "answered_by",
     "direction",
+    "dialled_by",
 ];
 
 /// Every matching CDR as CSV (a header row) or JSON lines, streamed page by page: the
@@ -248,7 +259,7 @@ async fn export_cdrs(
         Ok(q) => q,
         Err(r) => return *r,
     };
-    let filter = match q.filter() {
+    let filter = match q.filter(&s) {
         Ok(f) => f,
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", e),
     };
@@ -307,6 +318,7 @@ async fn export_cdrs(
                         r.packets_out.to_string(),
                         r.answered_by.clone().unwrap_or_default(),
                         r.direction.clone(),
+                        r.dialled_by.clone().unwrap_or_default(),
                     ];
                     let _ = w.write_record(&fields);
                     let _ = w.flush();

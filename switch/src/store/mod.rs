@@ -339,6 +339,8 @@ pub struct CdrRow {
     pub answered_by: Option<String>,
     /// `in` (a call to `user`) or `out` (`user` dialled `called`).
     pub direction: String,
+    /// The user whose device dialled the call, when one did (and `user` is the callee).
+    pub dialled_by: Option<String>,
 }
 
 impl Store {
@@ -433,6 +435,7 @@ fn cdr_row(r: &AnyRow) -> CdrRow {
         packets_out: r.get("packets_out"),
         answered_by: r.get("answered_by"),
         direction: r.get("direction"),
+        dialled_by: r.get("dialled_by"),
     }
 }
 
@@ -441,7 +444,7 @@ fn cdr_row(r: &AnyRow) -> CdrRow {
 pub struct CdrFilter {
     /// Tenant.
     pub tenant: Option<String>,
-    /// The CDR's user.
+    /// A user: calls to them (the CDR's user) and calls their devices dialled.
     pub user: Option<String>,
     /// Caller or called number (E.164) or URI.
     pub number: Option<String>,
@@ -930,7 +933,7 @@ impl Store {
             cursor.map_or((i64::MAX, i64::MAX), |c| (c.end_ms, c.rowid));
         let sql = format!(
             "SELECT {id} AS row_id, * FROM cdrs WHERE disposition != 'IN_PROGRESS' \
-             AND ($1 IS NULL OR tenant = $1) AND ($2 IS NULL OR username = $2) \
+             AND ($1 IS NULL OR tenant = $1) AND ($2 IS NULL OR username = $2 OR dialled_by = $2) \
              AND ($3 IS NULL OR caller = $3 OR called = $3) AND ($4 IS NULL OR disposition = $4) \
              AND ($5 IS NULL OR route = $5) AND ($6 IS NULL OR end_ms >= $6) AND ($7 IS NULL OR end_ms < $7) \
              AND (end_ms < $8 OR (end_ms = $8 AND {id} < $9)) \
