@@ -138,6 +138,8 @@ pub struct CdrReader<R: Read> {
     first: bool,
     /// A read error ended the file.
     ended: bool,
+    /// Line of the last record read (the header's, for a generic file).
+    last_line: u64,
 }
 
 impl<R: Read> std::fmt::Debug for CdrReader<R> {
@@ -178,6 +180,7 @@ impl<R: Read> CdrReader<R> {
             columns: HashMap::new(),
             first: true,
             ended: false,
+            last_line: 0,
         };
         if let Format::Generic(m) = me.format.clone() {
             let header = match me.rows.next() {
@@ -185,6 +188,7 @@ impl<R: Read> CdrReader<R> {
                 Some(Err(e)) => return Err(HeaderError(e.to_string())),
                 None => return Err(HeaderError("the file is empty".into())),
             };
+            me.last_line = 1;
             me.columns = header
                 .iter()
                 .enumerate()
@@ -264,16 +268,20 @@ impl<R: Read> CdrReader<R> {
             let rec = match self.rows.next()? {
                 Ok(r) => r,
                 Err(e) => {
-                    let line = e.position().map_or(0, |p| self.line_at(p.byte()));
                     // An I/O error ends the file; a malformed row is skipped.
                     if matches!(e.kind(), csv::ErrorKind::Io(_)) {
                         self.ended = true;
+                        // It names no position: the row is the one after the last read
+                        // (its line exact when that one took one line, as CDR rows do).
+                        let line = self.last_line + 1;
                         return Some((line, Err(RowError(format!("read error: {e}")))));
                     }
+                    let line = e.position().map_or(0, |p| self.line_at(p.byte()));
                     return Some((line, Err(RowError(format!("malformed CSV: {e}")))));
                 }
             };
             let line = rec.position().map_or(0, |p| self.line_at(p.byte()));
+            self.last_line = line;
             let fields = self.fields(&rec);
             // Blank lines carry nothing.
             if fields.iter().all(|f| f.trim().is_empty()) {
@@ -704,7 +712,7 @@ mod tests {
         assert!(matches!(&rows[0], (2, Ok(_))), "{rows:?}");
         assert_eq!(rows.len(), 2, "{rows:?}");
         assert!(
-            matches!(&rows[1], (_, Err(e)) if e.0.starts_with("read error") && e.0.contains("after line 2")),
+            matches!(&rows[1], (3, Err(e)) if e.0.starts_with("read error") && e.0.contains("after line 2")),
             "{rows:?}"
         );
     }

@@ -316,6 +316,10 @@ fn cdr(admin_args: &AdminArgs, cmd: CdrCmd) -> anyhow::Result<()> {
     bar.finish_and_clear();
     let report = admin_answer(&format!("import of {}", file.display()), resp)?;
     println!("{}", serde_json::to_string_pretty(&report)?);
+    // A file read only in part fails the command (after its report), for scripts.
+    if let Some(why) = report.get("stopped").and_then(|v| v.as_str()) {
+        anyhow::bail!("{}: import stopped at {why}", file.display());
+    }
     Ok(())
 }
 

@@ -496,3 +496,65 @@ fn national_numbers_are_read_in_the_tenants_region(store) {
     );
 }
 }
+
+both_stores! {
+/// An unterminated quote swallows the rest of the file into one field: once that row runs
+/// past the longest a row may be, reading stops there. The rows before it are imported
+/// (those of the batch being read too), the row is rejected with its line, the report
+/// says where reading stopped, and the CLI exits non-zero after printing it.
+#[test]
+fn an_unterminated_quote_stops_the_file_and_what_came_before_is_imported(store) {
+    let node = node(store);
+    let mut file = String::from(
+        "Call Ref,Caller,Callee,Started (epoch),Seconds,Billed\n\
+         r1,+442071838750,+15550100002,1764493200,65,60\n\
+         r2,+442071838750,+15550100002,1764496800,20,0\n\
+         r3,\"+442071838750,+15550100002,1764500400,20,0\n",
+    );
+    while file.len() < 1_200_000 {
+        file.push_str("r4,+442071838751,+15550100002,1764504000,20,0\n");
+    }
+    let base = "/api/v1/cdrs/import?format=generic&src=Caller&dst=Callee&start=Started%20(epoch)&duration=Seconds&billsec=Billed&id=Call%20Ref";
+    let (st, body) = node.post(base, &file, true);
+    assert_eq!(st, 200, "{body}");
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (&report["imported"], &report["rejected"]),
+        (&2.into(), &1.into()),
+        "{report:#}"
+    );
+    assert_eq!(report["rejections"][0]["line"], 4, "{report:#}");
+    let stopped = report["stopped"].as_str().unwrap_or_default();
+    assert!(
+        stopped.starts_with("line 4:") && stopped.contains("unterminated quote"),
+        "{report:#}"
+    );
+    let bob = book(&node, "demo", "bob");
+    assert_eq!(bob.len(), 1, "{bob:#?}");
+    assert_eq!(counts(entry(&bob, "+442071838750")), (2, 0, 1, 2));
+    assert!(node.log().contains("CDR import stopped"), "{}", node.log());
+
+    // Through the CLI: the report on stdout (the rows again duplicates), and a failure.
+    let path = node.dir.path().join("unterminated.csv");
+    std::fs::write(&path, &file).unwrap();
+    let http = node.http.to_string();
+    let (ok, out, err) = cli_import_to(
+        &[],
+        &[
+            "--format", "generic", "--column", "src=Caller", "--column", "dst=Callee",
+            "--column", "start=Started (epoch)", "--column", "duration=Seconds",
+            "--column", "billsec=Billed", "--column", "id=Call Ref", "--node", &http,
+            "--token", &node.token,
+        ],
+        &path,
+    );
+    assert!(!ok, "{out}");
+    assert!(err.contains("import stopped at line 4"), "{err}");
+    let again: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (&again["imported"], &again["duplicates"]),
+        (&0.into(), &2.into()),
+        "{again:#}"
+    );
+}
+}

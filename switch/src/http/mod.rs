@@ -456,6 +456,9 @@ async fn import_cdrs(
         .await
     {
         Ok(report) => {
+            if let Some(why) = &report.stopped {
+                tracing::warn!(%tenant, error = %why, "CDR import stopped");
+            }
             tracing::info!(
                 %tenant,
                 rows = report.rows,

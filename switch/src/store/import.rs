@@ -74,6 +74,10 @@ pub struct ImportReport {
     pub rejections: Vec<Rejection>,
     /// Users whose books changed.
     pub users_touched: u64,
+    /// Why reading ended before the end of the file (a row past the longest a row may
+    /// be: an unterminated quote); what was read before it is imported.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stopped: Option<String>,
 }
 
 /// Progress callback's view: rows read so far.
@@ -177,6 +181,9 @@ impl ImportReport {
         self.rejected += c.rejected;
         self.rejections.extend(c.rejections);
         self.rejections.truncate(MAX_LISTED);
+        if self.stopped.is_none() {
+            self.stopped = c.stopped;
+        }
     }
 }
 
@@ -207,7 +214,12 @@ impl Reading {
             if let Err(e) = &row
                 && e.0.starts_with("read error")
             {
-                let _ = tx.blocking_send(Err(ImportError::Read(e.0.clone())));
+                // The file cannot be read on from here: the row is rejected, the batch
+                // read so far is imported, and the report says where reading stopped.
+                let why = format!("line {line}: {}; the rest of the file was not read", e.0);
+                self.add(&mut batch, line, row.map_err(|e| e.0));
+                batch.counts.stopped = Some(why);
+                let _ = tx.blocking_send(Ok(self.counted(batch)));
                 return;
             }
             self.add(&mut batch, line, row.map_err(|e| e.0));
