@@ -9,9 +9,11 @@ use std::time::Duration;
 use common::{Node, scenario, sipp_uac};
 use parley_codecs::control::ServerMsg;
 
+both_stores! {
+/// SIPp calls to alice's device: media, metrics, and her address book (on both stores).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sipp_calls_reach_the_logged_in_device_with_media() {
-    let node = Node::start();
+async fn sipp_calls_reach_the_logged_in_device_with_media(store) {
+    let node = Node::start_on(store, ["", "", "", ""], 200);
     let mut device = node.device(node.device_config("alice", "desk")).await;
     assert_eq!(device.number(), "+15550100001");
 
@@ -106,4 +108,5 @@ async fn sipp_calls_reach_the_logged_in_device_with_media() {
         );
     }
     assert!(node.stop().success());
+}
 }

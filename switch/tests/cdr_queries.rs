@@ -158,12 +158,13 @@ async fn filters_pages_and_exports_match_the_calls(store) {
 }
 }
 
+both_stores! {
 /// An export longer than the node reads at a time (pages of 1,000 rows) streams every
 /// row once, in the order the cursor pages give them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_export_longer_than_a_page_has_every_row_once() {
+async fn an_export_longer_than_a_page_has_every_row_once(store) {
     const CALLS: usize = 1_100;
-    let node = Node::start_on(StoreKind::Sqlite, ["", "", "", ""], 200);
+    let node = Node::start_on(store, ["", "", "", ""], 200);
     // bob has no device: his calls go to his PSTN line, the trunk UAS answers.
     let _uas = SippUas::start(&node, &["-sn", "uas"]);
     let run = sipp_uac(
@@ -217,4 +218,5 @@ async fn an_export_longer_than_a_page_has_every_row_once() {
     // The header once, then a row per call.
     assert_eq!(csv.lines().count(), CALLS + 1);
     assert_eq!(csv.matches("call_id,sip_call_id").count(), 1);
+}
 }

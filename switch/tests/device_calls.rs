@@ -11,9 +11,11 @@ use parley_load::device::MediaMode;
 
 const T: Duration = Duration::from_secs(10);
 
+both_stores! {
+/// Media both ways, the CDR, and the address books the call fills (on both stores).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn device_calls_device_with_media_both_ways() {
-    let node = Node::start();
+async fn device_calls_device_with_media_both_ways(store) {
+    let node = Node::start_on(store, ["", "", "", ""], 200);
     let mut cfg = node.device_config("alice", "desk");
     cfg.media = MediaMode::Tone;
     let mut alice = node.device(cfg).await;
@@ -103,6 +105,7 @@ async fn device_calls_device_with_media_both_ways() {
     );
     assert_eq!(alice["name"], "bob", "{alice}");
     assert_eq!(alice["known"], true, "{alice}");
+}
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

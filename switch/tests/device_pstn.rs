@@ -11,9 +11,11 @@ use parley_load::device::MediaMode;
 
 const T: Duration = Duration::from_secs(10);
 
+both_stores! {
+/// Media through the trunk, the CDR, and the dialled number in the book (on both stores).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn device_dials_a_pstn_number_through_the_trunk() {
-    let node = Node::start();
+async fn device_dials_a_pstn_number_through_the_trunk(store) {
+    let node = Node::start_on(store, ["", "", "", ""], 200);
     let _trunk = SippUas::start(&node, &["-sn", "uas"]);
     let mut cfg = node.device_config("alice", "desk");
     cfg.media = MediaMode::Tone;
@@ -90,6 +92,7 @@ async fn device_dials_a_pstn_number_through_the_trunk() {
         !log.contains("drain deadline reached"),
         "a finished device-dialled call still held the drain:\n{log}"
     );
+}
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
