@@ -558,3 +558,64 @@ fn an_unterminated_quote_stops_the_file_and_what_came_before_is_imported(store) 
     );
 }
 }
+
+both_stores! {
+/// Later imports move an entry's last call and keep its first; an entry the user deleted
+/// stays deleted through later imports naming the number, until it is added again, and
+/// then imports count into it once more.
+#[test]
+fn imports_after_an_edit_keep_first_and_last_seen_and_respect_a_deletion(store) {
+    let node = node(store);
+    let base = "/api/v1/cdrs/import?format=generic&src=Caller&dst=Callee&start=Started%20(epoch)&duration=Seconds&billsec=Billed&id=Call%20Ref";
+    let import = |rows: &str| {
+        let file = format!("Call Ref,Caller,Callee,Started (epoch),Seconds,Billed\n{rows}");
+        let (st, body) = node.post(base, &file, true);
+        assert_eq!(st, 200, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()
+    };
+    let london = "+442071838750";
+    // Calls at 2025-12-01T09:00:00Z and a day later, 65 s each (seen: when they ended).
+    import("a1,+442071838750,+15550100002,1764579600,65,60\n");
+    import("a2,+442071838750,+15550100002,1764666000,65,60\n");
+    let bob = book(&node, "demo", "bob");
+    let e = entry(&bob, london);
+    assert_eq!(counts(e), (2, 0, 0, 2), "{e}");
+    assert!(
+        e["first_seen"].as_str().unwrap().starts_with("2025-12-01T09:01:05")
+            && e["last_seen"].as_str().unwrap().starts_with("2025-12-02T09:01:05"),
+        "{e}"
+    );
+
+    // Bob deletes it: the next import naming the number leaves it deleted.
+    let (st, body) = node.request(
+        "DELETE",
+        "/api/v1/users/bob/address-book/%2B442071838750",
+        "",
+        true,
+    );
+    assert_eq!(st, 204, "{body}");
+    let report = import("a3,+442071838750,+15550100002,1764752400,65,60\n");
+    assert_eq!(report["imported"], 1, "{report:#}");
+    assert!(
+        book(&node, "demo", "bob").iter().all(|e| e["address"] != london),
+        "deleted entry came back"
+    );
+    // Added again, it counts the calls imported after that.
+    let (st, body) = node.put(
+        "/api/v1/users/bob/address-book/%2B442071838750",
+        r#"{"name":"London office"}"#,
+    );
+    assert_eq!(st, 200, "{body}");
+    import("a4,+442071838750,+15550100002,1764838800,65,60\n");
+    let bob = book(&node, "demo", "bob");
+    let e = entry(&bob, london);
+    assert_eq!(e["name"], "London office", "{e}");
+    // Only the call imported after the re-add counts (the deleted entry's two are gone);
+    // it is older than the re-add, so it becomes the first seen, not the last.
+    assert_eq!(counts(e), (1, 0, 0, 1), "{e}");
+    assert!(
+        e["first_seen"].as_str().unwrap().starts_with("2025-12-04T09:01:05"),
+        "{e}"
+    );
+}
+}
