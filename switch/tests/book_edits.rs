@@ -720,3 +720,52 @@ async fn a_device_reaches_only_its_own_users_book(store) {
     assert!(admin_book(&node, "other", "olga").is_empty());
 }
 }
+
+both_stores! {
+/// An entry that arrives by import is like one the user added: a carrier's call between
+/// alice and bob puts bob in alice's book, her online device is told the entry is bob,
+/// and his presence follows on it without her subscribing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_imported_entry_of_a_user_carries_his_presence(store) {
+    let node = node(store);
+    let mut desk = node.device(node.device_config("alice", "desk")).await;
+    let deadline = std::time::Instant::now() + T;
+    while !desk.address_book_complete() {
+        assert!(std::time::Instant::now() < deadline, "no book at login");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let file = "Call Ref,Caller,Callee,Started (epoch),Seconds,Billed\n\
+                b1,5550100002,5550100001,1764493200,65,60\n";
+    let (st, body) = node.post(
+        "/api/v1/cdrs/import?format=generic&src=Caller&dst=Callee&start=Started%20(epoch)&duration=Seconds&billsec=Billed&id=Call%20Ref",
+        file,
+        true,
+    );
+    assert_eq!(st, 200, "{body}");
+    let update = desk
+        .wait_for(T, |m| {
+            matches!(m, ServerMsg::AddressBookUpdate { entries, .. }
+                if entries.iter().any(|e| e.address == "+15550100002"))
+        })
+        .await;
+    let Some(ServerMsg::AddressBookUpdate { entries, .. }) = update else {
+        panic!("no update: {}", node.log())
+    };
+    let e = entries
+        .iter()
+        .find(|e| e.address == "+15550100002")
+        .unwrap();
+    assert_eq!(e.user.as_deref(), Some("bob"), "{e:?}");
+    let mut bob = node.device(node.device_config("bob", "desk")).await;
+    bob.send(ClientMsg::Presence {
+        status: Status::Busy,
+        idle_ms: 0,
+        note: None,
+    })
+    .await
+    .unwrap();
+    sees(&mut desk, "bob", Status::Busy, "bob busy, his entry imported").await;
+    set_presence(&bob, Status::Away).await;
+    sees(&mut desk, "bob", Status::Away, "bob away").await;
+}
+}
