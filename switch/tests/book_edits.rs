@@ -756,7 +756,7 @@ async fn an_imported_entry_of_a_user_carries_his_presence(store) {
         .find(|e| e.address == "+15550100002")
         .unwrap();
     assert_eq!(e.user.as_deref(), Some("bob"), "{e:?}");
-    let mut bob = node.device(node.device_config("bob", "desk")).await;
+    let bob = node.device(node.device_config("bob", "desk")).await;
     bob.send(ClientMsg::Presence {
         status: Status::Busy,
         idle_ms: 0,
