@@ -138,7 +138,11 @@ impl CallActor {
             let after = deadline.saturating_duration_since(Instant::now());
             self.timer = Some(ctx.run_later(after, |act, ctx| {
                 act.timer = None;
-                act.core.handle_timeout(Instant::now());
+                let now = Instant::now();
+                if let Some(at) = act.env.trunks.node_behind_at(now) {
+                    act.core.handle_node_behind(at);
+                }
+                act.core.handle_timeout(now);
                 act.drive(ctx);
             }));
         }

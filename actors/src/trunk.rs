@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use parley_core::numberplan::{NumberPlan, TrunkId, TrunkSnapshot};
@@ -72,6 +72,10 @@ pub struct TrunkActor {
 pub struct TrunkSet {
     plan: Arc<NumberPlan>,
     trunks: Vec<TrunkEntry>,
+    /// Whether the node is behind now (from [`TrunkSet::node_load`]).
+    behind: AtomicBool,
+    /// When it last caught up ([`crate::messages::flow_clock_ms`]; 0: never behind).
+    caught_up_ms: std::sync::atomic::AtomicU64,
 }
 
 /// One trunk of a [`TrunkSet`].
@@ -91,6 +95,8 @@ impl TrunkSet {
                 .into_iter()
                 .map(|(addr, up)| TrunkEntry { addr, up })
                 .collect(),
+            behind: AtomicBool::new(false),
+            caught_up_ms: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -117,10 +123,31 @@ impl TrunkSet {
         }
     }
 
-    /// Tells every trunk whether the node itself is overloaded.
+    /// Tells every trunk whether the node itself is overloaded (and remembers it for the
+    /// calls: [`TrunkSet::node_behind_at`]).
     pub fn node_load(&self, overloaded: bool) {
+        if !overloaded && self.behind.load(Ordering::Relaxed) {
+            self.caught_up_ms
+                .store(crate::messages::flow_clock_ms(), Ordering::Relaxed);
+        }
+        self.behind.store(overloaded, Ordering::Relaxed);
         for t in &self.trunks {
             t.addr.do_send(NodeLoad { overloaded });
+        }
+    }
+
+    /// The last time the node was behind, as of `now` (`now` while it is; `None`: never
+    /// since start): a call gives an offer due in that time more time.
+    pub fn node_behind_at(&self, now: Instant) -> Option<Instant> {
+        if self.behind.load(Ordering::Relaxed) {
+            return Some(now);
+        }
+        match self.caught_up_ms.load(Ordering::Relaxed) {
+            0 => None,
+            at => {
+                let ago = crate::messages::flow_clock_ms().saturating_sub(at);
+                now.checked_sub(Duration::from_millis(ago))
+            }
         }
     }
 
@@ -250,5 +277,35 @@ impl Handler<NodeLoad> for TrunkActor {
         }
         self.monitor.handle_node_load(Instant::now(), l.overloaded);
         self.drive(ctx);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TrunkSet;
+    use parley_core::numberplan::NumberPlan;
+    use std::time::{Duration, Instant};
+
+    /// The calls see when the node was last behind: now while it is, the moment it
+    /// caught up after, nothing before it ever was.
+    #[test]
+    fn the_calls_see_when_the_node_was_last_behind() {
+        let set = TrunkSet::new(NumberPlan::new(Vec::new(), Vec::new()), Vec::new());
+        let now = Instant::now();
+        assert_eq!(set.node_behind_at(now), None);
+        set.node_load(true);
+        assert_eq!(set.node_behind_at(now), Some(now));
+        set.node_load(false);
+        std::thread::sleep(Duration::from_millis(30));
+        let later = Instant::now();
+        let at = set.node_behind_at(later).expect("it was behind");
+        assert!(
+            at < later && later - at >= Duration::from_millis(20),
+            "{:?} ago",
+            later - at
+        );
+        // Told again that it is not behind: the catch-up time stays.
+        set.node_load(false);
+        assert!(set.node_behind_at(Instant::now()).unwrap() <= at + Duration::from_millis(2));
     }
 }

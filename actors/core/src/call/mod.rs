@@ -68,8 +68,10 @@ pub struct CallCore {
     media_check: Option<Instant>,
     /// Offers not acknowledged yet, and when each counts as lost.
     unacked: HashMap<SessionId, Instant>,
-    /// Offers whose deadline was extended once because the node noticed it late.
+    /// Offers whose deadline was extended once because the node was behind.
     ack_grace: HashSet<SessionId>,
+    /// The last time the node was behind (its SIP queue late), as the driver last said.
+    node_behind: Option<Instant>,
     ended_at: Option<Instant>,
     /// The trunks as the last lookup saw them.
     trunks: TrunkSnapshot,
@@ -101,6 +103,7 @@ impl CallCore {
             media_check: None,
             unacked: HashMap::new(),
             ack_grace: HashSet::new(),
+            node_behind: None,
             ended_at: None,
             trunks: TrunkSnapshot::none(),
             trunk_offer: None,
@@ -379,6 +382,12 @@ impl CallCore {
         self.pump(now);
     }
 
+    /// The node was behind at `at` (now, while it still is): offers out since then get
+    /// one more second for their acknowledgement if their deadline passes.
+    pub fn handle_node_behind(&mut self, at: Instant) {
+        self.node_behind = self.node_behind.max(Some(at));
+    }
+
     /// When [`Self::handle_timeout`] must next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
         [
@@ -408,11 +417,14 @@ impl CallCore {
         lost.sort_unstable();
         for session in lost {
             let at = self.unacked.remove(&session).unwrap_or(now);
-            // Noticed late, the node was behind: the acknowledgement may be queued
-            // behind the backlog. The device gets one more second, once.
-            if now.saturating_duration_since(at) >= crate::overload::LATE
-                && self.ack_grace.insert(session)
-            {
+            // The node was behind while the device had to answer (the deadline noticed
+            // late, or the driver said so at some point since the offer went out): the
+            // acknowledgement may be queued behind the backlog. The device gets one more
+            // second, once.
+            let late = now.saturating_duration_since(at) >= crate::overload::LATE;
+            let sent = self.spec.offer_ack_timeout.and_then(|t| at.checked_sub(t));
+            let behind = matches!((self.node_behind, sent), (Some(b), Some(s)) if b >= s);
+            if (late || behind) && self.ack_grace.insert(session) {
                 self.unacked.insert(session, now + OFFER_ACK_GRACE);
                 continue;
             }

@@ -626,6 +626,47 @@ fn an_offer_deadline_noticed_late_gives_the_device_one_more_second() {
 }
 
 #[test]
+fn an_offer_due_while_the_node_was_behind_gets_one_more_second() {
+    let s = Duration::from_secs;
+    // Behind a second after the offer went out (caught up since): the deadline, met on
+    // time at 3 s, gives the device one more second, once.
+    let (mut c, t0) = routed(
+        Origin::Sip,
+        vec![dev(1, "desk", Status::Available, false)],
+        true,
+    );
+    drain(&mut c);
+    c.handle_node_behind(t0 + s(1));
+    c.handle_timeout(t0 + s(3));
+    assert_eq!(drain_all(&mut c), vec![]);
+    assert_eq!(c.poll_timeout(), Some(t0 + s(4)));
+    c.handle_timeout(t0 + s(4));
+    assert_eq!(
+        drain_all(&mut c)[..2],
+        [
+            Action::Observe(Observation::OfferUnacknowledged { session: 1 }),
+            Action::DropDevice(1),
+        ]
+    );
+    // Behind only before the offer went out: no grace.
+    let (mut c, t0) = routed(
+        Origin::Sip,
+        vec![dev(1, "desk", Status::Available, false)],
+        true,
+    );
+    drain(&mut c);
+    c.handle_node_behind(t0 - Duration::from_millis(100));
+    c.handle_timeout(t0 + s(3));
+    assert_eq!(
+        drain_all(&mut c)[..2],
+        [
+            Action::Observe(Observation::OfferUnacknowledged { session: 1 }),
+            Action::DropDevice(1),
+        ]
+    );
+}
+
+#[test]
 fn an_acknowledged_offer_rings_until_the_ring_timeout() {
     let (mut c, t0) = routed(
         Origin::Sip,
