@@ -542,6 +542,10 @@ mod imp {
     /// Entries in the map (`max_entries` in the program).
     const ENTRIES: usize = 65536;
 
+    // The kernel lays an array's values out at their size rounded up to 8 bytes; `View`
+    // indexes them at `size_of::<Flow>()`, so the two must agree.
+    const _: () = assert!(std::mem::size_of::<Flow>().is_multiple_of(8));
+
     impl View {
         fn map(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<Self> {
             use nix::sys::mman::{MapFlags, ProtFlags, mmap};
