@@ -2,11 +2,13 @@
 //! runs, and every metric the `parley-load` Grafana dashboard queries is among them. The
 //! storm calls its own `--uas` on loopback, so no other peer is needed.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::net::{TcpStream, UdpSocket};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// A free UDP port for the storm's SIP side (its target and its own UAS must agree on it
+/// before it starts; the metrics listener binds port 0 and says which it got).
 fn free_port() -> u16 {
     UdpSocket::bind("127.0.0.1:0")
         .unwrap()
@@ -27,7 +29,7 @@ fn scrape(port: u16) -> Option<String> {
 
 #[test]
 fn storm_serves_the_metrics_its_dashboard_uses() {
-    let (sip, metrics) = (free_port(), free_port());
+    let sip = free_port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_parley-load"))
         .args([
             "storm",
@@ -46,11 +48,32 @@ fn storm_serves_the_metrics_its_dashboard_uses() {
             "--hold",
             "200ms",
         ])
-        .args(["--metrics", &format!("127.0.0.1:{metrics}")])
+        .args(["--metrics", "127.0.0.1:0"])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("spawn parley-load");
+    // The port the metrics listener got, from its "metrics on http://ADDR/metrics" line;
+    // the rest of stderr is drained so that the storm never blocks on it.
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(addr) = line
+                .strip_prefix("metrics on http://")
+                .and_then(|r| r.strip_suffix("/metrics"))
+                && let Ok(a) = addr.parse::<std::net::SocketAddr>()
+            {
+                let _ = tx.send(a.port());
+            }
+        }
+    });
+    let metrics = rx
+        .recv_timeout(Duration::from_secs(15))
+        .expect("parley-load says where its metrics are");
     // Scrape while the storm runs: once calls have been answered and ended.
     let deadline = Instant::now() + Duration::from_secs(15);
     let body = loop {
