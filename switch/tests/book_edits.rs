@@ -734,13 +734,8 @@ async fn an_imported_entry_of_a_user_carries_his_presence(store) {
         assert!(std::time::Instant::now() < deadline, "no book at login");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let file = "Call Ref,Caller,Callee,Started (epoch),Seconds,Billed\n\
-                b1,5550100002,5550100001,1764493200,65,60\n";
-    let (st, body) = node.post(
-        "/api/v1/cdrs/import?format=generic&src=Caller&dst=Callee&start=Started%20(epoch)&duration=Seconds&billsec=Billed&id=Call%20Ref",
-        file,
-        true,
-    );
+    let file = format!("{GENERIC_CDR_HEADER}b1,5550100002,5550100001,1764493200,65,60\n");
+    let (st, body) = node.post(GENERIC_CDR_IMPORT, &file, true);
     assert_eq!(st, 200, "{body}");
     let update = desk
         .wait_for(T, |m| {

@@ -30,6 +30,24 @@ fn entry<'a>(book: &'a [serde_json::Value], address: &str) -> &'a serde_json::Va
         .unwrap_or_else(|| panic!("no {address} in {book:#?}"))
 }
 
+/// `parley cdr import` options for the tests' generic files ([`GENERIC_CDR_HEADER`]).
+const GENERIC_CLI: [&str; 14] = [
+    "--format",
+    "generic",
+    "--column",
+    "src=Caller",
+    "--column",
+    "dst=Callee",
+    "--column",
+    "start=Started (epoch)",
+    "--column",
+    "duration=Seconds",
+    "--column",
+    "billsec=Billed",
+    "--column",
+    "id=Call Ref",
+];
+
 /// Counts of an entry: (incoming, outgoing, missed, call_count).
 fn counts(e: &serde_json::Value) -> (u64, u64, u64, u64) {
     let n = |k: &str| e[k].as_u64().unwrap_or_else(|| panic!("{k} in {e}"));
@@ -273,7 +291,7 @@ fn a_generic_file_maps_its_columns_and_bad_requests_say_what_is_wrong(store) {
                 r1,+442071838750,+15550100002,1764493200,65,60\n\
                 r2,+442071838750,+15550100002,1764496800,20,0\n\
                 r3,+442071838750,+15550100002,not-a-time,20,0\n";
-    let base = "/api/v1/cdrs/import?format=generic&src=Caller&dst=Callee&start=Started%20(epoch)&duration=Seconds&billsec=Billed&id=Call%20Ref";
+    let base = GENERIC_CDR_IMPORT;
     let (st, body) = node.post(base, file, true);
     assert_eq!(st, 200, "{body}");
     let report: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -290,26 +308,7 @@ fn a_generic_file_maps_its_columns_and_bad_requests_say_what_is_wrong(store) {
     // Through the CLI, with --column.
     let path = node.dir.path().join("generic.csv");
     std::fs::write(&path, file).unwrap();
-    let (ok, out) = cli_import(
-        &node,
-        &[
-            "--format",
-            "generic",
-            "--column",
-            "src=Caller",
-            "--column",
-            "dst=Callee",
-            "--column",
-            "start=Started (epoch)",
-            "--column",
-            "duration=Seconds",
-            "--column",
-            "billsec=Billed",
-            "--column",
-            "id=Call Ref",
-        ],
-        &path,
-    );
+    let (ok, out) = cli_import(&node, &GENERIC_CLI, &path);
     assert!(ok, "{out}");
     let again: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(again["duplicates"], 2, "{again:#}");
@@ -471,10 +470,9 @@ fn national_numbers_are_read_in_the_tenants_region(store) {
         true,
     );
     assert!(st == 200 || st == 201, "{st} {body}");
-    let file = "Call Ref,Caller,Callee,Started (epoch),Seconds,Billed\n\
-                p1,01 23 45 67 89,06 12 34 56 78,1764493200,65,60\n";
-    let path = "/api/v1/cdrs/import?format=generic&tenant=paris&src=Caller&dst=Callee&start=Started%20(epoch)&duration=Seconds&billsec=Billed&id=Call%20Ref";
-    let (st, body) = node.post(path, file, true);
+    let file = format!("{GENERIC_CDR_HEADER}p1,01 23 45 67 89,06 12 34 56 78,1764493200,65,60\n");
+    let path = format!("{GENERIC_CDR_IMPORT}&tenant=paris");
+    let (st, body) = node.post(&path, &file, true);
     assert_eq!(st, 200, "{body}");
     let report: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(
@@ -486,7 +484,7 @@ fn national_numbers_are_read_in_the_tenants_region(store) {
     assert_eq!(marie.len(), 1, "{marie:#?}");
     assert_eq!(counts(entry(&marie, "+33123456789")), (1, 0, 0, 1));
     // The same digits for demo (region US) are no one's number there.
-    let (st, body) = node.post(&path.replace("tenant=paris", "tenant=demo"), file, true);
+    let (st, body) = node.post(&path.replace("tenant=paris", "tenant=demo"), &file, true);
     assert_eq!(st, 200, "{body}");
     let report: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(
@@ -505,8 +503,8 @@ both_stores! {
 #[test]
 fn an_unterminated_quote_stops_the_file_and_what_came_before_is_imported(store) {
     let node = node(store);
-    let mut file = String::from(
-        "Call Ref,Caller,Callee,Started (epoch),Seconds,Billed\n\
+    let mut file = format!(
+        "{GENERIC_CDR_HEADER}\
          r1,+442071838750,+15550100002,1764493200,65,60\n\
          r2,+442071838750,+15550100002,1764496800,20,0\n\
          r3,\"+442071838750,+15550100002,1764500400,20,0\n",
@@ -514,7 +512,7 @@ fn an_unterminated_quote_stops_the_file_and_what_came_before_is_imported(store) 
     while file.len() < 1_200_000 {
         file.push_str("r4,+442071838751,+15550100002,1764504000,20,0\n");
     }
-    let base = "/api/v1/cdrs/import?format=generic&src=Caller&dst=Callee&start=Started%20(epoch)&duration=Seconds&billsec=Billed&id=Call%20Ref";
+    let base = GENERIC_CDR_IMPORT;
     let (st, body) = node.post(base, &file, true);
     assert_eq!(st, 200, "{body}");
     let report: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -540,12 +538,7 @@ fn an_unterminated_quote_stops_the_file_and_what_came_before_is_imported(store) 
     let http = node.http.to_string();
     let (ok, out, err) = cli_import_to(
         &[],
-        &[
-            "--format", "generic", "--column", "src=Caller", "--column", "dst=Callee",
-            "--column", "start=Started (epoch)", "--column", "duration=Seconds",
-            "--column", "billsec=Billed", "--column", "id=Call Ref", "--node", &http,
-            "--token", &node.token,
-        ],
+        &[&GENERIC_CLI[..], &["--node", http.as_str(), "--token", node.token.as_str()]].concat(),
         &path,
     );
     assert!(!ok, "{out}");
@@ -566,9 +559,9 @@ both_stores! {
 #[test]
 fn imports_after_an_edit_keep_first_and_last_seen_and_respect_a_deletion(store) {
     let node = node(store);
-    let base = "/api/v1/cdrs/import?format=generic&src=Caller&dst=Callee&start=Started%20(epoch)&duration=Seconds&billsec=Billed&id=Call%20Ref";
+    let base = GENERIC_CDR_IMPORT;
     let import = |rows: &str| {
-        let file = format!("Call Ref,Caller,Callee,Started (epoch),Seconds,Billed\n{rows}");
+        let file = format!("{GENERIC_CDR_HEADER}{rows}");
         let (st, body) = node.post(base, &file, true);
         assert_eq!(st, 200, "{body}");
         serde_json::from_str::<serde_json::Value>(&body).unwrap()

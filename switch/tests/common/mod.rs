@@ -875,3 +875,9 @@ pub fn parley_load_bin() -> PathBuf {
     );
     load
 }
+
+/// The header of the generic CDR files the tests write, and the import request that maps
+/// its columns (the body: this header and rows).
+pub const GENERIC_CDR_HEADER: &str = "Call Ref,Caller,Callee,Started (epoch),Seconds,Billed\n";
+/// See [`GENERIC_CDR_HEADER`].
+pub const GENERIC_CDR_IMPORT: &str = "/api/v1/cdrs/import?format=generic&src=Caller&dst=Callee&start=Started%20(epoch)&duration=Seconds&billsec=Billed&id=Call%20Ref";
