@@ -392,7 +392,12 @@ impl CallActor {
         let stats = self.media.stats.clone();
         self.media.since_ms = crate::messages::flow_clock_ms();
         match plan {
-            MediaPlan::DeviceToTrunk { caller, trunk, pt } => {
+            MediaPlan::DeviceToTrunk {
+                caller,
+                trunk,
+                pt,
+                telephone_event,
+            } => {
                 let tport = self.media.trunk_port.ok_or(MediaError::Unavailable)?;
                 let flow = media.next_flow_id();
                 media.bridge_roq((tport, trunk), caller, flow, stats)?;
@@ -402,9 +407,15 @@ impl CallActor {
                     flow_id: flow,
                     payload_type: pt,
                     video_flow_id: None,
+                    telephone_event,
                 });
             }
-            MediaPlan::DeviceToDevice { caller, callee, pt } => {
+            MediaPlan::DeviceToDevice {
+                caller,
+                callee,
+                pt,
+                telephone_event,
+            } => {
                 let (a, b) = (media.next_flow_id(), media.next_flow_id());
                 media.bridge_roq_roq((caller, a), (callee, b), stats)?;
                 self.media.roq.extend([(caller, a), (callee, b)]);
@@ -415,6 +426,7 @@ impl CallActor {
                         flow_id: b,
                         payload_type: pt,
                         video_flow_id: None,
+                        telephone_event: Some(telephone_event),
                     },
                 );
                 self.tell_caller_device(ToDevice::Connected {
@@ -422,6 +434,7 @@ impl CallActor {
                     flow_id: a,
                     payload_type: pt,
                     video_flow_id: None,
+                    telephone_event: Some(telephone_event),
                 });
             }
             MediaPlan::SipToDevice {
@@ -457,6 +470,7 @@ impl CallActor {
                         flow_id: flow,
                         payload_type: pt,
                         video_flow_id,
+                        telephone_event,
                     },
                 );
                 self.answer_caller(port, pt, telephone_event, video_offered, video_answer, ctx);

@@ -46,6 +46,8 @@ pub enum ToDevice {
         payload_type: u8,
         /// RoQ flow id of the video stream, if the call has one for this device.
         video_flow_id: Option<u64>,
+        /// Telephone-event payload type on the audio flow, when the other side takes it.
+        telephone_event: Option<u8>,
     },
     /// The device left an offer unacknowledged: it is presumed lost; close its session.
     Unresponsive,

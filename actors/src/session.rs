@@ -76,6 +76,8 @@ pub struct PresenceSession {
     held: Option<Vec<ServerMsg>>,
     /// The `id` of the request being handled.
     request: Option<u64>,
+    /// The device declared Opus (`capabilities`): its calls offer it.
+    opus: bool,
 }
 
 /// Sets `user` on the entries whose address is the number of a user of `tenant` (and
@@ -119,6 +121,7 @@ impl PresenceSession {
             chat_pending: 0,
             held: Some(Vec::new()),
             request: None,
+            opus: false,
         }
     }
 
@@ -415,7 +418,7 @@ impl PresenceSession {
             caller_name: Some(self.owner.id.user.clone()),
             called,
             pstn_destination,
-            offer: dial::device_offer(),
+            offer: dial::device_offer(self.opus),
             video_offer: None,
             ring_timeout: env.ring_timeout,
             media_timeout: env.media_timeout,
@@ -758,10 +761,14 @@ impl Handler<FromClient> for PresenceSession {
             } => self.chat_history(with, (before, after, limit), ctx),
             ClientMsg::GetPreferences => self.get_preferences(ctx),
             ClientMsg::Dial { to } => self.dial(to, ctx),
-            ClientMsg::Capabilities { video } => self.user.do_send(SetCapabilities {
-                session: self.id,
-                video,
-            }),
+            ClientMsg::Capabilities { video, codecs } => {
+                self.opus = codecs.iter().any(|c| c.eq_ignore_ascii_case("opus"));
+                self.user.do_send(SetCapabilities {
+                    session: self.id,
+                    video,
+                    opus: self.opus,
+                });
+            }
             ClientMsg::SetPreferences { preferences } => self.set_preferences(preferences, ctx),
             ClientMsg::Presence {
                 status,
@@ -860,12 +867,14 @@ impl Handler<ToDevice> for PresenceSession {
                 flow_id,
                 payload_type,
                 video_flow_id,
+                telephone_event,
             } => {
                 self.send(ServerMsg::CallConnected {
                     call_id,
                     flow_id,
                     payload_type,
                     video_flow_id,
+                    telephone_event,
                 });
             }
             ToDevice::Unresponsive => {

@@ -157,12 +157,14 @@ pub struct SetCapabilities {
     pub session: SessionId,
     /// Video capable.
     pub video: bool,
+    /// Takes Opus.
+    pub opus: bool,
 }
 
 impl Handler<SetCapabilities> for UserActor {
     type Result = ();
     fn handle(&mut self, m: SetCapabilities, _: &mut Context<Self>) {
-        self.core.handle_capabilities(m.session, m.video);
+        self.core.handle_capabilities(m.session, m.video, m.opus);
     }
 }
 

@@ -11,6 +11,15 @@ use crate::CodecError;
 /// Largest control frame either side accepts.
 pub const MAX_FRAME: usize = 64 * 1024;
 
+/// The dynamic RTP payload type of Opus on a device's flow (the one browsers use):
+/// Parley's flows between devices carry Opus under this number; a browser whose peer
+/// connection negotiated another number is mapped at the node.
+pub const PT_OPUS: u8 = 111;
+
+/// The telephone-event (RFC 4733) payload type on flows between devices, and in the
+/// offers Parley makes for device-dialled calls.
+pub const PT_TELEPHONE_EVENT: u8 = 101;
+
 /// Presence status of a device, as the device reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -80,11 +89,18 @@ pub enum ClientMsg {
         /// The call id.
         call_id: String,
     },
-    /// What this device can do; sent after login (before it, a device is audio-only).
+    /// What this device can do; sent after login (before it, a device is audio-only and
+    /// G.711-only).
     Capabilities {
         /// The device can send and receive video.
         #[serde(default)]
         video: bool,
+        /// Audio codecs beyond G.711 the device sends and receives, by name: `"opus"`
+        /// (48 kHz, stereo signalling, RFC 7587). A call between two devices that both
+        /// declare Opus carries Opus ([`PT_OPUS`]); every other call stays G.711. Unknown
+        /// names are ignored.
+        #[serde(default)]
+        codecs: Vec<String>,
     },
     /// Liveness probe; answered with `pong`.
     Ping {
@@ -374,11 +390,15 @@ pub enum ServerMsg {
         call_id: String,
         /// RoQ flow id for the audio stream, both directions.
         flow_id: u64,
-        /// RTP payload type in use (0 PCMU, 8 PCMA).
+        /// RTP payload type in use (0 PCMU, 8 PCMA, [`PT_OPUS`] Opus).
         payload_type: u8,
         /// RoQ flow id of the video stream, when the call has one.
         #[serde(default)]
         video_flow_id: Option<u64>,
+        /// RFC 4733 telephone-event (DTMF) payload type on the audio flow, at the audio
+        /// codec's clock rate, when the other side takes it.
+        #[serde(default)]
+        telephone_event: Option<u8>,
     },
     /// The call ended (or the offer to this device was withdrawn).
     CallEnded {
@@ -837,11 +857,25 @@ mod tests {
             flow_id: 4,
             payload_type: 0,
             video_flow_id: None,
+            telephone_event: Some(PT_TELEPHONE_EVENT),
         })
         .unwrap();
         assert_eq!(
             s,
-            r#"{"type":"call_connected","call_id":"c1","flow_id":4,"payload_type":0,"video_flow_id":null}"#
+            r#"{"type":"call_connected","call_id":"c1","flow_id":4,"payload_type":0,"video_flow_id":null,"telephone_event":101}"#
+        );
+        // A device that declares Opus; one from before `codecs` existed.
+        let c: ClientMsg = decode(br#"{"type":"capabilities","codecs":["opus"]}"#).unwrap();
+        assert_eq!(
+            c,
+            ClientMsg::Capabilities {
+                video: false,
+                codecs: vec!["opus".into()]
+            }
+        );
+        let old: ClientMsg = decode(br#"{"type":"capabilities","video":true}"#).unwrap();
+        assert!(
+            matches!(old, ClientMsg::Capabilities { video: true, ref codecs } if codecs.is_empty())
         );
     }
 
@@ -1006,16 +1040,16 @@ mod tests {
     fn optional_fields_the_server_sends_are_present_as_null() {
         // protocol.md §2: "Optional fields sent by the server are always present, with
         // `null` when absent."
+        let connected = ServerMsg::CallConnected {
+            call_id: "c1".into(),
+            flow_id: 1,
+            payload_type: 0,
+            video_flow_id: None,
+            telephone_event: None,
+        };
         let rows = [
-            (
-                ServerMsg::CallConnected {
-                    call_id: "c1".into(),
-                    flow_id: 1,
-                    payload_type: 0,
-                    video_flow_id: None,
-                },
-                "video_flow_id",
-            ),
+            (connected.clone(), "video_flow_id"),
+            (connected, "telephone_event"),
             (
                 ServerMsg::IncomingCall {
                     call_id: "c1".into(),

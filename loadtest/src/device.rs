@@ -125,6 +125,12 @@ pub struct DeviceStats {
     /// RTP packets, same SSRC, whose sequence number was not the previous one + 1 or whose
     /// timestamp went backwards (loss, reordering, or a stream spliced without rewriting).
     pub rtp_discontinuities: AtomicU64,
+    /// RTP packets with the call's telephone-event payload type (DTMF, RFC 4733, as
+    /// `call_connected` named it); also counted in `rtp_received`.
+    pub dtmf_received: AtomicU64,
+    /// The DTMF events received, one per event (a new RTP timestamp starts one), in
+    /// order: event codes 0–9 are digits, 10 `*`, 11 `#`. The first 64 are kept.
+    pub dtmf_events: StdMutex<Vec<u8>>,
 }
 
 /// A plain copy of [`DeviceStats`], for printing and arithmetic.
@@ -148,6 +154,8 @@ pub struct StatsSnapshot {
     pub rtp_ssrc_changes: u64,
     /// See [`DeviceStats::rtp_discontinuities`].
     pub rtp_discontinuities: u64,
+    /// See [`DeviceStats::dtmf_received`].
+    pub dtmf_received: u64,
 }
 
 impl DeviceStats {
@@ -164,7 +172,22 @@ impl DeviceStats {
             bad_datagrams: r(&self.bad_datagrams),
             rtp_ssrc_changes: r(&self.rtp_ssrc_changes),
             rtp_discontinuities: r(&self.rtp_discontinuities),
+            dtmf_received: r(&self.dtmf_received),
         }
+    }
+
+    /// The DTMF events received so far, as keypad characters.
+    pub fn dtmf_digits(&self) -> String {
+        let events = self.dtmf_events.lock().unwrap_or_else(|e| e.into_inner());
+        events
+            .iter()
+            .map(|e| match e {
+                0..=9 => char::from(b'0' + e),
+                10 => '*',
+                11 => '#',
+                _ => '?',
+            })
+            .collect()
     }
 }
 
@@ -172,7 +195,7 @@ impl std::fmt::Display for StatsSnapshot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "offered={} answered={} connected={} ended={} rtp_rx={} rtp_tx={} bad={} ssrc_changes={} discontinuities={}",
+            "offered={} answered={} connected={} ended={} rtp_rx={} rtp_tx={} bad={} ssrc_changes={} discontinuities={} dtmf_rx={}",
             self.calls_offered,
             self.calls_answered,
             self.calls_connected,
@@ -181,7 +204,8 @@ impl std::fmt::Display for StatsSnapshot {
             self.rtp_sent,
             self.bad_datagrams,
             self.rtp_ssrc_changes,
-            self.rtp_discontinuities
+            self.rtp_discontinuities,
+            self.dtmf_received
         )
     }
 }
@@ -436,10 +460,12 @@ impl Device {
             book.clone(),
             conn.clone(),
         ));
+        let dtmf: DtmfTypes = Arc::default();
         let datagrams = tokio::spawn(datagram_reader(
             conn.clone(),
             stats.clone(),
             cfg.media == MediaMode::Echo,
+            dtmf.clone(),
         ));
         let behaviour = tokio::spawn(
             Behaviour {
@@ -449,6 +475,7 @@ impl Device {
                 stats: stats.clone(),
                 cmd_tx: cmd_tx.clone(),
                 calls: HashMap::new(),
+                dtmf,
             }
             .run(cmd_rx),
         );
@@ -620,13 +647,38 @@ async fn control_reader(
     }
 }
 
-async fn datagram_reader(conn: quinn::Connection, stats: Arc<DeviceStats>, echo: bool) {
+/// Each connected call's telephone-event payload type, by flow: written by the
+/// behaviour task at `call_connected`, read per datagram (a sharded map: no lock shared
+/// by a load test's thousands of flows).
+type DtmfTypes = Arc<dashmap::DashMap<u64, u8>>;
+
+async fn datagram_reader(
+    conn: quinn::Connection,
+    stats: Arc<DeviceStats>,
+    echo: bool,
+    dtmf: DtmfTypes,
+) {
     // Per flow: (SSRC, sequence, timestamp) of the last RTP packet.
     let mut last: HashMap<u64, (u32, u16, u32)> = HashMap::new();
+    // The timestamp of the last DTMF event seen.
+    let mut event_ts: Option<u32> = None;
     while let Ok(datagram) = conn.read_datagram().await {
         let is_rtp = match roq::decode(&datagram) {
             Ok((flow, packet)) => match RtpView::parse(packet) {
                 Ok(v) if v.kind() == Kind::Rtp => {
+                    if dtmf.get(&flow).is_some_and(|pt| *pt == v.payload_type()) {
+                        bump(&stats.dtmf_received);
+                        if event_ts != Some(v.timestamp())
+                            && let Some(&code) = v.payload().first()
+                        {
+                            event_ts = Some(v.timestamp());
+                            let mut events =
+                                stats.dtmf_events.lock().unwrap_or_else(|e| e.into_inner());
+                            if events.len() < 64 {
+                                events.push(code);
+                            }
+                        }
+                    }
                     let now = (v.ssrc(), v.sequence(), v.timestamp());
                     if last.len() >= 4096 && !last.contains_key(&flow) {
                         last.clear(); // ended calls' flows; bounded memory on long runs
@@ -685,6 +737,7 @@ struct Behaviour {
     stats: Arc<DeviceStats>,
     cmd_tx: mpsc::UnboundedSender<Cmd>,
     calls: HashMap<String, Call>,
+    dtmf: DtmfTypes,
 }
 
 impl Behaviour {
@@ -739,9 +792,13 @@ impl Behaviour {
                 call_id,
                 flow_id,
                 payload_type,
+                telephone_event,
                 ..
             } => {
                 bump(&self.stats.calls_connected);
+                if let Some(te) = telephone_event {
+                    self.dtmf.insert(flow_id, te);
+                }
                 let hangup_timer = self
                     .cfg
                     .hangup_after
@@ -789,8 +846,11 @@ impl Behaviour {
 
     /// Forgets a call, stopping its timers and media; counts it as ended once.
     fn end(&mut self, call_id: &str) {
-        if self.calls.remove(call_id).is_some() {
+        if let Some(call) = self.calls.remove(call_id) {
             bump(&self.stats.calls_ended);
+            if let Some(flow) = call.flow_id {
+                self.dtmf.remove(&flow);
+            }
         }
     }
 
@@ -1033,6 +1093,7 @@ mod tests {
                 flow_id: 300,
                 payload_type: g711::PT_PCMA,
                 video_flow_id: None,
+                telephone_event: None,
             };
             mock::send(&mut tx, &connected).await;
             // Ten packets to the device, one bad datagram.

@@ -226,6 +226,13 @@ pub struct WebConfig {
     /// candidate the node offers, so it must be one browsers reach, not `0.0.0.0`); port
     /// 0 picks a free one.
     pub media_listen: SocketAddr,
+    /// TCP connections open on the web listener at most (pages, assets and WebSockets);
+    /// one more is closed at once and counted (`parley_web_sessions_refused_total{reason="connections"}`).
+    pub max_connections: usize,
+    /// A connection must have sent a whole request's headers this many seconds after it
+    /// opened or after its previous request (slow or idle clients are closed), and a TLS
+    /// handshake must finish within it.
+    pub header_timeout_secs: u64,
 }
 
 impl Default for WebConfig {
@@ -237,6 +244,8 @@ impl Default for WebConfig {
             tls_key: None,
             allowed_origins: Vec::new(),
             media_listen: ([127, 0, 0, 1], 0).into(),
+            max_connections: 10_000,
+            header_timeout_secs: 10,
         }
     }
 }
@@ -861,6 +870,12 @@ impl Config {
             }
             _ => {}
         }
+        if self.web.max_connections == 0 {
+            return Err(bad("web.max_connections", "must be at least 1"));
+        }
+        if self.web.header_timeout_secs == 0 {
+            return Err(bad("web.header_timeout_secs", "must be at least 1"));
+        }
         if self.web.media_listen.ip().is_unspecified() {
             return Err(bad(
                 "web.media_listen",
@@ -1056,6 +1071,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("relay.port_min"), "{e}");
+        for key in ["max_connections", "header_timeout_secs"] {
+            let e = Config::parse(&format!("demo = true\n[web]\n{key} = 0\n"), p)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("web.{key}")), "{e}");
+        }
     }
 
     #[test]

@@ -115,7 +115,8 @@ pub const WEB_SESSIONS_TOTAL: &str = "parley_web_sessions_total";
 /// WebSocket sessions open now.
 pub const WEB_SESSIONS: &str = "parley_web_sessions";
 /// WebSocket upgrades refused, by `reason` (`origin`, `pending_per_source`,
-/// `pending_total`).
+/// `pending_total`), and web connections closed at once because the listener was full
+/// (`connections`, `[web] max_connections`).
 pub const WEB_SESSIONS_REFUSED_TOTAL: &str = "parley_web_sessions_refused_total";
 /// Browsers' WebRTC offers, by `result` (`ok`, `refused`).
 pub const WEBRTC_OFFERS_TOTAL: &str = "parley_webrtc_offers_total";
@@ -128,8 +129,13 @@ pub const WEBRTC_PEERS: &str = "parley_webrtc_peers";
 /// `from_browser`).
 pub const WEBRTC_PACKETS_TOTAL: &str = "parley_webrtc_packets_total";
 /// Packets dropped on the browser media path, by `reason` (`queue_full`, `no_peer`,
-/// `not_connected`, `other_flow`, `not_rtp`, `no_stream`, `unreadable`).
+/// `not_connected`, `other_flow`, `not_rtp`, `no_stream`, `unreadable`, `other_codec`: a
+/// codec the call does not carry, `codec_not_negotiated`: the peer connection cannot
+/// carry the call's codec).
 pub const WEBRTC_DROPS_TOTAL: &str = "parley_webrtc_drops_total";
+/// Counter: telephone-event (DTMF, RFC 4733) packets relayed for browsers, by
+/// `direction` (`to_browser`, `from_browser`); also counted in `parley_webrtc_packets_total`.
+pub const WEBRTC_DTMF_PACKETS_TOTAL: &str = "parley_webrtc_dtmf_packets_total";
 
 /// Installs the global recorder and returns the handle that renders `/metrics`.
 pub fn install() -> anyhow::Result<PrometheusHandle> {
@@ -182,7 +188,12 @@ fn register_zeroes() {
     for r in ["pending_per_source", "pending_total"] {
         counter!(IM_CONNECTIONS_REFUSED_TOTAL, "reason" => r).increment(0);
     }
-    for r in ["origin", "pending_per_source", "pending_total"] {
+    for r in [
+        "origin",
+        "pending_per_source",
+        "pending_total",
+        "connections",
+    ] {
         counter!(WEB_SESSIONS_REFUSED_TOTAL, "reason" => r).increment(0);
     }
     counter!(WEB_SESSIONS_TOTAL).increment(0);
@@ -194,6 +205,7 @@ fn register_zeroes() {
     }
     for d in ["to_browser", "from_browser"] {
         counter!(WEBRTC_PACKETS_TOTAL, "direction" => d).increment(0);
+        counter!(WEBRTC_DTMF_PACKETS_TOTAL, "direction" => d).increment(0);
     }
     for r in [
         "queue_full",
@@ -203,6 +215,8 @@ fn register_zeroes() {
         "not_rtp",
         "no_stream",
         "unreadable",
+        "other_codec",
+        "codec_not_negotiated",
     ] {
         counter!(WEBRTC_DROPS_TOTAL, "reason" => r).increment(0);
     }

@@ -338,7 +338,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let web_url = if cfg.web.enabled {
         let tls = cfg.web.tls_cert.as_deref().zip(cfg.web.tls_key.as_deref());
-        let listener = crate::web::WebListener::bind(cfg.web.listen, tls).await?;
+        let header_timeout = Duration::from_secs(cfg.web.header_timeout_secs);
+        let listener = crate::web::WebListener::bind(cfg.web.listen, tls, header_timeout).await?;
         let addr = listener.local_addr()?;
         let webrtc = crate::webrtc::WebRtc::start(cfg.web.media_listen, relay.clone())
             .map_err(|e| anyhow::anyhow!("web.media_listen {}: {e}", cfg.web.media_listen))?;
@@ -350,7 +351,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             tls: tls.is_some(),
             webrtc: Some(Arc::new(webrtc)),
         }));
-        actix_rt::spawn(crate::web::serve(listener, app));
+        actix_rt::spawn(crate::web::serve(
+            listener,
+            app,
+            crate::web::WebLimits {
+                max_connections: cfg.web.max_connections,
+                header_timeout,
+            },
+        ));
         Some(format!(
             "{}://{addr}/",
             if tls.is_some() { "https" } else { "http" }

@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Node, scenario, sipp_uac};
+use common::{Node, scenario, sipp_uac, wait_metric};
 use serde_json::{Value, json};
 
 /// One headless Chromium with one page.
@@ -90,8 +90,38 @@ impl Chromium {
     }
 
     fn sign_in(&mut self, node: &Node, user: &str, password: &str) {
+        self.sign_in_to(node, "demo", user, password);
+    }
+
+    /// Signs `user` (password `demo`) in and waits for the number and the peer connection.
+    fn ready(&mut self, node: &Node, user: &str, number: &str) {
+        self.sign_in(node, user, "demo");
+        self.ok(json!({"cmd": "wait", "selector": "#me-number", "text": number}));
+        self.eval_until(STATS, |s| s["state"] == "connected");
+    }
+
+    /// Waits until the page rings; panics with both logs if it does not.
+    fn rings(&mut self, node: &Node) {
+        let r = self.run(&json!({"cmd": "wait", "selector": "#ring"}));
+        assert_eq!(
+            r["ok"],
+            true,
+            "the page never rang: {r}\n{}\n{}",
+            self.log(),
+            node.log()
+        );
+    }
+
+    /// Waits for the ring from `from`, answers, and waits for the call to connect.
+    fn answer(&mut self, from: &str) {
+        self.ok(json!({"cmd": "wait", "selector": "#ring-from", "text": from}));
+        self.ok(json!({"cmd": "click", "selector": "#answer"}));
+        self.ok(json!({"cmd": "wait", "selector": "#call-state", "text": "Connected"}));
+    }
+
+    fn sign_in_to(&mut self, node: &Node, tenant: &str, user: &str, password: &str) {
         self.ok(json!({"cmd": "open", "url": node.web}));
-        self.ok(json!({"cmd": "fill", "selector": "#tenant", "value": "demo"}));
+        self.ok(json!({"cmd": "fill", "selector": "#tenant", "value": tenant}));
         self.ok(json!({"cmd": "fill", "selector": "#user", "value": user}));
         self.ok(json!({"cmd": "fill", "selector": "#password", "value": password}));
         self.ok(json!({"cmd": "click", "selector": "#signin-button"}));
@@ -116,6 +146,50 @@ impl Drop for Chromium {
 
 const STATS: &str = "() => window.parleyMediaStats()";
 
+/// SIPp calls `number` once with scenario `name` (its media for `ms`), in the background.
+fn gateway_call(
+    node: &Node,
+    name: &str,
+    number: &str,
+    ms: u32,
+) -> tokio::task::JoinHandle<common::SippRun> {
+    let sc = scenario(node.dir.path(), name);
+    let hold = ms.to_string();
+    tokio::spawn(sipp_uac(
+        node,
+        &["-sf", sc.to_str().unwrap()],
+        number,
+        1,
+        1,
+        &["-d", &hold],
+    ))
+}
+
+/// Packets since `before` reached `n` both ways.
+fn both_ways(before: &Value, now: &Value, n: u64) -> bool {
+    let d = |k: &str| now[k].as_u64().unwrap() >= before[k].as_u64().unwrap() + n;
+    d("inbound") && d("outbound")
+}
+
+/// Clicks the in-call keypad's keys for `digits`.
+fn press(page: &mut Chromium, digits: &str) {
+    page.ok(json!({"cmd": "click", "selector": "#keypad"}));
+    for d in digits.chars() {
+        let id = match d {
+            '*' => "star".to_owned(),
+            '#' => "pound".to_owned(),
+            d => d.to_string(),
+        };
+        page.ok(json!({"cmd": "click", "selector": format!("#dtmf-{id}")}));
+        // insertDTMF queues; one key at a time keeps the events apart.
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+const DTMF_FROM: &str = "parley_webrtc_dtmf_packets_total{direction=\"from_browser\"";
+const DTMF_TO: &str = "parley_webrtc_dtmf_packets_total{direction=\"to_browser\"";
+const OTHER_CODEC: &str = "parley_webrtc_drops_total{reason=\"other_codec\"";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_browser_rings_answers_a_gateway_call_and_talks_both_ways() {
     let node = Node::start();
@@ -136,15 +210,7 @@ async fn a_browser_rings_answers_a_gateway_call_and_talks_both_ways() {
     );
 
     // The gateway calls alice with 6 s of PCMU; the page rings, the test answers.
-    let sc = scenario(node.dir.path(), "uac_pcmu.xml");
-    let sipp = tokio::spawn(sipp_uac(
-        &node,
-        &["-sf", sc.to_str().unwrap()],
-        "+15550100001",
-        1,
-        1,
-        &["-d", "6000"],
-    ));
+    let sipp = gateway_call(&node, "uac_pcmu.xml", "+15550100001", 6000);
     let (before, during) = tokio::task::block_in_place(|| {
         page.ok(json!({"cmd": "wait", "selector": "#ring-from", "text": "+15557770001"}));
         page.ok(json!({"cmd": "screenshot", "path": node.dir.path().join("ringing.png")}));
@@ -152,10 +218,12 @@ async fn a_browser_rings_answers_a_gateway_call_and_talks_both_ways() {
         page.ok(json!({"cmd": "click", "selector": "#answer"}));
         page.ok(json!({"cmd": "wait", "selector": "#call-state", "text": "Connected"}));
         // SIPp's audio arrives in the page, and the page's microphone goes out.
-        let during = page.eval_until(STATS, |s| {
-            s["inbound"].as_u64().unwrap() >= before["inbound"].as_u64().unwrap() + 50
-                && s["outbound"].as_u64().unwrap() >= before["outbound"].as_u64().unwrap() + 50
-        });
+        let during = page.eval_until(STATS, |s| both_ways(&before, s, 50));
+        assert_eq!(
+            (&during["outCodec"], &during["inCodec"]),
+            (&json!("audio/PCMU"), &json!("audio/PCMU")),
+            "{during}"
+        );
         page.ok(json!({"cmd": "screenshot", "path": node.dir.path().join("in-call.png")}));
         (before, during)
     });
@@ -204,9 +272,7 @@ async fn a_browser_chats_and_talks_with_a_quic_device_and_a_hidden_tab_stops_rin
     let mut bob = node.device(node.device_config("bob", "desk")).await;
     let mut page = tokio::task::block_in_place(|| Chromium::start(node.dir.path()));
     tokio::task::block_in_place(|| {
-        page.sign_in(&node, "alice", "demo");
-        page.ok(json!({"cmd": "wait", "selector": "#me-number", "text": "+15550100001"}));
-        page.eval_until(STATS, |s| s["state"] == "connected");
+        page.ready(&node, "alice", "+15550100001");
     });
 
     // bob writes; the conversation opens in the page; alice answers from the page.
@@ -236,9 +302,26 @@ async fn a_browser_chats_and_talks_with_a_quic_device_and_a_hidden_tab_stops_rin
         page.ok(json!({"cmd": "fill", "selector": "#dial-to", "value": "bob"}));
         page.ok(json!({"cmd": "click", "selector": "#dial-button"}));
         page.ok(json!({"cmd": "wait", "selector": "#call-state", "text": "Connected"}));
-        page.eval_until(STATS, |s| {
+        let during = page.eval_until(STATS, |s| {
             s["inbound"].as_u64().unwrap() >= before["inbound"].as_u64().unwrap() + 50
         });
+        // bob takes G.711 only: the page sends PCMU although it declared Opus.
+        assert_eq!(during["outCodec"], json!("audio/PCMU"), "{during}");
+        // The keypad's tones reach bob's device as RFC 4733 events under the call's
+        // telephone-event type, and his echo comes back to the page's peer connection.
+        press(&mut page, "123");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while bob.stats().dtmf_digits() != "123" {
+            assert!(
+                Instant::now() < deadline,
+                "bob's device got DTMF {:?} ({})",
+                bob.stats().dtmf_digits(),
+                bob.stats().snapshot()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let v = wait_metric(&node, DTMF_TO, |v| v >= 3.0);
+        assert!(v >= 3.0, "{v}\n{}", node.log());
         page.ok(json!({"cmd": "click", "selector": "#hangup"}));
         page.eval_until("() => document.getElementById('incall').hidden", |v| {
             *v == json!(true)
@@ -276,16 +359,9 @@ async fn a_browser_chats_and_talks_with_a_quic_device_and_a_hidden_tab_stops_rin
             std::thread::sleep(Duration::from_millis(100));
         }
     });
-    let sc = scenario(node.dir.path(), "uac_pcmu.xml");
-    let run = sipp_uac(
-        &node,
-        &["-sf", sc.to_str().unwrap()],
-        "+15550100001",
-        1,
-        1,
-        &["-d", "1000"],
-    )
-    .await;
+    let run = gateway_call(&node, "uac_pcmu.xml", "+15550100001", 1000)
+        .await
+        .unwrap();
     assert_eq!(run.code, 0, "SIPp failed:\n{}\n{}", run.output, node.log());
     let cdrs = node.wait_cdrs(2);
     let gw = cdrs
@@ -308,9 +384,7 @@ async fn two_browsers_call_each_other() {
             (&mut alice, "alice", "+15550100001"),
             (&mut bob, "bob", "+15550100002"),
         ] {
-            page.sign_in(&node, user, "demo");
-            page.ok(json!({"cmd": "wait", "selector": "#me-number", "text": number}));
-            page.eval_until(STATS, |s| s["state"] == "connected");
+            page.ready(&node, user, number);
         }
         (alice, bob)
     });
@@ -323,13 +397,21 @@ async fn two_browsers_call_each_other() {
         bob.ok(json!({"cmd": "click", "selector": "#answer"}));
         alice.ok(json!({"cmd": "wait", "selector": "#call-state", "text": "Connected"}));
         bob.ok(json!({"cmd": "wait", "selector": "#call-state", "text": "Connected"}));
-        // Each page hears the other's microphone.
-        alice.eval_until(STATS, |s| {
-            s["inbound"].as_u64().unwrap() >= a0["inbound"].as_u64().unwrap() + 50
-        });
-        bob.eval_until(STATS, |s| {
-            s["inbound"].as_u64().unwrap() >= b0["inbound"].as_u64().unwrap() + 50
-        });
+        // Each page hears the other's microphone, in Opus both ways (both declared it):
+        // the node passes it through.
+        for (page, zero) in [(&mut alice, &a0), (&mut bob, &b0)] {
+            let s = page.eval_until(STATS, |s| {
+                both_ways(zero, s, 50) && s["outCodec"] == "audio/opus"
+            });
+            assert_eq!(s["inCodec"], json!("audio/opus"), "{s}");
+        }
+        // alice's keypad reaches bob's peer connection.
+        let (from, to) = (node.metric(DTMF_FROM), node.metric(DTMF_TO));
+        press(&mut alice, "9");
+        let v = wait_metric(&node, DTMF_FROM, |v| v >= from + 3.0);
+        assert!(v >= from + 3.0, "{v}\n{}", node.log());
+        let v = wait_metric(&node, DTMF_TO, |v| v >= to + 3.0);
+        assert!(v >= to + 3.0, "{v}\n{}", node.log());
         // alice's tab goes away mid-call (the WebSocket and the peer connection close):
         // the call ends for bob, with its CDR.
         alice.ok(json!({"cmd": "open", "url": "about:blank"}));
@@ -343,6 +425,159 @@ async fn two_browsers_call_each_other() {
     assert_eq!(c["user"], "bob", "{c}");
     assert!(c["packets_in"].as_i64().unwrap() >= 50, "{c}");
     assert!(c["packets_out"].as_i64().unwrap() >= 50, "{c}");
+    assert_eq!(node.metric(OTHER_CODEC), 0.0, "{}", node.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pcma_gateway_call_is_pcma_in_the_browser_and_the_keypad_sends_dtmf() {
+    let node = Node::start();
+    let mut page = tokio::task::block_in_place(|| Chromium::start(node.dir.path()));
+    tokio::task::block_in_place(|| {
+        page.ready(&node, "alice", "+15550100001");
+    });
+    // A gateway that speaks A-law only, with telephone-event at 101.
+    let sipp = gateway_call(&node, "uac_pcma.xml", "+15550100001", 6000);
+    tokio::task::block_in_place(|| {
+        let before = page.eval(STATS);
+        page.answer("+15557770001");
+        // The page switched its sender to the call's codec: PCMA both ways, no conversion.
+        let s = page.eval_until(STATS, |s| {
+            both_ways(&before, s, 50) && s["outCodec"] == "audio/PCMA"
+        });
+        assert_eq!(s["inCodec"], json!("audio/PCMA"), "{s}");
+        press(&mut page, "5#");
+        let v = wait_metric(&node, DTMF_FROM, |v| v >= 6.0);
+        assert!(v >= 6.0, "{v}\n{}", node.log());
+    });
+    let run = sipp.await.unwrap();
+    assert_eq!(run.code, 0, "SIPp failed:\n{}\n{}", run.output, node.log());
+    let cdrs = node.wait_cdrs(1);
+    let c = &cdrs[0];
+    assert_eq!(c["disposition"], "ANSWERED", "{c}");
+    assert!(c["packets_in"].as_i64().unwrap() >= 50, "{c}");
+    // The page's audio and its DTMF crossed to the gateway.
+    assert!(
+        c["packets_out"].as_f64().unwrap() >= 50.0 + node.metric(DTMF_FROM),
+        "{c}"
+    );
+    assert_eq!(node.metric(OTHER_CODEC), 0.0, "{}", node.log());
+}
+
+/// The page's device name (it makes one up per tab).
+const DEVICE: &str = "() => sessionStorage.getItem('parley-device')";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_rings_with_a_quic_device_in_parallel_and_in_sequence_and_is_rerouted() {
+    use parley_codecs::control::{ClientMsg, ServerMsg};
+    const T: Duration = Duration::from_secs(10);
+    let node = Node::start();
+    let mut desk_cfg = node.device_config("alice", "desk");
+    desk_cfg.answer_after = None;
+    let mut desk = node.device(desk_cfg).await;
+    let mut page = tokio::task::block_in_place(|| Chromium::start(node.dir.path()));
+    let web = tokio::task::block_in_place(|| {
+        page.ready(&node, "alice", "+15550100001");
+        page.eval(DEVICE).as_str().unwrap().to_owned()
+    });
+
+    // 1. Both available, no rule: the page and the desk ring in parallel. The page's user
+    // goes do-not-disturb while it rings: its offer is withdrawn (re-routed), the desk
+    // keeps ringing and answers.
+    let call = gateway_call(&node, "uac_pcmu.xml", "+15550100001", 500);
+    let offer = desk
+        .wait_for(T, |m| matches!(m, ServerMsg::IncomingCall { .. }))
+        .await;
+    let Some(ServerMsg::IncomingCall { call_id, .. }) = offer else {
+        panic!("the desk never rang\n{}", node.log())
+    };
+    tokio::task::block_in_place(|| {
+        page.rings(&node);
+        page.ok(
+            json!({"cmd": "eval", "js": "() => { const s = document.getElementById('status'); \
+            s.value = 'do_not_disturb'; s.dispatchEvent(new Event('change')); return true; }"}),
+        );
+        page.eval_until("() => document.getElementById('ring').hidden", |v| {
+            *v == json!(true)
+        });
+    });
+    desk.send(ClientMsg::Answer { call_id }).await.unwrap();
+    let run = call.await.unwrap();
+    assert_eq!(run.code, 0, "SIPp failed:\n{}\n{}", run.output, node.log());
+    let cdrs = node.wait_cdrs(1);
+    assert_eq!(cdrs[0]["answered_by"], "desk", "{cdrs:?}");
+    assert_eq!(node.metric("parley_reroutes_total"), 1.0, "{}", node.log());
+
+    // 2. In sequence: alice's rule rings the desk for 2 s, then the page alone; the page
+    // answers.
+    tokio::task::block_in_place(|| {
+        page.ok(
+            json!({"cmd": "eval", "js": "() => { const s = document.getElementById('status'); \
+            s.value = 'available'; s.dispatchEvent(new Event('change')); return true; }"}),
+        );
+    });
+    let rules = json!({"rules": [{"name": "desk first", "then": {"action": "ring", "steps": [
+        {"targets": [{"device": "desk"}], "timeout_secs": 2},
+        {"targets": [{"device": web}]}]}}]});
+    let (st, body) = node.put("/api/v1/users/alice/preferences", &rules.to_string());
+    assert_eq!(st, 200, "{body}");
+    let call = gateway_call(&node, "uac_pcmu.xml", "+15550100001", 500);
+    let offer = desk
+        .wait_for(T, |m| matches!(m, ServerMsg::IncomingCall { .. }))
+        .await;
+    assert!(offer.is_some(), "the desk never rang first\n{}", node.log());
+    // The page does not ring during the first step.
+    let first =
+        tokio::task::block_in_place(|| page.eval("() => document.getElementById('ring').hidden"));
+    assert_eq!(first, json!(true), "the page rang in the desk's step");
+    let withdrawn = desk
+        .wait_for(T, |m| matches!(m, ServerMsg::CallEnded { .. }))
+        .await;
+    assert!(
+        matches!(withdrawn, Some(ServerMsg::CallEnded { ref reason, .. }) if reason == "rerouted"),
+        "{withdrawn:?}"
+    );
+    tokio::task::block_in_place(|| {
+        page.rings(&node);
+        page.ok(json!({"cmd": "click", "selector": "#answer"}));
+        page.ok(json!({"cmd": "wait", "selector": "#call-state", "text": "Connected"}));
+    });
+    let run = call.await.unwrap();
+    assert_eq!(run.code, 0, "SIPp failed:\n{}\n{}", run.output, node.log());
+    let cdrs = node.wait_cdrs(2);
+    let second = cdrs
+        .iter()
+        .find(|c| c["answered_by"] == json!(web))
+        .unwrap_or_else(|| panic!("the page's answer is not in {cdrs:?}"));
+    assert_eq!(second["disposition"], "ANSWERED", "{second}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_user_signs_in_through_the_page() {
+    use common::ldap::{Slapd, acme_people, directory_agent};
+    let slapd = Slapd::start("acme", &acme_people());
+    let node = Node::start_federated("");
+    let _agent = directory_agent(&node, &slapd, "acme", "FR", "sync_interval_secs = 0");
+    let mut page = tokio::task::block_in_place(|| Chromium::start(node.dir.path()));
+    tokio::task::block_in_place(|| {
+        // The directory's answers reach the page: a wrong password, a locked account.
+        page.sign_in_to(&node, "acme", "alice", "wrong");
+        page.ok(json!({"cmd": "wait", "selector": "#signin-error", "text": "password"}));
+        page.sign_in_to(&node, "acme", "bob", "bob-pw");
+        page.ok(json!({"cmd": "wait", "selector": "#signin-error", "text": "locked"}));
+        // The directory's password and number: signed in, the peer connection up.
+        page.sign_in_to(&node, "acme", "alice", "alice-pw");
+        page.ok(json!({"cmd": "wait", "selector": "#me-number", "text": "+33123456789"}));
+        page.ok(json!({"cmd": "wait", "selector": "#me-name", "text": "Alice Martin"}));
+        page.eval_until(STATS, |s| s["state"] == "connected");
+    });
+    // A gateway call to the directory number rings the page.
+    let sipp = gateway_call(&node, "uac_pcmu.xml", "+33123456789", 1000);
+    tokio::task::block_in_place(|| page.answer("+15557770001"));
+    let run = sipp.await.unwrap();
+    assert_eq!(run.code, 0, "SIPp failed:\n{}\n{}", run.output, node.log());
+    let cdrs = node.wait_cdrs(1);
+    assert_eq!(cdrs[0]["disposition"], "ANSWERED", "{cdrs:?}");
+    assert_eq!(cdrs[0]["tenant"], "acme", "{cdrs:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,7 +7,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::ldap::{Agent, Person, Slapd, directory_section, directory_tenant, wait_for_metric};
+use common::ldap::{
+    Agent, Person, Slapd, acme_people, directory_agent, directory_section, directory_tenant,
+    wait_for_metric,
+};
 use common::{Node, scenario, sipp_uac};
 use parley_codecs::control::{self, ClientMsg, ServerMsg};
 
@@ -66,56 +69,11 @@ async fn refused(node: &Node, tenant: &str, user: &str, password: &str) -> Strin
     }
 }
 
-fn acme_people() -> Vec<Person<'static>> {
-    vec![
-        Person {
-            uid: "alice",
-            cn: "Alice Martin",
-            password: "alice-pw",
-            phones: &["+33 1 23 45 67 89"],
-            mobile: Some("06 12 34 56 78"),
-            extra: "mail: alice@acme.test",
-        },
-        Person {
-            uid: "bob",
-            cn: "Bob Locked",
-            password: "bob-pw",
-            phones: &[],
-            mobile: None,
-            extra: "pwdAccountLockedTime: 000001010000Z",
-        },
-        Person {
-            uid: "carol",
-            cn: "Carol Disabled",
-            password: "carol-pw",
-            phones: &["+33 1 23 45 67 00"],
-            mobile: None,
-            // Active Directory's ACCOUNTDISABLE bit (514 = NORMAL_ACCOUNT | DISABLE).
-            extra: "userAccountControl: 514",
-        },
-        Person {
-            uid: "dave",
-            cn: "Dave Directory",
-            password: "dave-pw",
-            phones: &["01 23 45 67 11"],
-            mobile: None,
-            extra: "",
-        },
-    ]
-}
-
 /// A node with tenant `acme` (region FR) whose agent reads `slapd`.
 fn acme(node_extra: &str, agent_extra: &str) -> (Slapd, Node, Agent) {
     let slapd = Slapd::start("acme", &acme_people());
     let node = Node::start_federated(node_extra);
-    let token = directory_tenant(&node, "acme", "FR");
-    let agent = Agent::start(
-        &node,
-        &token,
-        &directory_section(&slapd, &[&slapd.url]),
-        agent_extra,
-    );
-    wait_agents(&node, "acme", 1);
+    let agent = directory_agent(&node, &slapd, "acme", "FR", agent_extra);
     (slapd, node, agent)
 }
 

@@ -24,9 +24,12 @@ fn video_scenario(node: &Node, video_re: &str) -> std::path::PathBuf {
 async fn video_call_rings_only_the_video_device_and_relays_video() {
     let node = Node::start();
     let mut desk = node.device(node.device_config("alice", "desk")).await;
-    desk.send(ClientMsg::Capabilities { video: true })
-        .await
-        .unwrap();
+    desk.send(ClientMsg::Capabilities {
+        video: true,
+        codecs: Vec::new(),
+    })
+    .await
+    .unwrap();
     let mobile = node.device(node.device_config("alice", "mobile")).await; // audio only
     tokio::time::sleep(Duration::from_millis(200)).await;
 

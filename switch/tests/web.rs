@@ -87,7 +87,11 @@ async fn until(ws: &mut Ws, ty: &str) -> Value {
             if m["type"] == ty {
                 return Some(m);
             }
-            seen.push(m["type"].to_string());
+            seen.push(if m["type"] == "error" {
+                m.to_string()
+            } else {
+                m["type"].to_string()
+            });
         }
     })
     .await;
@@ -111,12 +115,16 @@ async fn fatal(ws: &mut Ws, code: &str) {
 
 /// A page of the node's own origin, logged in as `user`.
 async fn login(node: &Node, user: &str) -> Ws {
+    login_as(node, user, "browser").await
+}
+
+async fn login_as(node: &Node, user: &str, device: &str) -> Ws {
     let mut ws = open(node, Some(node.web.trim_end_matches('/')))
         .await
         .unwrap();
     send(
         &mut ws,
-        json!({"type": "login", "tenant": "demo", "user": user, "password": "demo", "device": "browser"}),
+        json!({"type": "login", "tenant": "demo", "user": user, "password": "demo", "device": device}),
     )
     .await;
     let ok = until(&mut ws, "login_ok").await;
@@ -369,4 +377,109 @@ async fn the_websocket_keeps_every_rule_of_the_quic_path() {
     // The node survived all of it.
     let dev = node.device(node.device_config("bob", "desk")).await;
     assert!(dev.number().starts_with("+1555"));
+}
+
+/// Whether the node closes `s` (end of stream or reset) before `within` passes; `false`
+/// if it is still open then.
+async fn closed_by_node(s: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            // A response (408 and the like) before the close.
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_listener_closes_slow_clients_and_caps_its_connections() {
+    use tokio::io::AsyncWriteExt;
+    let node = Node::start_with_tail(
+        "",
+        "",
+        "",
+        200,
+        "[web]\nlisten = \"127.0.0.1:0\"\nmax_connections = 3\nheader_timeout_secs = 1\n",
+    );
+    let host = web_host(&node);
+    // A client that connects and says nothing, and one that sends its headers a byte at
+    // a time (slowloris): the node closes both once the header timeout passes, however
+    // long they would go on.
+    let mut idle = tokio::net::TcpStream::connect(&host).await.unwrap();
+    let slow = tokio::net::TcpStream::connect(&host).await.unwrap();
+    let (mut slow_rx, mut slow_tx) = slow.into_split();
+    let dribble = tokio::spawn(async move {
+        let _ = slow_tx.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await;
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if slow_tx.write_all(b"X").await.is_err() {
+                return true;
+            }
+        }
+        false
+    });
+    assert!(closed_by_node(&mut idle, Duration::from_secs(15)).await);
+    {
+        use tokio::io::AsyncReadExt;
+        let mut buf = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(15), slow_rx.read_to_end(&mut buf)).await;
+        assert!(r.is_ok(), "the slow client is still connected");
+    }
+    dribble.abort();
+
+    // Three WebSockets hold the three slots (past the upgrade, whatever the header
+    // timeout): a fourth connection is closed at once, counted, and the sessions live on.
+    let mut held = Vec::new();
+    for (user, device) in [("alice", "tab1"), ("alice", "tab2"), ("bob", "tab1")] {
+        held.push(login_as(&node, user, device).await);
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut surplus = tokio::net::TcpStream::connect(&host).await.unwrap();
+    let _ = surplus
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    assert!(closed_by_node(&mut surplus, Duration::from_secs(5)).await);
+    assert_eq!(
+        node.metric("parley_web_sessions_refused_total{reason=\"connections\"}"),
+        1.0
+    );
+    send(&mut held[0], json!({"type": "ping", "id": 7})).await;
+    let pong = until(&mut held[0], "pong").await;
+    assert_eq!(pong["id"], 7);
+    // One closes: its slot is free again, and the page is served.
+    let mut first = held.remove(0);
+    first.close(None).await.unwrap();
+    drop(first);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let ok = tokio::task::spawn_blocking({
+            let host = host.clone();
+            move || {
+                let mut s = std::net::TcpStream::connect(&host).ok()?;
+                s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+                write!(
+                    s,
+                    "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+                )
+                .ok()?;
+                let mut out = String::new();
+                s.read_to_string(&mut out).ok()?;
+                Some(out.starts_with("HTTP/1.1 200"))
+            }
+        })
+        .await
+        .unwrap();
+        if ok == Some(true) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the freed slot was never served"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -100,6 +100,8 @@ function handle(msg, creds) {
       $("me-number").textContent = msg.number;
       state.book.clear();
       sendPresence(true);
+      // Opus between browsers (the node keeps G.711 toward gateways and other devices).
+      send({ type: "capabilities", video: false, codecs: canChooseCodec() ? ["opus"] : [] });
       send({ type: "call_history", id: state.nextId++ });
       startMedia();
       break;
@@ -174,7 +176,9 @@ function handle(msg, creds) {
       if (state.call && state.call.call_id === msg.call_id) {
         state.call.state = "Connected";
         state.call.since = Date.now();
-        microphone(true);
+        state.call.dtmf = msg.telephone_event != null;
+        // The microphone goes out once the sender has the call's codec.
+        sendCodec(msg.payload_type).finally(() => microphone(true));
       }
       renderCall();
       break;
@@ -415,11 +419,14 @@ async function startMedia() {
   state.pc = pc;
   const transceiver = pc.addTransceiver("audio", { direction: "sendrecv" });
   state.sender = transceiver.sender;
-  // G.711 first: gateway calls then need no transcoding.
+  // G.711 first (gateway calls need no transcoding), then Opus (calls between
+  // browsers), and DTMF; nothing else (the node relays, it does not transcode).
   if (transceiver.setCodecPreferences && window.RTCRtpReceiver && RTCRtpReceiver.getCapabilities) {
     const codecs = RTCRtpReceiver.getCapabilities("audio").codecs;
-    const g711 = codecs.filter((c) => /audio\/PCM[UA]/i.test(c.mimeType));
-    if (g711.length) transceiver.setCodecPreferences(g711);
+    const pick = (re) => codecs.filter((c) => re.test(c.mimeType));
+    const wanted = [...pick(/^audio\/PCMU$/i), ...pick(/^audio\/PCMA$/i), ...pick(/^audio\/opus$/i),
+      ...pick(/^audio\/telephone-event$/i).filter((c) => c.clockRate === 8000 || c.clockRate === 48000)];
+    if (wanted.length) transceiver.setCodecPreferences(wanted);
   }
   pc.ontrack = (ev) => {
     $("remote-audio").srcObject = ev.streams[0] || new MediaStream([ev.track]);
@@ -437,6 +444,52 @@ async function startMedia() {
   send({ type: "webrtc_offer", sdp: pc.localDescription.sdp, id: state.nextId++ });
 }
 
+// Whether this browser sends Opus and lets a page pick the codec it sends per call
+// (RTCRtpSender.setParameters with RTCRtpEncodingParameters.codec, Chromium 126 and
+// later): only then does it declare Opus. A browser that refuses the choice on an Opus
+// call is heard by nobody (the node drops a codec the call does not carry, and counts it).
+function canChooseCodec() {
+  return !!(window.RTCRtpSender && RTCRtpSender.getCapabilities && RTCRtpSender.prototype.setParameters &&
+    RTCRtpSender.getCapabilities("audio").codecs.some((c) => /^audio\/opus$/i.test(c.mimeType)));
+}
+
+// Sends the call's codec (payload type from call_connected: 0 PCMU, 8 PCMA, 111 Opus).
+async function sendCodec(pt) {
+  const name = pt === 0 ? "audio/PCMU" : pt === 8 ? "audio/PCMA" : "audio/opus";
+  const sender = state.sender;
+  if (!sender) return;
+  try {
+    const params = sender.getParameters();
+    const codec = (params.codecs || []).find((c) => c.mimeType.toLowerCase() === name.toLowerCase());
+    if (!codec || !params.encodings || !params.encodings.length) return;
+    params.encodings[0].codec = { mimeType: codec.mimeType, clockRate: codec.clockRate,
+      channels: codec.channels, sdpFmtpLine: codec.sdpFmtpLine };
+    await sender.setParameters(params);
+  } catch (e) {
+    // G.711 of the other law is converted by the node; say so in the console.
+    console.warn("could not choose the sending codec " + name + ": " + e);
+  }
+}
+
+// DTMF on the call (RFC 4733 through the node), from the keypad.
+function sendDigit(d) {
+  const dtmf = state.sender && state.sender.dtmf;
+  if (!state.call || !dtmf || !dtmf.canInsertDTMF) { notice("Keypad tones are not available on this call"); return; }
+  dtmf.insertDTMF(d, 100, 70);
+  $("keypad-digits").textContent = ($("keypad-digits").textContent + d).slice(-24);
+}
+
+$("keypad").addEventListener("click", () => {
+  $("keypad-keys").hidden = !$("keypad-keys").hidden;
+});
+for (const d of "123456789*0#") {
+  const b = document.createElement("button");
+  b.textContent = d;
+  b.id = "dtmf-" + (d === "*" ? "star" : d === "#" ? "pound" : d);
+  b.addEventListener("click", () => sendDigit(d));
+  $("keypad-grid").append(b);
+}
+
 // The microphone goes out only during a call.
 function microphone(on) {
   if (!state.sender) return;
@@ -446,11 +499,20 @@ function microphone(on) {
 
 // Audio packets both ways, for the status line and for tests.
 window.parleyMediaStats = async function () {
-  const out = { inbound: 0, outbound: 0, state: state.pc ? state.pc.connectionState : "none" };
+  const out = { inbound: 0, outbound: 0, state: state.pc ? state.pc.connectionState : "none",
+    inCodec: null, outCodec: null };
   if (!state.pc) return out;
-  (await state.pc.getStats()).forEach((r) => {
-    if (r.type === "inbound-rtp" && r.kind === "audio") out.inbound += r.packetsReceived || 0;
-    if (r.type === "outbound-rtp" && r.kind === "audio") out.outbound += r.packetsSent || 0;
+  const stats = await state.pc.getStats();
+  const codec = (id) => { const c = id && stats.get(id); return c ? c.mimeType : null; };
+  stats.forEach((r) => {
+    if (r.type === "inbound-rtp" && r.kind === "audio") {
+      out.inbound += r.packetsReceived || 0;
+      out.inCodec = codec(r.codecId) || out.inCodec;
+    }
+    if (r.type === "outbound-rtp" && r.kind === "audio") {
+      out.outbound += r.packetsSent || 0;
+      out.outCodec = codec(r.codecId) || out.outCodec;
+    }
   });
   return out;
 };
@@ -464,6 +526,7 @@ function renderCall() {
   }
   const c = state.call;
   $("incall").hidden = !c;
+  if (!c) { $("keypad-keys").hidden = true; $("keypad-digits").textContent = ""; }
   if (c) {
     $("call-peer").textContent = c.peer;
     $("call-state").textContent = c.state + (c.muted ? " · muted" : "");

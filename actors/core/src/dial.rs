@@ -65,24 +65,32 @@ pub fn is_e164(s: &str) -> bool {
         .is_some_and(|d| (4..=15).contains(&d.len()) && d.bytes().all(|b| b.is_ascii_digit()))
 }
 
-/// What a Parley device offers: G.711 over RoQ (the address is unused; media is RoQ).
-pub fn device_offer() -> MediaDescription {
+/// What a Parley device offers: G.711 over RoQ (the address is unused; media is RoQ),
+/// Opus after it when the device declared it, and telephone-event (DTMF, RFC 4733) at
+/// Parley's own payload type.
+pub fn device_offer(opus: bool) -> MediaDescription {
+    let format = |pt: u8, name: &str, clock: u32| Format {
+        pt,
+        name: name.into(),
+        clock,
+    };
+    let mut formats = vec![
+        format(parley_codecs::g711::PT_PCMU, "PCMU", 8000),
+        format(parley_codecs::g711::PT_PCMA, "PCMA", 8000),
+    ];
+    if opus {
+        formats.push(format(parley_codecs::control::PT_OPUS, "OPUS", 48000));
+    }
+    formats.push(format(
+        parley_codecs::control::PT_TELEPHONE_EVENT,
+        "TELEPHONE-EVENT",
+        8000,
+    ));
     MediaDescription {
         kind: MediaKind::Audio,
         addr: Ipv4Addr::UNSPECIFIED.into(),
         port: 0,
-        formats: vec![
-            Format {
-                pt: parley_codecs::g711::PT_PCMU,
-                name: "PCMU".into(),
-                clock: 8000,
-            },
-            Format {
-                pt: parley_codecs::g711::PT_PCMA,
-                name: "PCMA".into(),
-                clock: 8000,
-            },
-        ],
+        formats,
     }
 }
 

@@ -24,7 +24,7 @@
 //! ```
 //! use parley_core::router::{route, DeviceState, Preferences, Route};
 //! use parley_codecs::control::Status;
-//! let desk = DeviceState { session: 1, device: "desk".into(), status: Status::Available, idle_ms: 0, note: None, video: false };
+//! let desk = DeviceState { session: 1, device: "desk".into(), status: Status::Available, idle_ms: 0, note: None, video: false, opus: false };
 //! assert_eq!(route(&[desk], &Preferences::default(), true), Route::Devices(vec![1]));
 //! assert_eq!(route(&[], &Preferences::default(), true), Route::Trunk);
 //! ```

@@ -165,6 +165,7 @@ impl UserPresence {
             idle_ms: 0,
             note: None,
             video: false,
+            opus: false,
         };
         self.devices.insert(session, state);
         if let Some(r) = remote {
@@ -201,10 +202,11 @@ impl UserPresence {
         }
     }
 
-    /// A device declared whether it takes video.
-    pub fn handle_capabilities(&mut self, session: SessionId, video: bool) {
+    /// A device declared whether it takes video and Opus.
+    pub fn handle_capabilities(&mut self, session: SessionId, video: bool, opus: bool) {
         if let Some(state) = self.devices.get_mut(&session) {
             state.video = video;
+            state.opus = opus;
         }
     }
 
@@ -360,6 +362,7 @@ mod tests {
             idle_ms: 0,
             note: note.map(str::to_owned),
             video: false,
+            opus: false,
         }
     }
 
@@ -471,7 +474,7 @@ mod tests {
             ("+15557770004".to_owned(), false, true),
         ]);
         p.handle_attach(3, "desk".into(), Some("127.0.0.1:4000".parse().unwrap()));
-        p.handle_capabilities(3, true);
+        p.handle_capabilities(3, true, false);
         let now = SystemTime::UNIX_EPOCH;
         assert!(p.callee_view("+15557770001", now).caller_known);
         assert!(!p.callee_view("+15557770002", now).caller_known);

@@ -20,6 +20,8 @@ pub struct DeviceState {
     pub note: Option<String>,
     /// Whether the device declared it can take video.
     pub video: bool,
+    /// Whether the device declared Opus (calls between two such devices carry Opus).
+    pub opus: bool,
 }
 
 /// The user's routing preferences (grows into rules in the routing issue).
@@ -149,6 +151,7 @@ mod tests {
             idle_ms,
             note: None,
             video: false,
+            opus: false,
         }
     }
 

@@ -320,8 +320,20 @@ impl FrameTx for WsTx {
         if let (Some(w), Some(&session)) = (&self.0.webrtc, self.0.session.get()) {
             match msg {
                 ServerMsg::CallConnected {
-                    call_id, flow_id, ..
-                } => w.connect_flow(session, call_id.clone(), *flow_id),
+                    call_id,
+                    flow_id,
+                    payload_type,
+                    telephone_event,
+                    ..
+                } => w.connect_flow(
+                    session,
+                    call_id.clone(),
+                    *flow_id,
+                    crate::webrtc::CallFormat {
+                        pt: *payload_type,
+                        telephone_event: *telephone_event,
+                    },
+                ),
                 ServerMsg::CallEnded { call_id, .. } => w.end_flow(session, call_id.clone()),
                 _ => {}
             }
@@ -397,17 +409,123 @@ impl Link for WsLink {
 }
 
 /// Serves the web listener until the process ends.
-pub async fn serve(listener: WebListener, app: Router) {
-    let svc = app.into_make_service_with_connect_info::<SocketAddr>();
-    let r = match listener {
-        WebListener::Plain(l) => axum::serve(l, svc).await,
-        WebListener::Tls(l) => {
-            use axum::serve::ListenerExt;
-            axum::serve(l.tap_io(|_| {}), svc).await
-        }
-    };
-    if let Err(e) = r {
-        tracing::error!(error = %e, "web server failed");
+pub async fn serve(listener: WebListener, app: Router, limits: WebLimits) {
+    match listener {
+        WebListener::Plain(l) => serve_on(l, app, limits).await,
+        WebListener::Tls(l) => serve_on(l, app, limits).await,
+    }
+}
+
+/// Limits of the web listener (`[web] max_connections`, `header_timeout_secs`).
+#[derive(Debug, Clone, Copy)]
+pub struct WebLimits {
+    /// Open connections at most.
+    pub max_connections: usize,
+    /// Time allowed for a request's headers (and a TLS handshake).
+    pub header_timeout: Duration,
+}
+
+/// The accept loop: one task per connection, HTTP/1.1 with upgrades (the WebSocket),
+/// hyper's header read timeout on its tokio timer, and a cap on open connections. The
+/// same hyper that `axum::serve` drives, which sets no timer (so its header timeout
+/// would not apply) and no cap.
+async fn serve_on<L>(mut listener: L, app: Router, limits: WebLimits)
+where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+{
+    let open = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let mut refused_logged = false;
+    loop {
+        let (io, remote) = listener.accept().await;
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            // Full: closed at once (dropping it), so one client cannot hold the
+            // listener's every slot and nobody waits for a slot that may never free.
+            metrics::counter!(m::WEB_SESSIONS_REFUSED_TOTAL, "reason" => "connections")
+                .increment(1);
+            if !refused_logged {
+                tracing::warn!(%remote, max = limits.max_connections, "web listener full: connections are closed at once (web.max_connections)");
+                refused_logged = true;
+            }
+            drop(io);
+            continue;
+        };
+        refused_logged = false;
+        // The slot goes with the stream, past an upgrade: a WebSocket holds it while open.
+        let io = Counted { io, _slot: permit };
+        let app = app.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(
+                move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(ConnectInfo(remote));
+                    let mut app = app.clone();
+                    async move {
+                        use tower_service::Service;
+                        app.call(req.map(axum::body::Body::new)).await
+                    }
+                },
+            );
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_timeout);
+            let conn = http
+                .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+                .with_upgrades();
+            if let Err(e) = conn.await {
+                tracing::debug!(%remote, error = %e, "web connection ended");
+            }
+        });
+    }
+}
+
+/// A connection holding one of the listener's slots until it is dropped.
+struct Counted<T> {
+    io: T,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<T> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<T> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
     }
 }
 
@@ -424,6 +542,7 @@ impl WebListener {
     pub async fn bind(
         listen: SocketAddr,
         tls: Option<(&std::path::Path, &std::path::Path)>,
+        handshake_timeout: Duration,
     ) -> anyhow::Result<Self> {
         let tcp = tokio::net::TcpListener::bind(listen)
             .await
@@ -435,7 +554,7 @@ impl WebListener {
                     .map_err(|e| anyhow::anyhow!("web.tls_cert: {e:#}"))?)
                 .clone();
                 config.alpn_protocols = vec![b"http/1.1".to_vec()];
-                Self::Tls(TlsListener::new(tcp, Arc::new(config)))
+                Self::Tls(TlsListener::new(tcp, Arc::new(config), handshake_timeout))
             }
         })
     }

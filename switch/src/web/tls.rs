@@ -1,6 +1,6 @@
 //! HTTPS/WSS for the web listener: an axum [`Listener`] whose connections are TLS streams.
-//! Handshakes run on tasks of their own (10 s each at most), so a client that stalls in
-//! its handshake holds up nobody else's.
+//! Handshakes run on tasks of their own (`[web] header_timeout_secs` each at most), so a
+//! client that stalls in its handshake holds up nobody else's.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,17 +20,23 @@ pub struct TlsListener {
     acceptor: tokio_rustls::TlsAcceptor,
     ready_tx: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
     ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    handshake_timeout: Duration,
 }
 
 impl TlsListener {
-    /// Serves TLS with `config` on `tcp`.
-    pub fn new(tcp: TcpListener, config: Arc<rustls::ServerConfig>) -> Self {
+    /// Serves TLS with `config` on `tcp`; a handshake takes `handshake_timeout` at most.
+    pub fn new(
+        tcp: TcpListener,
+        config: Arc<rustls::ServerConfig>,
+        handshake_timeout: Duration,
+    ) -> Self {
         let (ready_tx, ready) = mpsc::channel(READY);
         Self {
             tcp,
             acceptor: tokio_rustls::TlsAcceptor::from(config),
             ready_tx,
             ready,
+            handshake_timeout,
         }
     }
 }
@@ -47,8 +53,9 @@ impl Listener for TlsListener {
                     Ok((stream, remote)) => {
                         let acceptor = self.acceptor.clone();
                         let ready = self.ready_tx.clone();
+                        let limit = self.handshake_timeout;
                         tokio::spawn(async move {
-                            match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                            match tokio::time::timeout(limit, acceptor.accept(stream)).await {
                                 Ok(Ok(tls)) => {
                                     let _ = ready.send((tls, remote)).await;
                                 }

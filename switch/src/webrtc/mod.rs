@@ -12,10 +12,16 @@
 //! `Rtc` and the one UDP socket they share (a packet goes to the `Rtc` that
 //! [`Rtc::accepts`] it, remembered by source address afterwards).
 //!
-//! Audio only, G.711 (PCMU, then PCMA), which Chromium offers: gateway calls need no
-//! transcoding, and RTP passes through (payload type, sequence numbers and timestamps
-//! as sent; header extensions stay on the browser's side). str0m 0.25 because the design
-//! names it and it is sans-IO: the same shape as the relay's own loop.
+//! Audio: G.711 (PCMU, PCMA), which Chromium offers, so gateway calls need no
+//! transcoding; Opus, for calls between devices that both declared it (two browsers);
+//! and telephone-event (DTMF, RFC 4733) at 8 and 48 kHz. RTP passes through (sequence
+//! numbers and timestamps as sent; header extensions stay on the browser's side); only
+//! payload type numbers are mapped, by codec, between the call's (`call_connected`) and
+//! what this peer connection negotiated. The page picks its sending codec per call
+//! (`RTCRtpEncodingParameters.codec`); should a browser send the other G.711 law than
+//! the call's, the payload is converted here (a table lookup per byte), and any other
+//! codec than the call's is dropped and counted. str0m 0.25 because the design names it
+//! and it is sans-IO: the same shape as the relay's own loop.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -27,9 +33,10 @@ use bytes::Bytes;
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token, Waker};
 use parley_actors::messages::SessionId;
-use parley_codecs::{roq, rtp as rtpv};
+use parley_codecs::{control, roq, rtp as rtpv};
 use str0m::change::SdpOffer;
-use str0m::media::{MediaKind, Mid};
+use str0m::format::{Codec, FormatParams};
+use str0m::media::{Frequency, MediaKind, Mid};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::{RtpWrite, SeqNo};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
@@ -62,6 +69,7 @@ enum Cmd {
         session: SessionId,
         call_id: String,
         flow: u64,
+        format: CallFormat,
     },
     /// That call ended.
     Unflow { session: SessionId, call_id: String },
@@ -198,12 +206,14 @@ impl WebRtc {
         }
     }
 
-    /// Call `call_id` connected on `flow`: the session's audio track carries it.
-    pub fn connect_flow(&self, session: SessionId, call_id: String, flow: u64) {
+    /// Call `call_id` connected on `flow`, with the call's payload types: the session's
+    /// audio track carries it.
+    pub fn connect_flow(&self, session: SessionId, call_id: String, flow: u64, format: CallFormat) {
         let _ = self.command(Cmd::Flow {
             session,
             call_id,
             flow,
+            format,
         });
     }
 
@@ -218,13 +228,167 @@ impl WebRtc {
     }
 }
 
+/// A call's payload types on the relay's side (as `call_connected` names them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallFormat {
+    /// The audio codec's payload type: 0 PCMU, 8 PCMA, [`control::PT_OPUS`] Opus.
+    pub pt: u8,
+    /// The telephone-event payload type, when the other side takes it.
+    pub telephone_event: Option<u8>,
+}
+
+/// The call on a peer connection's audio track, with its payload type maps.
+struct PeerCall {
+    id: String,
+    flow: u64,
+    map: PtMap,
+}
+
+/// Payload types between the relay's side of a call and one peer connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PtMap {
+    /// The call's audio codec: (relay pt, browser pt).
+    audio: (u8, u8),
+    /// Telephone-event at the audio codec's clock: (relay pt, browser pt).
+    tele: Option<(u8, u8)>,
+    /// Telephone-event at the other clock, as the browser numbers it, with its clock and
+    /// the audio codec's: Chromium sends DTMF at 8 kHz on an Opus call whose codec the
+    /// page chose per call (the durations are rescaled to the call's clock).
+    tele_other: Option<(u8, u32, u32)>,
+    /// The other G.711 law, as the browser numbers it, when the call is G.711: its
+    /// packets are converted to the call's law.
+    other_law: Option<u8>,
+}
+
+/// What one negotiated payload type is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Negotiated {
+    pt: u8,
+    codec: Codec,
+    clock: u32,
+}
+
+impl PtMap {
+    /// The map for a call of `format` on a peer connection that negotiated `pts`; `None`
+    /// when it did not negotiate the call's codec.
+    fn new(format: CallFormat, pts: &[Negotiated]) -> Option<Self> {
+        let codec = match format.pt {
+            parley_codecs::g711::PT_PCMU => Codec::PCMU,
+            parley_codecs::g711::PT_PCMA => Codec::PCMA,
+            control::PT_OPUS => Codec::Opus,
+            _ => return None,
+        };
+        let audio = pts.iter().find(|n| n.codec == codec)?;
+        let tele = format.telephone_event.and_then(|relay| {
+            pts.iter()
+                .find(|n| n.codec == Codec::Tele && n.clock == audio.clock)
+                .map(|n| (relay, n.pt))
+        });
+        let tele_other = format.telephone_event.and_then(|_| {
+            pts.iter()
+                .find(|n| n.codec == Codec::Tele && n.clock != audio.clock)
+                .map(|n| (n.pt, n.clock, audio.clock))
+        });
+        let other = match codec {
+            Codec::PCMU => Some(Codec::PCMA),
+            Codec::PCMA => Some(Codec::PCMU),
+            _ => None,
+        };
+        let other_law = other.and_then(|o| pts.iter().find(|n| n.codec == o).map(|n| n.pt));
+        Some(Self {
+            audio: (format.pt, audio.pt),
+            tele,
+            tele_other,
+            other_law,
+        })
+    }
+
+    /// The browser's payload type for a packet the relay sends with `pt`.
+    fn toward_browser(&self, pt: u8) -> Option<u8> {
+        if pt == self.audio.0 {
+            Some(self.audio.1)
+        } else {
+            self.tele.filter(|t| t.0 == pt).map(|t| t.1)
+        }
+    }
+
+    /// What a packet the browser sent with `pt` becomes on the relay's side.
+    fn sent_by_browser(&self, pt: u8) -> FromBrowser {
+        if pt == self.audio.1 {
+            FromBrowser::Audio(self.audio.0)
+        } else if let Some(t) = self.tele.filter(|t| t.1 == pt) {
+            FromBrowser::Tele(t.0)
+        } else if let (Some(t), Some((other, from, to))) = (self.tele, self.tele_other)
+            && other == pt
+        {
+            FromBrowser::TeleRescaled(t.0, from, to)
+        } else if self.other_law == Some(pt) {
+            FromBrowser::OtherLaw(self.audio.0)
+        } else {
+            FromBrowser::Other
+        }
+    }
+}
+
+/// The fate of one packet from a browser.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FromBrowser {
+    /// The call's codec: relayed with this payload type.
+    Audio(u8),
+    /// DTMF: relayed with this payload type.
+    Tele(u8),
+    /// DTMF at another clock than the call's (from, to): relayed with this payload type,
+    /// its duration rescaled.
+    TeleRescaled(u8, u32, u32),
+    /// The other G.711 law: converted to the call's, relayed with this payload type.
+    OtherLaw(u8),
+    /// A codec the call does not carry: dropped.
+    Other,
+}
+
+/// Rescales an RFC 4733 event's duration (bytes 2–3, in clock ticks) from one clock to
+/// another, saturating.
+fn rescale_event(payload: &mut [u8], from: u32, to: u32) {
+    if payload.len() < 4 || from == 0 {
+        return;
+    }
+    let d = u64::from(u16::from_be_bytes([payload[2], payload[3]]));
+    let scaled = u16::try_from(d * u64::from(to) / u64::from(from)).unwrap_or(u16::MAX);
+    payload[2..4].copy_from_slice(&scaled.to_be_bytes());
+}
+
+/// Converts G.711 between the laws in place (`to` is the payload type wanted).
+fn convert_law(payload: &mut [u8], to: u8) {
+    use parley_codecs::g711::{PT_PCMA, decode_alaw, decode_ulaw, encode_alaw, encode_ulaw};
+    for b in payload {
+        *b = if to == PT_PCMA {
+            encode_alaw(decode_ulaw(*b))
+        } else {
+            encode_ulaw(decode_alaw(*b))
+        };
+    }
+}
+
+/// The payload types a peer connection negotiated.
+fn negotiated(rtc: &Rtc) -> Vec<Negotiated> {
+    rtc.codec_config()
+        .params()
+        .iter()
+        .map(|p| Negotiated {
+            pt: *p.pt(),
+            codec: p.spec().codec,
+            clock: p.spec().clock_rate.get(),
+        })
+        .collect()
+}
+
 /// One browser's peer connection.
 struct Peer {
     rtc: Rtc,
     /// The audio m-line, once str0m announced it.
     audio: Option<Mid>,
-    /// The call on the audio track: (call id, RoQ flow).
-    call: Option<(String, u64)>,
+    /// The call on the audio track.
+    call: Option<PeerCall>,
     /// Extended sequence number of the last packet sent to the browser.
     seq: Option<SeqNo>,
     connected: bool,
@@ -325,14 +489,31 @@ impl Thread {
                 session,
                 call_id,
                 flow,
+                format,
             } => {
                 if let Some(p) = self.peers.get_mut(&session) {
-                    p.call = Some((call_id, flow));
+                    match PtMap::new(format, &negotiated(&p.rtc)) {
+                        Some(map) => {
+                            p.call = Some(PeerCall {
+                                id: call_id,
+                                flow,
+                                map,
+                            })
+                        }
+                        None => {
+                            // The peer connection cannot carry the call's codec: nothing
+                            // goes on the track (the call stays up, silent, and says why).
+                            tracing::warn!(session, call = %call_id, pt = format.pt, "the browser's peer connection did not negotiate the call's codec");
+                            metrics::counter!(m::WEBRTC_DROPS_TOTAL, "reason" => "codec_not_negotiated")
+                                .increment(1);
+                            p.call = None;
+                        }
+                    }
                 }
             }
             Cmd::Unflow { session, call_id } => {
                 if let Some(p) = self.peers.get_mut(&session)
-                    && p.call.as_ref().is_some_and(|(c, _)| *c == call_id)
+                    && p.call.as_ref().is_some_and(|c| c.id == call_id)
                 {
                     p.call = None;
                 }
@@ -358,13 +539,31 @@ impl Thread {
         }
         let offer = SdpOffer::from_sdp_string(sdp).map_err(|e| format!("not an SDP offer: {e}"))?;
         let now = Instant::now();
-        let mut rtc = Rtc::builder()
+        let mut config = Rtc::builder()
             .set_ice_lite(true)
             .set_rtp_mode(true)
             .clear_codecs()
             .enable_pcmu(true, false)
             .enable_pcma(true, false)
-            .build(now);
+            .enable_opus(true, false);
+        // DTMF at both audio clocks (Chromium's numbers; str0m takes the offer's).
+        for (pt, clock) in [
+            (126, Frequency::EIGHT_KHZ),
+            (110, Frequency::FORTY_EIGHT_KHZ),
+        ] {
+            config.codec_config().add_config(
+                pt.into(),
+                None,
+                Codec::Tele,
+                clock,
+                None,
+                FormatParams {
+                    telephone_event_max: Some(16),
+                    ..FormatParams::default()
+                },
+            );
+        }
+        let mut rtc = config.build(now);
         let candidate = Candidate::host(self.local, "udp").map_err(|e| e.to_string())?;
         rtc.add_local_candidate(candidate);
         let answer = rtc
@@ -464,10 +663,10 @@ impl Thread {
         };
         // Only the connected call's flow goes on the audio track (a flow of a call that
         // is ending, or one the session has no track for, does not).
-        if p.call.as_ref().is_none_or(|(_, f)| *f != flow) {
+        let Some(call) = p.call.as_ref().filter(|c| c.flow == flow) else {
             metrics::counter!(m::WEBRTC_DROPS_TOTAL, "reason" => "other_flow").increment(1);
             return;
-        }
+        };
         let Ok(view) = rtpv::RtpView::parse(packet) else {
             metrics::counter!(m::WEBRTC_DROPS_TOTAL, "reason" => "not_rtp").increment(1);
             return;
@@ -476,6 +675,11 @@ impl Thread {
             // RTCP stays on the relay's side: str0m makes its own reports.
             return;
         }
+        let Some(pt) = call.map.toward_browser(view.payload_type()) else {
+            metrics::counter!(m::WEBRTC_DROPS_TOTAL, "reason" => "other_codec").increment(1);
+            return;
+        };
+        let dtmf = Some(pt) == call.map.tele.map(|t| t.1);
         let seq = extend(p.seq, view.sequence());
         p.seq = Some(seq);
         let mut direct = p.rtc.direct_api();
@@ -485,7 +689,7 @@ impl Thread {
         };
         tx.write_rtp(
             RtpWrite::new(
-                view.payload_type().into(),
+                pt.into(),
                 seq,
                 view.timestamp(),
                 Instant::now(),
@@ -494,6 +698,10 @@ impl Thread {
             .marker(view.marker()),
         );
         metrics::counter!(m::WEBRTC_PACKETS_TOTAL, "direction" => "to_browser").increment(1);
+        if dtmf {
+            metrics::counter!(m::WEBRTC_DTMF_PACKETS_TOTAL, "direction" => "to_browser")
+                .increment(1);
+        }
         self.drain(session);
     }
 
@@ -530,14 +738,26 @@ impl Thread {
                         gone = true;
                     }
                     Event::RtpPacket(pkt) => {
-                        if let Some((_, flow)) = &p.call {
+                        if let Some(call) = &p.call {
                             let h = &pkt.header;
+                            let fate = call.map.sent_by_browser(*h.payload_type);
+                            let pt = match fate {
+                                FromBrowser::Audio(pt)
+                                | FromBrowser::Tele(pt)
+                                | FromBrowser::TeleRescaled(pt, ..)
+                                | FromBrowser::OtherLaw(pt) => pt,
+                                FromBrowser::Other => {
+                                    metrics::counter!(m::WEBRTC_DROPS_TOTAL, "reason" => "other_codec")
+                                        .increment(1);
+                                    continue;
+                                }
+                            };
                             let mut out =
                                 Vec::with_capacity(rtpv::RTP_HEADER_LEN + pkt.payload.len());
                             let mut head = [0u8; rtpv::RTP_HEADER_LEN];
                             rtpv::write_header(
                                 &mut head,
-                                *h.payload_type,
+                                pt,
                                 h.marker,
                                 h.sequence_number,
                                 h.timestamp,
@@ -545,9 +765,23 @@ impl Thread {
                             );
                             out.extend_from_slice(&head);
                             out.extend_from_slice(&pkt.payload);
+                            match fate {
+                                FromBrowser::OtherLaw(_) => {
+                                    convert_law(&mut out[rtpv::RTP_HEADER_LEN..], pt);
+                                }
+                                FromBrowser::TeleRescaled(_, from, to) => {
+                                    rescale_event(&mut out[rtpv::RTP_HEADER_LEN..], from, to);
+                                }
+                                _ => {}
+                            }
                             metrics::counter!(m::WEBRTC_PACKETS_TOTAL, "direction" => "from_browser")
                                 .increment(1);
-                            self.relay.roq_in(session, *flow, Bytes::from(out));
+                            if matches!(fate, FromBrowser::Tele(_) | FromBrowser::TeleRescaled(..))
+                            {
+                                metrics::counter!(m::WEBRTC_DTMF_PACKETS_TOTAL, "direction" => "from_browser")
+                                    .increment(1);
+                            }
+                            self.relay.roq_in(session, call.flow, Bytes::from(out));
                         }
                     }
                     _ => {}
@@ -591,7 +825,119 @@ fn extend(last: Option<SeqNo>, seq: u16) -> SeqNo {
 
 #[cfg(test)]
 mod tests {
-    use super::extend;
+    use super::*;
+
+    /// What Chromium's offer gives once the page set its codec preferences.
+    fn chromium() -> Vec<Negotiated> {
+        [
+            (0, Codec::PCMU, 8000),
+            (8, Codec::PCMA, 8000),
+            (111, Codec::Opus, 48000),
+            (126, Codec::Tele, 8000),
+            (110, Codec::Tele, 48000),
+        ]
+        .into_iter()
+        .map(|(pt, codec, clock)| Negotiated { pt, codec, clock })
+        .collect()
+    }
+
+    #[test]
+    fn a_gateway_calls_payload_types_map_to_the_browsers_by_codec() {
+        // A gateway offering PCMA and telephone-event at 101.
+        let call = CallFormat {
+            pt: 8,
+            telephone_event: Some(101),
+        };
+        let map = PtMap::new(call, &chromium()).unwrap();
+        assert_eq!(map.toward_browser(8), Some(8));
+        assert_eq!(map.toward_browser(101), Some(126), "DTMF at 8 kHz");
+        assert_eq!(map.toward_browser(0), None, "not the call's codec");
+        assert_eq!(map.sent_by_browser(8), FromBrowser::Audio(8));
+        assert_eq!(map.sent_by_browser(126), FromBrowser::Tele(101));
+        assert_eq!(map.sent_by_browser(0), FromBrowser::OtherLaw(8));
+        assert_eq!(map.sent_by_browser(111), FromBrowser::Other);
+        assert_eq!(
+            map.sent_by_browser(110),
+            FromBrowser::TeleRescaled(101, 48000, 8000),
+            "48 kHz DTMF"
+        );
+        // No telephone-event on the call: the browser's DTMF goes nowhere.
+        let quiet = PtMap::new(
+            CallFormat {
+                pt: 0,
+                telephone_event: None,
+            },
+            &chromium(),
+        )
+        .unwrap();
+        assert_eq!(quiet.sent_by_browser(126), FromBrowser::Other);
+        assert_eq!(quiet.toward_browser(101), None);
+    }
+
+    #[test]
+    fn an_opus_call_maps_to_whatever_number_the_browser_negotiated() {
+        // A browser numbering Opus 109 and its 48 kHz DTMF 101 (Firefox's numbers).
+        let other = vec![
+            Negotiated {
+                pt: 109,
+                codec: Codec::Opus,
+                clock: 48000,
+            },
+            Negotiated {
+                pt: 101,
+                codec: Codec::Tele,
+                clock: 48000,
+            },
+            Negotiated {
+                pt: 0,
+                codec: Codec::PCMU,
+                clock: 8000,
+            },
+        ];
+        let call = CallFormat {
+            pt: control::PT_OPUS,
+            telephone_event: Some(control::PT_TELEPHONE_EVENT),
+        };
+        let map = PtMap::new(call, &other).unwrap();
+        assert_eq!(map.toward_browser(111), Some(109));
+        assert_eq!(map.toward_browser(101), Some(101));
+        assert_eq!(map.sent_by_browser(109), FromBrowser::Audio(111));
+        assert_eq!(map.sent_by_browser(101), FromBrowser::Tele(101));
+        assert_eq!(
+            map.sent_by_browser(0),
+            FromBrowser::Other,
+            "G.711 on an Opus call"
+        );
+        // A peer connection without Opus cannot carry an Opus call.
+        assert_eq!(PtMap::new(call, &other[2..]), None);
+        assert_eq!(
+            PtMap::new(
+                CallFormat {
+                    pt: 18,
+                    telephone_event: None
+                },
+                &chromium()
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn the_other_g711_law_is_converted() {
+        use parley_codecs::g711::{PT_PCMA, PT_PCMU, decode_alaw, decode_ulaw, tone};
+        let ulaw = tone(PT_PCMU, 440.0, 0.02);
+        let mut alaw = ulaw.clone();
+        convert_law(&mut alaw, PT_PCMA);
+        assert_ne!(alaw, ulaw);
+        for (u, a) in ulaw.iter().zip(&alaw) {
+            let (u, a) = (i32::from(decode_ulaw(*u)), i32::from(decode_alaw(*a)));
+            // The laws' steps differ; a sample moves by at most one step of either.
+            assert!((u - a).abs() <= (u.abs() / 16).max(16), "{u} vs {a}");
+        }
+        let mut back = alaw.clone();
+        convert_law(&mut back, PT_PCMU);
+        assert_eq!(back.len(), ulaw.len());
+    }
 
     #[test]
     fn sequence_numbers_extend_across_the_wrap() {

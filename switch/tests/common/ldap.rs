@@ -446,6 +446,71 @@ impl Drop for Agent {
 }
 
 /// A `[directory]` section for an OpenLDAP test directory at `urls` (failover order).
+/// Acme's directory: alice (two numbers), bob (locked), carol (disabled, Active Directory
+/// style), dave (a national number).
+pub fn acme_people() -> Vec<Person<'static>> {
+    vec![
+        Person {
+            uid: "alice",
+            cn: "Alice Martin",
+            password: "alice-pw",
+            phones: &["+33 1 23 45 67 89"],
+            mobile: Some("06 12 34 56 78"),
+            extra: "mail: alice@acme.test",
+        },
+        Person {
+            uid: "bob",
+            cn: "Bob Locked",
+            password: "bob-pw",
+            phones: &[],
+            mobile: None,
+            extra: "pwdAccountLockedTime: 000001010000Z",
+        },
+        Person {
+            uid: "carol",
+            cn: "Carol Disabled",
+            password: "carol-pw",
+            phones: &["+33 1 23 45 67 00"],
+            mobile: None,
+            // Active Directory's ACCOUNTDISABLE bit (514 = NORMAL_ACCOUNT | DISABLE).
+            extra: "userAccountControl: 514",
+        },
+        Person {
+            uid: "dave",
+            cn: "Dave Directory",
+            password: "dave-pw",
+            phones: &["01 23 45 67 11"],
+            mobile: None,
+            extra: "",
+        },
+    ]
+}
+
+/// Makes `tenant` (region `region`) a directory tenant of `node`, enrols and starts an
+/// agent reading `slapd` (with `agent_extra` top-level keys), and waits for it to connect.
+pub fn directory_agent(
+    node: &Node,
+    slapd: &Slapd,
+    tenant: &str,
+    region: &str,
+    agent_extra: &str,
+) -> Agent {
+    let token = directory_tenant(node, tenant, region);
+    let agent = Agent::start(
+        node,
+        &token,
+        &directory_section(slapd, &[&slapd.url]),
+        agent_extra,
+    );
+    wait_for_metric(
+        node,
+        &format!("parley_auth_agents_connected{{tenant=\"{tenant}\"}}"),
+        |v| v == 1.0,
+        "agents connected",
+    );
+    agent
+}
+
 pub fn directory_section(slapd: &Slapd, urls: &[&str]) -> String {
     let servers: Vec<String> = urls.iter().map(|u| format!("\"{u}\"")).collect();
     format!(

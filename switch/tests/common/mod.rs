@@ -653,21 +653,24 @@ pub fn sipp_bin() -> &'static str {
     "sipp"
 }
 
-/// A scenario from tests/sipp with @RTPFILE@ replaced; returns its path in `dir`.
+/// A scenario from tests/sipp with @RTPFILE@ (a PCMU tone) and @RTPFILE_ALAW@ (the same
+/// in PCMA) replaced; returns its path in `dir`.
 pub fn scenario(dir: &Path, name: &str) -> PathBuf {
     let src = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/sipp")
         .join(name);
-    let ulaw = dir.join("tone.ulaw");
-    if !ulaw.exists() {
-        std::fs::write(
-            &ulaw,
-            parley_codecs::g711::tone(parley_codecs::g711::PT_PCMU, 440.0, 4.0),
-        )
-        .unwrap();
-    }
+    let tone = |file: &str, pt: u8| {
+        let path = dir.join(file);
+        if !path.exists() {
+            std::fs::write(&path, parley_codecs::g711::tone(pt, 440.0, 4.0)).unwrap();
+        }
+        path
+    };
+    let ulaw = tone("tone.ulaw", parley_codecs::g711::PT_PCMU);
+    let alaw = tone("tone.alaw", parley_codecs::g711::PT_PCMA);
     let text = std::fs::read_to_string(src)
         .unwrap()
+        .replace("@RTPFILE_ALAW@", alaw.to_str().unwrap())
         .replace("@RTPFILE@", ulaw.to_str().unwrap());
     let out = dir.join(name);
     std::fs::write(&out, text).unwrap();

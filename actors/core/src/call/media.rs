@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 
+use parley_codecs::control::{PT_OPUS, PT_TELEPHONE_EVENT};
 use parley_codecs::g711::PT_PCMU;
 use parley_codecs::sdp::MediaDescription;
 
@@ -65,8 +66,10 @@ pub enum MediaPlan {
         caller: SessionId,
         /// The device that answered.
         callee: SessionId,
-        /// Payload type (every Parley client sends G.711).
+        /// Payload type: Opus when both declared it, else PCMU (every device takes G.711).
         pt: u8,
+        /// Telephone-event payload type (Parley's own number between devices).
+        telephone_event: u8,
     },
     /// A device dialled a PSTN number: its RoQ flow to the trunk's RTP.
     DeviceToTrunk {
@@ -76,6 +79,8 @@ pub enum MediaPlan {
         trunk: SocketAddr,
         /// The payload type the trunk chose.
         pt: u8,
+        /// The trunk's telephone-event payload type, when it answered one.
+        telephone_event: Option<u8>,
     },
 }
 
@@ -97,19 +102,30 @@ pub enum MediaPlanError {
     NoTrunkMedia,
 }
 
+/// What the answering device declared it takes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Takes {
+    /// Video.
+    pub video: bool,
+    /// Opus.
+    pub opus: bool,
+}
+
 /// Decides the media of a call from `origin` answered on `leg`.
 ///
-/// `offer` is the caller's audio offer (a device's fixed G.711 offer for dialled calls),
-/// `video_offer` the caller's video, `trunk` the trunk's answer when the trunk answered,
-/// `takes_video` whether the answering device declared video.
+/// `offer` is the caller's audio offer (a device's offer, [`crate::dial::device_offer`],
+/// for dialled calls), `video_offer` the caller's video, `trunk` the trunk's answer when
+/// the trunk answered, `takes` what the answering device declared.
 pub fn plan_media(
     origin: Origin,
     leg: LegId,
     offer: &MediaDescription,
     video_offer: Option<&MediaDescription>,
     trunk: Option<&MediaDescription>,
-    takes_video: bool,
+    takes: Takes,
 ) -> Result<MediaPlan, MediaPlanError> {
+    let takes_video = takes.video;
+    let trunk_te = trunk.and_then(MediaDescription::telephone_event);
     let caller = SocketAddr::new(offer.addr, offer.port);
     let trunk_pt = || {
         trunk
@@ -146,11 +162,21 @@ pub fn plan_media(
         (Origin::Device(caller), LegId::Device(callee)) => MediaPlan::DeviceToDevice {
             caller,
             callee,
-            pt: PT_PCMU,
+            pt: if takes.opus && offer.formats.iter().any(|f| f.name == "OPUS") {
+                PT_OPUS
+            } else {
+                PT_PCMU
+            },
+            telephone_event: PT_TELEPHONE_EVENT,
         },
         (Origin::Device(caller), LegId::Trunk) => {
             let (trunk, pt) = trunk_pt()?;
-            MediaPlan::DeviceToTrunk { caller, trunk, pt }
+            MediaPlan::DeviceToTrunk {
+                caller,
+                trunk,
+                pt,
+                telephone_event: trunk_te,
+            }
         }
     })
 }
@@ -206,11 +232,31 @@ mod tests {
         );
         let video = md(MediaKind::Video, 6002, &[(96, "VP8")]);
         let trunk = md(MediaKind::Audio, 7000, &[(0, "PCMU")]);
-        let dev_offer = crate::dial::device_offer();
+        let trunk_te = md(
+            MediaKind::Audio,
+            7000,
+            &[(0, "PCMU"), (96, "TELEPHONE-EVENT")],
+        );
+        let dev_offer = crate::dial::device_offer(false);
+        let opus_offer = crate::dial::device_offer(true);
+        let both = Takes {
+            video: false,
+            opus: true,
+        };
         let rows: Vec<(&str, Planned, Planned)> = vec![
             (
                 "gateway to a video device: the caller's first G.711, video relayed",
-                plan_media(Origin::Sip, LegId::Device(4), &gw, Some(&video), None, true),
+                plan_media(
+                    Origin::Sip,
+                    LegId::Device(4),
+                    &gw,
+                    Some(&video),
+                    None,
+                    Takes {
+                        video: true,
+                        opus: false,
+                    },
+                ),
                 Ok(MediaPlan::SipToDevice {
                     caller: addr(6000),
                     session: 4,
@@ -231,7 +277,7 @@ mod tests {
                     &gw,
                     Some(&video),
                     None,
-                    false,
+                    Takes::default(),
                 ),
                 Ok(MediaPlan::SipToDevice {
                     caller: addr(6000),
@@ -244,7 +290,14 @@ mod tests {
             ),
             (
                 "gateway to trunk: the trunk's choice of codec",
-                plan_media(Origin::Sip, LegId::Trunk, &gw, None, Some(&trunk), false),
+                plan_media(
+                    Origin::Sip,
+                    LegId::Trunk,
+                    &gw,
+                    None,
+                    Some(&trunk),
+                    Takes::default(),
+                ),
                 Ok(MediaPlan::SipToTrunk {
                     caller: addr(6000),
                     trunk: addr(7000),
@@ -261,12 +314,47 @@ mod tests {
                     &dev_offer,
                     None,
                     None,
-                    true,
+                    both,
                 ),
                 Ok(MediaPlan::DeviceToDevice {
                     caller: 1,
                     callee: 2,
                     pt: PT_PCMU,
+                    telephone_event: PT_TELEPHONE_EVENT,
+                }),
+            ),
+            (
+                "device to device, both take Opus: Opus",
+                plan_media(
+                    Origin::Device(1),
+                    LegId::Device(2),
+                    &opus_offer,
+                    None,
+                    None,
+                    both,
+                ),
+                Ok(MediaPlan::DeviceToDevice {
+                    caller: 1,
+                    callee: 2,
+                    pt: PT_OPUS,
+                    telephone_event: PT_TELEPHONE_EVENT,
+                }),
+            ),
+            (
+                "an Opus caller to a G.711-only device: PCMU",
+                plan_media(
+                    Origin::Device(1),
+                    LegId::Device(2),
+                    &opus_offer,
+                    None,
+                    None,
+                    Takes::default(),
+                ),
+                Ok(MediaPlan::DeviceToDevice {
+                    caller: 1,
+                    callee: 2,
+                    pt: PT_PCMU,
+                    telephone_event: PT_TELEPHONE_EVENT,
                 }),
             ),
             (
@@ -277,17 +365,35 @@ mod tests {
                     &dev_offer,
                     None,
                     Some(&trunk),
-                    false,
+                    Takes::default(),
                 ),
                 Ok(MediaPlan::DeviceToTrunk {
                     caller: 1,
                     trunk: addr(7000),
                     pt: PT_PCMU,
+                    telephone_event: None,
+                }),
+            ),
+            (
+                "an Opus device to PSTN: G.711, with the trunk's telephone-event",
+                plan_media(
+                    Origin::Device(1),
+                    LegId::Trunk,
+                    &opus_offer,
+                    None,
+                    Some(&trunk_te),
+                    both,
+                ),
+                Ok(MediaPlan::DeviceToTrunk {
+                    caller: 1,
+                    trunk: addr(7000),
+                    pt: PT_PCMU,
+                    telephone_event: Some(96),
                 }),
             ),
             (
                 "trunk answered without media we kept",
-                plan_media(Origin::Sip, LegId::Trunk, &gw, None, None, false),
+                plan_media(Origin::Sip, LegId::Trunk, &gw, None, None, Takes::default()),
                 Err(MediaPlanError::NoTrunkMedia),
             ),
         ];
@@ -302,13 +408,15 @@ mod tests {
             caller: 1,
             trunk: addr(1),
             pt: 0,
+            telephone_event: None,
         };
         assert!(t.counts_swapped());
         assert!(
             !MediaPlan::DeviceToDevice {
                 caller: 1,
                 callee: 2,
-                pt: 0
+                pt: 0,
+                telephone_event: PT_TELEPHONE_EVENT,
             }
             .counts_swapped()
         );

@@ -57,6 +57,8 @@ pub struct CallCore {
     predicted: Vec<SessionId>,
     /// Sessions of the callee's devices that take video.
     video_devices: Vec<SessionId>,
+    /// Sessions of the callee's devices that take Opus.
+    opus_devices: Vec<SessionId>,
     pstn_fallback: bool,
     /// A presence change waits for its lookup: when it happened.
     reroute_pending: Option<Instant>,
@@ -94,6 +96,7 @@ impl CallCore {
             device_names: HashMap::new(),
             predicted: Vec::new(),
             video_devices: Vec::new(),
+            opus_devices: Vec::new(),
             pstn_fallback: true,
             reroute_pending: None,
             reroute_at: None,
@@ -522,6 +525,9 @@ impl CallCore {
             if d.video && !self.video_devices.contains(&d.session) {
                 self.video_devices.push(d.session);
             }
+            if d.opus && !self.opus_devices.contains(&d.session) {
+                self.opus_devices.push(d.session);
+            }
             self.device_names.insert(d.session, d.device.clone());
         }
         if view.caller_blocked {
@@ -620,13 +626,17 @@ impl CallCore {
     /// The answered leg: who answered (history, prediction), and the media plan.
     fn connect(&mut self, now: Instant, leg: LegId) -> Result<MediaPlan, media::MediaPlanError> {
         let takes_video = matches!(leg, LegId::Device(s) if self.video_devices.contains(&s));
+        let takes_opus = matches!(leg, LegId::Device(s) if self.opus_devices.contains(&s));
         let plan = media::plan_media(
             self.spec.origin,
             leg,
             &self.spec.offer,
             self.spec.video_offer.as_ref(),
             self.trunk_media.as_ref(),
-            takes_video,
+            media::Takes {
+                video: takes_video,
+                opus: takes_opus,
+            },
         )?;
         self.answered_at = Some(now);
         self.counts_swapped = plan.counts_swapped();

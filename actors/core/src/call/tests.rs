@@ -69,6 +69,7 @@ fn dev(session: u64, name: &str, status: Status, video: bool) -> DeviceState {
         idle_ms: 0,
         note: None,
         video,
+        opus: false,
     }
 }
 
@@ -460,7 +461,7 @@ fn a_device_dialling_the_pstn_goes_to_the_trunk_only_when_it_is_up() {
         let t0 = Instant::now();
         let mut s = spec(Origin::Device(3), t0);
         s.pstn_destination = Some("+441632960000".into());
-        s.offer = crate::dial::device_offer();
+        s.offer = crate::dial::device_offer(false);
         let mut c = CallCore::new(s);
         drain(&mut c);
         c.handle_lookup(t0, CalleeView::default(), trunks(up), NOW_UNIX);
@@ -472,7 +473,7 @@ fn a_device_dialling_the_pstn_goes_to_the_trunk_only_when_it_is_up() {
                     trunk: 0,
                     to: "+441632960000".into(),
                     formats: vec![0, 8],
-                    telephone_event: None,
+                    telephone_event: Some(parley_codecs::control::PT_TELEPHONE_EVENT),
                 })]
             );
             c.handle_sip(t0, SipEvent::TrunkAnswered(audio(7000)));
@@ -480,7 +481,9 @@ fn a_device_dialling_the_pstn_goes_to_the_trunk_only_when_it_is_up() {
             assert!(acts.contains(&Action::Connect(MediaPlan::DeviceToTrunk {
                 caller: 3,
                 trunk: "127.0.0.1:7000".parse().unwrap(),
-                pt: 0
+                pt: 0,
+                // The trunk answered telephone-event: the device is told its number.
+                telephone_event: Some(101),
             })));
             // The dialling device hangs up: the trunk gets a BYE.
             c.handle_device(t0, 3, DeviceLegEvent::Hangup);

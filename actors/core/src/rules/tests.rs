@@ -16,6 +16,7 @@ fn dev(session: u64, name: &str, status: Status, idle_ms: u64) -> DeviceState {
         idle_ms,
         note: None,
         video: name == "desk",
+        opus: false,
     }
 }
 
