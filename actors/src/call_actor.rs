@@ -408,6 +408,7 @@ impl CallActor {
                     payload_type: pt,
                     video_flow_id: None,
                     telephone_event,
+                    video_formats: Vec::new(),
                 });
             }
             MediaPlan::DeviceToDevice {
@@ -427,6 +428,7 @@ impl CallActor {
                         payload_type: pt,
                         video_flow_id: None,
                         telephone_event: Some(telephone_event),
+                        video_formats: Vec::new(),
                     },
                 );
                 self.tell_caller_device(ToDevice::Connected {
@@ -435,6 +437,7 @@ impl CallActor {
                     payload_type: pt,
                     video_flow_id: None,
                     telephone_event: Some(telephone_event),
+                    video_formats: Vec::new(),
                 });
             }
             MediaPlan::SipToDevice {
@@ -451,7 +454,16 @@ impl CallActor {
                 self.media.roq.push((session, flow));
                 let mut video_answer = None;
                 let mut video_flow_id = None;
+                let mut video_formats = Vec::new();
                 if let Some(v) = video {
+                    video_formats = v
+                        .formats
+                        .iter()
+                        .map(|f| parley_codecs::control::VideoFormat {
+                            pt: f.pt,
+                            name: f.name.clone(),
+                        })
+                        .collect();
                     let vport = media.allocate_port_near(port)?;
                     self.media.video_port = Some(vport);
                     let vflow = media.next_flow_id();
@@ -471,6 +483,7 @@ impl CallActor {
                         payload_type: pt,
                         video_flow_id,
                         telephone_event,
+                        video_formats,
                     },
                 );
                 self.answer_caller(port, pt, telephone_event, video_offered, video_answer, ctx);

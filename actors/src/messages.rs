@@ -48,6 +48,8 @@ pub enum ToDevice {
         video_flow_id: Option<u64>,
         /// Telephone-event payload type on the audio flow, when the other side takes it.
         telephone_event: Option<u8>,
+        /// The video stream's formats (empty without video).
+        video_formats: Vec<parley_codecs::control::VideoFormat>,
     },
     /// The device left an offer unacknowledged: it is presumed lost; close its session.
     Unresponsive,

@@ -868,6 +868,7 @@ impl Handler<ToDevice> for PresenceSession {
                 payload_type,
                 video_flow_id,
                 telephone_event,
+                video_formats,
             } => {
                 self.send(ServerMsg::CallConnected {
                     call_id,
@@ -875,6 +876,7 @@ impl Handler<ToDevice> for PresenceSession {
                     payload_type,
                     video_flow_id,
                     telephone_event,
+                    video_formats,
                 });
             }
             ToDevice::Unresponsive => {

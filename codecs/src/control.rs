@@ -37,6 +37,16 @@ pub enum Status {
     Offline,
 }
 
+/// One payload format of a call's video stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VideoFormat {
+    /// RTP payload type on the video flow.
+    pub pt: u8,
+    /// Encoding name, upper case as in SDP (`VP8`, `VP9`, `H264`, `AV1`).
+    pub name: String,
+}
+
 /// Messages from an IM device to Parley.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
@@ -399,6 +409,11 @@ pub enum ServerMsg {
         /// codec's clock rate, when the other side takes it.
         #[serde(default)]
         telephone_event: Option<u8>,
+        /// The video stream's payload types with their encoding names, as the caller
+        /// offered them (passed through: the device sends one of these); empty without
+        /// video.
+        #[serde(default)]
+        video_formats: Vec<VideoFormat>,
     },
     /// The call ended (or the offer to this device was withdrawn).
     CallEnded {
@@ -858,11 +873,12 @@ mod tests {
             payload_type: 0,
             video_flow_id: None,
             telephone_event: Some(PT_TELEPHONE_EVENT),
+            video_formats: Vec::new(),
         })
         .unwrap();
         assert_eq!(
             s,
-            r#"{"type":"call_connected","call_id":"c1","flow_id":4,"payload_type":0,"video_flow_id":null,"telephone_event":101}"#
+            r#"{"type":"call_connected","call_id":"c1","flow_id":4,"payload_type":0,"video_flow_id":null,"telephone_event":101,"video_formats":[]}"#
         );
         // A device that declares Opus; one from before `codecs` existed.
         let c: ClientMsg = decode(br#"{"type":"capabilities","codecs":["opus"]}"#).unwrap();
@@ -1046,6 +1062,7 @@ mod tests {
             payload_type: 0,
             video_flow_id: None,
             telephone_event: None,
+            video_formats: Vec::new(),
         };
         let rows = [
             (connected.clone(), "video_flow_id"),

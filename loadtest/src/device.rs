@@ -1094,6 +1094,7 @@ mod tests {
                 payload_type: g711::PT_PCMA,
                 video_flow_id: None,
                 telephone_event: None,
+                video_formats: Vec::new(),
             };
             mock::send(&mut tx, &connected).await;
             // Ten packets to the device, one bad datagram.

@@ -136,6 +136,9 @@ pub const WEBRTC_DROPS_TOTAL: &str = "parley_webrtc_drops_total";
 /// Counter: telephone-event (DTMF, RFC 4733) packets relayed for browsers, by
 /// `direction` (`to_browser`, `from_browser`); also counted in `parley_webrtc_packets_total`.
 pub const WEBRTC_DTMF_PACKETS_TOTAL: &str = "parley_webrtc_dtmf_packets_total";
+/// Counter: video RTP packets relayed for browsers, by `direction` (`to_browser`,
+/// `from_browser`); not counted in `parley_webrtc_packets_total` (audio).
+pub const WEBRTC_VIDEO_PACKETS_TOTAL: &str = "parley_webrtc_video_packets_total";
 
 /// Installs the global recorder and returns the handle that renders `/metrics`.
 pub fn install() -> anyhow::Result<PrometheusHandle> {
@@ -206,6 +209,7 @@ fn register_zeroes() {
     for d in ["to_browser", "from_browser"] {
         counter!(WEBRTC_PACKETS_TOTAL, "direction" => d).increment(0);
         counter!(WEBRTC_DTMF_PACKETS_TOTAL, "direction" => d).increment(0);
+        counter!(WEBRTC_VIDEO_PACKETS_TOTAL, "direction" => d).increment(0);
     }
     for r in [
         "queue_full",

@@ -624,3 +624,76 @@ async fn off_loopback_the_web_client_is_https_and_the_socket_wss() {
     });
     assert!(node.log().contains("transport=websocket"), "{}", node.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_video_gateway_call_shows_the_gateways_video_and_sends_the_camera() {
+    let node = Node::start();
+    let mut page = tokio::task::block_in_place(|| Chromium::start(node.dir.path()));
+    tokio::task::block_in_place(|| page.ready(&node, "alice", "+15550100001"));
+    // The page has a (fake) camera: it declared video, so a video call rings it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, presence) = node.get("/api/v1/users/alice/presence", true);
+        if presence.contains("\"video\":true") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the page never declared video: {presence}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A gateway offering VP8, playing 4 s of video RTP.
+    let pcap = node.dir.path().join("vp8.pcap");
+    common::vp8_pcap(&pcap, 120);
+    let sc = scenario(node.dir.path(), "uac_video_media.xml");
+    let text = std::fs::read_to_string(&sc)
+        .unwrap()
+        .replace("@VIDEO_RE@", "m=video [1-9][0-9]* RTP/AVP 96")
+        .replace("@VIDEOPCAP@", pcap.to_str().unwrap());
+    std::fs::write(&sc, text).unwrap();
+    let sipp = tokio::spawn(sipp_uac(
+        &node,
+        &["-sf", sc.to_str().unwrap()],
+        "+15550100001",
+        1,
+        1,
+        &["-d", "5000"],
+    ));
+    tokio::task::block_in_place(|| {
+        page.ok(json!({"cmd": "wait", "selector": "#ring-detail", "text": "video"}));
+        let before = page.eval(STATS);
+        page.answer("+15557770005");
+        page.ok(json!({"cmd": "wait", "selector": "#video-view"}));
+        // The gateway's video reaches the page's video track; the camera goes out.
+        let gained =
+            |s: &Value, k: &str, n: u64| s[k].as_u64().unwrap() >= before[k].as_u64().unwrap() + n;
+        let s = page.eval_until(STATS, |s| {
+            gained(s, "videoIn", 30) && gained(s, "videoOut", 30)
+        });
+        assert!(gained(&s, "outbound", 20), "{s}");
+        page.ok(json!({"cmd": "click", "selector": "#keypad"}));
+        page.ok(json!({"cmd": "screenshot", "path": node.dir.path().join("video-call.png")}));
+    });
+    if let Ok(dir) = std::env::var("PARLEY_SCREENSHOTS") {
+        let _ = std::fs::copy(
+            node.dir.path().join("video-call.png"),
+            std::path::Path::new(&dir).join("video-call.png"),
+        );
+    }
+    let run = sipp.await.unwrap();
+    assert_eq!(run.code, 0, "SIPp failed:\n{}\n{}", run.output, node.log());
+    assert!(
+        node.metric("parley_webrtc_video_packets_total{direction=\"to_browser\"") >= 30.0,
+        "{}",
+        node.log()
+    );
+    assert!(node.metric("parley_webrtc_video_packets_total{direction=\"from_browser\"") >= 30.0);
+    let cdrs = node.wait_cdrs(1);
+    assert_eq!(cdrs[0]["disposition"], "ANSWERED", "{cdrs:?}");
+    tokio::task::block_in_place(|| {
+        page.eval_until("() => document.getElementById('video-view').hidden", |v| {
+            *v == json!(true)
+        });
+    });
+}

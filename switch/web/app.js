@@ -100,8 +100,6 @@ function handle(msg, creds) {
       $("me-number").textContent = msg.number;
       state.book.clear();
       sendPresence(true);
-      // Opus between browsers (the node keeps G.711 toward gateways and other devices).
-      send({ type: "capabilities", video: false, codecs: canChooseCodec() ? ["opus"] : [] });
       send({ type: "call_history", id: state.nextId++ });
       startMedia();
       break;
@@ -177,8 +175,10 @@ function handle(msg, creds) {
         state.call.state = "Connected";
         state.call.since = Date.now();
         state.call.dtmf = msg.telephone_event != null;
+        state.call.video = msg.video_flow_id != null;
         // The microphone goes out once the sender has the call's codec.
         sendCodec(msg.payload_type).finally(() => microphone(true));
+        camera(state.call.video);
       }
       renderCall();
       break;
@@ -187,6 +187,7 @@ function handle(msg, creds) {
       if (state.call && state.call.call_id === msg.call_id) {
         state.call = null;
         microphone(false);
+        camera(false);
         notice("Call ended");
       }
       renderCall();
@@ -410,15 +411,33 @@ $("mute").addEventListener("click", () => {
 
 async function startMedia() {
   try {
-    const stream = await navigator.mediaDevices.getUserMedia({ audio: true });
+    const stream = await navigator.mediaDevices.getUserMedia({ audio: true, video: true });
     state.mic = stream.getAudioTracks()[0];
+    state.cam = stream.getVideoTracks()[0] || null;
   } catch (e) {
-    notice("No microphone: the other side will not hear you");
+    try {
+      const stream = await navigator.mediaDevices.getUserMedia({ audio: true });
+      state.mic = stream.getAudioTracks()[0];
+    } catch (e2) {
+      notice("No microphone: the other side will not hear you");
+    }
   }
+  // Video calls ring this page only with a camera; Opus between browsers (the node keeps
+  // G.711 toward gateways and other devices).
+  send({ type: "capabilities", video: !!state.cam, codecs: canChooseCodec() ? ["opus"] : [] });
   const pc = new RTCPeerConnection({ iceServers: [] });
   state.pc = pc;
   const transceiver = pc.addTransceiver("audio", { direction: "sendrecv" });
   state.sender = transceiver.sender;
+  // Video as gateways offer it (VP8, H.264), passed through by the node: no
+  // retransmission or FEC formats (the node relays RTP, it does not repair it).
+  const video = pc.addTransceiver("video", { direction: state.cam ? "sendrecv" : "recvonly" });
+  state.videoSender = video.sender;
+  if (video.setCodecPreferences && RTCRtpReceiver.getCapabilities) {
+    const vc = RTCRtpReceiver.getCapabilities("video").codecs
+      .filter((c) => /^video\/(VP8|H264)$/i.test(c.mimeType));
+    if (vc.length) video.setCodecPreferences(vc);
+  }
   // G.711 first (gateway calls need no transcoding), then Opus (calls between
   // browsers), and DTMF; nothing else (the node relays, it does not transcode).
   if (transceiver.setCodecPreferences && window.RTCRtpReceiver && RTCRtpReceiver.getCapabilities) {
@@ -429,7 +448,8 @@ async function startMedia() {
     if (wanted.length) transceiver.setCodecPreferences(wanted);
   }
   pc.ontrack = (ev) => {
-    $("remote-audio").srcObject = ev.streams[0] || new MediaStream([ev.track]);
+    const el = ev.track.kind === "video" ? $("remote-video") : $("remote-audio");
+    el.srcObject = new MediaStream([ev.track]);
   };
   pc.onconnectionstatechange = () => {
     if (pc.connectionState === "failed") notice("Audio connection failed");
@@ -490,6 +510,13 @@ for (const d of "123456789*0#") {
   $("keypad-grid").append(b);
 }
 
+// The camera goes out only during a video call; the video view shows both sides.
+function camera(on) {
+  $("video-view").hidden = !on;
+  $("self-video").srcObject = on && state.cam ? new MediaStream([state.cam]) : null;
+  if (state.videoSender) state.videoSender.replaceTrack(on && state.cam ? state.cam : null).catch(() => {});
+}
+
 // The microphone goes out only during a call.
 function microphone(on) {
   if (!state.sender) return;
@@ -500,7 +527,7 @@ function microphone(on) {
 // Audio packets both ways, for the status line and for tests.
 window.parleyMediaStats = async function () {
   const out = { inbound: 0, outbound: 0, state: state.pc ? state.pc.connectionState : "none",
-    inCodec: null, outCodec: null };
+    inCodec: null, outCodec: null, videoIn: 0, videoOut: 0 };
   if (!state.pc) return out;
   const stats = await state.pc.getStats();
   const codec = (id) => { const c = id && stats.get(id); return c ? c.mimeType : null; };
@@ -509,6 +536,8 @@ window.parleyMediaStats = async function () {
       out.inbound += r.packetsReceived || 0;
       out.inCodec = codec(r.codecId) || out.inCodec;
     }
+    if (r.type === "inbound-rtp" && r.kind === "video") out.videoIn += r.packetsReceived || 0;
+    if (r.type === "outbound-rtp" && r.kind === "video") out.videoOut += r.packetsSent || 0;
     if (r.type === "outbound-rtp" && r.kind === "audio") {
       out.outbound += r.packetsSent || 0;
       out.outCodec = codec(r.codecId) || out.outCodec;

@@ -324,7 +324,8 @@ impl FrameTx for WsTx {
                     flow_id,
                     payload_type,
                     telephone_event,
-                    ..
+                    video_flow_id,
+                    video_formats,
                 } => w.connect_flow(
                     session,
                     call_id.clone(),
@@ -332,6 +333,7 @@ impl FrameTx for WsTx {
                     crate::webrtc::CallFormat {
                         pt: *payload_type,
                         telephone_event: *telephone_event,
+                        video: video_flow_id.map(|v| (v, video_formats.clone())),
                     },
                 ),
                 ServerMsg::CallEnded { call_id, .. } => w.end_flow(session, call_id.clone()),

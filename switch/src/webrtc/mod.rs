@@ -229,19 +229,41 @@ impl WebRtc {
 }
 
 /// A call's payload types on the relay's side (as `call_connected` names them).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CallFormat {
     /// The audio codec's payload type: 0 PCMU, 8 PCMA, [`control::PT_OPUS`] Opus.
     pub pt: u8,
     /// The telephone-event payload type, when the other side takes it.
     pub telephone_event: Option<u8>,
+    /// The video flow and its formats, when the call has video for this session.
+    pub video: Option<(u64, Vec<control::VideoFormat>)>,
 }
 
-/// The call on a peer connection's audio track, with its payload type maps.
+/// The call on a peer connection's tracks, with its payload type maps.
 struct PeerCall {
     id: String,
     flow: u64,
     map: PtMap,
+    /// The video flow, with (relay pt, browser pt) per format both sides have.
+    video: Option<(u64, Vec<(u8, u8)>)>,
+}
+
+/// The browser's payload types for a call's video formats, by codec; formats the peer
+/// connection did not negotiate are left out.
+fn video_map(formats: &[control::VideoFormat], pts: &[Negotiated]) -> Vec<(u8, u8)> {
+    formats
+        .iter()
+        .filter_map(|f| {
+            let codec = match f.name.to_ascii_uppercase().as_str() {
+                "VP8" => Codec::Vp8,
+                "VP9" => Codec::Vp9,
+                "H264" => Codec::H264,
+                "AV1" => Codec::Av1,
+                _ => return None,
+            };
+            pts.iter().find(|n| n.codec == codec).map(|n| (f.pt, n.pt))
+        })
+        .collect()
 }
 
 /// Payload types between the relay's side of a call and one peer connection.
@@ -271,7 +293,7 @@ struct Negotiated {
 impl PtMap {
     /// The map for a call of `format` on a peer connection that negotiated `pts`; `None`
     /// when it did not negotiate the call's codec.
-    fn new(format: CallFormat, pts: &[Negotiated]) -> Option<Self> {
+    fn new(format: &CallFormat, pts: &[Negotiated]) -> Option<Self> {
         let codec = match format.pt {
             parley_codecs::g711::PT_PCMU => Codec::PCMU,
             parley_codecs::g711::PT_PCMA => Codec::PCMA,
@@ -387,6 +409,10 @@ struct Peer {
     rtc: Rtc,
     /// The audio m-line, once str0m announced it.
     audio: Option<Mid>,
+    /// The video m-line, when the page offered one.
+    video: Option<Mid>,
+    /// Extended sequence number of the last video packet sent to the browser.
+    vseq: Option<SeqNo>,
     /// The call on the audio track.
     call: Option<PeerCall>,
     /// Extended sequence number of the last packet sent to the browser.
@@ -492,12 +518,18 @@ impl Thread {
                 format,
             } => {
                 if let Some(p) = self.peers.get_mut(&session) {
-                    match PtMap::new(format, &negotiated(&p.rtc)) {
+                    let pts = negotiated(&p.rtc);
+                    match PtMap::new(&format, &pts) {
                         Some(map) => {
+                            p.vseq = None;
                             p.call = Some(PeerCall {
                                 id: call_id,
                                 flow,
                                 map,
+                                video: format
+                                    .video
+                                    .as_ref()
+                                    .map(|(vflow, formats)| (*vflow, video_map(formats, &pts))),
                             })
                         }
                         None => {
@@ -545,7 +577,9 @@ impl Thread {
             .clear_codecs()
             .enable_pcmu(true, false)
             .enable_pcma(true, false)
-            .enable_opus(true, false);
+            .enable_opus(true, false)
+            .enable_vp8(true)
+            .enable_h264(true);
         // DTMF at both audio clocks (Chromium's numbers; str0m takes the offer's).
         for (pt, clock) in [
             (126, Frequency::EIGHT_KHZ),
@@ -577,6 +611,8 @@ impl Thread {
             Peer {
                 rtc,
                 audio: None,
+                video: None,
+                vseq: None,
                 call: None,
                 seq: None,
                 connected: false,
@@ -661,14 +697,39 @@ impl Thread {
         let Ok((flow, packet)) = roq::decode(datagram) else {
             return;
         };
+        let Ok(view) = rtpv::RtpView::parse(packet) else {
+            metrics::counter!(m::WEBRTC_DROPS_TOTAL, "reason" => "not_rtp").increment(1);
+            return;
+        };
+        // The connected call's video flow goes on the video track.
+        if let (
+            Some(vmid),
+            Some(PeerCall {
+                video: Some((vflow, vmap)),
+                ..
+            }),
+        ) = (p.video, p.call.as_ref())
+            && *vflow == flow
+        {
+            if view.kind() != rtpv::Kind::Rtp {
+                return;
+            }
+            let Some(&(_, pt)) = vmap.iter().find(|(relay, _)| *relay == view.payload_type())
+            else {
+                metrics::counter!(m::WEBRTC_DROPS_TOTAL, "reason" => "other_codec").increment(1);
+                return;
+            };
+            if write_track(&mut p.rtc, vmid, &mut p.vseq, pt, &view) {
+                metrics::counter!(m::WEBRTC_VIDEO_PACKETS_TOTAL, "direction" => "to_browser")
+                    .increment(1);
+            }
+            self.drain(session);
+            return;
+        }
         // Only the connected call's flow goes on the audio track (a flow of a call that
         // is ending, or one the session has no track for, does not).
         let Some(call) = p.call.as_ref().filter(|c| c.flow == flow) else {
             metrics::counter!(m::WEBRTC_DROPS_TOTAL, "reason" => "other_flow").increment(1);
-            return;
-        };
-        let Ok(view) = rtpv::RtpView::parse(packet) else {
-            metrics::counter!(m::WEBRTC_DROPS_TOTAL, "reason" => "not_rtp").increment(1);
             return;
         };
         if view.kind() != rtpv::Kind::Rtp {
@@ -680,23 +741,9 @@ impl Thread {
             return;
         };
         let dtmf = Some(pt) == call.map.tele.map(|t| t.1);
-        let seq = extend(p.seq, view.sequence());
-        p.seq = Some(seq);
-        let mut direct = p.rtc.direct_api();
-        let Some(tx) = direct.stream_tx_by_mid(mid, None) else {
-            metrics::counter!(m::WEBRTC_DROPS_TOTAL, "reason" => "no_stream").increment(1);
+        if !write_track(&mut p.rtc, mid, &mut p.seq, pt, &view) {
             return;
-        };
-        tx.write_rtp(
-            RtpWrite::new(
-                pt.into(),
-                seq,
-                view.timestamp(),
-                Instant::now(),
-                view.payload(),
-            )
-            .marker(view.marker()),
-        );
+        }
         metrics::counter!(m::WEBRTC_PACKETS_TOTAL, "direction" => "to_browser").increment(1);
         if dtmf {
             metrics::counter!(m::WEBRTC_DTMF_PACKETS_TOTAL, "direction" => "to_browser")
@@ -726,6 +773,9 @@ impl Thread {
                     Event::MediaAdded(added) if added.kind == MediaKind::Audio => {
                         p.audio.get_or_insert(added.mid);
                     }
+                    Event::MediaAdded(added) if added.kind == MediaKind::Video => {
+                        p.video.get_or_insert(added.mid);
+                    }
                     Event::Connected => {
                         p.connected = true;
                         metrics::counter!(m::WEBRTC_CONNECTIONS_TOTAL, "result" => "connected")
@@ -740,6 +790,17 @@ impl Thread {
                     Event::RtpPacket(pkt) => {
                         if let Some(call) = &p.call {
                             let h = &pkt.header;
+                            // Video: the call's video flow, with the caller's number.
+                            if let Some((vflow, vmap)) = &call.video
+                                && let Some(&(relay, _)) =
+                                    vmap.iter().find(|(_, b)| *b == *h.payload_type)
+                            {
+                                let out = relay_packet(relay, h, &pkt.payload);
+                                metrics::counter!(m::WEBRTC_VIDEO_PACKETS_TOTAL, "direction" => "from_browser")
+                                    .increment(1);
+                                self.relay.roq_in(session, *vflow, Bytes::from(out));
+                                continue;
+                            }
                             let fate = call.map.sent_by_browser(*h.payload_type);
                             let pt = match fate {
                                 FromBrowser::Audio(pt)
@@ -752,19 +813,7 @@ impl Thread {
                                     continue;
                                 }
                             };
-                            let mut out =
-                                Vec::with_capacity(rtpv::RTP_HEADER_LEN + pkt.payload.len());
-                            let mut head = [0u8; rtpv::RTP_HEADER_LEN];
-                            rtpv::write_header(
-                                &mut head,
-                                pt,
-                                h.marker,
-                                h.sequence_number,
-                                h.timestamp,
-                                *h.ssrc,
-                            );
-                            out.extend_from_slice(&head);
-                            out.extend_from_slice(&pkt.payload);
+                            let mut out = relay_packet(pt, h, &pkt.payload);
                             match fate {
                                 FromBrowser::OtherLaw(_) => {
                                     convert_law(&mut out[rtpv::RTP_HEADER_LEN..], pt);
@@ -803,6 +852,54 @@ impl Thread {
             self.remove(session);
         }
     }
+}
+
+/// Writes one RTP packet the relay sent (as `view`) to a track of `rtc` with the
+/// browser's payload type `pt`, its sequence number extended from `last`; `false` (and
+/// counted) when the track has no stream to send on.
+fn write_track(
+    rtc: &mut Rtc,
+    mid: Mid,
+    last: &mut Option<SeqNo>,
+    pt: u8,
+    view: &rtpv::RtpView<'_>,
+) -> bool {
+    let seq = extend(*last, view.sequence());
+    *last = Some(seq);
+    let mut direct = rtc.direct_api();
+    let Some(tx) = direct.stream_tx_by_mid(mid, None) else {
+        metrics::counter!(m::WEBRTC_DROPS_TOTAL, "reason" => "no_stream").increment(1);
+        return false;
+    };
+    tx.write_rtp(
+        RtpWrite::new(
+            pt.into(),
+            seq,
+            view.timestamp(),
+            Instant::now(),
+            view.payload(),
+        )
+        .marker(view.marker()),
+    );
+    true
+}
+
+/// A browser's RTP packet as the relay takes it: a plain header with the relay's payload
+/// type `pt` (header extensions stay on the browser's side), then the payload.
+fn relay_packet(pt: u8, h: &str0m::rtp::RtpHeader, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(rtpv::RTP_HEADER_LEN + payload.len());
+    let mut head = [0u8; rtpv::RTP_HEADER_LEN];
+    rtpv::write_header(
+        &mut head,
+        pt,
+        h.marker,
+        h.sequence_number,
+        h.timestamp,
+        *h.ssrc,
+    );
+    out.extend_from_slice(&head);
+    out.extend_from_slice(payload);
+    out
 }
 
 /// The extended sequence number of `seq` following `last` (RFC 3550 A.1's rollover).
@@ -847,8 +944,9 @@ mod tests {
         let call = CallFormat {
             pt: 8,
             telephone_event: Some(101),
+            video: None,
         };
-        let map = PtMap::new(call, &chromium()).unwrap();
+        let map = PtMap::new(&call, &chromium()).unwrap();
         assert_eq!(map.toward_browser(8), Some(8));
         assert_eq!(map.toward_browser(101), Some(126), "DTMF at 8 kHz");
         assert_eq!(map.toward_browser(0), None, "not the call's codec");
@@ -863,9 +961,10 @@ mod tests {
         );
         // No telephone-event on the call: the browser's DTMF goes nowhere.
         let quiet = PtMap::new(
-            CallFormat {
+            &CallFormat {
                 pt: 0,
                 telephone_event: None,
+                video: None,
             },
             &chromium(),
         )
@@ -897,8 +996,9 @@ mod tests {
         let call = CallFormat {
             pt: control::PT_OPUS,
             telephone_event: Some(control::PT_TELEPHONE_EVENT),
+            video: None,
         };
-        let map = PtMap::new(call, &other).unwrap();
+        let map = PtMap::new(&call, &other).unwrap();
         assert_eq!(map.toward_browser(111), Some(109));
         assert_eq!(map.toward_browser(101), Some(101));
         assert_eq!(map.sent_by_browser(109), FromBrowser::Audio(111));
@@ -909,17 +1009,43 @@ mod tests {
             "G.711 on an Opus call"
         );
         // A peer connection without Opus cannot carry an Opus call.
-        assert_eq!(PtMap::new(call, &other[2..]), None);
+        assert_eq!(PtMap::new(&call, &other[2..]), None);
         assert_eq!(
             PtMap::new(
-                CallFormat {
+                &CallFormat {
                     pt: 18,
-                    telephone_event: None
+                    telephone_event: None,
+                    video: None,
                 },
                 &chromium()
             ),
             None
         );
+    }
+
+    #[test]
+    fn video_formats_map_by_codec_and_unknown_ones_are_left_out() {
+        let pts = vec![
+            Negotiated {
+                pt: 96,
+                codec: Codec::Vp8,
+                clock: 90000,
+            },
+            Negotiated {
+                pt: 102,
+                codec: Codec::H264,
+                clock: 90000,
+            },
+        ];
+        let f = |pt: u8, name: &str| control::VideoFormat {
+            pt,
+            name: name.into(),
+        };
+        assert_eq!(
+            video_map(&[f(100, "VP8"), f(97, "h264"), f(98, "THEORA")], &pts),
+            vec![(100, 96), (97, 102)]
+        );
+        assert!(video_map(&[f(96, "VP9")], &pts).is_empty());
     }
 
     #[test]

@@ -677,6 +677,61 @@ pub fn scenario(dir: &Path, name: &str) -> PathBuf {
     out
 }
 
+/// Writes a pcap (Ethernet, IPv4, UDP) of `packets` VP8 RTP packets (payload type 96,
+/// 30 a second, one packet a frame) for SIPp's `play_pcap_video`. The frames are not a
+/// decodable picture: they are RTP a relay must carry, counted at the far end.
+pub fn vp8_pcap(path: &Path, packets: u16) {
+    let mut out = Vec::new();
+    // Global header: magic, version 2.4, zone, accuracy, snap length, Ethernet.
+    out.extend_from_slice(&0xa1b2_c3d4u32.to_le_bytes());
+    out.extend_from_slice(&2u16.to_le_bytes());
+    out.extend_from_slice(&4u16.to_le_bytes());
+    out.extend_from_slice(&[0; 8]);
+    out.extend_from_slice(&65_535u32.to_le_bytes());
+    out.extend_from_slice(&1u32.to_le_bytes());
+    for i in 0..packets {
+        let mut rtp = vec![0u8; 12];
+        parley_codecs::rtp::write_header(
+            (&mut rtp[..12]).try_into().unwrap(),
+            96,
+            true,
+            i,
+            u32::from(i) * 3000,
+            0x5eed_0001,
+        );
+        // VP8 payload descriptor (start of partition), then filler.
+        rtp.push(0x10);
+        rtp.extend_from_slice(&[0x9d; 200]);
+        let udp_len = 8 + rtp.len();
+        let ip_len = 20 + udp_len;
+        let mut frame = vec![0u8; 12];
+        frame.extend_from_slice(&[0x08, 0x00]);
+        let mut ip = vec![
+            0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0, 127, 0, 0, 1, 127, 0, 0, 1,
+        ];
+        ip[2..4].copy_from_slice(&(ip_len as u16).to_be_bytes());
+        let sum = ip
+            .chunks(2)
+            .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+            .sum::<u32>();
+        let sum = !(((sum & 0xffff) + (sum >> 16)) as u16);
+        ip[10..12].copy_from_slice(&sum.to_be_bytes());
+        frame.extend_from_slice(&ip);
+        frame.extend_from_slice(&6002u16.to_be_bytes());
+        frame.extend_from_slice(&6002u16.to_be_bytes());
+        frame.extend_from_slice(&(udp_len as u16).to_be_bytes());
+        frame.extend_from_slice(&[0, 0]);
+        frame.extend_from_slice(&rtp);
+        let micros = u32::from(i) * 33_333;
+        out.extend_from_slice(&(micros / 1_000_000).to_le_bytes());
+        out.extend_from_slice(&(micros % 1_000_000).to_le_bytes());
+        out.extend_from_slice(&(frame.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(frame.len() as u32).to_le_bytes());
+        out.extend_from_slice(&frame);
+    }
+    std::fs::write(path, out).unwrap();
+}
+
 /// Result of one SIPp run.
 pub struct SippRun {
     pub code: i32,
