@@ -429,12 +429,40 @@ async fn two_browsers_call_each_other() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pcma_gateway_call_is_pcma_in_the_browser_and_the_keypad_sends_dtmf() {
+async fn a_browser_declines_and_a_pcma_gateway_call_is_pcma_with_mute_and_the_keypad() {
     let node = Node::start();
     let mut page = tokio::task::block_in_place(|| Chromium::start(node.dir.path()));
     tokio::task::block_in_place(|| {
         page.ready(&node, "alice", "+15550100001");
     });
+    // A stranger calls; the page declines: the gateway gets 603, the CDR says so.
+    let sc = scenario(node.dir.path(), "uac_603_from.xml");
+    let declined = tokio::spawn(sipp_uac(
+        &node,
+        &["-sf", sc.to_str().unwrap()],
+        "+15550100001",
+        1,
+        1,
+        &["-key", "prefix", "+1555888000"],
+    ));
+    tokio::task::block_in_place(|| {
+        page.ok(json!({"cmd": "wait", "selector": "#ring-from", "text": "+15558880001"}));
+        page.ok(json!({"cmd": "click", "selector": "#reject"}));
+        page.eval_until("() => document.getElementById('ring').hidden", |v| {
+            *v == json!(true)
+        });
+    });
+    let run = declined.await.unwrap();
+    assert_eq!(
+        run.code,
+        0,
+        "SIPp did not get its 603:\n{}\n{}",
+        run.output,
+        node.log()
+    );
+    let cdrs = node.wait_cdrs(1);
+    assert_eq!(cdrs[0]["disposition"], "REJECTED", "{cdrs:?}");
+
     // A gateway that speaks A-law only, with telephone-event at 101.
     let sipp = gateway_call(&node, "uac_pcma.xml", "+15550100001", 6000);
     tokio::task::block_in_place(|| {
@@ -448,11 +476,21 @@ async fn a_pcma_gateway_call_is_pcma_in_the_browser_and_the_keypad_sends_dtmf() 
         press(&mut page, "5#");
         let v = wait_metric(&node, DTMF_FROM, |v| v >= 6.0);
         assert!(v >= 6.0, "{v}\n{}", node.log());
+        // Mute silences the microphone track, and says so; unmute brings it back.
+        const MIC: &str = "() => state.mic.enabled";
+        page.ok(json!({"cmd": "click", "selector": "#mute"}));
+        page.ok(json!({"cmd": "wait", "selector": "#call-state", "text": "muted"}));
+        assert_eq!(page.eval(MIC), json!(false));
+        page.ok(json!({"cmd": "click", "selector": "#mute"}));
+        assert_eq!(page.eval(MIC), json!(true));
     });
     let run = sipp.await.unwrap();
     assert_eq!(run.code, 0, "SIPp failed:\n{}\n{}", run.output, node.log());
-    let cdrs = node.wait_cdrs(1);
-    let c = &cdrs[0];
+    let cdrs = node.wait_cdrs(2);
+    let c = cdrs
+        .iter()
+        .find(|c| c["disposition"] == "ANSWERED")
+        .unwrap_or_else(|| panic!("no answered call in {cdrs:?}"));
     assert_eq!(c["disposition"], "ANSWERED", "{c}");
     assert!(c["packets_in"].as_i64().unwrap() >= 50, "{c}");
     // The page's audio and its DTMF crossed to the gateway.
