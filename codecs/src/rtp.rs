@@ -92,10 +92,24 @@ impl<'a> RtpView<'a> {
         }
     }
 
-    /// The payload after the fixed header and CSRC list (extensions are not skipped).
+    /// The media payload: after the fixed header, the CSRC list and a header extension
+    /// (X bit), without padding (P bit). A packet whose extension or padding runs past
+    /// its end has an empty payload.
     pub fn payload(&self) -> &'a [u8] {
-        let start = RTP_HEADER_LEN + usize::from(self.buf[0] & 0x0f) * 4;
-        self.buf.get(start..).unwrap_or(&[])
+        let mut start = RTP_HEADER_LEN + usize::from(self.buf[0] & 0x0f) * 4;
+        if self.buf[0] & 0x10 != 0 {
+            // RFC 3550 5.3.1: 16-bit profile word, 16-bit length in 32-bit words.
+            let Some(len) = self.buf.get(start + 2..start + 4) else {
+                return &[];
+            };
+            start += 4 + usize::from(u16::from_be_bytes([len[0], len[1]])) * 4;
+        }
+        let mut end = self.buf.len();
+        if self.buf[0] & 0x20 != 0 {
+            let pad = usize::from(self.buf[end - 1]);
+            end = end.saturating_sub(pad);
+        }
+        self.buf.get(start..end).unwrap_or(&[])
     }
 }
 
@@ -350,6 +364,25 @@ mod tests {
         assert_eq!(ours.timestamp(), theirs.header.timestamp);
         assert_eq!(ours.ssrc(), theirs.header.ssrc);
         assert_eq!(ours.payload(), &theirs.payload[..]);
+        // With a header extension (one 32-bit word) and 3 bytes of padding.
+        let mut ext = buf.to_vec();
+        ext[0] |= 0x30;
+        ext.extend_from_slice(&[0xbe, 0xde, 0x00, 0x01, 0x10, 0xaa, 0x00, 0x00]);
+        ext.extend_from_slice(&[0xd5; 160]);
+        ext.extend_from_slice(&[0, 0, 3]);
+        let theirs = Packet::unmarshal(&mut &ext[..]).unwrap();
+        let ours = RtpView::parse(&ext).unwrap();
+        assert_eq!(ours.payload(), &theirs.payload[..]);
+        assert_eq!(ours.payload(), &[0xd5; 160][..]);
+        // Extension or padding past the end: empty, no panic.
+        let mut bad = buf.to_vec();
+        bad[0] |= 0x10;
+        bad.extend_from_slice(&[0xbe, 0xde, 0x00, 0x09, 1, 2]);
+        assert!(RtpView::parse(&bad).unwrap().payload().is_empty());
+        let mut pad = buf.to_vec();
+        pad[0] |= 0x20;
+        pad.push(200);
+        assert!(RtpView::parse(&pad).unwrap().payload().is_empty());
     }
 
     #[test]

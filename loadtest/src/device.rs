@@ -660,18 +660,21 @@ async fn datagram_reader(
 ) {
     // Per flow: (SSRC, sequence, timestamp) of the last RTP packet.
     let mut last: HashMap<u64, (u32, u16, u32)> = HashMap::new();
-    // The timestamp of the last DTMF event seen.
-    let mut event_ts: Option<u32> = None;
+    // Per flow: the timestamp of the last DTMF event seen.
+    let mut event_ts: HashMap<u64, u32> = HashMap::new();
     while let Ok(datagram) = conn.read_datagram().await {
         let is_rtp = match roq::decode(&datagram) {
             Ok((flow, packet)) => match RtpView::parse(packet) {
                 Ok(v) if v.kind() == Kind::Rtp => {
                     if dtmf.get(&flow).is_some_and(|pt| *pt == v.payload_type()) {
                         bump(&stats.dtmf_received);
-                        if event_ts != Some(v.timestamp())
+                        if event_ts.get(&flow) != Some(&v.timestamp())
                             && let Some(&code) = v.payload().first()
                         {
-                            event_ts = Some(v.timestamp());
+                            if event_ts.len() >= 4096 && !event_ts.contains_key(&flow) {
+                                event_ts.clear(); // ended calls' flows
+                            }
+                            event_ts.insert(flow, v.timestamp());
                             let mut events =
                                 stats.dtmf_events.lock().unwrap_or_else(|e| e.into_inner());
                             if events.len() < 64 {

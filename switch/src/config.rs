@@ -226,7 +226,8 @@ pub struct WebConfig {
     /// candidate the node offers, so it must be one browsers reach, not `0.0.0.0`); port
     /// 0 picks a free one.
     pub media_listen: SocketAddr,
-    /// TCP connections open on the web listener at most (pages, assets and WebSockets);
+    /// TCP connections open on the web listener at most, from accept on (TLS handshakes,
+    /// pages, assets and WebSockets);
     /// one more is closed at once and counted (`parley_web_sessions_refused_total{reason="connections"}`).
     pub max_connections: usize,
     /// A connection must have sent a whole request's headers this many seconds after it

@@ -139,6 +139,10 @@ pub const WEBRTC_DTMF_PACKETS_TOTAL: &str = "parley_webrtc_dtmf_packets_total";
 /// Counter: video RTP packets relayed for browsers, by `direction` (`to_browser`,
 /// `from_browser`); not counted in `parley_webrtc_packets_total` (audio).
 pub const WEBRTC_VIDEO_PACKETS_TOTAL: &str = "parley_webrtc_video_packets_total";
+/// Counter: video keyframe requests relayed, by `direction`: `from_browser` (the page
+/// could not decode the caller's video: a PLI to the caller), `to_browser` (the caller's
+/// PLI or FIR, asked of the browser's encoder).
+pub const WEBRTC_KEYFRAME_REQUESTS_TOTAL: &str = "parley_webrtc_keyframe_requests_total";
 
 /// Installs the global recorder and returns the handle that renders `/metrics`.
 pub fn install() -> anyhow::Result<PrometheusHandle> {
@@ -210,6 +214,7 @@ fn register_zeroes() {
         counter!(WEBRTC_PACKETS_TOTAL, "direction" => d).increment(0);
         counter!(WEBRTC_DTMF_PACKETS_TOTAL, "direction" => d).increment(0);
         counter!(WEBRTC_VIDEO_PACKETS_TOTAL, "direction" => d).increment(0);
+        counter!(WEBRTC_KEYFRAME_REQUESTS_TOTAL, "direction" => d).increment(0);
     }
     for r in [
         "queue_full",

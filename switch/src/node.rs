@@ -339,7 +339,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let web_url = if cfg.web.enabled {
         let tls = cfg.web.tls_cert.as_deref().zip(cfg.web.tls_key.as_deref());
         let header_timeout = Duration::from_secs(cfg.web.header_timeout_secs);
-        let listener = crate::web::WebListener::bind(cfg.web.listen, tls, header_timeout).await?;
+        let listener = crate::web::WebListener::bind(cfg.web.listen, tls).await?;
         let addr = listener.local_addr()?;
         let webrtc = crate::webrtc::WebRtc::start(cfg.web.media_listen, relay.clone())
             .map_err(|e| anyhow::anyhow!("web.media_listen {}: {e}", cfg.web.media_listen))?;

@@ -464,7 +464,7 @@ async fn a_browser_declines_and_a_pcma_gateway_call_is_pcma_with_mute_and_the_ke
     assert_eq!(cdrs[0]["disposition"], "REJECTED", "{cdrs:?}");
 
     // A gateway that speaks A-law only, with telephone-event at 101.
-    let sipp = gateway_call(&node, "uac_pcma.xml", "+15550100001", 6000);
+    let sipp = gateway_call(&node, "uac_pcma.xml", "+15550100001", 2000);
     tokio::task::block_in_place(|| {
         let before = page.eval(STATS);
         page.answer("+15557770001");
@@ -483,6 +483,10 @@ async fn a_browser_declines_and_a_pcma_gateway_call_is_pcma_with_mute_and_the_ke
         assert_eq!(page.eval(MIC), json!(false));
         page.ok(json!({"cmd": "click", "selector": "#mute"}));
         assert_eq!(page.eval(MIC), json!(true));
+        // The gateway's digit (RFC 4733 at 101, SIPp's dtmf_2833_1.pcap: 10 packets) goes
+        // on the page's peer connection under the browser's telephone-event type.
+        let v = wait_metric(&node, DTMF_TO, |v| v >= 10.0);
+        assert!(v >= 10.0, "{v}\n{}", node.log());
     });
     let run = sipp.await.unwrap();
     assert_eq!(run.code, 0, "SIPp failed:\n{}\n{}", run.output, node.log());
@@ -727,6 +731,15 @@ async fn a_video_gateway_call_shows_the_gateways_video_and_sends_the_camera() {
         node.log()
     );
     assert!(node.metric("parley_webrtc_video_packets_total{direction=\"from_browser\"") >= 30.0);
+    // Keyframe requests cross both ways: the page cannot decode the test's frames and
+    // asks the gateway; the gateway's PLIs (in its pcap) reach the page's encoder.
+    let k = |d: &str| {
+        node.metric(&format!(
+            "parley_webrtc_keyframe_requests_total{{direction=\"{d}\""
+        ))
+    };
+    assert!(k("from_browser") >= 1.0, "{}", node.log());
+    assert!(k("to_browser") >= 1.0, "{}", node.log());
     let cdrs = node.wait_cdrs(1);
     assert_eq!(cdrs[0]["disposition"], "ANSWERED", "{cdrs:?}");
     tokio::task::block_in_place(|| {

@@ -494,7 +494,12 @@ async function sendCodec(pt) {
 // DTMF on the call (RFC 4733 through the node), from the keypad.
 function sendDigit(d) {
   const dtmf = state.sender && state.sender.dtmf;
-  if (!state.call || !dtmf || !dtmf.canInsertDTMF) { notice("Keypad tones are not available on this call"); return; }
+  // The call's far end must take telephone-event (call_connected says), and the browser
+  // must be able to send it.
+  if (!state.call || !state.call.dtmf || !dtmf || !dtmf.canInsertDTMF) {
+    notice("Keypad tones are not available on this call");
+    return;
+  }
   dtmf.insertDTMF(d, 100, 70);
   $("keypad-digits").textContent = ($("keypad-digits").textContent + d).slice(-24);
 }

@@ -14,8 +14,6 @@
 //! axum's WebSocket support (tokio-tungstenite underneath) rather than a hand-written
 //! upgrade: the node's HTTP API is axum already.
 
-mod tls;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,8 +33,6 @@ use crate::im::device::{
     FrameRx, FrameTx, ImContext, Inbound, Link, Pending, frame_of, run_device,
 };
 use crate::metrics as m;
-
-pub use tls::TlsListener;
 
 /// What the web listener needs.
 pub struct WebState {
@@ -410,36 +406,26 @@ impl Link for WsLink {
     }
 }
 
-/// Serves the web listener until the process ends.
+/// Serves the web listener until the process ends: one task per connection, HTTP/1.1
+/// with upgrades (the WebSocket), hyper's header read timeout on its tokio timer, TLS
+/// handshakes inside the connection's task, and a cap on open connections taken at TCP
+/// accept (before any handshake), which the connection keeps past an upgrade. The same
+/// hyper that `axum::serve` drives, which sets no timer (so its header timeout would not
+/// apply) and no cap.
 pub async fn serve(listener: WebListener, app: Router, limits: WebLimits) {
-    match listener {
-        WebListener::Plain(l) => serve_on(l, app, limits).await,
-        WebListener::Tls(l) => serve_on(l, app, limits).await,
-    }
-}
-
-/// Limits of the web listener (`[web] max_connections`, `header_timeout_secs`).
-#[derive(Debug, Clone, Copy)]
-pub struct WebLimits {
-    /// Open connections at most.
-    pub max_connections: usize,
-    /// Time allowed for a request's headers (and a TLS handshake).
-    pub header_timeout: Duration,
-}
-
-/// The accept loop: one task per connection, HTTP/1.1 with upgrades (the WebSocket),
-/// hyper's header read timeout on its tokio timer, and a cap on open connections. The
-/// same hyper that `axum::serve` drives, which sets no timer (so its header timeout
-/// would not apply) and no cap.
-async fn serve_on<L>(mut listener: L, app: Router, limits: WebLimits)
-where
-    L: axum::serve::Listener<Addr = SocketAddr>,
-{
     let open = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let mut refused_logged = false;
     loop {
-        let (io, remote) = listener.accept().await;
-        let Ok(permit) = open.clone().try_acquire_owned() else {
+        let (stream, remote) = match listener.tcp.accept().await {
+            Ok(accepted) => accepted,
+            // Out of file descriptors and the like: wait instead of spinning.
+            Err(e) => {
+                tracing::warn!(error = %e, "web listener accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = open.clone().try_acquire_owned() else {
             // Full: closed at once (dropping it), so one client cannot hold the
             // listener's every slot and nobody waits for a slot that may never free.
             metrics::counter!(m::WEB_SESSIONS_REFUSED_TOTAL, "reason" => "connections")
@@ -448,34 +434,67 @@ where
                 tracing::warn!(%remote, max = limits.max_connections, "web listener full: connections are closed at once (web.max_connections)");
                 refused_logged = true;
             }
-            drop(io);
+            drop(stream);
             continue;
         };
         refused_logged = false;
-        // The slot goes with the stream, past an upgrade: a WebSocket holds it while open.
-        let io = Counted { io, _slot: permit };
         let app = app.clone();
+        let tls = listener.tls.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(
-                move |mut req: hyper::Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(ConnectInfo(remote));
-                    let mut app = app.clone();
-                    async move {
-                        use tower_service::Service;
-                        app.call(req.map(axum::body::Body::new)).await
-                    }
-                },
-            );
-            let mut http = hyper::server::conn::http1::Builder::new();
-            http.timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(limits.header_timeout);
-            let conn = http
-                .serve_connection(hyper_util::rt::TokioIo::new(io), service)
-                .with_upgrades();
-            if let Err(e) = conn.await {
-                tracing::debug!(%remote, error = %e, "web connection ended");
+            let Some(acceptor) = tls else {
+                return serve_connection(
+                    Counted {
+                        io: stream,
+                        _slot: slot,
+                    },
+                    remote,
+                    app,
+                    limits,
+                )
+                .await;
+            };
+            match tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(io)) => {
+                    serve_connection(Counted { io, _slot: slot }, remote, app, limits).await;
+                }
+                Ok(Err(e)) => tracing::debug!(%remote, error = %e, "web TLS handshake failed"),
+                Err(_) => tracing::debug!(%remote, "web TLS handshake timed out"),
             }
         });
+    }
+}
+
+/// Limits of the web listener (`[web] max_connections`, `header_timeout_secs`).
+#[derive(Debug, Clone, Copy)]
+pub struct WebLimits {
+    /// Open connections at most (TLS handshakes in progress included).
+    pub max_connections: usize,
+    /// Time allowed for a request's headers (and a TLS handshake).
+    pub header_timeout: Duration,
+}
+
+/// One connection, HTTP/1.1 with upgrades, until it ends.
+async fn serve_connection<T>(io: Counted<T>, remote: SocketAddr, app: Router, limits: WebLimits)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service =
+        hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(remote));
+            let mut app = app.clone();
+            async move {
+                use tower_service::Service;
+                app.call(req.map(axum::body::Body::new)).await
+            }
+        });
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    let conn = http
+        .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+        .with_upgrades();
+    if let Err(e) = conn.await {
+        tracing::debug!(%remote, error = %e, "web connection ended");
     }
 }
 
@@ -531,12 +550,10 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<T> {
     }
 }
 
-/// The web listener, plain (loopback) or TLS.
-pub enum WebListener {
-    /// HTTP and WS.
-    Plain(tokio::net::TcpListener),
-    /// HTTPS and WSS.
-    Tls(TlsListener),
+/// The web listener: TCP, with TLS (HTTPS and WSS) when configured.
+pub struct WebListener {
+    tcp: tokio::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl WebListener {
@@ -544,29 +561,26 @@ impl WebListener {
     pub async fn bind(
         listen: SocketAddr,
         tls: Option<(&std::path::Path, &std::path::Path)>,
-        handshake_timeout: Duration,
     ) -> anyhow::Result<Self> {
         let tcp = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|e| anyhow::anyhow!("web.listen {listen}: {e}"))?;
-        Ok(match tls {
-            None => Self::Plain(tcp),
+        let tls = match tls {
+            None => None,
             Some((cert, key)) => {
                 let mut config = (*crate::sip::tls::server_config(cert, key)
                     .map_err(|e| anyhow::anyhow!("web.tls_cert: {e:#}"))?)
                 .clone();
                 config.alpn_protocols = vec![b"http/1.1".to_vec()];
-                Self::Tls(TlsListener::new(tcp, Arc::new(config), handshake_timeout))
+                Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
             }
-        })
+        };
+        Ok(Self { tcp, tls })
     }
 
     /// The bound address.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        match self {
-            Self::Plain(l) => l.local_addr(),
-            Self::Tls(l) => axum::serve::Listener::local_addr(l),
-        }
+        self.tcp.local_addr()
     }
 }
 

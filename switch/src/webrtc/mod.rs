@@ -36,7 +36,7 @@ use parley_actors::messages::SessionId;
 use parley_codecs::{control, roq, rtp as rtpv};
 use str0m::change::SdpOffer;
 use str0m::format::{Codec, FormatParams};
-use str0m::media::{Frequency, MediaKind, Mid};
+use str0m::media::{Frequency, KeyframeRequestKind, MediaKind, Mid};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::{RtpWrite, SeqNo};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
@@ -391,11 +391,20 @@ fn convert_law(payload: &mut [u8], to: u8) {
     }
 }
 
-/// The payload types a peer connection negotiated.
-fn negotiated(rtc: &Rtc) -> Vec<Negotiated> {
+/// The payload types a peer connection negotiated: those of the `Rtc`'s codec
+/// configuration that the browser offered on one of `mids` (the configuration also holds
+/// codecs the browser never offered, at str0m's own numbers).
+fn negotiated(rtc: &Rtc, mids: &[Option<Mid>]) -> Vec<Negotiated> {
+    let offered: Vec<u8> = mids
+        .iter()
+        .flatten()
+        .filter_map(|mid| rtc.media(*mid))
+        .flat_map(|m| m.remote_pts().iter().map(|pt| **pt))
+        .collect();
     rtc.codec_config()
         .params()
         .iter()
+        .filter(|p| offered.contains(&*p.pt()))
         .map(|p| Negotiated {
             pt: *p.pt(),
             codec: p.spec().codec,
@@ -411,12 +420,12 @@ struct Peer {
     audio: Option<Mid>,
     /// The video m-line, when the page offered one.
     video: Option<Mid>,
-    /// Extended sequence number of the last video packet sent to the browser.
-    vseq: Option<SeqNo>,
+    /// Sequence numbers of the video track toward the browser.
+    vseq: SeqMap,
     /// The call on the audio track.
     call: Option<PeerCall>,
-    /// Extended sequence number of the last packet sent to the browser.
-    seq: Option<SeqNo>,
+    /// Sequence numbers of the audio track toward the browser.
+    seq: SeqMap,
     connected: bool,
     /// Where the browser sends from (once ICE picked it).
     source: Option<SocketAddr>,
@@ -518,10 +527,12 @@ impl Thread {
                 format,
             } => {
                 if let Some(p) = self.peers.get_mut(&session) {
-                    let pts = negotiated(&p.rtc);
+                    let pts = negotiated(&p.rtc, &[p.audio, p.video]);
                     match PtMap::new(&format, &pts) {
                         Some(map) => {
-                            p.vseq = None;
+                            // A new call: its sources continue the tracks' numbering.
+                            p.seq.restart();
+                            p.vseq.restart();
                             p.call = Some(PeerCall {
                                 id: call_id,
                                 flow,
@@ -612,9 +623,9 @@ impl Thread {
                 rtc,
                 audio: None,
                 video: None,
-                vseq: None,
+                vseq: SeqMap::default(),
                 call: None,
-                seq: None,
+                seq: SeqMap::default(),
                 connected: false,
                 source: None,
                 next: now,
@@ -712,6 +723,16 @@ impl Thread {
             && *vflow == flow
         {
             if view.kind() != rtpv::Kind::Rtp {
+                // The caller asks for a keyframe (PLI or FIR): the browser's encoder is
+                // asked through str0m. Other RTCP stays on the relay's side.
+                if asks_keyframe(packet)
+                    && let Some(rx) = p.rtc.direct_api().stream_rx_by_mid(vmid, None)
+                {
+                    rx.request_keyframe(KeyframeRequestKind::Pli);
+                    metrics::counter!(m::WEBRTC_KEYFRAME_REQUESTS_TOTAL, "direction" => "to_browser")
+                        .increment(1);
+                    self.drain(session);
+                }
                 return;
             }
             let Some(&(_, pt)) = vmap.iter().find(|(relay, _)| *relay == view.payload_type())
@@ -775,6 +796,24 @@ impl Thread {
                     }
                     Event::MediaAdded(added) if added.kind == MediaKind::Video => {
                         p.video.get_or_insert(added.mid);
+                    }
+                    // The browser cannot decode the caller's video (a loss, or it joined
+                    // between keyframes): a PLI to the caller on the call's video flow,
+                    // for the caller's stream.
+                    Event::KeyframeRequest(req) if Some(req.mid) == p.video => {
+                        if let (
+                            Some(PeerCall {
+                                video: Some((vflow, _)),
+                                ..
+                            }),
+                            Some(media),
+                        ) = (&p.call, p.vseq.source_ssrc())
+                        {
+                            self.relay
+                                .roq_in(session, *vflow, Bytes::from(pli(1, media).to_vec()));
+                            metrics::counter!(m::WEBRTC_KEYFRAME_REQUESTS_TOTAL, "direction" => "from_browser")
+                                .increment(1);
+                        }
                     }
                     Event::Connected => {
                         p.connected = true;
@@ -855,17 +894,16 @@ impl Thread {
 }
 
 /// Writes one RTP packet the relay sent (as `view`) to a track of `rtc` with the
-/// browser's payload type `pt`, its sequence number extended from `last`; `false` (and
-/// counted) when the track has no stream to send on.
+/// browser's payload type `pt`, its sequence number mapped onto the track's by `numbers`;
+/// `false` (and counted) when the track has no stream to send on.
 fn write_track(
     rtc: &mut Rtc,
     mid: Mid,
-    last: &mut Option<SeqNo>,
+    numbers: &mut SeqMap,
     pt: u8,
     view: &rtpv::RtpView<'_>,
 ) -> bool {
-    let seq = extend(*last, view.sequence());
-    *last = Some(seq);
+    let seq = numbers.next(view.ssrc(), view.sequence());
     let mut direct = rtc.direct_api();
     let Some(tx) = direct.stream_tx_by_mid(mid, None) else {
         metrics::counter!(m::WEBRTC_DROPS_TOTAL, "reason" => "no_stream").increment(1);
@@ -884,6 +922,31 @@ fn write_track(
     true
 }
 
+/// An RTCP PLI (RFC 4585 6.3.1) from `sender` for `media`.
+fn pli(sender: u32, media: u32) -> [u8; 12] {
+    let mut p = [0x81, 206, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0];
+    p[4..8].copy_from_slice(&sender.to_be_bytes());
+    p[8..12].copy_from_slice(&media.to_be_bytes());
+    p
+}
+
+/// Whether a (compound) RTCP packet holds a PLI or a FIR (RFC 5104 4.3.1).
+fn asks_keyframe(mut rtcp: &[u8]) -> bool {
+    while rtcp.len() >= 4 {
+        let (fmt, pt) = (rtcp[0] & 0x1f, rtcp[1]);
+        let len = (usize::from(u16::from_be_bytes([rtcp[2], rtcp[3]])) + 1) * 4;
+        // A packet must be whole to count.
+        let Some(rest) = rtcp.get(len..) else {
+            return false;
+        };
+        if pt == 206 && (fmt == 1 || fmt == 4) {
+            return true;
+        }
+        rtcp = rest;
+    }
+    false
+}
+
 /// A browser's RTP packet as the relay takes it: a plain header with the relay's payload
 /// type `pt` (header extensions stay on the browser's side), then the payload.
 fn relay_packet(pt: u8, h: &str0m::rtp::RtpHeader, payload: &[u8]) -> Vec<u8> {
@@ -900,6 +963,50 @@ fn relay_packet(pt: u8, h: &str0m::rtp::RtpHeader, payload: &[u8]) -> Vec<u8> {
     out.extend_from_slice(&head);
     out.extend_from_slice(payload);
     out
+}
+
+/// One outgoing track's sequence numbers. str0m protects each packet (SRTP) under the
+/// extended number it is given, and the browser's replay check rejects numbers far
+/// behind the highest it has seen: so a new source on the track (a new call, or the
+/// far end changing SSRC) continues after the last number sent instead of starting
+/// from its own random one, while gaps and reordering within a source pass through.
+#[derive(Debug, Default)]
+struct SeqMap {
+    /// The current source, and its last extended sequence number.
+    source: Option<(u32, SeqNo)>,
+    /// Added (wrapping) to a source's extended numbers.
+    offset: u64,
+    /// The highest number sent on the track.
+    highest: Option<u64>,
+}
+
+impl SeqMap {
+    /// The next packet starts a source, whatever its SSRC (a new call).
+    fn restart(&mut self) {
+        self.source = None;
+    }
+
+    /// The SSRC of the current source.
+    fn source_ssrc(&self) -> Option<u32> {
+        self.source.map(|(ssrc, _)| ssrc)
+    }
+
+    /// The track's number for packet `seq` of source `ssrc`.
+    fn next(&mut self, ssrc: u32, seq: u16) -> SeqNo {
+        let ext = match self.source {
+            Some((s, last)) if s == ssrc => *extend(Some(last), seq),
+            _ => {
+                let ext = u64::from(seq);
+                let first = self.highest.map_or(ext, |h| h + 1);
+                self.offset = first.wrapping_sub(ext);
+                ext
+            }
+        };
+        self.source = Some((ssrc, ext.into()));
+        let out = ext.wrapping_add(self.offset);
+        self.highest = Some(self.highest.map_or(out, |h| h.max(out)));
+        out.into()
+    }
 }
 
 /// The extended sequence number of `seq` following `last` (RFC 3550 A.1's rollover).
@@ -1008,6 +1115,23 @@ mod tests {
             FromBrowser::Other,
             "G.711 on an Opus call"
         );
+        // Chromium's DTMF at 8 kHz on an Opus call: relayed, durations at 48 kHz.
+        let chrome = PtMap::new(&call, &chromium()).unwrap();
+        assert_eq!(
+            chrome.sent_by_browser(126),
+            FromBrowser::TeleRescaled(101, 8000, 48000)
+        );
+        let mut event = [1u8, 0x80, 0x03, 0x20]; // digit 1, end, 800 ticks (100 ms)
+        rescale_event(&mut event, 8000, 48000);
+        assert_eq!(event, [1, 0x80, 0x12, 0xc0], "4800 ticks");
+        rescale_event(&mut event, 48000, 8000);
+        assert_eq!(event, [1, 0x80, 0x03, 0x20], "and back");
+        let mut long = [1u8, 0, 0xff, 0xff];
+        rescale_event(&mut long, 8000, 48000);
+        assert_eq!(long[2..], [0xff, 0xff], "saturates");
+        let mut short = [1u8, 0x80];
+        rescale_event(&mut short, 8000, 48000);
+        assert_eq!(short, [1, 0x80], "too short to hold a duration: left as is");
         // A peer connection without Opus cannot carry an Opus call.
         assert_eq!(PtMap::new(&call, &other[2..]), None);
         assert_eq!(
@@ -1063,6 +1187,42 @@ mod tests {
         let mut back = alaw.clone();
         convert_law(&mut back, PT_PCMU);
         assert_eq!(back.len(), ulaw.len());
+    }
+
+    #[test]
+    fn keyframe_requests_are_found_in_compound_rtcp() {
+        let rr = [0x80u8, 201, 0, 1, 0, 0, 0, 9];
+        let mut compound = rr.to_vec();
+        compound.extend_from_slice(&pli(7, 9));
+        assert!(asks_keyframe(&compound));
+        assert!(asks_keyframe(&pli(1, 2)));
+        let mut fir = pli(1, 2);
+        fir[0] = 0x84;
+        assert!(asks_keyframe(&fir));
+        assert!(!asks_keyframe(&rr));
+        // A NACK (transport feedback, 205) is not one; nor is a truncated packet.
+        assert!(!asks_keyframe(&[0x81, 205, 0, 2, 0, 0, 0, 1, 0, 0, 0, 2]));
+        assert!(!asks_keyframe(&[0x81, 206, 0, 9]));
+        assert!(!asks_keyframe(&[0x81]));
+    }
+
+    #[test]
+    fn a_new_source_on_a_track_continues_after_the_last_number_sent() {
+        let mut m = SeqMap::default();
+        assert_eq!(*m.next(1, 40_000), 40_000);
+        assert_eq!(*m.next(1, 40_001), 40_001);
+        assert_eq!(*m.next(1, 40_003), 40_003, "a gap passes through");
+        assert_eq!(*m.next(1, 40_002), 40_002, "so does reordering");
+        // The next call's source starts lower: the track goes on at 40,004.
+        m.restart();
+        assert_eq!(*m.next(2, 100), 40_004);
+        assert_eq!(*m.next(2, 101), 40_005);
+        // The far end changes SSRC mid-call, near the wrap.
+        assert_eq!(*m.next(3, 65_535), 40_006);
+        assert_eq!(*m.next(3, 0), 40_007, "its own wrap");
+        // A new call whose source has the same SSRC still starts after the last.
+        m.restart();
+        assert_eq!(*m.next(3, 5), 40_008);
     }
 
     #[test]

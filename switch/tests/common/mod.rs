@@ -653,24 +653,21 @@ pub fn sipp_bin() -> &'static str {
     "sipp"
 }
 
-/// A scenario from tests/sipp with @RTPFILE@ (a PCMU tone) and @RTPFILE_ALAW@ (the same
-/// in PCMA) replaced; returns its path in `dir`.
+/// A scenario from tests/sipp with @RTPFILE@ replaced; returns its path in `dir`.
 pub fn scenario(dir: &Path, name: &str) -> PathBuf {
     let src = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/sipp")
         .join(name);
-    let tone = |file: &str, pt: u8| {
-        let path = dir.join(file);
-        if !path.exists() {
-            std::fs::write(&path, parley_codecs::g711::tone(pt, 440.0, 4.0)).unwrap();
-        }
-        path
-    };
-    let ulaw = tone("tone.ulaw", parley_codecs::g711::PT_PCMU);
-    let alaw = tone("tone.alaw", parley_codecs::g711::PT_PCMA);
+    let ulaw = dir.join("tone.ulaw");
+    if !ulaw.exists() {
+        std::fs::write(
+            &ulaw,
+            parley_codecs::g711::tone(parley_codecs::g711::PT_PCMU, 440.0, 4.0),
+        )
+        .unwrap();
+    }
     let text = std::fs::read_to_string(src)
         .unwrap()
-        .replace("@RTPFILE_ALAW@", alaw.to_str().unwrap())
         .replace("@RTPFILE@", ulaw.to_str().unwrap());
     let out = dir.join(name);
     std::fs::write(&out, text).unwrap();
@@ -678,7 +675,8 @@ pub fn scenario(dir: &Path, name: &str) -> PathBuf {
 }
 
 /// Writes a pcap (Ethernet, IPv4, UDP) of `packets` VP8 RTP packets (payload type 96,
-/// 30 a second, one packet a frame) for SIPp's `play_pcap_video`. The frames are not a
+/// 30 a second, one packet a frame) for SIPp's `play_pcap_video`, with an RTCP PLI (a
+/// keyframe request, on the same port) in place of every 40th. The frames are not a
 /// decodable picture: they are RTP a relay must carry, counted at the far end.
 pub fn vp8_pcap(path: &Path, packets: u16) {
     let mut out = Vec::new();
@@ -691,17 +689,21 @@ pub fn vp8_pcap(path: &Path, packets: u16) {
     out.extend_from_slice(&1u32.to_le_bytes());
     for i in 0..packets {
         let mut rtp = vec![0u8; 12];
-        parley_codecs::rtp::write_header(
-            (&mut rtp[..12]).try_into().unwrap(),
-            96,
-            true,
-            i,
-            u32::from(i) * 3000,
-            0x5eed_0001,
-        );
-        // VP8 payload descriptor (start of partition), then filler.
-        rtp.push(0x10);
-        rtp.extend_from_slice(&[0x9d; 200]);
+        if i % 40 == 39 {
+            rtp = vec![0x81, 206, 0, 2, 0x5e, 0xed, 0, 1, 0, 0, 0, 0];
+        } else {
+            parley_codecs::rtp::write_header(
+                (&mut rtp[..12]).try_into().unwrap(),
+                96,
+                true,
+                i,
+                u32::from(i) * 3000,
+                0x5eed_0001,
+            );
+            // VP8 payload descriptor (start of partition), then filler.
+            rtp.push(0x10);
+            rtp.extend_from_slice(&[0x9d; 200]);
+        }
         let udp_len = 8 + rtp.len();
         let ip_len = 20 + udp_len;
         let mut frame = vec![0u8; 12];
