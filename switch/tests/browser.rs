@@ -503,6 +503,20 @@ async fn a_browser_declines_and_a_pcma_gateway_call_is_pcma_with_mute_and_the_ke
         "{c}"
     );
     assert_eq!(node.metric(OTHER_CODEC), 0.0, "{}", node.log());
+
+    // A second connected call on the same peer connection: another source, its own
+    // random sequence numbers; the track continues after the last number it sent, so
+    // the browser's SRTP replay check keeps every packet and the page hears it.
+    let again = gateway_call(&node, "uac_pcmu.xml", "+15550100001", 3000);
+    tokio::task::block_in_place(|| {
+        let before = page.eval(STATS);
+        page.answer("+15557770001");
+        page.eval_until(STATS, |s| {
+            both_ways(&before, s, 50) && s["outCodec"] == "audio/PCMU"
+        });
+    });
+    let run = again.await.unwrap();
+    assert_eq!(run.code, 0, "SIPp failed:\n{}\n{}", run.output, node.log());
 }
 
 /// The page's device name (it makes one up per tab).
