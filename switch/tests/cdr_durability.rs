@@ -22,7 +22,11 @@ async fn a_call_cut_by_a_crash_leaves_an_interrupted_cdr(store) {
         1,
         &["-timeout", "8s"],
     ));
-    common::wait_metric(&node, "parley_calls_active", |v| v >= 1.0);
+    assert!(
+        common::wait_metric(&node, "parley_calls_active", |v| v >= 1.0) >= 1.0,
+        "the call never became active\n{}",
+        node.log()
+    );
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(node.cdrs().is_empty(), "no finished call yet");
     let node = node.crash_and_restart();

@@ -37,7 +37,11 @@ async fn a_stranger_with_the_call_id_cannot_end_or_move_the_call() {
         1,
         &[],
     ));
-    common::wait_metric(&node, "parley_calls_active", |v| v >= 1.0);
+    assert!(
+        common::wait_metric(&node, "parley_calls_active", |v| v >= 1.0) >= 1.0,
+        "the call never became active\n{}",
+        node.log()
+    );
     tokio::time::sleep(Duration::from_millis(800)).await;
     let stranger = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     stranger

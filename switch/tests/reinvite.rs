@@ -111,9 +111,14 @@ async fn reinvite_moves_gateway_media_and_the_device_sees_one_stream() {
             i
         })
     };
-    wait_metric(&node, "parley_sip_reinvites_total{result=\"moved\"}", |v| {
+    let moves = wait_metric(&node, "parley_sip_reinvites_total{result=\"moved\"}", |v| {
         v >= 1.0
     });
+    assert!(
+        moves >= 1.0,
+        "the re-INVITE never moved the media\n{}",
+        node.log()
+    );
     moved.store(true, Ordering::Relaxed);
     let n = new.clone();
     let later = tokio::task::spawn_blocking(move || drain(&n, Duration::from_millis(600)))

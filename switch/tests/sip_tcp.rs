@@ -212,7 +212,10 @@ async fn connections_beyond_the_cap_are_refused_and_others_still_served() {
     for _ in 0..3 {
         held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
     }
-    wait_metric(&node, "parley_sip_connections ", |v| v == 3.0);
+    assert_eq!(
+        wait_metric(&node, "parley_sip_connections ", |v| v == 3.0),
+        3.0
+    );
     let mut surplus = tokio::net::TcpStream::connect(addr).await.unwrap();
     assert!(closed_by_node(&mut surplus, Duration::from_secs(2)).await);
     assert_eq!(
@@ -221,7 +224,10 @@ async fn connections_beyond_the_cap_are_refused_and_others_still_served() {
     );
     drop(held);
     // A well-formed request on a fresh connection is still answered on it.
-    wait_metric(&node, "parley_sip_connections ", |v| v == 0.0);
+    assert_eq!(
+        wait_metric(&node, "parley_sip_connections ", |v| v == 0.0),
+        0.0
+    );
     let mut ok = tokio::net::TcpStream::connect(addr).await.unwrap();
     ok.write_all(b"OPTIONS sip:parley@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:9;branch=z9hG4bKok\r\nFrom: <sip:a@b>;tag=1\r\nTo: <sip:c@d>\r\nCall-ID: ok-1\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n")
         .await

@@ -892,7 +892,9 @@ impl Drop for SippUas {
     }
 }
 
-/// Polls a metric until `pred` holds (bounded); returns the last value.
+/// Polls a metric until `pred` holds (bounded); returns the last value, also when the
+/// deadline passed without it: the caller asserts on it.
+#[must_use = "wait_metric returns the last value when its deadline passes: assert on it"]
 pub fn wait_metric(node: &Node, prefix: &str, pred: impl Fn(f64) -> bool) -> f64 {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
