@@ -760,5 +760,7 @@ async fn a_video_gateway_call_shows_the_gateways_video_and_sends_the_camera() {
         page.eval_until("() => document.getElementById('video-view').hidden", |v| {
             *v == json!(true)
         });
+        // The camera was opened for the call only: it is closed again.
+        page.eval_until("() => state.cam === null", |v| *v == json!(true));
     });
 }

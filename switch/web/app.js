@@ -411,27 +411,27 @@ $("mute").addEventListener("click", () => {
 
 async function startMedia() {
   try {
-    const stream = await navigator.mediaDevices.getUserMedia({ audio: true, video: true });
+    const stream = await navigator.mediaDevices.getUserMedia({ audio: true });
     state.mic = stream.getAudioTracks()[0];
-    state.cam = stream.getVideoTracks()[0] || null;
   } catch (e) {
-    try {
-      const stream = await navigator.mediaDevices.getUserMedia({ audio: true });
-      state.mic = stream.getAudioTracks()[0];
-    } catch (e2) {
-      notice("No microphone: the other side will not hear you");
-    }
+    notice("No microphone: the other side will not hear you");
+  }
+  // A camera is looked for, not opened: it is opened for a video call and closed after.
+  try {
+    state.hasCamera = (await navigator.mediaDevices.enumerateDevices()).some((d) => d.kind === "videoinput");
+  } catch (e) {
+    state.hasCamera = false;
   }
   // Video calls ring this page only with a camera; Opus between browsers (the node keeps
   // G.711 toward gateways and other devices).
-  send({ type: "capabilities", video: !!state.cam, codecs: canChooseCodec() ? ["opus"] : [] });
+  send({ type: "capabilities", video: state.hasCamera, codecs: canChooseCodec() ? ["opus"] : [] });
   const pc = new RTCPeerConnection({ iceServers: [] });
   state.pc = pc;
   const transceiver = pc.addTransceiver("audio", { direction: "sendrecv" });
   state.sender = transceiver.sender;
   // Video as gateways offer it (VP8, H.264), passed through by the node: no
   // retransmission or FEC formats (the node relays RTP, it does not repair it).
-  const video = pc.addTransceiver("video", { direction: state.cam ? "sendrecv" : "recvonly" });
+  const video = pc.addTransceiver("video", { direction: state.hasCamera ? "sendrecv" : "recvonly" });
   state.videoSender = video.sender;
   if (video.setCodecPreferences && RTCRtpReceiver.getCapabilities) {
     const vc = RTCRtpReceiver.getCapabilities("video").codecs
@@ -515,11 +515,28 @@ for (const d of "123456789*0#") {
   $("keypad-grid").append(b);
 }
 
-// The camera goes out only during a video call; the video view shows both sides.
-function camera(on) {
+// The camera is open only during a video call (its light off otherwise); the video
+// view shows both sides.
+async function camera(on) {
   $("video-view").hidden = !on;
-  $("self-video").srcObject = on && state.cam ? new MediaStream([state.cam]) : null;
-  if (state.videoSender) state.videoSender.replaceTrack(on && state.cam ? state.cam : null).catch(() => {});
+  if (!on) {
+    if (state.videoSender) state.videoSender.replaceTrack(null).catch(() => {});
+    if (state.cam) state.cam.stop();
+    state.cam = null;
+    $("self-video").srcObject = null;
+    return;
+  }
+  if (!state.hasCamera || state.cam) return;
+  try {
+    state.cam = (await navigator.mediaDevices.getUserMedia({ video: true })).getVideoTracks()[0];
+  } catch (e) {
+    notice("No camera: the other side will not see you");
+    return;
+  }
+  // The call may have ended while the camera opened.
+  if (!state.call || !state.call.video) { state.cam.stop(); state.cam = null; return; }
+  $("self-video").srcObject = new MediaStream([state.cam]);
+  if (state.videoSender) state.videoSender.replaceTrack(state.cam).catch(() => {});
 }
 
 // The microphone goes out only during a call.
