@@ -39,7 +39,6 @@ pub enum Status {
 
 /// One payload format of a call's video stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct VideoFormat {
     /// RTP payload type on the video flow.
     pub pt: u8,

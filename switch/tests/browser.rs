@@ -165,6 +165,19 @@ fn gateway_call(
     ))
 }
 
+/// Polls `user`'s presence (admin API) until it contains `needle` (10 s at most).
+fn wait_presence(node: &Node, user: &str, needle: &str, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, presence) = node.get(&format!("/api/v1/users/{user}/presence"), true);
+        if presence.contains(needle) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: {presence}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Packets since `before` reached `n` both ways.
 fn both_ways(before: &Value, now: &Value, n: u64) -> bool {
     let d = |k: &str| now[k].as_u64().unwrap() >= before[k].as_u64().unwrap() + n;
@@ -346,18 +359,12 @@ async fn a_browser_chats_and_talks_with_a_quic_device_and_a_hidden_tab_stops_rin
     let _desk = node.device(node.device_config("alice", "desk")).await;
     tokio::task::block_in_place(|| {
         page.eval(HIDE);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let (_, presence) = node.get("/api/v1/users/alice/presence", true);
-            if presence.contains("\"away\"") {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the hidden page never went away: {presence}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_presence(
+            &node,
+            "alice",
+            "\"away\"",
+            "the hidden page never went away",
+        );
     });
     let run = gateway_call(&node, "uac_pcmu.xml", "+15550100001", 1000)
         .await
@@ -687,18 +694,12 @@ async fn a_video_gateway_call_shows_the_gateways_video_and_sends_the_camera() {
     let mut page = tokio::task::block_in_place(|| Chromium::start(node.dir.path()));
     tokio::task::block_in_place(|| page.ready(&node, "alice", "+15550100001"));
     // The page has a (fake) camera: it declared video, so a video call rings it.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, presence) = node.get("/api/v1/users/alice/presence", true);
-        if presence.contains("\"video\":true") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the page never declared video: {presence}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_presence(
+        &node,
+        "alice",
+        "\"video\":true",
+        "the page never declared video",
+    );
     // A gateway offering VP8, playing 4 s of video RTP.
     let pcap = node.dir.path().join("vp8.pcap");
     common::vp8_pcap(&pcap, 120);

@@ -124,7 +124,6 @@ pub fn plan_media(
     trunk: Option<&MediaDescription>,
     takes: Takes,
 ) -> Result<MediaPlan, MediaPlanError> {
-    let takes_video = takes.video;
     let trunk_te = trunk.and_then(MediaDescription::telephone_event);
     let caller = SocketAddr::new(offer.addr, offer.port);
     let trunk_pt = || {
@@ -143,7 +142,7 @@ pub fn plan_media(
             session,
             pt: offer.first_g711().unwrap_or(PT_PCMU),
             telephone_event: offer.telephone_event(),
-            video: video_offer.filter(|_| takes_video).map(|v| VideoPlan {
+            video: video_offer.filter(|_| takes.video).map(|v| VideoPlan {
                 caller: SocketAddr::new(v.addr, v.port),
                 formats: v.formats.clone(),
             }),
