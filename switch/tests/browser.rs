@@ -267,6 +267,28 @@ async fn a_browser_rings_answers_a_gateway_call_and_talks_both_ways() {
         during["inbound"].as_u64().unwrap() > before["inbound"].as_u64().unwrap(),
         "{before} {during}"
     );
+    // The caller's entry in the book dials its number: the node places the call (to the
+    // PSTN, where no trunk answers in this test, so it may end at once); hanging up ends
+    // it if it is still going.
+    tokio::task::block_in_place(|| {
+        page.ok(json!({"cmd": "click", "selector": "#book li:has-text('SIPp Gateway') button:has-text('Call')"}));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !node.log().contains("to=+15557770001") {
+            assert!(
+                Instant::now() < deadline,
+                "the entry was not dialled\n{}",
+                node.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if page.eval("() => document.getElementById('incall').hidden") != json!(true) {
+            let _ = page.run(&json!({"cmd": "click", "selector": "#hangup"}));
+        }
+        page.eval_until("() => document.getElementById('incall').hidden", |v| {
+            *v == json!(true)
+        });
+    });
+    assert!(node.log().contains("device dials"), "{}", node.log());
     if let Ok(dir) = std::env::var("PARLEY_SCREENSHOTS") {
         for f in ["ringing.png", "in-call.png", "after.png"] {
             let _ = std::fs::copy(node.dir.path().join(f), std::path::Path::new(&dir).join(f));
