@@ -3,6 +3,7 @@
 //! decides nothing itself.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -19,6 +20,7 @@ use crate::messages::{
     ToCall, ToDevice,
 };
 use crate::metrics as m;
+use crate::remote::RemoteLegs;
 use crate::trunk::TrunkSet;
 use crate::user::{Answered, Lookup, PresenceChanged, UserActor, UserView, Watch};
 
@@ -42,6 +44,8 @@ pub struct CallEnv {
     pub max_ringing: Option<usize>,
     /// The node's call handles.
     pub handles: Arc<Sequence>,
+    /// Legs to devices on other nodes (cluster mode).
+    pub remote: Option<Arc<dyn RemoteLegs>>,
 }
 
 impl std::fmt::Debug for CallEnv {
@@ -417,6 +421,26 @@ impl CallActor {
                 pt,
                 telephone_event,
             } => {
+                if let Some((remote, peer)) = self.remote_media(callee, &call_id) {
+                    // The callee is on another node: the caller's flow is bridged to a
+                    // relay port toward that node's relay port for the callee.
+                    let port = media.allocate_port()?;
+                    self.media.trunk_port = Some(port);
+                    let a = media.next_flow_id();
+                    media.bridge_roq((port, peer), caller, a, stats)?;
+                    self.media.roq.push((caller, a));
+                    let here = SocketAddr::new(remote.media_ip(), port);
+                    remote.connect(callee, &call_id, here, pt, Some(telephone_event));
+                    self.tell_caller_device(ToDevice::Connected {
+                        call_id,
+                        flow_id: a,
+                        payload_type: pt,
+                        video_flow_id: None,
+                        telephone_event: Some(telephone_event),
+                        video_formats: Vec::new(),
+                    });
+                    return Ok(());
+                }
                 let (a, b) = (media.next_flow_id(), media.next_flow_id());
                 media.bridge_roq_roq((caller, a), (callee, b), stats)?;
                 self.media.roq.extend([(caller, a), (callee, b)]);
@@ -448,6 +472,20 @@ impl CallActor {
                 video,
                 video_offered,
             } => {
+                if let Some((remote, peer)) = self.remote_media(session, &call_id) {
+                    // The device is on another node: the caller's port is bridged to a
+                    // second port here, which sends to that node's relay port for the
+                    // device (the media crosses the two nodes' relays, no more). Video is
+                    // not carried across nodes (remote devices never declare it).
+                    let port = self.caller_port()?;
+                    let toward = media.allocate_port_near(port)?;
+                    self.media.trunk_port = Some(toward);
+                    media.bridge_udp((port, caller), (toward, peer), stats)?;
+                    let here = SocketAddr::new(remote.media_ip(), toward);
+                    remote.connect(session, &call_id, here, pt, telephone_event);
+                    self.answer_caller(port, pt, telephone_event, video_offered, None, ctx);
+                    return Ok(());
+                }
                 let port = self.caller_port()?;
                 let flow = media.next_flow_id();
                 media.bridge_roq((port, caller), session, flow, stats)?;
@@ -502,6 +540,19 @@ impl CallActor {
             }
         }
         Ok(())
+    }
+
+    /// For a device on another node: the cluster's legs and where that node receives the
+    /// device's media for this call (`None` for a local device). A remote device that
+    /// answered without a media address fails the connection (503).
+    fn remote_media(
+        &self,
+        session: SessionId,
+        call_id: &str,
+    ) -> Option<(Arc<dyn RemoteLegs>, SocketAddr)> {
+        let remote = self.env.remote.as_ref()?;
+        let peer = remote.answer_media(session, call_id)?;
+        Some((remote.clone(), peer))
     }
 
     /// The caller's relay port, next to the trunk leg's when there is one (both legs on

@@ -26,6 +26,7 @@ pub mod chat;
 pub mod messages;
 pub mod metrics;
 pub mod registry;
+pub mod remote;
 pub mod session;
 pub mod trunk;
 pub mod user;

@@ -15,6 +15,7 @@ use parley_core::rules::Preferences;
 
 use crate::messages::{Push, SessionId, ToDevice};
 use crate::metrics as m;
+use crate::remote::DeviceBoard;
 
 /// Where changed preferences are persisted (implemented by the switch's store).
 pub trait PreferencesSink: Send + Sync + 'static {
@@ -39,6 +40,10 @@ pub struct UserActor {
     /// Subscribers, with the name each knows this user by (`user@tenant` across tenants).
     subscribers: HashMap<SessionId, (WeakRecipient<Push>, Option<String>)>,
     prefs_sink: Option<Arc<dyn PreferencesSink>>,
+    /// The user's devices on other nodes of the cluster: where their offers go.
+    remote: BTreeMap<SessionId, Recipient<ToDevice>>,
+    /// Where this node's devices of the user are published to the cluster, and the tenant.
+    board: Option<(Arc<dyn DeviceBoard>, String)>,
 }
 
 impl UserActor {
@@ -50,6 +55,27 @@ impl UserActor {
             watchers: HashMap::new(),
             subscribers: HashMap::new(),
             prefs_sink: None,
+            remote: BTreeMap::new(),
+            board: None,
+        }
+    }
+
+    /// Publishes this node's devices of the user (of `tenant`) to the cluster through `board`.
+    pub fn with_board(mut self, board: Arc<dyn DeviceBoard>, tenant: impl Into<String>) -> Self {
+        self.board = Some((board, tenant.into()));
+        self
+    }
+
+    /// Tells the cluster how a local device is now.
+    fn publish(&self, session: SessionId) {
+        let Some((board, tenant)) = &self.board else {
+            return;
+        };
+        match (self.core.device(session), self.devices.get(&session)) {
+            (Some(state), Some(link)) => {
+                board.device_changed(tenant, self.core.name(), state, &link.calls)
+            }
+            _ => board.device_gone(session),
         }
     }
 
@@ -165,6 +191,7 @@ impl Handler<SetCapabilities> for UserActor {
     type Result = ();
     fn handle(&mut self, m: SetCapabilities, _: &mut Context<Self>) {
         self.core.handle_capabilities(m.session, m.video, m.opus);
+        self.publish(m.session);
     }
 }
 
@@ -187,6 +214,7 @@ impl Handler<Lookup> for UserActor {
                 .devices
                 .iter()
                 .map(|(s, l)| (*s, l.calls.clone()))
+                .chain(self.remote.iter().map(|(s, r)| (*s, r.clone())))
                 .collect(),
         })
     }
@@ -436,6 +464,7 @@ impl Handler<Attach> for UserActor {
     fn handle(&mut self, m: Attach, _: &mut Context<Self>) {
         self.devices.insert(m.session, m.link);
         self.core.handle_attach(m.session, m.device, m.remote);
+        self.publish(m.session);
         self.fan_out();
     }
 }
@@ -443,17 +472,32 @@ impl Handler<Attach> for UserActor {
 impl Handler<Detach> for UserActor {
     type Result = ();
     fn handle(&mut self, m: Detach, _: &mut Context<Self>) {
-        self.devices.remove(&m.0);
-        self.core.handle_detach(m.0);
-        self.fan_out();
+        if self.devices.remove(&m.0).is_some() {
+            self.core.handle_detach(m.0);
+            self.publish(m.0);
+            self.fan_out();
+        }
     }
 }
 
 impl Handler<PresenceUpdate> for UserActor {
     type Result = ();
     fn handle(&mut self, m: PresenceUpdate, _: &mut Context<Self>) {
+        let before = self
+            .core
+            .device(m.session)
+            .map(|d| (d.status, d.note.clone()));
         self.core
             .handle_presence(m.session, m.status, m.idle_ms, m.note);
+        // Idle time alone is not news for other nodes either.
+        if before
+            != self
+                .core
+                .device(m.session)
+                .map(|d| (d.status, d.note.clone()))
+        {
+            self.publish(m.session);
+        }
         self.fan_out();
     }
 }
@@ -490,5 +534,47 @@ impl Handler<AddressBookChanged> for UserActor {
         for link in self.devices.values() {
             link.push.do_send(Push(update.clone()));
         }
+    }
+}
+
+/// A device of this user on another node of the cluster appeared, changed, or went
+/// (`state: None`). Calls ring it through `calls`, which carries offers to its node;
+/// chats and address-book changes are not pushed to it (its own node does that).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RemoteDevice {
+    /// The node-local id this node gave the remote device.
+    pub session: SessionId,
+    /// Its state now, or `None`: gone.
+    pub state: Option<parley_core::router::DeviceState>,
+    /// Where its call offers go (the proxy to its node).
+    pub calls: Recipient<ToDevice>,
+}
+
+impl Handler<RemoteDevice> for UserActor {
+    type Result = ();
+    fn handle(&mut self, m: RemoteDevice, _: &mut Context<Self>) {
+        // A local session id is never a remote one; refuse to touch a local device.
+        if self.devices.contains_key(&m.session) {
+            return;
+        }
+        match m.state {
+            Some(state) => {
+                if self.remote.insert(m.session, m.calls).is_none() {
+                    self.core
+                        .handle_attach(m.session, state.device.clone(), None);
+                }
+                self.core
+                    .handle_capabilities(m.session, state.video, state.opus);
+                self.core
+                    .handle_presence(m.session, state.status, state.idle_ms, state.note);
+            }
+            None => {
+                if self.remote.remove(&m.session).is_some() {
+                    self.core.handle_detach(m.session);
+                }
+            }
+        }
+        self.fan_out();
     }
 }

@@ -50,6 +50,53 @@ pub struct Config {
     pub users: Vec<UserConfig>,
     /// Federated authentication: the auth agent endpoint and its limits.
     pub federation: FederationConfig,
+    /// Cluster mode: several nodes sharing users' whereabouts over NATS JetStream.
+    pub cluster: ClusterConfig,
+}
+
+/// `[cluster]`: off (a single node, no NATS) unless `nats` lists a server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// NATS server URLs (`nats://host:port`; JetStream must be on: `nats-server -js`).
+    /// Empty: cluster mode is off.
+    pub nats: Vec<String>,
+    /// This node's name in the cluster: letters, digits, `-` and `_`, unique per node.
+    pub node_id: String,
+    /// NATS user name (with `password`).
+    pub user: Option<String>,
+    /// NATS password.
+    pub password: Option<String>,
+    /// NATS token (instead of a user name and password).
+    pub token: Option<String>,
+    /// The address other nodes reach this node's relay at (calls handed to a device on
+    /// this node send their media there). Default: `relay.ip`, which must then not be
+    /// `0.0.0.0`.
+    pub media_ip: Option<IpAddr>,
+    /// How often this node refreshes its entry in the node registry (with its load), ms.
+    pub heartbeat_ms: u64,
+    /// A node whose entry is older than this is dead: its devices are offline for every
+    /// other node and its calls' legs end, seconds. At least twice `heartbeat_ms`.
+    pub node_expiry_secs: u64,
+    /// How often each device's entry is written again (the device bucket's entries expire
+    /// after three times this), seconds.
+    pub device_refresh_secs: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            nats: Vec::new(),
+            node_id: String::new(),
+            user: None,
+            password: None,
+            token: None,
+            media_ip: None,
+            heartbeat_ms: 2000,
+            node_expiry_secs: 6,
+            device_refresh_secs: 20,
+        }
+    }
 }
 
 /// `[federation]`
@@ -632,6 +679,7 @@ impl Default for Config {
             number_plan: Vec::new(),
             users: Vec::new(),
             federation: FederationConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -873,6 +921,54 @@ impl Config {
         }
         if self.web.max_connections == 0 {
             return Err(bad("web.max_connections", "must be at least 1"));
+        }
+        if !self.cluster.nats.is_empty() {
+            let c = &self.cluster;
+            let id_ok = !c.node_id.is_empty()
+                && c.node_id.len() <= 64
+                && c.node_id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !id_ok {
+                return Err(bad(
+                    "cluster.node_id",
+                    "required with cluster.nats: 1-64 letters, digits, '-' or '_', unique per node",
+                ));
+            }
+            if let Some(u) = c
+                .nats
+                .iter()
+                .find(|u| !u.starts_with("nats://") && !u.starts_with("tls://"))
+            {
+                return Err(bad(
+                    "cluster.nats",
+                    &format!("{u:?} is not a nats:// or tls:// URL"),
+                ));
+            }
+            if c.user.is_some() != c.password.is_some() {
+                return Err(bad(
+                    "cluster.password",
+                    "cluster.user and cluster.password go together",
+                ));
+            }
+            if c.heartbeat_ms < 100 {
+                return Err(bad("cluster.heartbeat_ms", "must be at least 100"));
+            }
+            if c.node_expiry_secs.saturating_mul(1000) < 2 * c.heartbeat_ms {
+                return Err(bad(
+                    "cluster.node_expiry_secs",
+                    "must be at least twice cluster.heartbeat_ms (a node would expire between heartbeats)",
+                ));
+            }
+            if c.device_refresh_secs == 0 {
+                return Err(bad("cluster.device_refresh_secs", "must be at least 1"));
+            }
+            if c.media_ip.unwrap_or(self.relay.ip).is_unspecified() {
+                return Err(bad(
+                    "cluster.media_ip",
+                    "required when relay.ip is 0.0.0.0: the address other nodes send this node's calls' media to",
+                ));
+            }
         }
         if self.web.header_timeout_secs == 0 {
             return Err(bad("web.header_timeout_secs", "must be at least 1"));

@@ -14,6 +14,7 @@
 pub mod agent;
 pub mod books;
 pub mod chats;
+pub mod cluster;
 pub mod config;
 pub mod federation;
 pub mod http;

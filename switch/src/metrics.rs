@@ -144,6 +144,33 @@ pub const WEBRTC_VIDEO_PACKETS_TOTAL: &str = "parley_webrtc_video_packets_total"
 /// PLI or FIR, asked of the browser's encoder).
 pub const WEBRTC_KEYFRAME_REQUESTS_TOTAL: &str = "parley_webrtc_keyframe_requests_total";
 
+/// Gauge: 1 while the node is connected to NATS (cluster mode).
+pub const CLUSTER_NATS_CONNECTED: &str = "parley_cluster_nats_connected";
+/// Gauge: live nodes of the cluster this node sees, itself included.
+pub const CLUSTER_NODES: &str = "parley_cluster_nodes";
+/// Counter: other nodes this node declared dead (not seen for `node_expiry_secs`).
+pub const CLUSTER_NODES_LOST_TOTAL: &str = "parley_cluster_nodes_lost_total";
+/// Gauge: devices logged in on this node, as published to the cluster.
+pub const CLUSTER_LOCAL_DEVICES: &str = "parley_cluster_local_devices";
+/// Gauge: devices on other nodes this node's users have.
+pub const CLUSTER_REMOTE_DEVICES: &str = "parley_cluster_remote_devices";
+/// Gauge: legs this node's calls ring or hold on other nodes.
+pub const CLUSTER_REMOTE_LEGS: &str = "parley_cluster_remote_legs";
+/// Gauge: legs this node hosts for other nodes' calls.
+pub const CLUSTER_HOSTED_LEGS: &str = "parley_cluster_hosted_legs";
+/// Counter: call offers handed between nodes, by `direction` (`sent`, `received`).
+pub const CLUSTER_OFFERS_TOTAL: &str = "parley_cluster_offers_total";
+/// Counter: handed-off offers answered on the other node.
+pub const CLUSTER_HANDOFFS_ANSWERED_TOTAL: &str = "parley_cluster_handoffs_answered_total";
+/// Counter: call signalling messages between nodes, by `direction` (`in`, `out`).
+pub const CLUSTER_MESSAGES_TOTAL: &str = "parley_cluster_messages_total";
+/// Counter: messages dropped because the outbox toward NATS was full.
+pub const CLUSTER_MESSAGES_DROPPED_TOTAL: &str = "parley_cluster_messages_dropped_total";
+/// Counter: messages from other nodes that did not parse.
+pub const CLUSTER_MESSAGES_INVALID_TOTAL: &str = "parley_cluster_messages_invalid_total";
+/// Histogram: a heartbeat write's round trip to JetStream (put to acknowledgement), seconds.
+pub const CLUSTER_NATS_SECONDS: &str = "parley_cluster_nats_seconds";
+
 /// Installs the global recorder and returns the handle that renders `/metrics`.
 pub fn install() -> anyhow::Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new()
@@ -204,6 +231,16 @@ fn register_zeroes() {
         counter!(WEB_SESSIONS_REFUSED_TOTAL, "reason" => r).increment(0);
     }
     counter!(WEB_SESSIONS_TOTAL).increment(0);
+    for d in ["sent", "received"] {
+        counter!(CLUSTER_OFFERS_TOTAL, "direction" => d).increment(0);
+    }
+    for d in ["in", "out"] {
+        counter!(CLUSTER_MESSAGES_TOTAL, "direction" => d).increment(0);
+    }
+    counter!(CLUSTER_HANDOFFS_ANSWERED_TOTAL).increment(0);
+    counter!(CLUSTER_NODES_LOST_TOTAL).increment(0);
+    counter!(CLUSTER_MESSAGES_DROPPED_TOTAL).increment(0);
+    counter!(CLUSTER_MESSAGES_INVALID_TOTAL).increment(0);
     for r in ["ok", "refused"] {
         counter!(WEBRTC_OFFERS_TOTAL, "result" => r).increment(0);
     }
@@ -331,6 +368,72 @@ fn register_zeroes() {
 }
 
 fn describe() {
+    use metrics::describe_histogram;
+    describe_gauge!(
+        CLUSTER_NATS_CONNECTED,
+        Unit::Count,
+        "1 while connected to NATS (cluster mode)"
+    );
+    describe_gauge!(
+        CLUSTER_NODES,
+        Unit::Count,
+        "Live cluster nodes seen, this one included"
+    );
+    describe_counter!(
+        CLUSTER_NODES_LOST_TOTAL,
+        Unit::Count,
+        "Nodes declared dead (not seen for node_expiry_secs)"
+    );
+    describe_gauge!(
+        CLUSTER_LOCAL_DEVICES,
+        Unit::Count,
+        "Devices on this node published to the cluster"
+    );
+    describe_gauge!(
+        CLUSTER_REMOTE_DEVICES,
+        Unit::Count,
+        "Devices on other nodes known here"
+    );
+    describe_gauge!(
+        CLUSTER_REMOTE_LEGS,
+        Unit::Count,
+        "Legs of this node's calls on other nodes"
+    );
+    describe_gauge!(
+        CLUSTER_HOSTED_LEGS,
+        Unit::Count,
+        "Legs hosted for other nodes' calls"
+    );
+    describe_counter!(
+        CLUSTER_OFFERS_TOTAL,
+        Unit::Count,
+        "Call offers handed between nodes, by direction"
+    );
+    describe_counter!(
+        CLUSTER_HANDOFFS_ANSWERED_TOTAL,
+        Unit::Count,
+        "Handed-off offers answered on another node"
+    );
+    describe_counter!(
+        CLUSTER_MESSAGES_TOTAL,
+        Unit::Count,
+        "Call signalling messages between nodes, by direction"
+    );
+    describe_counter!(
+        CLUSTER_MESSAGES_DROPPED_TOTAL,
+        Unit::Count,
+        "Cluster messages dropped: outbox full"
+    );
+    describe_counter!(
+        CLUSTER_MESSAGES_INVALID_TOTAL,
+        Unit::Count,
+        "Cluster messages that did not parse"
+    );
+    describe_histogram!(
+        CLUSTER_NATS_SECONDS,
+        Unit::Seconds,
+        "Heartbeat write round trip to JetStream"
+    );
     describe_counter!(
         SIP_UNMATCHED_REQUESTS_TOTAL,
         Unit::Count,

@@ -79,11 +79,31 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             .ensure_user(&u.tenant, &u.user, &number, &u.password)
             .await?;
     }
+    let relay = Relay::start(RelaySettings {
+        ip: cfg.relay.ip,
+        port_min: cfg.relay.port_min,
+        port_max: cfg.relay.port_max,
+        workers: cfg.relay.workers,
+        coalesce: std::time::Duration::from_micros(cfg.relay.coalesce_us),
+        rtcp_ports: cfg.relay.rtcp_ports,
+        socket_buffer: cfg.relay.socket_buffer_bytes,
+        max_ports_per_worker: cfg.relay.max_ports_per_worker,
+        latch_any_source: cfg.relay.latch_any_source,
+        kernel: cfg.relay.kernel,
+        kernel_interfaces: cfg.relay.kernel_interfaces.clone(),
+    })?;
     let registry = Arc::new(Registry::default());
+    let cluster = match cluster_settings(&cfg) {
+        Some(settings) => {
+            Some(crate::cluster::Cluster::start(settings, registry.clone(), relay.clone()).await?)
+        }
+        None => None,
+    };
     let users = Arc::new(RegistryUsers {
         registry: registry.clone(),
         store: store.clone(),
         directory: dashmap::DashSet::new(),
+        board: cluster.as_ref().map(crate::cluster::Cluster::board),
     });
     for (u, from_directory) in store.all_users().await? {
         let prefs = match store.preferences(&u.tenant, &u.user).await? {
@@ -103,19 +123,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         users.insert(&u, addr, from_directory);
     }
 
-    let relay = Relay::start(RelaySettings {
-        ip: cfg.relay.ip,
-        port_min: cfg.relay.port_min,
-        port_max: cfg.relay.port_max,
-        workers: cfg.relay.workers,
-        coalesce: std::time::Duration::from_micros(cfg.relay.coalesce_us),
-        rtcp_ports: cfg.relay.rtcp_ports,
-        socket_buffer: cfg.relay.socket_buffer_bytes,
-        max_ports_per_worker: cfg.relay.max_ports_per_worker,
-        latch_any_source: cfg.relay.latch_any_source,
-        kernel: cfg.relay.kernel,
-        kernel_interfaces: cfg.relay.kernel_interfaces.clone(),
-    })?;
     let (cdr_queue, cdr_task) = cdr_writer::start(store.clone(), registry.clone());
     if cfg.cdrs.retention_days > 0 {
         let (store, days) = (store.clone(), cfg.cdrs.retention_days);
@@ -258,6 +265,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             offer_ack_timeout: cfg.offer_ack_timeout(),
             max_ringing: cfg.max_ringing(),
             handles: handles.clone(),
+            remote: cluster.as_ref().map(crate::cluster::Cluster::legs),
             tcp: sip_tcp,
             stream: cfg.sip.stream_settings(),
             tls: sip_tls,
@@ -330,6 +338,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             offer_ack_timeout: cfg.offer_ack_timeout(),
             max_ringing: cfg.max_ringing(),
             handles,
+            remote: cluster.as_ref().map(crate::cluster::Cluster::legs),
         })),
         chats: crate::chats::Chats::new(store.clone(), registry.clone(), cfg.chat.clone()).start(),
         federation: federation.clone(),
@@ -434,6 +443,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     shutdown_signal().await;
     tracing::info!("shutdown requested: draining (no new calls; up to 30 s for calls in progress)");
+    if let Some(c) = &cluster {
+        // The other nodes stop ringing this node's devices now, not at expiry.
+        c.leave().await;
+    }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let live = sip.send(Drain).await.unwrap_or(0);
@@ -469,6 +482,29 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     drop(quic_rt);
     tracing::info!("parley stopped");
     Ok(())
+}
+
+/// What `[cluster]` asks for (`None`: a single node).
+fn cluster_settings(cfg: &Config) -> Option<crate::cluster::Settings> {
+    use crate::cluster::{Auth, Settings};
+    let c = &cfg.cluster;
+    if c.nats.is_empty() {
+        return None;
+    }
+    let auth = match (&c.user, &c.password, &c.token) {
+        (Some(u), Some(p), _) => Auth::UserPassword(u.clone(), p.clone()),
+        (_, _, Some(t)) => Auth::Token(t.clone()),
+        _ => Auth::None,
+    };
+    Some(Settings {
+        urls: c.nats.clone(),
+        node_id: c.node_id.clone(),
+        auth,
+        media_ip: c.media_ip.unwrap_or(cfg.relay.ip),
+        heartbeat: Duration::from_millis(c.heartbeat_ms),
+        expiry: Duration::from_secs(c.node_expiry_secs),
+        device_refresh: Duration::from_secs(c.device_refresh_secs),
+    })
 }
 
 /// The QUIC runtime's threads. Dropping a tokio runtime blocks, which this async context
@@ -548,6 +584,8 @@ struct RegistryUsers {
     store: Store,
     /// Users that came from a directory (syncs remove only these).
     directory: dashmap::DashSet<(String, String)>,
+    /// Where user actors publish their devices (cluster mode).
+    board: Option<Arc<dyn parley_actors::remote::DeviceBoard>>,
 }
 
 impl RegistryUsers {
@@ -556,9 +594,11 @@ impl RegistryUsers {
             store: self.store.clone(),
             tenant: tenant.to_owned(),
         });
-        UserActor::new(user.to_owned())
-            .with_preferences(prefs, sink)
-            .start()
+        let actor = UserActor::new(user.to_owned()).with_preferences(prefs, sink);
+        match &self.board {
+            Some(board) => actor.with_board(board.clone(), tenant).start(),
+            None => actor.start(),
+        }
     }
 
     fn insert(

@@ -141,6 +141,11 @@ impl UserPresence {
         self.devices.keys().copied()
     }
 
+    /// One device's state.
+    pub fn device(&self, session: SessionId) -> Option<&DeviceState> {
+        self.devices.get(&session)
+    }
+
     /// The `presence_update` message for an aggregate.
     pub fn update_msg(&self, a: &Aggregate) -> ServerMsg {
         ServerMsg::PresenceUpdate {

@@ -43,6 +43,8 @@ pub struct DriverDeps {
     pub max_ringing: Option<usize>,
     /// The node's call handles (shared with the SIP core and IM-dialled calls).
     pub handles: Arc<Sequence>,
+    /// Legs to devices on other nodes (cluster mode).
+    pub remote: Option<Arc<dyn parley_actors::remote::RemoteLegs>>,
     /// The SIP over TCP listener, when on.
     pub tcp: Option<tokio::net::TcpListener>,
     /// Limits and timeouts of SIP connections.
@@ -271,6 +273,7 @@ impl Actor for SipDriver {
             offer_ack_timeout: self.deps.offer_ack_timeout,
             max_ringing: self.deps.max_ringing,
             handles: self.deps.handles.clone(),
+            remote: self.deps.remote.clone(),
         }));
         if let Some(listener) = self.deps.tcp.take() {
             actix_rt::spawn(stream::accept_tcp(

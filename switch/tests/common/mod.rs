@@ -407,6 +407,14 @@ password = "demo"
         node
     }
 
+    /// Kills the node with SIGKILL and waits for it (start it again with
+    /// [`Node::crash_and_restart`]).
+    #[allow(dead_code)]
+    pub fn kill_now(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// The node process's resident memory, KiB (`VmRSS`).
     #[allow(dead_code)]
     pub fn rss_kib(&self) -> u64 {

@@ -1,0 +1,1433 @@
+//! Cluster mode (`[cluster]`, `docs/operations.md` § Cluster): several nodes share where
+//! every user's devices are through NATS JetStream, and a call arriving on any node rings
+//! the callee's devices wherever they are connected.
+//!
+//! Why NATS (async-nats): the issue asks for an existing distributed engine rather than a
+//! home-made protocol; NATS gives key-value buckets with watches (the registries) and
+//! subjects (the call signalling between nodes) in one server, and `async-nats` is its
+//! maintained Rust client (reconnects, resubscribes, JetStream KV).
+//!
+//! What lives where:
+//! - bucket `parley_nodes`: one entry per node (`NodeRecord`: incarnation, relay address,
+//!   load), written every `heartbeat_ms`. A node is alive while its entry keeps arriving:
+//!   each node notes when it last saw every other node's entry (its own clock; no clock is
+//!   shared), and one not seen for `node_expiry_secs` is dead. Debian's nats-server 2.9 has
+//!   no per-key TTL, and an entry that ages out of a bucket tells no watcher, so liveness
+//!   is the watchers' own judgement, as LiveKit's node selection uses fresh stats only.
+//! - bucket `parley_devices`: one entry per logged-in device (`DeviceRecord`: user,
+//!   presence, capabilities), key `<node>.<session>`, written on every presence change and
+//!   again every `device_refresh_secs` (the bucket's max age is three times that, so a dead
+//!   node's entries go from the bucket too). Every node watches the bucket and gives each
+//!   user's actor the user's devices on the other nodes ([`RemoteDevice`]); presence
+//!   changes on one node so reach the calls ringing through every other one, which
+//!   re-route as they do for a local device.
+//! - subject `parley.node.<id>`: the call signalling to a node (`Wire`, JSON). The node
+//!   where a call arrives keeps the call (its call actor, its CDR, its routing of the
+//!   user's rules over all the user's devices); a device on another node is rung through a
+//!   proxy ([`RemoteProxy`]) that sends the offer there, where a [`HostedLeg`] offers it to
+//!   the device and sends back what the device does. When the device answers, its node
+//!   reserves a relay port and names it in the answer; the call bridges its caller's port
+//!   to a port of its own that sends to it, and tells the device's node where its media
+//!   comes from. The media so crosses the two nodes' relays and no other; one CDR, on the
+//!   call's node.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use actix::prelude::*;
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use dashmap::DashMap;
+use futures_util::StreamExt;
+use parley_actors::messages::{FlowStats, FromDevice, MediaPlane, SessionId, ToDevice};
+use parley_actors::registry::Registry;
+use parley_actors::remote::{DeviceBoard, RemoteLegs};
+use parley_actors::user::RemoteDevice;
+use parley_codecs::control::Status;
+use parley_core::call::{DeviceLegEvent, EndReason};
+use parley_core::router::DeviceState;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, mpsc};
+
+use crate::metrics as m;
+
+#[cfg(test)]
+mod tests;
+
+/// The node registry's bucket.
+pub const NODES_BUCKET: &str = "parley_nodes";
+/// The device registry's bucket.
+pub const DEVICES_BUCKET: &str = "parley_devices";
+/// Remote devices get node-local session ids from here up (local sessions count from 1).
+const REMOTE_SESSION_BASE: u64 = 1 << 48;
+/// Legs this node hosts for other nodes' calls, at most (more offers are refused `gone`).
+const MAX_HOSTED_LEGS: usize = 100_000;
+/// Legs this node's calls ring on other nodes, at most.
+const MAX_PENDING_LEGS: usize = 100_000;
+/// Messages waiting to go to NATS, at most (more are dropped and counted).
+const OUTBOX: usize = 65_536;
+
+/// How a node authenticates to NATS.
+#[derive(Debug, Clone)]
+pub enum Auth {
+    /// No credentials (a NATS server open to the node's network only).
+    None,
+    /// User name and password.
+    UserPassword(String, String),
+    /// A token.
+    Token(String),
+}
+
+/// What a node needs to join a cluster.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// NATS server URLs.
+    pub urls: Vec<String>,
+    /// This node's id.
+    pub node_id: String,
+    /// Credentials.
+    pub auth: Auth,
+    /// Where other nodes reach this node's relay.
+    pub media_ip: IpAddr,
+    /// Node registry refresh.
+    pub heartbeat: Duration,
+    /// A node unseen this long is dead.
+    pub expiry: Duration,
+    /// Device entry refresh.
+    pub device_refresh: Duration,
+}
+
+/// A device as the device registry holds it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct DeviceRecord {
+    node: String,
+    incarnation: u64,
+    session: u64,
+    tenant: String,
+    user: String,
+    device: String,
+    status: Status,
+    idle_ms: u64,
+    note: Option<String>,
+    opus: bool,
+}
+
+/// A node as the node registry holds it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct NodeRecord {
+    node: String,
+    incarnation: u64,
+    media_ip: IpAddr,
+    /// Devices logged in on the node.
+    devices: usize,
+    /// Legs its calls ring or hold on other nodes.
+    remote_legs: usize,
+    /// Legs it hosts for other nodes' calls.
+    hosted_legs: usize,
+    /// Whether it is draining (takes no new devices or calls).
+    draining: bool,
+}
+
+/// What a device did with a leg, on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum LegEvent {
+    Delivered,
+    Answer,
+    Reject,
+    Hangup,
+    Gone,
+}
+
+impl LegEvent {
+    fn of(e: DeviceLegEvent) -> Self {
+        match e {
+            DeviceLegEvent::Delivered => Self::Delivered,
+            DeviceLegEvent::Answer => Self::Answer,
+            DeviceLegEvent::Reject => Self::Reject,
+            DeviceLegEvent::Hangup => Self::Hangup,
+            DeviceLegEvent::Gone => Self::Gone,
+        }
+    }
+
+    fn core(self) -> DeviceLegEvent {
+        match self {
+            Self::Delivered => DeviceLegEvent::Delivered,
+            Self::Answer => DeviceLegEvent::Answer,
+            Self::Reject => DeviceLegEvent::Reject,
+            Self::Hangup => DeviceLegEvent::Hangup,
+            Self::Gone => DeviceLegEvent::Gone,
+        }
+    }
+
+    /// Whether the leg is over after it.
+    fn ends(self) -> bool {
+        matches!(self, Self::Reject | Self::Hangup | Self::Gone)
+    }
+}
+
+/// Call signalling between nodes (subject `parley.node.<to>`). `session` is always the
+/// device's session id on the node that hosts the device.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+enum Wire {
+    /// Ring the device.
+    Offer {
+        from: String,
+        call_id: String,
+        session: u64,
+        caller: String,
+        caller_name: Option<String>,
+        called: String,
+    },
+    /// The device's answer was accepted; media to and from `media`.
+    Connect {
+        from: String,
+        call_id: String,
+        session: u64,
+        media: SocketAddr,
+        payload_type: u8,
+        telephone_event: Option<u8>,
+    },
+    /// The offer is withdrawn or the call is over.
+    End {
+        from: String,
+        call_id: String,
+        session: u64,
+        reason: String,
+    },
+    /// The device left an offer unacknowledged: close its session.
+    Unresponsive { from: String, session: u64 },
+    /// What the device did; `media` (with `answer`) is where its node receives the call's
+    /// media for it.
+    Event {
+        from: String,
+        call_id: String,
+        session: u64,
+        event: LegEvent,
+        media: Option<SocketAddr>,
+    },
+}
+
+/// The subject a node receives call signalling on.
+fn inbox(node: &str) -> String {
+    format!("parley.node.{node}")
+}
+
+/// A leg this node's call rings on another node.
+struct Pending {
+    node: String,
+    remote_session: u64,
+    call: Recipient<FromDevice>,
+    media: Option<SocketAddr>,
+}
+
+/// A device of another node.
+struct Remote {
+    local: SessionId,
+    tenant: String,
+    user: String,
+    proxy: Addr<RemoteProxy>,
+}
+
+/// A device of this node, as published.
+struct Local {
+    record: DeviceRecord,
+    calls: Recipient<ToDevice>,
+}
+
+/// When this node last saw another node's entry.
+struct Seen {
+    incarnation: u64,
+    at: Instant,
+}
+
+/// The cluster as a node takes part in it. Cheap to clone.
+#[derive(Clone)]
+pub struct Cluster {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("node", &self.inner.me)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    me: String,
+    /// Distinguishes this run of the node from an earlier one with the same id.
+    incarnation: u64,
+    settings: Settings,
+    client: async_nats::Client,
+    registry: Arc<Registry>,
+    media: Arc<dyn MediaPlane>,
+    /// This node's devices.
+    local: DashMap<SessionId, Local>,
+    /// Device entries to write (`Some`) or delete (`None`), latest per key.
+    dirty: Mutex<HashMap<String, Option<Bytes>>>,
+    dirty_notify: Notify,
+    /// Other nodes' devices, by (node, their session id).
+    remote: DashMap<(String, u64), Remote>,
+    /// Legs of this node's calls on other nodes, by (call id, local session id).
+    pending: DashMap<(String, SessionId), Pending>,
+    /// The same legs by (node, call id, the node's session id).
+    pending_idx: DashMap<(String, String, u64), SessionId>,
+    /// Legs hosted for other nodes' calls, by (node, call id, local session).
+    hosted: DashMap<(String, String, SessionId), Addr<HostedLeg>>,
+    nodes: Mutex<HashMap<String, Seen>>,
+    next_remote: AtomicU64,
+    outbox: mpsc::Sender<(String, Bytes)>,
+    draining: std::sync::atomic::AtomicBool,
+}
+
+impl Cluster {
+    /// Joins the cluster: connects to NATS (in the background: a node whose NATS is away
+    /// starts anyway and serves its own devices), creates the buckets when they are not
+    /// there, and starts the heartbeat, the watches and the signalling. Call on the actix
+    /// system's thread.
+    pub async fn start(
+        settings: Settings,
+        registry: Arc<Registry>,
+        media: Arc<dyn MediaPlane>,
+    ) -> anyhow::Result<Self> {
+        let mut opts = async_nats::ConnectOptions::new()
+            .name(format!("parley {}", settings.node_id))
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .event_callback(|e| async move {
+                match e {
+                    async_nats::Event::Connected => {
+                        metrics::gauge!(m::CLUSTER_NATS_CONNECTED).set(1.0);
+                        tracing::info!("NATS connected");
+                    }
+                    async_nats::Event::Disconnected => {
+                        metrics::gauge!(m::CLUSTER_NATS_CONNECTED).set(0.0);
+                        tracing::warn!("NATS disconnected: reconnecting (local calls go on)");
+                    }
+                    other => tracing::info!(event = %other, "NATS"),
+                }
+            });
+        opts = match &settings.auth {
+            Auth::None => opts,
+            Auth::UserPassword(u, p) => opts.user_and_password(u.clone(), p.clone()),
+            Auth::Token(t) => opts.token(t.clone()),
+        };
+        let client = opts
+            .connect(settings.urls.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!("cluster.nats {:?}: {e}", settings.urls))?;
+        let (outbox, out_rx) = mpsc::channel(OUTBOX);
+        let incarnation = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+            ^ u64::from(std::process::id());
+        let inner = Arc::new(Inner {
+            me: settings.node_id.clone(),
+            incarnation,
+            settings,
+            client,
+            registry,
+            media,
+            local: DashMap::new(),
+            dirty: Mutex::new(HashMap::new()),
+            dirty_notify: Notify::new(),
+            remote: DashMap::new(),
+            pending: DashMap::new(),
+            pending_idx: DashMap::new(),
+            hosted: DashMap::new(),
+            nodes: Mutex::new(HashMap::new()),
+            next_remote: AtomicU64::new(REMOTE_SESSION_BASE),
+            outbox,
+            draining: std::sync::atomic::AtomicBool::new(false),
+        });
+        let sub = inner
+            .client
+            .subscribe(inbox(&inner.me))
+            .await
+            .map_err(|e| anyhow::anyhow!("subscribing to {}: {e}", inbox(&inner.me)))?;
+        actix_rt::spawn(publisher(inner.clone(), out_rx));
+        actix_rt::spawn(receiver(inner.clone(), sub));
+        actix_rt::spawn(registries(inner.clone()));
+        tracing::info!(node = %inner.me, urls = ?inner.settings.urls, "cluster mode: joining");
+        Ok(Self { inner })
+    }
+
+    /// The node's board, for user actors to publish their devices on.
+    pub fn board(&self) -> Arc<dyn DeviceBoard> {
+        Arc::new(self.clone())
+    }
+
+    /// The legs to other nodes' devices, for call actors.
+    pub fn legs(&self) -> Arc<dyn RemoteLegs> {
+        Arc::new(self.clone())
+    }
+
+    /// Leaves the cluster (a drain): the node's entry and its devices' entries are deleted,
+    /// so that the other nodes stop ringing its devices at once rather than at expiry.
+    pub async fn leave(&self) {
+        let inner = &self.inner;
+        inner.draining.store(true, Ordering::Relaxed);
+        let js = jetstream::new(inner.client.clone());
+        let timeout = Duration::from_secs(2);
+        if let Ok(Ok(devices)) =
+            tokio::time::timeout(timeout, js.get_key_value(DEVICES_BUCKET)).await
+        {
+            let keys: Vec<String> = inner
+                .local
+                .iter()
+                .map(|e| device_key(&inner.me, *e.key()))
+                .collect();
+            for k in keys {
+                let _ = tokio::time::timeout(timeout, devices.delete(&k)).await;
+            }
+        }
+        if let Ok(Ok(nodes)) = tokio::time::timeout(timeout, js.get_key_value(NODES_BUCKET)).await {
+            let _ = tokio::time::timeout(timeout, nodes.delete(&inner.me)).await;
+        }
+        let _ = tokio::time::timeout(timeout, inner.client.flush()).await;
+        tracing::info!(node = %inner.me, "left the cluster");
+    }
+}
+
+fn device_key(node: &str, session: SessionId) -> String {
+    format!("{node}.{session}")
+}
+
+fn parse_device_key(key: &str) -> Option<(&str, u64)> {
+    let (node, session) = key.rsplit_once('.')?;
+    Some((node, session.parse().ok()?))
+}
+
+impl Inner {
+    /// Queues a message to a node.
+    fn send(&self, to: &str, msg: &Wire) {
+        let payload = match serde_json::to_vec(msg) {
+            Ok(p) => Bytes::from(p),
+            Err(e) => return tracing::error!(error = %e, "cluster message not serialisable"),
+        };
+        match self.outbox.try_send((inbox(to), payload)) {
+            Ok(()) => {
+                metrics::counter!(m::CLUSTER_MESSAGES_TOTAL, "direction" => "out").increment(1)
+            }
+            Err(_) => {
+                metrics::counter!(m::CLUSTER_MESSAGES_DROPPED_TOTAL).increment(1);
+                tracing::warn!(to, "cluster outbox full: message dropped");
+            }
+        }
+    }
+
+    fn mark_dirty(&self, key: String, value: Option<Bytes>) {
+        self.dirty
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(key, value);
+        self.dirty_notify.notify_one();
+    }
+
+    fn node_record(&self) -> NodeRecord {
+        NodeRecord {
+            node: self.me.clone(),
+            incarnation: self.incarnation,
+            media_ip: self.settings.media_ip,
+            devices: self.local.len(),
+            remote_legs: self.pending.len(),
+            hosted_legs: self.hosted.len(),
+            draining: self.draining.load(Ordering::Relaxed),
+        }
+    }
+
+    /// A node's entry arrived: it is alive (and, with a new incarnation, restarted).
+    fn node_seen(&self, node: &str, incarnation: u64) {
+        let restarted = {
+            let mut nodes = self
+                .nodes
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let new = !nodes.contains_key(node);
+            let prev = nodes.insert(
+                node.to_owned(),
+                Seen {
+                    incarnation,
+                    at: Instant::now(),
+                },
+            );
+            if new {
+                tracing::info!(node, "cluster node joined");
+            }
+            prev.is_some_and(|p| p.incarnation != incarnation)
+        };
+        if restarted {
+            tracing::warn!(
+                node,
+                "cluster node restarted: its earlier devices and legs are gone"
+            );
+            self.node_lost(node);
+        }
+    }
+
+    /// Forgets everything of a node that died, restarted or left: its devices go offline
+    /// for this node's users, legs this node's calls had there end (`gone`: the calls route
+    /// on or end, with their CDRs written here), legs hosted for its calls end.
+    fn node_lost(&self, node: &str) {
+        let devices: Vec<(String, u64)> = self
+            .remote
+            .iter()
+            .filter(|e| e.key().0 == node)
+            .map(|e| e.key().clone())
+            .collect();
+        for key in devices {
+            self.remote_gone(&key);
+        }
+        let legs: Vec<(String, String, u64)> = self
+            .pending_idx
+            .iter()
+            .filter(|e| e.key().0 == node)
+            .map(|e| e.key().clone())
+            .collect();
+        let lost = legs.len();
+        for (n, call_id, session) in legs {
+            self.leg_event(&n, &call_id, session, LegEvent::Gone, None);
+        }
+        let hosted: Vec<(String, String, SessionId)> = self
+            .hosted
+            .iter()
+            .filter(|e| e.key().0 == node)
+            .map(|e| e.key().clone())
+            .collect();
+        for key in hosted {
+            if let Some((_, leg)) = self.hosted.remove(&key) {
+                leg.do_send(HostedEnd {
+                    reason: EndReason::RemoteHangup.as_str(),
+                });
+            }
+        }
+        if lost > 0 {
+            tracing::warn!(node, legs = lost, "legs on a lost node ended");
+        }
+    }
+
+    /// A device entry of another node arrived.
+    fn remote_put(self: &Arc<Self>, rec: DeviceRecord) {
+        if rec.node == self.me {
+            return;
+        }
+        {
+            let mut nodes = self
+                .nodes
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match nodes.get(&rec.node) {
+                // An entry of an earlier run of that node, not yet aged out.
+                Some(seen) if seen.incarnation != rec.incarnation => return,
+                Some(_) => {}
+                // Devices may arrive before the node's own entry; the node then expires
+                // unless its heartbeat follows.
+                None => {
+                    nodes.insert(
+                        rec.node.clone(),
+                        Seen {
+                            incarnation: rec.incarnation,
+                            at: Instant::now(),
+                        },
+                    );
+                }
+            }
+        }
+        let Some(user) = self.registry.user_by_name(&rec.tenant, &rec.user) else {
+            tracing::debug!(tenant = %rec.tenant, user = %rec.user, node = %rec.node, "device of a user this node does not know");
+            return;
+        };
+        let key = (rec.node.clone(), rec.session);
+        let existing = self.remote.get(&key).map(|r| {
+            (
+                r.tenant == rec.tenant && r.user == rec.user,
+                r.local,
+                r.proxy.clone(),
+            )
+        });
+        let (local, proxy) = match existing {
+            Some((true, local, proxy)) => (local, proxy),
+            Some((false, ..)) => {
+                // The session id now names another user's device: the old one went.
+                self.remote_gone(&key);
+                return self.remote_put(rec);
+            }
+            None => {
+                let local = self.next_remote.fetch_add(1, Ordering::Relaxed);
+                let proxy = RemoteProxy {
+                    inner: self.clone(),
+                    node: rec.node.clone(),
+                    remote_session: rec.session,
+                    local,
+                }
+                .start();
+                self.remote.insert(
+                    key,
+                    Remote {
+                        local,
+                        tenant: rec.tenant.clone(),
+                        user: rec.user.clone(),
+                        proxy: proxy.clone(),
+                    },
+                );
+                metrics::gauge!(m::CLUSTER_REMOTE_DEVICES).set(self.remote.len() as f64);
+                tracing::info!(node = %rec.node, tenant = %rec.tenant, user = %rec.user, device = %rec.device, session = local, "remote device online");
+                (local, proxy)
+            }
+        };
+        user.addr.do_send(RemoteDevice {
+            session: local,
+            state: Some(DeviceState {
+                session: local,
+                device: rec.device,
+                status: rec.status,
+                idle_ms: rec.idle_ms,
+                note: rec.note,
+                // Video is not carried between nodes.
+                video: false,
+                opus: rec.opus,
+            }),
+            calls: proxy.recipient(),
+        });
+    }
+
+    /// Another node's device went.
+    fn remote_gone(&self, key: &(String, u64)) {
+        let Some((_, r)) = self.remote.remove(key) else {
+            return;
+        };
+        metrics::gauge!(m::CLUSTER_REMOTE_DEVICES).set(self.remote.len() as f64);
+        tracing::info!(node = %key.0, tenant = %r.tenant, user = %r.user, session = r.local, "remote device offline");
+        if let Some(user) = self.registry.user_by_name(&r.tenant, &r.user) {
+            user.addr.do_send(RemoteDevice {
+                session: r.local,
+                state: None,
+                calls: r.proxy.clone().recipient(),
+            });
+        }
+        r.proxy.do_send(StopProxy);
+    }
+
+    /// What a device on `node` did with a leg of one of this node's calls.
+    fn leg_event(
+        &self,
+        node: &str,
+        call_id: &str,
+        session: u64,
+        event: LegEvent,
+        media: Option<SocketAddr>,
+    ) {
+        let idx = (node.to_owned(), call_id.to_owned(), session);
+        let Some(local) = self.pending_idx.get(&idx).map(|l| *l) else {
+            // A leg this node does not know (ended already, or never offered by it).
+            tracing::debug!(node, call = call_id, "cluster event for no leg");
+            return;
+        };
+        let key = (call_id.to_owned(), local);
+        let call = match self.pending.get_mut(&key) {
+            Some(mut p) => {
+                if event == LegEvent::Answer {
+                    p.media = media;
+                }
+                p.call.clone()
+            }
+            None => return,
+        };
+        if event.ends() {
+            self.pending.remove(&key);
+            self.pending_idx.remove(&idx);
+        }
+        if event == LegEvent::Answer {
+            metrics::counter!(m::CLUSTER_HANDOFFS_ANSWERED_TOTAL).increment(1);
+        }
+        call.do_send(FromDevice {
+            session: local,
+            event: event.core(),
+        });
+    }
+
+    /// Signalling from another node.
+    fn dispatch(self: &Arc<Self>, msg: Wire) {
+        match msg {
+            Wire::Offer {
+                from,
+                call_id,
+                session,
+                caller,
+                caller_name,
+                called,
+            } => {
+                let refuse = |why: &str| {
+                    tracing::info!(node = %from, call = %call_id, session, why, "cluster offer refused");
+                    self.send(
+                        &from,
+                        &Wire::Event {
+                            from: self.me.clone(),
+                            call_id: call_id.clone(),
+                            session,
+                            event: LegEvent::Gone,
+                            media: None,
+                        },
+                    );
+                };
+                if self.draining.load(Ordering::Relaxed) {
+                    return refuse("draining");
+                }
+                let Some(device) = self.local.get(&session).map(|l| l.calls.clone()) else {
+                    return refuse("no such device");
+                };
+                let key = (from.clone(), call_id.clone(), session);
+                if self.hosted.contains_key(&key) {
+                    return;
+                }
+                if self.hosted.len() >= MAX_HOSTED_LEGS {
+                    return refuse("too many hosted legs");
+                }
+                metrics::counter!(m::CLUSTER_OFFERS_TOTAL, "direction" => "received").increment(1);
+                // Call ids are per node ("c-N" on every node): the device sees the calling
+                // node's name in it, so it never meets two calls with one id.
+                let device_call_id = format!("{call_id}@{from}");
+                let leg = HostedLeg {
+                    inner: self.clone(),
+                    key: key.clone(),
+                    device_call_id: device_call_id.clone(),
+                    device: device.clone(),
+                    port: None,
+                    flow: None,
+                    done: false,
+                }
+                .start();
+                self.hosted.insert(key, leg.clone());
+                device.do_send(ToDevice::Offer {
+                    call_id: device_call_id,
+                    from: caller,
+                    from_name: caller_name,
+                    to: called,
+                    video: false,
+                    call: leg.recipient(),
+                });
+            }
+            Wire::Connect {
+                from,
+                call_id,
+                session,
+                media,
+                payload_type,
+                telephone_event,
+            } => {
+                if let Some(leg) = self.hosted.get(&(from, call_id, session)) {
+                    leg.do_send(HostedConnect {
+                        media,
+                        payload_type,
+                        telephone_event,
+                    });
+                }
+            }
+            Wire::End {
+                from,
+                call_id,
+                session,
+                reason,
+            } => {
+                if let Some((_, leg)) = self.hosted.remove(&(from, call_id, session)) {
+                    leg.do_send(HostedEnd {
+                        reason: end_reason(&reason),
+                    });
+                }
+            }
+            Wire::Unresponsive { from, session } => {
+                // Only a node whose call offered to the device may ask.
+                let offered = self
+                    .hosted
+                    .iter()
+                    .any(|e| e.key().0 == from && e.key().2 == session);
+                if offered && let Some(l) = self.local.get(&session) {
+                    l.calls.do_send(ToDevice::Unresponsive);
+                }
+            }
+            Wire::Event {
+                from,
+                call_id,
+                session,
+                event,
+                media,
+            } => self.leg_event(&from, &call_id, session, event, media),
+        }
+    }
+}
+
+/// The `&'static` reason of `call_ended` a remote node names (unknown ones: `failed`).
+fn end_reason(s: &str) -> &'static str {
+    [
+        EndReason::AnsweredElsewhere,
+        EndReason::Rerouted,
+        EndReason::Cancelled,
+        EndReason::Timeout,
+        EndReason::RemoteHangup,
+        EndReason::MediaTimeout,
+        EndReason::MediaUnavailable,
+        EndReason::Rejected,
+        EndReason::Unavailable,
+        EndReason::Failed,
+    ]
+    .into_iter()
+    .map(EndReason::as_str)
+    .find(|r| *r == s)
+    .unwrap_or("failed")
+}
+
+impl DeviceBoard for Cluster {
+    fn device_changed(
+        &self,
+        tenant: &str,
+        user: &str,
+        state: &DeviceState,
+        calls: &Recipient<ToDevice>,
+    ) {
+        let inner = &self.inner;
+        let record = DeviceRecord {
+            node: inner.me.clone(),
+            incarnation: inner.incarnation,
+            session: state.session,
+            tenant: tenant.to_owned(),
+            user: user.to_owned(),
+            device: state.device.clone(),
+            status: state.status,
+            idle_ms: state.idle_ms,
+            note: state.note.clone(),
+            opus: state.opus,
+        };
+        let unchanged = inner.local.get(&state.session).is_some_and(|l| {
+            DeviceRecord {
+                idle_ms: state.idle_ms,
+                ..l.record.clone()
+            } == record
+        });
+        if unchanged {
+            return;
+        }
+        let value = serde_json::to_vec(&record).ok().map(Bytes::from);
+        inner.local.insert(
+            state.session,
+            Local {
+                record,
+                calls: calls.clone(),
+            },
+        );
+        inner.mark_dirty(device_key(&inner.me, state.session), value);
+    }
+
+    fn device_gone(&self, session: SessionId) {
+        let inner = &self.inner;
+        if inner.local.remove(&session).is_some() {
+            inner.mark_dirty(device_key(&inner.me, session), None);
+        }
+    }
+}
+
+impl RemoteLegs for Cluster {
+    fn answer_media(&self, session: SessionId, call_id: &str) -> Option<SocketAddr> {
+        self.inner
+            .pending
+            .get(&(call_id.to_owned(), session))
+            .and_then(|p| p.media)
+    }
+
+    fn connect(
+        &self,
+        session: SessionId,
+        call_id: &str,
+        media: SocketAddr,
+        payload_type: u8,
+        telephone_event: Option<u8>,
+    ) {
+        let inner = &self.inner;
+        let Some((node, remote_session)) = inner
+            .pending
+            .get(&(call_id.to_owned(), session))
+            .map(|p| (p.node.clone(), p.remote_session))
+        else {
+            return;
+        };
+        inner.send(
+            &node,
+            &Wire::Connect {
+                from: inner.me.clone(),
+                call_id: call_id.to_owned(),
+                session: remote_session,
+                media,
+                payload_type,
+                telephone_event,
+            },
+        );
+    }
+
+    fn media_ip(&self) -> IpAddr {
+        self.inner.settings.media_ip
+    }
+}
+
+/// Sends queued messages in order.
+async fn publisher(inner: Arc<Inner>, mut rx: mpsc::Receiver<(String, Bytes)>) {
+    while let Some((subject, payload)) = rx.recv().await {
+        if let Err(e) = inner.client.publish(subject, payload).await {
+            tracing::warn!(error = %e, "cluster message not sent");
+        }
+    }
+}
+
+/// Takes signalling off this node's subject.
+async fn receiver(inner: Arc<Inner>, mut sub: async_nats::Subscriber) {
+    while let Some(msg) = sub.next().await {
+        metrics::counter!(m::CLUSTER_MESSAGES_TOTAL, "direction" => "in").increment(1);
+        match serde_json::from_slice::<Wire>(&msg.payload) {
+            Ok(w) => inner.dispatch(w),
+            Err(e) => {
+                metrics::counter!(m::CLUSTER_MESSAGES_INVALID_TOTAL).increment(1);
+                tracing::warn!(error = %e, "invalid cluster message ignored");
+            }
+        }
+    }
+}
+
+/// Creates a bucket's stream by a raw JetStream API request: `async-nats`'s
+/// `create_key_value` does not parse nats-server 2.9's answer (`../shared/CRATES.md`). A
+/// bucket another node created already is used as it is.
+async fn ensure_bucket(
+    client: &async_nats::Client,
+    bucket: &str,
+    max_age: Duration,
+) -> anyhow::Result<kv::Store> {
+    let stream = format!("KV_{bucket}");
+    let config = serde_json::json!({
+        "name": stream,
+        "subjects": [format!("$KV.{bucket}.>")],
+        "retention": "limits",
+        "max_consumers": -1,
+        "max_msgs_per_subject": 1,
+        "max_msgs": -1,
+        "max_bytes": -1,
+        "max_age": max_age.as_nanos() as u64,
+        "max_msg_size": -1,
+        "storage": "file",
+        "discard": "new",
+        "num_replicas": 1,
+        "duplicate_window": max_age.min(Duration::from_secs(120)).as_nanos() as u64,
+        "allow_rollup_hdrs": true,
+        "deny_delete": true,
+        "deny_purge": false,
+        "allow_direct": true,
+    });
+    let reply = client
+        .request(
+            format!("$JS.API.STREAM.CREATE.{stream}"),
+            Bytes::from(config.to_string()),
+        )
+        .await?;
+    let answer: serde_json::Value = serde_json::from_slice(&reply.payload)?;
+    if let Some(err) = answer.get("error") {
+        // 10058: the stream exists (with another node's settings): use it.
+        if err.get("err_code").and_then(serde_json::Value::as_u64) != Some(10058) {
+            anyhow::bail!("creating bucket {bucket}: {err}");
+        }
+    }
+    Ok(jetstream::new(client.clone()).get_key_value(bucket).await?)
+}
+
+/// Keeps the registries: the buckets (re-created after a NATS restart lost them), this
+/// node's entries, the watches over the others', and the expiry of dead nodes.
+async fn registries(inner: Arc<Inner>) {
+    let client = inner.client.clone();
+    let s = inner.settings.clone();
+    let nodes_age = (s.expiry * 10).max(Duration::from_secs(60));
+    let devices_age = s.device_refresh * 3;
+    loop {
+        let buckets = async {
+            let nodes = ensure_bucket(&client, NODES_BUCKET, nodes_age).await?;
+            let devices = ensure_bucket(&client, DEVICES_BUCKET, devices_age).await?;
+            anyhow::Ok((nodes, devices))
+        };
+        match buckets.await {
+            Ok((nodes, devices)) => {
+                tracing::info!(node = %inner.me, "cluster registries ready");
+                run_registries(&inner, nodes, devices).await;
+            }
+            Err(e) => tracing::warn!(error = %e, "cluster registries unavailable; retrying"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Runs until a bucket fails (then [`registries`] sets them up again).
+async fn run_registries(inner: &Arc<Inner>, nodes: kv::Store, devices: kv::Store) {
+    // Entries of an earlier run of this node that have not aged out yet.
+    if let Ok(mut keys) = devices.keys().await {
+        let prefix = format!("{}.", inner.me);
+        let mut stale = Vec::new();
+        while let Some(Ok(k)) = keys.next().await {
+            if k.starts_with(&prefix)
+                && !inner
+                    .local
+                    .contains_key(&parse_device_key(&k).map_or(0, |(_, s)| s))
+            {
+                stale.push(k);
+            }
+        }
+        for k in stale {
+            let _ = devices.delete(&k).await;
+        }
+    }
+    // Everything local is written again (a new bucket, or one NATS lost).
+    for e in inner.local.iter() {
+        let value = serde_json::to_vec(&e.record).ok().map(Bytes::from);
+        inner.mark_dirty(device_key(&inner.me, *e.key()), value);
+    }
+    let (Ok(node_watch), Ok(device_watch)) = (
+        nodes.watch_with_history(">").await,
+        devices.watch_with_history(">").await,
+    ) else {
+        tracing::warn!("cluster watches could not start");
+        return;
+    };
+    tokio::select! {
+        () = heartbeat(inner, &nodes) => {}
+        () = write_devices(inner, &devices) => {}
+        () = watch_nodes(inner, node_watch) => {}
+        () = watch_devices(inner, device_watch) => {}
+    }
+}
+
+/// Writes this node's entry every heartbeat (timing the round trip) and expires nodes not
+/// seen for the expiry; every device refresh, marks every local device for rewriting.
+async fn heartbeat(inner: &Arc<Inner>, nodes: &kv::Store) {
+    let mut tick = tokio::time::interval(inner.settings.heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_refresh = Instant::now();
+    loop {
+        tick.tick().await;
+        let record = inner.node_record();
+        if let Ok(value) = serde_json::to_vec(&record) {
+            let start = Instant::now();
+            match nodes.put(&inner.me, Bytes::from(value)).await {
+                Ok(_) => metrics::histogram!(m::CLUSTER_NATS_SECONDS)
+                    .record(start.elapsed().as_secs_f64()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "heartbeat not written");
+                    if !matches!(
+                        inner.client.connection_state(),
+                        async_nats::connection::State::Connected
+                    ) {
+                        continue;
+                    }
+                    // Connected but the bucket refused: set the buckets up again.
+                    return;
+                }
+            }
+        }
+        let expired: Vec<String> = {
+            let mut nodes = inner
+                .nodes
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let dead: Vec<String> = nodes
+                .iter()
+                .filter(|(_, s)| s.at.elapsed() > inner.settings.expiry)
+                .map(|(n, _)| n.clone())
+                .collect();
+            for n in &dead {
+                nodes.remove(n);
+            }
+            metrics::gauge!(m::CLUSTER_NODES).set((nodes.len() + 1) as f64);
+            dead
+        };
+        for n in expired {
+            tracing::warn!(node = %n, expiry_s = inner.settings.expiry.as_secs(), "cluster node expired: its devices are offline");
+            metrics::counter!(m::CLUSTER_NODES_LOST_TOTAL).increment(1);
+            inner.node_lost(&n);
+        }
+        metrics::gauge!(m::CLUSTER_LOCAL_DEVICES).set(inner.local.len() as f64);
+        metrics::gauge!(m::CLUSTER_REMOTE_LEGS).set(inner.pending.len() as f64);
+        metrics::gauge!(m::CLUSTER_HOSTED_LEGS).set(inner.hosted.len() as f64);
+        if last_refresh.elapsed() >= inner.settings.device_refresh {
+            last_refresh = Instant::now();
+            for e in inner.local.iter() {
+                let value = serde_json::to_vec(&e.record).ok().map(Bytes::from);
+                inner.mark_dirty(device_key(&inner.me, *e.key()), value);
+            }
+        }
+    }
+}
+
+/// Writes the device entries marked dirty (the latest state of each, so a device that
+/// changes faster than NATS answers costs one write per round trip, not one per change).
+async fn write_devices(inner: &Arc<Inner>, devices: &kv::Store) {
+    loop {
+        let batch: Vec<(String, Option<Bytes>)> = {
+            let mut d = inner
+                .dirty
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            d.drain().collect()
+        };
+        if batch.is_empty() {
+            inner.dirty_notify.notified().await;
+            continue;
+        }
+        for (key, value) in batch {
+            let done = match &value {
+                Some(v) => devices
+                    .put(&key, v.clone())
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+                None => devices.delete(&key).await.map_err(|e| e.to_string()),
+            };
+            if let Err(e) = done {
+                tracing::warn!(key, error = %e, "device entry not written; retrying");
+                // Keep it unless a newer state was marked meanwhile.
+                inner
+                    .dirty
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .entry(key)
+                    .or_insert(value);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+async fn watch_nodes(inner: &Arc<Inner>, mut watch: kv::Watch) {
+    while let Some(entry) = watch.next().await {
+        let Ok(entry) = entry else {
+            tracing::warn!("node registry watch failed");
+            return;
+        };
+        if entry.key == inner.me {
+            continue;
+        }
+        match entry.operation {
+            kv::Operation::Put => match serde_json::from_slice::<NodeRecord>(&entry.value) {
+                Ok(rec) if rec.node == entry.key => {
+                    if rec.draining {
+                        // A draining node takes no new calls: its devices are not rung.
+                        inner.node_seen(&rec.node, rec.incarnation);
+                        let devices: Vec<(String, u64)> = inner
+                            .remote
+                            .iter()
+                            .filter(|e| e.key().0 == rec.node)
+                            .map(|e| e.key().clone())
+                            .collect();
+                        for k in devices {
+                            inner.remote_gone(&k);
+                        }
+                    } else {
+                        inner.node_seen(&rec.node, rec.incarnation);
+                    }
+                }
+                _ => tracing::warn!(key = %entry.key, "invalid node entry ignored"),
+            },
+            kv::Operation::Delete | kv::Operation::Purge => {
+                let known = inner
+                    .nodes
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .remove(&entry.key)
+                    .is_some();
+                if known {
+                    tracing::info!(node = %entry.key, "cluster node left");
+                    inner.node_lost(&entry.key);
+                }
+            }
+        }
+    }
+}
+
+async fn watch_devices(inner: &Arc<Inner>, mut watch: kv::Watch) {
+    while let Some(entry) = watch.next().await {
+        let Ok(entry) = entry else {
+            tracing::warn!("device registry watch failed");
+            return;
+        };
+        match entry.operation {
+            kv::Operation::Put => match serde_json::from_slice::<DeviceRecord>(&entry.value) {
+                Ok(rec)
+                    if parse_device_key(&entry.key) == Some((rec.node.as_str(), rec.session)) =>
+                {
+                    inner.remote_put(rec);
+                }
+                _ => tracing::warn!(key = %entry.key, "invalid device entry ignored"),
+            },
+            kv::Operation::Delete | kv::Operation::Purge => {
+                if let Some((node, session)) = parse_device_key(&entry.key)
+                    && node != inner.me
+                {
+                    inner.remote_gone(&(node.to_owned(), session));
+                }
+            }
+        }
+    }
+}
+
+/// Stands for a device on another node: what a call sends it goes there.
+struct RemoteProxy {
+    inner: Arc<Inner>,
+    node: String,
+    remote_session: u64,
+    local: SessionId,
+}
+
+impl Actor for RemoteProxy {
+    type Context = Context<Self>;
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct StopProxy;
+
+impl Handler<StopProxy> for RemoteProxy {
+    type Result = ();
+    fn handle(&mut self, _: StopProxy, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}
+
+impl Handler<ToDevice> for RemoteProxy {
+    type Result = ();
+    fn handle(&mut self, msg: ToDevice, _: &mut Context<Self>) {
+        let inner = &self.inner;
+        match msg {
+            ToDevice::Offer {
+                call_id,
+                from,
+                from_name,
+                to,
+                call,
+                ..
+            } => {
+                if inner.pending.len() >= MAX_PENDING_LEGS {
+                    tracing::warn!(call = %call_id, "too many legs on other nodes: offer not sent");
+                    call.do_send(FromDevice {
+                        session: self.local,
+                        event: DeviceLegEvent::Gone,
+                    });
+                    return;
+                }
+                metrics::counter!(m::CLUSTER_OFFERS_TOTAL, "direction" => "sent").increment(1);
+                inner.pending.insert(
+                    (call_id.clone(), self.local),
+                    Pending {
+                        node: self.node.clone(),
+                        remote_session: self.remote_session,
+                        call,
+                        media: None,
+                    },
+                );
+                inner.pending_idx.insert(
+                    (self.node.clone(), call_id.clone(), self.remote_session),
+                    self.local,
+                );
+                inner.send(
+                    &self.node,
+                    &Wire::Offer {
+                        from: inner.me.clone(),
+                        call_id,
+                        session: self.remote_session,
+                        caller: from,
+                        caller_name: from_name,
+                        called: to,
+                    },
+                );
+            }
+            ToDevice::Ended { call_id, reason } => {
+                if inner
+                    .pending
+                    .remove(&(call_id.clone(), self.local))
+                    .is_some()
+                {
+                    inner.pending_idx.remove(&(
+                        self.node.clone(),
+                        call_id.clone(),
+                        self.remote_session,
+                    ));
+                    inner.send(
+                        &self.node,
+                        &Wire::End {
+                            from: inner.me.clone(),
+                            call_id,
+                            session: self.remote_session,
+                            reason: reason.to_owned(),
+                        },
+                    );
+                }
+            }
+            ToDevice::Unresponsive => inner.send(
+                &self.node,
+                &Wire::Unresponsive {
+                    from: inner.me.clone(),
+                    session: self.remote_session,
+                },
+            ),
+            // A remote device never dials through this node, and its connection is made
+            // through `RemoteLegs::connect`.
+            ToDevice::Ringing { .. } | ToDevice::Connected { .. } => {}
+        }
+    }
+}
+
+/// A leg of another node's call to a device of this node.
+struct HostedLeg {
+    inner: Arc<Inner>,
+    /// (calling node, call id, local session).
+    key: (String, String, SessionId),
+    /// The call id the device knows the call by (`<call id>@<calling node>`).
+    device_call_id: String,
+    device: Recipient<ToDevice>,
+    port: Option<u16>,
+    flow: Option<u64>,
+    done: bool,
+}
+
+impl HostedLeg {
+    fn tell_caller_node(&self, event: LegEvent, media: Option<SocketAddr>) {
+        let (node, call_id, session) = &self.key;
+        self.inner.send(
+            node,
+            &Wire::Event {
+                from: self.inner.me.clone(),
+                call_id: call_id.clone(),
+                session: *session,
+                event,
+                media,
+            },
+        );
+    }
+
+    fn release(&mut self) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let ports: Vec<u16> = self.port.take().into_iter().collect();
+        let roq: Vec<(SessionId, u64)> = self
+            .flow
+            .take()
+            .map(|f| (self.key.2, f))
+            .into_iter()
+            .collect();
+        if !ports.is_empty() || !roq.is_empty() {
+            self.inner.media.release(&ports, &roq);
+        }
+    }
+}
+
+impl Actor for HostedLeg {
+    type Context = Context<Self>;
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        self.release();
+        let me = self.key.clone();
+        self.inner.hosted.remove(&me);
+    }
+}
+
+impl Handler<FromDevice> for HostedLeg {
+    type Result = ();
+    fn handle(&mut self, msg: FromDevice, ctx: &mut Context<Self>) {
+        if msg.session != self.key.2 {
+            return;
+        }
+        let event = LegEvent::of(msg.event);
+        let media = if event == LegEvent::Answer {
+            match self.inner.media.allocate_port() {
+                Ok(p) => {
+                    self.port = Some(p);
+                    Some(SocketAddr::new(self.inner.settings.media_ip, p))
+                }
+                Err(e) => {
+                    tracing::warn!(call = %self.key.1, error = %e, "no relay port for a hosted leg");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        self.tell_caller_node(event, media);
+        if event.ends() {
+            ctx.stop();
+        }
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct HostedConnect {
+    media: SocketAddr,
+    payload_type: u8,
+    telephone_event: Option<u8>,
+}
+
+impl Handler<HostedConnect> for HostedLeg {
+    type Result = ();
+    fn handle(&mut self, msg: HostedConnect, ctx: &mut Context<Self>) {
+        let Some(port) = self.port else {
+            return;
+        };
+        if self.flow.is_some() {
+            return;
+        }
+        let media = &self.inner.media;
+        let flow = media.next_flow_id();
+        let session = self.key.2;
+        match media.bridge_roq(
+            (port, msg.media),
+            session,
+            flow,
+            Arc::<FlowStats>::default(),
+        ) {
+            Ok(()) => {
+                self.flow = Some(flow);
+                self.device.do_send(ToDevice::Connected {
+                    call_id: self.device_call_id.clone(),
+                    flow_id: flow,
+                    payload_type: msg.payload_type,
+                    video_flow_id: None,
+                    telephone_event: msg.telephone_event,
+                    video_formats: Vec::new(),
+                });
+            }
+            Err(e) => {
+                tracing::warn!(call = %self.key.1, error = %e, "hosted leg's media not bridged");
+                self.device.do_send(ToDevice::Ended {
+                    call_id: self.device_call_id.clone(),
+                    reason: EndReason::MediaUnavailable.as_str(),
+                });
+                self.tell_caller_node(LegEvent::Hangup, None);
+                ctx.stop();
+            }
+        }
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct HostedEnd {
+    reason: &'static str,
+}
+
+impl Handler<HostedEnd> for HostedLeg {
+    type Result = ();
+    fn handle(&mut self, msg: HostedEnd, ctx: &mut Context<Self>) {
+        self.device.do_send(ToDevice::Ended {
+            call_id: self.device_call_id.clone(),
+            reason: msg.reason,
+        });
+        ctx.stop();
+    }
+}

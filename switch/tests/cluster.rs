@@ -1,0 +1,341 @@
+//! Cluster mode against a real `nats-server -js` on loopback: three nodes share where
+//! every user's devices are (JetStream key-value buckets), a SIPp call through any node
+//! rings the callee's device on whichever node it is connected to, with media relayed
+//! across the two nodes and one CDR written once (on the node the call arrived at); a
+//! presence change on one node re-routes a call ringing through another; a killed node's
+//! users route by their rules on the next call, its anchored calls end with CDRs on the
+//! survivors, and a restarted node rejoins.
+
+mod common;
+
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Node, SippUas, scenario, sipp_uac, wait_metric};
+use parley_codecs::control::{ClientMsg, ServerMsg, Status};
+
+/// A `nats-server` with JetStream, a user and a password, on a free loopback port.
+struct Nats {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+const NATS_USER: &str = "parley";
+const NATS_PASSWORD: &str = "cluster-secret-4711";
+
+fn nats_bin() -> PathBuf {
+    for p in ["/usr/sbin/nats-server", "/usr/bin/nats-server"] {
+        if std::path::Path::new(p).exists() {
+            return p.into();
+        }
+    }
+    panic!(
+        "nats-server is not installed (apt-get install nats-server): the cluster tests need a real NATS"
+    );
+}
+
+impl Nats {
+    fn start() -> Nats {
+        let dir = tempfile::tempdir().unwrap();
+        let port = common::free_udp_port();
+        let mut n = Nats {
+            child: Self::spawn(dir.path(), port),
+            port,
+            _dir: dir,
+        };
+        n.wait_ready();
+        n
+    }
+
+    fn spawn(dir: &std::path::Path, port: u16) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("nats.log"))
+            .unwrap();
+        Command::new(nats_bin())
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string()])
+            .args(["--user", NATS_USER, "--pass", NATS_PASSWORD])
+            .arg("-sd")
+            .arg(dir.join("js"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn nats-server")
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                panic!("nats-server exited: {s}");
+            }
+            assert!(Instant::now() < deadline, "nats-server did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The `[cluster]` section of node `id`.
+    fn section(&self, id: &str) -> String {
+        format!(
+            "[cluster]\nnats = [\"nats://127.0.0.1:{}\"]\nnode_id = \"{id}\"\nuser = \"{NATS_USER}\"\npassword = \"{NATS_PASSWORD}\"\nheartbeat_ms = 300\nnode_expiry_secs = 2\ndevice_refresh_secs = 5\n",
+            self.port
+        )
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Carol, a third user (tenant demo), on every node.
+const CAROL: &str = "[[users]]\ntenant = \"demo\"\nuser = \"carol\"\nnumber = \"+15550100003\"\npassword = \"demo\"\n";
+
+fn cluster_node(nats: &Nats, id: &str) -> Node {
+    Node::start_with_tail("", "", "", 200, &format!("{CAROL}{}", nats.section(id)))
+}
+
+/// Asserts that SIPp's one call succeeded.
+fn assert_answered(run: &common::SippRun, node: &Node) {
+    assert_eq!(
+        (run.code, run.successful),
+        (0, 1),
+        "{}\n{}",
+        run.output,
+        node.log()
+    );
+}
+
+/// A device reports `status`.
+async fn set_status(device: &parley_load::device::Device, status: Status) {
+    let msg = ClientMsg::Presence {
+        status,
+        idle_ms: 0,
+        note: None,
+    };
+    device.send(msg).await.unwrap();
+}
+
+/// Waits until `node` counts `n` devices on other nodes.
+fn wait_remote_devices(node: &Node, n: f64) {
+    let seen = wait_metric(node, "parley_cluster_remote_devices", |v| v == n);
+    assert_eq!(seen, n, "remote devices on a node:\n{}", node.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sipp_calls_reach_users_on_every_node_through_every_node() {
+    let nats = Nats::start();
+    let nodes = [
+        cluster_node(&nats, "a"),
+        cluster_node(&nats, "b"),
+        cluster_node(&nats, "c"),
+    ];
+    // carol on a, alice on b, bob on c.
+    let users = [
+        ("carol", "+15550100003"),
+        ("alice", "+15550100001"),
+        ("bob", "+15550100002"),
+    ];
+    let mut devices = Vec::new();
+    for (node, (user, _)) in nodes.iter().zip(users) {
+        devices.push(node.device(node.device_config(user, "desk")).await);
+    }
+    for node in &nodes {
+        wait_remote_devices(node, 2.0);
+        assert_eq!(node.metric("parley_cluster_nodes"), 3.0, "{}", node.log());
+    }
+
+    let sc = scenario(nodes[0].dir.path(), "uac_pcmu.xml");
+    for node in &nodes {
+        for (user, number) in users {
+            let run = sipp_uac(
+                node,
+                &["-sf", sc.to_str().unwrap()],
+                number,
+                1,
+                1,
+                &["-d", "1000"],
+            )
+            .await;
+            assert_eq!(
+                (run.code, run.successful, run.failed),
+                (0, 1, 0),
+                "call to {user} through {}:\n{}\n{}",
+                node.sip,
+                run.output,
+                node.log()
+            );
+        }
+    }
+    // One CDR per call, on the node the call arrived at, naming the user's device.
+    for node in &nodes {
+        let cdrs = node.wait_cdrs(3);
+        assert_eq!(cdrs.len(), 3, "{cdrs:#?}");
+        for (c, (user, number)) in cdrs.iter().rev().zip(users) {
+            assert_eq!(c["disposition"], "ANSWERED", "{c}");
+            assert_eq!(c["user"], user, "{c}");
+            assert_eq!(c["called"], number, "{c}");
+            assert_eq!(c["answered_by"], "desk", "{c}");
+            // SIPp streams ~50 packets a second; the device echoes them back.
+            assert!(c["packets_in"].as_i64().unwrap() >= 25, "{c}");
+            assert!(c["packets_out"].as_i64().unwrap() >= 25, "{c}");
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for node in &nodes {
+        assert_eq!(node.cdrs().len(), 3, "a node wrote another node's CDR");
+        // Two of its three calls were handed to another node; it hosted two legs.
+        assert_eq!(
+            node.metric("parley_cluster_offers_total{direction=\"sent\"}"),
+            2.0
+        );
+        assert_eq!(
+            node.metric("parley_cluster_offers_total{direction=\"received\"}"),
+            2.0
+        );
+        assert_eq!(node.metric("parley_cluster_handoffs_answered_total"), 2.0);
+        assert_eq!(node.metric("parley_calls_active"), 0.0);
+        assert!(node.metric("parley_cluster_nats_seconds_count") >= 1.0);
+    }
+    for d in &devices {
+        let s = d.stats().snapshot();
+        assert_eq!(s.calls_connected, 3, "{s}");
+        assert!(s.rtp_received >= 3 * 25, "{s}");
+        assert_eq!(s.bad_datagrams, 0);
+    }
+    // Hosted legs and remote legs are all gone.
+    for node in &nodes {
+        let legs = wait_metric(node, "parley_cluster_hosted_legs", |v| v == 0.0);
+        assert_eq!(legs, 0.0);
+        assert_eq!(
+            wait_metric(node, "parley_cluster_remote_legs", |v| v == 0.0),
+            0.0
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_presence_change_on_one_node_reroutes_a_call_ringing_through_another() {
+    let nats = Nats::start();
+    let (a, b, c) = (
+        cluster_node(&nats, "a"),
+        cluster_node(&nats, "b"),
+        cluster_node(&nats, "c"),
+    );
+    // alice's desk on b rings but is not picked up; her mobile on c is away at first.
+    let mut desk_cfg = b.device_config("alice", "desk");
+    desk_cfg.answer_after = None;
+    let mut desk = b.device(desk_cfg).await;
+    let mut mobile = c.device(c.device_config("alice", "mobile")).await;
+    set_status(&mobile, Status::Away).await;
+    wait_remote_devices(&a, 2.0);
+    std::thread::sleep(Duration::from_millis(500));
+
+    let caller = tokio::spawn(sipp_uac(
+        &a,
+        &["-sn", "uac"],
+        "+15550100001",
+        1,
+        1,
+        &["-d", "500"],
+    ));
+    let offer = desk
+        .wait_for(Duration::from_secs(10), |m| {
+            matches!(m, ServerMsg::IncomingCall { .. })
+        })
+        .await;
+    let Some(ServerMsg::IncomingCall { call_id, from, .. }) = offer else {
+        panic!("the desk on b did not ring:\n{}\n{}", a.log(), b.log());
+    };
+    assert_eq!(from, "sip:sipp@127.0.0.1");
+    assert!(call_id.ends_with("@a"), "{call_id}");
+    // The mobile was away: it does not ring.
+    assert!(
+        mobile
+            .wait_for(Duration::from_millis(300), |m| matches!(
+                m,
+                ServerMsg::IncomingCall { .. }
+            ))
+            .await
+            .is_none()
+    );
+    // alice picks up her mobile (on c) and turns the desk (on b) to do-not-disturb.
+    set_status(&mobile, Status::Available).await;
+    set_status(&desk, Status::DoNotDisturb).await;
+    let withdrawn = desk
+        .wait_for(Duration::from_secs(10), |m| {
+            matches!(m, ServerMsg::CallEnded { call_id: id, reason } if *id == call_id && reason == "rerouted")
+        })
+        .await;
+    assert!(
+        withdrawn.is_some(),
+        "the desk's offer was not withdrawn:\n{}",
+        a.log()
+    );
+    let run = caller.await.unwrap();
+    assert_answered(&run, &a);
+    let cdrs = a.wait_cdrs(1);
+    assert_eq!(cdrs[0]["disposition"], "ANSWERED", "{:?}", cdrs[0]);
+    assert_eq!(cdrs[0]["answered_by"], "mobile", "{:?}", cdrs[0]);
+    assert!(a.metric("parley_reroutes_total") >= 1.0, "{}", a.log());
+    assert_eq!(mobile.stats().snapshot().calls_connected, 1);
+    assert!(b.cdrs().is_empty() && c.cdrs().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_s_users_route_by_their_rules_and_it_rejoins() {
+    let nats = Nats::start();
+    let a = cluster_node(&nats, "a");
+    let mut b = cluster_node(&nats, "b");
+    let _device = b.device(b.device_config("alice", "desk")).await;
+    wait_remote_devices(&a, 1.0);
+
+    // A call through a, answered on b, is up when b dies.
+    let sc = scenario(a.dir.path(), "uac_remote_bye.xml");
+    let caller = tokio::spawn(sipp_uac(
+        &a,
+        &["-sf", sc.to_str().unwrap()],
+        "+15550100001",
+        1,
+        1,
+        &[],
+    ));
+    let up = wait_metric(&a, "parley_cluster_handoffs_answered_total", |v| v == 1.0);
+    assert_eq!(up, 1.0, "{}", a.log());
+    std::thread::sleep(Duration::from_millis(500));
+    b.kill_now();
+    // Within the expiry (2 s) a declares b dead: alice's device is offline for a, and the
+    // call anchored on a ends with its CDR written by a.
+    let run = caller.await.unwrap();
+    assert_answered(&run, &a);
+    assert_eq!(a.metric("parley_cluster_remote_devices"), 0.0);
+    assert_eq!(a.metric("parley_cluster_nodes_lost_total"), 1.0);
+    let cdrs = a.wait_cdrs(1);
+    assert_eq!(cdrs[0]["disposition"], "ANSWERED", "{:?}", cdrs[0]);
+    assert!(cdrs[0]["end_time"].is_string(), "{:?}", cdrs[0]);
+    assert!(a.log().contains("cluster node expired"), "{}", a.log());
+
+    // alice's next call routes by her rules: no device anywhere, so her PSTN line
+    // through a's trunk.
+    let _trunk = SippUas::start(&a, &["-sn", "uas"]);
+    let run = sipp_uac(&a, &["-sn", "uac"], "+15550100001", 1, 1, &["-d", "300"]).await;
+    assert_answered(&run, &a);
+    let cdrs = a.wait_cdrs(2);
+    assert_eq!(cdrs[0]["route"], "pstn", "{:?}", cdrs[0]);
+
+    // b restarts and rejoins; alice logs in there again and a rings her there.
+    let b = b.crash_and_restart();
+    let _device = b.device(b.device_config("alice", "desk")).await;
+    wait_remote_devices(&a, 1.0);
+    let run = sipp_uac(&a, &["-sn", "uac"], "+15550100001", 1, 1, &["-d", "300"]).await;
+    assert_answered(&run, &a);
+    let cdrs = a.wait_cdrs(3);
+    assert_eq!(cdrs[0]["route"], "im", "{:?}", cdrs[0]);
+    assert_eq!(cdrs[0]["answered_by"], "desk", "{:?}", cdrs[0]);
+}
