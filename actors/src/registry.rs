@@ -106,6 +106,11 @@ impl Registry {
             .unwrap_or_default()
     }
 
+    /// Every live user actor.
+    pub fn all_users(&self) -> Vec<UserRef> {
+        self.by_name.iter().map(|e| e.value().clone()).collect()
+    }
+
     /// The users of a tenant.
     pub fn users_of(&self, tenant: &str) -> Vec<String> {
         self.by_name

@@ -442,6 +442,15 @@ pub enum ServerMsg {
         /// Addresses no longer in the book.
         removed: Vec<String>,
     },
+    /// The node is draining (shutting down, or taken out of a cluster): connect to another
+    /// node. Calls in progress go on until they end; no new call is offered to this
+    /// connection and the node refuses new logins (`draining`).
+    Reconnect {
+        /// Why (`draining`).
+        reason: String,
+        /// Seconds after which this node may take connections again (it restarts).
+        retry_after_secs: u32,
+    },
     /// Reply to `ping`.
     Pong {
         /// The ping's id.

@@ -1177,6 +1177,44 @@ mod tests {
     }
 
     #[test]
+    fn cluster_errors_name_the_key() {
+        let p = Path::new("parley.toml");
+        let base = "demo = true\n[cluster]\nnats = [\"nats://127.0.0.1:4222\"]\n";
+        for (extra, key) in [
+            ("", "cluster.node_id"),
+            ("node_id = \"a.b\"\n", "cluster.node_id"),
+            (
+                "node_id = \"a\"\nheartbeat_ms = 2000\nnode_expiry_secs = 3\n",
+                "cluster.node_expiry_secs",
+            ),
+            ("node_id = \"a\"\nuser = \"u\"\n", "cluster.password"),
+            (
+                "node_id = \"a\"\ndevice_refresh_secs = 0\n",
+                "cluster.device_refresh_secs",
+            ),
+        ] {
+            let e = Config::parse(&format!("{base}{extra}"), p)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{extra}: {e}");
+        }
+        let e = Config::parse(
+            "demo = true\n[cluster]\nnats = [\"http://x\"]\nnode_id = \"a\"\n",
+            p,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("cluster.nats"), "{e}");
+        let e = Config::parse("demo = true\n[cluster]\nnode_idd = \"a\"\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("node_idd") && e.contains("line 3"), "{e}");
+        let ok = Config::parse(&format!("{base}node_id = \"node-1\"\n"), p).unwrap();
+        assert_eq!(ok.cluster.node_id, "node-1");
+        assert_eq!(ok.cluster.heartbeat_ms, 2000);
+    }
+
+    #[test]
     fn example_file_parses() {
         let text = include_str!("../../parley.example.toml");
         let cfg = Config::parse(text, Path::new("parley.example.toml")).unwrap();

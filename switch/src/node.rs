@@ -342,6 +342,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         })),
         chats: crate::chats::Chats::new(store.clone(), registry.clone(), cfg.chat.clone()).start(),
         federation: federation.clone(),
+        draining: std::sync::atomic::AtomicBool::new(false),
     });
     actix_rt::spawn(quic::serve(endpoint.clone(), im.clone()));
 
@@ -443,13 +444,28 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     shutdown_signal().await;
     tracing::info!("shutdown requested: draining (no new calls; up to 30 s for calls in progress)");
+    // No new logins; every device is asked to connect to another node (its calls go on).
+    im.draining
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    for u in registry.all_users() {
+        u.addr.do_send(parley_actors::user::Deliver {
+            msg: parley_codecs::control::ServerMsg::Reconnect {
+                reason: "draining".into(),
+                retry_after_secs: 30,
+            },
+            except: None,
+        });
+    }
     if let Some(c) = &cluster {
         // The other nodes stop ringing this node's devices now, not at expiry.
-        c.leave().await;
+        c.drain().await;
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let live = sip.send(Drain).await.unwrap_or(0);
+        let live = sip.send(Drain).await.unwrap_or(0)
+            + cluster
+                .as_ref()
+                .map_or(0, crate::cluster::Cluster::hosted_legs);
         if live == 0 || tokio::time::Instant::now() >= deadline {
             if live > 0 {
                 tracing::warn!(live, "drain deadline reached; exiting with calls up");
@@ -457,6 +473,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    if let Some(c) = &cluster {
+        c.leave().await;
     }
     endpoint.close(0u32.into(), b"shutdown");
     // Let call actors hand their CDRs over, then let the writer finish.

@@ -78,6 +78,17 @@ impl Nats {
         }
     }
 
+    /// Kills the server (SIGKILL) and starts it again on the same port and store.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn restart(&mut self) {
+        self.child = Self::spawn(self._dir.path(), self.port);
+        self.wait_ready();
+    }
+
     /// The `[cluster]` section of node `id`.
     fn section(&self, id: &str) -> String {
         format!(
@@ -338,4 +349,175 @@ async fn a_killed_node_s_users_route_by_their_rules_and_it_rejoins() {
     let cdrs = a.wait_cdrs(3);
     assert_eq!(cdrs[0]["route"], "im", "{:?}", cdrs[0]);
     assert_eq!(cdrs[0]["answered_by"], "desk", "{:?}", cdrs[0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_node_sends_its_devices_elsewhere_and_finishes_its_calls() {
+    let nats = Nats::start();
+    let a = cluster_node(&nats, "a");
+    let b = cluster_node(&nats, "b");
+    let mut desk = b.device(b.device_config("alice", "desk")).await;
+    wait_remote_devices(&a, 1.0);
+
+    // A call through a, answered on b, lasts 4 s.
+    let caller = tokio::spawn(sipp_uac(
+        &a,
+        &["-sn", "uac"],
+        "+15550100001",
+        1,
+        1,
+        &["-d", "4000"],
+    ));
+    assert_eq!(
+        wait_metric(&a, "parley_cluster_handoffs_answered_total", |v| v == 1.0),
+        1.0,
+        "{}",
+        a.log()
+    );
+    // SIGTERM to b: it drains.
+    let status = Command::new("kill")
+        .args(["-TERM", &b.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let told = desk
+        .wait_for(
+            Duration::from_secs(5),
+            |m| matches!(m, ServerMsg::Reconnect { reason, .. } if reason == "draining"),
+        )
+        .await;
+    assert!(
+        told.is_some(),
+        "the device was not asked to reconnect:\n{}",
+        b.log()
+    );
+    // a no longer rings alice on b; b refuses new logins and new calls.
+    wait_remote_devices(&a, 0.0);
+    match parley_load::device::Device::connect(b.device_config("alice", "mobile")).await {
+        Err(e) => assert!(e.to_string().contains("draining"), "{e}"),
+        Ok(_) => panic!("a draining node took a login"),
+    }
+    let sc = scenario(a.dir.path(), "uac_or_retry_after.xml");
+    let refused = sipp_uac(
+        &b,
+        &["-sf", sc.to_str().unwrap()],
+        "+15550100002",
+        1,
+        1,
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (refused.code, refused.successful),
+        (0, 1),
+        "{}",
+        refused.output
+    );
+    assert!(b.metric("parley_sip_overload_rejections_total{reason=\"draining\"}") >= 1.0);
+    // The call in progress finishes normally, then b exits.
+    let run = caller.await.unwrap();
+    assert_answered(&run, &a);
+    let cdrs = a.wait_cdrs(1);
+    assert_eq!(cdrs[0]["disposition"], "ANSWERED", "{:?}", cdrs[0]);
+    assert!(
+        cdrs[0]["duration_secs"].as_f64().unwrap() >= 3.5,
+        "{:?}",
+        cdrs[0]
+    );
+    let (status, log) = b.stop_with_log();
+    assert!(status.success(), "{log}");
+    // It did not wait for the drain deadline: every leg it hosted ended with its call.
+    assert!(!log.contains("drain deadline reached"), "{log}");
+    assert!(
+        log.contains("draining: other nodes no longer ring"),
+        "{log}"
+    );
+    assert!(log.contains("left the cluster"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_rung_on_two_nodes_is_answered_once_and_the_other_offer_withdrawn() {
+    let nats = Nats::start();
+    let (a, b, c) = (
+        cluster_node(&nats, "a"),
+        cluster_node(&nats, "b"),
+        cluster_node(&nats, "c"),
+    );
+    let mut desk_cfg = b.device_config("alice", "desk");
+    desk_cfg.answer_after = None;
+    let mut desk = b.device(desk_cfg).await;
+    let mobile = c.device(c.device_config("alice", "mobile")).await;
+    wait_remote_devices(&a, 2.0);
+    let run = sipp_uac(&a, &["-sn", "uac"], "+15550100001", 1, 1, &["-d", "500"]).await;
+    assert_answered(&run, &a);
+    let offer = desk
+        .wait_for(Duration::from_secs(1), |m| {
+            matches!(m, ServerMsg::IncomingCall { .. })
+        })
+        .await;
+    assert!(offer.is_some(), "both devices ring in parallel");
+    let withdrawn = desk
+        .wait_for(
+            Duration::from_secs(5),
+            |m| matches!(m, ServerMsg::CallEnded { reason, .. } if reason == "answered_elsewhere"),
+        )
+        .await;
+    assert!(withdrawn.is_some(), "{}", a.log());
+    let cdrs = a.wait_cdrs(1);
+    assert_eq!(cdrs[0]["answered_by"], "mobile", "{:?}", cdrs[0]);
+    assert_eq!(mobile.stats().snapshot().calls_connected, 1);
+    assert_eq!(desk.stats().snapshot().calls_connected, 0);
+    assert_eq!(
+        a.metric("parley_cluster_offers_total{direction=\"sent\"}"),
+        2.0
+    );
+    assert_eq!(a.metric("parley_cluster_handoffs_answered_total"), 1.0);
+    // Both nodes let go of their legs.
+    assert_eq!(
+        wait_metric(&b, "parley_cluster_hosted_legs", |v| v == 0.0),
+        0.0
+    );
+    assert_eq!(
+        wait_metric(&c, "parley_cluster_hosted_legs", |v| v == 0.0),
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_serve_local_calls_while_nats_is_away_and_resume_after_it_restarts() {
+    let mut nats = Nats::start();
+    let a = cluster_node(&nats, "a");
+    let b = cluster_node(&nats, "b");
+    let carol = a.device(a.device_config("carol", "desk")).await;
+    let _alice = b.device(b.device_config("alice", "desk")).await;
+    wait_remote_devices(&a, 1.0);
+    assert_eq!(a.metric("parley_cluster_nats_connected"), 1.0);
+
+    nats.kill();
+    let gone = wait_metric(&a, "parley_cluster_nats_connected", |v| v == 0.0);
+    assert_eq!(gone, 0.0, "{}", a.log());
+    // NATS is away for longer than the expiry: a no longer rings alice on b (it cannot
+    // know she is still there), but carol, on a itself, is reached as ever.
+    assert_eq!(
+        wait_metric(&a, "parley_cluster_remote_devices", |v| v == 0.0),
+        0.0
+    );
+    let run = sipp_uac(&a, &["-sn", "uac"], "+15550100003", 1, 1, &["-d", "300"]).await;
+    assert_answered(&run, &a);
+    assert_eq!(carol.stats().snapshot().calls_connected, 1);
+
+    nats.restart();
+    assert_eq!(
+        wait_metric(&a, "parley_cluster_nats_connected", |v| v == 1.0),
+        1.0,
+        "{}",
+        a.log()
+    );
+    wait_remote_devices(&a, 1.0);
+    wait_remote_devices(&b, 1.0);
+    let run = sipp_uac(&a, &["-sn", "uac"], "+15550100001", 1, 1, &["-d", "300"]).await;
+    assert_answered(&run, &a);
+    let cdrs = a.wait_cdrs(2);
+    assert_eq!(cdrs[0]["user"], "alice", "{:?}", cdrs[0]);
+    assert_eq!(cdrs[0]["disposition"], "ANSWERED", "{:?}", cdrs[0]);
 }

@@ -103,6 +103,11 @@ function handle(msg, creds) {
       send({ type: "call_history", id: state.nextId++ });
       startMedia();
       break;
+    case "reconnect":
+      // The node is draining: calls in progress go on; sign in again (to another node
+      // behind the same address) once this one has gone.
+      notice("This server is going away for maintenance: sign in again after your call.");
+      break;
     case "webrtc_answer":
       if (state.pc) state.pc.setRemoteDescription({ type: "answer", sdp: msg.sdp }).catch((e) => notice("Audio: " + e));
       break;

@@ -368,13 +368,19 @@ impl Cluster {
         Arc::new(self.clone())
     }
 
-    /// Leaves the cluster (a drain): the node's entry and its devices' entries are deleted,
-    /// so that the other nodes stop ringing its devices at once rather than at expiry.
-    pub async fn leave(&self) {
+    /// Starts a drain: the node takes no new legs from other nodes, its entry says
+    /// `draining` (the other nodes stop ringing its devices but keep the calls they have
+    /// here), and its devices' entries are deleted.
+    pub async fn drain(&self) {
         let inner = &self.inner;
         inner.draining.store(true, Ordering::Relaxed);
         let js = jetstream::new(inner.client.clone());
         let timeout = Duration::from_secs(2);
+        if let Ok(Ok(nodes)) = tokio::time::timeout(timeout, js.get_key_value(NODES_BUCKET)).await
+            && let Ok(value) = serde_json::to_vec(&inner.node_record())
+        {
+            let _ = tokio::time::timeout(timeout, nodes.put(&inner.me, Bytes::from(value))).await;
+        }
         if let Ok(Ok(devices)) =
             tokio::time::timeout(timeout, js.get_key_value(DEVICES_BUCKET)).await
         {
@@ -387,6 +393,20 @@ impl Cluster {
                 let _ = tokio::time::timeout(timeout, devices.delete(&k)).await;
             }
         }
+        tracing::info!(node = %inner.me, "draining: other nodes no longer ring this node's devices");
+    }
+
+    /// Legs this node hosts for other nodes' calls now (a drain waits for them too).
+    pub fn hosted_legs(&self) -> usize {
+        self.inner.hosted.len()
+    }
+
+    /// Leaves the cluster at the end of a drain: the node's entry is deleted, so the other
+    /// nodes forget it at once rather than at expiry.
+    pub async fn leave(&self) {
+        let inner = &self.inner;
+        let js = jetstream::new(inner.client.clone());
+        let timeout = Duration::from_secs(2);
         if let Ok(Ok(nodes)) = tokio::time::timeout(timeout, js.get_key_value(NODES_BUCKET)).await {
             let _ = tokio::time::timeout(timeout, nodes.delete(&inner.me)).await;
         }
@@ -611,7 +631,8 @@ impl Inner {
                 calls: r.proxy.clone().recipient(),
             });
         }
-        r.proxy.do_send(StopProxy);
+        // The proxy lives on while a call still holds it (to end its leg there), and stops
+        // when the last holder lets go.
     }
 
     /// What a device on `node` did with a leg of one of this node's calls.
@@ -1009,24 +1030,50 @@ async fn heartbeat(inner: &Arc<Inner>, nodes: &kv::Store) {
     let mut tick = tokio::time::interval(inner.settings.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_refresh = Instant::now();
+    let mut failing = false;
     loop {
         tick.tick().await;
         let record = inner.node_record();
         if let Ok(value) = serde_json::to_vec(&record) {
             let start = Instant::now();
-            match nodes.put(&inner.me, Bytes::from(value)).await {
-                Ok(_) => metrics::histogram!(m::CLUSTER_NATS_SECONDS)
-                    .record(start.elapsed().as_secs_f64()),
-                Err(e) => {
-                    tracing::warn!(error = %e, "heartbeat not written");
-                    if !matches!(
+            // Bounded: while NATS is away the sweep below must still run.
+            let put = tokio::time::timeout(
+                inner.settings.heartbeat,
+                nodes.put(&inner.me, Bytes::from(value)),
+            );
+            match put.await {
+                Ok(Ok(_)) => {
+                    metrics::histogram!(m::CLUSTER_NATS_SECONDS)
+                        .record(start.elapsed().as_secs_f64());
+                    if failing {
+                        // Back after an outage: the other nodes may have expired this one,
+                        // so its devices are written again now, not at the next refresh.
+                        failing = false;
+                        tracing::info!(
+                            "cluster registries reachable again: republishing this node's devices"
+                        );
+                        last_refresh = Instant::now()
+                            .checked_sub(inner.settings.device_refresh)
+                            .unwrap_or(last_refresh);
+                    }
+                }
+                Ok(Err(e))
+                    if matches!(
                         inner.client.connection_state(),
                         async_nats::connection::State::Connected
-                    ) {
-                        continue;
-                    }
-                    // Connected but the bucket refused: set the buckets up again.
+                    ) =>
+                {
+                    // Connected, but the bucket refused: set the buckets up again.
+                    tracing::warn!(error = %e, "heartbeat refused: setting the registries up again");
                     return;
+                }
+                Ok(Err(_)) | Err(_) => {
+                    if !failing {
+                        tracing::warn!(
+                            "heartbeat not written: NATS unreachable (local calls go on)"
+                        );
+                    }
+                    failing = true;
                 }
             }
         }
@@ -1175,7 +1222,8 @@ async fn watch_devices(inner: &Arc<Inner>, mut watch: kv::Watch) {
     }
 }
 
-/// Stands for a device on another node: what a call sends it goes there.
+/// Stands for a device on another node: what a call sends it goes there. It stops when
+/// nothing holds its address any more (the user actor and the calls that rang it).
 struct RemoteProxy {
     inner: Arc<Inner>,
     node: String,
@@ -1185,17 +1233,6 @@ struct RemoteProxy {
 
 impl Actor for RemoteProxy {
     type Context = Context<Self>;
-}
-
-#[derive(Message)]
-#[rtype(result = "()")]
-struct StopProxy;
-
-impl Handler<StopProxy> for RemoteProxy {
-    type Result = ();
-    fn handle(&mut self, _: StopProxy, ctx: &mut Context<Self>) {
-        ctx.stop();
-    }
 }
 
 impl Handler<ToDevice> for RemoteProxy {

@@ -51,6 +51,8 @@ pub struct ImContext {
     pub federation: Arc<Federation>,
     /// Where devices' address book requests go.
     pub books: parley_actors::book::BookService,
+    /// Set when the node drains: new logins are refused (`draining`).
+    pub draining: std::sync::atomic::AtomicBool,
 }
 
 /// Who a login proved to be.
@@ -296,6 +298,15 @@ pub(crate) async fn run_device(
         }
         Err(e) => return fatal(&link, &mut tx, "bad_message", e.to_string()).await,
     };
+    if ctx.draining.load(Ordering::Relaxed) {
+        return fatal(
+            &link,
+            &mut tx,
+            "draining",
+            "this node is draining: connect to another node".into(),
+        )
+        .await;
+    }
     // Throttled before any hashing: the answer is the same whether the user exists.
     let checked = ctx
         .guard()

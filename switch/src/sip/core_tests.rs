@@ -488,6 +488,11 @@ fn bad_requests_get_400_404_488_and_options_200() {
         assert_eq!(first_lines(&tx), vec!["SIP/2.0 503 Service Unavailable"]);
         assert!(tx[0].1.contains("Retry-After: 30"));
         assert_eq!(new, 0);
+        // A gateway's health check hears that the node is going away.
+        c.handle_datagram(t0, gw, in_dialog("OPTIONS", "b6", "z9hG4bK-b6", None, 1));
+        let (tx, _, _) = drain(&mut c);
+        assert_eq!(first_lines(&tx), vec!["SIP/2.0 503 Service Unavailable"]);
+        assert!(tx[0].1.contains("Retry-After: 30"), "{}", tx[0].1);
     }
 }
 

@@ -151,7 +151,13 @@ impl SipCore {
     }
 
     /// 503 with `Retry-After: secs`, through the INVITE's transaction.
-    fn respond_overloaded(&mut self, now: Instant, key: &TransactionKey, req: &Request, secs: u32) {
+    pub(super) fn respond_overloaded(
+        &mut self,
+        now: Instant,
+        key: &TransactionKey,
+        req: &Request,
+        secs: u32,
+    ) {
         let tag = self.token(10);
         if let Some(mut r) = msg::response(req, 503, Some(&tag), None, None) {
             let after = secs.to_string();

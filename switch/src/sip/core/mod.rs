@@ -618,6 +618,8 @@ impl SipCore {
                 Method::Invite => self.on_invite(now, key, *req),
                 Method::Bye => self.on_bye(now, key, &req),
                 Method::Cancel => self.on_cancel(now, key, &req),
+                // A draining node tells a gateway's health check to send calls elsewhere.
+                Method::Options if self.draining => self.respond_overloaded(now, key, &req, 30),
                 Method::Options => self.respond(now, key, &req, 200, None),
                 Method::Register | Method::Subscribe | Method::Publish => {
                     self.respond(now, key, &req, 405, None)
