@@ -353,6 +353,18 @@ fn register_zeroes() {
     gauge!(DIRECTORY_USERS).set(0.0);
     gauge!(DIRECTORY_NUMBERS_REFUSED).set(0.0);
     let _ = metrics::histogram!(AUTH_AGENT_REQUEST_SECONDS);
+    let _ = metrics::histogram!(CLUSTER_NATS_SECONDS);
+    // Cluster gauges read 0 on a single node (and before NATS answers).
+    for g in [
+        CLUSTER_NATS_CONNECTED,
+        CLUSTER_NODES,
+        CLUSTER_LOCAL_DEVICES,
+        CLUSTER_REMOTE_DEVICES,
+        CLUSTER_REMOTE_LEGS,
+        CLUSTER_HOSTED_LEGS,
+    ] {
+        gauge!(g).set(0.0);
+    }
     for r in ["imported", "duplicate", "unmatched", "expired", "rejected"] {
         counter!(CDR_IMPORT_ROWS_TOTAL, "result" => r).increment(0);
     }

@@ -402,6 +402,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         enrolment_token_lifetime: Duration::from_secs(cfg.federation.enrolment_token_secs),
         default_region: cfg.sip.default_region.clone(),
         books,
+        cluster: cluster.clone(),
     }));
     actix_rt::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {

@@ -159,7 +159,28 @@ async fn sipp_calls_reach_users_on_every_node_through_every_node() {
     }
     for node in &nodes {
         wait_remote_devices(node, 2.0);
-        assert_eq!(node.metric("parley_cluster_nodes"), 3.0, "{}", node.log());
+        let seen = wait_metric(node, "parley_cluster_nodes", |v| v == 3.0);
+        assert_eq!(seen, 3.0, "{}", node.log());
+    }
+
+    // The node registry, as the admin API shows it: every node with its load figures.
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(nodes[0].get("/api/v1/cluster", false).0, 401);
+    let (st, body) = nodes[0].get("/api/v1/cluster", true);
+    assert_eq!(st, 200, "{body}");
+    let view: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let listed: Vec<&str> = view["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["node"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, ["a", "b", "c"], "{body}");
+    assert_eq!(view["nats_connected"], true, "{body}");
+    for n in view["nodes"].as_array().unwrap() {
+        assert_eq!(n["entry"]["devices"], 1, "{n}");
+        assert!(n["entry"]["cpu_cores"].as_f64().is_some(), "{n}");
+        assert!(n["age_ms"].as_u64().unwrap() < 2000, "{n}");
     }
 
     let sc = scenario(nodes[0].dir.path(), "uac_pcmu.xml");

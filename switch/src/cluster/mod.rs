@@ -129,6 +129,8 @@ struct NodeRecord {
     hosted_legs: usize,
     /// Whether it is draining (takes no new devices or calls).
     draining: bool,
+    /// The node process's CPU over the last heartbeat, in cores (1.0: one core busy).
+    cpu_cores: f64,
 }
 
 /// What a device did with a leg, on the wire.
@@ -239,10 +241,11 @@ struct Local {
     calls: Recipient<ToDevice>,
 }
 
-/// When this node last saw another node's entry.
+/// When this node last saw another node's entry, and the entry.
 struct Seen {
     incarnation: u64,
     at: Instant,
+    record: Option<NodeRecord>,
 }
 
 /// The cluster as a node takes part in it. Cheap to clone.
@@ -284,6 +287,8 @@ struct Inner {
     next_remote: AtomicU64,
     outbox: mpsc::Sender<(String, Bytes)>,
     draining: std::sync::atomic::AtomicBool,
+    /// This process's CPU over the last heartbeat, cores (`f64` bits).
+    cpu_cores: AtomicU64,
 }
 
 impl Cluster {
@@ -345,6 +350,7 @@ impl Cluster {
             next_remote: AtomicU64::new(REMOTE_SESSION_BASE),
             outbox,
             draining: std::sync::atomic::AtomicBool::new(false),
+            cpu_cores: AtomicU64::new(0),
         });
         let sub = inner
             .client
@@ -394,6 +400,38 @@ impl Cluster {
             }
         }
         tracing::info!(node = %inner.me, "draining: other nodes no longer ring this node's devices");
+    }
+
+    /// The cluster as this node sees it: itself and every live node, with its last entry
+    /// (load figures) and how long ago it arrived (admin API `GET /api/v1/cluster`).
+    pub fn nodes(&self) -> serde_json::Value {
+        let inner = &self.inner;
+        let mut list = vec![serde_json::json!({
+            "node": inner.me,
+            "self": true,
+            "entry": inner.node_record(),
+            "age_ms": 0,
+        })];
+        let nodes = inner
+            .nodes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut others: Vec<_> = nodes.iter().collect();
+        others.sort_by(|a, b| a.0.cmp(b.0));
+        for (id, seen) in others {
+            list.push(serde_json::json!({
+                "node": id,
+                "self": false,
+                "entry": seen.record,
+                "age_ms": seen.at.elapsed().as_millis() as u64,
+            }));
+        }
+        serde_json::json!({
+            "node": inner.me,
+            "nats_connected": matches!(inner.client.connection_state(), async_nats::connection::State::Connected),
+            "remote_devices": inner.remote.len(),
+            "nodes": list,
+        })
     }
 
     /// Legs this node hosts for other nodes' calls now (a drain waits for them too).
@@ -459,11 +497,12 @@ impl Inner {
             remote_legs: self.pending.len(),
             hosted_legs: self.hosted.len(),
             draining: self.draining.load(Ordering::Relaxed),
+            cpu_cores: f64::from_bits(self.cpu_cores.load(Ordering::Relaxed)),
         }
     }
 
     /// A node's entry arrived: it is alive (and, with a new incarnation, restarted).
-    fn node_seen(&self, node: &str, incarnation: u64) {
+    fn node_seen(&self, node: &str, incarnation: u64, record: Option<NodeRecord>) {
         let restarted = {
             let mut nodes = self
                 .nodes
@@ -475,6 +514,7 @@ impl Inner {
                 Seen {
                     incarnation,
                     at: Instant::now(),
+                    record,
                 },
             );
             if new {
@@ -554,6 +594,7 @@ impl Inner {
                         Seen {
                             incarnation: rec.incarnation,
                             at: Instant::now(),
+                            record: None,
                         },
                     );
                 }
@@ -1031,8 +1072,16 @@ async fn heartbeat(inner: &Arc<Inner>, nodes: &kv::Store) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_refresh = Instant::now();
     let mut failing = false;
+    let mut cpu_at = (Instant::now(), process_cpu());
     loop {
         tick.tick().await;
+        let now = (Instant::now(), process_cpu());
+        let wall = now.0.duration_since(cpu_at.0).as_secs_f64();
+        if wall > 0.0 {
+            let cores = (now.1 - cpu_at.1).as_secs_f64() / wall;
+            inner.cpu_cores.store(cores.to_bits(), Ordering::Relaxed);
+        }
+        cpu_at = now;
         let record = inner.node_record();
         if let Ok(value) = serde_json::to_vec(&record) {
             let start = Instant::now();
@@ -1098,6 +1147,19 @@ async fn heartbeat(inner: &Arc<Inner>, nodes: &kv::Store) {
             metrics::counter!(m::CLUSTER_NODES_LOST_TOTAL).increment(1);
             inner.node_lost(&n);
         }
+        // Legs whose call is gone without ending them (its actor stopped): forgotten, so
+        // the table holds live calls only.
+        let orphans: Vec<(String, SessionId)> = inner
+            .pending
+            .iter()
+            .filter(|e| !e.value().call.connected())
+            .map(|e| e.key().clone())
+            .collect();
+        for key in orphans {
+            if let Some((_, p)) = inner.pending.remove(&key) {
+                inner.pending_idx.remove(&(p.node, key.0, p.remote_session));
+            }
+        }
         metrics::gauge!(m::CLUSTER_LOCAL_DEVICES).set(inner.local.len() as f64);
         metrics::gauge!(m::CLUSTER_REMOTE_LEGS).set(inner.pending.len() as f64);
         metrics::gauge!(m::CLUSTER_HOSTED_LEGS).set(inner.hosted.len() as f64);
@@ -1108,6 +1170,20 @@ async fn heartbeat(inner: &Arc<Inner>, nodes: &kv::Store) {
                 inner.mark_dirty(device_key(&inner.me, *e.key()), value);
             }
         }
+    }
+}
+
+/// The process's user + system CPU time so far.
+fn process_cpu() -> Duration {
+    match nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF) {
+        Ok(u) => {
+            let tv = |t: nix::sys::time::TimeVal| {
+                Duration::from_secs(t.tv_sec().max(0) as u64)
+                    + Duration::from_micros(t.tv_usec().max(0) as u64)
+            };
+            tv(u.user_time()) + tv(u.system_time())
+        }
+        Err(_) => Duration::ZERO,
     }
 }
 
@@ -1164,7 +1240,7 @@ async fn watch_nodes(inner: &Arc<Inner>, mut watch: kv::Watch) {
                 Ok(rec) if rec.node == entry.key => {
                     if rec.draining {
                         // A draining node takes no new calls: its devices are not rung.
-                        inner.node_seen(&rec.node, rec.incarnation);
+                        inner.node_seen(&rec.node, rec.incarnation, Some(rec.clone()));
                         let devices: Vec<(String, u64)> = inner
                             .remote
                             .iter()
@@ -1175,7 +1251,8 @@ async fn watch_nodes(inner: &Arc<Inner>, mut watch: kv::Watch) {
                             inner.remote_gone(&k);
                         }
                     } else {
-                        inner.node_seen(&rec.node, rec.incarnation);
+                        let (node, incarnation) = (rec.node.clone(), rec.incarnation);
+                        inner.node_seen(&node, incarnation, Some(rec));
                     }
                 }
                 _ => tracing::warn!(key = %entry.key, "invalid node entry ignored"),

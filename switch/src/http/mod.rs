@@ -36,6 +36,8 @@ pub struct HttpState {
     pub default_region: String,
     /// Users' address book edits.
     pub books: crate::books::Books,
+    /// The cluster, in cluster mode.
+    pub cluster: Option<crate::cluster::Cluster>,
 }
 
 /// The router.
@@ -56,6 +58,7 @@ pub fn router(state: Arc<HttpState>) -> Router {
             get(get_preferences).put(put_preferences),
         )
         .route("/api/v1/users/{user}/presence", get(get_presence))
+        .route("/api/v1/cluster", get(cluster_nodes))
         .route("/api/v1/tenants", get(list_tenants).post(create_tenant))
         .route(
             "/api/v1/tenants/{tenant}/enrolment-tokens",
@@ -829,6 +832,21 @@ async fn create_enrolment_token(
                 .into_response()
         }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "database", e),
+    }
+}
+
+/// The cluster's nodes as this node sees them (404 `not_clustered` on a single node).
+async fn cluster_nodes(State(s): State<Arc<HttpState>>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorised(&s, &headers) {
+        return *r;
+    }
+    match &s.cluster {
+        Some(c) => Json(c.nodes()).into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            "not_clustered",
+            "this node is not in a cluster ([cluster] nats is empty)",
+        ),
     }
 }
 
