@@ -152,6 +152,8 @@ pub const CLUSTER_NODES: &str = "parley_cluster_nodes";
 pub const CLUSTER_NODES_LOST_TOTAL: &str = "parley_cluster_nodes_lost_total";
 /// Gauge: devices logged in on this node, as published to the cluster.
 pub const CLUSTER_LOCAL_DEVICES: &str = "parley_cluster_local_devices";
+/// Gauge: users with a device logged in on this node (users per node, summed over nodes).
+pub const CLUSTER_LOCAL_USERS: &str = "parley_cluster_local_users";
 /// Gauge: devices on other nodes this node's users have.
 pub const CLUSTER_REMOTE_DEVICES: &str = "parley_cluster_remote_devices";
 /// Gauge: legs this node's calls ring or hold on other nodes.
@@ -359,6 +361,7 @@ fn register_zeroes() {
         CLUSTER_NATS_CONNECTED,
         CLUSTER_NODES,
         CLUSTER_LOCAL_DEVICES,
+        CLUSTER_LOCAL_USERS,
         CLUSTER_REMOTE_DEVICES,
         CLUSTER_REMOTE_LEGS,
         CLUSTER_HOSTED_LEGS,

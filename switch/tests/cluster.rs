@@ -179,6 +179,7 @@ async fn sipp_calls_reach_users_on_every_node_through_every_node() {
     assert_eq!(view["nats_connected"], true, "{body}");
     for n in view["nodes"].as_array().unwrap() {
         assert_eq!(n["entry"]["devices"], 1, "{n}");
+        assert_eq!(n["entry"]["users"], 1, "{n}");
         assert!(n["entry"]["cpu_cores"].as_f64().is_some(), "{n}");
         assert!(n["age_ms"].as_u64().unwrap() < 2000, "{n}");
     }
@@ -380,6 +381,10 @@ async fn a_draining_node_sends_its_devices_elsewhere_and_finishes_its_calls() {
     let mut desk = b.device(b.device_config("alice", "desk")).await;
     wait_remote_devices(&a, 1.0);
 
+    assert_eq!(
+        wait_metric(&b, "parley_cluster_local_users", |v| v == 1.0),
+        1.0
+    );
     // A call through a, answered on b, lasts 4 s.
     let caller = tokio::spawn(sipp_uac(
         &a,

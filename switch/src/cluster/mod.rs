@@ -123,6 +123,8 @@ struct NodeRecord {
     media_ip: IpAddr,
     /// Devices logged in on the node.
     devices: usize,
+    /// Users with a device on the node.
+    users: usize,
     /// Legs its calls ring or hold on other nodes.
     remote_legs: usize,
     /// Legs it hosts for other nodes' calls.
@@ -481,6 +483,10 @@ impl Inner {
     }
 
     fn mark_dirty(&self, key: String, value: Option<Bytes>) {
+        // A draining node has taken its devices out of the registry: they stay out.
+        if value.is_some() && self.draining.load(Ordering::Relaxed) {
+            return;
+        }
         self.dirty
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -494,11 +500,24 @@ impl Inner {
             incarnation: self.incarnation,
             media_ip: self.settings.media_ip,
             devices: self.local.len(),
+            users: self.local_users(),
             remote_legs: self.pending.len(),
             hosted_legs: self.hosted.len(),
             draining: self.draining.load(Ordering::Relaxed),
             cpu_cores: f64::from_bits(self.cpu_cores.load(Ordering::Relaxed)),
         }
+    }
+
+    /// Users with a device on this node.
+    fn local_users(&self) -> usize {
+        self.local
+            .iter()
+            .map(|e| {
+                let r = &e.value().record;
+                (r.tenant.clone(), r.user.clone())
+            })
+            .collect::<std::collections::HashSet<_>>()
+            .len()
     }
 
     /// A node's entry arrived: it is alive (and, with a new incarnation, restarted).
@@ -585,6 +604,8 @@ impl Inner {
             match nodes.get(&rec.node) {
                 // An entry of an earlier run of that node, not yet aged out.
                 Some(seen) if seen.incarnation != rec.incarnation => return,
+                // A draining node's devices are not rung (an entry still in flight).
+                Some(seen) if seen.record.as_ref().is_some_and(|r| r.draining) => return,
                 Some(_) => {}
                 // Devices may arrive before the node's own entry; the node then expires
                 // unless its heartbeat follows.
@@ -1161,6 +1182,7 @@ async fn heartbeat(inner: &Arc<Inner>, nodes: &kv::Store) {
             }
         }
         metrics::gauge!(m::CLUSTER_LOCAL_DEVICES).set(inner.local.len() as f64);
+        metrics::gauge!(m::CLUSTER_LOCAL_USERS).set(record.users as f64);
         metrics::gauge!(m::CLUSTER_REMOTE_LEGS).set(inner.pending.len() as f64);
         metrics::gauge!(m::CLUSTER_HOSTED_LEGS).set(inner.hosted.len() as f64);
         if last_refresh.elapsed() >= inner.settings.device_refresh {
