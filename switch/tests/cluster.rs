@@ -547,3 +547,85 @@ async fn nodes_serve_local_calls_while_nats_is_away_and_resume_after_it_restarts
     assert_eq!(cdrs[0]["user"], "alice", "{:?}", cdrs[0]);
     assert_eq!(cdrs[0]["disposition"], "ANSWERED", "{:?}", cdrs[0]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_partition_heals_each_call_rings_each_device_once() {
+    let nats = Nats::start();
+    let (a, b, c) = (
+        cluster_node(&nats, "a"),
+        cluster_node(&nats, "b"),
+        cluster_node(&nats, "c"),
+    );
+    let mut desk_cfg = b.device_config("alice", "desk");
+    desk_cfg.answer_after = None;
+    let mut desk = b.device(desk_cfg).await;
+    let mobile_cfg = parley_load::device::DeviceConfig {
+        answer_after: Some(Duration::from_millis(300)),
+        ..c.device_config("alice", "mobile")
+    };
+    let mobile = c.device(mobile_cfg).await;
+    wait_remote_devices(&a, 2.0);
+
+    // b is cut off (SIGSTOP: no heartbeat, no message) until a expires it.
+    let signal = |sig: &str, node: &Node| {
+        let st = Command::new("kill")
+            .args([sig, &node.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    signal("-STOP", &b);
+    assert_eq!(
+        wait_metric(&a, "parley_cluster_nodes_lost_total", |v| v == 1.0),
+        1.0
+    );
+    assert_eq!(a.metric("parley_cluster_remote_devices"), 1.0);
+    // Meanwhile a call rings what a sees: the mobile on c, which answers.
+    let run = sipp_uac(&a, &["-sn", "uac"], "+15550100001", 1, 1, &["-d", "300"]).await;
+    assert_answered(&run, &a);
+
+    // The partition heals: a reads b's devices again (no change was coming for them).
+    signal("-CONT", &b);
+    wait_remote_devices(&a, 2.0);
+    let log = a.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("devices of a returning node read again")
+                && l.contains("node=b")
+                && l.contains("devices=1")),
+        "{log}"
+    );
+    // The desk never heard of the first call, even now that b runs again.
+    assert!(
+        desk.wait_for(Duration::from_millis(500), |m| matches!(
+            m,
+            ServerMsg::IncomingCall { .. }
+        ))
+        .await
+        .is_none(),
+        "a call from the partition reached the desk"
+    );
+    // The next call rings both devices, once each; the mobile answers, the desk's offer
+    // is withdrawn.
+    let run = sipp_uac(&a, &["-sn", "uac"], "+15550100001", 1, 1, &["-d", "300"]).await;
+    assert_answered(&run, &a);
+    let mut offers = 0;
+    while let Some(m) = desk.next_event(Duration::from_millis(1500)).await {
+        match m {
+            ServerMsg::IncomingCall { .. } => offers += 1,
+            ServerMsg::CallEnded { reason, .. } => {
+                assert_eq!(reason, "answered_elsewhere");
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(offers, 1, "the desk rang {offers} times for one call");
+    let cdrs = a.wait_cdrs(2);
+    assert!(
+        cdrs.iter().all(|c| c["answered_by"] == "mobile"),
+        "{cdrs:?}"
+    );
+    assert_eq!(mobile.stats().snapshot().calls_connected, 2);
+    assert!(b.cdrs().is_empty() && c.cdrs().is_empty());
+}

@@ -291,6 +291,10 @@ struct Inner {
     draining: std::sync::atomic::AtomicBool,
     /// This process's CPU over the last heartbeat, cores (`f64` bits).
     cpu_cores: AtomicU64,
+    /// The device bucket, once set up (read again when an expired node comes back).
+    devices_kv: Mutex<Option<kv::Store>>,
+    /// Nodes this node declared dead: their devices are read again if they come back.
+    expired: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Cluster {
@@ -353,6 +357,8 @@ impl Cluster {
             outbox,
             draining: std::sync::atomic::AtomicBool::new(false),
             cpu_cores: AtomicU64::new(0),
+            devices_kv: Mutex::new(None),
+            expired: Mutex::new(std::collections::HashSet::new()),
         });
         let sub = inner
             .client
@@ -521,7 +527,7 @@ impl Inner {
     }
 
     /// A node's entry arrived: it is alive (and, with a new incarnation, restarted).
-    fn node_seen(&self, node: &str, incarnation: u64, record: Option<NodeRecord>) {
+    fn node_seen(self: &Arc<Self>, node: &str, incarnation: u64, record: Option<NodeRecord>) {
         let restarted = {
             let mut nodes = self
                 .nodes
@@ -537,13 +543,24 @@ impl Inner {
                 },
             );
             if new {
-                tracing::info!(node, "cluster node joined");
+                tracing::info!(node = %node, "cluster node joined");
             }
             prev.is_some_and(|p| p.incarnation != incarnation)
         };
+        let back = self
+            .expired
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(node);
+        if back && !restarted {
+            // Seen again after this node expired it (a partition healed, a long pause):
+            // its devices' entries are still in the bucket, but no change is coming for
+            // them, so they are read again now rather than at their next refresh.
+            tracing::info!(node = %node, "cluster node is back: reading its devices again");
+            actix_rt::spawn(resync(self.clone(), node.to_owned()));
+        }
         if restarted {
-            tracing::warn!(
-                node,
+            tracing::warn!(node = %node,
                 "cluster node restarted: its earlier devices and legs are gone"
             );
             self.node_lost(node);
@@ -587,7 +604,7 @@ impl Inner {
             }
         }
         if lost > 0 {
-            tracing::warn!(node, legs = lost, "legs on a lost node ended");
+            tracing::warn!(node = %node, legs = lost, "legs on a lost node ended");
         }
     }
 
@@ -709,7 +726,7 @@ impl Inner {
         let idx = (node.to_owned(), call_id.to_owned(), session);
         let Some(local) = self.pending_idx.get(&idx).map(|l| *l) else {
             // A leg this node does not know (ended already, or never offered by it).
-            tracing::debug!(node, call = call_id, "cluster event for no leg");
+            tracing::debug!(node = %node, call = %call_id, "cluster event for no leg");
             return;
         };
         let key = (call_id.to_owned(), local);
@@ -1049,6 +1066,10 @@ async fn registries(inner: Arc<Inner>) {
 
 /// Runs until a bucket fails (then [`registries`] sets them up again).
 async fn run_registries(inner: &Arc<Inner>, nodes: kv::Store, devices: kv::Store) {
+    *inner
+        .devices_kv
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(devices.clone());
     // Entries of an earlier run of this node that have not aged out yet.
     if let Ok(mut keys) = devices.keys().await {
         let prefix = format!("{}.", inner.me);
@@ -1084,6 +1105,42 @@ async fn run_registries(inner: &Arc<Inner>, nodes: kv::Store, devices: kv::Store
         () = watch_nodes(inner, node_watch) => {}
         () = watch_devices(inner, device_watch) => {}
     }
+}
+
+/// Reads a node's device entries from the bucket (after that node came back).
+async fn resync(inner: Arc<Inner>, node: String) {
+    let store = inner
+        .devices_kv
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    let Some(store) = store else {
+        return;
+    };
+    let Ok(mut keys) = store.keys().await else {
+        return;
+    };
+    let prefix = format!("{node}.");
+    let mut mine = Vec::new();
+    while let Some(Ok(k)) = keys.next().await {
+        if k.starts_with(&prefix) {
+            mine.push(k);
+        }
+    }
+    let mut read = 0usize;
+    for k in mine {
+        if let Ok(Some(value)) = store.get(&k).await
+            && let Ok(rec) = serde_json::from_slice::<DeviceRecord>(&value)
+            && parse_device_key(&k) == Some((rec.node.as_str(), rec.session))
+        {
+            inner.remote_put(rec);
+            read += 1;
+        }
+    }
+    tracing::info!(node = %node,
+        devices = read,
+        "devices of a returning node read again"
+    );
 }
 
 /// Writes this node's entry every heartbeat (timing the round trip) and expires nodes not
@@ -1164,6 +1221,11 @@ async fn heartbeat(inner: &Arc<Inner>, nodes: &kv::Store) {
             dead
         };
         for n in expired {
+            inner
+                .expired
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(n.clone());
             tracing::warn!(node = %n, expiry_s = inner.settings.expiry.as_secs(), "cluster node expired: its devices are offline");
             metrics::counter!(m::CLUSTER_NODES_LOST_TOTAL).increment(1);
             inner.node_lost(&n);
