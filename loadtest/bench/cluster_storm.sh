@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# Call setup across a three-node cluster (NATS JetStream), one `parley-load storm` per node.
+# Call setup across a three-node cluster (NATS JetStream), one `parley-load storm` spreading
+# the calls over the nodes.
 #
 #   loadtest/bench/cluster_storm.sh RATE [SECONDS] [MODE]
 #
 # Three release `parley run` nodes (a, b, c) on loopback share one `nats-server -js`.
 # carol's device is on a, alice's on b, bob's on c (one parley-load device each,
-# answering at once, no media). Each node gets RATE calls/s from its own storm for
-# SECONDS, no hold time:
+# answering at once, no media). One `parley-load storm` spreads 3 x RATE calls/s over the
+# three nodes (--also-target: call n to node n % 3) for SECONDS, no hold time:
 #   MODE=handoff  every call is for the user on the next node (a→alice@b, b→bob@c,
 #                 c→carol@a): rung over NATS, media bridged node to node;
 #   MODE=local    every call is for the user on the node itself (the same work without a
 #                 hand-off), to compare setup time and CPU.
-# Prints each storm's result, the CPU of the three nodes and of nats-server over the run,
+# Prints the storm's result, the CPU of the three nodes and of nats-server over the run,
 # and NATS messages per call (the server's in_msgs/out_msgs, /varz, and the nodes'
 # parley_cluster_messages_total). Loopback only; every process is killed by PID.
 set -u
@@ -92,15 +93,17 @@ read -r IN0 OUT0 < <(varz)
 C0=0; for p in "${NODES[@]}"; do C0=$((C0 + $(cpu "$p"))); done; CN0=$(cpu "$NATS")
 M0=0; for i in 0 1 2; do M0=$((M0 + $(msgs $i))); done
 T0=$(date +%s.%N)
-STORMS=()
-for i in 0 1 2; do
-  if [ "$MODE" = handoff ]; then TO=${NUMBERS[$(((i + 1) % 3))]}; else TO=${NUMBERS[$i]}; fi
-  timeout $((SECS + 60)) "$ROOT/target/release/parley-load" storm --target "127.0.0.1:$((15060 + i))" \
-      --to "$TO" --rate "$RATE" --calls "$N" --answer-timeout 10s --json "storm$i.json" \
-      > "storm$i.out" 2> "storm$i.err" &
-  STORMS+=($!)
-done
-for s in "${STORMS[@]}"; do wait "$s"; done
+# One generator spreads the calls over the three nodes (call n to node n % 3), to the
+# numbers in order: handoff, the user on the next node; local, the user on that node.
+if [ "$MODE" = handoff ]; then
+  printf '%s\n' "${NUMBERS[1]}" "${NUMBERS[2]}" "${NUMBERS[0]}" > numbers.txt
+else
+  printf '%s\n' "${NUMBERS[0]}" "${NUMBERS[1]}" "${NUMBERS[2]}" > numbers.txt
+fi
+timeout $((SECS + 60)) "$ROOT/target/release/parley-load" storm --target 127.0.0.1:15060 \
+    --also-target 127.0.0.1:15061,127.0.0.1:15062 --to @numbers.txt \
+    --rate $((3 * RATE)) --calls $((3 * N)) --answer-timeout 10s --json storm.json \
+    > storm.out 2> storm.err
 T1=$(date +%s.%N)
 sleep 1
 read -r IN1 OUT1 < <(varz)
@@ -111,14 +114,10 @@ python3 - "$MODE" "$RATE" "$SECS" "$T0" "$T1" "$C0" "$C1" "$CN0" "$CN1" "$HZ" "$
 import json, sys
 mode, rate, secs, t0, t1, c0, c1, cn0, cn1, hz, in0, in1, out0, out1, m0, m1 = sys.argv[1:]
 wall = float(t1) - float(t0)
-tot = {"attempts": 0, "answered": 0, "failed": 0}
-for i in range(3):
-    r = json.load(open(f"storm{i}.json"))
-    for k in tot:
-        tot[k] += r.get(k, 0)
-    s = r.get("setup", {})
-    print(f"storm {i}: attempts={r.get('attempts')} answered={r.get('answered')} failed={r.get('failed')} "
-          f"achieved_cps={r.get('achieved_cps')} setup={s} failures={r.get('failures')}")
+r = json.load(open("storm.json"))
+tot = {k: r.get(k, 0) for k in ("attempts", "answered", "failed")}
+print(f"storm: target={r.get('target')} achieved_cps={r.get('achieved_cps')} setup={r.get('setup')} "
+      f"failures={r.get('failures')} retransmissions={r.get('retransmissions')}")
 calls = max(tot["answered"], 1)
 node_cpu = (int(c1) - int(c0)) / int(hz)
 nats_cpu = (int(cn1) - int(cn0)) / int(hz)

@@ -156,6 +156,11 @@ struct StormArgs {
     /// The SIP (UDP) address to send INVITEs to (required, here or in --scenario).
     #[arg(long)]
     target: Option<SocketAddr>,
+    /// More SIP addresses (comma-separated or repeated): calls are spread round robin over
+    /// --target and these, e.g. the nodes of a Parley cluster. The report counts them
+    /// together.
+    #[arg(long, value_delimiter = ',')]
+    also_target: Vec<SocketAddr>,
     /// Numbers to call: one number, a range FIRST-LAST (cycled through), or @FILE with one
     /// number a line (required, here or in --scenario).
     #[arg(long, value_parser = Numbers::parse)]
@@ -511,6 +516,7 @@ async fn run_storm(args: StormArgs) -> anyhow::Result<ExitCode> {
         anyhow::bail!("{flag} needs --devices");
     }
     let mut cfg = StormConfig::new(target, to);
+    cfg.also_targets = args.also_target;
     cfg.local = args.local;
     cfg.from = args.from;
     cfg.rate = args.rate;

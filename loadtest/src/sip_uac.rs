@@ -213,6 +213,8 @@ enum TimerKind {
 
 struct Call {
     call_id: Box<str>,
+    /// Where this call's requests go (the UAC's target, or one of several).
+    target: SocketAddr,
     to: Box<str>,
     started: Instant,
     phase: Phase,
@@ -351,11 +353,24 @@ impl Uac {
         hold: Duration,
         media_port: u16,
     ) -> CallNo {
+        self.start_call_via(now, self.cfg.target, to, hold, media_port)
+    }
+
+    /// As [`Uac::start_call`], toward `target` instead of the configured one (a storm
+    /// spread over several switches): the call's requests all go there.
+    pub fn start_call_via(
+        &mut self,
+        now: Instant,
+        target: SocketAddr,
+        to: &str,
+        hold: Duration,
+        media_port: u16,
+    ) -> CallNo {
         let no = self.next_call;
         self.next_call += 1;
         let call_id: Box<str> = format!("{no}-{}@parley-load", self.run).into();
-        let invite = self.write_invite(no, &call_id, to, media_port);
-        self.send(self.cfg.target, invite.clone());
+        let invite = self.write_invite(no, &call_id, target, to, media_port);
+        self.send(target, invite.clone());
         let t1 = self.cfg.t1;
         let deadline = now + self.cfg.answer_timeout.min(t1 * 64);
         let hold = if self.stopping {
@@ -367,6 +382,7 @@ impl Uac {
             no,
             Call {
                 call_id,
+                target,
                 to: to.into(),
                 started: now,
                 phase: Phase::Inviting,
@@ -422,7 +438,7 @@ impl Uac {
             return; // RFC 5626 keep-alive
         }
         match sipx_sip::parse_datagram(data, &self.limits) {
-            Ok(Message::Response(resp)) => self.on_response(now, &resp),
+            Ok(Message::Response(resp)) => self.on_response(now, src, &resp),
             Ok(Message::Request(req)) => self.on_request(src, &req),
             Err(_) => self.counters.bad_messages += 1,
         }
@@ -485,7 +501,8 @@ impl Uac {
                 self.timers
                     .push(Reverse((now + next, no, TimerKind::Retransmit)));
                 self.counters.retransmissions += 1;
-                self.send(self.cfg.target, data);
+                let target = call.target;
+                self.send(target, data);
             }
             TimerKind::Deadline => {
                 if call.deadline_at != Some(at) {
@@ -555,7 +572,8 @@ impl Uac {
             .push(Reverse((now + t1, no, TimerKind::Retransmit)));
         self.timers
             .push(Reverse((now + t1 * 64, no, TimerKind::Deadline)));
-        self.send(self.cfg.target, cancel);
+        let target = call.target;
+        self.send(target, cancel);
     }
 
     fn send_bye(&mut self, now: Instant, no: CallNo) {
@@ -576,10 +594,11 @@ impl Uac {
             .push(Reverse((now + t1, no, TimerKind::Retransmit)));
         self.timers
             .push(Reverse((now + t1 * 64, no, TimerKind::Deadline)));
-        self.send(self.cfg.target, bye);
+        let target = call.target;
+        self.send(target, bye);
     }
 
-    fn on_response(&mut self, now: Instant, resp: &Response) {
+    fn on_response(&mut self, now: Instant, src: SocketAddr, resp: &Response) {
         let Some(Ok(cseq)) = resp.headers.typed::<CSeq>() else {
             self.counters.bad_messages += 1;
             return;
@@ -593,7 +612,7 @@ impl Uac {
         };
         let code = resp.status.code();
         let Some(no) = found else {
-            self.stray_response(resp, &cseq, code);
+            self.stray_response(src, resp, &cseq, code);
             return;
         };
         match (&cseq.method, cseq.sequence) {
@@ -643,18 +662,19 @@ impl Uac {
             return;
         }
         let outcome = call.outcome.unwrap_or(Outcome::Rejected(code));
+        let target = call.target;
         if let Some(ack) = self.write_ack_non_2xx(no, resp) {
-            self.send(self.cfg.target, ack);
+            self.send(target, ack);
         }
         self.finish(no, outcome);
     }
 
     fn invite_2xx(&mut self, now: Instant, no: CallNo, resp: &Response) {
-        let target = self.cfg.target;
         let parse_sdp = self.cfg.parse_sdp;
         let Some(call) = self.calls.get_mut(&no) else {
             return;
         };
+        let target = call.target;
         if call.acked {
             self.counters.duplicate_2xx += 1;
             if let Some(ack) = self.write_in_dialog(no, "ACK", 1, 'a') {
@@ -744,13 +764,14 @@ impl Uac {
 
     /// A response for no live call: a retransmitted final after the call ended. ACK a final
     /// INVITE response so the far end stops retransmitting.
-    fn stray_response(&mut self, resp: &Response, cseq: &CSeq, code: u16) {
+    /// The ACK goes back to where the response came from (a storm may target several).
+    fn stray_response(&mut self, src: SocketAddr, resp: &Response, cseq: &CSeq, code: u16) {
         self.counters.stray_messages += 1;
         if cseq.method != Method::Invite || code < 200 {
             return;
         }
         if let Some(ack) = self.write_stray_ack(resp, cseq.sequence, code < 300) {
-            self.send(self.cfg.target, ack);
+            self.send(src, ack);
         }
     }
 
@@ -805,7 +826,14 @@ impl Uac {
         }
     }
 
-    fn write_invite(&mut self, no: CallNo, call_id: &str, to: &str, media_port: u16) -> Bytes {
+    fn write_invite(
+        &mut self,
+        no: CallNo,
+        call_id: &str,
+        target: SocketAddr,
+        to: &str,
+        media_port: u16,
+    ) -> Bytes {
         self.reserve();
         let Uac {
             cfg,
@@ -816,7 +844,7 @@ impl Uac {
         } = self;
         let ip = cfg.local.ip();
         let family = if ip.is_ipv4() { "IP4" } else { "IP6" };
-        let (target, local) = (cfg.target, cfg.local);
+        let local = cfg.local;
         sdp.clear();
         // Writing into a String cannot fail.
         let _ = write!(
@@ -851,7 +879,7 @@ impl Uac {
             ..
         } = self;
         let call = calls.get(&no)?;
-        let (to, call_id, target) = (&call.to, &call.call_id, cfg.target);
+        let (to, call_id, target) = (&call.to, &call.call_id, call.target);
         put_fmt(wbuf, format_args!("CANCEL sip:{to}@{target} SIP/2.0\r\n"));
         write_via(wbuf, cfg.local, run, no, 'i');
         write_from(wbuf, cfg, run, no);
@@ -877,7 +905,7 @@ impl Uac {
         } = self;
         let to_hdr = resp.headers.value(&HeaderName::To)?;
         let call = calls.get(&no)?;
-        let (to, call_id, target) = (&call.to, &call.call_id, cfg.target);
+        let (to, call_id, target) = (&call.to, &call.call_id, call.target);
         put_fmt(wbuf, format_args!("ACK sip:{to}@{target} SIP/2.0\r\n"));
         write_via(wbuf, cfg.local, run, no, 'i');
         write_from(wbuf, cfg, run, no);

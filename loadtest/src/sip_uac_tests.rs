@@ -626,3 +626,46 @@ fn record_route_values_split_at_top_level_commas() {
     );
     assert!(split_top_level(" , ").is_empty());
 }
+
+#[test]
+fn a_call_started_via_another_target_sends_everything_there() {
+    let mut u = uac(T1 * 64);
+    let t0 = Instant::now();
+    let other: SocketAddr = "127.0.0.1:5061".parse().unwrap();
+    u.start_call_via(t0, other, "+15550100002", ms(100), 4000);
+    let t = u.poll_transmit().unwrap();
+    assert_eq!(t.dest, other);
+    let invite = String::from_utf8(t.data.to_vec()).unwrap();
+    assert_eq!(
+        start_line(&invite),
+        "INVITE sip:+15550100002@127.0.0.1:5061 SIP/2.0"
+    );
+    // Timer A retransmits to the same place.
+    u.handle_timeout(t0 + T1);
+    assert_eq!(u.poll_transmit().unwrap().dest, other);
+    let ok = reply(
+        &invite,
+        200,
+        Some("uas2"),
+        "Contact: <sip:uas@127.0.0.1:5061>\r\nContent-Type: application/sdp\r\n",
+        SDP_ANSWER,
+    );
+    u.handle_datagram(t0 + ms(600), other, ok.clone());
+    let ack = u.poll_transmit().unwrap();
+    assert_eq!(ack.dest, other);
+    // The hold ends: the BYE goes there too.
+    u.handle_timeout(t0 + ms(700));
+    let bye = u.poll_transmit().unwrap();
+    assert_eq!(bye.dest, other);
+    assert!(
+        String::from_utf8(bye.data.to_vec())
+            .unwrap()
+            .starts_with("BYE ")
+    );
+    // A call on the configured target is unchanged.
+    u.start_call(t0 + ms(800), "+15550100001", ms(100), 4002);
+    let first = std::iter::from_fn(|| u.poll_transmit())
+        .find(|t| t.data.starts_with(b"INVITE"))
+        .unwrap();
+    assert_eq!(first.dest, target());
+}

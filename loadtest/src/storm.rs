@@ -83,6 +83,9 @@ pub enum StormError {
 pub struct StormConfig {
     /// Where INVITEs go (SIP over UDP).
     pub target: SocketAddr,
+    /// More switches: call `n` goes to `target` when `n % (1 + len)` is 0, else to
+    /// `also_targets[n % (1 + len) - 1]` (a cluster's nodes, round robin).
+    pub also_targets: Vec<SocketAddr>,
     /// Address to bind the SIP socket to (`127.0.0.1:0` by default). With an unspecified
     /// IP (`0.0.0.0`) the address toward `target` is written in the messages.
     pub local: SocketAddr,
@@ -127,6 +130,7 @@ impl StormConfig {
     pub fn new(target: SocketAddr, to: Numbers) -> StormConfig {
         StormConfig {
             target,
+            also_targets: Vec::new(),
             local: SocketAddr::from(([127, 0, 0, 1], 0)),
             to,
             from: "+15557770001".into(),
@@ -427,7 +431,11 @@ impl Driver {
         let end = Instant::now();
         let n = self.stats.attempts();
         let summary = Summary {
-            target: self.cfg.target.to_string(),
+            target: std::iter::once(&self.cfg.target)
+                .chain(&self.cfg.also_targets)
+                .map(SocketAddr::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
             to: self.cfg.to.to_string(),
             rate: self.cfg.rate,
             elapsed: end - start,
@@ -486,7 +494,13 @@ impl Driver {
                 Err(e) => tracing::warn!(error = %e, "no media socket for a call"),
             }
         }
-        self.uac.start_call(now, &self.number, hold, port);
+        let spread = 1 + self.cfg.also_targets.len() as u64;
+        let target = match (n % spread) as usize {
+            0 => self.cfg.target,
+            i => self.cfg.also_targets[i - 1],
+        };
+        self.uac
+            .start_call_via(now, target, &self.number, hold, port);
         self.stats.attempt(self.uac.active());
     }
 
