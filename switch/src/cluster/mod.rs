@@ -67,6 +67,8 @@ const REMOTE_SESSION_BASE: u64 = 1 << 48;
 const MAX_HOSTED_LEGS: usize = 100_000;
 /// Legs this node's calls ring on other nodes, at most.
 const MAX_PENDING_LEGS: usize = 100_000;
+/// Expired nodes remembered for a fast re-read of their devices if they come back.
+const MAX_EXPIRED_NODES: usize = 1024;
 /// Messages waiting to go to NATS, at most (more are dropped and counted).
 const OUTBOX: usize = 65_536;
 
@@ -1221,11 +1223,18 @@ async fn heartbeat(inner: &Arc<Inner>, nodes: &kv::Store) {
             dead
         };
         for n in expired {
-            inner
-                .expired
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .insert(n.clone());
+            {
+                let mut gone = inner
+                    .expired
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                // Bounded by the nodes that ever expired; a fleet that renames its nodes
+                // on every start only loses the fast re-read of a long-gone one.
+                if gone.len() >= MAX_EXPIRED_NODES {
+                    gone.clear();
+                }
+                gone.insert(n.clone());
+            }
             tracing::warn!(node = %n, expiry_s = inner.settings.expiry.as_secs(), "cluster node expired: its devices are offline");
             metrics::counter!(m::CLUSTER_NODES_LOST_TOTAL).increment(1);
             inner.node_lost(&n);
