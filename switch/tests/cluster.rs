@@ -133,6 +133,34 @@ async fn set_status(device: &parley_load::device::Device, status: Status) {
     device.send(msg).await.unwrap();
 }
 
+/// Nodes a, b and c.
+fn three_nodes(nats: &Nats) -> (Node, Node, Node) {
+    (
+        cluster_node(nats, "a"),
+        cluster_node(nats, "b"),
+        cluster_node(nats, "c"),
+    )
+}
+
+/// alice's desk on `b` (rings, never answers) and her mobile on `c` (answers after
+/// 300 ms), both seen by `a`.
+async fn alice_on_b_and_c(
+    a: &Node,
+    b: &Node,
+    c: &Node,
+) -> (parley_load::device::Device, parley_load::device::Device) {
+    let mut desk_cfg = b.device_config("alice", "desk");
+    desk_cfg.answer_after = None;
+    let desk = b.device(desk_cfg).await;
+    let mobile_cfg = parley_load::device::DeviceConfig {
+        answer_after: Some(Duration::from_millis(300)),
+        ..c.device_config("alice", "mobile")
+    };
+    let mobile = c.device(mobile_cfg).await;
+    wait_remote_devices(a, 2.0);
+    (desk, mobile)
+}
+
 /// Waits until `node` counts `n` devices on other nodes.
 fn wait_remote_devices(node: &Node, n: f64) {
     let seen = wait_metric(node, "parley_cluster_remote_devices", |v| v == n);
@@ -256,11 +284,7 @@ async fn sipp_calls_reach_users_on_every_node_through_every_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_presence_change_on_one_node_reroutes_a_call_ringing_through_another() {
     let nats = Nats::start();
-    let (a, b, c) = (
-        cluster_node(&nats, "a"),
-        cluster_node(&nats, "b"),
-        cluster_node(&nats, "c"),
-    );
+    let (a, b, c) = three_nodes(&nats);
     // alice's desk on b rings but is not picked up; her mobile on c is away at first.
     let mut desk_cfg = b.device_config("alice", "desk");
     desk_cfg.answer_after = None;
@@ -464,11 +488,7 @@ async fn a_draining_node_sends_its_devices_elsewhere_and_finishes_its_calls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_rung_on_two_nodes_is_answered_once_and_the_other_offer_withdrawn() {
     let nats = Nats::start();
-    let (a, b, c) = (
-        cluster_node(&nats, "a"),
-        cluster_node(&nats, "b"),
-        cluster_node(&nats, "c"),
-    );
+    let (a, b, c) = three_nodes(&nats);
     let mut desk_cfg = b.device_config("alice", "desk");
     desk_cfg.answer_after = None;
     let mut desk = b.device(desk_cfg).await;
@@ -551,20 +571,8 @@ async fn nodes_serve_local_calls_while_nats_is_away_and_resume_after_it_restarts
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_partition_heals_each_call_rings_each_device_once() {
     let nats = Nats::start();
-    let (a, b, c) = (
-        cluster_node(&nats, "a"),
-        cluster_node(&nats, "b"),
-        cluster_node(&nats, "c"),
-    );
-    let mut desk_cfg = b.device_config("alice", "desk");
-    desk_cfg.answer_after = None;
-    let mut desk = b.device(desk_cfg).await;
-    let mobile_cfg = parley_load::device::DeviceConfig {
-        answer_after: Some(Duration::from_millis(300)),
-        ..c.device_config("alice", "mobile")
-    };
-    let mobile = c.device(mobile_cfg).await;
-    wait_remote_devices(&a, 2.0);
+    let (a, b, c) = three_nodes(&nats);
+    let (mut desk, mobile) = alice_on_b_and_c(&a, &b, &c).await;
 
     // b is cut off (SIGSTOP: no heartbeat, no message) until a expires it.
     let signal = |sig: &str, node: &Node| {
@@ -587,14 +595,18 @@ async fn after_a_partition_heals_each_call_rings_each_device_once() {
     // The partition heals: a reads b's devices again (no change was coming for them).
     signal("-CONT", &b);
     wait_remote_devices(&a, 2.0);
-    let log = a.log();
-    assert!(
-        log.lines()
-            .any(|l| l.contains("devices of a returning node read again")
+    let read_again = |log: &str| {
+        log.lines().any(|l| {
+            l.contains("devices of a returning node read again")
                 && l.contains("node=b")
-                && l.contains("devices=1")),
-        "{log}"
-    );
+                && l.contains("devices=1")
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !read_again(&a.log()) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(read_again(&a.log()), "{}", a.log());
     // The desk never heard of the first call, even now that b runs again.
     assert!(
         desk.wait_for(Duration::from_millis(500), |m| matches!(
@@ -609,18 +621,19 @@ async fn after_a_partition_heals_each_call_rings_each_device_once() {
     // is withdrawn.
     let run = sipp_uac(&a, &["-sn", "uac"], "+15550100001", 1, 1, &["-d", "300"]).await;
     assert_answered(&run, &a);
-    let mut offers = 0;
-    while let Some(m) = desk.next_event(Duration::from_millis(1500)).await {
+    let (mut offers, mut ended) = (0, None);
+    while let Some(m) = desk.next_event(Duration::from_secs(5)).await {
         match m {
             ServerMsg::IncomingCall { .. } => offers += 1,
             ServerMsg::CallEnded { reason, .. } => {
-                assert_eq!(reason, "answered_elsewhere");
+                ended = Some(reason);
                 break;
             }
             _ => {}
         }
     }
     assert_eq!(offers, 1, "the desk rang {offers} times for one call");
+    assert_eq!(ended.as_deref(), Some("answered_elsewhere"));
     let cdrs = a.wait_cdrs(2);
     assert!(
         cdrs.iter().all(|c| c["answered_by"] == "mobile"),
@@ -628,4 +641,54 @@ async fn after_a_partition_heals_each_call_rings_each_device_once() {
     );
     assert_eq!(mobile.stats().snapshot().calls_connected, 2);
     assert!(b.cdrs().is_empty() && c.cdrs().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_device_in_two_steps_of_a_rule_is_withdrawn_and_offered_again_in_order() {
+    let nats = Nats::start();
+    let (a, b, c) = three_nodes(&nats);
+    let (mut desk, mobile) = alice_on_b_and_c(&a, &b, &c).await;
+    // alice's rule on a: the desk alone for 1 s, then the desk and the mobile.
+    let rules = serde_json::json!({"rules": [{"name": "desk first", "then": {"action": "ring", "steps": [
+        {"targets": [{"device": "desk"}], "timeout_secs": 1},
+        {"targets": [{"device": "desk"}, {"device": "mobile"}]}]}}]});
+    let (st, body) = a.put("/api/v1/users/alice/preferences", &rules.to_string());
+    assert_eq!(st, 200, "{body}");
+
+    let run = sipp_uac(&a, &["-sn", "uac"], "+15550100001", 1, 1, &["-d", "300"]).await;
+    assert_answered(&run, &a);
+    // The desk sees the call offered, withdrawn for the next step, offered again, and
+    // withdrawn when the mobile answers — in that order, every offer of it ended.
+    let mut seen = Vec::new();
+    while let Some(m) = desk.next_event(Duration::from_secs(5)).await {
+        match m {
+            ServerMsg::IncomingCall { .. } => seen.push("offer".to_owned()),
+            ServerMsg::CallEnded { reason, .. } => {
+                seen.push(reason.clone());
+                if reason == "answered_elsewhere" {
+                    break;
+                }
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(seen.first().map(String::as_str), Some("offer"), "{seen:?}");
+    assert_eq!(seen.iter().filter(|s| *s == "offer").count(), 2, "{seen:?}");
+    assert_eq!(
+        seen.last().map(String::as_str),
+        Some("answered_elsewhere"),
+        "{seen:?}"
+    );
+    let cdrs = a.wait_cdrs(1);
+    assert_eq!(cdrs[0]["answered_by"], "mobile", "{cdrs:?}");
+    assert_eq!(mobile.stats().snapshot().calls_connected, 1);
+    // b let go of both legs of the desk.
+    assert_eq!(
+        wait_metric(&b, "parley_cluster_hosted_legs", |v| v == 0.0),
+        0.0
+    );
+    assert_eq!(
+        a.metric("parley_cluster_offers_total{direction=\"sent\"}"),
+        3.0
+    );
 }

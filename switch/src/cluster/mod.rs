@@ -69,6 +69,9 @@ const MAX_HOSTED_LEGS: usize = 100_000;
 const MAX_PENDING_LEGS: usize = 100_000;
 /// Expired nodes remembered for a fast re-read of their devices if they come back.
 const MAX_EXPIRED_NODES: usize = 1024;
+/// A hosted leg not answered within this is ended (the calling node's own ring timeout is
+/// far shorter: this only bounds a leg whose withdrawal was lost).
+const HOSTED_RING_LIMIT: Duration = Duration::from_secs(600);
 /// Messages waiting to go to NATS, at most (more are dropped and counted).
 const OUTBOX: usize = 65_536;
 
@@ -231,6 +234,15 @@ struct Pending {
     media: Option<SocketAddr>,
 }
 
+/// A leg hosted for another node's call: its actor, and the device it rings (told of
+/// the leg's end straight from the signalling, so that a withdrawal and a new offer of the
+/// same call reach the device in the order they were sent).
+struct Hosted {
+    leg: Addr<HostedLeg>,
+    device: Recipient<ToDevice>,
+    device_call_id: String,
+}
+
 /// A device of another node.
 struct Remote {
     local: SessionId,
@@ -286,7 +298,7 @@ struct Inner {
     /// The same legs by (node, call id, the node's session id).
     pending_idx: DashMap<(String, String, u64), SessionId>,
     /// Legs hosted for other nodes' calls, by (node, call id, local session).
-    hosted: DashMap<(String, String, SessionId), Addr<HostedLeg>>,
+    hosted: DashMap<(String, String, SessionId), Hosted>,
     nodes: Mutex<HashMap<String, Seen>>,
     next_remote: AtomicU64,
     outbox: mpsc::Sender<(String, Bytes)>,
@@ -547,14 +559,19 @@ impl Inner {
             if new {
                 tracing::info!(node = %node, "cluster node joined");
             }
-            prev.is_some_and(|p| p.incarnation != incarnation)
+            // Incarnation 0: the node was known only from an offer, not yet from its entry.
+            prev.is_some_and(|p| p.incarnation != 0 && p.incarnation != incarnation)
         };
         let back = self
             .expired
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(node);
-        if back && !restarted {
+        if restarted {
+            // Its new devices may have arrived before this entry and been taken for the
+            // old run's: read them again.
+            actix_rt::spawn(resync(self.clone(), node.to_owned()));
+        } else if back {
             // Seen again after this node expired it (a partition healed, a long pause):
             // its devices' entries are still in the bucket, but no change is coming for
             // them, so they are read again now rather than at their next refresh.
@@ -599,14 +616,21 @@ impl Inner {
             .map(|e| e.key().clone())
             .collect();
         for key in hosted {
-            if let Some((_, leg)) = self.hosted.remove(&key) {
-                leg.do_send(HostedEnd {
-                    reason: EndReason::RemoteHangup.as_str(),
-                });
-            }
+            self.end_hosted(&key, EndReason::RemoteHangup.as_str());
         }
         if lost > 0 {
             tracing::warn!(node = %node, legs = lost, "legs on a lost node ended");
+        }
+    }
+
+    /// Ends a hosted leg: the device is told now, the leg's actor lets its port go.
+    fn end_hosted(&self, key: &(String, String, SessionId), reason: &'static str) {
+        if let Some((_, h)) = self.hosted.remove(key) {
+            h.device.do_send(ToDevice::Ended {
+                call_id: h.device_call_id,
+                reason,
+            });
+            h.leg.do_send(HostedStop);
         }
     }
 
@@ -620,7 +644,9 @@ impl Inner {
                 .nodes
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            match nodes.get(&rec.node) {
+            match nodes.get_mut(&rec.node) {
+                // Known only from an offer so far: this is its run.
+                Some(seen) if seen.incarnation == 0 => seen.incarnation = rec.incarnation,
                 // An entry of an earlier run of that node, not yet aged out.
                 Some(seen) if seen.incarnation != rec.incarnation => return,
                 // A draining node's devices are not rung (an entry still in flight).
@@ -784,6 +810,19 @@ impl Inner {
                 let Some(device) = self.local.get(&session).map(|l| l.calls.clone()) else {
                     return refuse("no such device");
                 };
+                {
+                    // A node known only from its offer (its entry not seen yet, just
+                    // started) expires like any other, which ends its legs here.
+                    let mut nodes = self
+                        .nodes
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    nodes.entry(from.clone()).or_insert_with(|| Seen {
+                        incarnation: 0,
+                        at: Instant::now(),
+                        record: None,
+                    });
+                }
                 let key = (from.clone(), call_id.clone(), session);
                 if self.hosted.contains_key(&key) {
                     return;
@@ -805,7 +844,14 @@ impl Inner {
                     done: false,
                 }
                 .start();
-                self.hosted.insert(key, leg.clone());
+                self.hosted.insert(
+                    key,
+                    Hosted {
+                        leg: leg.clone(),
+                        device: device.clone(),
+                        device_call_id: device_call_id.clone(),
+                    },
+                );
                 device.do_send(ToDevice::Offer {
                     call_id: device_call_id,
                     from: caller,
@@ -823,8 +869,8 @@ impl Inner {
                 payload_type,
                 telephone_event,
             } => {
-                if let Some(leg) = self.hosted.get(&(from, call_id, session)) {
-                    leg.do_send(HostedConnect {
+                if let Some(h) = self.hosted.get(&(from, call_id, session)) {
+                    h.leg.do_send(HostedConnect {
                         media,
                         payload_type,
                         telephone_event,
@@ -837,11 +883,7 @@ impl Inner {
                 session,
                 reason,
             } => {
-                if let Some((_, leg)) = self.hosted.remove(&(from, call_id, session)) {
-                    leg.do_send(HostedEnd {
-                        reason: end_reason(&reason),
-                    });
-                }
+                self.end_hosted(&(from, call_id, session), end_reason(&reason));
             }
             Wire::Unresponsive { from, session } => {
                 // Only a node whose call offered to the device may ask.
@@ -1249,6 +1291,16 @@ async fn heartbeat(inner: &Arc<Inner>, nodes: &kv::Store) {
             .collect();
         for key in orphans {
             if let Some((_, p)) = inner.pending.remove(&key) {
+                // The device's node still holds the leg: end it there too.
+                inner.send(
+                    &p.node,
+                    &Wire::End {
+                        from: inner.me.clone(),
+                        call_id: key.0.clone(),
+                        session: p.remote_session,
+                        reason: EndReason::Failed.as_str().to_owned(),
+                    },
+                );
                 inner.pending_idx.remove(&(p.node, key.0, p.remote_session));
             }
         }
@@ -1537,10 +1589,24 @@ impl HostedLeg {
 impl Actor for HostedLeg {
     type Context = Context<Self>;
 
-    fn stopped(&mut self, _: &mut Context<Self>) {
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.run_later(HOSTED_RING_LIMIT, |act, ctx| {
+            if act.port.is_none() {
+                tracing::warn!(call = %act.key.1, node = %act.key.0, "hosted leg never answered nor withdrawn: ended");
+                act.tell_caller_node(LegEvent::Gone, None);
+                act.inner
+                    .end_hosted(&act.key, EndReason::Timeout.as_str());
+                ctx.stop();
+            }
+        });
+    }
+
+    fn stopped(&mut self, ctx: &mut Context<Self>) {
         self.release();
-        let me = self.key.clone();
-        self.inner.hosted.remove(&me);
+        // Only this leg's entry: a new offer of the same call to the same device may hold
+        // the key by now.
+        let me = ctx.address();
+        self.inner.hosted.remove_if(&self.key, |_, h| h.leg == me);
     }
 }
 
@@ -1551,6 +1617,10 @@ impl Handler<FromDevice> for HostedLeg {
             return;
         }
         let event = LegEvent::of(msg.event);
+        if event == LegEvent::Answer && self.port.is_some() {
+            // A second answer from the device: the first one's port stands.
+            return;
+        }
         let media = if event == LegEvent::Answer {
             match self.inner.media.allocate_port() {
                 Ok(p) => {
@@ -1622,19 +1692,14 @@ impl Handler<HostedConnect> for HostedLeg {
     }
 }
 
+/// The leg is over (its device was told by [`Inner::end_hosted`]).
 #[derive(Message)]
 #[rtype(result = "()")]
-struct HostedEnd {
-    reason: &'static str,
-}
+struct HostedStop;
 
-impl Handler<HostedEnd> for HostedLeg {
+impl Handler<HostedStop> for HostedLeg {
     type Result = ();
-    fn handle(&mut self, msg: HostedEnd, ctx: &mut Context<Self>) {
-        self.device.do_send(ToDevice::Ended {
-            call_id: self.device_call_id.clone(),
-            reason: msg.reason,
-        });
+    fn handle(&mut self, _: HostedStop, ctx: &mut Context<Self>) {
         ctx.stop();
     }
 }
