@@ -270,6 +270,10 @@ async fn sipp_calls_reach_users_on_every_node_through_every_node() {
         assert!(s.rtp_received >= 3 * 25, "{s}");
         assert_eq!(s.bad_datagrams, 0);
     }
+    // The NATS password is in every node's configuration, never in a log.
+    for node in &nodes {
+        assert!(!node.log().contains(NATS_PASSWORD), "{}", node.log());
+    }
     // Hosted legs and remote legs are all gone.
     for node in &nodes {
         let legs = wait_metric(node, "parley_cluster_hosted_legs", |v| v == 0.0);

@@ -75,8 +75,8 @@ const HOSTED_RING_LIMIT: Duration = Duration::from_secs(600);
 /// Messages waiting to go to NATS, at most (more are dropped and counted).
 const OUTBOX: usize = 65_536;
 
-/// How a node authenticates to NATS.
-#[derive(Debug, Clone)]
+/// How a node authenticates to NATS (its `Debug` never shows a secret).
+#[derive(Clone)]
 pub enum Auth {
     /// No credentials (a NATS server open to the node's network only).
     None,
@@ -84,6 +84,35 @@ pub enum Auth {
     UserPassword(String, String),
     /// A token.
     Token(String),
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Auth::None => f.write_str("None"),
+            Auth::UserPassword(u, _) => write!(f, "UserPassword({u:?}, ***)"),
+            Auth::Token(_) => f.write_str("Token(***)"),
+        }
+    }
+}
+
+/// NATS URLs for logs and errors: a password or token written into a URL
+/// (`nats://user:secret@host`) is replaced by `***`.
+pub fn redacted_urls(urls: &[String]) -> Vec<String> {
+    urls.iter()
+        .map(|u| match (u.find("://"), u.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme + 3 => {
+                let userinfo = &u[scheme + 3..at];
+                let user = userinfo.split(':').next().unwrap_or_default();
+                if userinfo.contains(':') {
+                    format!("{}{user}:***{}", &u[..scheme + 3], &u[at..])
+                } else {
+                    format!("{}***{}", &u[..scheme + 3], &u[at..])
+                }
+            }
+            _ => u.clone(),
+        })
+        .collect()
 }
 
 /// What a node needs to join a cluster.
@@ -343,10 +372,9 @@ impl Cluster {
             Auth::UserPassword(u, p) => opts.user_and_password(u.clone(), p.clone()),
             Auth::Token(t) => opts.token(t.clone()),
         };
-        let client = opts
-            .connect(settings.urls.clone())
-            .await
-            .map_err(|e| anyhow::anyhow!("cluster.nats {:?}: {e}", settings.urls))?;
+        let client = opts.connect(settings.urls.clone()).await.map_err(|e| {
+            anyhow::anyhow!("cluster.nats {:?}: {e}", redacted_urls(&settings.urls))
+        })?;
         let (outbox, out_rx) = mpsc::channel(OUTBOX);
         let incarnation = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -382,7 +410,7 @@ impl Cluster {
         actix_rt::spawn(publisher(inner.clone(), out_rx));
         actix_rt::spawn(receiver(inner.clone(), sub));
         actix_rt::spawn(registries(inner.clone()));
-        tracing::info!(node = %inner.me, urls = ?inner.settings.urls, "cluster mode: joining");
+        tracing::info!(node = %inner.me, urls = ?redacted_urls(&inner.settings.urls), "cluster mode: joining");
         Ok(Self { inner })
     }
 

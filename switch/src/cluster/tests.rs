@@ -56,3 +56,31 @@ fn leg_events_map_both_ways_and_say_which_end_a_leg() {
     assert!(!LegEvent::Delivered.ends() && !LegEvent::Answer.ends());
     assert!(LegEvent::Reject.ends() && LegEvent::Hangup.ends() && LegEvent::Gone.ends());
 }
+
+#[test]
+fn secrets_in_urls_and_credentials_never_reach_logs() {
+    let urls = vec![
+        "nats://parley:s3cret@nats1:4222".to_owned(),
+        "nats://tok3n@nats2:4222".to_owned(),
+        "nats://nats3:4222".to_owned(),
+    ];
+    let shown = redacted_urls(&urls);
+    assert_eq!(
+        shown,
+        [
+            "nats://parley:***@nats1:4222",
+            "nats://***@nats2:4222",
+            "nats://nats3:4222"
+        ]
+    );
+    let debug = format!(
+        "{:?} {:?}",
+        Auth::UserPassword("parley".into(), "s3cret".into()),
+        Auth::Token("tok3n".into())
+    );
+    assert!(
+        !debug.contains("s3cret") && !debug.contains("tok3n"),
+        "{debug}"
+    );
+    assert!(debug.contains("parley"), "{debug}");
+}
