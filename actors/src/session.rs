@@ -851,15 +851,27 @@ impl Handler<ToDevice> for PresenceSession {
                 call,
             } => {
                 // The device's `ringing` acknowledges the offer (and tells the call it
-                // rings); a device that never sends it is presumed lost.
-                self.calls.insert(call_id.clone(), call);
-                self.send(ServerMsg::IncomingCall {
-                    call_id,
+                // rings); a device that never sends it is presumed lost. An offer that does
+                // not fit in the queue toward the device (it reads slower than calls come)
+                // never reached it: that leg is gone at once and the call routes on, and
+                // the device is not blamed for an offer it never saw.
+                let offer = ServerMsg::IncomingCall {
+                    call_id: call_id.clone(),
                     from,
                     from_name,
                     to,
                     video,
-                });
+                };
+                if self.out.try_send(offer).is_err() {
+                    metrics::counter!(m::DEVICE_QUEUE_DROPS_TOTAL).increment(1);
+                    tracing::warn!(session = self.id, call = %call_id, "device send queue full: call offer not delivered; the call routes on");
+                    call.do_send(FromDevice {
+                        session: self.id,
+                        event: DeviceLegEvent::Gone,
+                    });
+                    return;
+                }
+                self.calls.insert(call_id, call);
             }
             ToDevice::Ringing { call_id } => self.send(ServerMsg::CallRinging { call_id }),
             ToDevice::Connected {

@@ -13,7 +13,8 @@
 #   loadtest/bench/side_by_side.sh [TARGETS...]     (default: all three)
 #
 # Env: START (first rate, 250), MAX (highest rate tried, 6000), STEP (10s), OVERLOAD
-# (1.5,2,4), OVERLOAD_SECS (30s), KAM_CHILDREN (4), OUT. Each target's capacity report is
+# (1.5,2,4), OVERLOAD_SECS (30s), KAM_CHILDREN (4), CONTROL_THREADS (Parley's [sip]
+# control_threads, 1), OUT. Each target's capacity report is
 # in $OUT/TARGET.out and .json, its CPU and peak RSS (of the node; of rtpengine and every
 # Kamailio process) in $OUT/TARGET.cpu; the summary table at the end.
 # Installs kamailio and rtpengine (Debian) when missing. Loopback only; every process is
@@ -23,6 +24,7 @@ ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 OUT=${OUT:-/tmp/parley-bench/side-by-side-$(date +%s)}; mkdir -p "$OUT"; cd "$OUT"
 START=${START:-250}; MAX=${MAX:-6000}; STEP=${STEP:-10s}
 OVERLOAD=${OVERLOAD:-1.5,2,4}; OVERLOAD_SECS=${OVERLOAD_SECS:-30s}
+CONTROL_THREADS=${CONTROL_THREADS:-1}
 TARGETS=("$@"); [ ${#TARGETS[@]} -gt 0 ] || TARGETS=(kamailio parley-trunk parley-im)
 HZ=$(getconf CLK_TCK)
 PIDS=()
@@ -134,7 +136,8 @@ CFG
 
 start_parley() {
   local route=$1
-  sed 's/^max_ringing_per_user = .*/max_ringing_per_user = 1000000/' "$ROOT/parley.example.toml" > node.toml
+  sed -e 's/^max_ringing_per_user = .*/max_ringing_per_user = 1000000/' \
+      -e "s/^control_threads = .*/control_threads = $CONTROL_THREADS/" "$ROOT/parley.example.toml" > node.toml
   "$ROOT/target/release/parley" run --config node.toml --data-dir "$OUT/data-$route" > "$route-node.log" 2>&1 &
   local node=$!; PIDS+=("$node")
   for _ in $(seq 100); do [ -f "data-$route/node.json" ] && break; sleep 0.1; done

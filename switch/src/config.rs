@@ -214,6 +214,14 @@ pub struct SipConfig {
     /// address the dialog's INVITE came from (besides carrying both dialog tags). Turn it
     /// off only for gateways behind load balancers that spread a dialog over addresses.
     pub dialog_source_check: bool,
+    /// Control threads that carry SIP signalling (shards). Each runs its own SIP
+    /// transactions, dialogs and call actors; a call belongs to the shard its Call-ID
+    /// hashes to, and every shard reads the UDP socket, handing what it reads for another
+    /// to it. The limits above (`max_call_rate`, `max_calls`, the per-source caps) are
+    /// shared out evenly. 1 (the default) keeps everything on the main thread; more need
+    /// SIP over UDP only (no `tcp_listen`, `tls_listen`, or TCP/TLS trunks). See
+    /// docs/architecture.md § Threads.
+    pub control_threads: usize,
 }
 
 /// `[quic]`
@@ -705,6 +713,7 @@ impl Default for SipConfig {
             tls_listen: None,
             tls_cert: None,
             tls_key: None,
+            control_threads: 1,
         }
     }
 }
@@ -1086,6 +1095,23 @@ impl Config {
         if !(10..=5000).contains(&self.sip.t1_ms) {
             return Err(bad("sip.t1_ms", "must be between 10 and 5000"));
         }
+        if !(1..=256).contains(&self.sip.control_threads) {
+            return Err(bad("sip.control_threads", "must be between 1 and 256"));
+        }
+        if self.sip.control_threads > 1
+            && (self.sip.tcp_listen.is_some()
+                || self.sip.tls_listen.is_some()
+                || self
+                    .trunks
+                    .iter()
+                    .any(|t| t.transport != TrunkTransport::Udp))
+        {
+            return Err(bad(
+                "sip.control_threads",
+                "more than one control thread needs SIP over UDP only (no tcp_listen, \
+                 tls_listen or TCP/TLS trunks)",
+            ));
+        }
         if self.calls.ring_timeout_secs == 0 {
             return Err(bad("calls.ring_timeout_secs", "must be at least 1"));
         }
@@ -1174,6 +1200,20 @@ mod tests {
                 .to_string();
             assert!(e.contains(&format!("web.{key}")), "{e}");
         }
+    }
+
+    #[test]
+    fn control_threads_errors_name_the_key() {
+        let p = Path::new("parley.toml");
+        for toml in [
+            "demo = true\n[sip]\ncontrol_threads = 0\n",
+            "demo = true\n[sip]\ncontrol_threads = 2\ntcp_listen = \"127.0.0.1:5060\"\n",
+        ] {
+            let e = Config::parse(toml, p).unwrap_err().to_string();
+            assert!(e.contains("sip.control_threads"), "{toml}: {e}");
+        }
+        let c = Config::parse("demo = true\n[sip]\ncontrol_threads = 2\n", p).unwrap();
+        assert_eq!(c.sip.control_threads, 2);
     }
 
     #[test]

@@ -41,6 +41,14 @@ pub const SIP_REJECTED_OVERLOAD_TOTAL: &str = "parley_sip_overload_rejections_to
 pub const SIP_QUEUE_DELAY_SECONDS: &str = "parley_sip_queue_delay_seconds";
 /// 1 while new calls are shed for queue delay, else 0.
 pub const SIP_SHEDDING: &str = "parley_sip_shedding";
+/// Control threads carrying SIP (`[sip] control_threads`).
+pub const SIP_CONTROL_THREADS: &str = "parley_sip_control_threads";
+/// New calls started, by the SIP shard (`shard`) that owns them.
+pub const SIP_SHARD_CALLS_TOTAL: &str = "parley_sip_shard_calls_total";
+/// SIP datagrams one shard read off the socket for another and handed to it.
+pub const SIP_SHARD_HANDOFFS_TOTAL: &str = "parley_sip_shard_handoffs_total";
+/// How late the main loop's 20 ms probe timer fired (seconds; several control threads).
+pub const MAIN_LOOP_LAG_SECONDS: &str = "parley_main_loop_lag_seconds";
 /// Packets relayed, by `path` (`udp_udp`, `udp_roq`, `roq_udp`, `roq_roq`).
 pub const RELAY_PACKETS_TOTAL: &str = "parley_relay_packets_total";
 /// Bytes relayed (RTP/RTCP packet bytes), by `path`.
@@ -278,6 +286,8 @@ fn register_zeroes() {
     metrics::gauge!(SIP_CONNECTIONS).set(0.0);
     gauge!(SIP_QUEUE_DELAY_SECONDS).set(0.0);
     gauge!(SIP_SHEDDING).set(0.0);
+    counter!(SIP_SHARD_HANDOFFS_TOTAL).increment(0);
+    gauge!(MAIN_LOOP_LAG_SECONDS).set(0.0);
     for t in ["tcp", "tls"] {
         counter!(SIP_CONNECTIONS_REFUSED_TOTAL, "transport" => t).increment(0);
         for r in ["closed", "idle", "slow", "framing", "error", "dropped"] {
@@ -294,6 +304,7 @@ fn register_zeroes() {
         "call_rate",
         "calls",
         "queue_delay",
+        "loop_lag",
     ] {
         counter!(SIP_REJECTED_OVERLOAD_TOTAL, "reason" => r).increment(0);
     }
@@ -513,6 +524,26 @@ fn describe() {
         SIP_SHEDDING,
         Unit::Count,
         "1 while new calls are refused for queue delay"
+    );
+    describe_gauge!(
+        SIP_CONTROL_THREADS,
+        Unit::Count,
+        "Control threads carrying SIP, each with its own transactions, dialogs and call actors"
+    );
+    describe_counter!(
+        SIP_SHARD_CALLS_TOTAL,
+        Unit::Count,
+        "New calls started, by the SIP shard (control thread) that owns them"
+    );
+    describe_gauge!(
+        MAIN_LOOP_LAG_SECONDS,
+        Unit::Seconds,
+        "How late the main loop (user actors, device connections) fires its 20 ms probe timer, the least of the last five; with several control threads, past [sip] max_queue_delay_ms new calls are shed"
+    );
+    describe_counter!(
+        SIP_SHARD_HANDOFFS_TOTAL,
+        Unit::Count,
+        "SIP datagrams a shard read off the socket for another shard and handed to it"
     );
     describe_counter!(
         RELAY_PACKETS_TOTAL,

@@ -167,17 +167,31 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         trunk_refs,
     ));
 
-    let sip_socket = Arc::new(
-        tokio::net::UdpSocket::bind(cfg.sip.listen)
-            .await
-            .map_err(|e| anyhow::anyhow!("sip.listen {}: {e}", cfg.sip.listen))?,
-    );
-    let sip_addr = sip_socket.local_addr()?;
-    crate::sockets::size_buffers(
-        socket2::SockRef::from(&*sip_socket),
-        cfg.sip.udp_buffer_bytes,
-        "sip",
-    )?;
+    // Shards (`[sip] control_threads`) each read a socket of their own, bound to the same
+    // address with SO_REUSEPORT.
+    let shard_count = cfg.sip.control_threads.max(1);
+    // A SO_REUSEPORT group would let a second node started on the same port by mistake
+    // join it (and take half the traffic) instead of failing: the port must be free to a
+    // plain bind first (which also picks the port when `listen` says 0).
+    let listen = if shard_count > 1 {
+        std::net::UdpSocket::bind(cfg.sip.listen)
+            .and_then(|probe| probe.local_addr())
+            .map_err(|e| anyhow::anyhow!("sip.listen {}: {e}", cfg.sip.listen))?
+    } else {
+        cfg.sip.listen
+    };
+    let sip_std = bind_sip_udp(listen, shard_count > 1, cfg.sip.udp_buffer_bytes)
+        .map_err(|e| anyhow::anyhow!("sip.listen {}: {e}", cfg.sip.listen))?;
+    let sip_addr = sip_std.local_addr()?;
+    let mut shard_sockets = Vec::new();
+    for k in 1..shard_count {
+        shard_sockets.push(
+            bind_sip_udp(sip_addr, true, cfg.sip.udp_buffer_bytes).map_err(|e| {
+                anyhow::anyhow!("sip.control_threads: shard {k}'s socket on {sip_addr}: {e}")
+            })?,
+        );
+    }
+    let sip_socket = Arc::new(tokio::net::UdpSocket::from_std(sip_std)?);
     let sip_tcp = match cfg.sip.tcp_listen {
         Some(a) => Some(
             tokio::net::TcpListener::bind(a)
@@ -219,60 +233,123 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     }
     let handles = Arc::new(Sequence::new());
-    let core = SipCore::new(
-        CoreConfig {
-            local: sip_addr,
-            local_tcp: sip_tcp_addr,
-            local_tls: sip_tls_addr,
-            trunks: cfg
-                .trunks
-                .iter()
-                .map(|t| crate::sip::core::TrunkTarget {
-                    addr: t.address,
-                    transport: t.transport.transport(),
-                    auth: t.credentials(),
-                })
-                .collect(),
-            region: cfg.sip.default_region.clone(),
-            timers: sipx_sip::Timers {
-                t1: Duration::from_millis(cfg.sip.t1_ms),
-                ..Default::default()
+    // Each shard takes an even share of the node's limits.
+    let share = |v: usize| if v == 0 { 0 } else { v.div_ceil(shard_count) };
+    let core_for = |k: usize| {
+        SipCore::new(
+            CoreConfig {
+                local: sip_addr,
+                local_tcp: sip_tcp_addr,
+                local_tls: sip_tls_addr,
+                trunks: cfg
+                    .trunks
+                    .iter()
+                    .map(|t| crate::sip::core::TrunkTarget {
+                        addr: t.address,
+                        transport: t.transport.transport(),
+                        auth: t.credentials(),
+                    })
+                    .collect(),
+                region: cfg.sip.default_region.clone(),
+                timers: sipx_sip::Timers {
+                    t1: Duration::from_millis(cfg.sip.t1_ms),
+                    ..Default::default()
+                },
+                rng_seed: rand::random(),
+                dialog_source_check: cfg.sip.dialog_source_check,
+                max_server_transactions: share(cfg.sip.max_server_transactions).max(16),
+                max_calls_per_source: share(cfg.sip.max_calls_per_source),
+                overload: parley_core::overload::OverloadLimits {
+                    max_rate: share(cfg.sip.max_call_rate as usize) as u32,
+                    max_calls: share(cfg.sip.max_calls),
+                    max_delay: Duration::from_millis(cfg.sip.max_queue_delay_ms),
+                },
+                max_transactions_per_source: share(cfg.sip.max_transactions_per_source),
+                call_id_host: crate::sip::shard::call_id_host(k, shard_count),
             },
-            rng_seed: rand::random(),
-            dialog_source_check: cfg.sip.dialog_source_check,
-            max_server_transactions: cfg.sip.max_server_transactions,
-            max_calls_per_source: cfg.sip.max_calls_per_source,
-            overload: parley_core::overload::OverloadLimits {
-                max_rate: cfg.sip.max_call_rate,
-                max_calls: cfg.sip.max_calls,
-                max_delay: Duration::from_millis(cfg.sip.max_queue_delay_ms),
-            },
-            max_transactions_per_source: cfg.sip.max_transactions_per_source,
-        },
-        registry.clone(),
-        handles.clone(),
-    );
+            registry.clone(),
+            handles.clone(),
+        )
+    };
+    let shards = Arc::new(crate::sip::shard::Shards::new(shard_count));
+    metrics::gauge!(m::SIP_CONTROL_THREADS).set(shard_count as f64);
+    let deps_for = |k: usize| DriverDeps {
+        registry: registry.clone(),
+        media: relay.clone(),
+        cdr: cdr_sink.clone(),
+        trunks: trunks.clone(),
+        ring_timeout: cfg.ring_timeout(),
+        media_timeout: cfg.media_timeout(),
+        offer_ack_timeout: cfg.offer_ack_timeout(),
+        max_ringing: cfg.max_ringing(),
+        handles: handles.clone(),
+        remote: cluster.as_ref().map(crate::cluster::Cluster::legs),
+        tcp: None,
+        stream: cfg.sip.stream_settings(),
+        tls: None,
+        tls_clients: tls_clients.clone(),
+        shard: k,
+        shards: shards.clone(),
+    };
+    // Shard 0 runs here, on the main arbiter, with the TCP and TLS listeners (one shard
+    // only: config validation), the trunk probes and the calls dialled from devices.
     let sip = SipDriver::new(
         sip_socket,
-        core,
+        core_for(0),
         DriverDeps {
-            registry: registry.clone(),
-            media: relay.clone(),
-            cdr: cdr_sink.clone(),
-            trunks: trunks.clone(),
-            ring_timeout: cfg.ring_timeout(),
-            media_timeout: cfg.media_timeout(),
-            offer_ack_timeout: cfg.offer_ack_timeout(),
-            max_ringing: cfg.max_ringing(),
-            handles: handles.clone(),
-            remote: cluster.as_ref().map(crate::cluster::Cluster::legs),
             tcp: sip_tcp,
-            stream: cfg.sip.stream_settings(),
             tls: sip_tls,
-            tls_clients,
+            ..deps_for(0)
         },
     )
     .start();
+    let mut sip_shards = vec![sip.clone()];
+    let mut shard_arbiters = Vec::new();
+    for (i, socket) in shard_sockets.into_iter().enumerate() {
+        let k = i + 1;
+        let arbiter = actix_rt::Arbiter::new();
+        let (core, deps) = (core_for(k), deps_for(k));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        arbiter.spawn(async move {
+            // The socket joins this thread's reactor.
+            let started = tokio::net::UdpSocket::from_std(socket)
+                .map(|s| SipDriver::new(Arc::new(s), core, deps).start());
+            let _ = tx.send(started);
+        });
+        let shard = rx
+            .await
+            .map_err(|_| anyhow::anyhow!("sip.control_threads: shard {k} did not start"))?
+            .map_err(|e| anyhow::anyhow!("sip.control_threads: shard {k}: {e}"))?;
+        sip_shards.push(shard);
+        shard_arbiters.push(arbiter);
+    }
+    if shard_count > 1 {
+        let peers: Vec<_> = sip_shards.iter().map(|a| a.clone().recipient()).collect();
+        for s in &sip_shards {
+            s.do_send(crate::sip::driver::Peers(peers.clone()));
+        }
+        tracing::info!(
+            shards = shard_count,
+            "SIP signalling on {shard_count} control threads"
+        );
+        // The shards read their sockets in time while the main loop (user actors, device
+        // connections) may not: its lag is an overload signal of its own.
+        let shards = shards.clone();
+        actix_rt::spawn(async move {
+            // The least lag of the last five probes (100 ms): a standing lag, not one
+            // stall (a page fault storm, a large table resized), as with queue delay.
+            const TICK: Duration = Duration::from_millis(20);
+            let mut recent = [Duration::ZERO; 5];
+            for i in (0..recent.len()).cycle() {
+                let start = tokio::time::Instant::now();
+                tokio::time::sleep(TICK).await;
+                recent[i] = start.elapsed().saturating_sub(TICK);
+                let lag = recent.iter().min().copied().unwrap_or_default();
+                shards.set_loop_lag(lag);
+                metrics::gauge!(m::MAIN_LOOP_LAG_SECONDS).set(lag.as_secs_f64());
+            }
+        });
+    }
     for (ctx, actor) in trunk_ctxs.into_iter().zip(trunk_actors) {
         ctx.run(actor.with_prober(sip.clone().recipient()));
     }
@@ -463,7 +540,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let live = sip.send(Drain).await.unwrap_or(0)
+        let mut live = 0;
+        for s in &sip_shards {
+            live += s.send(Drain).await.unwrap_or(0);
+        }
+        let live = live
             + cluster
                 .as_ref()
                 .map_or(0, crate::cluster::Cluster::hosted_legs);
@@ -482,6 +563,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     // Let call actors hand their CDRs over, then let the writer finish.
     tokio::time::sleep(Duration::from_millis(200)).await;
     drop(sip);
+    drop(sip_shards);
+    for a in &shard_arbiters {
+        a.stop();
+    }
     relay.stop();
     // Every CDR queued by now is written before we exit (bounded, in case the disk hangs).
     let _ = tokio::time::timeout(Duration::from_secs(5), cdr_queue.flush()).await;
@@ -502,6 +587,27 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     drop(quic_rt);
     tracing::info!("parley stopped");
     Ok(())
+}
+
+/// The SIP UDP socket, non-blocking, its buffers sized; in a SO_REUSEPORT group when
+/// `shared` (one socket per shard on the same address).
+fn bind_sip_udp(
+    addr: SocketAddr,
+    shared: bool,
+    buffer_bytes: usize,
+) -> std::io::Result<std::net::UdpSocket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    if shared {
+        socket.set_reuse_port(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    crate::sockets::size_buffers(socket2::SockRef::from(&socket), buffer_bytes, "sip")?;
+    Ok(socket.into())
 }
 
 /// What `[cluster]` asks for (`None`: a single node).

@@ -13,6 +13,10 @@
 //!   switch past its capacity). So when even the least-delayed request of a 100 ms window
 //!   waited more than `max_delay` — a standing queue, in CoDel's sense, not a burst — new
 //!   calls are shed until a window's least delay falls under half of it.
+//! - **loop lag**: with SIP on several control threads, a call's other half (its user
+//!   actor, the device's connection, the store) runs on the main loop, which can fall
+//!   behind while every SIP socket is read in time. Its lag (how late a timer of that loop
+//!   fires) past `max_delay` sheds new calls the same way, until it is under half of it.
 //!
 //! A shed call is refused at once and statelessly (503 with Retry-After): refusing costs a
 //! parse and a send, a fraction of what a call costs, so the calls admitted keep the node's
@@ -52,6 +56,8 @@ pub enum Shed {
     Calls,
     /// The node is behind (`max_delay`).
     QueueDelay,
+    /// The main loop is behind (`max_delay`).
+    LoopLag,
 }
 
 impl Shed {
@@ -61,6 +67,7 @@ impl Shed {
             Shed::CallRate => "call_rate",
             Shed::Calls => "calls",
             Shed::QueueDelay => "queue_delay",
+            Shed::LoopLag => "loop_lag",
         }
     }
 }
@@ -90,6 +97,9 @@ pub struct Admission {
     /// The least delay of the last complete window.
     last_min: Duration,
     shedding: bool,
+    /// The main loop's lag as last told, and whether it sheds.
+    lag: Duration,
+    lag_shedding: bool,
 }
 
 impl Admission {
@@ -102,6 +112,8 @@ impl Admission {
             window: None,
             last_min: Duration::ZERO,
             shedding: false,
+            lag: Duration::ZERO,
+            lag_shedding: false,
         }
     }
 
@@ -126,26 +138,40 @@ impl Admission {
 
     fn close_window(&mut self, min: Duration) {
         self.last_min = min;
+        self.shedding = self.hysteresis(self.shedding, min);
+    }
+
+    /// The main loop's lag, measured now: past `max_delay` new calls are shed (with the
+    /// same hysteresis as queue delay).
+    pub fn handle_lag(&mut self, lag: Duration) {
+        self.lag = lag;
+        self.lag_shedding = self.hysteresis(self.lag_shedding, lag);
+    }
+
+    /// Shedding starts above `max_delay` and stops under half of it (off at 0).
+    fn hysteresis(&self, shedding: bool, delay: Duration) -> bool {
         let max = self.limits.max_delay;
         if max.is_zero() {
-            self.shedding = false;
-        } else if min > max {
-            self.shedding = true;
-        } else if min < max / 2 {
-            self.shedding = false;
+            false
+        } else if delay > max {
+            true
+        } else if delay < max / 2 {
+            false
+        } else {
+            shedding
         }
     }
 
-    /// Whether new calls are being shed for queue delay.
+    /// Whether new calls are being shed for queue delay or loop lag.
     pub fn shedding(&self) -> bool {
-        self.shedding
+        self.shedding || self.lag_shedding
     }
 
-    /// Whether the node is behind: shedding for queue delay, or (shedding off or not yet
-    /// on) the last window's least delay at least [`BEHIND`]. Timeouts toward peers
+    /// Whether the node is behind: shedding, or (shedding off or not yet on) the last
+    /// window's least delay or the loop's lag at least [`BEHIND`]. Timeouts toward peers
     /// meanwhile may be the node's own lateness, not the peer's.
     pub fn behind(&self) -> bool {
-        self.shedding || self.last_min >= BEHIND
+        self.shedding() || self.last_min >= BEHIND || self.lag >= BEHIND
     }
 
     /// The least queue delay of the last complete window.
@@ -170,6 +196,9 @@ impl Admission {
         self.handle_timeout(now);
         if self.shedding {
             return Err(Shed::QueueDelay);
+        }
+        if self.lag_shedding {
+            return Err(Shed::LoopLag);
         }
         if self.limits.max_calls > 0 && live >= self.limits.max_calls {
             return Err(Shed::Calls);
@@ -351,6 +380,28 @@ mod tests {
         a.handle_delay(t0 + ms(200), ms(10)); // the second window: 10 ms
         assert!(!a.behind());
         assert_eq!(a.admit(t0 + ms(200), 0), Ok(()));
+    }
+
+    #[test]
+    fn a_lagging_main_loop_sheds_until_it_is_under_half_the_limit() {
+        let mut a = Admission::new(limits(0, 0, 100));
+        let now = Instant::now();
+        let ms = Duration::from_millis;
+        a.handle_lag(ms(40));
+        assert_eq!(a.admit(now, 0), Ok(()));
+        assert!(!a.behind());
+        a.handle_lag(ms(120));
+        assert_eq!(a.admit(now, 0), Err(Shed::LoopLag));
+        assert!(a.shedding());
+        a.handle_lag(ms(60)); // under the limit, not under half: still shedding
+        assert_eq!(a.admit(now, 0), Err(Shed::LoopLag));
+        a.handle_lag(ms(10));
+        assert_eq!(a.admit(now, 0), Ok(()));
+        // Off with the queue-delay limit, but a long lag still counts as behind.
+        let mut off = Admission::new(limits(0, 0, 0));
+        off.handle_lag(ms(300));
+        assert_eq!(off.admit(now, 0), Ok(()));
+        assert!(off.behind());
     }
 
     #[test]

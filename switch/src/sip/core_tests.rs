@@ -56,6 +56,7 @@ pub(super) fn core_limited(
             max_calls_per_source: 0,
             overload,
             max_transactions_per_source: 0,
+            call_id_host: "parley".into(),
         },
         Arc::new(directory),
         Arc::new(Sequence::new()),

@@ -18,6 +18,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
 use super::core::{Output, SipCore};
+use super::shard::{self, Shards};
 use super::stream::{
     self, ConnectionCount, StreamClosed, StreamMessage, StreamOpened, StreamSettings,
 };
@@ -53,6 +54,10 @@ pub struct DriverDeps {
     pub tls: Option<(tokio::net::TcpListener, Arc<rustls::ServerConfig>)>,
     /// How to open TLS connections, by peer (trunks with `transport = "tls"`).
     pub tls_clients: HashMap<SocketAddr, stream::TlsClient>,
+    /// Which shard this driver is (`[sip] control_threads`; 0 of 1 by default).
+    pub shard: usize,
+    /// What the node's shards share.
+    pub shards: Arc<Shards>,
 }
 
 /// The actor.
@@ -69,8 +74,13 @@ pub struct SipDriver {
     /// Live SIP connections by transport and remote end: (id, outgoing queue).
     conns: HashMap<(Transport, SocketAddr), (u64, mpsc::Sender<Bytes>)>,
     conn_count: Arc<ConnectionCount>,
-    /// Whether the trunks were last told the node is behind.
+    /// Whether this shard was last counted behind.
     behind: bool,
+    /// Every shard of the node, this one included, by index (empty until [`Peers`]
+    /// arrives, and with one shard).
+    peers: Vec<Recipient<Forwarded>>,
+    /// `parley_sip_shard_calls_total` and `_handoffs_total` of this shard.
+    counters: (metrics::Counter, metrics::Counter),
 }
 
 impl SipDriver {
@@ -87,6 +97,8 @@ impl SipDriver {
             conns: HashMap::new(),
             conn_count: Arc::new(ConnectionCount::default()),
             behind: false,
+            peers: Vec::new(),
+            counters: (metrics::Counter::noop(), metrics::Counter::noop()),
         }
     }
 
@@ -163,6 +175,10 @@ impl SipDriver {
 
     fn flush(&mut self, ctx: &mut Context<Self>) {
         let (client, server) = self.core.transactions();
+        let (client, server) = self
+            .deps
+            .shards
+            .transactions(self.deps.shard, client, server);
         metrics::gauge!(crate::metrics::SIP_TRANSACTIONS, "kind" => "client").set(client as f64);
         metrics::gauge!(crate::metrics::SIP_TRANSACTIONS, "kind" => "server").set(server as f64);
         while let Some(out) = self.core.poll_output() {
@@ -225,7 +241,8 @@ impl SipDriver {
                         started: Instant::now(),
                         started_wall: SystemTime::now(),
                     };
-                    tracing::debug!(call = %call_id(nc.handle), "new call from a gateway");
+                    tracing::debug!(call = %call_id(nc.handle), shard = self.deps.shard, "new call from a gateway");
+                    self.counters.0.increment(1);
                     let call = CallActor::new(CallSetup {
                         spec,
                         callee,
@@ -263,6 +280,12 @@ impl Actor for SipDriver {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        let label = self.deps.shard.to_string();
+        self.counters = (
+            metrics::counter!(crate::metrics::SIP_SHARD_CALLS_TOTAL, "shard" => label),
+            metrics::counter!(crate::metrics::SIP_SHARD_HANDOFFS_TOTAL),
+        );
+        self.counters.0.increment(0);
         self.env = Some(Arc::new(CallEnv {
             sip: ctx.address().recipient(),
             media: self.deps.media.clone(),
@@ -297,6 +320,9 @@ impl Actor for SipDriver {
         ctx.run_interval(parley_core::overload::DELAY_WINDOW, |act, _| {
             let was = act.core.queue_delay();
             act.core.handle_overload_timeout(Instant::now());
+            if act.deps.shards.count() > 1 {
+                act.core.handle_loop_lag(act.deps.shards.loop_lag());
+            }
             act.publish_queue_delay(was);
         });
         let socket = self.socket.clone();
@@ -319,8 +345,50 @@ impl Actor for SipDriver {
 /// the kernel stamps arrivals).
 struct Datagram(Bytes, SocketAddr, Option<Duration>);
 
+/// A datagram another shard read off the socket for this one, and when it read it.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Forwarded(Datagram, Instant);
+
+/// Every shard of the node, by index: sent to each once all are started.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Peers(pub Vec<Recipient<Forwarded>>);
+
+impl Handler<Peers> for SipDriver {
+    type Result = ();
+    fn handle(&mut self, p: Peers, _: &mut Context<Self>) {
+        self.peers = p.0;
+    }
+}
+
+impl Handler<Forwarded> for SipDriver {
+    type Result = ();
+    fn handle(&mut self, f: Forwarded, ctx: &mut Context<Self>) {
+        // Its wait is the kernel's queue and this shard's mailbox: a shard that falls
+        // behind on handed-over datagrams sheds like one behind on its own socket.
+        let Forwarded(mut d, read) = f;
+        d.2 = d.2.map(|w| w + read.elapsed());
+        self.datagram(d, ctx);
+    }
+}
+
 impl StreamHandler<Datagram> for SipDriver {
     fn handle(&mut self, d: Datagram, ctx: &mut Context<Self>) {
+        if self.peers.len() > 1
+            && let Some(k) = shard::owner(&d.0, self.peers.len())
+            && k != self.deps.shard
+        {
+            self.counters.1.increment(1);
+            self.peers[k].do_send(Forwarded(d, Instant::now()));
+            return;
+        }
+        self.datagram(d, ctx);
+    }
+}
+
+impl SipDriver {
+    fn datagram(&mut self, d: Datagram, ctx: &mut Context<Self>) {
         let now = Instant::now();
         if let Some(waited) = d.2 {
             let was = self.core.queue_delay();
@@ -339,13 +407,19 @@ impl SipDriver {
     fn publish_queue_delay(&mut self, was: (Duration, bool)) {
         let (delay, shedding) = self.core.queue_delay();
         if (delay, shedding) != was {
+            let (delay, shedding) = self
+                .deps
+                .shards
+                .queue_delay(self.deps.shard, delay, shedding);
             metrics::gauge!(crate::metrics::SIP_QUEUE_DELAY_SECONDS).set(delay.as_secs_f64());
             metrics::gauge!(crate::metrics::SIP_SHEDDING).set(f64::from(u8::from(shedding)));
         }
         let behind = self.core.behind();
         if behind != self.behind {
             self.behind = behind;
-            self.deps.trunks.node_load(behind);
+            if let Some(node) = self.deps.shards.behind(behind) {
+                self.deps.trunks.node_load(node);
+            }
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod core;
 pub mod driver;
 pub mod error;
 mod msg;
+pub mod shard;
 pub mod stream;
 pub mod tls;
 pub mod transport;

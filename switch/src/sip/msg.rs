@@ -277,7 +277,8 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-fn trim(b: &[u8]) -> &[u8] {
+/// `b` without leading and trailing ASCII whitespace.
+pub(crate) fn trim(b: &[u8]) -> &[u8] {
     let start = b
         .iter()
         .position(|c| !c.is_ascii_whitespace())

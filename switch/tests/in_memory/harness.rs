@@ -131,6 +131,7 @@ impl World {
                 max_calls_per_source: 0,
                 overload: parley_core::overload::OverloadLimits::OFF,
                 max_transactions_per_source: 0,
+                call_id_host: "parley".into(),
             },
             Arc::new(directory),
             handles,

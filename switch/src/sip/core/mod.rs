@@ -170,6 +170,9 @@ pub struct CoreConfig {
     /// address the dialog was set up from. Off only for gateways behind load balancers
     /// that spread one dialog over several addresses.
     pub dialog_source_check: bool,
+    /// The host part of the Call-IDs this core makes (`parley`; `s<k>.parley` for shard
+    /// `k` of several, so that what comes back reaches it: [`super::shard`]).
+    pub call_id_host: String,
 }
 
 /// Where one trunk is, and how to answer its challenges.
@@ -301,6 +304,17 @@ impl SipCore {
         self.log_shedding(was);
     }
 
+    /// The main loop (user actors, device connections) fires its timers `lag` late: with
+    /// SIP on several control threads, new calls are shed while it is behind.
+    pub fn handle_loop_lag(&mut self, lag: std::time::Duration) {
+        let was = self.admission.shedding();
+        self.admission.handle_lag(lag);
+        if was != self.admission.shedding() {
+            tracing::info!(loop_lag_ms = lag.as_millis() as u64, "main loop lag");
+        }
+        self.log_shedding(was);
+    }
+
     /// Time passed for overload control (a window with no datagram since closes); the
     /// driver calls it every [`parley_core::overload::DELAY_WINDOW`].
     pub fn handle_overload_timeout(&mut self, now: Instant) {
@@ -317,7 +331,7 @@ impl SipCore {
                 queue_delay_ms = self.admission.queue_delay().as_millis() as u64,
                 limit_ms = self.cfg.overload.max_delay.as_millis() as u64,
                 live_calls = self.live,
-                "overload: requests wait in the receive queue; new calls are refused (503)"
+                "overload: requests wait in the receive queue or the main loop is behind; new calls are refused (503)"
             ),
             (true, false) => tracing::info!(
                 queue_delay_ms = self.admission.queue_delay().as_millis() as u64,

@@ -28,7 +28,7 @@ impl SipCore {
         let tag = self.token(10);
         let from = format!("<sip:parley@{}>;tag={tag}", self.cfg.local);
         let to = format!("<sip:{dest}>");
-        let cid = format!("{}@parley", self.token(20));
+        let cid = format!("{}@{}", self.token(20), self.cfg.call_id_host);
         let req = Uri::parse(Bytes::from(format!("sip:{dest}")))
             .ok()
             .and_then(|uri| {

@@ -59,7 +59,7 @@ impl SipCore {
             self.cfg.local.ip()
         );
         let to_hdr = format!("<sip:{to}@{trunk}>");
-        let cid = format!("{}@parley", self.token(20));
+        let cid = format!("{}@{}", self.token(20), self.cfg.call_id_host);
         let Some(req) = msg::build_request(
             Method::Invite,
             uri,
