@@ -99,11 +99,19 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
         None => None,
     };
+    // With several control threads (`[sip] control_threads`), SIP shard k runs on arbiter
+    // k - 1 of these, and users are spread over them and the main arbiter by name.
+    let shard_count = cfg.sip.control_threads.max(1);
+    let shard_arbiters: Vec<actix_rt::Arbiter> =
+        (1..shard_count).map(|_| actix_rt::Arbiter::new()).collect();
     let users = Arc::new(RegistryUsers {
         registry: registry.clone(),
         store: store.clone(),
         directory: dashmap::DashSet::new(),
         board: cluster.as_ref().map(crate::cluster::Cluster::board),
+        arbiters: std::iter::once(actix_rt::Arbiter::current())
+            .chain(shard_arbiters.iter().map(actix_rt::Arbiter::handle))
+            .collect(),
     });
     for (u, from_directory) in store.all_users().await? {
         let prefs = match store.preferences(&u.tenant, &u.user).await? {
@@ -169,7 +177,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     // Shards (`[sip] control_threads`) each read a socket of their own, bound to the same
     // address with SO_REUSEPORT.
-    let shard_count = cfg.sip.control_threads.max(1);
     // A SO_REUSEPORT group would let a second node started on the same port by mistake
     // join it (and take half the traffic) instead of failing: the port must be free to a
     // plain bind first (which also picks the port when `listen` says 0).
@@ -304,10 +311,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     )
     .start();
     let mut sip_shards = vec![sip.clone()];
-    let mut shard_arbiters = Vec::new();
-    for (i, socket) in shard_sockets.into_iter().enumerate() {
+    for (i, (socket, arbiter)) in shard_sockets.into_iter().zip(&shard_arbiters).enumerate() {
         let k = i + 1;
-        let arbiter = actix_rt::Arbiter::new();
         let (core, deps) = (core_for(k), deps_for(k));
         let (tx, rx) = tokio::sync::oneshot::channel();
         arbiter.spawn(async move {
@@ -321,7 +326,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             .map_err(|_| anyhow::anyhow!("sip.control_threads: shard {k} did not start"))?
             .map_err(|e| anyhow::anyhow!("sip.control_threads: shard {k}: {e}"))?;
         sip_shards.push(shard);
-        shard_arbiters.push(arbiter);
     }
     if shard_count > 1 {
         let peers: Vec<_> = sip_shards.iter().map(|a| a.clone().recipient()).collect();
@@ -712,6 +716,9 @@ struct RegistryUsers {
     directory: dashmap::DashSet<(String, String)>,
     /// Where user actors publish their devices (cluster mode).
     board: Option<Arc<dyn parley_actors::remote::DeviceBoard>>,
+    /// The arbiters user actors run on (the main one, and the SIP shards' when there are
+    /// several), by a hash of the user.
+    arbiters: Vec<actix_rt::ArbiterHandle>,
 }
 
 impl RegistryUsers {
@@ -721,9 +728,19 @@ impl RegistryUsers {
             tenant: tenant.to_owned(),
         });
         let actor = UserActor::new(user.to_owned()).with_preferences(prefs, sink);
-        match &self.board {
-            Some(board) => actor.with_board(board.clone(), tenant).start(),
-            None => actor.start(),
+        let actor = match &self.board {
+            Some(board) => actor.with_board(board.clone(), tenant),
+            None => actor,
+        };
+        match self.arbiters.as_slice() {
+            [] | [_] => actor.start(),
+            all => {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::hash::DefaultHasher::new();
+                (tenant, user).hash(&mut h);
+                let home = &all[(h.finish() % all.len() as u64) as usize];
+                UserActor::start_in_arbiter(home, move |_| actor)
+            }
         }
     }
 
