@@ -47,6 +47,8 @@ pub const SIP_CONTROL_THREADS: &str = "parley_sip_control_threads";
 pub const SIP_SHARD_CALLS_TOTAL: &str = "parley_sip_shard_calls_total";
 /// SIP datagrams one shard read off the socket for another and handed to it.
 pub const SIP_SHARD_HANDOFFS_TOTAL: &str = "parley_sip_shard_handoffs_total";
+/// SIP datagrams dropped because the shard they were for held too many handed over.
+pub const SIP_SHARD_HANDOFFS_DROPPED_TOTAL: &str = "parley_sip_shard_handoffs_dropped_total";
 /// How late the main loop's 20 ms probe timer fired (seconds; several control threads).
 pub const MAIN_LOOP_LAG_SECONDS: &str = "parley_main_loop_lag_seconds";
 /// Packets relayed, by `path` (`udp_udp`, `udp_roq`, `roq_udp`, `roq_roq`).
@@ -287,6 +289,7 @@ fn register_zeroes() {
     gauge!(SIP_QUEUE_DELAY_SECONDS).set(0.0);
     gauge!(SIP_SHEDDING).set(0.0);
     counter!(SIP_SHARD_HANDOFFS_TOTAL).increment(0);
+    counter!(SIP_SHARD_HANDOFFS_DROPPED_TOTAL).increment(0);
     gauge!(MAIN_LOOP_LAG_SECONDS).set(0.0);
     for t in ["tcp", "tls"] {
         counter!(SIP_CONNECTIONS_REFUSED_TOTAL, "transport" => t).increment(0);
@@ -539,6 +542,11 @@ fn describe() {
         MAIN_LOOP_LAG_SECONDS,
         Unit::Seconds,
         "How late the main loop (user actors, device connections) fires its 20 ms probe timer, the least of the last five; with several control threads, past [sip] max_queue_delay_ms new calls are shed"
+    );
+    describe_counter!(
+        SIP_SHARD_HANDOFFS_DROPPED_TOTAL,
+        Unit::Count,
+        "SIP datagrams dropped because the shard they were for held 65,536 handed over and not yet taken up"
     );
     describe_counter!(
         SIP_SHARD_HANDOFFS_TOTAL,

@@ -367,6 +367,7 @@ impl Handler<Forwarded> for SipDriver {
     fn handle(&mut self, f: Forwarded, ctx: &mut Context<Self>) {
         // Its wait is the kernel's queue and this shard's mailbox: a shard that falls
         // behind on handed-over datagrams sheds like one behind on its own socket.
+        self.deps.shards.taken_up(self.deps.shard);
         let Forwarded(mut d, read) = f;
         d.2 = d.2.map(|w| w + read.elapsed());
         self.datagram(d, ctx);
@@ -379,8 +380,12 @@ impl StreamHandler<Datagram> for SipDriver {
             && let Some(k) = shard::owner(&d.0, self.peers.len())
             && k != self.deps.shard
         {
-            self.counters.1.increment(1);
-            self.peers[k].do_send(Forwarded(d, Instant::now()));
+            if self.deps.shards.hand_over(k) {
+                self.counters.1.increment(1);
+                self.peers[k].do_send(Forwarded(d, Instant::now()));
+            } else {
+                metrics::counter!(crate::metrics::SIP_SHARD_HANDOFFS_DROPPED_TOTAL).increment(1);
+            }
             return;
         }
         self.datagram(d, ctx);

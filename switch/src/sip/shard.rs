@@ -32,8 +32,15 @@ pub struct Shards {
     loop_lag_us: AtomicU64,
 }
 
+/// Datagrams handed to one shard and not yet taken up by it beyond which more are dropped
+/// (as a full socket buffer would drop them): a flood aimed at one shard cannot grow its
+/// mailbox without bound. About 30 MB of datagrams at most per shard.
+pub const MAX_HANDED_OVER: usize = 65_536;
+
 #[derive(Debug, Default)]
 struct Slot {
+    /// Datagrams handed to this shard and not yet taken up.
+    handed: AtomicUsize,
     client: AtomicUsize,
     server: AtomicUsize,
     delay_us: AtomicU64,
@@ -47,6 +54,28 @@ impl Shards {
             slots: (0..n.max(1)).map(|_| Slot::default()).collect(),
             behind: AtomicUsize::new(0),
             loop_lag_us: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts a datagram handed to shard `k`; false (and not counted) when `k` holds
+    /// [`MAX_HANDED_OVER`] already.
+    pub fn hand_over(&self, k: usize) -> bool {
+        let Some(s) = self.slots.get(k) else {
+            return false;
+        };
+        s.handed
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < MAX_HANDED_OVER).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Shard `k` took up a datagram handed to it.
+    pub fn taken_up(&self, k: usize) {
+        if let Some(s) = self.slots.get(k) {
+            let _ = s
+                .handed
+                .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| n.checked_sub(1));
         }
     }
 
@@ -219,6 +248,19 @@ mod tests {
         assert_eq!(s.queue_delay(0, ms(5), false), (ms(5), false));
         assert_eq!(s.queue_delay(1, ms(150), true), (ms(150), true));
         assert_eq!(s.queue_delay(1, ms(1), false), (ms(5), false));
+    }
+
+    #[test]
+    fn hand_overs_to_one_shard_are_bounded() {
+        let s = Shards::new(2);
+        for _ in 0..MAX_HANDED_OVER {
+            assert!(s.hand_over(1));
+        }
+        assert!(!s.hand_over(1));
+        assert!(s.hand_over(0), "another shard's bound is its own");
+        s.taken_up(1);
+        assert!(s.hand_over(1));
+        assert!(!s.hand_over(7));
     }
 
     #[test]
