@@ -36,6 +36,7 @@ fuzz_target!(|data: &[u8]| {
             max_calls_per_source: 0,
             overload: parley_core::overload::OverloadLimits::OFF,
             max_transactions_per_source: 0,
+            call_id_host: "parley".into(),
         },
         Arc::new(directory),
         Arc::new(Sequence::new()),
@@ -43,6 +44,10 @@ fuzz_target!(|data: &[u8]| {
     let t0 = Instant::now();
     let gw = "127.0.0.1:5070".parse().unwrap();
     for (i, part) in data.split(|b| *b == 0).take(8).enumerate() {
+        // Which shard of several would own it: any answer in range, never a panic.
+        if let Some(k) = parley_switch::sip::shard::owner(part, 3) {
+            assert!(k < 3);
+        }
         core.handle_datagram(t0 + Duration::from_millis(i as u64), gw, Bytes::copy_from_slice(part));
         while core.poll_output().is_some() {}
     }

@@ -38,6 +38,7 @@ fuzz_target!(|data: &[u8]| {
             max_calls_per_source: 4,
             overload: parley_core::overload::OverloadLimits::OFF,
             max_transactions_per_source: 64,
+            call_id_host: "parley".into(),
         },
         Arc::new(directory),
         Arc::new(Sequence::new()),
