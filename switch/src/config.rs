@@ -335,6 +335,12 @@ pub struct RelayConfig {
     /// Most RTP ports (call legs) one worker may hold; a call that would exceed it is
     /// answered 503 like port exhaustion. 0: bounded by the port range only.
     pub max_ports_per_worker: usize,
+    /// Free RTP ports (with their RTCP ports) kept bound after a call for the next one,
+    /// instead of closing each socket and binding a new one per call leg (a dozen system
+    /// calls per port). Bounded also by a quarter of the open-file limit beyond 1,024
+    /// (the node raises its soft limit to the hard one at start). 0 closes every
+    /// released port.
+    pub warm_ports: usize,
     /// Latch a leg's media onto the first source whatever its IP address (SIP peers
     /// behind NAT). By default only a source with the IP address the peer's SDP gave may
     /// latch (its port may differ), so a third party cannot take a call's media by
@@ -750,6 +756,7 @@ impl Default for RelayConfig {
             rtcp_ports: true,
             socket_buffer_bytes: 0,
             max_ports_per_worker: 0,
+            warm_ports: 4096,
             latch_any_source: false,
             kernel: crate::relay::KernelMode::Off,
             kernel_interfaces: Vec::new(),

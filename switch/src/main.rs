@@ -450,6 +450,21 @@ fn auth_agent(cmd: AgentCmd) -> anyhow::Result<()> {
     }
 }
 
+/// A node holds a descriptor per relay port, device connection and SIP connection: the
+/// soft open-file limit (often 1,024) is raised to the hard limit, as servers do.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft < hard {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!(from = soft, to = hard, "open-file limit raised"),
+            Err(e) => tracing::warn!(limit = soft, error = %e, "cannot raise the open-file limit"),
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -477,6 +492,7 @@ fn main() -> anyhow::Result<()> {
             if let Some(d) = data_dir {
                 cfg.data_dir = d;
             }
+            raise_open_file_limit();
             actix_rt::System::new().block_on(parley_switch::node::run(cfg))
         }
     }

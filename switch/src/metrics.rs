@@ -61,6 +61,8 @@ pub const RELAY_BYTES_TOTAL: &str = "parley_relay_bytes_total";
 pub const RELAY_DROPS_TOTAL: &str = "parley_relay_drops_total";
 /// Relay ports in use.
 pub const RELAY_PORTS_ACTIVE: &str = "parley_relay_ports_active";
+/// Relay ports free but kept bound for the next call (`[relay] warm_ports`).
+pub const RELAY_PORTS_WARM: &str = "parley_relay_ports_warm";
 /// Media bridges installed in the relay (one per connected call: UDP↔UDP, UDP↔RoQ or
 /// RoQ↔RoQ).
 pub const RELAY_FLOWS_ACTIVE: &str = "parley_relay_flows_active";
@@ -354,6 +356,7 @@ fn register_zeroes() {
         let _ = metrics::histogram!(h);
     }
     gauge!(RELAY_PORTS_ACTIVE).set(0.0);
+    gauge!(RELAY_PORTS_WARM).set(0.0);
     gauge!(RELAY_FLOWS_ACTIVE).set(0.0);
     gauge!(RELAY_KERNEL_FLOWS).set(0.0);
     gauge!(RELAY_KERNEL_LOADED).set(0.0);
@@ -567,6 +570,11 @@ fn describe() {
         RELAY_DROPS_TOTAL,
         Unit::Count,
         "Packets dropped by the relay, by reason"
+    );
+    describe_gauge!(
+        RELAY_PORTS_WARM,
+        Unit::Count,
+        "Relay UDP ports free but kept bound for the next call ([relay] warm_ports), RTCP ports included"
     );
     describe_gauge!(
         RELAY_PORTS_ACTIVE,

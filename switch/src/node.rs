@@ -88,6 +88,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         rtcp_ports: cfg.relay.rtcp_ports,
         socket_buffer: cfg.relay.socket_buffer_bytes,
         max_ports_per_worker: cfg.relay.max_ports_per_worker,
+        warm_ports: cfg.relay.warm_ports,
         latch_any_source: cfg.relay.latch_any_source,
         kernel: cfg.relay.kernel,
         kernel_interfaces: cfg.relay.kernel_interfaces.clone(),

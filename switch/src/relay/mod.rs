@@ -52,6 +52,11 @@ pub struct RelaySettings {
     pub socket_buffer: usize,
     /// Most RTP ports one worker holds; 0 for no cap but the range.
     pub max_ports_per_worker: usize,
+    /// Free RTP ports (with their RTCP ports) kept bound and registered with their
+    /// worker after a call, so the next call takes one without a system call, instead of
+    /// closing each socket and binding a new one (socket, bind, options, epoll add and
+    /// delete, close: a dozen system calls per port). 0 closes every released port.
+    pub warm_ports: usize,
     /// Latch a port's first source whatever its IP address (peers behind NAT); by
     /// default only a source with the signalled IP address may latch.
     pub latch_any_source: bool,
@@ -142,6 +147,7 @@ impl RelaySettings {
             rtcp_ports: true,
             socket_buffer: 0,
             max_ports_per_worker: 0,
+            warm_ports: 1024,
             latch_any_source: false,
             kernel: KernelMode::Off,
             kernel_interfaces: Vec::new(),
@@ -198,8 +204,11 @@ pub(crate) enum Command {
         b: (SessionId, u64, DeviceConn),
         stats: Arc<FlowStats>,
     },
+    /// A call's end: `ports` are closed, `park` kept bound for a later call (reset and
+    /// drained by the worker first).
     Release {
         ports: Vec<u16>,
+        park: Vec<u16>,
         roq: Vec<(SessionId, u64)>,
     },
     Stop,
@@ -311,6 +320,12 @@ pub struct Relay {
     /// Allocated ports' sockets, kept until release so a bridge can hand each worker the
     /// other side's socket.
     sockets: dashmap::DashMap<u16, Arc<PortSocket>>,
+    /// Sockets of released ports kept bound (RTCP ports included), from their release
+    /// until a call takes them again (offered once their worker parked them:
+    /// `PortPool::warm`).
+    parked: dashmap::DashMap<u16, Arc<PortSocket>>,
+    /// Most RTP ports kept warm (`RelaySettings::warm_ports`, within the descriptors).
+    warm_cap: usize,
     /// RTP ports held per worker (for `max_ports_per_worker`).
     legs: Box<[AtomicUsize]>,
     /// Which worker holds each RoQ flow (device datagrams are routed by it).
@@ -396,11 +411,14 @@ impl Relay {
             );
         }
 
+        let warm_cap = warm_cap(&settings);
         Ok(Arc::new(Self {
             settings,
             free,
             workers,
             sockets: dashmap::DashMap::new(),
+            parked: dashmap::DashMap::new(),
+            warm_cap,
             legs: (0..n).map(|_| AtomicUsize::new(0)).collect(),
             roq_owner: dashmap::DashMap::new(),
             bridges: dashmap::DashSet::new(),
@@ -476,6 +494,48 @@ impl Relay {
             let _ = t.join();
         }
         self.sockets.clear();
+        self.parked.clear();
+        if let Ok(mut warm) = self.free.warm.lock() {
+            warm.clear();
+        }
+        self.free.warm_len.store(0, Ordering::Relaxed);
+    }
+
+    /// Free RTP ports kept bound and ready for the next call.
+    pub fn warm_ports(&self) -> usize {
+        self.free.warm_len.load(Ordering::Relaxed)
+    }
+
+    /// A warm port (bound, registered, reset by its worker) for a new call, of worker
+    /// `want` if given: no system call.
+    fn take_warm(&self, want: Option<usize>) -> Option<u16> {
+        if self.free.warm_len.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        let n = self.workers.len();
+        let cap = self.settings.max_ports_per_worker;
+        let port = {
+            let mut warm = self.free.warm.lock().ok()?;
+            let i = warm.iter().position(|&p| {
+                let w = worker::owner(p, n);
+                want.is_none_or(|want| want == w)
+                    && !(cap > 0 && self.legs[w].load(Ordering::Relaxed) >= cap)
+            })?;
+            let port = warm.remove(i)?;
+            self.free.warm_len.store(warm.len(), Ordering::Relaxed);
+            port
+        };
+        self.legs[worker::owner(port, n)].fetch_add(1, Ordering::Relaxed);
+        let mut bound = 0.0;
+        for p in [Some(port), port.checked_add(1)].into_iter().flatten() {
+            if let Some((_, sock)) = self.parked.remove(&p) {
+                self.sockets.insert(p, sock);
+                bound += 1.0;
+            }
+        }
+        metrics::gauge!(m::RELAY_PORTS_ACTIVE).increment(bound);
+        metrics::gauge!(m::RELAY_PORTS_WARM).decrement(bound);
+        Some(port)
     }
 
     fn bridged(&self, key: FlowKey) {
@@ -486,18 +546,22 @@ impl Relay {
 
     /// Takes a free RTP port (and binds its RTCP port), of worker `want` if given.
     fn allocate_on(&self, want: Option<usize>) -> Result<u16, MediaError> {
-        let mut free = self.free.free.lock().map_err(|_| MediaError::Unavailable)?;
-        // Released ports still closing are worth a short wait (on the signalling thread,
-        // only when the range is otherwise full).
+        // Released ports still closing or parking are worth a short wait (on the
+        // signalling thread, only when the range is otherwise full).
         let deadline = std::time::Instant::now() + RETURN_WAIT;
-        let (port, w, mut rtp, rtcp) = loop {
-            if let Some(taken) = self.take_free(&mut free, want)? {
-                break taken;
+        let (port, w, mut rtp, rtcp, free) = loop {
+            if let Some(port) = self.take_warm(want) {
+                return Ok(port);
+            }
+            let mut free = self.free.free.lock().map_err(|_| MediaError::Unavailable)?;
+            if let Some((port, w, rtp, rtcp)) = self.take_free(&mut free, want)? {
+                break (port, w, rtp, rtcp, free);
             }
             let (guard, waited) = self.free.wait_returned(free, deadline);
-            free = guard;
+            drop(guard);
             if !waited {
-                return Err(MediaError::PortsExhausted);
+                // A port parked just before the wait was decided on.
+                return self.take_warm(want).ok_or(MediaError::PortsExhausted);
             }
         };
         rtp.return_to(self.free.clone());
@@ -705,14 +769,23 @@ impl MediaPlane for Relay {
         if ports.is_empty() && roq.is_empty() {
             return;
         }
-        // Each socket goes back to the pool when its last holder (a worker) drops it; an
+        // Up to the warm cap, a call's ports stay bound for a later call; the others'
+        // sockets go back to the pool when their last holder (a worker) drops them. An
         // RTCP port goes with its RTP port.
         let n = self.workers.len();
+        let per_port = if self.settings.rtcp_ports { 2 } else { 1 };
+        let mut room = self.warm_cap.saturating_sub(self.parked.len() / per_port);
         let mut closing = 0;
+        let mut parked_rtp = Vec::new();
         for &p in ports {
             if self.sockets.contains_key(&p) {
                 self.legs[worker::owner(p, n)].fetch_sub(1, Ordering::Relaxed);
+                // Parked or closed, it comes back a moment later.
                 closing += 1;
+                if room > 0 {
+                    room -= 1;
+                    parked_rtp.push(p);
+                }
             }
             // Here rather than on the worker: the kernel's last counts are in the call's
             // stats before it writes its CDR.
@@ -721,17 +794,14 @@ impl MediaPlane for Relay {
             }
         }
         self.free.closing(closing);
-        let ports: Vec<u16> = ports
+        let with_rtcp = |p: u16| [Some(p), p.checked_add(1)].into_iter().flatten();
+        let all: Vec<u16> = ports
             .iter()
-            .flat_map(|&p| [Some(p), p.checked_add(1)])
-            .flatten()
+            .flat_map(|&p| with_rtcp(p))
             .filter(|p| self.sockets.contains_key(p))
             .collect();
-        let ports = &ports[..];
-        metrics::gauge!(m::RELAY_PORTS_ACTIVE).decrement(ports.len() as f64);
-        let mut per_ports: Vec<Vec<u16>> = vec![Vec::new(); n];
-        let mut per_roq: Vec<Vec<(SessionId, u64)>> = vec![Vec::new(); n];
-        let unbridged = ports
+        metrics::gauge!(m::RELAY_PORTS_ACTIVE).decrement(all.len() as f64);
+        let unbridged = all
             .iter()
             .map(|&p| FlowKey::Port(p))
             .chain(roq.iter().map(|&(s, f)| FlowKey::Roq(s, f)))
@@ -740,20 +810,62 @@ impl MediaPlane for Relay {
         if unbridged > 0 {
             metrics::gauge!(m::RELAY_FLOWS_ACTIVE).decrement(unbridged as f64);
         }
-        for &p in ports {
-            self.sockets.remove(&p);
-            per_ports[worker::owner(p, n)].push(p);
+        let mut per_close: Vec<Vec<u16>> = vec![Vec::new(); n];
+        let mut per_park: Vec<Vec<u16>> = vec![Vec::new(); n];
+        let mut per_roq: Vec<Vec<(SessionId, u64)>> = vec![Vec::new(); n];
+        let mut warmed = 0.0;
+        for &p in &all {
+            let Some((_, sock)) = self.sockets.remove(&p) else {
+                continue;
+            };
+            let rtp = p - p % 2;
+            let w = worker::owner(p, n);
+            if parked_rtp.contains(&rtp) {
+                self.parked.insert(p, sock);
+                per_park[w].push(p);
+                warmed += 1.0;
+            } else {
+                per_close[w].push(p);
+            }
         }
         for &k in roq {
             let w = self.roq_owner.remove(&k).map_or(0, |(_, w)| w);
             per_roq[w].push(k);
         }
-        for (w, (ports, roq)) in per_ports.into_iter().zip(per_roq).enumerate() {
-            if !ports.is_empty() || !roq.is_empty() {
-                let _ = self.workers[w].send(Command::Release { ports, roq });
+        for (w, ((ports, park), roq)) in
+            per_close.into_iter().zip(per_park).zip(per_roq).enumerate()
+        {
+            if !ports.is_empty() || !park.is_empty() || !roq.is_empty() {
+                let _ = self.workers[w].send(Command::Release { ports, park, roq });
             }
         }
+        // The workers offer parked ports to new calls once they have reset and drained
+        // them (`PortPool::give_back_warm`).
+        if warmed > 0.0 {
+            metrics::gauge!(m::RELAY_PORTS_WARM).increment(warmed);
+        }
     }
+}
+
+/// The most RTP ports kept warm: `warm_ports`, within a quarter of the descriptors the
+/// process may open beyond 1,024 (the rest are for calls' ports in use, devices, SIP
+/// connections and the store), logged when that lowers it.
+fn warm_cap(s: &RelaySettings) -> usize {
+    use nix::sys::resource::{Resource, getrlimit};
+    let per_port = if s.rtcp_ports { 2 } else { 1 };
+    let Ok((soft, _)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return s.warm_ports;
+    };
+    let budget = usize::try_from(soft.saturating_sub(1024) / 4).unwrap_or(usize::MAX) / per_port;
+    if budget < s.warm_ports {
+        tracing::info!(
+            warm_ports = s.warm_ports,
+            kept = budget,
+            open_file_limit = soft,
+            "relay keeps fewer free ports bound than [relay] warm_ports: the open-file limit is low"
+        );
+    }
+    s.warm_ports.min(budget)
 }
 
 /// The process (EMFILE) or system (ENFILE) is out of file descriptors.

@@ -59,8 +59,13 @@ pub(crate) type FreePorts = Arc<PortPool>;
 #[derive(Debug)]
 pub(crate) struct PortPool {
     pub(crate) free: Mutex<VecDeque<u16>>,
+    /// Free RTP ports whose sockets stay bound (`RelaySettings::warm_ports`), oldest
+    /// first: given back by their worker once it has reset and drained them.
+    pub(crate) warm: Mutex<VecDeque<u16>>,
+    /// Length of `warm`, read without its lock.
+    pub(crate) warm_len: AtomicUsize,
     returned: Condvar,
-    /// RTP ports released by signalling whose sockets are not closed yet.
+    /// RTP ports released by signalling that are not back yet (closing, or parking).
     closing: AtomicUsize,
 }
 
@@ -68,6 +73,8 @@ impl PortPool {
     pub(crate) fn new(ports: impl IntoIterator<Item = u16>) -> Arc<Self> {
         Arc::new(Self {
             free: Mutex::new(ports.into_iter().collect()),
+            warm: Mutex::new(VecDeque::new()),
+            warm_len: AtomicUsize::new(0),
             returned: Condvar::new(),
             closing: AtomicUsize::new(0),
         })
@@ -93,6 +100,20 @@ impl PortPool {
             Ok((guard, _)) => (guard, true),
             Err(poisoned) => (poisoned.into_inner().0, false),
         }
+    }
+
+    /// A worker parked `port` (reset, drained, still bound): a new call may take it.
+    pub(crate) fn give_back_warm(&self, port: u16) {
+        if let Ok(mut warm) = self.warm.lock() {
+            warm.push_back(port);
+            self.warm_len.store(warm.len(), Ordering::Relaxed);
+        }
+        let _ = self
+            .closing
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| c.checked_sub(1));
+        // Under the free list's lock: an allocator deciding to wait holds it.
+        let _guard = self.free.lock();
+        self.returned.notify_all();
     }
 
     fn give_back(&self, port: u16) {
@@ -175,6 +196,11 @@ impl PortSocket {
     /// From now on the port goes back to `pool` when the socket closes.
     pub(crate) fn return_to(&mut self, pool: FreePorts) {
         self.free = Some(pool);
+    }
+
+    /// The pool an RTP port goes back to (`None` for an RTCP port).
+    pub(crate) fn pool(&self) -> Option<&FreePorts> {
+        self.free.as_ref()
     }
 }
 

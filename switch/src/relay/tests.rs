@@ -150,32 +150,151 @@ fn unbridged_port_forwards_nothing_and_many_legs_may_share_one_remote() {
 
 #[test]
 fn port_range_exhaustion_is_an_error_not_a_crash() {
-    let base = base_port(10) & !1;
-    // Two RTP/RTCP pairs.
-    let relay = Relay::start(RelaySettings::loopback(base, base + 3, 2)).unwrap();
-    let mut got = Vec::new();
-    while let Ok(p) = relay.allocate_port() {
-        assert_eq!(p % 2, 0, "RTP ports are even");
-        got.push(p);
-        assert!(got.len() <= 2);
+    // Released ports closed (none kept warm), then kept warm: either way they come back.
+    for warm_ports in [0, 4] {
+        let base = base_port(10) & !1;
+        // Two RTP/RTCP pairs.
+        let relay = Relay::start(RelaySettings {
+            warm_ports,
+            ..RelaySettings::loopback(base, base + 3, 2)
+        })
+        .unwrap();
+        let mut got = Vec::new();
+        while let Ok(p) = relay.allocate_port() {
+            assert_eq!(p % 2, 0, "RTP ports are even");
+            got.push(p);
+            assert!(got.len() <= 2);
+        }
+        assert!(matches!(
+            relay.allocate_port(),
+            Err(parley_actors::messages::MediaError::PortsExhausted)
+        ));
+        relay.release(&got, &[]);
+        // The workers hand released ports back once their sockets are closed (or reset,
+        // when kept warm); a call placed in that moment waits for them instead of being
+        // refused on a range that is not full.
+        for _ in &got {
+            let p = relay
+                .allocate_port()
+                .expect("a released port is reusable at once");
+            assert!(
+                got.contains(&p),
+                "{p} is one of {got:?} (warm: {warm_ports})"
+            );
+        }
+        assert!(matches!(
+            relay.allocate_port(),
+            Err(parley_actors::messages::MediaError::PortsExhausted)
+        ));
+        relay.stop();
     }
-    assert!(matches!(
-        relay.allocate_port(),
-        Err(parley_actors::messages::MediaError::PortsExhausted)
-    ));
-    relay.release(&got, &[]);
-    // The workers hand released ports back once their sockets are closed; a call placed
-    // in that moment waits for them instead of being refused on a range that is not full.
-    for _ in &got {
-        let p = relay
-            .allocate_port()
-            .expect("a released port is reusable at once");
-        assert!(got.contains(&p), "{p} is one of {got:?}");
+}
+
+/// A released port stays bound (up to `warm_ports`) and is handed to a later call reset:
+/// the next call neither receives the last call's peer's packets nor finds the port
+/// latched to it; beyond the cap, released ports are closed.
+#[test]
+fn a_warm_port_serves_its_next_call_as_a_fresh_one() {
+    let base = base_port(60) & !1;
+    let relay = Relay::start(RelaySettings {
+        warm_ports: 2,
+        ..RelaySettings::loopback(base, base + 50, 2)
+    })
+    .unwrap();
+    let (pa, pb) = (
+        relay.allocate_port().unwrap(),
+        relay.allocate_port().unwrap(),
+    );
+    let (old_caller, old_callee) = (sock(), sock());
+    relay
+        .bridge_udp(
+            (pa, old_caller.local_addr().unwrap()),
+            (pb, old_callee.local_addr().unwrap()),
+            Arc::new(FlowStats::default()),
+        )
+        .unwrap();
+    let a: SocketAddr = ([127, 0, 0, 1], pa).into();
+    let b: SocketAddr = ([127, 0, 0, 1], pb).into();
+    old_caller.send_to(&rtp(1), a).unwrap();
+    assert_eq!(recv(&old_callee).map(|r| r.0), Some(rtp(1)));
+    relay.release(&[pa, pb], &[]);
+    // Offered again once their workers have reset them.
+    for _ in 0..100 {
+        if relay.warm_ports() == 2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
-    assert!(matches!(
-        relay.allocate_port(),
-        Err(parley_actors::messages::MediaError::PortsExhausted)
-    ));
+    assert_eq!(relay.warm_ports(), 2, "both RTP ports kept");
+    assert!(
+        UdpSocket::bind(a).is_err(),
+        "a warm port stays bound: no other program takes it meanwhile"
+    );
+    // The last call's peer goes on sending, before and after the port is taken again.
+    old_caller.send_to(&rtp(2), a).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let again: Vec<u16> = (0..2).map(|_| relay.allocate_port().unwrap()).collect();
+    assert!(
+        again.contains(&pa) && again.contains(&pb),
+        "{again:?}: warm ports first"
+    );
+    assert_eq!(relay.warm_ports(), 0);
+    old_caller.send_to(&rtp(3), a).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let (caller, callee) = (sock(), sock());
+    let stats = Arc::new(FlowStats::default());
+    relay
+        .bridge_udp(
+            (pa, caller.local_addr().unwrap()),
+            (pb, callee.local_addr().unwrap()),
+            stats.clone(),
+        )
+        .unwrap();
+    let fresh = rtp_from(0x9999, 1, 160);
+    caller.send_to(&fresh, a).unwrap();
+    assert_eq!(
+        recv(&callee),
+        Some((fresh, b)),
+        "the new caller latches the port (the old peer's packets neither reached the new \
+         callee nor took the latch)"
+    );
+    old_caller.send_to(&rtp(4), a).unwrap();
+    assert!(
+        recv(&callee).is_none(),
+        "the old peer is another source now"
+    );
+    assert!(
+        recv(&old_callee).is_none(),
+        "and nothing reaches the old callee"
+    );
+    assert_eq!(stats.caller_to_callee.load(Ordering::Relaxed), 1);
+    callee.send_to(&rtp(5), b).unwrap();
+    assert_eq!(recv(&caller).map(|r| r.0), Some(rtp(5)));
+
+    // Over the cap: a third released port is closed (and free to others).
+    let pc = relay.allocate_port().unwrap();
+    relay.release(&[pa, pb, pc], &[]);
+    for _ in 0..100 {
+        if relay.warm_ports() == 2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(relay.warm_ports(), 2);
+    let closed = [pa, pb, pc]
+        .into_iter()
+        .filter(|&p| {
+            // The worker closes it a moment after the release.
+            (0..50).any(|_| {
+                let ok = UdpSocket::bind(("127.0.0.1", p)).is_ok();
+                if !ok {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                ok
+            })
+        })
+        .count();
+    assert_eq!(closed, 1, "exactly one of the three ports was closed");
     relay.stop();
 }
 

@@ -39,6 +39,10 @@ const MAX_GSO: usize = 32;
 /// One batch in this many has its forwarding time recorded.
 const LATENCY_SAMPLE: u64 = 64;
 
+/// Batches at most read and dropped from a port as it is parked (a socket's default
+/// receive buffer holds far fewer).
+const PARK_DRAIN_BATCHES: usize = 64;
+
 /// The worker that owns `port`: an RTP port and its RTCP port (+ 1) share one.
 pub(super) fn owner(port: u16, workers: usize) -> usize {
     usize::from(port / 2) % workers.max(1)
@@ -429,13 +433,15 @@ impl Worker {
                         },
                     );
                 }
-                Command::Release { ports, roq } => {
-                    for p in &ports {
+                Command::Release { ports, park, roq } => {
+                    for p in ports.iter().chain(&park) {
                         // The control plane took the flow out already; one a batch
                         // installed since is taken out here.
                         if let Some(k) = &self.kernel {
                             k.remove(*p);
                         }
+                    }
+                    for p in &ports {
                         if let Some(port) = self.ports.remove(p) {
                             let fd = port.sock.socket().as_raw_fd();
                             let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
@@ -443,6 +449,17 @@ impl Worker {
                     }
                     // The sockets close (and their ports return to the pool) as the last
                     // holder drops them: here, or on the bridged port's worker.
+                    // Reset and drained (an RTP port with its RTCP port), a port is
+                    // offered to new calls: none of its new call's packets can arrive
+                    // before that and be taken for the last call's.
+                    for &p in &park {
+                        self.park(p);
+                    }
+                    for p in park {
+                        if let Some(pool) = self.ports.get(&p).and_then(|p| p.sock.pool()) {
+                            pool.give_back_warm(p);
+                        }
+                    }
                     for k in roq {
                         self.roq.remove(&k);
                     }
@@ -451,6 +468,36 @@ impl Worker {
             }
         }
         true
+    }
+
+    /// `port`'s call ended but its socket stays bound and registered for a later call
+    /// (`RelaySettings::warm_ports`): its flow state is reset as if just added, and what
+    /// is queued on it is read and dropped (`no_flow`), so the next call neither gets
+    /// the last call's packets nor latches their source. Until the next bridge, what
+    /// arrives is dropped the same way (no target).
+    fn park(&mut self, port: u16) {
+        let Some(p) = self.ports.get_mut(&port) else {
+            return;
+        };
+        p.peer = None;
+        p.latched = None;
+        p.stale = None;
+        p.latch_any = self.latch_any;
+        p.cont = Continuity::default();
+        p.target = Target::None;
+        p.stats = None;
+        p.caller_side = true;
+        p.kernel = None;
+        // Commands queued after this one (the port's next call) are handled before the
+        // `again` list: read to the end here, not a batch per turn.
+        for _ in 0..PARK_DRAIN_BATCHES {
+            let queued = self.again.len();
+            self.drain_socket(port);
+            if self.again.len() == queued {
+                return;
+            }
+            self.again.truncate(queued);
+        }
     }
 
     fn add_socket(&mut self, sock: Arc<PortSocket>) {
