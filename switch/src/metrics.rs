@@ -174,7 +174,7 @@ pub const CLUSTER_REMOTE_LEGS: &str = "parley_cluster_remote_legs";
 pub const CLUSTER_HOSTED_LEGS: &str = "parley_cluster_hosted_legs";
 /// Counter: call offers handed between nodes, by `direction` (`sent`, `received`).
 pub const CLUSTER_OFFERS_TOTAL: &str = "parley_cluster_offers_total";
-/// Counter: handed-off offers answered on the other node.
+/// Counter: calls connected to a device on another node (the answer the call took).
 pub const CLUSTER_HANDOFFS_ANSWERED_TOTAL: &str = "parley_cluster_handoffs_answered_total";
 /// Counter: call signalling messages between nodes, by `direction` (`in`, `out`).
 pub const CLUSTER_MESSAGES_TOTAL: &str = "parley_cluster_messages_total";
@@ -444,7 +444,7 @@ fn describe() {
     describe_counter!(
         CLUSTER_HANDOFFS_ANSWERED_TOTAL,
         Unit::Count,
-        "Handed-off offers answered on another node"
+        "Calls connected to a device on another node (answers the call took; a second answer, withdrawn, is not counted)"
     );
     describe_counter!(
         CLUSTER_MESSAGES_TOTAL,

@@ -539,6 +539,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             except: None,
         });
     }
+    // New calls are refused (503 + Retry-After, OPTIONS 503) from now on, before the
+    // cluster is told (which waits for NATS, bounded, when it is away).
+    for s in &sip_shards {
+        let _ = s.send(Drain).await;
+    }
     if let Some(c) = &cluster {
         // The other nodes stop ringing this node's devices now, not at expiry.
         c.drain().await;

@@ -3,8 +3,11 @@
 //! rings the callee's device on whichever node it is connected to, with media relayed
 //! across the two nodes and one CDR written once (on the node the call arrived at); a
 //! presence change on one node re-routes a call ringing through another; a killed node's
-//! users route by their rules on the next call, its anchored calls end with CDRs on the
-//! survivors, and a restarted node rejoins.
+//! users route by their rules on the next call, a call through a survivor answered on it
+//! ends with its CDR on that survivor, a node started later does not take the dead node's
+//! last entries for a live node, and a restarted node rejoins; two devices answering at
+//! once on two nodes connect one call; a node that comes back from a partition stops
+//! ringing for calls the others re-routed meanwhile.
 
 mod common;
 
@@ -695,4 +698,193 @@ async fn a_remote_device_in_two_steps_of_a_rule_is_withdrawn_and_offered_again_i
         a.metric("parley_cluster_offers_total{direction=\"sent\"}"),
         3.0
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_devices_answering_at_once_on_two_nodes_connect_one_call() {
+    let nats = Nats::start();
+    let (a, b, c) = three_nodes(&nats);
+    let answer = |cfg: parley_load::device::DeviceConfig| parley_load::device::DeviceConfig {
+        answer_after: Some(Duration::from_millis(200)),
+        ..cfg
+    };
+    let desk = b.device(answer(b.device_config("alice", "desk"))).await;
+    let mobile = c.device(answer(c.device_config("alice", "mobile"))).await;
+    wait_remote_devices(&a, 2.0);
+    for calls in 1..=3 {
+        let run = sipp_uac(&a, &["-sn", "uac"], "+15550100001", 1, 1, &["-d", "300"]).await;
+        assert_answered(&run, &a);
+        let cdrs = a.wait_cdrs(calls);
+        let (d, m) = (desk.stats().snapshot(), mobile.stats().snapshot());
+        // Both rang and both answered; the node connected exactly one.
+        assert_eq!(
+            (d.calls_offered, m.calls_offered),
+            (calls as u64, calls as u64)
+        );
+        assert_eq!(
+            (d.calls_answered, m.calls_answered),
+            (calls as u64, calls as u64),
+            "both devices answered every call"
+        );
+        assert_eq!(
+            d.calls_connected + m.calls_connected,
+            calls as u64,
+            "one device connected per call: {d:?} {m:?}\n{}",
+            a.log()
+        );
+        let by = cdrs[0]["answered_by"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(by == "desk" || by == "mobile", "{:?}", cdrs[0]);
+        assert_eq!(cdrs[0]["disposition"], "ANSWERED", "{:?}", cdrs[0]);
+    }
+    assert_eq!(a.metric("parley_cluster_handoffs_answered_total"), 3.0);
+    assert!(b.cdrs().is_empty() && c.cdrs().is_empty());
+    // Neither node keeps a leg or a relay port of the losing answers.
+    for n in [&b, &c] {
+        assert_eq!(
+            wait_metric(n, "parley_cluster_hosted_legs", |v| v == 0.0),
+            0.0
+        );
+        assert_eq!(
+            wait_metric(n, "parley_relay_ports_active", |v| v == 0.0),
+            0.0,
+            "{}",
+            n.log()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_back_from_a_partition_stops_ringing_for_calls_routed_on_meanwhile() {
+    let nats = Nats::start();
+    let a = cluster_node(&nats, "a");
+    // b would take a minute to miss a: only a declares the other dead.
+    let b = Node::start_with_tail(
+        "",
+        "",
+        "",
+        200,
+        &format!(
+            "{CAROL}{}",
+            nats.section("b")
+                .replace("node_expiry_secs = 2", "node_expiry_secs = 60")
+        ),
+    );
+    let mut desk_cfg = b.device_config("alice", "desk");
+    desk_cfg.answer_after = None;
+    let mut desk = b.device(desk_cfg).await;
+    wait_remote_devices(&a, 1.0);
+    let _trunk = SippUas::start(&a, &["-sn", "uas"]);
+
+    // A call rings the desk on b; b is cut off (SIGSTOP) while it rings.
+    let caller = tokio::spawn(sipp_uac(
+        &a,
+        &["-sn", "uac"],
+        "+15550100001",
+        1,
+        1,
+        &["-d", "300"],
+    ));
+    let offer = desk
+        .wait_for(Duration::from_secs(5), |m| {
+            matches!(m, ServerMsg::IncomingCall { .. })
+        })
+        .await;
+    assert!(offer.is_some(), "{}", a.log());
+    let signal = |sig: &str| {
+        let st = Command::new("kill")
+            .args([sig, &b.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    signal("-STOP");
+    // a declares b dead and routes the call on: alice's PSTN line, answered there.
+    let run = caller.await.unwrap();
+    assert_answered(&run, &a);
+    let cdrs = a.wait_cdrs(1);
+    assert_eq!(cdrs[0]["route"], "pstn", "{:?}", cdrs[0]);
+    assert_eq!(a.metric("parley_cluster_nodes_lost_total"), 1.0);
+
+    // b runs again, never having missed a: the desk must stop ringing for that call.
+    signal("-CONT");
+    let ended = desk
+        .wait_for(Duration::from_secs(10), |m| {
+            matches!(m, ServerMsg::CallEnded { .. })
+        })
+        .await;
+    assert!(
+        ended.is_some(),
+        "the desk still rings for a call a routed elsewhere\n{}\n{}",
+        a.log(),
+        b.log()
+    );
+    assert_eq!(
+        wait_metric(&b, "parley_cluster_hosted_legs", |v| v == 0.0),
+        0.0,
+        "{}",
+        b.log()
+    );
+    assert_eq!(b.metric("parley_relay_ports_active"), 0.0);
+    // And the next call rings the desk again (a reads b's devices again).
+    wait_remote_devices(&a, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_after_another_died_does_not_take_its_last_entries_for_a_live_node() {
+    let nats = Nats::start();
+    let a = cluster_node(&nats, "a");
+    let mut b = cluster_node(&nats, "b");
+    let _carol = a.device(a.device_config("carol", "desk")).await;
+    let _alice = b.device(b.device_config("alice", "desk")).await;
+    wait_remote_devices(&a, 1.0);
+    b.kill_now();
+    assert_eq!(
+        wait_metric(&a, "parley_cluster_nodes_lost_total", |v| v == 1.0),
+        1.0
+    );
+    // b's last node and device entries are still in the buckets (they age out after a
+    // minute and 15 s): c, started now, replays them with its watches.
+    let c = cluster_node(&nats, "c");
+    assert_eq!(
+        wait_metric(&c, "parley_cluster_remote_devices", |v| v >= 1.0),
+        1.0,
+        "carol on a"
+    );
+    assert_eq!(wait_metric(&c, "parley_cluster_nodes", |v| v >= 2.0), 2.0);
+    // For a while (longer than the 2 s the old code took b for alive): only a and
+    // carol; alice's call routes by her rules at once, without an offer to b.
+    let _trunk = SippUas::start(&c, &["-sn", "uas"]);
+    for _ in 0..5 {
+        assert_eq!(
+            c.metric("parley_cluster_remote_devices"),
+            1.0,
+            "{}",
+            c.log()
+        );
+        assert_eq!(c.metric("parley_cluster_nodes"), 2.0, "{}", c.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let run = sipp_uac(&c, &["-sn", "uac"], "+15550100001", 1, 1, &["-d", "100"]).await;
+    assert_answered(&run, &c);
+    let cdrs = c.wait_cdrs(1);
+    assert_eq!(cdrs[0]["route"], "pstn", "{:?}", cdrs[0]);
+    assert_eq!(
+        c.metric("parley_cluster_offers_total{direction=\"sent\"}"),
+        0.0,
+        "{}",
+        c.log()
+    );
+    let (st, body) = c.get("/api/v1/cluster", true);
+    assert_eq!(st, 200, "{body}");
+    let listed: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let names: Vec<&str> = listed["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n["node"].as_str())
+        .collect();
+    assert_eq!(names, ["c", "a"], "{listed}");
 }

@@ -69,6 +69,8 @@ const MAX_HOSTED_LEGS: usize = 100_000;
 const MAX_PENDING_LEGS: usize = 100_000;
 /// Expired nodes remembered for a fast re-read of their devices if they come back.
 const MAX_EXPIRED_NODES: usize = 1024;
+/// Device entries held for nodes not (yet) known to be alive, at most.
+const MAX_WAITING_DEVICES: usize = 100_000;
 /// A hosted leg not answered within this is ended (the calling node's own ring timeout is
 /// far shorter: this only bounds a leg whose withdrawal was lost).
 const HOSTED_RING_LIMIT: Duration = Duration::from_secs(600);
@@ -248,6 +250,12 @@ enum Wire {
         event: LegEvent,
         media: Option<SocketAddr>,
     },
+    /// The sender had declared the receiver dead (it heard nothing for the expiry: a
+    /// partition, a pause) and has ended every leg between them; now it hears it again.
+    /// The receiver, which may never have missed the sender, ends them too (a device
+    /// ringing for a call the sender re-routed meanwhile stops) and reads the sender's
+    /// devices again.
+    Forgot { from: String },
 }
 
 /// The subject a node receives call signalling on.
@@ -291,6 +299,20 @@ struct Seen {
     incarnation: u64,
     at: Instant,
     record: Option<NodeRecord>,
+    /// The entry's revision in the bucket (0: known from an offer only).
+    revision: u64,
+    /// Known to be alive now: an entry written within the expiry (by the entry's time),
+    /// a second entry since the first, or an offer from it. A node seen only by an old
+    /// entry (a watch replaying a dead node's last heartbeat) is not: its devices are not
+    /// rung, and it goes at expiry without being counted as lost.
+    confirmed: bool,
+}
+
+/// Device entries of a node not known to be alive yet (arrived before its own entry, or
+/// after it left), by session; since when the first one waits.
+struct Waiting {
+    since: Instant,
+    devices: HashMap<u64, DeviceRecord>,
 }
 
 /// The cluster as a node takes part in it. Cheap to clone.
@@ -338,6 +360,9 @@ struct Inner {
     devices_kv: Mutex<Option<kv::Store>>,
     /// Nodes this node declared dead: their devices are read again if they come back.
     expired: Mutex<std::collections::HashSet<String>>,
+    /// Device entries of nodes not known to be alive, by node (bounded by
+    /// `MAX_WAITING_DEVICES`; dropped with the bucket's max age).
+    waiting: Mutex<HashMap<String, Waiting>>,
 }
 
 impl Cluster {
@@ -401,6 +426,7 @@ impl Cluster {
             cpu_cores: AtomicU64::new(0),
             devices_kv: Mutex::new(None),
             expired: Mutex::new(std::collections::HashSet::new()),
+            waiting: Mutex::new(HashMap::new()),
         });
         let sub = inner
             .client
@@ -445,9 +471,9 @@ impl Cluster {
                 .iter()
                 .map(|e| device_key(&inner.me, *e.key()))
                 .collect();
-            for k in keys {
-                let _ = tokio::time::timeout(timeout, devices.delete(&k)).await;
-            }
+            // All at once, within one bound (NATS may be away: the drain goes on).
+            let deletes = futures_util::future::join_all(keys.iter().map(|k| devices.delete(k)));
+            let _ = tokio::time::timeout(timeout, deletes).await;
         }
         tracing::info!(node = %inner.me, "draining: other nodes no longer ring this node's devices");
     }
@@ -466,7 +492,7 @@ impl Cluster {
             .nodes
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut others: Vec<_> = nodes.iter().collect();
+        let mut others: Vec<_> = nodes.iter().filter(|(_, s)| s.confirmed).collect();
         others.sort_by(|a, b| a.0.cmp(b.0));
         for (id, seen) in others {
             list.push(serde_json::json!({
@@ -568,27 +594,59 @@ impl Inner {
             .len()
     }
 
-    /// A node's entry arrived: it is alive (and, with a new incarnation, restarted).
-    fn node_seen(self: &Arc<Self>, node: &str, incarnation: u64, record: Option<NodeRecord>) {
-        let restarted = {
+    /// A node's entry arrived, written `age` ago by the entry's own time (`None`: not
+    /// known): it is alive (and, with a new incarnation, restarted). A first entry older
+    /// than the expiry (a watch replays the last entry of a node that may be dead) does
+    /// not make it alive: only a next entry does.
+    fn node_seen(
+        self: &Arc<Self>,
+        node: &str,
+        incarnation: u64,
+        record: Option<NodeRecord>,
+        revision: u64,
+        age: Option<Duration>,
+    ) {
+        let expiry = self.settings.expiry;
+        let (restarted, confirmed_now) = {
             let mut nodes = self
                 .nodes
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let new = !nodes.contains_key(node);
+            let prev = nodes.get(node);
+            let was_confirmed = prev.is_some_and(|p| p.confirmed && p.incarnation == incarnation);
+            let next_entry = prev.is_some_and(|p| {
+                p.incarnation == incarnation && p.revision != 0 && p.revision != revision
+            });
+            let now = Instant::now();
+            let (at, confirmed) = match age {
+                // Its next entry: alive now, whatever the clocks say.
+                _ if next_entry || was_confirmed => (now, true),
+                // A first entry, recent by its time: alive since it was written.
+                Some(age) if age <= expiry => (now.checked_sub(age).unwrap_or(now), true),
+                // Old, or of unknown age: alive only if another entry follows.
+                _ => (now, false),
+            };
+            let new = !prev.is_some_and(|p| p.confirmed);
             let prev = nodes.insert(
                 node.to_owned(),
                 Seen {
                     incarnation,
-                    at: Instant::now(),
+                    at,
                     record,
+                    revision,
+                    confirmed,
                 },
             );
-            if new {
+            if new && confirmed {
                 tracing::info!(node = %node, "cluster node joined");
+            } else if !confirmed {
+                tracing::debug!(node = %node, age_ms = age.map(|a| a.as_millis() as u64), "old entry of a cluster node: alive once another entry follows");
             }
             // Incarnation 0: the node was known only from an offer, not yet from its entry.
-            prev.is_some_and(|p| p.incarnation != 0 && p.incarnation != incarnation)
+            (
+                prev.is_some_and(|p| p.incarnation != 0 && p.incarnation != incarnation),
+                confirmed && !was_confirmed,
+            )
         };
         let back = self
             .expired
@@ -596,21 +654,61 @@ impl Inner {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(node);
         if restarted {
+            tracing::warn!(node = %node,
+                "cluster node restarted: its earlier devices and legs are gone"
+            );
+            self.node_lost(node);
+        }
+        if confirmed_now {
+            self.release_waiting(node);
+        }
+        if restarted {
             // Its new devices may have arrived before this entry and been taken for the
             // old run's: read them again.
             actix_rt::spawn(resync(self.clone(), node.to_owned()));
         } else if back {
             // Seen again after this node expired it (a partition healed, a long pause):
             // its devices' entries are still in the bucket, but no change is coming for
-            // them, so they are read again now rather than at their next refresh.
+            // them, so they are read again now rather than at their next refresh. It may
+            // never have missed this node: it is told that the legs between them ended.
             tracing::info!(node = %node, "cluster node is back: reading its devices again");
+            self.send(
+                node,
+                &Wire::Forgot {
+                    from: self.me.clone(),
+                },
+            );
             actix_rt::spawn(resync(self.clone(), node.to_owned()));
         }
-        if restarted {
-            tracing::warn!(node = %node,
-                "cluster node restarted: its earlier devices and legs are gone"
-            );
-            self.node_lost(node);
+    }
+
+    /// Holds a device entry of a node not known to be alive (bounded).
+    fn hold_waiting(&self, rec: DeviceRecord) {
+        let mut waiting = self
+            .waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let held: usize = waiting.values().map(|w| w.devices.len()).sum();
+        let w = waiting.entry(rec.node.clone()).or_insert_with(|| Waiting {
+            since: Instant::now(),
+            devices: HashMap::new(),
+        });
+        if held >= MAX_WAITING_DEVICES && !w.devices.contains_key(&rec.session) {
+            tracing::warn!(node = %rec.node, "too many device entries of unknown nodes: one dropped");
+            return;
+        }
+        w.devices.insert(rec.session, rec);
+    }
+
+    /// `node` is known alive now: the device entries that waited for it are taken in.
+    fn release_waiting(self: &Arc<Self>, node: &str) {
+        let held = self
+            .waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(node);
+        for rec in held.into_iter().flat_map(|w| w.devices.into_values()) {
+            self.remote_put(rec);
         }
     }
 
@@ -635,8 +733,23 @@ impl Inner {
             .collect();
         let lost = legs.len();
         for (n, call_id, session) in legs {
+            // Best effort: a dead node reads nothing, but one that was only cut off or
+            // paused stops ringing the device when it reads this.
+            self.send(
+                &n,
+                &Wire::End {
+                    from: self.me.clone(),
+                    call_id: call_id.clone(),
+                    session,
+                    reason: EndReason::Failed.as_str().to_owned(),
+                },
+            );
             self.leg_event(&n, &call_id, session, LegEvent::Gone, None);
         }
+        self.waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(node);
         let hosted: Vec<(String, String, SessionId)> = self
             .hosted
             .iter()
@@ -679,18 +792,12 @@ impl Inner {
                 Some(seen) if seen.incarnation != rec.incarnation => return,
                 // A draining node's devices are not rung (an entry still in flight).
                 Some(seen) if seen.record.as_ref().is_some_and(|r| r.draining) => return,
-                Some(_) => {}
-                // Devices may arrive before the node's own entry; the node then expires
-                // unless its heartbeat follows.
-                None => {
-                    nodes.insert(
-                        rec.node.clone(),
-                        Seen {
-                            incarnation: rec.incarnation,
-                            at: Instant::now(),
-                            record: None,
-                        },
-                    );
+                Some(seen) if seen.confirmed => {}
+                // Devices may arrive before the node's own entry (or after it left, or of
+                // a node whose last entry is old): they wait until it is known alive.
+                Some(_) | None => {
+                    drop(nodes);
+                    return self.hold_waiting(rec);
                 }
             }
         }
@@ -799,9 +906,6 @@ impl Inner {
             self.pending.remove(&key);
             self.pending_idx.remove(&idx);
         }
-        if event == LegEvent::Answer {
-            metrics::counter!(m::CLUSTER_HANDOFFS_ANSWERED_TOTAL).increment(1);
-        }
         call.do_send(FromDevice {
             session: local,
             event: event.core(),
@@ -845,11 +949,15 @@ impl Inner {
                         .nodes
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    nodes.entry(from.clone()).or_insert_with(|| Seen {
+                    let seen = nodes.entry(from.clone()).or_insert_with(|| Seen {
                         incarnation: 0,
                         at: Instant::now(),
                         record: None,
+                        revision: 0,
+                        confirmed: true,
                     });
+                    // It sends: it is alive (its entry's watch may lag).
+                    seen.confirmed = true;
                 }
                 let key = (from.clone(), call_id.clone(), session);
                 if self.hosted.contains_key(&key) {
@@ -930,6 +1038,16 @@ impl Inner {
                 event,
                 media,
             } => self.leg_event(&from, &call_id, session, event, media),
+            Wire::Forgot { from } => {
+                if from == self.me {
+                    return;
+                }
+                tracing::warn!(node = %from,
+                    "cluster node had declared this one lost: the legs between them end"
+                );
+                self.node_lost(&from);
+                actix_rt::spawn(resync(self.clone(), from));
+            }
         }
     }
 }
@@ -1027,6 +1145,8 @@ impl RemoteLegs for Cluster {
         else {
             return;
         };
+        // The call took this answer (another device's that came second is withdrawn).
+        metrics::counter!(m::CLUSTER_HANDOFFS_ANSWERED_TOTAL).increment(1);
         inner.send(
             &node,
             &Wire::Connect {
@@ -1286,12 +1406,24 @@ async fn heartbeat(inner: &Arc<Inner>, nodes: &kv::Store) {
                 .filter(|(_, s)| s.at.elapsed() > inner.settings.expiry)
                 .map(|(n, _)| n.clone())
                 .collect();
-            for n in &dead {
-                nodes.remove(n);
+            let mut lost = Vec::new();
+            for n in dead {
+                // One never known alive (an old entry only) just goes.
+                if nodes.remove(&n).is_some_and(|s| s.confirmed) {
+                    lost.push(n);
+                }
             }
-            metrics::gauge!(m::CLUSTER_NODES).set((nodes.len() + 1) as f64);
-            dead
+            let live = nodes.values().filter(|s| s.confirmed).count();
+            metrics::gauge!(m::CLUSTER_NODES).set((live + 1) as f64);
+            lost
         };
+        // Device entries that waited longer than the bucket keeps them for a node that
+        // never showed up alive.
+        inner
+            .waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|_, w| w.since.elapsed() <= inner.settings.device_refresh * 3);
         for n in expired {
             {
                 let mut gone = inner
@@ -1408,12 +1540,24 @@ async fn watch_nodes(inner: &Arc<Inner>, mut watch: kv::Watch) {
         if entry.key == inner.me {
             continue;
         }
+        // How long ago the entry was written, by the server's stamp and this node's clock
+        // (one from the future counts as just written).
+        let age = SystemTime::now()
+            .duration_since(SystemTime::from(entry.created))
+            .unwrap_or(Duration::ZERO);
         match entry.operation {
             kv::Operation::Put => match serde_json::from_slice::<NodeRecord>(&entry.value) {
                 Ok(rec) if rec.node == entry.key => {
+                    let revision = entry.revision;
                     if rec.draining {
                         // A draining node takes no new calls: its devices are not rung.
-                        inner.node_seen(&rec.node, rec.incarnation, Some(rec.clone()));
+                        inner.node_seen(
+                            &rec.node,
+                            rec.incarnation,
+                            Some(rec.clone()),
+                            revision,
+                            Some(age),
+                        );
                         let devices: Vec<(String, u64)> = inner
                             .remote
                             .iter()
@@ -1425,7 +1569,7 @@ async fn watch_nodes(inner: &Arc<Inner>, mut watch: kv::Watch) {
                         }
                     } else {
                         let (node, incarnation) = (rec.node.clone(), rec.incarnation);
-                        inner.node_seen(&node, incarnation, Some(rec));
+                        inner.node_seen(&node, incarnation, Some(rec), revision, Some(age));
                     }
                 }
                 _ => tracing::warn!(key = %entry.key, "invalid node entry ignored"),
@@ -1465,6 +1609,14 @@ async fn watch_devices(inner: &Arc<Inner>, mut watch: kv::Watch) {
                 if let Some((node, session)) = parse_device_key(&entry.key)
                     && node != inner.me
                 {
+                    if let Some(w) = inner
+                        .waiting
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .get_mut(node)
+                    {
+                        w.devices.remove(&session);
+                    }
                     inner.remote_gone(&(node.to_owned(), session));
                 }
             }
