@@ -167,6 +167,7 @@ impl CallActor {
                     from_name: self.core.spec().caller_name.clone(),
                     to: self.core.spec().called.clone(),
                     video,
+                    sip_call_id: self.core.spec().sip_call_id.clone(),
                     call: ctx.address().recipient(),
                 }),
                 // The device left between the lookup and the offer.

@@ -28,6 +28,10 @@ pub enum ToDevice {
         to: String,
         /// Whether the call offers video.
         video: bool,
+        /// The gateway's SIP Call-ID (empty for a call a device placed): carried to a
+        /// device on another node, whose node then names it in a CDR it writes for the
+        /// call if the call's own node dies.
+        sip_call_id: String,
         /// Where the device's answer/reject/hang-up go.
         call: Recipient<FromDevice>,
     },

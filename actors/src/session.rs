@@ -849,6 +849,7 @@ impl Handler<ToDevice> for PresenceSession {
                 to,
                 video,
                 call,
+                ..
             } => {
                 // The device's `ringing` acknowledges the offer (and tells the call it
                 // rings); a device that never sends it is presumed lost. An offer that does

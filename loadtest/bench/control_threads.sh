@@ -11,7 +11,9 @@
 # RATE calls/s for SECONDS (10), no hold time. Prints the storm's result and the node's
 # CPU per call: all of it, and by thread (main = shard 0 with the user actors, HTTP and
 # device control; shard N = arbiter N; relay workers; sqlx's SQLite worker; QUIC).
-# Loopback only; every process is started here and stopped by PID.
+# WARM_PORTS sets `[relay] warm_ports` (default: the example's 4,096; 0 closes every
+# released relay port, as before warm ports). Loopback only; every process is started here
+# and stopped by PID.
 set -u
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 THREADS=${1:?threads}; RATE=${2:?rate}; SECS=${3:-10}; ROUTE=${4:-trunk}
@@ -26,7 +28,8 @@ for b in parley parley-load; do
 done
 
 sed -e 's/^max_ringing_per_user = .*/max_ringing_per_user = 1000000/' \
-    -e "s/^control_threads = .*/control_threads = $THREADS/" "$ROOT/parley.example.toml" > node.toml
+    -e "s/^control_threads = .*/control_threads = $THREADS/" \
+    -e "s/^warm_ports = .*/warm_ports = ${WARM_PORTS:-4096}/" "$ROOT/parley.example.toml" > node.toml
 if [ "$ROUTE" = trunk ]; then
   sipp -sn uas -aa -i 127.0.0.1 -p 5080 -nostdin -timeout 3000s -bg > uas.out 2>&1
   PIDS+=("$(grep -oE 'PID=\[[0-9]+\]' uas.out | grep -oE '[0-9]+')")

@@ -162,6 +162,11 @@ pub const CLUSTER_NATS_CONNECTED: &str = "parley_cluster_nats_connected";
 pub const CLUSTER_NODES: &str = "parley_cluster_nodes";
 /// Counter: other nodes this node declared dead (not seen for `node_expiry_secs`).
 pub const CLUSTER_NODES_LOST_TOTAL: &str = "parley_cluster_nodes_lost_total";
+/// Counter: CDRs of calls whose own node was lost, by `outcome`: `written` (this node
+/// hosted the answered leg and claimed the call), `withdrawn` (that node came back and
+/// wrote it itself), `not_claimed` (claimed elsewhere, or NATS unreachable: the call's
+/// node writes it).
+pub const CLUSTER_SURVIVOR_CDRS_TOTAL: &str = "parley_cluster_survivor_cdrs_total";
 /// Gauge: devices logged in on this node, as published to the cluster.
 pub const CLUSTER_LOCAL_DEVICES: &str = "parley_cluster_local_devices";
 /// Gauge: users with a device logged in on this node (users per node, summed over nodes).
@@ -253,6 +258,9 @@ fn register_zeroes() {
     }
     counter!(CLUSTER_HANDOFFS_ANSWERED_TOTAL).increment(0);
     counter!(CLUSTER_NODES_LOST_TOTAL).increment(0);
+    for o in ["written", "withdrawn", "not_claimed"] {
+        counter!(CLUSTER_SURVIVOR_CDRS_TOTAL, "outcome" => o).increment(0);
+    }
     counter!(CLUSTER_MESSAGES_DROPPED_TOTAL).increment(0);
     counter!(CLUSTER_MESSAGES_INVALID_TOTAL).increment(0);
     for r in ["ok", "refused"] {
@@ -410,6 +418,11 @@ fn describe() {
         CLUSTER_NODES,
         Unit::Count,
         "Live cluster nodes seen, this one included"
+    );
+    describe_counter!(
+        CLUSTER_SURVIVOR_CDRS_TOTAL,
+        Unit::Count,
+        "CDRs of calls whose own node was lost, written by this node (which hosted the answered leg), by outcome"
     );
     describe_counter!(
         CLUSTER_NODES_LOST_TOTAL,

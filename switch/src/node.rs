@@ -154,6 +154,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         });
     }
     let cdr_sink: Arc<dyn parley_actors::messages::CdrSink> = Arc::new(cdr_queue.clone());
+    if let Some(c) = &cluster {
+        c.set_cdrs(store.clone(), cdr_sink.clone());
+    }
 
     // Trunk actors probe through the SIP driver and the driver's calls read the trunks'
     // state: create their contexts first so each side can hold the other's address.

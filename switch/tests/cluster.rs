@@ -164,6 +164,16 @@ async fn alice_on_b_and_c(
     (desk, mobile)
 }
 
+/// Sends `sig` (`-STOP`: the node is cut off, no heartbeat, no message; `-CONT`) to a
+/// node's process.
+fn signal(sig: &str, node: &Node) {
+    let st = Command::new("kill")
+        .args([sig, &node.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
 /// Waits until `node` counts `n` devices on other nodes.
 fn wait_remote_devices(node: &Node, n: f64) {
     let seen = wait_metric(node, "parley_cluster_remote_devices", |v| v == n);
@@ -582,13 +592,6 @@ async fn after_a_partition_heals_each_call_rings_each_device_once() {
     let (mut desk, mobile) = alice_on_b_and_c(&a, &b, &c).await;
 
     // b is cut off (SIGSTOP: no heartbeat, no message) until a expires it.
-    let signal = |sig: &str, node: &Node| {
-        let st = Command::new("kill")
-            .args([sig, &node.pid().to_string()])
-            .status()
-            .unwrap();
-        assert!(st.success());
-    };
     signal("-STOP", &b);
     assert_eq!(
         wait_metric(&a, "parley_cluster_nodes_lost_total", |v| v == 1.0),
@@ -793,14 +796,7 @@ async fn a_node_back_from_a_partition_stops_ringing_for_calls_routed_on_meanwhil
         })
         .await;
     assert!(offer.is_some(), "{}", a.log());
-    let signal = |sig: &str| {
-        let st = Command::new("kill")
-            .args([sig, &b.pid().to_string()])
-            .status()
-            .unwrap();
-        assert!(st.success());
-    };
-    signal("-STOP");
+    signal("-STOP", &b);
     // a declares b dead and routes the call on: alice's PSTN line, answered there.
     let run = caller.await.unwrap();
     assert_answered(&run, &a);
@@ -809,7 +805,7 @@ async fn a_node_back_from_a_partition_stops_ringing_for_calls_routed_on_meanwhil
     assert_eq!(a.metric("parley_cluster_nodes_lost_total"), 1.0);
 
     // b runs again, never having missed a: the desk must stop ringing for that call.
-    signal("-CONT");
+    signal("-CONT", &b);
     let ended = desk
         .wait_for(Duration::from_secs(10), |m| {
             matches!(m, ServerMsg::CallEnded { .. })
@@ -887,4 +883,142 @@ async fn a_node_started_after_another_died_does_not_take_its_last_entries_for_a_
         .filter_map(|n| n["node"].as_str())
         .collect();
     assert_eq!(names, ["c", "a"], "{listed}");
+}
+
+/// A SIPp call through `a` answered by alice's desk on `b` (which answers after 200 ms);
+/// returns the running SIPp (it waits for the far end's BYE) once the call is up.
+async fn call_up_through_a_answered_on_b(
+    a: &Node,
+    b: &Node,
+) -> (
+    parley_load::device::Device,
+    tokio::task::JoinHandle<common::SippRun>,
+) {
+    let desk = b
+        .device(parley_load::device::DeviceConfig {
+            answer_after: Some(Duration::from_millis(200)),
+            ..b.device_config("alice", "desk")
+        })
+        .await;
+    wait_remote_devices(a, 1.0);
+    let sc = scenario(a.dir.path(), "uac_remote_bye.xml");
+    let caller = tokio::spawn(sipp_uac(
+        a,
+        &["-sf", sc.to_str().unwrap()],
+        "+15550100001",
+        1,
+        1,
+        &[],
+    ));
+    let up = wait_metric(a, "parley_cluster_handoffs_answered_total", |v| v == 1.0);
+    assert_eq!(up, 1.0, "{}", a.log());
+    assert_eq!(
+        wait_metric(b, "parley_relay_flows_active", |v| v == 1.0),
+        1.0,
+        "{}",
+        b.log()
+    );
+    (desk, caller)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_node_dies_leaves_its_cdr_on_the_survivor_and_the_restarted_node_drops_its_row()
+ {
+    let nats = Nats::start();
+    let mut a = cluster_node(&nats, "a");
+    let b = cluster_node(&nats, "b");
+    let (mut desk, caller) = call_up_through_a_answered_on_b(&a, &b).await;
+
+    // The call's own node dies: its call actor and CDR with it.
+    a.kill_now();
+    caller.abort();
+    let ended = desk
+        .wait_for(Duration::from_secs(10), |m| {
+            matches!(m, ServerMsg::CallEnded { .. })
+        })
+        .await;
+    assert!(ended.is_some(), "{}", b.log());
+    // b hosted the answered leg: it writes the call's CDR, once.
+    let cdrs = b.wait_cdrs(1);
+    let cdr = &cdrs[0];
+    assert_eq!(cdr["call_id"], "c-1@a", "{cdr:?}");
+    assert_eq!(cdr["disposition"], "INTERRUPTED", "{cdr:?}");
+    assert_eq!(
+        (cdr["user"].as_str(), cdr["answered_by"].as_str()),
+        (Some("alice"), Some("desk"))
+    );
+    assert_eq!(cdr["route"], "im", "{cdr:?}");
+    assert!(
+        cdr["answer_time"].is_string() && cdr["end_time"].is_string(),
+        "{cdr:?}"
+    );
+    let sip_call_id = cdr["sip_call_id"].as_str().unwrap_or_default().to_owned();
+    assert!(!sip_call_id.is_empty(), "{cdr:?}");
+    assert_eq!(
+        b.metric("parley_cluster_survivor_cdrs_total{outcome=\"written\"}"),
+        1.0
+    );
+    assert_eq!(
+        wait_metric(&b, "parley_relay_ports_active", |v| v == 0.0),
+        0.0
+    );
+
+    // a restarts: it closes its open row of the call as INTERRUPTED, then finds that b
+    // claimed the call and drops its own row: one CDR of the call in the cluster.
+    let a = a.crash_and_restart();
+    assert!(
+        a.log()
+            .contains("closed the CDRs of calls cut by the last stop"),
+        "{}",
+        a.log()
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let rows_of_call = |n: &Node| {
+        n.cdrs()
+            .iter()
+            .filter(|c| c["sip_call_id"] == sip_call_id.as_str())
+            .count()
+    };
+    while rows_of_call(&a) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(rows_of_call(&a), 0, "{:?}\n{}", a.cdrs(), a.log());
+    assert!(a.log().contains("own row dropped"), "{}", a.log());
+    assert_eq!(rows_of_call(&b), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_survivors_cdr_is_withdrawn_when_the_calls_node_comes_back_and_writes_its_own() {
+    let nats = Nats::start();
+    let a = cluster_node(&nats, "a");
+    let b = cluster_node(&nats, "b");
+    let (_desk, caller) = call_up_through_a_answered_on_b(&a, &b).await;
+    // a stops (a long pause: b cannot tell it from a death) while the call is up.
+    signal("-STOP", &a);
+    let cdrs = b.wait_cdrs(1);
+    assert_eq!(cdrs[0]["disposition"], "INTERRUPTED", "{:?}", cdrs[0]);
+    // a runs again, as it was: the call ends there with a's own CDR, and b's goes.
+    signal("-CONT", &a);
+    let run = caller.await.unwrap();
+    assert_eq!(
+        (run.code, run.successful),
+        (0, 1),
+        "{}\n{}",
+        run.output,
+        a.log()
+    );
+    let cdrs = a.wait_cdrs(1);
+    assert_eq!(cdrs[0]["call_id"], "c-1", "{:?}", cdrs[0]);
+    assert_eq!(cdrs[0]["answered_by"], "desk", "{:?}", cdrs[0]);
+    assert_eq!(
+        wait_metric(
+            &b,
+            "parley_cluster_survivor_cdrs_total{outcome=\"withdrawn\"}",
+            |v| v == 1.0
+        ),
+        1.0,
+        "{}",
+        b.log()
+    );
+    assert!(b.cdrs().is_empty(), "{:?}", b.cdrs());
 }

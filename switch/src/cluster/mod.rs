@@ -61,6 +61,15 @@ mod tests;
 pub const NODES_BUCKET: &str = "parley_nodes";
 /// The device registry's bucket.
 pub const DEVICES_BUCKET: &str = "parley_devices";
+/// Claims on the CDRs of calls whose own node was lost (`<node>.<incarnation>.<call id>`):
+/// the node that hosted the answered leg writes the CDR only if it created the claim, and
+/// the lost node, restarted, drops its own row of that call.
+pub const CLAIMS_BUCKET: &str = "parley_cdr_claims";
+/// How long a claim is kept: a lost node restarted later keeps its own row too.
+const CLAIMS_AGE: Duration = Duration::from_secs(7 * 86_400);
+/// CDRs this node wrote for lost nodes' calls, remembered to withdraw if the node comes
+/// back as it was (at most).
+const MAX_SURVIVOR_CDRS: usize = 10_000;
 /// Remote devices get node-local session ids from here up (local sessions count from 1).
 const REMOTE_SESSION_BASE: u64 = 1 << 48;
 /// Legs this node hosts for other nodes' calls, at most (more offers are refused `gone`).
@@ -222,6 +231,12 @@ enum Wire {
         caller: String,
         caller_name: Option<String>,
         called: String,
+        /// The gateway's SIP Call-ID (empty: a device placed the call).
+        #[serde(default)]
+        sip_call_id: String,
+        /// The calling node's incarnation (0: not said).
+        #[serde(default)]
+        incarnation: u64,
     },
     /// The device's answer was accepted; media to and from `media`.
     Connect {
@@ -308,6 +323,49 @@ struct Seen {
     confirmed: bool,
 }
 
+/// Why a node's legs and devices are forgotten.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Loss {
+    /// Not seen for the expiry.
+    Expired,
+    /// Back with a new incarnation: its earlier run died.
+    Restarted,
+    /// Deleted its entry at the end of a drain.
+    Left,
+    /// It had declared this node dead (`Wire::Forgot`): it is alive.
+    Forgot,
+}
+
+impl Loss {
+    /// Whether the node's calls may be gone with it (its answered legs here then leave
+    /// a CDR written by this node, when it can claim them).
+    fn calls_lost(self) -> bool {
+        matches!(self, Self::Expired | Self::Restarted)
+    }
+}
+
+/// A claim on a lost node's call (`CLAIMS_BUCKET`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Claim {
+    /// The node that wrote the CDR.
+    by: String,
+    /// The call id on the lost node.
+    call_id: String,
+    sip_call_id: String,
+    /// When the offer reached the claiming node (the call started a little earlier).
+    start_ms: u64,
+}
+
+/// A CDR this node wrote for a lost node's call.
+struct SurvivorCdr {
+    incarnation: u64,
+    /// The claim's key.
+    key: String,
+    /// The row's call id here (`<call id>@<node>`).
+    call_id: String,
+    sip_call_id: String,
+}
+
 /// Device entries of a node not known to be alive yet (arrived before its own entry, or
 /// after it left), by session; since when the first one waits.
 struct Waiting {
@@ -363,6 +421,16 @@ struct Inner {
     /// Device entries of nodes not known to be alive, by node (bounded by
     /// `MAX_WAITING_DEVICES`; dropped with the bucket's max age).
     waiting: Mutex<HashMap<String, Waiting>>,
+    /// The claims bucket, once set up.
+    claims_kv: Mutex<Option<kv::Store>>,
+    /// The store and the CDR writer, for CDRs of lost nodes' calls (set once the node
+    /// has them).
+    cdrs: std::sync::OnceLock<(
+        crate::store::Store,
+        Arc<dyn parley_actors::messages::CdrSink>,
+    )>,
+    /// CDRs written for lost nodes' calls, by node (withdrawn if it comes back as it was).
+    survivor_cdrs: Mutex<HashMap<String, Vec<SurvivorCdr>>>,
 }
 
 impl Cluster {
@@ -427,6 +495,9 @@ impl Cluster {
             devices_kv: Mutex::new(None),
             expired: Mutex::new(std::collections::HashSet::new()),
             waiting: Mutex::new(HashMap::new()),
+            claims_kv: Mutex::new(None),
+            cdrs: std::sync::OnceLock::new(),
+            survivor_cdrs: Mutex::new(HashMap::new()),
         });
         let sub = inner
             .client
@@ -438,6 +509,16 @@ impl Cluster {
         actix_rt::spawn(registries(inner.clone()));
         tracing::info!(node = %inner.me, urls = ?redacted_urls(&inner.settings.urls), "cluster mode: joining");
         Ok(Self { inner })
+    }
+
+    /// Gives the cluster the node's store and CDR writer: an answered leg hosted for a
+    /// call whose node is lost then leaves a CDR here (see [`CLAIMS_BUCKET`]).
+    pub fn set_cdrs(
+        &self,
+        store: crate::store::Store,
+        sink: Arc<dyn parley_actors::messages::CdrSink>,
+    ) {
+        let _ = self.inner.cdrs.set((store, sink));
     }
 
     /// The node's board, for user actors to publish their devices on.
@@ -657,7 +738,23 @@ impl Inner {
             tracing::warn!(node = %node,
                 "cluster node restarted: its earlier devices and legs are gone"
             );
-            self.node_lost(node);
+            self.node_lost(node, Loss::Restarted);
+        }
+        // CDRs written here for its calls: the node is back as it was, so it ended those
+        // calls and wrote them itself; a restarted node drops its own rows instead.
+        let written = self
+            .survivor_cdrs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(node);
+        if let Some(written) = written {
+            let back_as_it_was: Vec<SurvivorCdr> = written
+                .into_iter()
+                .filter(|w| w.incarnation == incarnation && !restarted)
+                .collect();
+            if !back_as_it_was.is_empty() {
+                actix_rt::spawn(withdraw_survivor_cdrs(self.clone(), back_as_it_was));
+            }
         }
         if confirmed_now {
             self.release_waiting(node);
@@ -715,7 +812,7 @@ impl Inner {
     /// Forgets everything of a node that died, restarted or left: its devices go offline
     /// for this node's users, legs this node's calls had there end (`gone`: the calls route
     /// on or end, with their CDRs written here), legs hosted for its calls end.
-    fn node_lost(&self, node: &str) {
+    fn node_lost(&self, node: &str, why: Loss) {
         let devices: Vec<(String, u64)> = self
             .remote
             .iter()
@@ -757,6 +854,12 @@ impl Inner {
             .map(|e| e.key().clone())
             .collect();
         for key in hosted {
+            if why.calls_lost()
+                && let Some(h) = self.hosted.get(&key)
+            {
+                // Answered, it leaves a CDR here if this node can claim the call.
+                h.leg.do_send(HostedLost);
+            }
             self.end_hosted(&key, EndReason::RemoteHangup.as_str());
         }
         if lost > 0 {
@@ -922,6 +1025,8 @@ impl Inner {
                 caller,
                 caller_name,
                 called,
+                sip_call_id,
+                incarnation,
             } => {
                 let refuse = |why: &str| {
                     tracing::info!(node = %from, call = %call_id, session, why, "cluster offer refused");
@@ -939,7 +1044,11 @@ impl Inner {
                 if self.draining.load(Ordering::Relaxed) {
                     return refuse("draining");
                 }
-                let Some(device) = self.local.get(&session).map(|l| l.calls.clone()) else {
+                let Some((device, rec)) = self
+                    .local
+                    .get(&session)
+                    .map(|l| (l.calls.clone(), l.record.clone()))
+                else {
                     return refuse("no such device");
                 };
                 {
@@ -978,6 +1087,19 @@ impl Inner {
                     port: None,
                     flow: None,
                     done: false,
+                    call: HostedCall {
+                        incarnation,
+                        sip_call_id,
+                        tenant: rec.tenant,
+                        user: rec.user,
+                        device: rec.device,
+                        caller: caller.clone(),
+                        caller_name: caller_name.clone(),
+                        called: called.clone(),
+                        offered: SystemTime::now(),
+                        answered: None,
+                    },
+                    stats: Arc::default(),
                 }
                 .start();
                 self.hosted.insert(
@@ -994,6 +1116,7 @@ impl Inner {
                     from_name: caller_name,
                     to: called,
                     video: false,
+                    sip_call_id: String::new(),
                     call: leg.recipient(),
                 });
             }
@@ -1045,9 +1168,153 @@ impl Inner {
                 tracing::warn!(node = %from,
                     "cluster node had declared this one lost: the legs between them end"
                 );
-                self.node_lost(&from);
+                self.node_lost(&from, Loss::Forgot);
                 actix_rt::spawn(resync(self.clone(), from));
             }
+        }
+    }
+}
+
+/// A claim's key: `<node>.<incarnation>.<call id>`.
+fn claim_key(node: &str, incarnation: u64, call_id: &str) -> String {
+    format!("{node}.{incarnation}.{call_id}")
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Writes the CDR of a lost node's call answered here, if this node creates the call's
+/// claim (an atomic create: one writer, whoever else tries); without NATS it writes
+/// nothing (the call's node, which may be alive, writes it).
+async fn claim_and_write(
+    inner: Arc<Inner>,
+    node: String,
+    incarnation: u64,
+    key: String,
+    claim: Claim,
+    cdr: parley_core::cdr::CdrRecord,
+) {
+    let not_claimed = |why: &str| {
+        tracing::info!(node = %node, call = %claim.call_id, why, "CDR of a lost node's call not written here");
+        metrics::counter!(m::CLUSTER_SURVIVOR_CDRS_TOTAL, "outcome" => "not_claimed").increment(1);
+    };
+    let Some((_, sink)) = inner.cdrs.get() else {
+        return not_claimed("no CDR writer");
+    };
+    let claims = inner
+        .claims_kv
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    let Some(claims) = claims else {
+        return not_claimed("claims bucket unavailable");
+    };
+    let Ok(value) = serde_json::to_vec(&claim) else {
+        return;
+    };
+    match tokio::time::timeout(Duration::from_secs(2), claims.create(&key, value.into())).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return not_claimed(&format!("claimed already or refused: {e}")),
+        Err(_) => return not_claimed("NATS unreachable"),
+    }
+    let row = SurvivorCdr {
+        incarnation,
+        key,
+        call_id: cdr.call_id.clone(),
+        sip_call_id: cdr.sip_call_id.clone(),
+    };
+    tracing::warn!(node = %node, call = %cdr.call_id, sip_call_id = %cdr.sip_call_id, user = %cdr.user,
+        "call's node lost while it was up: its CDR is written here (INTERRUPTED)");
+    sink.submit(cdr);
+    metrics::counter!(m::CLUSTER_SURVIVOR_CDRS_TOTAL, "outcome" => "written").increment(1);
+    let mut written = inner
+        .survivor_cdrs
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if written.values().map(Vec::len).sum::<usize>() < MAX_SURVIVOR_CDRS {
+        written.entry(node).or_default().push(row);
+    }
+}
+
+/// A node this one took for lost came back as it was: it wrote its calls' CDRs itself,
+/// so the ones written here for them go (with their claims).
+async fn withdraw_survivor_cdrs(inner: Arc<Inner>, rows: Vec<SurvivorCdr>) {
+    let Some((store, _)) = inner.cdrs.get() else {
+        return;
+    };
+    let claims = inner
+        .claims_kv
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    for r in rows {
+        match store
+            .drop_interrupted_cdr(&r.call_id, &r.sip_call_id, 0, u64::MAX)
+            .await
+        {
+            Ok(n) => {
+                tracing::info!(call = %r.call_id, rows = n,
+                    "CDR written for a call of a node that came back withdrawn: that node wrote it");
+                metrics::counter!(m::CLUSTER_SURVIVOR_CDRS_TOTAL, "outcome" => "withdrawn")
+                    .increment(1);
+            }
+            Err(e) => tracing::warn!(call = %r.call_id, error = %e, "CDR not withdrawn"),
+        }
+        if let Some(c) = &claims {
+            let _ = tokio::time::timeout(Duration::from_secs(2), c.delete(&r.key)).await;
+        }
+    }
+}
+
+/// After a restart: calls of this node's earlier runs that another node claimed have
+/// their CDR there, so this node's own rows of them (closed `INTERRUPTED` at start) go.
+async fn drop_claimed_rows(inner: Arc<Inner>, claims: kv::Store) {
+    // The node hands over its store just after joining.
+    let mut waited = Duration::ZERO;
+    while inner.cdrs.get().is_none() && waited < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        waited += Duration::from_millis(50);
+    }
+    let Some((store, _)) = inner.cdrs.get() else {
+        return;
+    };
+    let Ok(mut keys) = claims.keys().await else {
+        return;
+    };
+    let prefix = format!("{}.", inner.me);
+    let mut mine = Vec::new();
+    while let Some(Ok(k)) = keys.next().await {
+        let earlier_run = k
+            .strip_prefix(&prefix)
+            .and_then(|rest| rest.split_once('.'))
+            .and_then(|(inc, _)| inc.parse::<u64>().ok())
+            .is_some_and(|inc| inc != inner.incarnation);
+        if earlier_run {
+            mine.push(k);
+        }
+    }
+    for k in mine {
+        let Ok(Some(value)) = claims.get(&k).await else {
+            continue;
+        };
+        let Ok(claim) = serde_json::from_slice::<Claim>(&value) else {
+            continue;
+        };
+        // The row's start is the INVITE's, a little before the offer reached the other
+        // node: a minute's window tells it from a namesake of another run.
+        let from = claim.start_ms.saturating_sub(60_000);
+        match store
+            .drop_interrupted_cdr(&claim.call_id, &claim.sip_call_id, from, claim.start_ms)
+            .await
+        {
+            Ok(n) => {
+                tracing::info!(call = %claim.call_id, by = %claim.by, rows = n,
+                    "call of an earlier run written by the node that hosted its answered leg: own row dropped");
+                let _ = claims.delete(&k).await;
+            }
+            Err(e) => tracing::warn!(call = %claim.call_id, error = %e, "claimed row not dropped"),
         }
     }
 }
@@ -1243,11 +1510,17 @@ async fn registries(inner: Arc<Inner>) {
         let buckets = async {
             let nodes = ensure_bucket(&client, NODES_BUCKET, nodes_age).await?;
             let devices = ensure_bucket(&client, DEVICES_BUCKET, devices_age).await?;
-            anyhow::Ok((nodes, devices))
+            let claims = ensure_bucket(&client, CLAIMS_BUCKET, CLAIMS_AGE).await?;
+            anyhow::Ok((nodes, devices, claims))
         };
         match buckets.await {
-            Ok((nodes, devices)) => {
+            Ok((nodes, devices, claims)) => {
                 tracing::info!(node = %inner.me, "cluster registries ready");
+                *inner
+                    .claims_kv
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(claims.clone());
+                actix_rt::spawn(drop_claimed_rows(inner.clone(), claims));
                 run_registries(&inner, nodes, devices).await;
             }
             Err(e) => tracing::warn!(error = %e, "cluster registries unavailable; retrying"),
@@ -1439,7 +1712,7 @@ async fn heartbeat(inner: &Arc<Inner>, nodes: &kv::Store) {
             }
             tracing::warn!(node = %n, expiry_s = inner.settings.expiry.as_secs(), "cluster node expired: its devices are offline");
             metrics::counter!(m::CLUSTER_NODES_LOST_TOTAL).increment(1);
-            inner.node_lost(&n);
+            inner.node_lost(&n, Loss::Expired);
         }
         // Legs whose call is gone without ending them (its actor stopped): forgotten, so
         // the table holds live calls only.
@@ -1583,7 +1856,7 @@ async fn watch_nodes(inner: &Arc<Inner>, mut watch: kv::Watch) {
                     .is_some();
                 if known {
                     tracing::info!(node = %entry.key, "cluster node left");
-                    inner.node_lost(&entry.key);
+                    inner.node_lost(&entry.key, Loss::Left);
                 }
             }
         }
@@ -1648,6 +1921,7 @@ impl Handler<ToDevice> for RemoteProxy {
                 from_name,
                 to,
                 call,
+                sip_call_id,
                 ..
             } => {
                 if inner.pending.len() >= MAX_PENDING_LEGS {
@@ -1681,6 +1955,8 @@ impl Handler<ToDevice> for RemoteProxy {
                         caller: from,
                         caller_name: from_name,
                         called: to,
+                        sip_call_id,
+                        incarnation: inner.incarnation,
                     },
                 );
             }
@@ -1731,6 +2007,27 @@ struct HostedLeg {
     port: Option<u16>,
     flow: Option<u64>,
     done: bool,
+    /// What a CDR of the call needs, should the calling node be lost while it is up.
+    call: HostedCall,
+    /// The leg's media counts.
+    stats: Arc<FlowStats>,
+}
+
+/// A hosted leg's call, as a CDR written here would name it.
+struct HostedCall {
+    /// The calling node's incarnation.
+    incarnation: u64,
+    sip_call_id: String,
+    tenant: String,
+    user: String,
+    device: String,
+    caller: String,
+    caller_name: Option<String>,
+    called: String,
+    /// When the offer reached this node.
+    offered: SystemTime,
+    /// When the media was bridged (the call took the device's answer).
+    answered: Option<SystemTime>,
 }
 
 impl HostedLeg {
@@ -1842,14 +2139,10 @@ impl Handler<HostedConnect> for HostedLeg {
         let media = &self.inner.media;
         let flow = media.next_flow_id();
         let session = self.key.2;
-        match media.bridge_roq(
-            (port, msg.media),
-            session,
-            flow,
-            Arc::<FlowStats>::default(),
-        ) {
+        match media.bridge_roq((port, msg.media), session, flow, self.stats.clone()) {
             Ok(()) => {
                 self.flow = Some(flow);
+                self.call.answered = Some(SystemTime::now());
                 self.device.do_send(ToDevice::Connected {
                     call_id: self.device_call_id.clone(),
                     flow_id: flow,
@@ -1869,6 +2162,64 @@ impl Handler<HostedConnect> for HostedLeg {
                 ctx.stop();
             }
         }
+    }
+}
+
+/// The calling node is lost (expired, or restarted): an answered leg leaves a CDR of the
+/// call here, if this node can claim it (then stops, as with [`HostedStop`]).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct HostedLost;
+
+impl Handler<HostedLost> for HostedLeg {
+    type Result = ();
+    fn handle(&mut self, _: HostedLost, ctx: &mut Context<Self>) {
+        let Some(answer) = self.call.answered else {
+            // Never connected: the calling node's own row (closed when it restarts) is
+            // the call's record.
+            return ctx.stop();
+        };
+        // Ports released first: the counts are final.
+        self.release();
+        let (packets_in, packets_out) = self.stats.close();
+        let (node, call_id, _) = &self.key;
+        let c = &self.call;
+        let cdr = parley_core::cdr::CdrRecord {
+            call_id: self.device_call_id.clone(),
+            sip_call_id: c.sip_call_id.clone(),
+            tenant: c.tenant.clone(),
+            user: c.user.clone(),
+            caller: c.caller.clone(),
+            caller_name: c.caller_name.clone(),
+            called: c.called.clone(),
+            route: parley_core::cdr::CallRoute::Im,
+            start: c.offered,
+            answer: Some(answer),
+            end: SystemTime::now(),
+            disposition: parley_core::cdr::Disposition::Interrupted,
+            cause: 0,
+            packets_in,
+            packets_out,
+            answered_by: Some(c.device.clone()),
+            direction: parley_core::cdr::Direction::In,
+            dialled_by: None,
+        };
+        let claim = Claim {
+            by: self.inner.me.clone(),
+            call_id: call_id.clone(),
+            sip_call_id: c.sip_call_id.clone(),
+            start_ms: unix_ms(c.offered),
+        };
+        let key = claim_key(node, c.incarnation, call_id);
+        actix_rt::spawn(claim_and_write(
+            self.inner.clone(),
+            node.clone(),
+            c.incarnation,
+            key,
+            claim,
+            cdr,
+        ));
+        ctx.stop();
     }
 }
 

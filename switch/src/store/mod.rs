@@ -364,6 +364,30 @@ impl Store {
         .await?;
         Ok(done.rows_affected())
     }
+
+    /// Deletes the `INTERRUPTED` row of call `call_id` (with `sip_call_id`, started
+    /// between `from_ms` and `to_ms`): a cluster node's own row of a call another node
+    /// wrote the CDR of (`switch::cluster`). Returns how many rows went.
+    pub async fn drop_interrupted_cdr(
+        &self,
+        call_id: &str,
+        sip_call_id: &str,
+        from_ms: u64,
+        to_ms: u64,
+    ) -> Result<u64, StoreError> {
+        let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let done = sqlx::query(
+            "DELETE FROM cdrs WHERE call_id = $1 AND sip_call_id = $2 \
+             AND disposition = 'INTERRUPTED' AND start_ms >= $3 AND start_ms <= $4",
+        )
+        .bind(call_id)
+        .bind(sip_call_id)
+        .bind(clamp(from_ms))
+        .bind(clamp(to_ms))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
 }
 
 /// The node's database.
@@ -2203,6 +2227,22 @@ mod tests {
         assert_eq!(
             c2.end_time, c2.start_time,
             "after a crash the end is unknown"
+        );
+        // Another cluster node wrote c-2's CDR: this row goes, and only this one (by call
+        // id, SIP Call-ID, start window, INTERRUPTED).
+        let start_ms = 1_800_000_000_000;
+        let drop = |call: &'static str, sip: &'static str, from: u64, to: u64| {
+            let store = store.clone();
+            async move { store.drop_interrupted_cdr(call, sip, from, to).await.unwrap() }
+        };
+        assert_eq!(drop("c-2", "other@gw", 0, u64::MAX).await, 0);
+        assert_eq!(drop("c-2", "c-2@gw", start_ms + 1, u64::MAX).await, 0);
+        assert_eq!(drop("c-1", "c-1@gw", 0, u64::MAX).await, 0, "answered rows stay");
+        assert_eq!(drop("c-2", "c-2@gw", start_ms - 60_000, start_ms).await, 1);
+        let rows = store.cdrs(None, None, 10).await.unwrap();
+        assert_eq!(
+            rows.iter().map(|r| r.call_id.as_str()).collect::<Vec<_>>(),
+            ["c-1"]
         );
     }
     }
