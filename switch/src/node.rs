@@ -59,6 +59,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("store {url}: {e}"))?
         .with_book_limit(cfg.address_book.max_entries)
+        // Empty unless clustered: nodes sharing one database keep to their own calls' rows.
+        .with_node(if cfg.cluster.nats.is_empty() {
+            ""
+        } else {
+            &cfg.cluster.node_id
+        })
         .with_retention(
             (cfg.cdrs.retention_days > 0)
                 .then(|| Duration::from_secs(u64::from(cfg.cdrs.retention_days) * 86_400)),

@@ -1022,3 +1022,44 @@ async fn a_survivors_cdr_is_withdrawn_when_the_calls_node_comes_back_and_writes_
     );
     assert!(b.cdrs().is_empty(), "{:?}", b.cdrs());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_signalling_that_names_another_sender_than_its_subject_is_refused() {
+    let nats = Nats::start();
+    let a = cluster_node(&nats, "a");
+    let b = cluster_node(&nats, "b");
+    let _alice = b.device(b.device_config("alice", "desk")).await;
+    wait_remote_devices(&a, 1.0);
+    // A client with the cluster's credentials posing as "c" on b's subject to a: asking
+    // a to forget b (which would end every leg between them) is ignored.
+    let client = async_nats::ConnectOptions::new()
+        .user_and_password(NATS_USER.into(), NATS_PASSWORD.into())
+        .connect(format!("nats://127.0.0.1:{}", nats.port))
+        .await
+        .unwrap();
+    client
+        .publish("parley.node.a.b", r#"{"t":"forgot","from":"c"}"#.into())
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    assert_eq!(
+        wait_metric(&a, "parley_cluster_messages_invalid_total", |v| v == 1.0),
+        1.0,
+        "{}",
+        a.log()
+    );
+    assert!(
+        a.log().contains("sender is not its subject's"),
+        "{}",
+        a.log()
+    );
+    assert!(
+        !a.log().contains("had declared this one lost"),
+        "{}",
+        a.log()
+    );
+    // b's device is still rung through a.
+    assert_eq!(a.metric("parley_cluster_remote_devices"), 1.0);
+    let run = sipp_uac(&a, &["-sn", "uac"], "+15550100001", 1, 1, &["-d", "100"]).await;
+    assert_answered(&run, &a);
+}

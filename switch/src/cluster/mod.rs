@@ -273,9 +273,31 @@ enum Wire {
     Forgot { from: String },
 }
 
-/// The subject a node receives call signalling on.
+/// The subject `from` sends call signalling to `to` on: the sender's name is the last
+/// token, so NATS permissions can let each node publish only as itself
+/// (`docs/operations.md` § Cluster), and a message whose body names another sender is
+/// refused.
+fn subject(to: &str, from: &str) -> String {
+    format!("parley.node.{to}.{from}")
+}
+
+/// What a node subscribes to: every sender's messages to it.
 fn inbox(node: &str) -> String {
-    format!("parley.node.{node}")
+    format!("parley.node.{node}.*")
+}
+
+impl Wire {
+    /// The node the message says it is from.
+    fn sender(&self) -> &str {
+        match self {
+            Self::Offer { from, .. }
+            | Self::Connect { from, .. }
+            | Self::End { from, .. }
+            | Self::Unresponsive { from, .. }
+            | Self::Event { from, .. }
+            | Self::Forgot { from } => from,
+        }
+    }
 }
 
 /// A leg this node's call rings on another node.
@@ -358,6 +380,8 @@ struct Claim {
 
 /// A CDR this node wrote for a lost node's call.
 struct SurvivorCdr {
+    /// When it was written (forgotten after the claims' max age).
+    at: Instant,
     incarnation: u64,
     /// The claim's key.
     key: String,
@@ -626,7 +650,7 @@ impl Inner {
             Ok(p) => Bytes::from(p),
             Err(e) => return tracing::error!(error = %e, "cluster message not serialisable"),
         };
-        match self.outbox.try_send((inbox(to), payload)) {
+        match self.outbox.try_send((subject(to, &self.me), payload)) {
             Ok(()) => {
                 metrics::counter!(m::CLUSTER_MESSAGES_TOTAL, "direction" => "out").increment(1)
             }
@@ -688,24 +712,28 @@ impl Inner {
         age: Option<Duration>,
     ) {
         let expiry = self.settings.expiry;
-        let (restarted, confirmed_now) = {
+        let (restarted, confirmed_now, alive_now) = {
             let mut nodes = self
                 .nodes
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             let prev = nodes.get(node);
-            let was_confirmed = prev.is_some_and(|p| p.confirmed && p.incarnation == incarnation);
-            let next_entry = prev.is_some_and(|p| {
-                p.incarnation == incarnation && p.revision != 0 && p.revision != revision
-            });
+            let same_run = prev.filter(|p| p.incarnation == incarnation);
+            let was_confirmed = same_run.is_some_and(|p| p.confirmed);
+            let next_entry = same_run.is_some_and(|p| p.revision != 0 && p.revision != revision);
+            // The entry this node has already (a watch set up again replays it): no news.
+            let replay = same_run.filter(|p| p.revision == revision).map(|p| p.at);
             let now = Instant::now();
-            let (at, confirmed) = match age {
+            let (at, confirmed, alive_now) = match (age, replay) {
                 // Its next entry: alive now, whatever the clocks say.
-                _ if next_entry || was_confirmed => (now, true),
+                _ if next_entry => (now, true, true),
+                (_, Some(at)) => (at, was_confirmed, false),
                 // A first entry, recent by its time: alive since it was written.
-                Some(age) if age <= expiry => (now.checked_sub(age).unwrap_or(now), true),
+                (Some(age), None) if age <= expiry => {
+                    (now.checked_sub(age).unwrap_or(now), true, true)
+                }
                 // Old, or of unknown age: alive only if another entry follows.
-                _ => (now, false),
+                _ => (now, false, false),
             };
             let new = !prev.is_some_and(|p| p.confirmed);
             let prev = nodes.insert(
@@ -727,13 +755,17 @@ impl Inner {
             (
                 prev.is_some_and(|p| p.incarnation != 0 && p.incarnation != incarnation),
                 confirmed && !was_confirmed,
+                alive_now,
             )
         };
-        let back = self
-            .expired
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(node);
+        // Back after this node expired it: only on an entry that shows it alive now (not
+        // on a replay of its last one).
+        let back = alive_now
+            && self
+                .expired
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(node);
         if restarted {
             tracing::warn!(node = %node,
                 "cluster node restarted: its earlier devices and legs are gone"
@@ -742,19 +774,8 @@ impl Inner {
         }
         // CDRs written here for its calls: the node is back as it was, so it ended those
         // calls and wrote them itself; a restarted node drops its own rows instead.
-        let written = self
-            .survivor_cdrs
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(node);
-        if let Some(written) = written {
-            let back_as_it_was: Vec<SurvivorCdr> = written
-                .into_iter()
-                .filter(|w| w.incarnation == incarnation && !restarted)
-                .collect();
-            if !back_as_it_was.is_empty() {
-                actix_rt::spawn(withdraw_survivor_cdrs(self.clone(), back_as_it_was));
-            }
+        if back || restarted {
+            self.withdraw_if_back(node, incarnation);
         }
         if confirmed_now {
             self.release_waiting(node);
@@ -779,6 +800,40 @@ impl Inner {
         }
     }
 
+    /// Withdraws the CDRs written here for `node`'s calls of run `incarnation` (it is
+    /// alive as that run: it wrote them itself); forgets those of other runs.
+    fn withdraw_if_back(self: &Arc<Self>, node: &str, incarnation: u64) {
+        let written = self
+            .survivor_cdrs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(node);
+        let back_as_it_was: Vec<SurvivorCdr> = written
+            .into_iter()
+            .flatten()
+            .filter(|w| w.incarnation == incarnation)
+            .collect();
+        if !back_as_it_was.is_empty() {
+            actix_rt::spawn(withdraw_survivor_cdrs(self.clone(), back_as_it_was));
+        }
+    }
+
+    /// Whether `node` runs as `incarnation`, known alive and not expired.
+    fn alive_as(&self, node: &str, incarnation: u64) -> bool {
+        let alive = self
+            .nodes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(node)
+            .is_some_and(|s| s.confirmed && s.incarnation == incarnation);
+        alive
+            && !self
+                .expired
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .contains(node)
+    }
+
     /// Holds a device entry of a node not known to be alive (bounded).
     fn hold_waiting(&self, rec: DeviceRecord) {
         let mut waiting = self
@@ -786,15 +841,21 @@ impl Inner {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let held: usize = waiting.values().map(|w| w.devices.len()).sum();
-        let w = waiting.entry(rec.node.clone()).or_insert_with(|| Waiting {
-            since: Instant::now(),
-            devices: HashMap::new(),
-        });
-        if held >= MAX_WAITING_DEVICES && !w.devices.contains_key(&rec.session) {
+        let replaces = waiting
+            .get(&rec.node)
+            .is_some_and(|w| w.devices.contains_key(&rec.session));
+        if held >= MAX_WAITING_DEVICES && !replaces {
             tracing::warn!(node = %rec.node, "too many device entries of unknown nodes: one dropped");
             return;
         }
-        w.devices.insert(rec.session, rec);
+        waiting
+            .entry(rec.node.clone())
+            .or_insert_with(|| Waiting {
+                since: Instant::now(),
+                devices: HashMap::new(),
+            })
+            .devices
+            .insert(rec.session, rec);
     }
 
     /// `node` is known alive now: the device entries that waited for it are taken in.
@@ -889,15 +950,17 @@ impl Inner {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             match nodes.get_mut(&rec.node) {
-                // Known only from an offer so far: this is its run.
-                Some(seen) if seen.incarnation == 0 => seen.incarnation = rec.incarnation,
                 // An entry of an earlier run of that node, not yet aged out.
-                Some(seen) if seen.incarnation != rec.incarnation => return,
+                Some(seen) if seen.incarnation != 0 && seen.incarnation != rec.incarnation => {
+                    return;
+                }
                 // A draining node's devices are not rung (an entry still in flight).
                 Some(seen) if seen.record.as_ref().is_some_and(|r| r.draining) => return,
-                Some(seen) if seen.confirmed => {}
+                Some(seen) if seen.confirmed && seen.incarnation != 0 => {}
                 // Devices may arrive before the node's own entry (or after it left, or of
-                // a node whose last entry is old): they wait until it is known alive.
+                // a node whose last entry is old, or known only from an offer, whose run
+                // a device entry of an earlier run must not name): they wait until its
+                // entry shows it alive.
                 Some(_) | None => {
                     drop(nodes);
                     return self.hold_waiting(rec);
@@ -1220,6 +1283,7 @@ async fn claim_and_write(
         Err(_) => return not_claimed("NATS unreachable"),
     }
     let row = SurvivorCdr {
+        at: Instant::now(),
         incarnation,
         key,
         call_id: cdr.call_id.clone(),
@@ -1229,12 +1293,24 @@ async fn claim_and_write(
         "call's node lost while it was up: its CDR is written here (INTERRUPTED)");
     sink.submit(cdr);
     metrics::counter!(m::CLUSTER_SURVIVOR_CDRS_TOTAL, "outcome" => "written").increment(1);
-    let mut written = inner
-        .survivor_cdrs
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if written.values().map(Vec::len).sum::<usize>() < MAX_SURVIVOR_CDRS {
-        written.entry(node).or_default().push(row);
+    {
+        let mut written = inner
+            .survivor_cdrs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        written.retain(|_, rows| {
+            rows.retain(|r| r.at.elapsed() < CLAIMS_AGE);
+            !rows.is_empty()
+        });
+        if written.values().map(Vec::len).sum::<usize>() < MAX_SURVIVOR_CDRS {
+            written.entry(node.clone()).or_default().push(row);
+        } else {
+            tracing::warn!(node = %node, "too many CDRs written for lost nodes remembered: this one cannot be withdrawn");
+        }
+    }
+    // The node came back as it was while the claim was on its way.
+    if inner.alive_as(&node, incarnation) {
+        inner.withdraw_if_back(&node, incarnation);
     }
 }
 
@@ -1250,58 +1326,74 @@ async fn withdraw_survivor_cdrs(inner: Arc<Inner>, rows: Vec<SurvivorCdr>) {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .clone();
     for r in rows {
-        match store
-            .drop_interrupted_cdr(&r.call_id, &r.sip_call_id, 0, u64::MAX)
-            .await
-        {
-            Ok(n) => {
-                tracing::info!(call = %r.call_id, rows = n,
-                    "CDR written for a call of a node that came back withdrawn: that node wrote it");
-                metrics::counter!(m::CLUSTER_SURVIVOR_CDRS_TOTAL, "outcome" => "withdrawn")
-                    .increment(1);
+        // The row may still be in the CDR writer's queue: a few tries, a second apart.
+        let mut gone = false;
+        for attempt in 0..5 {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
-            Err(e) => tracing::warn!(call = %r.call_id, error = %e, "CDR not withdrawn"),
+            match store
+                .drop_interrupted_cdr(&r.call_id, &r.sip_call_id, 0, u64::MAX)
+                .await
+            {
+                Ok(0) => {}
+                Ok(_) => {
+                    gone = true;
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(call = %r.call_id, error = %e, "CDR not withdrawn");
+                    break;
+                }
+            }
         }
+        if !gone {
+            tracing::warn!(call = %r.call_id, "CDR written for a call of a node that came back not found to withdraw");
+            continue;
+        }
+        tracing::info!(call = %r.call_id,
+            "CDR written for a call of a node that came back withdrawn: that node wrote it");
+        metrics::counter!(m::CLUSTER_SURVIVOR_CDRS_TOTAL, "outcome" => "withdrawn").increment(1);
         if let Some(c) = &claims {
             let _ = tokio::time::timeout(Duration::from_secs(2), c.delete(&r.key)).await;
         }
     }
 }
 
-/// After a restart: calls of this node's earlier runs that another node claimed have
-/// their CDR there, so this node's own rows of them (closed `INTERRUPTED` at start) go.
-async fn drop_claimed_rows(inner: Arc<Inner>, claims: kv::Store) {
+/// Calls of this node's earlier runs that another node claimed have their CDR there, so
+/// this node's own rows of them (closed `INTERRUPTED` at start) go: the claims of this
+/// node are watched from the start (those made before, and those the others make when
+/// they notice the restart, after this node's first heartbeat). Ends only with the
+/// registries.
+async fn drop_claimed_rows(inner: &Arc<Inner>, claims: &kv::Store) {
     // The node hands over its store just after joining.
-    let mut waited = Duration::ZERO;
-    while inner.cdrs.get().is_none() && waited < Duration::from_secs(30) {
+    let store = loop {
+        if let Some((store, _)) = inner.cdrs.get() {
+            break store;
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
-        waited += Duration::from_millis(50);
-    }
-    let Some((store, _)) = inner.cdrs.get() else {
-        return;
     };
-    let Ok(mut keys) = claims.keys().await else {
-        return;
+    let Ok(mut watch) = claims.watch_with_history(format!("{}.>", inner.me)).await else {
+        tracing::warn!("claims watch could not start");
+        return std::future::pending().await;
     };
     let prefix = format!("{}.", inner.me);
-    let mut mine = Vec::new();
-    while let Some(Ok(k)) = keys.next().await {
-        let earlier_run = k
+    while let Some(Ok(entry)) = watch.next().await {
+        if entry.operation != kv::Operation::Put {
+            continue;
+        }
+        let earlier_run = entry
+            .key
             .strip_prefix(&prefix)
             .and_then(|rest| rest.split_once('.'))
             .and_then(|(inc, _)| inc.parse::<u64>().ok())
             .is_some_and(|inc| inc != inner.incarnation);
-        if earlier_run {
-            mine.push(k);
+        let Ok(claim) = serde_json::from_slice::<Claim>(&entry.value) else {
+            continue;
+        };
+        if !earlier_run {
+            continue;
         }
-    }
-    for k in mine {
-        let Ok(Some(value)) = claims.get(&k).await else {
-            continue;
-        };
-        let Ok(claim) = serde_json::from_slice::<Claim>(&value) else {
-            continue;
-        };
         // The row's start is the INVITE's, a little before the offer reached the other
         // node: a minute's window tells it from a namesake of another run.
         let from = claim.start_ms.saturating_sub(60_000);
@@ -1312,11 +1404,12 @@ async fn drop_claimed_rows(inner: Arc<Inner>, claims: kv::Store) {
             Ok(n) => {
                 tracing::info!(call = %claim.call_id, by = %claim.by, rows = n,
                     "call of an earlier run written by the node that hosted its answered leg: own row dropped");
-                let _ = claims.delete(&k).await;
+                let _ = claims.delete(&entry.key).await;
             }
             Err(e) => tracing::warn!(call = %claim.call_id, error = %e, "claimed row not dropped"),
         }
     }
+    tracing::warn!("claims watch ended");
 }
 
 /// The `&'static` reason of `call_ended` a remote node names (unknown ones: `failed`).
@@ -1445,8 +1538,13 @@ async fn publisher(inner: Arc<Inner>, mut rx: mpsc::Receiver<(String, Bytes)>) {
 async fn receiver(inner: Arc<Inner>, mut sub: async_nats::Subscriber) {
     while let Some(msg) = sub.next().await {
         metrics::counter!(m::CLUSTER_MESSAGES_TOTAL, "direction" => "in").increment(1);
+        let sent_by = msg.subject.rsplit('.').next().unwrap_or_default();
         match serde_json::from_slice::<Wire>(&msg.payload) {
-            Ok(w) => inner.dispatch(w),
+            Ok(w) if w.sender() == sent_by && sent_by != inner.me => inner.dispatch(w),
+            Ok(w) => {
+                metrics::counter!(m::CLUSTER_MESSAGES_INVALID_TOTAL).increment(1);
+                tracing::warn!(subject = %msg.subject, says = %w.sender(), "cluster message whose sender is not its subject's ignored");
+            }
             Err(e) => {
                 metrics::counter!(m::CLUSTER_MESSAGES_INVALID_TOTAL).increment(1);
                 tracing::warn!(error = %e, "invalid cluster message ignored");
@@ -1520,8 +1618,7 @@ async fn registries(inner: Arc<Inner>) {
                     .claims_kv
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(claims.clone());
-                actix_rt::spawn(drop_claimed_rows(inner.clone(), claims));
-                run_registries(&inner, nodes, devices).await;
+                run_registries(&inner, nodes, devices, claims).await;
             }
             Err(e) => tracing::warn!(error = %e, "cluster registries unavailable; retrying"),
         }
@@ -1530,7 +1627,12 @@ async fn registries(inner: Arc<Inner>) {
 }
 
 /// Runs until a bucket fails (then [`registries`] sets them up again).
-async fn run_registries(inner: &Arc<Inner>, nodes: kv::Store, devices: kv::Store) {
+async fn run_registries(
+    inner: &Arc<Inner>,
+    nodes: kv::Store,
+    devices: kv::Store,
+    claims: kv::Store,
+) {
     *inner
         .devices_kv
         .lock()
@@ -1569,6 +1671,7 @@ async fn run_registries(inner: &Arc<Inner>, nodes: kv::Store, devices: kv::Store
         () = write_devices(inner, &devices) => {}
         () = watch_nodes(inner, node_watch) => {}
         () = watch_devices(inner, device_watch) => {}
+        () = drop_claimed_rows(inner, &claims) => {}
     }
 }
 

@@ -356,10 +356,11 @@ impl Store {
             "UPDATE cdrs SET disposition = 'INTERRUPTED', \
              end_ms = COALESCE($1, start_ms), end_time = COALESCE($2, start_time), \
              duration_secs = CASE WHEN answer_ms IS NULL OR $1 IS NULL THEN 0 ELSE ($1 - answer_ms) / 1000.0 END \
-             WHERE disposition = 'IN_PROGRESS'",
+             WHERE disposition = 'IN_PROGRESS' AND node = $3",
         )
         .bind(end_ms)
         .bind(end_time)
+        .bind(&*self.node)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected())
@@ -378,12 +379,13 @@ impl Store {
         let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         let done = sqlx::query(
             "DELETE FROM cdrs WHERE call_id = $1 AND sip_call_id = $2 \
-             AND disposition = 'INTERRUPTED' AND start_ms >= $3 AND start_ms <= $4",
+             AND disposition = 'INTERRUPTED' AND start_ms >= $3 AND start_ms <= $4 AND node = $5",
         )
         .bind(call_id)
         .bind(sip_call_id)
         .bind(clamp(from_ms))
         .bind(clamp(to_ms))
+        .bind(&*self.node)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected())
@@ -401,6 +403,10 @@ pub struct Store {
     decoy: std::sync::Arc<str>,
     /// Most entries one user's address book holds (`[address_book] max_entries`).
     book_limit: i64,
+    /// The node whose calls this store writes (`[cluster] node_id`; empty on a single
+    /// node): CDR rows carry it, and a node opens, completes and closes only its own, so
+    /// nodes of a cluster may share one database.
+    node: std::sync::Arc<str>,
     /// `[cdrs] retention_days`: imports skip rows older than this.
     retention: Option<std::time::Duration>,
     /// The SQLite file (`None` on PostgreSQL or an in-memory SQLite): imports write it
@@ -727,6 +733,7 @@ impl Store {
             backend,
             decoy: decoy.into(),
             book_limit: DEFAULT_BOOK_LIMIT as i64,
+            node: "".into(),
             retention: None,
             sqlite_file: url.sqlite_file().map(Into::into),
         })
@@ -747,6 +754,12 @@ impl Store {
     /// Which database server this store is on.
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    /// Sets the node whose calls' CDR rows this store writes and closes (cluster mode).
+    pub fn with_node(mut self, node: &str) -> Self {
+        self.node = node.into();
+        self
     }
 
     /// Sets the most entries one user's address book holds.
@@ -878,13 +891,13 @@ impl Store {
         let mut changes: Vec<BookChange> = Vec::new();
         for c in cdrs {
             if c.disposition == Disposition::InProgress {
-                insert_cdr(&mut *tx, c).await?;
+                insert_cdr(&mut *tx, c, &self.node).await?;
                 continue;
             }
             // The call's opening row (same call id and start) is completed; a call that
             // never had one (written by an older node) gets its row now.
-            if complete_cdr(&mut *tx, c).await? == 0 {
-                insert_cdr(&mut *tx, c).await?;
+            if complete_cdr(&mut *tx, c, &self.node).await? == 0 {
+                insert_cdr(&mut *tx, c, &self.node).await?;
             }
             let (party, carried) = c.other_party();
             let directory = directory_name(&c.tenant, party);
@@ -1162,12 +1175,13 @@ fn talk_secs(c: &CdrRecord) -> f64 {
 async fn complete_cdr<'e>(
     ex: impl sqlx::Executor<'e, Database = sqlx::Any>,
     c: &CdrRecord,
+    node: &str,
 ) -> Result<u64, StoreError> {
     let duration = talk_secs(c);
     let done = sqlx::query(
         "UPDATE cdrs SET route = $1, answer_ms = $2, end_ms = $3, answer_time = $4, end_time = $5, \
          duration_secs = $6, disposition = $7, sip_cause = $8, packets_in = $9, packets_out = $10, answered_by = $11 \
-         WHERE call_id = $12 AND start_ms = $13 AND disposition = 'IN_PROGRESS'",
+         WHERE call_id = $12 AND start_ms = $13 AND disposition = 'IN_PROGRESS' AND node = $14",
     )
     .bind(c.route.as_str())
     .bind(c.answer.map(unix_ms))
@@ -1182,6 +1196,7 @@ async fn complete_cdr<'e>(
     .bind(&c.answered_by)
     .bind(&c.call_id)
     .bind(unix_ms(c.start))
+    .bind(node)
     .execute(ex)
     .await?;
     Ok(done.rows_affected())
@@ -1190,12 +1205,13 @@ async fn complete_cdr<'e>(
 async fn insert_cdr<'e>(
     ex: impl sqlx::Executor<'e, Database = sqlx::Any>,
     c: &CdrRecord,
+    node: &str,
 ) -> Result<(), StoreError> {
     let duration = talk_secs(c);
     sqlx::query(
         "INSERT INTO cdrs (call_id, sip_call_id, tenant, username, caller, caller_name, called, route, start_ms, answer_ms, end_ms, \
-         start_time, answer_time, end_time, duration_secs, disposition, sip_cause, packets_in, packets_out, answered_by, direction, dialled_by) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22)",
+         start_time, answer_time, end_time, duration_secs, disposition, sip_cause, packets_in, packets_out, answered_by, direction, dialled_by, node) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)",
     )
     .bind(&c.call_id)
     .bind(&c.sip_call_id)
@@ -1226,6 +1242,7 @@ async fn insert_cdr<'e>(
             .filter(|d| d.tenant == c.tenant)
             .map(|d| d.user.as_str()),
     )
+    .bind(node)
     .execute(ex)
     .await?;
     Ok(())
@@ -1653,6 +1670,7 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("cdrs", "answered_by", "TEXT"),
     ("cdrs", "direction", "TEXT NOT NULL DEFAULT 'in'"),
     ("cdrs", "dialled_by", "TEXT"),
+    ("cdrs", "node", "TEXT NOT NULL DEFAULT ''"),
     ("address_book", "known_calls", "INTEGER NOT NULL DEFAULT 0"),
     (
         "address_book",
@@ -2244,6 +2262,24 @@ mod tests {
             rows.iter().map(|r| r.call_id.as_str()).collect::<Vec<_>>(),
             ["c-1"]
         );
+
+        // Two cluster nodes on one database, both with a call c-9 up: a restart of one
+        // closes its own row only, and the other's call still completes its own row.
+        let (a, b) = (store.clone().with_node("a"), store.clone().with_node("b"));
+        a.record_calls(&[opening("c-9")]).await.unwrap();
+        b.record_calls(&[opening("c-9")]).await.unwrap();
+        assert_eq!(a.close_interrupted(None).await.unwrap(), 1, "a's own row");
+        b.record_calls(&[cdr("c-9", Answered)]).await.unwrap();
+        let rows = store.cdrs(None, None, 10).await.unwrap();
+        let mut c9: Vec<&str> = rows
+            .iter()
+            .filter(|r| r.call_id == "c-9")
+            .map(|r| r.disposition.as_str())
+            .collect();
+        c9.sort_unstable();
+        assert_eq!(c9, ["ANSWERED", "INTERRUPTED"], "one row per node's call");
+        assert_eq!(b.drop_interrupted_cdr("c-9", "c-9@gw", 0, u64::MAX).await.unwrap(), 0);
+        assert_eq!(a.drop_interrupted_cdr("c-9", "c-9@gw", 0, u64::MAX).await.unwrap(), 1);
     }
     }
 }
