@@ -1063,3 +1063,31 @@ async fn call_signalling_that_names_another_sender_than_its_subject_is_refused()
     let run = sipp_uac(&a, &["-sn", "uac"], "+15550100001", 1, 1, &["-d", "100"]).await;
     assert_answered(&run, &a);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_at_once_still_drops_its_row_of_a_call_the_survivor_claimed() {
+    let nats = Nats::start();
+    let a = cluster_node(&nats, "a");
+    let b = cluster_node(&nats, "b");
+    let (_desk, caller) = call_up_through_a_answered_on_b(&a, &b).await;
+    // Killed and started again at once: b learns of the restart from a's new entry
+    // (perhaps before it would have expired a) and claims the call only then, after a
+    // has set up its registries.
+    let a = a.crash_and_restart();
+    caller.abort();
+    let cdrs = b.wait_cdrs(1);
+    assert_eq!(cdrs[0]["disposition"], "INTERRUPTED", "{:?}", cdrs[0]);
+    let sip_call_id = cdrs[0]["sip_call_id"].as_str().unwrap().to_owned();
+    let rows_of_call = || {
+        a.cdrs()
+            .iter()
+            .filter(|c| c["sip_call_id"] == sip_call_id.as_str())
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while rows_of_call() > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(rows_of_call(), 0, "{:?}\n{}", a.cdrs(), a.log());
+    assert!(a.log().contains("own row dropped"), "{}", a.log());
+}
