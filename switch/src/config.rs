@@ -337,7 +337,7 @@ pub struct RelayConfig {
     pub max_ports_per_worker: usize,
     /// Free RTP ports (with their RTCP ports) kept bound after a call for the next one,
     /// instead of closing each socket and binding a new one per call leg (a dozen system
-    /// calls per port). Bounded also by a quarter of the open-file limit beyond 1,024
+    /// calls per port). Bounded also by a quarter of the open-file limit
     /// (the node raises its soft limit to the hard one at start). 0 closes every
     /// released port.
     pub warm_ports: usize,

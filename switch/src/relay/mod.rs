@@ -848,15 +848,15 @@ impl MediaPlane for Relay {
 }
 
 /// The most RTP ports kept warm: `warm_ports`, within a quarter of the descriptors the
-/// process may open beyond 1,024 (the rest are for calls' ports in use, devices, SIP
-/// connections and the store), logged when that lowers it.
+/// process may open (the rest are for calls' ports in use, devices, SIP connections and
+/// the store), logged when that lowers it.
 fn warm_cap(s: &RelaySettings) -> usize {
     use nix::sys::resource::{Resource, getrlimit};
     let per_port = if s.rtcp_ports { 2 } else { 1 };
     let Ok((soft, _)) = getrlimit(Resource::RLIMIT_NOFILE) else {
         return s.warm_ports;
     };
-    let budget = usize::try_from(soft.saturating_sub(1024) / 4).unwrap_or(usize::MAX) / per_port;
+    let budget = usize::try_from(soft / 4).unwrap_or(usize::MAX) / per_port;
     if budget < s.warm_ports {
         tracing::info!(
             warm_ports = s.warm_ports,
