@@ -3,7 +3,8 @@
 //! rings the callee's device on whichever node it is connected to, with media relayed
 //! across the two nodes and one CDR written once (on the node the call arrived at); a
 //! presence change on one node re-routes a call ringing through another; a killed node's
-//! users route by their rules on the next call, a call through a survivor answered on it
+//! users route by their rules on the next call (the PSTN line, or a device on a third
+//! node), a call through a survivor answered on it
 //! ends with its CDR on that survivor, a node started later does not take the dead node's
 //! last entries for a live node, and a restarted node rejoins; two devices answering at
 //! once on two nodes connect one call; a node that comes back from a partition stops
@@ -1090,4 +1091,37 @@ async fn a_node_restarted_at_once_still_drops_its_row_of_a_call_the_survivor_cla
     }
     assert_eq!(rows_of_call(), 0, "{:?}\n{}", a.cdrs(), a.log());
     assert!(a.log().contains("own row dropped"), "{}", a.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_s_user_is_rung_on_her_device_on_a_third_node() {
+    let nats = Nats::start();
+    let a = cluster_node(&nats, "a");
+    let mut b = cluster_node(&nats, "b");
+    let c = cluster_node(&nats, "c");
+    let _desk = b.device(b.device_config("alice", "desk")).await;
+    let mobile = c.device(c.device_config("alice", "mobile")).await;
+    wait_remote_devices(&a, 2.0);
+    b.kill_now();
+    // Within the expiry a and c declare b dead; alice's next call through a rings what
+    // is left of her devices: the mobile on c.
+    assert_eq!(
+        wait_metric(&a, "parley_cluster_nodes_lost_total", |v| v == 1.0),
+        1.0
+    );
+    assert_eq!(a.metric("parley_cluster_remote_devices"), 1.0);
+    let run = sipp_uac(&a, &["-sn", "uac"], "+15550100001", 1, 1, &["-d", "200"]).await;
+    assert_answered(&run, &a);
+    let cdrs = a.wait_cdrs(1);
+    assert_eq!(
+        (cdrs[0]["route"].as_str(), cdrs[0]["answered_by"].as_str()),
+        (Some("im"), Some("mobile")),
+        "{:?}",
+        cdrs[0]
+    );
+    assert_eq!(mobile.stats().snapshot().calls_connected, 1);
+    assert_eq!(
+        wait_metric(&c, "parley_cluster_nodes_lost_total", |v| v == 1.0),
+        1.0
+    );
 }
