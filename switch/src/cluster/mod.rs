@@ -78,6 +78,8 @@ const MAX_HOSTED_LEGS: usize = 100_000;
 const MAX_PENDING_LEGS: usize = 100_000;
 /// Expired nodes remembered for a fast re-read of their devices if they come back.
 const MAX_EXPIRED_NODES: usize = 1024;
+/// Legs remembered per expired node to name in its `Forgot`, at most.
+const MAX_FORGOTTEN_LEGS: usize = 10_000;
 /// Device entries held for nodes not (yet) known to be alive, at most.
 const MAX_WAITING_DEVICES: usize = 100_000;
 /// A hosted leg not answered within this is ended (the calling node's own ring timeout is
@@ -266,11 +268,16 @@ enum Wire {
         media: Option<SocketAddr>,
     },
     /// The sender had declared the receiver dead (it heard nothing for the expiry: a
-    /// partition, a pause) and has ended every leg between them; now it hears it again.
-    /// The receiver, which may never have missed the sender, ends them too (a device
-    /// ringing for a call the sender re-routed meanwhile stops) and reads the sender's
-    /// devices again.
-    Forgot { from: String },
+    /// partition, a pause) and ended the legs between them; now it hears it again. The
+    /// receiver, which may never have missed the sender, ends those legs too (a device
+    /// ringing for a call the sender re-routed meanwhile stops): `legs` names them by
+    /// call id and the session on the receiver's side, so a leg set up since the two
+    /// see each other again is untouched.
+    Forgot {
+        from: String,
+        #[serde(default)]
+        legs: Vec<(String, u64)>,
+    },
 }
 
 /// The subject `from` sends call signalling to `to` on: the sender's name is the last
@@ -295,7 +302,7 @@ impl Wire {
             | Self::End { from, .. }
             | Self::Unresponsive { from, .. }
             | Self::Event { from, .. }
-            | Self::Forgot { from } => from,
+            | Self::Forgot { from, .. } => from,
         }
     }
 }
@@ -445,6 +452,9 @@ struct Inner {
     /// Device entries of nodes not known to be alive, by node (bounded by
     /// `MAX_WAITING_DEVICES`; dropped with the bucket's max age).
     waiting: Mutex<HashMap<String, Waiting>>,
+    /// The legs ended when a node expired, by node (call id, its session for the leg),
+    /// named in the `Forgot` it gets if it comes back.
+    forgotten: Mutex<HashMap<String, Vec<(String, u64)>>>,
     /// The claims bucket, once set up.
     claims_kv: Mutex<Option<kv::Store>>,
     /// The store and the CDR writer, for CDRs of lost nodes' calls (set once the node
@@ -519,6 +529,7 @@ impl Cluster {
             devices_kv: Mutex::new(None),
             expired: Mutex::new(std::collections::HashSet::new()),
             waiting: Mutex::new(HashMap::new()),
+            forgotten: Mutex::new(HashMap::new()),
             claims_kv: Mutex::new(None),
             cdrs: std::sync::OnceLock::new(),
             survivor_cdrs: Mutex::new(HashMap::new()),
@@ -790,10 +801,17 @@ impl Inner {
             // them, so they are read again now rather than at their next refresh. It may
             // never have missed this node: it is told that the legs between them ended.
             tracing::info!(node = %node, "cluster node is back: reading its devices again");
+            let legs = self
+                .forgotten
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(node)
+                .unwrap_or_default();
             self.send(
                 node,
                 &Wire::Forgot {
                     from: self.me.clone(),
+                    legs,
                 },
             );
             actix_rt::spawn(resync(self.clone(), node.to_owned()));
@@ -883,10 +901,41 @@ impl Inner {
         for key in devices {
             self.remote_gone(&key);
         }
+        self.waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(node);
+        let ended = self.end_legs_with(node, why, |_, _| true);
+        if why == Loss::Expired {
+            // Named in its `Forgot` if it comes back (it may not have missed this node).
+            let mut forgotten = self
+                .forgotten
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if forgotten.len() >= MAX_EXPIRED_NODES {
+                forgotten.clear();
+            }
+            let list = forgotten.entry(node.to_owned()).or_default();
+            list.extend(ended);
+            list.truncate(MAX_FORGOTTEN_LEGS);
+        }
+    }
+
+    /// Ends the legs between this node and `node` that `which(call id, session on the
+    /// other node's side)` selects: this node's calls' legs there (they end as `gone`,
+    /// and the node is told) and legs hosted here for its calls (the device is told).
+    /// Returns the legs ended, as the other node names them.
+    fn end_legs_with(
+        &self,
+        node: &str,
+        why: Loss,
+        which: impl Fn(&str, u64) -> bool,
+    ) -> Vec<(String, u64)> {
+        let mut ended = Vec::new();
         let legs: Vec<(String, String, u64)> = self
             .pending_idx
             .iter()
-            .filter(|e| e.key().0 == node)
+            .filter(|e| e.key().0 == node && which(&e.key().1, e.key().2))
             .map(|e| e.key().clone())
             .collect();
         let lost = legs.len();
@@ -903,15 +952,13 @@ impl Inner {
                 },
             );
             self.leg_event(&n, &call_id, session, LegEvent::Gone, None);
+            // The other node hosts it under this session.
+            ended.push((call_id, session));
         }
-        self.waiting
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(node);
         let hosted: Vec<(String, String, SessionId)> = self
             .hosted
             .iter()
-            .filter(|e| e.key().0 == node)
+            .filter(|e| e.key().0 == node && which(&e.key().1, e.key().2))
             .map(|e| e.key().clone())
             .collect();
         for key in hosted {
@@ -922,10 +969,13 @@ impl Inner {
                 h.leg.do_send(HostedLost);
             }
             self.end_hosted(&key, EndReason::RemoteHangup.as_str());
+            // The other node's call knows this leg by this node's session.
+            ended.push((key.1, key.2));
         }
         if lost > 0 {
             tracing::warn!(node = %node, legs = lost, "legs on a lost node ended");
         }
+        ended
     }
 
     /// Ends a hosted leg: the device is told now, the leg's actor lets its port go.
@@ -1224,15 +1274,20 @@ impl Inner {
                 event,
                 media,
             } => self.leg_event(&from, &call_id, session, event, media),
-            Wire::Forgot { from } => {
+            Wire::Forgot { from, legs } => {
                 if from == self.me {
                     return;
                 }
-                tracing::warn!(node = %from,
-                    "cluster node had declared this one lost: the legs between them end"
+                // Only the legs it ended (named by call id and this node's session for
+                // them); its devices, as this node sees them, are as they were.
+                let named: std::collections::HashSet<(String, u64)> =
+                    legs.into_iter().take(MAX_FORGOTTEN_LEGS).collect();
+                let ended = self.end_legs_with(&from, Loss::Forgot, |call_id, session| {
+                    named.contains(&(call_id.to_owned(), session))
+                });
+                tracing::warn!(node = %from, legs = ended.len(),
+                    "cluster node had declared this one lost: the legs it ended end here too"
                 );
-                self.node_lost(&from, Loss::Forgot);
-                actix_rt::spawn(resync(self.clone(), from));
             }
         }
     }
