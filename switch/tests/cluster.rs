@@ -708,8 +708,10 @@ async fn a_remote_device_in_two_steps_of_a_rule_is_withdrawn_and_offered_again_i
 async fn two_devices_answering_at_once_on_two_nodes_connect_one_call() {
     let nats = Nats::start();
     let (a, b, c) = three_nodes(&nats);
+    // Both answer the moment the offer arrives: the calling node sends each its offer
+    // before any withdrawal, so both answers are always in flight together.
     let answer = |cfg: parley_load::device::DeviceConfig| parley_load::device::DeviceConfig {
-        answer_after: Some(Duration::from_millis(200)),
+        answer_after: Some(Duration::ZERO),
         ..cfg
     };
     let desk = b.device(answer(b.device_config("alice", "desk"))).await;
