@@ -78,7 +78,7 @@ const MAX_HOSTED_LEGS: usize = 100_000;
 const MAX_PENDING_LEGS: usize = 100_000;
 /// Expired nodes remembered for a fast re-read of their devices if they come back.
 const MAX_EXPIRED_NODES: usize = 1024;
-/// Legs remembered per expired node to name in its `Forgot`, at most.
+/// Legs remembered (all expired nodes together) to name in their `Forgot`, at most.
 const MAX_FORGOTTEN_LEGS: usize = 10_000;
 /// Device entries held for nodes not (yet) known to be alive, at most.
 const MAX_WAITING_DEVICES: usize = 100_000;
@@ -818,6 +818,14 @@ impl Inner {
         }
     }
 
+    /// The claims bucket, once set up.
+    fn claims(&self) -> Option<kv::Store> {
+        self.claims_kv
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     /// Withdraws the CDRs written here for `node`'s calls of run `incarnation` (it is
     /// alive as that run: it wrote them itself); forgets those of other runs.
     fn withdraw_if_back(self: &Arc<Self>, node: &str, incarnation: u64) {
@@ -912,7 +920,9 @@ impl Inner {
                 .forgotten
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if forgotten.len() >= MAX_EXPIRED_NODES {
+            // Bounded in all (legs of nodes that never come back are forgotten first).
+            let held: usize = forgotten.values().map(Vec::len).sum();
+            if forgotten.len() >= MAX_EXPIRED_NODES || held + ended.len() > MAX_FORGOTTEN_LEGS {
                 forgotten.clear();
             }
             let list = forgotten.entry(node.to_owned()).or_default();
@@ -1321,11 +1331,7 @@ async fn claim_and_write(
     let Some((_, sink)) = inner.cdrs.get() else {
         return not_claimed("no CDR writer");
     };
-    let claims = inner
-        .claims_kv
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone();
+    let claims = inner.claims();
     let Some(claims) = claims else {
         return not_claimed("claims bucket unavailable");
     };
@@ -1375,11 +1381,7 @@ async fn withdraw_survivor_cdrs(inner: Arc<Inner>, rows: Vec<SurvivorCdr>) {
     let Some((store, _)) = inner.cdrs.get() else {
         return;
     };
-    let claims = inner
-        .claims_kv
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone();
+    let claims = inner.claims();
     for r in rows {
         // The row may still be in the CDR writer's queue: a few tries, a second apart.
         let mut gone = false;
